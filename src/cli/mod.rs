@@ -1,0 +1,236 @@
+//! The `seedflow` command line. Each subcommand is a function returning the process's exit
+//! code: 0 ok, 1 run failed, 2 invalid workflow (or usage), 3 a quality gate failed, 130
+//! interrupted. Data goes to stdout; diagnostics and progress to stderr.
+
+mod display;
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use tokio_util::sync::CancellationToken;
+
+use crate::dsl::{Code, Problem};
+use crate::engine::{self, RunOptions};
+
+pub const EXIT_OK: i32 = 0;
+pub const EXIT_FAILED: i32 = 1;
+pub const EXIT_INVALID: i32 = 2;
+
+#[derive(Parser)]
+#[command(name = "seedflow", version, about = "Adapt code LLMs to a new scenario from a handful of examples (SEED)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a workflow
+    Run(RunArgs),
+    /// Check a workflow without running it; exit code 2 and diagnostics when it is invalid
+    Check {
+        file: PathBuf,
+        /// Override a property: `name.property=value`
+        #[arg(long = "set", value_name = "NAME.PROPERTY=VALUE")]
+        set: Vec<String>,
+    },
+    /// Print a workflow's step graph
+    Graph {
+        file: PathBuf,
+        #[arg(long, value_enum, default_value = "dot")]
+        format: GraphFormat,
+        #[arg(long = "set", value_name = "NAME.PROPERTY=VALUE")]
+        set: Vec<String>,
+    },
+    /// Print the language reference (every node kind and property) as Markdown
+    Docs,
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    file: PathBuf,
+    /// Where the run's outputs go [default: runs/<workflow>/<timestamp>]
+    #[arg(long, value_name = "DIR")]
+    run_dir: Option<PathBuf>,
+    /// Continue a run: reuse steps whose inputs and parameters are unchanged, finish unfinished
+    /// ones (the newest run of the workflow unless --run-dir is given)
+    #[arg(long)]
+    resume: bool,
+    /// Say what would run and why, and run nothing
+    #[arg(long)]
+    dry_run: bool,
+    /// Override a property: `name.property=value`
+    #[arg(long = "set", value_name = "NAME.PROPERTY=VALUE")]
+    set: Vec<String>,
+    /// Machine-readable output: JSON-lines events on stdout, no progress display (also when CI=true)
+    #[arg(long)]
+    ci: bool,
+    /// Parallel sandbox workers [default: the number of cores]
+    #[arg(long)]
+    workers: Option<usize>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum GraphFormat {
+    Dot,
+    Mermaid,
+}
+
+pub fn main() -> i32 {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => {
+            let _ = err.print();
+            return if err.use_stderr() { EXIT_INVALID } else { EXIT_OK };
+        }
+    };
+    match cli.command {
+        Command::Run(args) => run(args),
+        Command::Check { file, set } => check(&file, &set),
+        Command::Graph { file, format, set } => graph(&file, format, &set),
+        Command::Docs => {
+            print!("{}", crate::reference::language_reference());
+            EXIT_OK
+        }
+    }
+}
+
+/// Prints problems to stderr, coloured on a terminal unless `NO_COLOR` is set.
+fn report(problems: &[Problem]) {
+    let handler = miette::GraphicalReportHandler::new();
+    for problem in problems {
+        let mut out = String::new();
+        let _ = handler.render_report(&mut out, problem);
+        eprintln!("{out}");
+    }
+    if problems.len() > 1 {
+        eprintln!("{} problems found", problems.len());
+    }
+}
+
+fn check(file: &Path, set: &[String]) -> i32 {
+    match crate::load_plan(file, set) {
+        Ok(plan) => {
+            let steps = plan.all_steps().len();
+            println!("`{}` is valid: {steps} steps, {} models", plan.name, plan.models.len());
+            EXIT_OK
+        }
+        Err(problems) => {
+            report(&problems);
+            EXIT_INVALID
+        }
+    }
+}
+
+fn graph(file: &Path, format: GraphFormat, set: &[String]) -> i32 {
+    match crate::load_plan(file, set) {
+        Ok(plan) => {
+            print!(
+                "{}",
+                match format {
+                    GraphFormat::Dot => crate::plan::to_dot(&plan),
+                    GraphFormat::Mermaid => crate::plan::to_mermaid(&plan),
+                }
+            );
+            EXIT_OK
+        }
+        Err(problems) => {
+            report(&problems);
+            EXIT_INVALID
+        }
+    }
+}
+
+fn is_ci(flag: bool) -> bool {
+    flag || std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+/// A run directory name from the current time: `20261126T104000Z`.
+fn timestamp() -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string().replace(['-', ':'], "")
+}
+
+/// Picks the run directory, or says why none fits.
+fn run_directory(args: &RunArgs, workflow: &str) -> Result<PathBuf, Problem> {
+    let base = Path::new("runs").join(workflow);
+    match (&args.run_dir, args.resume) {
+        (Some(dir), false) if !args.dry_run && dir.join("summary.json").exists() => Err(Problem::new(
+            Code::RunDirectory,
+            format!("run directory `{}` holds an earlier run", dir.display()),
+        )
+        .with_help("pass `--resume` to continue it, or choose another `--run-dir`")),
+        (Some(dir), _) => Ok(dir.clone()),
+        (None, false) => Ok(base.join(timestamp())),
+        (None, true) => {
+            let newest = std::fs::read_dir(&base)
+                .ok()
+                .and_then(|entries| entries.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.is_dir()).max());
+            newest.ok_or_else(|| {
+                Problem::new(Code::RunDirectory, format!("there is no earlier run of `{workflow}` under `{}` to resume", base.display()))
+                    .with_help("run it without `--resume` first, or name the run with `--run-dir`")
+            })
+        }
+    }
+}
+
+fn run(args: RunArgs) -> i32 {
+    let ci = is_ci(args.ci);
+    let plan = match crate::load_plan(&args.file, &args.set) {
+        Ok(plan) => Arc::new(plan),
+        Err(problems) => {
+            report(&problems);
+            return EXIT_INVALID;
+        }
+    };
+    let run_dir = match run_directory(&args, &plan.name) {
+        Ok(dir) => dir,
+        Err(problem) => {
+            report(&[problem]);
+            return EXIT_INVALID;
+        }
+    };
+    if args.dry_run {
+        let resume = args.resume || run_dir.exists();
+        println!("would run `{}` in `{}`:", plan.name, run_dir.display());
+        for line in engine::dry_run(&plan, &run_dir, resume) {
+            let step = match line.iteration {
+                Some(i) => format!("{} (iteration {i})", line.step),
+                None => line.step.clone(),
+            };
+            println!("  {:<7} {step}: {}", line.action, line.reason);
+        }
+        return EXIT_OK;
+    }
+    let workers = args.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let options = RunOptions { run_dir: run_dir.clone(), resume: args.resume, workers };
+    let sink: Arc<dyn engine::events::EventSink> = if ci {
+        Arc::new(display::JsonLines)
+    } else if std::io::stderr().is_terminal() {
+        Arc::new(display::Progress::new())
+    } else {
+        Arc::new(display::Plain)
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return EXIT_FAILED;
+        }
+    };
+    let outcome = runtime.block_on(async {
+        let cancel = CancellationToken::new();
+        let on_signal = cancel.clone();
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                on_signal.cancel();
+            }
+        });
+        engine::run(plan.clone(), options, sink, cancel).await
+    });
+    if !ci {
+        display::conclude(&outcome, &args.file, &run_dir);
+    }
+    outcome.exit_code()
+}

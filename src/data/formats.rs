@@ -1,0 +1,153 @@
+//! Dataset formats: MBPP, HumanEval, and seedflow's own plain `jsonl`.
+//!
+//! `jsonl` — one object per line:
+//! `{"task_id": "add", "prompt": "Write a function add(a, b).", "solution": "def add(a, b): …",
+//!   "tests": ["assert add(1, 2) == 3"], "setup": "import math"}`.
+//! `task_id` (string or integer) and `prompt` are required; `solution`, `setup` and
+//! `entry_point` are optional; give the tests either as `tests` (statements run one by one) or as
+//! `test` (one program, with `entry_point` naming the function it checks, as HumanEval does).
+
+use serde::Deserialize;
+use serde_json::Value as Json;
+
+use super::{Task, TaskStyle};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Mbpp,
+    Humaneval,
+    Jsonl,
+}
+
+impl Format {
+    pub const NAMES: &'static [&'static str] = &["mbpp", "humaneval", "jsonl"];
+
+    pub fn parse(name: &str) -> Option<Format> {
+        match name {
+            "mbpp" => Some(Format::Mbpp),
+            "humaneval" => Some(Format::Humaneval),
+            "jsonl" => Some(Format::Jsonl),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct Mbpp {
+    task_id: Json,
+    text: String,
+    code: Option<String>,
+    test_list: Vec<String>,
+    #[serde(default)]
+    test_setup_code: String,
+}
+
+#[derive(Deserialize)]
+struct Humaneval {
+    task_id: Json,
+    prompt: String,
+    canonical_solution: Option<String>,
+    test: String,
+    entry_point: String,
+}
+
+#[derive(Deserialize)]
+struct Plain {
+    task_id: Json,
+    prompt: String,
+    solution: Option<String>,
+    #[serde(default)]
+    tests: Vec<String>,
+    test: Option<String>,
+    #[serde(default)]
+    setup: String,
+    entry_point: Option<String>,
+}
+
+fn id(value: &Json) -> Result<String, String> {
+    match value {
+        Json::String(s) if !s.is_empty() => Ok(s.clone()),
+        Json::Number(n) => Ok(n.to_string()),
+        _ => Err("`task_id` must be a non-empty string or a number".into()),
+    }
+}
+
+/// Parses one line of a dataset file.
+pub fn parse_line(format: Format, line: &str) -> Result<Task, String> {
+    let error = |e: serde_json::Error| e.to_string();
+    match format {
+        Format::Mbpp => {
+            let r: Mbpp = serde_json::from_str(line).map_err(error)?;
+            Ok(Task {
+                task_id: id(&r.task_id)?,
+                prompt: r.text,
+                reference: r.code,
+                test_setup: r.test_setup_code,
+                tests: r.test_list,
+                test_program: None,
+                entry_point: None,
+                style: TaskStyle::Mbpp,
+            })
+        }
+        Format::Humaneval => {
+            let r: Humaneval = serde_json::from_str(line).map_err(error)?;
+            Ok(Task {
+                task_id: id(&r.task_id)?,
+                // HumanEval's solution completes the prompt; the reference is the whole function.
+                reference: r.canonical_solution.map(|body| format!("{}{}", r.prompt, body)),
+                prompt: r.prompt,
+                test_setup: String::new(),
+                tests: vec![],
+                test_program: Some(r.test),
+                entry_point: Some(r.entry_point),
+                style: TaskStyle::Humaneval,
+            })
+        }
+        Format::Jsonl => {
+            let r: Plain = serde_json::from_str(line).map_err(error)?;
+            if r.tests.is_empty() && r.test.is_none() {
+                return Err("a task needs `tests` (a list of statements) or `test` (a program)".into());
+            }
+            if r.test.is_some() && r.entry_point.is_none() {
+                return Err("a task with a `test` program needs `entry_point`".into());
+            }
+            Ok(Task {
+                task_id: id(&r.task_id)?,
+                prompt: r.prompt,
+                reference: r.solution,
+                test_setup: r.setup,
+                tests: r.tests,
+                style: if r.test.is_some() { TaskStyle::Humaneval } else { TaskStyle::Mbpp },
+                test_program: r.test,
+                entry_point: r.entry_point,
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_each_format() {
+        let mbpp = r#"{"text": "Add.", "code": "def add(a,b): return a+b", "task_id": 7, "test_setup_code": "", "test_list": ["assert add(1,2)==3"], "challenge_test_list": []}"#;
+        let task = parse_line(Format::Mbpp, mbpp).unwrap();
+        assert_eq!((task.task_id.as_str(), task.tests.len(), task.style), ("7", 1, TaskStyle::Mbpp));
+
+        let he = r#"{"task_id": "HumanEval/0", "prompt": "def f(x):\n", "canonical_solution": "    return x\n", "test": "def check(c): assert c(1) == 1", "entry_point": "f"}"#;
+        let task = parse_line(Format::Humaneval, he).unwrap();
+        assert_eq!(task.reference.as_deref(), Some("def f(x):\n    return x\n"));
+        assert_eq!(task.entry_point.as_deref(), Some("f"));
+
+        let plain = r#"{"task_id": "a", "prompt": "p", "tests": ["assert True"]}"#;
+        assert_eq!(parse_line(Format::Jsonl, plain).unwrap().style, TaskStyle::Mbpp);
+    }
+
+    #[test]
+    fn explains_bad_lines() {
+        assert!(parse_line(Format::Jsonl, r#"{"task_id": "a", "prompt": "p"}"#).unwrap_err().contains("needs `tests`"));
+        assert!(parse_line(Format::Mbpp, r#"{"task_id": 1}"#).unwrap_err().contains("missing field `text`"));
+        assert!(parse_line(Format::Jsonl, r#"{"task_id": null, "prompt": "p", "tests": ["x"]}"#).unwrap_err().contains("task_id"));
+    }
+}

@@ -1,0 +1,117 @@
+//! The records steps pass to each other: tasks, samples and verdicts, one JSON object per line.
+
+pub mod formats;
+pub mod pass_at_k;
+
+use serde::{Deserialize, Serialize};
+
+/// A problem to solve: a requirement, tests, and (usually) a reference solution.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Task {
+    pub task_id: String,
+    /// The requirement, as the prompt shows it.
+    pub prompt: String,
+    /// The dataset's own solution, if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<String>,
+    /// Code run before the tests (imports, helpers).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub test_setup: String,
+    /// Test statements run one at a time, so a failure names the test (MBPP's asserts).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tests: Vec<String>,
+    /// A test program run as a whole (HumanEval's `check` function).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_program: Option<String>,
+    /// The function under test, where the format names one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entry_point: Option<String>,
+    /// How the prompt presents the task: `mbpp` shows the requirement and tests, `humaneval` a
+    /// signature to complete.
+    pub style: TaskStyle,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TaskStyle {
+    Mbpp,
+    Humaneval,
+}
+
+/// The outcome of running a program against its tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Passed,
+    Failed,
+    Error,
+    Syntax,
+    Timeout,
+    Memory,
+}
+
+impl Status {
+    pub const NAMES: &'static [&'static str] = &["passed", "failed", "error", "syntax", "timeout", "memory"];
+
+    pub fn parse(name: &str) -> Option<Status> {
+        Some(match name {
+            "passed" => Status::Passed,
+            "failed" => Status::Failed,
+            "error" => Status::Error,
+            "syntax" => Status::Syntax,
+            "timeout" => Status::Timeout,
+            "memory" => Status::Memory,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Passed => "passed",
+            Status::Failed => "failed",
+            Status::Error => "error",
+            Status::Syntax => "syntax",
+            Status::Timeout => "timeout",
+            Status::Memory => "memory",
+        }
+    }
+}
+
+/// A generated program.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Sample {
+    pub task_id: String,
+    /// Unique within its step: `<task>/<index>`, or `<parent>/r<index>` for a revision.
+    pub sample_id: String,
+    pub code: String,
+    /// Mean log-probability of the generated tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprob: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens: Option<u32>,
+    /// The sample this one revises, with its code (so a revision can be compared to it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<Parent>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Parent {
+    pub sample_id: String,
+    pub code: String,
+}
+
+/// A sample with the result of running it against its task's tests.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Verdict {
+    #[serde(flatten)]
+    pub sample: Sample,
+    pub status: Status,
+    /// What Self-Revise needs: the failing test, the exception and a short traceback.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub feedback: String,
+    /// The test that failed, if one did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed_test: Option<String>,
+    #[serde(default)]
+    pub duration_ms: f64,
+}

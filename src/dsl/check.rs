@@ -1,0 +1,433 @@
+//! Nodes -> checked declarations: each node against its kind's schema, each value against its
+//! property's type. Every problem is reported; checking goes on past the first.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use super::ast::{Literal, Node, Property, Sources, Span, Spanned};
+use super::diagnostics::{Code, Problems, did_you_mean};
+use super::expr::Expr;
+use super::lower::{Location, resolve};
+use super::schema::{KindSpec, Props, Role, StatusFilter, Value, ValueType};
+use crate::data::Status;
+use crate::nodes;
+
+/// A node that passed its schema.
+#[derive(Debug, Clone)]
+pub struct Declaration {
+    pub spec: &'static KindSpec,
+    pub name: Spanned<String>,
+    pub props: Props,
+    /// Where each property's value is written (defaults have none).
+    pub spans: BTreeMap<String, Span>,
+    /// The steps of a `loop-until`.
+    pub body: Vec<Declaration>,
+    pub span: Span,
+}
+
+impl Declaration {
+    /// Where to point at a property: its value, or the node's name when it was defaulted.
+    pub fn span_of(&self, property: &str) -> Span {
+        self.spans.get(property).copied().unwrap_or(self.name.span)
+    }
+}
+
+/// The checked top level of a workflow.
+#[derive(Debug, Default)]
+pub struct Checked {
+    pub workflow: Option<Declaration>,
+    pub models: Vec<Declaration>,
+    pub steps: Vec<Declaration>,
+}
+
+pub fn check(nodes: &[Node], sources: &Sources, problems: &mut Problems) -> Checked {
+    let mut checked = Checked::default();
+    for node in nodes {
+        let Some(declaration) = check_node(node, sources, problems, false) else { continue };
+        match declaration.spec.role {
+            Role::Workflow => {
+                if let Some(first) = &checked.workflow {
+                    problems
+                        .at(sources, Code::DuplicateName, node.kind.span, "a second `workflow` node", "again here")
+                        .also(first.name.span, "first here")
+                        .help("a file has at most one `workflow` node");
+                } else {
+                    checked.workflow = Some(declaration);
+                }
+            }
+            Role::Model => checked.models.push(declaration),
+            Role::Step(_) | Role::Loop => checked.steps.push(declaration),
+        }
+    }
+    check_duplicates(&checked, sources, problems);
+    checked
+}
+
+fn check_duplicates(checked: &Checked, sources: &Sources, problems: &mut Problems) {
+    let mut seen: BTreeMap<&str, Span> = BTreeMap::new();
+    let all = checked
+        .models
+        .iter()
+        .chain(&checked.steps)
+        .flat_map(|d| std::iter::once(d).chain(&d.body));
+    for declaration in all {
+        let name = declaration.name.value.as_str();
+        if let Some(first) = seen.get(name) {
+            problems
+                .at(sources, Code::DuplicateName, declaration.name.span, format!("`{name}` is defined twice"), "defined again here")
+                .also(*first, "first defined here")
+                .help("names of steps and models are unique across the workflow; rename one");
+        } else {
+            seen.insert(name, declaration.name.span);
+        }
+    }
+}
+
+fn check_node(node: &Node, sources: &Sources, problems: &mut Problems, in_loop: bool) -> Option<Declaration> {
+    let kind = node.kind.value.as_str();
+    let Some(spec) = nodes::kind(kind) else {
+        let mut builder =
+            problems.at(sources, Code::UnknownKind, node.kind.span, format!("unknown node kind `{kind}`"), "not a node kind");
+        builder = match did_you_mean(kind, nodes::KINDS.iter().map(|k| k.name)) {
+            Some(best) => builder.help(format!("did you mean `{best}`?")),
+            None => builder.help(format!("node kinds are: {}", nodes::KINDS.iter().map(|k| k.name).collect::<Vec<_>>().join(", "))),
+        };
+        drop(builder);
+        return None;
+    };
+    if in_loop && !matches!(spec.role, Role::Step(_)) {
+        problems
+            .at(sources, Code::MisplacedNode, node.kind.span, format!("`{kind}` cannot be inside a loop"), "not allowed here")
+            .help("a loop holds steps; declare workflows, models and other loops at the top level");
+        return None;
+    }
+    let name = match &node.name {
+        Some(Spanned { value: Literal::String(name), span }) => {
+            if !is_kebab_case(name) {
+                problems
+                    .at(sources, Code::BadValue, *span, format!("`{name}` is not a valid name"), "not kebab-case")
+                    .help("names are kebab-case: lowercase letters, digits and `-`, starting with a letter");
+            }
+            Spanned::new(name.clone(), *span)
+        }
+        Some(other) => {
+            problems.at(sources, Code::WrongType, other.span, "a name must be a string", format!("found {}", other.value.describe()));
+            return None;
+        }
+        None if spec.role == Role::Workflow => Spanned::new("workflow".to_string(), node.kind.span),
+        None => {
+            problems
+                .at(sources, Code::MissingName, node.kind.span, format!("`{kind}` needs a name"), "unnamed")
+                .help(format!("write `{kind} \"my-{kind}\" …`; other steps refer to it by that name"));
+            return None;
+        }
+    };
+
+    let mut props = Props::default();
+    let mut spans = BTreeMap::new();
+    for property in &node.properties {
+        let key = property.key.value.as_str();
+        let Some(property_spec) = spec.property(key) else {
+            let mut builder = problems.at(
+                sources,
+                Code::UnknownProperty,
+                property.key.span,
+                format!("`{kind}` has no property `{key}`"),
+                "unknown property",
+            );
+            builder = match did_you_mean(key, spec.properties.iter().map(|p| p.name)) {
+                Some(best) => builder.help(format!("did you mean `{best}`?")),
+                None if spec.properties.is_empty() => builder.help(format!("`{kind}` takes no properties")),
+                None => builder.help(format!(
+                    "`{kind}` takes: {}",
+                    spec.properties.iter().map(|p| p.name).collect::<Vec<_>>().join(", ")
+                )),
+            };
+            drop(builder);
+            continue;
+        };
+        if let Some(value) = check_value(property_spec.ty, property, sources, problems) {
+            props.0.insert(key.to_string(), value);
+            spans.insert(key.to_string(), property.value.span);
+        }
+    }
+    for property_spec in spec.properties {
+        if props.0.contains_key(property_spec.name) || spans.contains_key(property_spec.name) {
+            continue;
+        }
+        let written = node.properties.iter().any(|p| p.key.value == property_spec.name);
+        if written {
+            continue; // reported as a bad value already
+        }
+        if property_spec.required {
+            problems
+                .at(
+                    sources,
+                    Code::MissingProperty,
+                    node.kind.span,
+                    format!("`{kind}` needs `{}`", property_spec.name),
+                    format!("`{}` missing", property_spec.name),
+                )
+                .help(format!("add `{}=…`: {}", property_spec.name, property_spec.ty.describe()));
+        } else if let Some(default) = property_spec.default {
+            match default_value(property_spec.ty, default) {
+                Some(value) => {
+                    props.0.insert(property_spec.name.to_string(), value);
+                }
+                None => debug_assert!(false, "default of {kind}.{} does not check", property_spec.name),
+            }
+        }
+    }
+
+    let given = |name: &&str| node.properties.iter().any(|p| p.key.value == *name);
+    if !spec.at_least_one.is_empty() && !spec.at_least_one.iter().any(given) {
+        let list = spec.at_least_one.iter().map(|p| format!("`{p}`")).collect::<Vec<_>>().join(" or ");
+        problems
+            .at(sources, Code::MissingProperty, node.kind.span, format!("`{kind}` needs {list}"), "incomplete")
+            .help(format!("give at least one of {list}"));
+    }
+
+    let mut body = vec![];
+    if spec.role == Role::Loop {
+        for child in &node.children {
+            if let Some(step) = check_node(child, sources, problems, true) {
+                body.push(step);
+            }
+        }
+        if node.children.is_empty() {
+            problems
+                .at(sources, Code::MissingProperty, name.span, format!("loop `{}` has no steps", name.value), "empty loop")
+                .help("put the steps to repeat inside `{ … }`");
+        }
+    } else if let Some(child) = node.children.first() {
+        problems
+            .at(sources, Code::MisplacedNode, child.kind.span, format!("`{kind}` cannot hold other nodes"), "unexpected child")
+            .help("only `loop-until` has a body; move this node to the top level");
+    }
+    Some(Declaration { spec, name, props, spans, body, span: node.span })
+}
+
+fn is_kebab_case(name: &str) -> bool {
+    name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && !name.ends_with('-')
+        && !name.contains("--")
+}
+
+/// A default written in a spec, checked like user input (a spec with a bad default is a bug
+/// that the language-reference test catches).
+fn default_value(ty: ValueType, default: &str) -> Option<Value> {
+    let document = kdl::KdlDocument::parse(&format!("x {default}")).ok()?;
+    let entry = document.nodes().first()?.entries().first()?;
+    let literal = match entry.value() {
+        kdl::KdlValue::String(s) => Literal::String(s.clone()),
+        kdl::KdlValue::Integer(i) => Literal::Integer(*i),
+        kdl::KdlValue::Float(f) => Literal::Float(*f),
+        kdl::KdlValue::Bool(b) => Literal::Bool(*b),
+        kdl::KdlValue::Null => Literal::Null,
+    };
+    convert(ty, &literal, None).ok()
+}
+
+fn check_value(ty: ValueType, property: &Property, sources: &Sources, problems: &mut Problems) -> Option<Value> {
+    let span = property.value.span;
+    match convert(ty, &property.value.value, Some((sources, span))) {
+        Ok(value) => Some(value),
+        Err(ValueError { code, message, label, help, offset }) => {
+            let span = match offset {
+                // Point inside a string at the exact character (after the opening quote).
+                Some((start, len)) => Span { file: span.file, range: (span.range.offset() + 1 + start, len.max(1)).into() },
+                None => span,
+            };
+            let message = message.unwrap_or_else(|| format!("`{}` expects {}", property.key.value, ty.describe()));
+            let builder = problems.at(sources, code, span, message, label);
+            if let Some(help) = help {
+                builder.help(help);
+            }
+            None
+        }
+    }
+}
+
+struct ValueError {
+    code: Code,
+    message: Option<String>,
+    label: String,
+    help: Option<String>,
+    /// A byte range inside the string value, where the problem is.
+    offset: Option<(usize, usize)>,
+}
+
+fn wrong_type(literal: &Literal) -> ValueError {
+    ValueError { code: Code::WrongType, message: None, label: format!("found {}", literal.describe()), help: None, offset: None }
+}
+
+fn bad_value(label: impl Into<String>, help: impl Into<String>) -> ValueError {
+    ValueError { code: Code::BadValue, message: None, label: label.into(), help: Some(help.into()), offset: None }
+}
+
+/// Converts a literal to a value of `ty`. `at` is where it was written (for relative paths);
+/// defaults have no place.
+fn convert(ty: ValueType, literal: &Literal, at: Option<(&Sources, Span)>) -> Result<Value, ValueError> {
+    let string = match literal {
+        Literal::String(s) => Some(s.as_str()),
+        _ => None,
+    };
+    match ty {
+        ValueType::Text => string.map(|s| Value::Text(s.to_string())).ok_or_else(|| wrong_type(literal)),
+        ValueType::Integer { min } => match literal {
+            Literal::Integer(i) if *i >= min as i128 && *i <= i64::MAX as i128 => Ok(Value::Integer(*i as i64)),
+            Literal::Integer(_) => Err(bad_value("out of range", format!("use an integer ≥ {min}"))),
+            _ => Err(wrong_type(literal)),
+        },
+        ValueType::Number { min, max } => {
+            let n = match literal {
+                Literal::Integer(i) => *i as f64,
+                Literal::Float(f) => *f,
+                _ => return Err(wrong_type(literal)),
+            };
+            if n < min || n > max || n.is_nan() {
+                return Err(bad_value("out of range", ty.describe()));
+            }
+            Ok(Value::Number(n))
+        }
+        ValueType::Bool => match literal {
+            Literal::Bool(b) => Ok(Value::Bool(*b)),
+            _ => Err(ValueError { help: Some("KDL writes booleans as `#true` and `#false`".into()), ..wrong_type(literal) }),
+        },
+        ValueType::Duration => {
+            let s = string.ok_or_else(|| ValueError {
+                help: Some("write a duration with its unit, in quotes: \"5s\", \"500ms\", \"2m\"".into()),
+                ..wrong_type(literal)
+            })?;
+            humantime::parse_duration(s)
+                .map(Value::Duration)
+                .map_err(|e| bad_value(format!("not a duration: {e}"), "write a number with a unit: \"5s\", \"500ms\", \"2m\""))
+        }
+        ValueType::Size => {
+            let s = string.ok_or_else(|| ValueError {
+                help: Some("write a size with its unit, in quotes: \"256MiB\", \"1GiB\"".into()),
+                ..wrong_type(literal)
+            })?;
+            s.parse::<bytesize::ByteSize>()
+                .map(|b| Value::Size(b.as_u64()))
+                .map_err(|_| bad_value("not a size", "write a number with a unit: \"256MiB\", \"1GiB\", \"500kB\""))
+        }
+        ValueType::Choice(options) => {
+            let s = string.ok_or_else(|| wrong_type(literal))?;
+            if options.contains(&s) {
+                Ok(Value::Choice(s.to_string()))
+            } else {
+                Err(unknown_choice(s, options, 0))
+            }
+        }
+        ValueType::Choices(options) => {
+            let s = string.ok_or_else(|| wrong_type(literal))?;
+            let mut list = vec![];
+            let mut offset = 0;
+            for item in s.split(',') {
+                let trimmed = item.trim();
+                if !options.contains(&trimmed) {
+                    return Err(unknown_choice(trimmed, options, offset + item.find(trimmed).unwrap_or(0)));
+                }
+                list.push(trimmed.to_string());
+                offset += item.len() + 1;
+            }
+            Ok(Value::Choices(list))
+        }
+        ValueType::Integers => {
+            let s = match literal {
+                Literal::Integer(i) if *i > 0 => return Ok(Value::Integers(vec![*i as i64])),
+                Literal::String(s) => s,
+                _ => return Err(wrong_type(literal)),
+            };
+            s.split(',')
+                .map(|item| item.trim().parse::<i64>().ok().filter(|k| *k > 0))
+                .collect::<Option<Vec<_>>>()
+                .map(Value::Integers)
+                .ok_or_else(|| bad_value("not a list of positive integers", "write for example \"1,10\""))
+        }
+        ValueType::Input(_) => {
+            let s = string.ok_or_else(|| wrong_type(literal))?;
+            Ok(Value::Reference(s.to_string()))
+        }
+        ValueType::Model => string.map(|s| Value::Model(s.to_string())).ok_or_else(|| wrong_type(literal)),
+        ValueType::ModelFile if string == Some("default") => Ok(Value::DefaultModel),
+        ValueType::File | ValueType::ModelFile => {
+            let s = string.ok_or_else(|| wrong_type(literal))?;
+            let Some((sources, span)) = at else { return Ok(Value::File(PathBuf::from(s))) };
+            match resolve(sources, span.file, s) {
+                Some(Location::File(path)) => Ok(Value::File(path)),
+                Some(Location::Stdlib(name)) => Ok(Value::File(PathBuf::from(name))),
+                None => Err(ValueError {
+                    code: Code::MissingFile,
+                    message: Some(format!("cannot find `{s}`")),
+                    label: "no such file".into(),
+                    help: Some(if ty == ValueType::ModelFile {
+                        "use \"default\" for the built-in model, or a path relative to this workflow file".into()
+                    } else {
+                        "paths are relative to the workflow file that names them".into()
+                    }),
+                    offset: None,
+                }),
+            }
+        }
+        ValueType::Metric => {
+            let s = string.ok_or_else(|| wrong_type(literal))?;
+            match s.rsplit_once('.') {
+                Some((step, metric)) if !step.is_empty() && !metric.is_empty() => {
+                    Ok(Value::Metric { step: step.to_string(), metric: metric.to_string() })
+                }
+                _ => Err(bad_value("not `step.metric`", "name a step and one of its metrics, for example \"scores.pass@1\"")),
+            }
+        }
+        ValueType::Expression => {
+            let s = string.ok_or_else(|| wrong_type(literal))?;
+            Expr::parse(s).map(Value::Expression).map_err(|e| ValueError {
+                code: Code::BadExpression,
+                message: Some(format!("invalid `until` expression: {}", e.message)),
+                label: e.message.clone(),
+                help: Some("compare metrics with numbers: `revised.count == 0 || iteration >= 3`".into()),
+                offset: Some((e.offset, e.len)),
+            })
+        }
+        ValueType::Statuses => {
+            let s = string.ok_or_else(|| wrong_type(literal))?;
+            let (negated, list) = match s.strip_prefix('!') {
+                Some(rest) => (true, rest),
+                None => (false, s),
+            };
+            let mut statuses = vec![];
+            let mut offset = usize::from(negated);
+            for item in list.split(',') {
+                let trimmed = item.trim();
+                match Status::parse(trimmed) {
+                    Some(status) => statuses.push(status),
+                    None => {
+                        return Err(unknown_choice(trimmed, Status::NAMES, offset + item.find(trimmed).unwrap_or(0)));
+                    }
+                }
+                offset += item.len() + 1;
+            }
+            Ok(Value::Statuses(StatusFilter { negated, statuses }))
+        }
+    }
+}
+
+fn unknown_choice(word: &str, options: &[&str], offset: usize) -> ValueError {
+    let help = match did_you_mean(word, options.iter().copied()) {
+        Some(best) => format!("did you mean `{best}`?"),
+        None => format!("choose from {}", quoted_list(options)),
+    };
+    ValueError {
+        code: Code::BadValue,
+        message: Some(format!("`{word}` is not one of {}", quoted_list(options))),
+        label: "unknown value".into(),
+        help: Some(help),
+        offset: Some((offset, word.len())),
+    }
+}
+
+fn quoted_list(options: &[&str]) -> String {
+    options.iter().map(|o| format!("`{o}`")).collect::<Vec<_>>().join(", ")
+}

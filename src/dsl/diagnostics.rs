@@ -1,0 +1,215 @@
+//! Every problem a workflow can have, as a miette diagnostic with a stable code, a span and a
+//! help line. Problems are collected, not thrown, so a file's problems are reported together.
+
+use std::fmt;
+use std::sync::Arc;
+
+use miette::{Diagnostic, LabeledSpan, NamedSource};
+
+use super::ast::{Sources, Span};
+
+/// The stable codes users can search for; `seedflow::<code>` in rendered output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Code {
+    Syntax,
+    UnknownKind,
+    MisplacedNode,
+    MissingName,
+    UnexpectedArgument,
+    UnknownProperty,
+    MissingProperty,
+    WrongType,
+    BadValue,
+    DuplicateName,
+    UnknownStep,
+    UnknownModel,
+    UnknownMetric,
+    WrongInput,
+    PrevOutsideLoop,
+    Cycle,
+    BadExpression,
+    MissingFile,
+    ImportCycle,
+    BadOverride,
+    RunDirectory,
+}
+
+impl Code {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Code::Syntax => "seedflow::syntax",
+            Code::UnknownKind => "seedflow::unknown_kind",
+            Code::MisplacedNode => "seedflow::misplaced_node",
+            Code::MissingName => "seedflow::missing_name",
+            Code::UnexpectedArgument => "seedflow::unexpected_argument",
+            Code::UnknownProperty => "seedflow::unknown_property",
+            Code::MissingProperty => "seedflow::missing_property",
+            Code::WrongType => "seedflow::wrong_type",
+            Code::BadValue => "seedflow::bad_value",
+            Code::DuplicateName => "seedflow::duplicate_name",
+            Code::UnknownStep => "seedflow::unknown_step",
+            Code::UnknownModel => "seedflow::unknown_model",
+            Code::UnknownMetric => "seedflow::unknown_metric",
+            Code::WrongInput => "seedflow::wrong_input",
+            Code::PrevOutsideLoop => "seedflow::prev_outside_loop",
+            Code::Cycle => "seedflow::cycle",
+            Code::BadExpression => "seedflow::bad_expression",
+            Code::MissingFile => "seedflow::missing_file",
+            Code::ImportCycle => "seedflow::import_cycle",
+            Code::BadOverride => "seedflow::bad_override",
+            Code::RunDirectory => "seedflow::run_directory",
+        }
+    }
+}
+
+/// One problem in a workflow.
+#[derive(Debug)]
+pub struct Problem {
+    pub code: Code,
+    pub message: String,
+    pub source_code: Option<NamedSource<Arc<String>>>,
+    pub labels: Vec<LabeledSpan>,
+    pub help: Option<String>,
+    /// The file the labels point into, so problems can be sorted by position.
+    pub at: Option<Span>,
+}
+
+impl Problem {
+    /// A problem that has no place in any file (a missing workflow file, a bad run directory).
+    pub fn new(code: Code, message: impl Into<String>) -> Self {
+        Problem { code, message: message.into(), source_code: None, labels: vec![], help: None, at: None }
+    }
+
+    pub fn with_help(mut self, help: impl Into<String>) -> Self {
+        self.help = Some(help.into());
+        self
+    }
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Problem {}
+
+impl Diagnostic for Problem {
+    fn code<'a>(&'a self) -> Option<Box<dyn fmt::Display + 'a>> {
+        Some(Box::new(self.code.as_str()))
+    }
+
+    fn help<'a>(&'a self) -> Option<Box<dyn fmt::Display + 'a>> {
+        self.help.as_ref().map(|h| Box::new(h) as Box<dyn fmt::Display>)
+    }
+
+    fn source_code(&self) -> Option<&dyn miette::SourceCode> {
+        self.source_code.as_ref().map(|s| s as &dyn miette::SourceCode)
+    }
+
+    fn labels(&self) -> Option<Box<dyn Iterator<Item = LabeledSpan> + '_>> {
+        if self.labels.is_empty() {
+            None
+        } else {
+            Some(Box::new(self.labels.iter().cloned()))
+        }
+    }
+}
+
+/// Collects problems while a workflow is read and checked.
+#[derive(Debug, Default)]
+pub struct Problems {
+    pub list: Vec<Problem>,
+}
+
+/// A problem being built; it is recorded when dropped, so a builder chain cannot be forgotten.
+pub struct ProblemBuilder<'a> {
+    problems: &'a mut Problems,
+    problem: Option<Problem>,
+}
+
+impl ProblemBuilder<'_> {
+    pub fn help(mut self, help: impl Into<String>) -> Self {
+        if let Some(p) = self.problem.as_mut() {
+            p.help = Some(help.into());
+        }
+        self
+    }
+
+    /// A second label in the same file as the first (another place that matters).
+    pub fn also(mut self, span: Span, label: impl Into<String>) -> Self {
+        if let Some(p) = self.problem.as_mut() {
+            if p.at.map(|a| a.file) == Some(span.file) {
+                p.labels.push(LabeledSpan::new_with_span(Some(label.into()), span.range));
+            }
+        }
+        self
+    }
+}
+
+impl Drop for ProblemBuilder<'_> {
+    fn drop(&mut self) {
+        if let Some(p) = self.problem.take() {
+            self.problems.list.push(p);
+        }
+    }
+}
+
+impl Problems {
+    /// Reports a problem at `span`, labelled with `label`.
+    pub fn at<'a>(
+        &'a mut self,
+        sources: &Sources,
+        code: Code,
+        span: Span,
+        message: impl Into<String>,
+        label: impl Into<String>,
+    ) -> ProblemBuilder<'a> {
+        let problem = Problem {
+            code,
+            message: message.into(),
+            source_code: Some(sources.named(span.file)),
+            labels: vec![LabeledSpan::new_with_span(Some(label.into()), span.range)],
+            help: None,
+            at: Some(span),
+        };
+        ProblemBuilder { problems: self, problem: Some(problem) }
+    }
+
+    pub fn push(&mut self, problem: Problem) {
+        self.list.push(problem);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+
+    /// Problems in file order, then by position, so output is stable.
+    pub fn into_sorted(mut self) -> Vec<Problem> {
+        self.list.sort_by_key(|p| p.at.map(|s| (s.file, s.range.offset())));
+        self.list
+    }
+}
+
+/// The closest of `candidates` to `word`, if it is close enough to be a likely typo.
+pub fn did_you_mean<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    candidates
+        .into_iter()
+        .map(|c| (strsim::jaro_winkler(word, c), c))
+        .filter(|(score, _)| *score > 0.8)
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, c)| c)
+}
+
+/// Renders problems as users see them without colour, at a fixed width: used by `check` output
+/// in tests and by snapshot tests.
+pub fn render_plain(problems: &[Problem], width: usize) -> String {
+    let handler = miette::GraphicalReportHandler::new_themed(miette::GraphicalTheme::unicode_nocolor())
+        .with_width(width);
+    let mut out = String::new();
+    for p in problems {
+        // Rendering into a String cannot fail.
+        let _ = handler.render_report(&mut out, p);
+    }
+    out
+}

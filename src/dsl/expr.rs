@@ -1,0 +1,325 @@
+//! The `until` expression language: comparisons of metrics and numbers joined by `&&`, `||`
+//! and `!`. `revised.count == 0 || iteration >= 3`.
+
+use std::fmt;
+
+/// A metric as named in an expression: `step.metric`, or `iteration` (step is `None`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct MetricName {
+    pub step: Option<String>,
+    pub metric: String,
+    /// Byte range within the expression text.
+    pub offset: usize,
+    pub len: usize,
+}
+
+impl fmt::Display for MetricName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.step {
+            Some(step) => write!(f, "{step}.{}", self.metric),
+            None => f.write_str(&self.metric),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Comparison {
+    Eq,
+    Ne,
+    Lt,
+    Le,
+    Gt,
+    Ge,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Operand {
+    Number(f64),
+    Metric(MetricName),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Expr {
+    Compare(Operand, Comparison, Operand),
+    And(Box<Expr>, Box<Expr>),
+    Or(Box<Expr>, Box<Expr>),
+    Not(Box<Expr>),
+}
+
+/// A parse error: what went wrong and where in the expression text.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExprError {
+    pub message: String,
+    pub offset: usize,
+    pub len: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Token {
+    Number(f64),
+    Name(String),
+    Op(&'static str),
+    Open,
+    Close,
+}
+
+fn tokenize(text: &str) -> Result<Vec<(Token, usize, usize)>, ExprError> {
+    let bytes = text.as_bytes();
+    let mut tokens = vec![];
+    let mut i = 0;
+    while i < bytes.len() {
+        let c = bytes[i];
+        let start = i;
+        if c.is_ascii_whitespace() {
+            i += 1;
+            continue;
+        }
+        if c.is_ascii_digit() {
+            while i < bytes.len() && (bytes[i].is_ascii_digit() || bytes[i] == b'.') {
+                i += 1;
+            }
+            let number = text[start..i].parse::<f64>().map_err(|_| ExprError {
+                message: format!("`{}` is not a number", &text[start..i]),
+                offset: start,
+                len: i - start,
+            })?;
+            tokens.push((Token::Number(number), start, i - start));
+            continue;
+        }
+        if c.is_ascii_alphabetic() || c == b'_' {
+            while i < bytes.len() && (bytes[i].is_ascii_alphanumeric() || b"_@.-".contains(&bytes[i])) {
+                i += 1;
+            }
+            tokens.push((Token::Name(text[start..i].to_string()), start, i - start));
+            continue;
+        }
+        let two = text.get(i..i + 2).unwrap_or("");
+        let op = ["==", "!=", "<=", ">=", "&&", "||"].into_iter().find(|op| *op == two);
+        if let Some(op) = op {
+            tokens.push((Token::Op(op), start, 2));
+            i += 2;
+            continue;
+        }
+        let token = match c {
+            b'<' => Token::Op("<"),
+            b'>' => Token::Op(">"),
+            b'!' => Token::Op("!"),
+            b'(' => Token::Open,
+            b')' => Token::Close,
+            _ => {
+                let len = text[i..].chars().next().map_or(1, char::len_utf8);
+                return Err(ExprError { message: format!("unexpected `{}`", &text[i..i + len]), offset: i, len });
+            }
+        };
+        tokens.push((token, start, 1));
+        i += 1;
+    }
+    Ok(tokens)
+}
+
+struct Parser {
+    tokens: Vec<(Token, usize, usize)>,
+    position: usize,
+    end: usize,
+}
+
+impl Parser {
+    fn peek(&self) -> Option<&Token> {
+        self.tokens.get(self.position).map(|t| &t.0)
+    }
+
+    fn here(&self) -> (usize, usize) {
+        self.tokens.get(self.position).map_or((self.end, 0), |t| (t.1, t.2))
+    }
+
+    fn error<T>(&self, message: impl Into<String>) -> Result<T, ExprError> {
+        let (offset, len) = self.here();
+        Err(ExprError { message: message.into(), offset, len })
+    }
+
+    fn or(&mut self) -> Result<Expr, ExprError> {
+        let mut left = self.and()?;
+        while self.peek() == Some(&Token::Op("||")) {
+            self.position += 1;
+            left = Expr::Or(Box::new(left), Box::new(self.and()?));
+        }
+        Ok(left)
+    }
+
+    fn and(&mut self) -> Result<Expr, ExprError> {
+        let mut left = self.unary()?;
+        while self.peek() == Some(&Token::Op("&&")) {
+            self.position += 1;
+            left = Expr::And(Box::new(left), Box::new(self.unary()?));
+        }
+        Ok(left)
+    }
+
+    fn unary(&mut self) -> Result<Expr, ExprError> {
+        match self.peek() {
+            Some(Token::Op("!")) => {
+                self.position += 1;
+                Ok(Expr::Not(Box::new(self.unary()?)))
+            }
+            Some(Token::Open) => {
+                self.position += 1;
+                let inner = self.or()?;
+                if self.peek() != Some(&Token::Close) {
+                    return self.error("expected `)`");
+                }
+                self.position += 1;
+                Ok(inner)
+            }
+            _ => self.comparison(),
+        }
+    }
+
+    fn comparison(&mut self) -> Result<Expr, ExprError> {
+        let left = self.operand()?;
+        let op = match self.peek() {
+            Some(Token::Op("==")) => Comparison::Eq,
+            Some(Token::Op("!=")) => Comparison::Ne,
+            Some(Token::Op("<")) => Comparison::Lt,
+            Some(Token::Op("<=")) => Comparison::Le,
+            Some(Token::Op(">")) => Comparison::Gt,
+            Some(Token::Op(">=")) => Comparison::Ge,
+            _ => return self.error("expected a comparison (`==`, `!=`, `<`, `<=`, `>`, `>=`)"),
+        };
+        self.position += 1;
+        let right = self.operand()?;
+        Ok(Expr::Compare(left, op, right))
+    }
+
+    fn operand(&mut self) -> Result<Operand, ExprError> {
+        let Some((token, offset, len)) = self.tokens.get(self.position).cloned() else {
+            return self.error("expected a metric or a number");
+        };
+        self.position += 1;
+        match token {
+            Token::Number(n) => Ok(Operand::Number(n)),
+            Token::Name(name) => {
+                let metric = match name.rsplit_once('.') {
+                    Some((step, metric)) if !step.is_empty() && !metric.is_empty() => {
+                        MetricName { step: Some(step.to_string()), metric: metric.to_string(), offset, len }
+                    }
+                    None => MetricName { step: None, metric: name, offset, len },
+                    Some(_) => return Err(ExprError { message: format!("`{name}` is not a metric name"), offset, len }),
+                };
+                Ok(Operand::Metric(metric))
+            }
+            _ => Err(ExprError { message: "expected a metric or a number".into(), offset, len }),
+        }
+    }
+}
+
+impl Expr {
+    pub fn parse(text: &str) -> Result<Expr, ExprError> {
+        let tokens = tokenize(text)?;
+        if tokens.is_empty() {
+            return Err(ExprError { message: "the expression is empty".into(), offset: 0, len: text.len() });
+        }
+        let mut parser = Parser { tokens, position: 0, end: text.len() };
+        let expr = parser.or()?;
+        if parser.position < parser.tokens.len() {
+            return parser.error("unexpected text after the expression");
+        }
+        Ok(expr)
+    }
+
+    /// Every metric the expression reads.
+    pub fn metrics(&self) -> Vec<&MetricName> {
+        let mut out = vec![];
+        self.collect(&mut out);
+        out
+    }
+
+    fn collect<'a>(&'a self, out: &mut Vec<&'a MetricName>) {
+        match self {
+            Expr::Compare(a, _, b) => {
+                for operand in [a, b] {
+                    if let Operand::Metric(m) = operand {
+                        out.push(m);
+                    }
+                }
+            }
+            Expr::And(a, b) | Expr::Or(a, b) => {
+                a.collect(out);
+                b.collect(out);
+            }
+            Expr::Not(a) => a.collect(out),
+        }
+    }
+
+    /// Evaluates with `lookup` giving each metric's value; a missing metric is an error naming it.
+    pub fn evaluate(&self, lookup: &dyn Fn(&MetricName) -> Option<f64>) -> Result<bool, String> {
+        let value = |operand: &Operand| match operand {
+            Operand::Number(n) => Ok(*n),
+            Operand::Metric(m) => lookup(m).ok_or_else(|| format!("metric `{m}` has no value")),
+        };
+        Ok(match self {
+            Expr::Compare(a, op, b) => {
+                let (a, b) = (value(a)?, value(b)?);
+                match op {
+                    Comparison::Eq => a == b,
+                    Comparison::Ne => a != b,
+                    Comparison::Lt => a < b,
+                    Comparison::Le => a <= b,
+                    Comparison::Gt => a > b,
+                    Comparison::Ge => a >= b,
+                }
+            }
+            Expr::And(a, b) => a.evaluate(lookup)? && b.evaluate(lookup)?,
+            Expr::Or(a, b) => a.evaluate(lookup)? || b.evaluate(lookup)?,
+            Expr::Not(a) => !a.evaluate(lookup)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn eval(text: &str, values: &[(&str, f64)]) -> bool {
+        let expr = Expr::parse(text).unwrap();
+        expr.evaluate(&|m| values.iter().find(|(n, _)| *n == m.to_string()).map(|(_, v)| *v)).unwrap()
+    }
+
+    #[test]
+    fn evaluates_comparisons_and_logic() {
+        assert!(eval("revised.count == 0", &[("revised.count", 0.0)]));
+        assert!(!eval("revised.count == 0", &[("revised.count", 3.0)]));
+        assert!(eval("scores.pass@1 >= 0.5 && iteration < 3", &[("scores.pass@1", 0.5), ("iteration", 2.0)]));
+        assert!(eval("!(a.x > 1) || b.pass-rate != 0", &[("a.x", 5.0), ("b.pass-rate", 0.2)]));
+        assert!(!eval("!(a.x > 1) || b.pass-rate != 0", &[("a.x", 5.0), ("b.pass-rate", 0.0)]));
+    }
+
+    #[test]
+    fn names_metrics_with_offsets() {
+        let expr = Expr::parse("iteration >= 2 || tune.loss < 0.1").unwrap();
+        let metrics: Vec<_> = expr.metrics().iter().map(|m| (m.to_string(), m.offset, m.len)).collect();
+        assert_eq!(metrics, vec![("iteration".into(), 0, 9), ("tune.loss".into(), 18, 9)]);
+    }
+
+    #[test]
+    fn errors_point_at_the_problem() {
+        let cases = [
+            ("", 0, "the expression is empty"),
+            ("a.count", 7, "expected a comparison"),
+            ("a.count == ", 11, "expected a metric or a number"),
+            ("a.count = 0", 8, "unexpected `=`"),
+            ("(a.x > 1", 8, "expected `)`"),
+            ("a.x > 1 b.y", 8, "unexpected text after the expression"),
+        ];
+        for (text, offset, message) in cases {
+            let err = Expr::parse(text).unwrap_err();
+            assert_eq!(err.offset, offset, "{text}");
+            assert!(err.message.starts_with(message), "{text}: {}", err.message);
+        }
+    }
+
+    #[test]
+    fn missing_metric_is_an_error() {
+        let expr = Expr::parse("a.count == 0").unwrap();
+        assert_eq!(expr.evaluate(&|_| None).unwrap_err(), "metric `a.count` has no value");
+    }
+}

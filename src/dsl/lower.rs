@@ -1,0 +1,252 @@
+//! KDL text -> [`Node`]s: parsing, imports and `--set` overrides.
+
+use std::path::{Path, PathBuf};
+
+use kdl::{KdlDocument, KdlNode, KdlValue};
+use miette::SourceSpan;
+
+use super::ast::{FileId, Literal, Node, Property, Sources, Span, Spanned};
+use super::diagnostics::{Code, Problem, Problems};
+use crate::stdlib;
+
+/// Where an import or a path property points: a file on disk or a file of the built-in stdlib.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Location {
+    File(PathBuf),
+    Stdlib(&'static str),
+}
+
+/// Resolves `reference` as written in the file `from`: `std/…` names the built-in stdlib,
+/// anything else is relative to the directory of the file it is written in.
+pub fn resolve(sources: &Sources, from: FileId, reference: &str) -> Option<Location> {
+    if reference.starts_with("std/") {
+        return stdlib::file(reference).map(|(name, _)| Location::Stdlib(name));
+    }
+    let base = sources.get(from).path.as_deref().and_then(Path::parent).unwrap_or(Path::new("."));
+    let path = base.join(reference);
+    path.exists().then_some(Location::File(path))
+}
+
+/// Reads the workflow at `path` with its imports.
+pub fn load_file(path: &Path, sources: &mut Sources, problems: &mut Problems) -> Vec<Node> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(err) => {
+            problems.push(
+                Problem::new(Code::MissingFile, format!("cannot read workflow `{}`: {err}", path.display()))
+                    .with_help("check the path; workflows are KDL files such as `workflows/seed.kdl`"),
+            );
+            return vec![];
+        }
+    };
+    let file = sources.add(path.display().to_string(), Some(path.to_path_buf()), text);
+    let mut stack = vec![Location::File(path.to_path_buf())];
+    load_text(file, sources, problems, &mut stack)
+}
+
+fn load_text(file: FileId, sources: &mut Sources, problems: &mut Problems, stack: &mut Vec<Location>) -> Vec<Node> {
+    let text = sources.get(file).text.clone();
+    let document = match KdlDocument::parse(&text) {
+        Ok(document) => document,
+        Err(err) => {
+            for d in err.diagnostics {
+                let message = d.message.unwrap_or_else(|| "invalid KDL".to_string());
+                let span = Span { file, range: d.span };
+                let label = d.label.unwrap_or_else(|| "here".to_string());
+                let builder = problems.at(sources, Code::Syntax, span, format!("invalid KDL: {message}"), label);
+                if let Some(help) = d.help {
+                    builder.help(help);
+                }
+            }
+            return vec![];
+        }
+    };
+    let mut nodes = vec![];
+    for node in document.nodes() {
+        let node = lower_node(file, node, sources, problems);
+        if node.kind.value == "import" {
+            nodes.extend(load_import(&node, sources, problems, stack));
+        } else {
+            nodes.push(node);
+        }
+    }
+    nodes
+}
+
+fn load_import(node: &Node, sources: &mut Sources, problems: &mut Problems, stack: &mut Vec<Location>) -> Vec<Node> {
+    let Some(Spanned { value: Literal::String(target), span }) = node.name.clone() else {
+        problems
+            .at(sources, Code::MissingName, node.kind.span, "`import` needs the file to import", "import what?")
+            .help("write `import \"std/evaluate.kdl\"` or a path relative to this file");
+        return vec![];
+    };
+    let Some(location) = resolve(sources, span.file, &target) else {
+        let known = stdlib::FILES.iter().map(|(n, _)| *n).filter(|n| n.ends_with(".kdl"));
+        let mut builder = problems.at(sources, Code::MissingFile, span, format!("cannot find `{target}`"), "no such file");
+        if target.starts_with("std/") {
+            let list: Vec<_> = known.collect();
+            builder = builder.help(format!("the stdlib has: {}", list.join(", ")));
+        }
+        drop(builder);
+        return vec![];
+    };
+    if stack.contains(&location) {
+        problems
+            .at(sources, Code::ImportCycle, span, format!("`{target}` imports itself"), "imported again here")
+            .help("remove one of the imports");
+        return vec![];
+    }
+    let file = match &location {
+        Location::Stdlib(name) => {
+            let text = stdlib::file(name).map(|(_, text)| text).unwrap_or_default();
+            sources.add(*name, None, text.to_string())
+        }
+        Location::File(path) => match std::fs::read_to_string(path) {
+            Ok(text) => sources.add(path.display().to_string(), Some(path.clone()), text),
+            Err(err) => {
+                problems.at(sources, Code::MissingFile, span, format!("cannot read `{target}`: {err}"), "here");
+                return vec![];
+            }
+        },
+    };
+    stack.push(location);
+    let nodes = load_text(file, sources, problems, stack);
+    stack.pop();
+    nodes
+}
+
+fn literal(value: &KdlValue) -> Literal {
+    match value {
+        KdlValue::String(s) => Literal::String(s.clone()),
+        KdlValue::Integer(i) => Literal::Integer(*i),
+        KdlValue::Float(f) => Literal::Float(*f),
+        KdlValue::Bool(b) => Literal::Bool(*b),
+        KdlValue::Null => Literal::Null,
+    }
+}
+
+fn lower_node(file: FileId, node: &KdlNode, sources: &Sources, problems: &mut Problems) -> Node {
+    let at = |range: SourceSpan| Span { file, range };
+    let text = &sources.get(file).text;
+    let mut name = None;
+    let mut properties = vec![];
+    for entry in node.entries() {
+        match entry.name() {
+            None if name.is_none() => name = Some(Spanned::new(literal(entry.value()), at(entry.span()))),
+            None => {
+                problems
+                    .at(sources, Code::UnexpectedArgument, at(entry.span()), "unexpected argument", "a node has one name")
+                    .help("write further settings as properties: `key=value`");
+            }
+            Some(key) => {
+                let value_span = value_span(text, key.span(), entry.span());
+                properties.push(Property {
+                    key: Spanned::new(key.value().to_string(), at(key.span())),
+                    value: Spanned::new(literal(entry.value()), at(value_span)),
+                });
+            }
+        }
+    }
+    let children = node
+        .children()
+        .map(|doc| doc.nodes().iter().map(|n| lower_node(file, n, sources, problems)).collect())
+        .unwrap_or_default();
+    Node {
+        kind: Spanned::new(node.name().value().to_string(), at(node.name().span())),
+        name,
+        properties,
+        children,
+        span: at(node.span()),
+    }
+}
+
+/// The span of a property's value: what follows `=` within the entry.
+fn value_span(text: &str, key: SourceSpan, entry: SourceSpan) -> SourceSpan {
+    let entry_end = (entry.offset() + entry.len()).min(text.len());
+    let mut start = (key.offset() + key.len()).min(entry_end);
+    let bytes = text.as_bytes();
+    while start < entry_end && (bytes[start] == b'=' || bytes[start].is_ascii_whitespace()) {
+        start += 1;
+    }
+    // Entries may carry trailing whitespace in their span; the value ends before it.
+    let mut end = entry_end;
+    while end > start && bytes[end - 1].is_ascii_whitespace() {
+        end -= 1;
+    }
+    SourceSpan::new(start.into(), end - start)
+}
+
+/// Applies `--set target.property=value` overrides. Each override is added to `sources` so a
+/// problem with it can point at the argument itself.
+pub fn apply_overrides(nodes: &mut [Node], overrides: &[String], sources: &mut Sources, problems: &mut Problems) {
+    for text in overrides {
+        let file = sources.add("--set", None, text.clone());
+        let whole = Span { file, range: SourceSpan::new(0.into(), text.len()) };
+        let Some((lhs, rhs)) = text.split_once('=') else {
+            problems
+                .at(sources, Code::BadOverride, whole, "an override needs `=`", "expected `name.property=value`")
+                .help("for example `--set adapt.max-iterations=5`");
+            continue;
+        };
+        let lhs_span = Span { file, range: SourceSpan::new(0.into(), lhs.len()) };
+        let rhs_span = Span { file, range: SourceSpan::new((lhs.len() + 1).into(), rhs.len()) };
+        let Some((target, key)) = lhs.rsplit_once('.') else {
+            problems
+                .at(sources, Code::BadOverride, lhs_span, "an override names a node and a property", "expected `name.property`")
+                .help("for example `--set adapt.max-iterations=5`");
+            continue;
+        };
+        // The value reads as KDL (numbers, #true, quoted strings); anything else is a string.
+        let value = KdlDocument::parse(&format!("x {rhs}"))
+            .ok()
+            .and_then(|d| d.nodes().first().and_then(|n| n.entries().first().map(|e| literal(e.value()))))
+            .unwrap_or_else(|| Literal::String(rhs.to_string()));
+        let Some(node) = find_node_mut(nodes, target) else {
+            let names = node_names(nodes);
+            let mut builder = problems.at(
+                sources,
+                Code::BadOverride,
+                Span { file, range: SourceSpan::new(0.into(), target.len()) },
+                format!("no node named `{target}` to override"),
+                "unknown node",
+            );
+            if let Some(best) = super::diagnostics::did_you_mean(target, names.iter().map(String::as_str)) {
+                builder = builder.help(format!("did you mean `{best}`?"));
+            }
+            drop(builder);
+            continue;
+        };
+        let key_span = Span { file, range: SourceSpan::new((target.len() + 1).into(), key.len()) };
+        let property = Property { key: Spanned::new(key.to_string(), key_span), value: Spanned::new(value, rhs_span) };
+        node.properties.retain(|p| p.key.value != key);
+        node.properties.push(property);
+    }
+}
+
+/// `workflow` names the workflow node; `loop.step` a step inside a loop; any other name a
+/// top-level node.
+fn find_node_mut<'a>(nodes: &'a mut [Node], target: &str) -> Option<&'a mut Node> {
+    if target == "workflow" {
+        return nodes.iter_mut().find(|n| n.kind.value == "workflow");
+    }
+    if let Some((outer, inner)) = target.split_once('.') {
+        let parent = nodes.iter_mut().find(|n| n.name_str() == Some(outer))?;
+        return parent.children.iter_mut().find(|n| n.name_str() == Some(inner));
+    }
+    nodes.iter_mut().find(|n| n.name_str() == Some(target) && n.kind.value != "workflow")
+}
+
+fn node_names(nodes: &[Node]) -> Vec<String> {
+    let mut names = vec!["workflow".to_string()];
+    for node in nodes {
+        if let Some(name) = node.name_str() {
+            names.push(name.to_string());
+            for child in &node.children {
+                if let Some(inner) = child.name_str() {
+                    names.push(format!("{name}.{inner}"));
+                }
+            }
+        }
+    }
+    names
+}

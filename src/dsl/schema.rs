@@ -1,0 +1,296 @@
+//! The language's vocabulary: what each node kind accepts, and the typed values properties hold.
+//! Each kind's [`KindSpec`] lives beside its implementation in `src/nodes/`; the checker, the
+//! language reference (`docs/language.md`) and `seedflow check` all read the same specs.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use super::expr::Expr;
+use crate::data::Status;
+
+/// What a step produces, and what a reference to it may be used as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Artifact {
+    /// Problems: requirement, tests, reference solution.
+    Tasks,
+    /// Generated programs.
+    Samples,
+    /// Programs with their execution results.
+    Verdicts,
+    /// A LoRA adapter.
+    Adapter,
+    /// Report files.
+    Report,
+    /// A pass/fail check of a metric.
+    Check,
+}
+
+impl Artifact {
+    pub fn noun(self) -> &'static str {
+        match self {
+            Artifact::Tasks => "tasks",
+            Artifact::Samples => "samples",
+            Artifact::Verdicts => "verdicts",
+            Artifact::Adapter => "an adapter",
+            Artifact::Report => "a report",
+            Artifact::Check => "a check",
+        }
+    }
+}
+
+/// What a node is in the workflow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// `workflow`: settings for the whole run; at most one, at the top.
+    Workflow,
+    /// `model`: a model that steps refer to by name.
+    Model,
+    /// A step that produces an artifact.
+    Step(Artifact),
+    /// `loop-until`: owns steps that run repeatedly.
+    Loop,
+}
+
+/// The type of a property's value.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ValueType {
+    Text,
+    Integer { min: i64 },
+    Number { min: f64, max: f64 },
+    Bool,
+    /// `"5s"`, `"500ms"`, `"2m"`.
+    Duration,
+    /// `"256MiB"`, `"2GB"`.
+    Size,
+    Choice(&'static [&'static str]),
+    /// Comma-separated choices: `"json,markdown"`.
+    Choices(&'static [&'static str]),
+    /// Comma-separated positive integers: `"1,10"`.
+    Integers,
+    /// The name of a step whose output is one of these artifacts.
+    Input(&'static [Artifact]),
+    /// The name of a `model` declaration.
+    Model,
+    /// A path to an existing file, relative to the workflow file (`std/…` for the stdlib).
+    File,
+    /// `"default"` (the built-in model) or a path to a GGUF file.
+    ModelFile,
+    /// `step.metric`, for example `scores.pass@1`.
+    Metric,
+    /// An `until` expression.
+    Expression,
+    /// `passed`, `!passed`, or a list such as `failed,error`.
+    Statuses,
+}
+
+impl ValueType {
+    /// How the type reads in documentation and messages.
+    pub fn describe(&self) -> String {
+        match self {
+            ValueType::Text => "a string".into(),
+            ValueType::Integer { min } => format!("an integer ≥ {min}"),
+            ValueType::Number { min, max } if max.is_finite() => format!("a number from {min} to {max}"),
+            ValueType::Number { min, .. } => format!("a number ≥ {min}"),
+            ValueType::Bool => "#true or #false".into(),
+            ValueType::Duration => "a duration such as \"5s\"".into(),
+            ValueType::Size => "a size such as \"256MiB\"".into(),
+            ValueType::Choice(options) => format!("one of {}", quoted(options)),
+            ValueType::Choices(options) => format!("a comma-separated list of {}", quoted(options)),
+            ValueType::Integers => "a comma-separated list of integers such as \"1,10\"".into(),
+            ValueType::Input(kinds) => {
+                let nouns: Vec<_> = kinds.iter().map(|k| k.noun()).collect();
+                format!("the name of a step producing {}", nouns.join(" or "))
+            }
+            ValueType::Model => "the name of a `model`".into(),
+            ValueType::File => "a file path".into(),
+            ValueType::ModelFile => "\"default\" or a GGUF file path".into(),
+            ValueType::Metric => "a metric such as \"scores.pass@1\"".into(),
+            ValueType::Expression => "an expression such as \"revised.count == 0\"".into(),
+            ValueType::Statuses => "statuses such as \"passed\", \"!passed\" or \"failed,error\"".into(),
+        }
+    }
+}
+
+fn quoted(options: &[&str]) -> String {
+    options.iter().map(|o| format!("`{o}`")).collect::<Vec<_>>().join(", ")
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct PropertySpec {
+    pub name: &'static str,
+    pub ty: ValueType,
+    /// Required properties have no default.
+    pub required: bool,
+    /// The default as KDL source (`"5s"`, `0.8`, `#true`); `None` when absent means unset.
+    pub default: Option<&'static str>,
+    pub doc: &'static str,
+}
+
+/// A property that must be given.
+pub const fn required(name: &'static str, ty: ValueType, doc: &'static str) -> PropertySpec {
+    PropertySpec { name, ty, required: true, default: None, doc }
+}
+
+/// A property with a default.
+pub const fn optional(name: &'static str, ty: ValueType, default: &'static str, doc: &'static str) -> PropertySpec {
+    PropertySpec { name, ty, required: false, default: Some(default), doc }
+}
+
+/// A property that may be left unset.
+pub const fn unset(name: &'static str, ty: ValueType, doc: &'static str) -> PropertySpec {
+    PropertySpec { name, ty, required: false, default: None, doc }
+}
+
+/// Everything the language knows about one node kind.
+#[derive(Debug)]
+pub struct KindSpec {
+    pub name: &'static str,
+    pub role: Role,
+    /// One paragraph: what it does, its inputs and outputs.
+    pub doc: &'static str,
+    pub properties: &'static [PropertySpec],
+    /// Metrics the step publishes; `pass@k` stands for `pass@1`, `pass@10`, ….
+    pub metrics: &'static [&'static str],
+    /// Of these optional properties, at least one must be given.
+    pub at_least_one: &'static [&'static str],
+    /// A complete workflow that shows the kind in use; checked by a test.
+    pub example: &'static str,
+}
+
+impl KindSpec {
+    pub fn property(&self, name: &str) -> Option<&PropertySpec> {
+        self.properties.iter().find(|p| p.name == name)
+    }
+
+    pub fn publishes(&self, metric: &str) -> bool {
+        self.metrics.iter().any(|m| {
+            *m == metric
+                || (*m == "pass@k"
+                    && metric.strip_prefix("pass@").is_some_and(|k| k.parse::<u32>().is_ok_and(|k| k > 0)))
+        })
+    }
+}
+
+/// Which statuses a `select` keeps.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StatusFilter {
+    pub negated: bool,
+    pub statuses: Vec<Status>,
+}
+
+impl StatusFilter {
+    pub fn accepts(&self, status: Status) -> bool {
+        self.statuses.contains(&status) != self.negated
+    }
+}
+
+/// A checked property value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    Text(String),
+    Integer(i64),
+    Number(f64),
+    Bool(bool),
+    Duration(Duration),
+    Size(u64),
+    Choice(String),
+    Choices(Vec<String>),
+    Integers(Vec<i64>),
+    /// A step reference as written; the planner resolves it.
+    Reference(String),
+    Model(String),
+    File(PathBuf),
+    /// The built-in default model.
+    DefaultModel,
+    Metric { step: String, metric: String },
+    Expression(Expr),
+    Statuses(StatusFilter),
+}
+
+impl Value {
+    /// The value as it enters a step's cache key. References are left out: the key holds the
+    /// hash of what they point at instead.
+    pub fn to_json(&self) -> serde_json::Value {
+        use serde_json::json;
+        match self {
+            Value::Text(s) | Value::Choice(s) | Value::Model(s) => json!(s),
+            Value::Integer(i) => json!(i),
+            Value::Number(n) => json!(n),
+            Value::Bool(b) => json!(b),
+            Value::Duration(d) => json!(humantime::format_duration(*d).to_string()),
+            Value::Size(s) => json!(s),
+            Value::Choices(list) => json!(list),
+            Value::Integers(list) => json!(list),
+            Value::Reference(r) => json!(r),
+            Value::File(p) => json!(p.display().to_string()),
+            Value::DefaultModel => json!("default"),
+            Value::Metric { step, metric } => json!(format!("{step}.{metric}")),
+            Value::Expression(_) => json!(null),
+            Value::Statuses(filter) => json!(filter),
+        }
+    }
+}
+
+/// A node's checked properties, defaults filled in.
+#[derive(Debug, Clone, Default)]
+pub struct Props(pub BTreeMap<String, Value>);
+
+impl Props {
+    pub fn get(&self, name: &str) -> Option<&Value> {
+        self.0.get(name)
+    }
+
+    pub fn integer(&self, name: &str) -> Option<i64> {
+        match self.get(name) {
+            Some(Value::Integer(i)) => Some(*i),
+            _ => None,
+        }
+    }
+
+    pub fn number(&self, name: &str) -> Option<f64> {
+        match self.get(name) {
+            Some(Value::Number(n)) => Some(*n),
+            Some(Value::Integer(i)) => Some(*i as f64),
+            _ => None,
+        }
+    }
+
+    pub fn text(&self, name: &str) -> Option<&str> {
+        match self.get(name) {
+            Some(Value::Text(s) | Value::Choice(s) | Value::Reference(s) | Value::Model(s)) => Some(s),
+            _ => None,
+        }
+    }
+
+    pub fn boolean(&self, name: &str) -> Option<bool> {
+        match self.get(name) {
+            Some(Value::Bool(b)) => Some(*b),
+            _ => None,
+        }
+    }
+
+    pub fn list(&self, name: &str) -> Vec<String> {
+        match self.get(name) {
+            Some(Value::Choices(list)) => list.clone(),
+            _ => vec![],
+        }
+    }
+
+    pub fn integers(&self, name: &str) -> Vec<i64> {
+        match self.get(name) {
+            Some(Value::Integers(list)) => list.clone(),
+            _ => vec![],
+        }
+    }
+
+    pub fn file(&self, name: &str) -> Option<&PathBuf> {
+        match self.get(name) {
+            Some(Value::File(p)) => Some(p),
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,94 @@
+//! What a step sees while it runs: its parameters, its inputs, its directory, and the means to
+//! write records, report progress and notice cancellation.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+use super::cache::Metrics;
+use super::events::{Event, EventSink};
+use super::files::{self, RecordWriter};
+use crate::dsl::schema::Props;
+
+/// A finished step's output, as later steps see it.
+#[derive(Debug, Clone)]
+pub struct Output {
+    pub dir: PathBuf,
+    pub hash: String,
+    pub metrics: Metrics,
+}
+
+impl Output {
+    pub fn records_path(&self) -> PathBuf {
+        self.dir.join(files::RECORDS)
+    }
+}
+
+/// What a step returns when it succeeds.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    pub metrics: Metrics,
+    /// Set by a `gate` whose check failed: the run goes on, and ends with exit code 3.
+    pub gate_failure: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    #[error("interrupted")]
+    Cancelled,
+    #[error("`{kind}` steps are not available in this build yet: {detail}")]
+    NotAvailable { kind: &'static str, detail: &'static str },
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl From<std::io::Error> for StepError {
+    fn from(err: std::io::Error) -> Self {
+        StepError::Failed(err.to_string())
+    }
+}
+
+pub struct Context {
+    pub step: String,
+    pub iteration: Option<u32>,
+    pub props: Props,
+    pub seed: u64,
+    /// Outputs of the steps this one reads, by property. A `prev.` input is absent in a loop's
+    /// first iteration.
+    pub inputs: BTreeMap<String, Output>,
+    /// The step's own directory; everything it writes goes here.
+    pub dir: PathBuf,
+    /// Keep the complete records of an unfinished earlier run.
+    pub(super) finish_partial: bool,
+    pub(super) cancel: CancellationToken,
+    pub(super) events: Arc<dyn EventSink>,
+}
+
+impl Context {
+    pub fn input(&self, property: &str) -> Result<&Output, StepError> {
+        self.inputs.get(property).ok_or_else(|| StepError::Failed(format!("input `{property}` is missing")))
+    }
+
+    /// The records of an input step.
+    pub fn read<T: serde::de::DeserializeOwned>(&self, property: &str) -> Result<Vec<T>, StepError> {
+        let path = self.input(property)?.records_path();
+        files::read_records(&path).map_err(|e| StepError::Failed(format!("cannot read `{}`: {e}", path.display())))
+    }
+
+    /// Opens this step's record file. Returns the records an unfinished earlier run wrote, so a
+    /// step can skip what is done.
+    pub fn records(&self) -> Result<(RecordWriter, Vec<String>), StepError> {
+        Ok(RecordWriter::open(&self.dir, self.finish_partial)?)
+    }
+
+    pub fn progress(&self, done: u64, total: u64) {
+        self.events.emit(&Event::StepProgress { step: self.step.clone(), iteration: self.iteration, done, total });
+    }
+
+    /// Returns `Err(Cancelled)` once the run is being stopped; call between batches.
+    pub fn check_cancelled(&self) -> Result<(), StepError> {
+        if self.cancel.is_cancelled() { Err(StepError::Cancelled) } else { Ok(()) }
+    }
+}

@@ -1,0 +1,69 @@
+//! What a run reports as it goes. The CLI shows events as a progress display on a terminal or
+//! as JSON lines in CI; tests collect them.
+
+use serde::Serialize;
+
+use super::cache::Metrics;
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "event", rename_all = "kebab-case")]
+pub enum Event {
+    RunStarted { workflow: String, run_dir: String },
+    StepStarted {
+        step: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        iteration: Option<u32>,
+        reason: String,
+    },
+    StepProgress {
+        step: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        iteration: Option<u32>,
+        done: u64,
+        total: u64,
+    },
+    StepCached {
+        step: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        iteration: Option<u32>,
+        metrics: Metrics,
+    },
+    StepFinished {
+        step: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        iteration: Option<u32>,
+        metrics: Metrics,
+        seconds: f64,
+    },
+    StepFailed {
+        step: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        iteration: Option<u32>,
+        error: String,
+    },
+    GateFailed { step: String, message: String },
+    IterationFinished { step: String, iteration: u32, stop: bool },
+    RunFinished { status: String, exit_code: i32 },
+}
+
+pub trait EventSink: Send + Sync {
+    fn emit(&self, event: &Event);
+}
+
+/// Keeps every event; for tests and for callers that render at the end.
+#[derive(Default)]
+pub struct Collect(pub std::sync::Mutex<Vec<Event>>);
+
+impl EventSink for Collect {
+    fn emit(&self, event: &Event) {
+        if let Ok(mut events) = self.0.lock() {
+            events.push(event.clone());
+        }
+    }
+}
+
+impl Collect {
+    pub fn events(&self) -> Vec<Event> {
+        self.0.lock().map(|e| e.clone()).unwrap_or_default()
+    }
+}

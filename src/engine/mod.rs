@@ -1,0 +1,630 @@
+//! The executor: runs a [`Plan`] on tokio. Each scope's steps start as soon as the steps they
+//! read have finished, so independent steps run concurrently; the blocking work of a step runs
+//! on a blocking thread, bounded by the resource it needs. Every step writes into its own
+//! directory of the run directory, and `summary.json` is rewritten after every step.
+
+pub mod cache;
+pub mod context;
+pub mod events;
+pub mod files;
+mod summary;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use cache::{Decision, KeyParts, Meta, StepStatus};
+use context::{Context, Outcome, Output, StepError};
+use events::{Event, EventSink};
+use summary::{StepSummary, Summary};
+
+use crate::dsl::schema::{Value, ValueType};
+use crate::nodes::{self, Resource};
+use crate::plan::{Graph, Plan, PlannedStep, Source};
+
+/// How a run ended; the CLI maps it to an exit code.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RunOutcome {
+    Ok,
+    Failed(String),
+    GateFailed(Vec<String>),
+    Interrupted,
+}
+
+impl RunOutcome {
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            RunOutcome::Ok => 0,
+            RunOutcome::Failed(_) => 1,
+            RunOutcome::GateFailed(_) => 3,
+            RunOutcome::Interrupted => 130,
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            RunOutcome::Ok => "ok",
+            RunOutcome::Failed(_) => "failed",
+            RunOutcome::GateFailed(_) => "gate-failed",
+            RunOutcome::Interrupted => "interrupted",
+        }
+    }
+}
+
+pub struct RunOptions {
+    pub run_dir: PathBuf,
+    /// Reuse finished steps whose key matches and finish unfinished ones.
+    pub resume: bool,
+    /// Parallel sandbox workers.
+    pub workers: usize,
+}
+
+/// What a step of a scope produced.
+#[derive(Debug, Clone)]
+enum Produced {
+    Step(Output),
+    /// A loop: each body step's output in the last iteration.
+    Loop(BTreeMap<String, Output>),
+}
+
+/// Why a scope stopped early.
+#[derive(Debug)]
+enum Stop {
+    Failed(String),
+    Interrupted,
+}
+
+/// Scopes run recursively (a loop runs its body's graph), so their futures are boxed.
+type ScopeFuture = std::pin::Pin<Box<dyn std::future::Future<Output = Result<BTreeMap<String, Produced>, Stop>> + Send>>;
+
+/// Which graph of the plan: the top level, or the body of the loop at this top-level index.
+#[derive(Debug, Clone, Copy)]
+enum GraphRef {
+    Top,
+    Body(usize),
+}
+
+/// The scope a graph runs in.
+#[derive(Clone)]
+struct Scope {
+    graph: GraphRef,
+    /// The loop's name and the iteration, inside a loop.
+    iteration: Option<(String, u32)>,
+    /// Outputs of the previous iteration, for `prev.` references.
+    previous: BTreeMap<String, Output>,
+    /// Outputs of the top level, for references from a loop body.
+    outer: Arc<BTreeMap<String, Produced>>,
+    dir: PathBuf,
+}
+
+struct Engine {
+    plan: Arc<Plan>,
+    options: RunOptions,
+    events: Arc<dyn EventSink>,
+    cancel: CancellationToken,
+    sandbox: Arc<Semaphore>,
+    training: Arc<Semaphore>,
+    models: Mutex<BTreeMap<String, Arc<Semaphore>>>,
+    summary: Mutex<Summary>,
+    gate_failures: Mutex<Vec<String>>,
+}
+
+/// Runs the plan to the end, or until a step fails or `cancel` fires.
+pub async fn run(plan: Arc<Plan>, options: RunOptions, events: Arc<dyn EventSink>, cancel: CancellationToken) -> RunOutcome {
+    if let Err(err) = std::fs::create_dir_all(&options.run_dir) {
+        return RunOutcome::Failed(format!("cannot create run directory `{}`: {err}", options.run_dir.display()));
+    }
+    events.emit(&Event::RunStarted { workflow: plan.name.clone(), run_dir: options.run_dir.display().to_string() });
+    let engine = Arc::new(Engine {
+        summary: Mutex::new(Summary::new(&plan.name)),
+        sandbox: Arc::new(Semaphore::new(options.workers.max(1))),
+        training: Arc::new(Semaphore::new(1)),
+        models: Mutex::new(BTreeMap::new()),
+        gate_failures: Mutex::new(vec![]),
+        plan,
+        options,
+        events: events.clone(),
+        cancel,
+    });
+    let scope = Scope {
+        graph: GraphRef::Top,
+        iteration: None,
+        previous: BTreeMap::new(),
+        outer: Arc::new(BTreeMap::new()),
+        dir: engine.options.run_dir.clone(),
+    };
+    let result = engine.clone().run_graph(scope).await;
+    let gate_failures = engine.gate_failures.lock().map(|g| g.clone()).unwrap_or_default();
+    let outcome = match result {
+        Err(Stop::Interrupted) => RunOutcome::Interrupted,
+        Err(Stop::Failed(message)) => RunOutcome::Failed(message),
+        Ok(_) if !gate_failures.is_empty() => RunOutcome::GateFailed(gate_failures),
+        Ok(_) => RunOutcome::Ok,
+    };
+    engine.write_summary(Some(outcome.name()));
+    events.emit(&Event::RunFinished { status: outcome.name().to_string(), exit_code: outcome.exit_code() });
+    outcome
+}
+
+impl Engine {
+    fn graph(&self, graph: GraphRef) -> &Graph {
+        match graph {
+            GraphRef::Top => &self.plan.graph,
+            // Body graphs exist for every loop the planner accepted.
+            GraphRef::Body(i) => self.plan.graph.steps[i].body.as_ref().unwrap_or(&self.plan.graph),
+        }
+    }
+
+    fn write_summary(&self, status: Option<&str>) {
+        if let Ok(mut summary) = self.summary.lock() {
+            if let Some(status) = status {
+                summary.status = status.to_string();
+            }
+            // The summary is a report; failing to write it must not fail the run.
+            let _ = files::write_json_atomic(&self.options.run_dir.join("summary.json"), &*summary);
+        }
+    }
+
+    fn record(&self, scope: &Scope, step: &str, entry: StepSummary) {
+        if let Ok(mut summary) = self.summary.lock() {
+            summary.record(scope.iteration.as_ref().map(|(l, i)| (l.as_str(), *i)), step, entry);
+        }
+        self.write_summary(None);
+    }
+
+    /// Runs every step of a scope, each as soon as its dependencies are done.
+    fn run_graph(self: Arc<Self>, scope: Scope) -> ScopeFuture {
+        Box::pin(async move {
+            let graph = self.graph(scope.graph);
+            let count = graph.steps.len();
+            let mut waiting: Vec<usize> = (0..count).map(|i| graph.dependencies(i).len()).collect();
+            let mut started = vec![false; count];
+            let mut results: BTreeMap<String, Produced> = BTreeMap::new();
+            let mut running = JoinSet::new();
+            let mut stop: Option<Stop> = None;
+            loop {
+                if stop.is_none() && !self.cancel.is_cancelled() {
+                    for i in 0..count {
+                        if started[i] || waiting[i] > 0 {
+                            continue;
+                        }
+                        started[i] = true;
+                        let engine = self.clone();
+                        let mut scope = scope.clone();
+                        if matches!(scope.graph, GraphRef::Top) {
+                            scope.outer = Arc::new(results.clone());
+                        }
+                        let results = results.clone();
+                        running.spawn(async move {
+                            let produced = engine.run_one(&scope, i, &results).await;
+                            (i, produced)
+                        });
+                    }
+                }
+                let Some(joined) = running.join_next().await else { break };
+                match joined {
+                    Ok((i, Ok(produced))) => {
+                        let name = graph.steps[i].name().to_string();
+                        results.insert(name, produced);
+                        for dependent in graph.dag.neighbors(petgraph::graph::NodeIndex::new(i)) {
+                            let j = graph.dag[dependent];
+                            waiting[j] = waiting[j].saturating_sub(1);
+                        }
+                    }
+                    Ok((_, Err(err))) => {
+                        stop.get_or_insert(err);
+                    }
+                    Err(join_error) => {
+                        stop.get_or_insert(Stop::Failed(format!("internal error: {join_error}")));
+                    }
+                }
+            }
+            if let Some(stop) = stop {
+                return Err(stop);
+            }
+            if self.cancel.is_cancelled() || started.iter().any(|s| !s) {
+                return Err(Stop::Interrupted);
+            }
+            Ok(results)
+        })
+    }
+
+    async fn run_one(self: Arc<Self>, scope: &Scope, index: usize, results: &BTreeMap<String, Produced>) -> Result<Produced, Stop> {
+        let step = &self.graph(scope.graph).steps[index];
+        if step.body.is_some() {
+            return self.run_loop(scope, index).await;
+        }
+        let mut inputs = BTreeMap::new();
+        for input in &step.inputs {
+            let output = match &input.source {
+                Source::Local(name) => match results.get(name) {
+                    Some(Produced::Step(o)) => Some(o.clone()),
+                    _ => None,
+                },
+                Source::Outer(name) => match scope.outer.get(name) {
+                    Some(Produced::Step(o)) => Some(o.clone()),
+                    _ => None,
+                },
+                Source::Prev(name) => scope.previous.get(name).cloned(),
+                Source::InLoop { loop_name, step } => {
+                    let holder = if matches!(scope.graph, GraphRef::Top) { results.get(loop_name) } else { scope.outer.get(loop_name) };
+                    match holder {
+                        Some(Produced::Loop(outputs)) => outputs.get(step).cloned(),
+                        _ => None,
+                    }
+                }
+            };
+            match output {
+                Some(o) => {
+                    inputs.insert(input.property.clone(), o);
+                }
+                None if matches!(input.source, Source::Prev(_)) => {}
+                None => return Err(Stop::Failed(format!("`{}`: input `{}` has no output", step.name(), input.property))),
+            }
+        }
+        let engine = self.clone();
+        engine.run_step(scope, step, inputs).await.map(Produced::Step)
+    }
+
+    async fn run_loop(self: Arc<Self>, scope: &Scope, index: usize) -> Result<Produced, Stop> {
+        let step = &self.plan.graph.steps[index];
+        let name = step.name().to_string();
+        let max = step.declaration.props.integer("max-iterations").unwrap_or(1).max(1) as u32;
+        let until = match step.declaration.props.get("until") {
+            Some(Value::Expression(expr)) => Some(expr.clone()),
+            _ => None,
+        };
+        let mut previous = BTreeMap::new();
+        for iteration in 1..=max {
+            let body_scope = Scope {
+                graph: GraphRef::Body(index),
+                iteration: Some((name.clone(), iteration)),
+                previous: previous.clone(),
+                outer: scope.outer.clone(),
+                dir: scope.dir.join(&name).join(format!("iteration-{iteration}")),
+            };
+            let outputs = self.clone().run_graph(body_scope).await?;
+            previous = outputs
+                .into_iter()
+                .filter_map(|(k, v)| match v {
+                    Produced::Step(o) => Some((k, o)),
+                    Produced::Loop(_) => None,
+                })
+                .collect();
+            let stop = match &until {
+                None => false,
+                Some(expr) => {
+                    let lookup = |m: &crate::dsl::expr::MetricName| match &m.step {
+                        None => Some(iteration as f64),
+                        Some(s) => previous.get(s).and_then(|o| o.metrics.get(&m.metric).copied()),
+                    };
+                    expr.evaluate(&lookup).map_err(|e| Stop::Failed(format!("`{name}`: cannot evaluate `until`: {e}")))?
+                }
+            };
+            self.events.emit(&Event::IterationFinished { step: name.clone(), iteration, stop });
+            if stop {
+                break;
+            }
+        }
+        let entry = StepSummary::done(Default::default(), false);
+        self.record(scope, &name, entry);
+        Ok(Produced::Loop(previous))
+    }
+
+    /// Runs one step, or takes its output from an earlier run when its key matches.
+    async fn run_step(self: Arc<Self>, scope: &Scope, step: &PlannedStep, inputs: BTreeMap<String, Output>) -> Result<Output, Stop> {
+        let name = step.name().to_string();
+        let iteration = scope.iteration.as_ref().map(|(_, i)| *i);
+        let dir = scope.dir.join(&name);
+        let hashes = step
+            .inputs
+            .iter()
+            .map(|i| (i.property.clone(), inputs.get(&i.property).map_or("none".to_string(), |o| o.hash.clone())))
+            .collect();
+        let parts = key_parts(&self.plan, step, hashes).map_err(|e| self.fail(scope, &name, e))?;
+        let decision = if self.options.resume {
+            inspect(&dir, &parts)
+        } else {
+            Decision::Run(vec!["not run before".into()])
+        };
+        if decision == Decision::Cached {
+            if let Some(meta) = Meta::read(&dir) {
+                self.events.emit(&Event::StepCached { step: name.clone(), iteration, metrics: meta.metrics.clone() });
+                self.note_gate(&name, meta.gate_failure.as_deref());
+                self.record(scope, &name, StepSummary::done(meta.metrics.clone(), true));
+                return Ok(Output { dir, hash: meta.output_hash.unwrap_or_default(), metrics: meta.metrics });
+            }
+        }
+        let reason = match &decision {
+            Decision::Finish => "finishing an unfinished run".to_string(),
+            Decision::Run(reasons) => reasons.join("; "),
+            Decision::Cached => String::new(),
+        };
+        if matches!(decision, Decision::Run(_)) && dir.exists() {
+            std::fs::remove_dir_all(&dir).map_err(|e| self.fail(scope, &name, format!("cannot clear `{}`: {e}", dir.display())))?;
+        }
+        let started_at = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+        let mut meta = Meta {
+            key: parts.key(),
+            parts,
+            status: StepStatus::Running,
+            metrics: Default::default(),
+            output_hash: None,
+            gate_failure: None,
+            error: None,
+            started_at,
+            finished_at: None,
+            seconds: 0.0,
+        };
+        let write_meta = |meta: &Meta| files::write_json_atomic(&dir.join(files::META), meta);
+        write_meta(&meta).map_err(|e| self.fail(scope, &name, format!("cannot write `{}`: {e}", dir.display())))?;
+        self.events.emit(&Event::StepStarted { step: name.clone(), iteration, reason });
+        self.record(scope, &name, StepSummary::running());
+
+        let Some(runner) = nodes::runner(step.kind()) else {
+            return Err(self.fail(scope, &name, format!("`{}` steps cannot run", step.kind())));
+        };
+        let _permit = self.permit(step).await;
+        let context = Context {
+            step: name.clone(),
+            iteration,
+            props: step.declaration.props.clone(),
+            seed: self.plan.seed,
+            inputs,
+            dir: dir.clone(),
+            finish_partial: decision == Decision::Finish,
+            cancel: self.cancel.clone(),
+            events: self.events.clone(),
+        };
+        let clock = Instant::now();
+        let result = tokio::task::spawn_blocking(move || {
+            let mut context = context;
+            runner(&mut context)
+        })
+        .await
+        .unwrap_or_else(|e| Err(StepError::Failed(format!("internal error: {e}"))));
+        meta.seconds = clock.elapsed().as_secs_f64();
+        meta.finished_at = Some(humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string());
+        match result {
+            Ok(Outcome { metrics, gate_failure }) => {
+                let hash = files::hash_output(&dir).map_err(|e| self.fail(scope, &name, format!("cannot read output: {e}")))?;
+                meta.status = StepStatus::Done;
+                meta.metrics = metrics.clone();
+                meta.output_hash = Some(hash.clone());
+                meta.gate_failure = gate_failure.clone();
+                write_meta(&meta).map_err(|e| self.fail(scope, &name, format!("cannot write `{}`: {e}", dir.display())))?;
+                self.events.emit(&Event::StepFinished { step: name.clone(), iteration, metrics: metrics.clone(), seconds: meta.seconds });
+                self.note_gate(&name, gate_failure.as_deref());
+                self.record(scope, &name, StepSummary::done(metrics.clone(), false));
+                Ok(Output { dir, hash, metrics })
+            }
+            Err(StepError::Cancelled) => {
+                meta.status = StepStatus::Interrupted;
+                let _ = write_meta(&meta);
+                self.record(scope, &name, StepSummary::interrupted());
+                Err(Stop::Interrupted)
+            }
+            Err(err) => {
+                meta.status = StepStatus::Failed;
+                meta.error = Some(err.to_string());
+                let _ = write_meta(&meta);
+                Err(self.fail(scope, &name, err.to_string()))
+            }
+        }
+    }
+
+    fn fail(&self, scope: &Scope, step: &str, error: String) -> Stop {
+        let iteration = scope.iteration.as_ref().map(|(_, i)| *i);
+        self.events.emit(&Event::StepFailed { step: step.to_string(), iteration, error: error.clone() });
+        self.record(scope, step, StepSummary::failed(error.clone()));
+        Stop::Failed(format!("step `{step}` failed: {error}"))
+    }
+
+    fn note_gate(&self, step: &str, failure: Option<&str>) {
+        if let Some(message) = failure {
+            self.events.emit(&Event::GateFailed { step: step.to_string(), message: message.to_string() });
+            if let Ok(mut failures) = self.gate_failures.lock() {
+                failures.push(format!("{step}: {message}"));
+            }
+        }
+    }
+
+    /// Waits for the resource the step needs: one decode stream per model, sandbox workers up
+    /// to the number of cores, training alone.
+    async fn permit(&self, step: &PlannedStep) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let semaphore = match nodes::resource(step) {
+            Resource::None => return None,
+            Resource::Sandbox => self.sandbox.clone(),
+            Resource::Training => self.training.clone(),
+            Resource::Model(model) => {
+                let mut models = self.models.lock().ok()?;
+                models.entry(model).or_insert_with(|| Arc::new(Semaphore::new(1))).clone()
+            }
+        };
+        semaphore.acquire_owned().await.ok()
+    }
+}
+
+/// What the step's directory says about running it again.
+fn inspect(dir: &Path, parts: &KeyParts) -> Decision {
+    let previous = Meta::read(dir);
+    let output_hash = match &previous {
+        Some(meta) if meta.status == StepStatus::Done => files::hash_output(dir).ok(),
+        _ => None,
+    };
+    let has_partial = dir.join("output.jsonl.partial").exists();
+    cache::decide(previous.as_ref(), parts, output_hash.as_deref(), has_partial)
+}
+
+/// The parts of a step's cache key, given the output hash of each input by property.
+fn key_parts(plan: &Plan, step: &PlannedStep, inputs: BTreeMap<String, String>) -> Result<KeyParts, String> {
+    let declaration = &step.declaration;
+    let mut params = BTreeMap::new();
+    let mut files = BTreeMap::new();
+    for property in declaration.spec.properties {
+        let Some(value) = declaration.props.get(property.name) else { continue };
+        match (property.ty, value) {
+            (ValueType::Input(_) | ValueType::Metric, _) => {}
+            (ValueType::Model, Value::Model(model)) => {
+                // A model enters the key with its whole declaration and its file's identity.
+                let Some(model_declaration) = plan.models.get(model) else { continue };
+                let settings: BTreeMap<_, _> = model_declaration.props.0.iter().map(|(k, v)| (k.clone(), v.to_json())).collect();
+                params.insert(property.name.to_string(), serde_json::json!({ "name": model, "settings": settings }));
+                if let Some(path) = model_declaration.props.file("path") {
+                    let identity = cache::file_identity(path).map_err(|e| format!("cannot read model `{}`: {e}", path.display()))?;
+                    files.insert(format!("{}.path", property.name), identity);
+                }
+            }
+            (ValueType::File, Value::File(path)) => {
+                let identity = cache::file_identity(path).map_err(|e| format!("cannot read `{}`: {e}", path.display()))?;
+                files.insert(property.name.to_string(), identity);
+                params.insert(property.name.to_string(), value.to_json());
+            }
+            _ => {
+                params.insert(property.name.to_string(), value.to_json());
+            }
+        }
+    }
+    Ok(KeyParts { kind: declaration.spec.name.to_string(), params, inputs, files, seed: plan.seed })
+}
+
+/// One line of `--dry-run`: what would happen to a step, and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DryRunLine {
+    pub step: String,
+    pub iteration: Option<u32>,
+    pub action: &'static str,
+    pub reason: String,
+}
+
+/// Says, without running anything, what a run in `run_dir` would do with each step. Loops are
+/// followed through the iterations already on disk, as far as their results are known.
+pub fn dry_run(plan: &Plan, run_dir: &Path, resume: bool) -> Vec<DryRunLine> {
+    let mut lines = vec![];
+    let mut known: BTreeMap<String, Option<String>> = BTreeMap::new();
+    for &i in &plan.graph.order {
+        let step = &plan.graph.steps[i];
+        match &step.body {
+            None => {
+                let hash = dry_run_step(plan, step, run_dir, resume, None, &known, &BTreeMap::new(), &mut lines);
+                known.insert(step.name().to_string(), hash);
+            }
+            Some(body) => {
+                let max = step.declaration.props.integer("max-iterations").unwrap_or(1).max(1) as u32;
+                let mut previous: BTreeMap<String, Option<String>> = BTreeMap::new();
+                let mut last = BTreeMap::new();
+                for iteration in 1..=max {
+                    let dir = run_dir.join(step.name()).join(format!("iteration-{iteration}"));
+                    let mut local = known.clone();
+                    let mut all_known = true;
+                    for &j in &body.order {
+                        let inner = &body.steps[j];
+                        let hash = dry_run_step(plan, inner, &dir, resume, Some(iteration), &local, &previous, &mut lines);
+                        all_known &= hash.is_some();
+                        local.insert(inner.name().to_string(), hash.clone());
+                        last.insert(inner.name().to_string(), hash);
+                    }
+                    // Later iterations depend on results not known until this one runs.
+                    let finished = all_known && until_holds(step, &dir, iteration);
+                    if !all_known || finished || iteration == max {
+                        if !all_known && iteration < max {
+                            lines.push(DryRunLine {
+                                step: step.name().to_string(),
+                                iteration: None,
+                                action: "then",
+                                reason: format!("up to {} more iterations, until `until` holds", max - iteration),
+                            });
+                        }
+                        break;
+                    }
+                    previous = body.steps.iter().map(|s| (s.name().to_string(), last.get(s.name()).cloned().flatten())).collect();
+                }
+                for (inner, hash) in last {
+                    known.insert(format!("{}.{inner}", step.name()), hash);
+                }
+            }
+        }
+    }
+    lines
+}
+
+fn until_holds(step: &PlannedStep, dir: &Path, iteration: u32) -> bool {
+    let Some(Value::Expression(expr)) = step.declaration.props.get("until") else { return false };
+    let lookup = |m: &crate::dsl::expr::MetricName| match &m.step {
+        None => Some(iteration as f64),
+        Some(s) => Meta::read(&dir.join(s)).and_then(|meta| meta.metrics.get(&m.metric).copied()),
+    };
+    expr.evaluate(&lookup).unwrap_or(false)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn dry_run_step(
+    plan: &Plan,
+    step: &PlannedStep,
+    scope_dir: &Path,
+    resume: bool,
+    iteration: Option<u32>,
+    known: &BTreeMap<String, Option<String>>,
+    previous: &BTreeMap<String, Option<String>>,
+    lines: &mut Vec<DryRunLine>,
+) -> Option<String> {
+    let mut line = |action: &'static str, reason: String| {
+        lines.push(DryRunLine { step: step.name().to_string(), iteration, action, reason });
+    };
+    let mut hashes = BTreeMap::new();
+    let mut waiting_for = vec![];
+    for input in &step.inputs {
+        let (name, hash) = match &input.source {
+            Source::Local(s) | Source::Outer(s) => (s.clone(), known.get(s).cloned().flatten()),
+            Source::InLoop { loop_name, step } => {
+                let name = format!("{loop_name}.{step}");
+                let hash = known.get(&name).cloned().flatten();
+                (name, hash)
+            }
+            Source::Prev(s) if iteration == Some(1) => (String::new(), Some("none".to_string())),
+            Source::Prev(s) => (format!("prev.{s}"), previous.get(s).cloned().flatten()),
+        };
+        match hash {
+            Some(hash) => {
+                hashes.insert(input.property.clone(), hash);
+            }
+            None => waiting_for.push(format!("`{name}`")),
+        }
+    }
+    if !waiting_for.is_empty() {
+        line("run", format!("{} will run first", waiting_for.join(", ")));
+        return None;
+    }
+    let parts = match key_parts(plan, step, hashes) {
+        Ok(parts) => parts,
+        Err(err) => {
+            line("fail", err);
+            return None;
+        }
+    };
+    let dir = scope_dir.join(step.name());
+    let decision = if resume { inspect(&dir, &parts) } else { Decision::Run(vec!["not run before".into()]) };
+    match decision {
+        Decision::Cached => {
+            line("cached", "inputs and parameters unchanged".into());
+            Meta::read(&dir).and_then(|m| m.output_hash)
+        }
+        Decision::Finish => {
+            let kept = std::fs::read_to_string(dir.join("output.jsonl.partial")).map_or(0, |t| t.lines().count());
+            line("finish", format!("an unfinished run left {kept} records, which are kept"));
+            None
+        }
+        Decision::Run(reasons) => {
+            line("run", reasons.join("; "));
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

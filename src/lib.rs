@@ -1,0 +1,27 @@
+//! seedflow adapts code LLMs to a new scenario from a handful of examples, with the SEED method
+//! (Sample-Efficient adaptation with Error-Driven learning), written as KDL workflows.
+//!
+//! The modules follow the pipeline: [`dsl`] (text -> checked declarations) -> [`plan`] (a DAG)
+//! -> [`engine`] (the executor) -> [`nodes`] (one module per step kind) over [`data`] records.
+
+pub mod cli;
+pub mod data;
+pub mod dsl;
+pub mod engine;
+pub mod nodes;
+pub mod plan;
+pub mod reference;
+pub mod stdlib;
+
+use std::path::Path;
+
+/// Reads, checks and plans a workflow; on failure, every problem found, in file order.
+pub fn load_plan(path: &Path, overrides: &[String]) -> Result<plan::Plan, Vec<dsl::Problem>> {
+    let mut sources = dsl::Sources::default();
+    let mut problems = dsl::Problems::default();
+    let checked = dsl::load(path, overrides, &mut sources, &mut problems);
+    if !problems.is_empty() {
+        return Err(problems.into_sorted());
+    }
+    plan::build(checked, sources, path.to_path_buf(), &mut problems).ok_or_else(|| problems.into_sorted())
+}

@@ -1,0 +1,67 @@
+use std::collections::BTreeSet;
+
+use crate::data::formats::{self, Format};
+use crate::dsl::schema::{Artifact, KindSpec, Role, ValueType, optional, required};
+use crate::engine::context::{Context, Outcome, StepError};
+
+pub static SPEC: KindSpec = KindSpec {
+    name: "dataset",
+    role: Role::Step(Artifact::Tasks),
+    doc: "Reads problems from a JSON-lines file: each with a requirement, tests and, usually, a \
+          reference solution. Formats: `mbpp` (`text`, `code`, `test_list`, `test_setup_code`), \
+          `humaneval` (`task_id`, `prompt`, `canonical_solution`, `test`, `entry_point`) and \
+          `jsonl`, seedflow's own: `task_id` and `prompt` required; `solution`, `setup` and \
+          `entry_point` optional; tests as `tests` (a list of statements run one by one) or as \
+          `test` (one program checking `entry_point`). `skip` and `limit` take a slice of the file.",
+    properties: &[
+        required("format", ValueType::Choice(Format::NAMES), "How the file's records are laid out."),
+        required("path", ValueType::File, "The JSON-lines file, relative to the workflow file."),
+        optional("skip", ValueType::Integer { min: 0 }, "0", "Records to skip from the start."),
+        optional("limit", ValueType::Integer { min: 0 }, "0", "Most records to read after `skip`; 0 reads all."),
+    ],
+    metrics: &["count"],
+    at_least_one: &[],
+    example: r#"dataset "train" format="mbpp" path="examples/data/mbpp/train.jsonl" limit=20
+"#,
+};
+
+const BATCH: usize = 256;
+
+pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
+    let format = ctx.props.text("format").and_then(Format::parse).ok_or_else(|| StepError::Failed("no format".into()))?;
+    let path = ctx.props.file("path").ok_or_else(|| StepError::Failed("no path".into()))?.clone();
+    let skip = ctx.props.integer("skip").unwrap_or(0) as usize;
+    let limit = match ctx.props.integer("limit").unwrap_or(0) {
+        0 => usize::MAX,
+        n => n as usize,
+    };
+    let text = crate::stdlib::read(&path)
+        .map(str::to_string)
+        .map_or_else(|| std::fs::read_to_string(&path), Ok)
+        .map_err(|e| StepError::Failed(format!("cannot read `{}`: {e}", path.display())))?;
+
+    let mut tasks = vec![];
+    let mut seen = BTreeSet::new();
+    let lines = text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()).skip(skip).take(limit);
+    for (number, line) in lines {
+        let task = formats::parse_line(format, line)
+            .map_err(|e| StepError::Failed(format!("{}:{}: {e}", path.display(), number + 1)))?;
+        if !seen.insert(task.task_id.clone()) {
+            return Err(StepError::Failed(format!("{}:{}: task `{}` appears twice", path.display(), number + 1, task.task_id)));
+        }
+        tasks.push(task);
+    }
+
+    let (mut writer, kept) = ctx.records()?;
+    for (i, batch) in tasks.chunks(BATCH).enumerate() {
+        // Batches an unfinished run already wrote are kept as they are.
+        if (i + 1) * BATCH <= kept.len() {
+            continue;
+        }
+        ctx.check_cancelled()?;
+        writer.append(batch)?;
+        ctx.progress(writer.count as u64, tasks.len() as u64);
+    }
+    writer.finish()?;
+    Ok(Outcome { metrics: [("count".to_string(), tasks.len() as f64)].into(), gate_failure: None })
+}

@@ -1,0 +1,31 @@
+use crate::dsl::schema::{KindSpec, Role, ValueType, optional, unset};
+
+pub static SPEC: KindSpec = KindSpec {
+    name: "loop-until",
+    role: Role::Loop,
+    doc: "Runs the steps inside its braces again and again: at most `max-iterations` times, and \
+          stops early after an iteration in which `until` holds. Inside, `prev.step` is a step's \
+          output in the previous iteration (absent in the first, which then uses the base model); \
+          outside, `loop.step` is a step's output in the last iteration. `until` compares metrics \
+          of the loop's steps (`step.metric`) and `iteration` with numbers, joined by `&&`, `||` \
+          and `!`. Each iteration's outputs are kept under `<loop>/iteration-<n>/`.",
+    properties: &[
+        optional("max-iterations", ValueType::Integer { min: 1 }, "3", "Most iterations to run."),
+        unset("until", ValueType::Expression, "Stop after an iteration in which this holds."),
+    ],
+    metrics: &[],
+    at_least_one: &[],
+    example: r#"model "coder" path="default"
+dataset "train" format="mbpp" path="examples/data/mbpp/prompt.jsonl"
+
+loop-until "adapt" max-iterations=2 until="fixed.count == 0" {
+    generate "attempts" model="coder" adapter="prev.tune" tasks="train" samples=2
+    execute "verdicts" code="attempts"
+    select "errors" from="verdicts" status="!passed" per-task=1 prefer="highest-logprob"
+    revise "revisions" model="coder" adapter="prev.tune" errors="errors" samples=2
+    execute "checked" code="revisions"
+    select "fixed" from="checked" status="passed" per-task=1 prefer="min-edit-distance"
+    finetune-lora "tune" model="coder" data="fixed" init="prev.tune"
+}
+"#,
+};

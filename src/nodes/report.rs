@@ -1,0 +1,154 @@
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+use serde::Serialize;
+
+use crate::data::{Status, Verdict, pass_at_k};
+use crate::dsl::schema::{Artifact, KindSpec, Role, ValueType, optional, required};
+use crate::engine::context::{Context, Outcome, StepError};
+use crate::engine::files::write_atomic;
+
+pub static SPEC: KindSpec = KindSpec {
+    name: "report",
+    role: Role::Step(Artifact::Report),
+    doc: "Summarises verdicts: pass@k for each k in `k` (the unbiased estimator of Chen et al. \
+          2021, over the tasks' samples; a k larger than some task's sample count is left out), \
+          the count of each status, and the failing tasks. Writes `report.json`, `report.md` \
+          and `junit.xml` (one test case per sample) as chosen by `formats`.",
+    properties: &[
+        required("from", ValueType::Input(&[Artifact::Verdicts]), "The verdicts to report on."),
+        optional("k", ValueType::Integers, r#""1""#, "The k of each pass@k, as a list: \"1,10\"."),
+        optional("formats", ValueType::Choices(&["json", "markdown", "junit"]), r#""json,markdown,junit""#, "Files to write."),
+        optional("title", ValueType::Text, r#""seedflow report""#, "Heading of the report."),
+    ],
+    metrics: &["count", "samples", "pass-rate", "pass@k"],
+    at_least_one: &[],
+    example: r#"dataset "test" format="mbpp" path="examples/data/mbpp/test.jsonl" limit=20
+execute "references" code="test"
+report "summary" from="references" k="1" formats="json,markdown,junit" title="MBPP references"
+"#,
+};
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub title: String,
+    pub tasks: usize,
+    pub samples: usize,
+    pub statuses: BTreeMap<&'static str, usize>,
+    pub pass_at_k: BTreeMap<String, f64>,
+    pub failing_tasks: Vec<String>,
+}
+
+pub fn summarise(title: &str, verdicts: &[Verdict], ks: &[usize]) -> Report {
+    let mut statuses = BTreeMap::new();
+    let mut passing: BTreeMap<&str, bool> = BTreeMap::new();
+    for v in verdicts {
+        *statuses.entry(v.status.as_str()).or_insert(0) += 1;
+        *passing.entry(&v.sample.task_id).or_insert(false) |= v.status == Status::Passed;
+    }
+    Report {
+        title: title.to_string(),
+        tasks: passing.len(),
+        samples: verdicts.len(),
+        statuses,
+        pass_at_k: pass_at_k::over_tasks(verdicts, ks).into_iter().map(|(k, v)| (format!("pass@{k}"), v)).collect(),
+        failing_tasks: passing.into_iter().filter(|(_, passed)| !passed).map(|(t, _)| t.to_string()).collect(),
+    }
+}
+
+pub fn markdown(report: &Report) -> String {
+    let mut out = format!("# {}\n\n{} tasks, {} samples.\n\n| metric | value |\n|---|---|\n", report.title, report.tasks, report.samples);
+    for (name, value) in &report.pass_at_k {
+        let _ = writeln!(out, "| {name} | {value:.4} |");
+    }
+    out.push_str("\n| status | samples |\n|---|---|\n");
+    for (status, count) in &report.statuses {
+        let _ = writeln!(out, "| {status} | {count} |");
+    }
+    if !report.failing_tasks.is_empty() {
+        let _ = writeln!(out, "\nTasks with no passing sample ({}): {}", report.failing_tasks.len(), report.failing_tasks.join(", "));
+    }
+    out
+}
+
+pub fn junit(report: &Report, verdicts: &[Verdict]) -> Result<String, String> {
+    use quick_junit::{NonSuccessKind, Report as Junit, TestCase, TestCaseStatus, TestSuite};
+    let mut suite = TestSuite::new(report.title.clone());
+    for v in verdicts {
+        let status = if v.status == Status::Passed {
+            TestCaseStatus::success()
+        } else {
+            let mut status = TestCaseStatus::non_success(NonSuccessKind::Failure);
+            status.set_type(v.status.as_str());
+            status.set_description(v.feedback.clone());
+            if let Some(test) = &v.failed_test {
+                status.set_message(test.clone());
+            }
+            status
+        };
+        let mut case = TestCase::new(v.sample.sample_id.clone(), status);
+        case.set_classname(v.sample.task_id.clone());
+        case.set_time(std::time::Duration::from_secs_f64(v.duration_ms.max(0.0) / 1000.0));
+        suite.add_test_case(case);
+    }
+    let mut junit = Junit::new("seedflow");
+    junit.add_test_suite(suite);
+    junit.to_string().map_err(|e| e.to_string())
+}
+
+pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
+    let verdicts: Vec<Verdict> = ctx.read("from")?;
+    let ks: Vec<usize> = ctx.props.integers("k").into_iter().map(|k| k as usize).collect();
+    let report = summarise(ctx.props.text("title").unwrap_or("seedflow report"), &verdicts, &ks);
+    for format in ctx.props.list("formats") {
+        match format.as_str() {
+            "json" => {
+                let json = serde_json::to_vec_pretty(&report).map_err(|e| StepError::Failed(e.to_string()))?;
+                write_atomic(&ctx.dir.join("report.json"), &json)?;
+            }
+            "markdown" => write_atomic(&ctx.dir.join("report.md"), markdown(&report).as_bytes())?,
+            "junit" => write_atomic(&ctx.dir.join("junit.xml"), junit(&report, &verdicts).map_err(StepError::Failed)?.as_bytes())?,
+            _ => {}
+        }
+    }
+    let mut metrics: BTreeMap<String, f64> = report.pass_at_k.clone();
+    metrics.insert("count".into(), report.tasks as f64);
+    metrics.insert("samples".into(), report.samples as f64);
+    let passed = report.statuses.get("passed").copied().unwrap_or(0);
+    metrics.insert("pass-rate".into(), if report.samples == 0 { 0.0 } else { passed as f64 / report.samples as f64 });
+    Ok(Outcome { metrics, gate_failure: None })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::Sample;
+
+    fn verdict(task: &str, index: usize, status: Status) -> Verdict {
+        Verdict {
+            sample: Sample { task_id: task.into(), sample_id: format!("{task}/{index}"), code: String::new(), logprob: None, tokens: None, parent: None },
+            status,
+            feedback: "AssertionError: assert f(1) == 2".into(),
+            failed_test: Some("assert f(1) == 2".into()),
+            duration_ms: 3.0,
+        }
+    }
+
+    #[test]
+    fn summarises_pass_at_k_and_statuses() {
+        let verdicts = vec![
+            verdict("a", 0, Status::Passed),
+            verdict("a", 1, Status::Failed),
+            verdict("b", 0, Status::Error),
+            verdict("b", 1, Status::Failed),
+        ];
+        let report = summarise("t", &verdicts, &[1, 2, 5]);
+        // Task a: pass@1 = 1/2, pass@2 = 1; task b: 0. pass@5 is undefined with 2 samples.
+        assert_eq!(report.pass_at_k, [("pass@1".to_string(), 0.25), ("pass@2".to_string(), 0.5)].into());
+        assert_eq!(report.failing_tasks, ["b"]);
+        assert_eq!(report.statuses.get("failed"), Some(&2));
+        let xml = junit(&report, &verdicts).unwrap();
+        assert!(xml.contains(r#"tests="4""#) && xml.contains(r#"failures="3""#), "{xml}");
+        assert!(markdown(&report).contains("| pass@1 | 0.2500 |"));
+    }
+}

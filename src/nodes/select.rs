@@ -1,0 +1,144 @@
+use std::collections::BTreeMap;
+
+use crate::data::Verdict;
+use crate::dsl::schema::{Artifact, KindSpec, Role, StatusFilter, Value, ValueType, optional, required};
+use crate::engine::context::{Context, Outcome, StepError};
+
+pub static SPEC: KindSpec = KindSpec {
+    name: "select",
+    role: Role::Step(Artifact::Verdicts),
+    doc: "Keeps the verdicts whose status matches `status` (`passed`, `!passed`, or a list such as \
+          `failed,error`), then at most `per-task` of them per task (0 keeps all), preferring by \
+          `prefer`: `first` (in order), `highest-logprob` (the sample the model found most \
+          likely), or `min-edit-distance` (the revision closest to the code it revises; samples \
+          without a parent rank by order). Tasks come out in the order they went in.",
+    properties: &[
+        required("from", ValueType::Input(&[Artifact::Verdicts]), "The verdicts to choose from."),
+        optional("status", ValueType::Statuses, r#""passed""#, "Which statuses to keep."),
+        optional("per-task", ValueType::Integer { min: 0 }, "1", "Most verdicts kept per task; 0 keeps all."),
+        optional("prefer", ValueType::Choice(&["first", "highest-logprob", "min-edit-distance"]), r#""first""#, "Which verdicts of a task to keep first."),
+    ],
+    metrics: &["count", "tasks"],
+    at_least_one: &[],
+    example: r#"dataset "train" format="mbpp" path="examples/data/mbpp/train.jsonl" limit=10
+execute "verdicts" code="train"
+select "failures" from="verdicts" status="failed,error,timeout" per-task=1 prefer="first"
+"#,
+};
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Prefer {
+    First,
+    HighestLogprob,
+    MinEditDistance,
+}
+
+/// Filters and ranks verdicts; pure, so it is tested without a run.
+pub fn select(verdicts: Vec<Verdict>, filter: &StatusFilter, per_task: usize, prefer: Prefer) -> Vec<Verdict> {
+    let mut order: Vec<String> = vec![];
+    let mut by_task: BTreeMap<String, Vec<Verdict>> = BTreeMap::new();
+    for verdict in verdicts.into_iter().filter(|v| filter.accepts(v.status)) {
+        let task = verdict.sample.task_id.clone();
+        if !by_task.contains_key(&task) {
+            order.push(task.clone());
+        }
+        by_task.entry(task).or_default().push(verdict);
+    }
+    let mut out = vec![];
+    for task in order {
+        let mut candidates = by_task.remove(&task).unwrap_or_default();
+        // Stable sorts: ties keep their order.
+        match prefer {
+            Prefer::First => {}
+            Prefer::HighestLogprob => {
+                candidates.sort_by(|a, b| {
+                    let score = |v: &Verdict| v.sample.logprob.unwrap_or(f64::NEG_INFINITY);
+                    score(b).total_cmp(&score(a))
+                });
+            }
+            Prefer::MinEditDistance => {
+                candidates.sort_by_cached_key(|v| {
+                    v.sample.parent.as_ref().map_or(0, |p| strsim::levenshtein(&p.code, &v.sample.code))
+                });
+            }
+        }
+        if per_task > 0 {
+            candidates.truncate(per_task);
+        }
+        out.extend(candidates);
+    }
+    out
+}
+
+pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
+    let verdicts: Vec<Verdict> = ctx.read("from")?;
+    let Some(Value::Statuses(filter)) = ctx.props.get("status") else {
+        return Err(StepError::Failed("no status filter".into()));
+    };
+    let prefer = match ctx.props.text("prefer") {
+        Some("highest-logprob") => Prefer::HighestLogprob,
+        Some("min-edit-distance") => Prefer::MinEditDistance,
+        _ => Prefer::First,
+    };
+    let per_task = ctx.props.integer("per-task").unwrap_or(1) as usize;
+    let chosen = select(verdicts, filter, per_task, prefer);
+    let tasks = chosen.iter().map(|v| v.sample.task_id.as_str()).collect::<std::collections::BTreeSet<_>>().len();
+    let (mut writer, _) = ctx.records()?;
+    writer.append(&chosen)?;
+    writer.finish()?;
+    let metrics = [("count".to_string(), chosen.len() as f64), ("tasks".to_string(), tasks as f64)].into();
+    Ok(Outcome { metrics, gate_failure: None })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::{Parent, Sample, Status};
+
+    fn verdict(task: &str, id: &str, status: Status, logprob: f64, code: &str, parent: Option<&str>) -> Verdict {
+        Verdict {
+            sample: Sample {
+                task_id: task.into(),
+                sample_id: id.into(),
+                code: code.into(),
+                logprob: Some(logprob),
+                tokens: None,
+                parent: parent.map(|p| Parent { sample_id: "p".into(), code: p.into() }),
+            },
+            status,
+            feedback: String::new(),
+            failed_test: None,
+            duration_ms: 0.0,
+        }
+    }
+
+    fn ids(verdicts: &[Verdict]) -> Vec<&str> {
+        verdicts.iter().map(|v| v.sample.sample_id.as_str()).collect()
+    }
+
+    #[test]
+    fn filters_by_status_and_keeps_task_order() {
+        let all = vec![
+            verdict("b", "b/0", Status::Failed, -1.0, "", None),
+            verdict("a", "a/0", Status::Passed, -1.0, "", None),
+            verdict("a", "a/1", Status::Error, -0.5, "", None),
+            verdict("b", "b/1", Status::Timeout, -0.1, "", None),
+        ];
+        let not_passed = StatusFilter { negated: true, statuses: vec![Status::Passed] };
+        assert_eq!(ids(&select(all.clone(), &not_passed, 0, Prefer::First)), ["b/0", "b/1", "a/1"]);
+        let failed_or_error = StatusFilter { negated: false, statuses: vec![Status::Failed, Status::Error] };
+        assert_eq!(ids(&select(all.clone(), &failed_or_error, 1, Prefer::First)), ["b/0", "a/1"]);
+        assert_eq!(ids(&select(all, &not_passed, 1, Prefer::HighestLogprob)), ["b/1", "a/1"]);
+    }
+
+    #[test]
+    fn prefers_the_smallest_fix() {
+        let parent = "def f(x):\n    return x + 1\n";
+        let all = vec![
+            verdict("a", "a/r0", Status::Passed, -0.1, "def f(y):\n    z = y\n    return z * 2\n", Some(parent)),
+            verdict("a", "a/r1", Status::Passed, -0.9, "def f(x):\n    return x + 2\n", Some(parent)),
+        ];
+        let passed = StatusFilter { negated: false, statuses: vec![Status::Passed] };
+        assert_eq!(ids(&select(all, &passed, 1, Prefer::MinEditDistance)), ["a/r1"]);
+    }
+}

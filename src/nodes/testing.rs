@@ -1,0 +1,118 @@
+//! Step kinds that exist only in the crate's unit tests, to drive the executor through
+//! concurrency, crashes and resumption without a model.
+
+use std::collections::BTreeMap;
+use std::sync::{Condvar, Mutex};
+use std::time::Duration;
+
+use crate::dsl::schema::{Artifact, KindSpec, Role, ValueType, optional, unset};
+use crate::engine::context::{Context, Outcome, StepError};
+
+pub static KINDS: &[&KindSpec] = &[&BATCHES, &BARRIER];
+
+pub static BATCHES: KindSpec = KindSpec {
+    name: "test-batches",
+    role: Role::Step(Artifact::Tasks),
+    doc: "Writes `records` records in batches of two, derived from the seed and its input.",
+    properties: &[
+        unset("from", ValueType::Input(&[Artifact::Tasks]), "An input whose hash enters the records."),
+        optional("records", ValueType::Integer { min: 0 }, "10", "How many records."),
+    ],
+    metrics: &["count"],
+    at_least_one: &[],
+    example: "",
+};
+
+pub static BARRIER: KindSpec = KindSpec {
+    name: "test-barrier",
+    role: Role::Step(Artifact::Tasks),
+    doc: "Waits until `parties` steps of the same `group` run at the same time; fails if alone.",
+    properties: &[
+        optional("group", ValueType::Text, r#""g""#, "Barrier name."),
+        optional("parties", ValueType::Integer { min: 1 }, "2", "Steps that must meet."),
+    ],
+    metrics: &[],
+    at_least_one: &[],
+    example: "",
+};
+
+pub fn runner(kind: &str) -> Option<super::Runner> {
+    match kind {
+        "test-batches" => Some(batches),
+        "test-barrier" => Some(barrier),
+        _ => None,
+    }
+}
+
+/// Steps (by directory) told to stall after writing this many batches, as if the process were
+/// killed there: they signal, then block until released, and write nothing more.
+pub static STALL: Mutex<BTreeMap<std::path::PathBuf, usize>> = Mutex::new(BTreeMap::new());
+pub static STALLED: (Mutex<Vec<std::path::PathBuf>>, Condvar) = (Mutex::new(Vec::new()), Condvar::new());
+pub static RELEASED: (Mutex<Vec<std::path::PathBuf>>, Condvar) = (Mutex::new(Vec::new()), Condvar::new());
+
+/// Waits until the step in `dir` has stalled.
+pub fn wait_stalled(dir: &std::path::Path) {
+    let (lock, signal) = &STALLED;
+    let mut stalled = lock.lock().unwrap();
+    while !stalled.iter().any(|d| d == dir) {
+        stalled = signal.wait_timeout(stalled, Duration::from_secs(30)).unwrap().0;
+    }
+}
+
+pub fn release_stalled(dir: &std::path::Path) {
+    let (lock, signal) = &RELEASED;
+    lock.lock().unwrap().push(dir.to_path_buf());
+    signal.notify_all();
+}
+
+fn batches(ctx: &mut Context) -> Result<Outcome, StepError> {
+    let total = ctx.props.integer("records").unwrap_or(10) as usize;
+    let input = ctx.inputs.get("from").map_or("none".to_string(), |o| o.hash[..8].to_string());
+    let stall_after = STALL.lock().unwrap().get(&ctx.dir).copied();
+    let (mut writer, kept) = ctx.records()?;
+    let records: Vec<serde_json::Value> = (0..total)
+        .map(|i| serde_json::json!({ "index": i, "seed": ctx.seed, "input": input, "step": ctx.step }))
+        .collect();
+    let mut written_batches = 0;
+    for batch in records.chunks(2).skip(kept.len() / 2) {
+        if stall_after == Some(written_batches) {
+            let (lock, signal) = &STALLED;
+            lock.lock().unwrap().push(ctx.dir.clone());
+            signal.notify_all();
+            let (released, wake) = &RELEASED;
+            let mut done = released.lock().unwrap();
+            while !done.contains(&ctx.dir) {
+                done = wake.wait(done).unwrap();
+            }
+            ctx.check_cancelled()?;
+            return Err(StepError::Failed("killed".into()));
+        }
+        ctx.check_cancelled()?;
+        writer.append(batch)?;
+        written_batches += 1;
+    }
+    writer.finish()?;
+    Ok(Outcome { metrics: [("count".to_string(), total as f64)].into(), gate_failure: None })
+}
+
+static MEETINGS: (Mutex<BTreeMap<String, usize>>, Condvar) = (Mutex::new(BTreeMap::new()), Condvar::new());
+
+fn barrier(ctx: &mut Context) -> Result<Outcome, StepError> {
+    let group = ctx.props.text("group").unwrap_or("g").to_string();
+    let parties = ctx.props.integer("parties").unwrap_or(2) as usize;
+    let (lock, signal) = &MEETINGS;
+    let mut arrived = lock.lock().unwrap();
+    *arrived.entry(group.clone()).or_insert(0) += 1;
+    signal.notify_all();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while arrived[&group] < parties {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(StepError::Failed(format!("ran alone: {} of {parties} steps of `{group}` met", arrived[&group])));
+        }
+        arrived = signal.wait_timeout(arrived, left).unwrap().0;
+    }
+    let (writer, _) = ctx.records()?;
+    writer.finish()?;
+    Ok(Outcome::default())
+}

@@ -1,0 +1,18 @@
+use crate::dsl::schema::{KindSpec, Role, ValueType, optional};
+
+pub static SPEC: KindSpec = KindSpec {
+    name: "workflow",
+    role: Role::Workflow,
+    doc: "Names the workflow and sets what applies to the whole run. At most one, at the top of the \
+          file; without it the workflow is named after its file. The name is the run directory's \
+          default parent (`runs/<name>/<timestamp>/`). The seed is the root of every random draw: \
+          each sample's seed derives from (seed, step, task, index), so a rerun gives the same \
+          artifacts whatever the scheduling.",
+    properties: &[optional("seed", ValueType::Integer { min: 0 }, "0", "Root of every random draw in the run.")],
+    metrics: &[],
+    at_least_one: &[],
+    example: r#"workflow "reference-check" seed=7
+
+dataset "problems" format="mbpp" path="examples/data/mbpp/prompt.jsonl"
+"#,
+};

@@ -1,0 +1,447 @@
+//! Checked declarations -> an executable plan: every reference resolved to a step, the types of
+//! inputs checked, and the steps put in a petgraph DAG (one per scope: the top level and each
+//! loop body). A cycle is an error that names its path.
+
+mod render;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use petgraph::algo::{tarjan_scc, toposort};
+use petgraph::graph::{DiGraph, NodeIndex};
+
+pub use render::{to_dot, to_mermaid};
+
+use crate::dsl::schema::{Artifact, Role, Value, ValueType};
+use crate::dsl::{Checked, Code, Declaration, Problems, Sources, Span};
+
+/// Where an input comes from, resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// A step of the same scope.
+    Local(String),
+    /// A top-level step, read from inside a loop.
+    Outer(String),
+    /// `prev.step`: the step's output in the loop's previous iteration (none in the first).
+    Prev(String),
+    /// `loop.step`: a step inside a loop, as of the loop's last iteration.
+    InLoop { loop_name: String, step: String },
+}
+
+impl Source {
+    /// The step in the caller's graph that must finish first, if any.
+    fn dependency(&self) -> Option<&str> {
+        match self {
+            Source::Local(step) | Source::Outer(step) => Some(step),
+            Source::InLoop { loop_name, .. } => Some(loop_name),
+            Source::Prev(_) => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Input {
+    /// The property that names it (`tasks`, `from`, …).
+    pub property: String,
+    pub source: Source,
+    /// What the referenced step produces.
+    pub artifact: Artifact,
+}
+
+#[derive(Debug)]
+pub struct PlannedStep {
+    pub declaration: Declaration,
+    pub inputs: Vec<Input>,
+    /// For `loop-until`: the steps it repeats.
+    pub body: Option<Graph>,
+}
+
+impl PlannedStep {
+    pub fn name(&self) -> &str {
+        &self.declaration.name.value
+    }
+
+    pub fn kind(&self) -> &'static str {
+        self.declaration.spec.name
+    }
+
+    pub fn input(&self, property: &str) -> Option<&Input> {
+        self.inputs.iter().find(|i| i.property == property)
+    }
+}
+
+/// The steps of one scope and the order they depend on each other.
+#[derive(Debug)]
+pub struct Graph {
+    pub steps: Vec<PlannedStep>,
+    /// An edge `a -> b` says b reads a's output; node weights index `steps`.
+    pub dag: DiGraph<usize, String>,
+    /// Steps in an order where each comes after everything it reads.
+    pub order: Vec<usize>,
+}
+
+impl Graph {
+    pub fn index(&self, name: &str) -> Option<usize> {
+        self.steps.iter().position(|s| s.name() == name)
+    }
+
+    /// Indices of the steps `index` waits for.
+    pub fn dependencies(&self, index: usize) -> Vec<usize> {
+        self.dag
+            .neighbors_directed(NodeIndex::new(index), petgraph::Direction::Incoming)
+            .map(|n| self.dag[n])
+            .collect()
+    }
+}
+
+/// A workflow ready to run.
+#[derive(Debug)]
+pub struct Plan {
+    pub sources: Sources,
+    pub name: String,
+    pub seed: u64,
+    /// The workflow file; relative paths of run directories are not relative to it.
+    pub file: PathBuf,
+    pub models: BTreeMap<String, Declaration>,
+    pub graph: Graph,
+}
+
+impl Plan {
+    /// Every step with the loop that holds it, in run order.
+    pub fn all_steps(&self) -> Vec<(Option<&PlannedStep>, &PlannedStep)> {
+        let mut out = vec![];
+        for &i in &self.graph.order {
+            let step = &self.graph.steps[i];
+            out.push((None, step));
+            if let Some(body) = &step.body {
+                out.extend(body.order.iter().map(|&j| (Some(step), &body.steps[j])));
+            }
+        }
+        out
+    }
+}
+
+/// Builds the plan, or reports every problem found in resolving and ordering it.
+pub fn build(checked: Checked, sources: Sources, file: PathBuf, problems: &mut Problems) -> Option<Plan> {
+    let (name, seed) = match &checked.workflow {
+        Some(w) => (
+            w.name.value.clone(),
+            w.props.integer("seed").map_or(0, |s| s as u64),
+        ),
+        None => (
+            file.file_stem().map_or("workflow".to_string(), |s| s.to_string_lossy().into_owned()),
+            0,
+        ),
+    };
+    let models: BTreeMap<String, Declaration> =
+        checked.models.into_iter().map(|m| (m.name.value.clone(), m)).collect();
+    let scope = Scope { sources: &sources, models: &models, top: &checked.steps };
+
+    let mut top_steps = vec![];
+    for declaration in &checked.steps {
+        let mut step = PlannedStep { declaration: declaration.clone(), inputs: vec![], body: None };
+        if declaration.spec.role == Role::Loop {
+            let mut body_steps = vec![];
+            for inner in &declaration.body {
+                let inputs = scope.resolve_inputs(inner, Some(declaration), problems);
+                body_steps.push(PlannedStep { declaration: inner.clone(), inputs, body: None });
+            }
+            scope.check_until(declaration, problems);
+            // The loop waits for whatever its body reads from outside.
+            let mut outer: Vec<Input> = vec![];
+            for inner in &body_steps {
+                for input in &inner.inputs {
+                    if matches!(input.source, Source::Outer(_) | Source::InLoop { .. })
+                        && !outer.iter().any(|o| o.source == input.source)
+                    {
+                        outer.push(input.clone());
+                    }
+                }
+            }
+            step.inputs = outer;
+            step.body = order_graph(body_steps, &sources, problems);
+        } else {
+            step.inputs = scope.resolve_inputs(declaration, None, problems);
+        }
+        top_steps.push(step);
+    }
+    let graph = order_graph(top_steps, &sources, problems)?;
+    if !problems.is_empty() {
+        return None;
+    }
+    Some(Plan { sources, name, seed, file, models, graph })
+}
+
+struct Scope<'a> {
+    sources: &'a Sources,
+    models: &'a BTreeMap<String, Declaration>,
+    top: &'a [Declaration],
+}
+
+/// What a reference names, before its type is checked.
+struct Found<'a> {
+    source: Source,
+    declaration: &'a Declaration,
+}
+
+impl<'a> Scope<'a> {
+    fn top_step(&self, name: &str) -> Option<&'a Declaration> {
+        self.top.iter().find(|d| d.name.value == name)
+    }
+
+    /// The loop holding a step named `name`, if one does.
+    fn loop_holding(&self, name: &str) -> Option<(&'a Declaration, &'a Declaration)> {
+        self.top
+            .iter()
+            .find_map(|l| l.body.iter().find(|s| s.name.value == name).map(|s| (l, s)))
+    }
+
+    fn all_names(&self, within: Option<&Declaration>) -> Vec<String> {
+        let mut names: Vec<String> = self.top.iter().map(|d| d.name.value.clone()).collect();
+        for l in self.top {
+            for s in &l.body {
+                if within.is_some_and(|w| w.name.value == l.name.value) {
+                    names.push(s.name.value.clone());
+                    names.push(format!("prev.{}", s.name.value));
+                } else {
+                    names.push(format!("{}.{}", l.name.value, s.name.value));
+                }
+            }
+        }
+        names
+    }
+
+    /// Resolves `reference` written at `span` in a step inside `within` (or at the top).
+    fn find(&self, reference: &str, span: Span, within: Option<&'a Declaration>, problems: &mut Problems) -> Option<Found<'a>> {
+        let sources = self.sources;
+        if let Some(step) = reference.strip_prefix("prev.") {
+            let Some(current) = within else {
+                problems
+                    .at(sources, Code::PrevOutsideLoop, span, "`prev.` is only meaningful inside a loop", "outside any loop")
+                    .help(match self.loop_holding(step) {
+                        Some((l, _)) => format!("to read the loop's last iteration, write `{}.{step}`", l.name.value),
+                        None => "`prev.step` reads a step's output from the loop's previous iteration".to_string(),
+                    });
+                return None;
+            };
+            return match current.body.iter().find(|s| s.name.value == step) {
+                Some(declaration) => Some(Found { source: Source::Prev(step.to_string()), declaration }),
+                None => {
+                    self.unknown(reference, span, within, problems);
+                    None
+                }
+            };
+        }
+        if let Some((outer, inner)) = reference.split_once('.') {
+            if let Some(l) = self.top.iter().find(|d| d.name.value == outer && d.spec.role == Role::Loop) {
+                if within.is_some_and(|w| w.name.value == outer) {
+                    problems
+                        .at(sources, Code::UnknownStep, span, format!("`{reference}` names the loop this step is in"), "inside the same loop")
+                        .help(format!("write `{inner}` for this iteration's output, or `prev.{inner}` for the previous one"));
+                    return None;
+                }
+                if let Some(declaration) = l.body.iter().find(|s| s.name.value == inner) {
+                    let source = Source::InLoop { loop_name: outer.to_string(), step: inner.to_string() };
+                    return Some(Found { source, declaration });
+                }
+            }
+            self.unknown(reference, span, within, problems);
+            return None;
+        }
+        if let Some(current) = within {
+            if let Some(declaration) = current.body.iter().find(|s| s.name.value == reference) {
+                return Some(Found { source: Source::Local(reference.to_string()), declaration });
+            }
+        }
+        if let Some(declaration) = self.top_step(reference) {
+            if declaration.spec.role == Role::Loop {
+                problems
+                    .at(sources, Code::WrongInput, span, format!("`{reference}` is a loop, which has no output of its own"), "a loop")
+                    .help(match declaration.body.last() {
+                        Some(last) => format!("name a step inside it, for example `{reference}.{}`", last.name.value),
+                        None => "name a step inside it as `loop.step`".to_string(),
+                    });
+                return None;
+            }
+            let source = if within.is_some() { Source::Outer(reference.to_string()) } else { Source::Local(reference.to_string()) };
+            return Some(Found { source, declaration });
+        }
+        if let Some((l, _)) = self.loop_holding(reference) {
+            problems
+                .at(sources, Code::UnknownStep, span, format!("`{reference}` is inside loop `{}`", l.name.value), "not visible here")
+                .help(format!("refer to its last iteration as `{}.{reference}`", l.name.value));
+            return None;
+        }
+        if self.models.contains_key(reference) {
+            problems
+                .at(sources, Code::WrongInput, span, format!("`{reference}` is a model, not a step"), "a model")
+                .help("models are used with `model=`; this property takes a step's output");
+            return None;
+        }
+        self.unknown(reference, span, within, problems);
+        None
+    }
+
+    fn unknown(&self, reference: &str, span: Span, within: Option<&Declaration>, problems: &mut Problems) {
+        let names = self.all_names(within);
+        let builder = problems.at(self.sources, Code::UnknownStep, span, format!("no step named `{reference}`"), "unknown step");
+        match crate::dsl::diagnostics::did_you_mean(reference, names.iter().map(String::as_str)) {
+            Some(best) => builder.help(format!("did you mean `{best}`?")),
+            None => builder.help("a reference names a step defined in this workflow"),
+        };
+    }
+
+    fn resolve_inputs(&self, declaration: &Declaration, within: Option<&'a Declaration>, problems: &mut Problems) -> Vec<Input> {
+        let sources = self.sources;
+        let mut inputs = vec![];
+        for property in declaration.spec.properties {
+            let span = declaration.span_of(property.name);
+            match (property.ty, declaration.props.get(property.name)) {
+                (ValueType::Input(accepted), Some(Value::Reference(reference))) => {
+                    let Some(found) = self.find(reference, span, within, problems) else { continue };
+                    let Role::Step(artifact) = found.declaration.spec.role else { continue };
+                    if !accepted.contains(&artifact) {
+                        let wanted: Vec<_> = accepted.iter().map(|a| a.noun()).collect();
+                        problems
+                            .at(
+                                sources,
+                                Code::WrongInput,
+                                span,
+                                format!("`{}` expects {}, but `{reference}` produces {}", property.name, wanted.join(" or "), artifact.noun()),
+                                format!("{} step", found.declaration.spec.name),
+                            )
+                            .also(found.declaration.name.span, "defined here");
+                        continue;
+                    }
+                    inputs.push(Input { property: property.name.to_string(), source: found.source, artifact });
+                }
+                (ValueType::Metric, Some(Value::Metric { step, metric })) => {
+                    let Some(found) = self.find(step, span, within, problems) else { continue };
+                    let Role::Step(artifact) = found.declaration.spec.role else { continue };
+                    if !found.declaration.spec.publishes(metric) {
+                        self.unknown_metric(found.declaration, metric, span, problems);
+                        continue;
+                    }
+                    inputs.push(Input { property: property.name.to_string(), source: found.source, artifact });
+                }
+                (ValueType::Model, Some(Value::Model(model))) if !self.models.contains_key(model) => {
+                    let builder = problems.at(sources, Code::UnknownModel, span, format!("no model named `{model}`"), "unknown model");
+                    match crate::dsl::diagnostics::did_you_mean(model, self.models.keys().map(String::as_str)) {
+                        Some(best) => builder.help(format!("did you mean `{best}`?")),
+                        None => builder.help(format!("declare it: `model \"{model}\" path=\"default\"`")),
+                    };
+                }
+                _ => {}
+            }
+        }
+        inputs
+    }
+
+    fn unknown_metric(&self, declaration: &Declaration, metric: &str, span: Span, problems: &mut Problems) {
+        let spec = declaration.spec;
+        let builder = problems.at(
+            self.sources,
+            Code::UnknownMetric,
+            span,
+            format!("`{}` ({}) publishes no metric `{metric}`", declaration.name.value, spec.name),
+            "unknown metric",
+        );
+        if spec.metrics.is_empty() {
+            builder.help(format!("`{}` steps publish no metrics", spec.name));
+        } else {
+            builder.help(format!("it publishes: {}", spec.metrics.join(", ")));
+        }
+    }
+
+    /// Every metric an `until` expression reads must be published by a step of the loop.
+    fn check_until(&self, l: &Declaration, problems: &mut Problems) {
+        let Some(Value::Expression(expr)) = l.props.get("until") else { return };
+        let span = l.span_of("until");
+        for metric in expr.metrics() {
+            // Point at the metric inside the string (after its opening quote).
+            let at = Span { file: span.file, range: (span.range.offset() + 1 + metric.offset, metric.len).into() };
+            match &metric.step {
+                None if metric.metric == "iteration" => {}
+                None => {
+                    problems
+                        .at(self.sources, Code::BadExpression, at, format!("`{}` is not a metric", metric.metric), "unknown name")
+                        .help("name a metric as `step.metric` (a step of this loop), or use `iteration`");
+                }
+                Some(step) => match l.body.iter().find(|s| s.name.value == *step) {
+                    Some(declaration) if declaration.spec.publishes(&metric.metric) => {}
+                    Some(declaration) => self.unknown_metric(declaration, &metric.metric, at, problems),
+                    None => {
+                        let names: Vec<_> = l.body.iter().map(|s| s.name.value.as_str()).collect();
+                        let builder = problems.at(
+                            self.sources,
+                            Code::BadExpression,
+                            at,
+                            format!("`until` reads `{step}`, which is not a step of loop `{}`", l.name.value),
+                            "not in this loop",
+                        );
+                        match crate::dsl::diagnostics::did_you_mean(step, names.iter().copied()) {
+                            Some(best) => builder.help(format!("did you mean `{best}`?")),
+                            None => builder.help(format!("the loop's steps are: {}", names.join(", "))),
+                        };
+                    }
+                },
+            }
+        }
+    }
+}
+
+/// Puts steps into a DAG and orders them; reports each cycle with its path.
+fn order_graph(steps: Vec<PlannedStep>, sources: &Sources, problems: &mut Problems) -> Option<Graph> {
+    let mut dag = DiGraph::new();
+    let nodes: Vec<NodeIndex> = (0..steps.len()).map(|i| dag.add_node(i)).collect();
+    let index: BTreeMap<&str, usize> = steps.iter().enumerate().map(|(i, s)| (s.name(), i)).collect();
+    for (i, step) in steps.iter().enumerate() {
+        for input in &step.inputs {
+            if let Some(&from) = input.source.dependency().and_then(|d| index.get(d)) {
+                dag.add_edge(nodes[from], nodes[i], input.property.clone());
+            }
+        }
+    }
+    if toposort(&dag, None).is_err() {
+        for component in tarjan_scc(&dag) {
+            let cyclic = component.len() > 1 || dag.contains_edge(component[0], component[0]);
+            if cyclic {
+                report_cycle(&steps, &dag, &component, sources, problems);
+            }
+        }
+        return None;
+    }
+    let order = toposort(&dag, None).ok()?.into_iter().map(|n| dag[n]).collect();
+    Some(Graph { steps, dag, order })
+}
+
+fn report_cycle(steps: &[PlannedStep], dag: &DiGraph<usize, String>, component: &[NodeIndex], sources: &Sources, problems: &mut Problems) {
+    // Walk reads backwards (from a step to the step it reads) until a step repeats.
+    let start = *component.iter().min_by_key(|n| dag[**n]).unwrap_or(&component[0]);
+    let mut path = vec![start];
+    let mut current = start;
+    loop {
+        let Some(next) = dag
+            .neighbors_directed(current, petgraph::Direction::Incoming)
+            .filter(|n| component.contains(n))
+            .min_by_key(|n| dag[*n])
+        else {
+            return;
+        };
+        if let Some(position) = path.iter().position(|n| *n == next) {
+            path.drain(..position);
+            path.push(next);
+            break;
+        }
+        path.push(next);
+        current = next;
+    }
+    let names: Vec<&str> = path.iter().map(|n| steps[dag[*n]].name()).collect();
+    let first = &steps[dag[path[0]]];
+    let second = names.get(1).copied().unwrap_or_default();
+    let property = first.inputs.iter().find(|i| i.source.dependency() == Some(second)).map(|i| i.property.as_str());
+    let span = property.map_or(first.declaration.name.span, |p| first.declaration.span_of(p));
+    problems
+        .at(sources, Code::Cycle, span, format!("steps depend on each other: {}", names.join(" -> ")), format!("`{}` reads `{second}` here", names[0]))
+        .help("a step cannot depend on its own output; inside a loop, read the previous iteration with `prev.<step>`");
+}

@@ -1,0 +1,22 @@
+//! The standard library: prompt templates and workflow fragments built into the binary, so a
+//! workflow can `import "std/…"` wherever it lives. The files are `stdlib/` of the repository;
+//! a test checks that this table lists every one of them.
+
+use std::path::Path;
+
+/// (name as imported, content).
+pub static FILES: &[(&str, &str)] = &[
+    ("std/evaluate.kdl", include_str!("../stdlib/evaluate.kdl")),
+    ("std/prompts/mbpp.txt", include_str!("../stdlib/prompts/mbpp.txt")),
+    ("std/prompts/humaneval.txt", include_str!("../stdlib/prompts/humaneval.txt")),
+    ("std/prompts/revise.txt", include_str!("../stdlib/prompts/revise.txt")),
+];
+
+pub fn file(name: &str) -> Option<(&'static str, &'static str)> {
+    FILES.iter().find(|(n, _)| *n == name).copied()
+}
+
+/// The content of a stdlib file named by a path such as `std/prompts/mbpp.txt`.
+pub fn read(path: &Path) -> Option<&'static str> {
+    path.to_str().and_then(file).map(|(_, text)| text)
+}
