@@ -20,8 +20,9 @@ pub fn load_plan(path: &Path, overrides: &[String]) -> Result<plan::Plan, Vec<ds
     let mut sources = dsl::Sources::default();
     let mut problems = dsl::Problems::default();
     let checked = dsl::load(path, overrides, &mut sources, &mut problems);
-    if !problems.is_empty() {
-        return Err(problems.into_sorted());
+    // Planning goes on after problems in the text, so a file's problems are reported together.
+    match plan::build(checked, sources, path.to_path_buf(), &mut problems) {
+        Some(plan) if problems.is_empty() => Ok(plan),
+        _ => Err(problems.into_sorted()),
     }
-    plan::build(checked, sources, path.to_path_buf(), &mut problems).ok_or_else(|| problems.into_sorted())
 }

@@ -19,7 +19,11 @@ pub const EXIT_FAILED: i32 = 1;
 pub const EXIT_INVALID: i32 = 2;
 
 #[derive(Parser)]
-#[command(name = "seedflow", version, about = "Adapt code LLMs to a new scenario from a handful of examples (SEED)")]
+#[command(
+    name = "seedflow",
+    version,
+    about = "Adapt code LLMs to a new scenario from a handful of examples (SEED)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -83,7 +87,11 @@ pub fn main() -> i32 {
         Ok(cli) => cli,
         Err(err) => {
             let _ = err.print();
-            return if err.use_stderr() { EXIT_INVALID } else { EXIT_OK };
+            return if err.use_stderr() {
+                EXIT_INVALID
+            } else {
+                EXIT_OK
+            };
         }
     };
     match cli.command {
@@ -114,7 +122,14 @@ fn check(file: &Path, set: &[String]) -> i32 {
     match crate::load_plan(file, set) {
         Ok(plan) => {
             let steps = plan.all_steps().len();
-            println!("`{}` is valid: {steps} steps, {} models", plan.name, plan.models.len());
+            let models = plan.models.len();
+            let plural = |n: usize| if n == 1 { "" } else { "s" };
+            println!(
+                "`{}` is valid: {steps} step{}, {models} model{}",
+                plan.name,
+                plural(steps),
+                plural(models)
+            );
             EXIT_OK
         }
         Err(problems) => {
@@ -149,27 +164,42 @@ fn is_ci(flag: bool) -> bool {
 
 /// A run directory name from the current time: `20261126T104000Z`.
 fn timestamp() -> String {
-    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string().replace(['-', ':'], "")
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+        .to_string()
+        .replace(['-', ':'], "")
 }
 
 /// Picks the run directory, or says why none fits.
+#[allow(clippy::result_large_err)] // built once per run, on the way out
 fn run_directory(args: &RunArgs, workflow: &str) -> Result<PathBuf, Problem> {
     let base = Path::new("runs").join(workflow);
     match (&args.run_dir, args.resume) {
-        (Some(dir), false) if !args.dry_run && dir.join("summary.json").exists() => Err(Problem::new(
-            Code::RunDirectory,
-            format!("run directory `{}` holds an earlier run", dir.display()),
-        )
-        .with_help("pass `--resume` to continue it, or choose another `--run-dir`")),
+        (Some(dir), false) if !args.dry_run && dir.join("summary.json").exists() => {
+            Err(Problem::new(
+                Code::RunDirectory,
+                format!("run directory `{}` holds an earlier run", dir.display()),
+            )
+            .with_help("pass `--resume` to continue it, or choose another `--run-dir`"))
+        }
         (Some(dir), _) => Ok(dir.clone()),
         (None, false) => Ok(base.join(timestamp())),
         (None, true) => {
-            let newest = std::fs::read_dir(&base)
-                .ok()
-                .and_then(|entries| entries.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.is_dir()).max());
+            let newest = std::fs::read_dir(&base).ok().and_then(|entries| {
+                entries
+                    .filter_map(|e| e.ok())
+                    .map(|e| e.path())
+                    .filter(|p| p.is_dir())
+                    .max()
+            });
             newest.ok_or_else(|| {
-                Problem::new(Code::RunDirectory, format!("there is no earlier run of `{workflow}` under `{}` to resume", base.display()))
-                    .with_help("run it without `--resume` first, or name the run with `--run-dir`")
+                Problem::new(
+                    Code::RunDirectory,
+                    format!(
+                        "there is no earlier run of `{workflow}` under `{}` to resume",
+                        base.display()
+                    ),
+                )
+                .with_help("run it without `--resume` first, or name the run with `--run-dir`")
             })
         }
     }
@@ -203,8 +233,14 @@ fn run(args: RunArgs) -> i32 {
         }
         return EXIT_OK;
     }
-    let workers = args.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let options = RunOptions { run_dir: run_dir.clone(), resume: args.resume, workers };
+    let workers = args
+        .workers
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let options = RunOptions {
+        run_dir: run_dir.clone(),
+        resume: args.resume,
+        workers,
+    };
     let sink: Arc<dyn engine::events::EventSink> = if ci {
         Arc::new(display::JsonLines)
     } else if std::io::stderr().is_terminal() {
@@ -212,7 +248,10 @@ fn run(args: RunArgs) -> i32 {
     } else {
         Arc::new(display::Plain)
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("error: cannot start the async runtime: {err}");

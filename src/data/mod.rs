@@ -51,7 +51,8 @@ pub enum Status {
 }
 
 impl Status {
-    pub const NAMES: &'static [&'static str] = &["passed", "failed", "error", "syntax", "timeout", "memory"];
+    pub const NAMES: &'static [&'static str] =
+        &["passed", "failed", "error", "syntax", "timeout", "memory"];
 
     pub fn parse(name: &str) -> Option<Status> {
         Some(match name {

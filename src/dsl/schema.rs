@@ -59,8 +59,13 @@ pub enum Role {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum ValueType {
     Text,
-    Integer { min: i64 },
-    Number { min: f64, max: f64 },
+    Integer {
+        min: i64,
+    },
+    Number {
+        min: f64,
+        max: f64,
+    },
     Bool,
     /// `"5s"`, `"500ms"`, `"2m"`.
     Duration,
@@ -93,7 +98,9 @@ impl ValueType {
         match self {
             ValueType::Text => "a string".into(),
             ValueType::Integer { min } => format!("an integer ≥ {min}"),
-            ValueType::Number { min, max } if max.is_finite() => format!("a number from {min} to {max}"),
+            ValueType::Number { min, max } if max.is_finite() => {
+                format!("a number from {min} to {max}")
+            }
             ValueType::Number { min, .. } => format!("a number ≥ {min}"),
             ValueType::Bool => "#true or #false".into(),
             ValueType::Duration => "a duration such as \"5s\"".into(),
@@ -110,13 +117,19 @@ impl ValueType {
             ValueType::ModelFile => "\"default\" or a GGUF file path".into(),
             ValueType::Metric => "a metric such as \"scores.pass@1\"".into(),
             ValueType::Expression => "an expression such as \"revised.count == 0\"".into(),
-            ValueType::Statuses => "statuses such as \"passed\", \"!passed\" or \"failed,error\"".into(),
+            ValueType::Statuses => {
+                "statuses such as \"passed\", \"!passed\" or \"failed,error\"".into()
+            }
         }
     }
 }
 
 fn quoted(options: &[&str]) -> String {
-    options.iter().map(|o| format!("`{o}`")).collect::<Vec<_>>().join(", ")
+    options
+        .iter()
+        .map(|o| format!("`{o}`"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -132,17 +145,40 @@ pub struct PropertySpec {
 
 /// A property that must be given.
 pub const fn required(name: &'static str, ty: ValueType, doc: &'static str) -> PropertySpec {
-    PropertySpec { name, ty, required: true, default: None, doc }
+    PropertySpec {
+        name,
+        ty,
+        required: true,
+        default: None,
+        doc,
+    }
 }
 
 /// A property with a default.
-pub const fn optional(name: &'static str, ty: ValueType, default: &'static str, doc: &'static str) -> PropertySpec {
-    PropertySpec { name, ty, required: false, default: Some(default), doc }
+pub const fn optional(
+    name: &'static str,
+    ty: ValueType,
+    default: &'static str,
+    doc: &'static str,
+) -> PropertySpec {
+    PropertySpec {
+        name,
+        ty,
+        required: false,
+        default: Some(default),
+        doc,
+    }
 }
 
 /// A property that may be left unset.
 pub const fn unset(name: &'static str, ty: ValueType, doc: &'static str) -> PropertySpec {
-    PropertySpec { name, ty, required: false, default: None, doc }
+    PropertySpec {
+        name,
+        ty,
+        required: false,
+        default: None,
+        doc,
+    }
 }
 
 /// Everything the language knows about one node kind.
@@ -170,7 +206,9 @@ impl KindSpec {
         self.metrics.iter().any(|m| {
             *m == metric
                 || (*m == "pass@k"
-                    && metric.strip_prefix("pass@").is_some_and(|k| k.parse::<u32>().is_ok_and(|k| k > 0)))
+                    && metric
+                        .strip_prefix("pass@")
+                        .is_some_and(|k| k.parse::<u32>().is_ok_and(|k| k > 0)))
         })
     }
 }
@@ -206,7 +244,10 @@ pub enum Value {
     File(PathBuf),
     /// The built-in default model.
     DefaultModel,
-    Metric { step: String, metric: String },
+    Metric {
+        step: String,
+        metric: String,
+    },
     Expression(Expr),
     Statuses(StatusFilter),
 }
@@ -261,7 +302,9 @@ impl Props {
 
     pub fn text(&self, name: &str) -> Option<&str> {
         match self.get(name) {
-            Some(Value::Text(s) | Value::Choice(s) | Value::Reference(s) | Value::Model(s)) => Some(s),
+            Some(Value::Text(s) | Value::Choice(s) | Value::Reference(s) | Value::Model(s)) => {
+                Some(s)
+            }
             _ => None,
         }
     }

@@ -39,7 +39,10 @@ pub enum StepError {
     #[error("interrupted")]
     Cancelled,
     #[error("`{kind}` steps are not available in this build yet: {detail}")]
-    NotAvailable { kind: &'static str, detail: &'static str },
+    NotAvailable {
+        kind: &'static str,
+        detail: &'static str,
+    },
     #[error("{0}")]
     Failed(String),
 }
@@ -68,13 +71,19 @@ pub struct Context {
 
 impl Context {
     pub fn input(&self, property: &str) -> Result<&Output, StepError> {
-        self.inputs.get(property).ok_or_else(|| StepError::Failed(format!("input `{property}` is missing")))
+        self.inputs
+            .get(property)
+            .ok_or_else(|| StepError::Failed(format!("input `{property}` is missing")))
     }
 
     /// The records of an input step.
-    pub fn read<T: serde::de::DeserializeOwned>(&self, property: &str) -> Result<Vec<T>, StepError> {
+    pub fn read<T: serde::de::DeserializeOwned>(
+        &self,
+        property: &str,
+    ) -> Result<Vec<T>, StepError> {
         let path = self.input(property)?.records_path();
-        files::read_records(&path).map_err(|e| StepError::Failed(format!("cannot read `{}`: {e}", path.display())))
+        files::read_records(&path)
+            .map_err(|e| StepError::Failed(format!("cannot read `{}`: {e}", path.display())))
     }
 
     /// Opens this step's record file. Returns the records an unfinished earlier run wrote, so a
@@ -84,11 +93,20 @@ impl Context {
     }
 
     pub fn progress(&self, done: u64, total: u64) {
-        self.events.emit(&Event::StepProgress { step: self.step.clone(), iteration: self.iteration, done, total });
+        self.events.emit(&Event::StepProgress {
+            step: self.step.clone(),
+            iteration: self.iteration,
+            done,
+            total,
+        });
     }
 
     /// Returns `Err(Cancelled)` once the run is being stopped; call between batches.
     pub fn check_cancelled(&self) -> Result<(), StepError> {
-        if self.cancel.is_cancelled() { Err(StepError::Cancelled) } else { Ok(()) }
+        if self.cancel.is_cancelled() {
+            Err(StepError::Cancelled)
+        } else {
+            Ok(())
+        }
     }
 }

@@ -8,7 +8,10 @@ use super::cache::Metrics;
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "event", rename_all = "kebab-case")]
 pub enum Event {
-    RunStarted { workflow: String, run_dir: String },
+    RunStarted {
+        workflow: String,
+        run_dir: String,
+    },
     StepStarted {
         step: String,
         #[serde(skip_serializing_if = "Option::is_none")]
@@ -41,9 +44,19 @@ pub enum Event {
         iteration: Option<u32>,
         error: String,
     },
-    GateFailed { step: String, message: String },
-    IterationFinished { step: String, iteration: u32, stop: bool },
-    RunFinished { status: String, exit_code: i32 },
+    GateFailed {
+        step: String,
+        message: String,
+    },
+    IterationFinished {
+        step: String,
+        iteration: u32,
+        stop: bool,
+    },
+    RunFinished {
+        status: String,
+        exit_code: i32,
+    },
 }
 
 pub trait EventSink: Send + Sync {

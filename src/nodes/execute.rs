@@ -11,10 +11,29 @@ pub static SPEC: KindSpec = KindSpec {
           `syntax`, `timeout`, `memory`) and feedback for Self-Revise: the failing test, the \
           exception and a short traceback. Samples run in parallel on all cores.",
     properties: &[
-        required("code", ValueType::Input(&[Artifact::Samples, Artifact::Tasks]), "The samples to run, or tasks whose reference solutions to run."),
-        optional("timeout", ValueType::Duration, r#""5s""#, "Time budget per program."),
-        optional("memory", ValueType::Size, r#""256MiB""#, "Memory cap per program."),
-        optional("feedback-chars", ValueType::Integer { min: 100 }, "2000", "Most characters of feedback kept per verdict."),
+        required(
+            "code",
+            ValueType::Input(&[Artifact::Samples, Artifact::Tasks]),
+            "The samples to run, or tasks whose reference solutions to run.",
+        ),
+        optional(
+            "timeout",
+            ValueType::Duration,
+            r#""5s""#,
+            "Time budget per program.",
+        ),
+        optional(
+            "memory",
+            ValueType::Size,
+            r#""256MiB""#,
+            "Memory cap per program.",
+        ),
+        optional(
+            "feedback-chars",
+            ValueType::Integer { min: 100 },
+            "2000",
+            "Most characters of feedback kept per verdict.",
+        ),
     ],
     metrics: &["count", "passed", "pass-rate", "pass@k"],
     at_least_one: &[],
@@ -24,5 +43,8 @@ execute "references" code="train" timeout="5s" memory="256MiB"
 };
 
 pub fn run(_ctx: &mut Context) -> Result<Outcome, StepError> {
-    Err(StepError::NotAvailable { kind: "execute", detail: "the wasmtime sandbox lands with the execute issue" })
+    Err(StepError::NotAvailable {
+        kind: "execute",
+        detail: "the wasmtime sandbox lands with the execute issue",
+    })
 }

@@ -11,9 +11,9 @@ mod model;
 mod report;
 mod revise;
 mod select;
-mod workflow;
 #[cfg(test)]
 pub(crate) mod testing;
+mod workflow;
 
 use crate::dsl::schema::{KindSpec, Value};
 use crate::engine::context::{Context, Outcome, StepError};

@@ -11,15 +11,34 @@ use crate::engine::files::write_atomic;
 pub static SPEC: KindSpec = KindSpec {
     name: "report",
     role: Role::Step(Artifact::Report),
-    doc: "Summarises verdicts: pass@k for each k in `k` (the unbiased estimator of Chen et al. \
-          2021, over the tasks' samples; a k larger than some task's sample count is left out), \
-          the count of each status, and the failing tasks. Writes `report.json`, `report.md` \
-          and `junit.xml` (one test case per sample) as chosen by `formats`.",
+    doc: "Summarises verdicts: pass@k for each k in `k`, the count of each status, and the \
+          failing tasks. pass@k is the unbiased estimator of Chen et al. (2021) over each task's \
+          samples; a k larger than some task's sample count is left out. Writes `report.json`, \
+          `report.md` and `junit.xml` (one test case per sample) as chosen by `formats`.",
     properties: &[
-        required("from", ValueType::Input(&[Artifact::Verdicts]), "The verdicts to report on."),
-        optional("k", ValueType::Integers, r#""1""#, "The k of each pass@k, as a list: \"1,10\"."),
-        optional("formats", ValueType::Choices(&["json", "markdown", "junit"]), r#""json,markdown,junit""#, "Files to write."),
-        optional("title", ValueType::Text, r#""seedflow report""#, "Heading of the report."),
+        required(
+            "from",
+            ValueType::Input(&[Artifact::Verdicts]),
+            "The verdicts to report on.",
+        ),
+        optional(
+            "k",
+            ValueType::Integers,
+            r#""1""#,
+            "The k of each pass@k, as a list: \"1,10\".",
+        ),
+        optional(
+            "formats",
+            ValueType::Choices(&["json", "markdown", "junit"]),
+            r#""json,markdown,junit""#,
+            "Files to write.",
+        ),
+        optional(
+            "title",
+            ValueType::Text,
+            r#""seedflow report""#,
+            "Heading of the report.",
+        ),
     ],
     metrics: &["count", "samples", "pass-rate", "pass@k"],
     at_least_one: &[],
@@ -51,13 +70,23 @@ pub fn summarise(title: &str, verdicts: &[Verdict], ks: &[usize]) -> Report {
         tasks: passing.len(),
         samples: verdicts.len(),
         statuses,
-        pass_at_k: pass_at_k::over_tasks(verdicts, ks).into_iter().map(|(k, v)| (format!("pass@{k}"), v)).collect(),
-        failing_tasks: passing.into_iter().filter(|(_, passed)| !passed).map(|(t, _)| t.to_string()).collect(),
+        pass_at_k: pass_at_k::over_tasks(verdicts, ks)
+            .into_iter()
+            .map(|(k, v)| (format!("pass@{k}"), v))
+            .collect(),
+        failing_tasks: passing
+            .into_iter()
+            .filter(|(_, passed)| !passed)
+            .map(|(t, _)| t.to_string())
+            .collect(),
     }
 }
 
 pub fn markdown(report: &Report) -> String {
-    let mut out = format!("# {}\n\n{} tasks, {} samples.\n\n| metric | value |\n|---|---|\n", report.title, report.tasks, report.samples);
+    let mut out = format!(
+        "# {}\n\n{} tasks, {} samples.\n\n| metric | value |\n|---|---|\n",
+        report.title, report.tasks, report.samples
+    );
     for (name, value) in &report.pass_at_k {
         let _ = writeln!(out, "| {name} | {value:.4} |");
     }
@@ -66,7 +95,12 @@ pub fn markdown(report: &Report) -> String {
         let _ = writeln!(out, "| {status} | {count} |");
     }
     if !report.failing_tasks.is_empty() {
-        let _ = writeln!(out, "\nTasks with no passing sample ({}): {}", report.failing_tasks.len(), report.failing_tasks.join(", "));
+        let _ = writeln!(
+            out,
+            "\nTasks with no passing sample ({}): {}",
+            report.failing_tasks.len(),
+            report.failing_tasks.join(", ")
+        );
     }
     out
 }
@@ -88,7 +122,9 @@ pub fn junit(report: &Report, verdicts: &[Verdict]) -> Result<String, String> {
         };
         let mut case = TestCase::new(v.sample.sample_id.clone(), status);
         case.set_classname(v.sample.task_id.clone());
-        case.set_time(std::time::Duration::from_secs_f64(v.duration_ms.max(0.0) / 1000.0));
+        case.set_time(std::time::Duration::from_secs_f64(
+            v.duration_ms.max(0.0) / 1000.0,
+        ));
         suite.add_test_case(case);
     }
     let mut junit = Junit::new("seedflow");
@@ -98,16 +134,31 @@ pub fn junit(report: &Report, verdicts: &[Verdict]) -> Result<String, String> {
 
 pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
     let verdicts: Vec<Verdict> = ctx.read("from")?;
-    let ks: Vec<usize> = ctx.props.integers("k").into_iter().map(|k| k as usize).collect();
-    let report = summarise(ctx.props.text("title").unwrap_or("seedflow report"), &verdicts, &ks);
+    let ks: Vec<usize> = ctx
+        .props
+        .integers("k")
+        .into_iter()
+        .map(|k| k as usize)
+        .collect();
+    let report = summarise(
+        ctx.props.text("title").unwrap_or("seedflow report"),
+        &verdicts,
+        &ks,
+    );
     for format in ctx.props.list("formats") {
         match format.as_str() {
             "json" => {
-                let json = serde_json::to_vec_pretty(&report).map_err(|e| StepError::Failed(e.to_string()))?;
+                let json = serde_json::to_vec_pretty(&report)
+                    .map_err(|e| StepError::Failed(e.to_string()))?;
                 write_atomic(&ctx.dir.join("report.json"), &json)?;
             }
             "markdown" => write_atomic(&ctx.dir.join("report.md"), markdown(&report).as_bytes())?,
-            "junit" => write_atomic(&ctx.dir.join("junit.xml"), junit(&report, &verdicts).map_err(StepError::Failed)?.as_bytes())?,
+            "junit" => write_atomic(
+                &ctx.dir.join("junit.xml"),
+                junit(&report, &verdicts)
+                    .map_err(StepError::Failed)?
+                    .as_bytes(),
+            )?,
             _ => {}
         }
     }
@@ -115,8 +166,18 @@ pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
     metrics.insert("count".into(), report.tasks as f64);
     metrics.insert("samples".into(), report.samples as f64);
     let passed = report.statuses.get("passed").copied().unwrap_or(0);
-    metrics.insert("pass-rate".into(), if report.samples == 0 { 0.0 } else { passed as f64 / report.samples as f64 });
-    Ok(Outcome { metrics, gate_failure: None })
+    metrics.insert(
+        "pass-rate".into(),
+        if report.samples == 0 {
+            0.0
+        } else {
+            passed as f64 / report.samples as f64
+        },
+    );
+    Ok(Outcome {
+        metrics,
+        gate_failure: None,
+    })
 }
 
 #[cfg(test)]
@@ -126,7 +187,14 @@ mod tests {
 
     fn verdict(task: &str, index: usize, status: Status) -> Verdict {
         Verdict {
-            sample: Sample { task_id: task.into(), sample_id: format!("{task}/{index}"), code: String::new(), logprob: None, tokens: None, parent: None },
+            sample: Sample {
+                task_id: task.into(),
+                sample_id: format!("{task}/{index}"),
+                code: String::new(),
+                logprob: None,
+                tokens: None,
+                parent: None,
+            },
             status,
             feedback: "AssertionError: assert f(1) == 2".into(),
             failed_test: Some("assert f(1) == 2".into()),
@@ -144,11 +212,17 @@ mod tests {
         ];
         let report = summarise("t", &verdicts, &[1, 2, 5]);
         // Task a: pass@1 = 1/2, pass@2 = 1; task b: 0. pass@5 is undefined with 2 samples.
-        assert_eq!(report.pass_at_k, [("pass@1".to_string(), 0.25), ("pass@2".to_string(), 0.5)].into());
+        assert_eq!(
+            report.pass_at_k,
+            [("pass@1".to_string(), 0.25), ("pass@2".to_string(), 0.5)].into()
+        );
         assert_eq!(report.failing_tasks, ["b"]);
         assert_eq!(report.statuses.get("failed"), Some(&2));
         let xml = junit(&report, &verdicts).unwrap();
-        assert!(xml.contains(r#"tests="4""#) && xml.contains(r#"failures="3""#), "{xml}");
+        assert!(
+            xml.contains(r#"tests="4""#) && xml.contains(r#"failures="3""#),
+            "{xml}"
+        );
         assert!(markdown(&report).contains("| pass@1 | 0.2500 |"));
     }
 }

@@ -1,0 +1,53 @@
+//! Every invalid fixture under `tests/fixtures/invalid/` is checked, and what users read — the
+//! rendered diagnostics with their spans — is pinned as a snapshot. A fixture's leading
+//! `// --set …` comments are passed as overrides.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use seedflow::dsl::Code;
+use seedflow::dsl::diagnostics::render_plain;
+
+fn fixtures() -> Vec<std::path::PathBuf> {
+    let mut files: Vec<_> = std::fs::read_dir("tests/fixtures/invalid")
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "kdl"))
+        .collect();
+    files.sort();
+    files
+}
+
+fn overrides(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.strip_prefix("// --set ").map(str::to_string))
+        .collect()
+}
+
+#[test]
+fn invalid_workflows_render_their_diagnostics() {
+    let mut codes = BTreeSet::new();
+    for path in fixtures() {
+        let problems = seedflow::load_plan(&path, &overrides(&path))
+            .expect_err(&format!("{} should be invalid", path.display()));
+        codes.extend(problems.iter().map(|p| p.code.as_str()));
+        let name = path.file_stem().unwrap().to_string_lossy().into_owned();
+        insta::assert_snapshot!(name, render_plain(&problems, 100));
+    }
+    // Every code a workflow file can produce has a fixture (run directories are the CLI's).
+    let missing: Vec<_> = Code::ALL
+        .iter()
+        .filter(|c| **c != Code::RunDirectory && !codes.contains(c.as_str()))
+        .map(|c| c.as_str())
+        .collect();
+    assert!(missing.is_empty(), "no fixture produces {missing:?}");
+}
+
+#[test]
+fn a_missing_workflow_file_is_a_diagnostic() {
+    let problems = seedflow::load_plan(Path::new("tests/fixtures/no-such.kdl"), &[]).unwrap_err();
+    assert_eq!(problems.len(), 1);
+    assert_eq!(problems[0].code, Code::MissingFile);
+}
