@@ -4,6 +4,7 @@
 //! The modules follow the pipeline: [`dsl`] (text -> checked declarations) -> [`plan`] (a DAG)
 //! -> [`engine`] (the executor) -> [`nodes`] (one module per step kind) over [`data`] records.
 
+pub mod assets;
 pub mod cli;
 pub mod data;
 pub mod dsl;
@@ -11,6 +12,7 @@ pub mod engine;
 pub mod nodes;
 pub mod plan;
 pub mod reference;
+pub mod sandbox;
 pub mod stdlib;
 
 use std::path::Path;

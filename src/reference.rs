@@ -30,17 +30,8 @@ pub fn language_reference() -> String {
             Role::Step(artifact) => artifact.noun().to_string(),
             Role::Loop => "its steps' outputs, as `loop.step`".to_string(),
         };
-        let first_sentence = kind
-            .doc
-            .split(". ")
-            .next()
-            .unwrap_or(kind.doc)
-            .trim_end_matches('.');
-        let _ = writeln!(
-            out,
-            "| [`{0}`](#{0}) | {first_sentence}. | {produces} |",
-            kind.name
-        );
+        let first_sentence = kind.doc.split(". ").next().unwrap_or(kind.doc).trim_end_matches('.');
+        let _ = writeln!(out, "| [`{0}`](#{0}) | {first_sentence}. | {produces} |", kind.name);
     }
     for kind in KINDS {
         let _ = write!(out, "\n## `{}`\n\n{}\n\n", kind.name, kind.doc);
@@ -54,13 +45,7 @@ pub fn language_reference() -> String {
                     (false, Some(d)) => format!("`{d}`"),
                     (false, None) => "unset".to_string(),
                 };
-                let _ = writeln!(
-                    out,
-                    "| `{}` | {} | {default} | {} |",
-                    p.name,
-                    p.ty.describe(),
-                    p.doc
-                );
+                let _ = writeln!(out, "| `{}` | {} | {default} | {} |", p.name, p.ty.describe(), p.doc);
             }
             out.push('\n');
         }

@@ -7,18 +7,9 @@ use std::path::Path;
 /// (name as imported, content).
 pub static FILES: &[(&str, &str)] = &[
     ("std/evaluate.kdl", include_str!("../stdlib/evaluate.kdl")),
-    (
-        "std/prompts/mbpp.txt",
-        include_str!("../stdlib/prompts/mbpp.txt"),
-    ),
-    (
-        "std/prompts/humaneval.txt",
-        include_str!("../stdlib/prompts/humaneval.txt"),
-    ),
-    (
-        "std/prompts/revise.txt",
-        include_str!("../stdlib/prompts/revise.txt"),
-    ),
+    ("std/prompts/mbpp.txt", include_str!("../stdlib/prompts/mbpp.txt")),
+    ("std/prompts/humaneval.txt", include_str!("../stdlib/prompts/humaneval.txt")),
+    ("std/prompts/revise.txt", include_str!("../stdlib/prompts/revise.txt")),
 ];
 
 pub fn file(name: &str) -> Option<(&'static str, &'static str)> {

@@ -21,11 +21,7 @@ fn text(bytes: &[u8]) -> String {
 fn project(workflow: &str) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    std::fs::copy(
-        root.join("examples/data/house-api.jsonl"),
-        dir.path().join("tasks.jsonl"),
-    )
-    .unwrap();
+    std::fs::copy(root.join("examples/data/house-api.jsonl"), dir.path().join("tasks.jsonl")).unwrap();
     std::fs::write(dir.path().join("flow.kdl"), workflow).unwrap();
     dir
 }
@@ -48,32 +44,17 @@ fn check_reports_validity_with_exit_codes() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let out = seedflow(&["check", "workflows/seed.kdl"], root);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    assert_eq!(
-        text(&out.stdout),
-        "`seed-mbpp` is valid: 14 steps, 1 model\n"
-    );
+    assert_eq!(text(&out.stdout), "`seed-mbpp` is valid: 14 steps, 1 model\n");
 
-    let out = seedflow(
-        &["check", "tests/fixtures/invalid/unknown-property.kdl"],
-        root,
-    );
+    let out = seedflow(&["check", "tests/fixtures/invalid/unknown-property.kdl"], root);
     assert_eq!(out.status.code(), Some(2));
     let stderr = text(&out.stderr);
     assert!(
-        stderr.contains("seedflow::unknown_property")
-            && stderr.contains("did you mean `temperature`?"),
+        stderr.contains("seedflow::unknown_property") && stderr.contains("did you mean `temperature`?"),
         "{stderr}"
     );
 
-    let out = seedflow(
-        &[
-            "check",
-            "workflows/seed.kdl",
-            "--set",
-            "adapt.max-iterations=zero",
-        ],
-        root,
-    );
+    let out = seedflow(&["check", "workflows/seed.kdl", "--set", "adapt.max-iterations=zero"], root);
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("`max-iterations` expects an integer ≥ 1"));
 }
@@ -84,10 +65,7 @@ fn graph_draws_the_plan() {
     let dot = seedflow(&["graph", "workflows/seed.kdl"], root);
     assert_eq!(dot.status.code(), Some(0));
     insta::assert_snapshot!("graph-dot", text(&dot.stdout));
-    let mermaid = seedflow(
-        &["graph", "workflows/seed.kdl", "--format", "mermaid"],
-        root,
-    );
+    let mermaid = seedflow(&["graph", "workflows/seed.kdl", "--format", "mermaid"], root);
     insta::assert_snapshot!("graph-mermaid", text(&mermaid.stdout));
 }
 
@@ -96,34 +74,19 @@ fn run_writes_outputs_and_resumes() {
     let dir = project(TASKS);
     let out = seedflow(&["run", "flow.kdl", "--run-dir", "out", "--ci"], dir.path());
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    let events: Vec<serde_json::Value> = text(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let events: Vec<serde_json::Value> = text(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(events.first().unwrap()["event"], "run-started");
     assert_eq!(events.last().unwrap()["event"], "run-finished");
     assert_eq!(events.last().unwrap()["exit_code"], 0);
-    assert!(events.iter().any(|e| e["event"] == "step-finished"
-        && e["step"] == "two"
-        && e["metrics"]["count"] == 2.0));
+    assert!(events.iter().any(|e| e["event"] == "step-finished" && e["step"] == "two" && e["metrics"]["count"] == 2.0));
 
-    let summary: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(dir.path().join("out/summary.json")).unwrap(),
-    )
-    .unwrap();
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("out/summary.json")).unwrap()).unwrap();
     assert_eq!(summary["status"], "ok");
     assert_eq!(summary["steps"]["tasks"]["metrics"]["count"], 3.0);
-    assert_eq!(
-        std::fs::read_to_string(dir.path().join("out/two/output.jsonl"))
-            .unwrap()
-            .lines()
-            .count(),
-        2
-    );
-    let meta: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(dir.path().join("out/two/meta.json")).unwrap(),
-    )
-    .unwrap();
+    assert_eq!(std::fs::read_to_string(dir.path().join("out/two/output.jsonl")).unwrap().lines().count(), 2);
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("out/two/meta.json")).unwrap()).unwrap();
     assert_eq!(meta["status"], "done");
     assert_eq!(meta["params"]["limit"], 2);
 
@@ -132,19 +95,8 @@ fn run_writes_outputs_and_resumes() {
     assert_eq!(again.status.code(), Some(2));
     assert!(text(&again.stderr).contains("run directory `out` holds an earlier run"));
 
-    let dry = seedflow(
-        &[
-            "run",
-            "flow.kdl",
-            "--run-dir",
-            "out",
-            "--resume",
-            "--dry-run",
-            "--set",
-            "two.limit=1",
-        ],
-        dir.path(),
-    );
+    let dry =
+        seedflow(&["run", "flow.kdl", "--run-dir", "out", "--resume", "--dry-run", "--set", "two.limit=1"], dir.path());
     assert_eq!(dry.status.code(), Some(0));
     assert_eq!(
         text(&dry.stdout),
@@ -156,28 +108,17 @@ fn run_writes_outputs_and_resumes() {
     assert_eq!(resumed.status.code(), Some(2));
     assert!(text(&resumed.stderr).contains("no earlier run of `tasks-only`"));
 
-    let resumed = seedflow(
-        &["run", "flow.kdl", "--run-dir", "out", "--resume"],
-        dir.path(),
-    );
+    let resumed = seedflow(&["run", "flow.kdl", "--run-dir", "out", "--resume"], dir.path());
     assert_eq!(resumed.status.code(), Some(0));
     let stderr = text(&resumed.stderr);
-    assert!(
-        stderr.contains("cached  tasks") && stderr.contains("cached  two"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("cached  tasks") && stderr.contains("cached  two"), "{stderr}");
 }
 
 #[test]
 fn default_run_directory_is_per_workflow_and_resumable() {
     let dir = project(TASKS);
-    assert_eq!(
-        seedflow(&["run", "flow.kdl"], dir.path()).status.code(),
-        Some(0)
-    );
-    let runs: Vec<_> = std::fs::read_dir(dir.path().join("runs/tasks-only"))
-        .unwrap()
-        .collect();
+    assert_eq!(seedflow(&["run", "flow.kdl"], dir.path()).status.code(), Some(0));
+    let runs: Vec<_> = std::fs::read_dir(dir.path().join("runs/tasks-only")).unwrap().collect();
     assert_eq!(runs.len(), 1);
     let resumed = seedflow(&["run", "flow.kdl", "--resume"], dir.path());
     assert_eq!(resumed.status.code(), Some(0));
@@ -186,9 +127,7 @@ fn default_run_directory_is_per_workflow_and_resumable() {
 
 #[test]
 fn a_failed_gate_exits_3_and_ci_mode_comes_from_the_environment() {
-    let dir = project(&format!(
-        "{TASKS}gate \"enough\" metric=\"tasks.count\" at-least=10\n"
-    ));
+    let dir = project(&format!("{TASKS}gate \"enough\" metric=\"tasks.count\" at-least=10\n"));
     let out = Command::new(env!("CARGO_BIN_EXE_seedflow"))
         .args(["run", "flow.kdl", "--run-dir", "out"])
         .current_dir(dir.path())
@@ -198,18 +137,10 @@ fn a_failed_gate_exits_3_and_ci_mode_comes_from_the_environment() {
     assert_eq!(out.status.code(), Some(3));
     let stdout = text(&out.stdout);
     assert!(
-        stdout.contains(
-            r#"{"event":"gate-failed","step":"enough","message":"tasks.count = 3 is below 10"}"#
-        ),
+        stdout.contains(r#"{"event":"gate-failed","step":"enough","message":"tasks.count = 3 is below 10"}"#),
         "{stdout}"
     );
-    assert!(
-        stdout
-            .lines()
-            .last()
-            .unwrap()
-            .contains(r#""status":"gate-failed","exit_code":3"#)
-    );
+    assert!(stdout.lines().last().unwrap().contains(r#""status":"gate-failed","exit_code":3"#));
 }
 
 #[test]
@@ -218,9 +149,6 @@ fn a_failing_step_exits_1_with_the_reason() {
     let out = seedflow(&["run", "flow.kdl", "--run-dir", "out"], dir.path());
     assert_eq!(out.status.code(), Some(1));
     let stderr = text(&out.stderr);
-    assert!(
-        stderr.contains("step `tasks` failed: tasks.jsonl:1: missing field `text`"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("step `tasks` failed: tasks.jsonl:1: missing field `text`"), "{stderr}");
     assert!(stderr.contains("--resume --run-dir out"), "{stderr}");
 }

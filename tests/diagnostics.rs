@@ -30,8 +30,8 @@ fn overrides(path: &Path) -> Vec<String> {
 fn invalid_workflows_render_their_diagnostics() {
     let mut codes = BTreeSet::new();
     for path in fixtures() {
-        let problems = seedflow::load_plan(&path, &overrides(&path))
-            .expect_err(&format!("{} should be invalid", path.display()));
+        let problems =
+            seedflow::load_plan(&path, &overrides(&path)).expect_err(&format!("{} should be invalid", path.display()));
         codes.extend(problems.iter().map(|p| p.code.as_str()));
         let name = path.file_stem().unwrap().to_string_lossy().into_owned();
         insta::assert_snapshot!(name, render_plain(&problems, 100));

@@ -16,21 +16,13 @@ fn kdl_files(dir: &Path, out: &mut Vec<PathBuf>) {
 
 fn assert_valid(path: &Path) {
     if let Err(problems) = seedflow::load_plan(path, &[]) {
-        panic!(
-            "{} is invalid:\n{}",
-            path.display(),
-            seedflow::dsl::diagnostics::render_plain(&problems, 100)
-        );
+        panic!("{} is invalid:\n{}", path.display(), seedflow::dsl::diagnostics::render_plain(&problems, 100));
     }
 }
 
 /// Checks `text` as if it were a workflow file at the repository's root.
 fn assert_valid_text(text: &str, origin: &str) {
-    let file = tempfile::Builder::new()
-        .prefix(".doc-block-")
-        .suffix(".kdl")
-        .tempfile_in(".")
-        .unwrap();
+    let file = tempfile::Builder::new().prefix(".doc-block-").suffix(".kdl").tempfile_in(".").unwrap();
     std::fs::write(file.path(), text).unwrap();
     if let Err(problems) = seedflow::load_plan(file.path(), &[]) {
         panic!(
@@ -64,32 +56,16 @@ fn kdl_blocks(markdown: &str) -> Vec<String> {
 fn the_language_reference_is_current() {
     let generated = seedflow::reference::language_reference();
     let written = std::fs::read_to_string("docs/language.md").unwrap_or_default();
-    assert!(
-        written == generated,
-        "docs/language.md is stale: run `cargo run -- docs > docs/language.md`"
-    );
+    assert!(written == generated, "docs/language.md is stale: run `cargo run -- docs > docs/language.md`");
 }
 
 #[test]
 fn every_kind_is_documented_with_a_working_example() {
     for kind in seedflow::nodes::KINDS {
-        assert!(
-            !kind.doc.is_empty() && !kind.example.is_empty(),
-            "`{}` needs docs and an example",
-            kind.name
-        );
-        assert!(
-            kind.example.contains(kind.name),
-            "the example of `{}` does not use it",
-            kind.name
-        );
+        assert!(!kind.doc.is_empty() && !kind.example.is_empty(), "`{}` needs docs and an example", kind.name);
+        assert!(kind.example.contains(kind.name), "the example of `{}` does not use it", kind.name);
         for property in kind.properties {
-            assert!(
-                !property.doc.is_empty(),
-                "`{}.{}` has no doc",
-                kind.name,
-                property.name
-            );
+            assert!(!property.doc.is_empty(), "`{}.{}` has no doc", kind.name, property.name);
         }
         assert_valid_text(kind.example, &format!("the `{}` example", kind.name));
     }
@@ -133,17 +109,11 @@ fn the_stdlib_table_lists_every_stdlib_file() {
         }
     }
     on_disk.sort();
-    let mut listed: Vec<String> = seedflow::stdlib::FILES
-        .iter()
-        .map(|(name, _)| name.to_string())
-        .collect();
+    let mut listed: Vec<String> = seedflow::stdlib::FILES.iter().map(|(name, _)| name.to_string()).collect();
     listed.sort();
     assert_eq!(on_disk, listed);
     for (name, text) in seedflow::stdlib::FILES {
-        assert_eq!(
-            std::fs::read_to_string(name.replacen("std/", "stdlib/", 1)).unwrap(),
-            *text
-        );
+        assert_eq!(std::fs::read_to_string(name.replacen("std/", "stdlib/", 1)).unwrap(), *text);
     }
     // Fragments are imported by a shipped workflow, where they are checked in context.
     let quickstart = std::fs::read_to_string("workflows/quickstart.kdl").unwrap();

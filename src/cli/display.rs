@@ -35,13 +35,7 @@ fn label(step: &str, iteration: Option<u32>) -> String {
 fn show_metrics(metrics: &Metrics) -> String {
     metrics
         .iter()
-        .map(|(k, v)| {
-            if v.fract() == 0.0 && v.abs() < 1e15 {
-                format!("{k}={v}")
-            } else {
-                format!("{k}={v:.4}")
-            }
-        })
+        .map(|(k, v)| if v.fract() == 0.0 && v.abs() < 1e15 { format!("{k}={v}") } else { format!("{k}={v:.4}") })
         .collect::<Vec<_>>()
         .join(" ")
 }
@@ -55,46 +49,24 @@ impl EventSink for Plain {
             Event::RunStarted { workflow, run_dir } => {
                 format!("running `{workflow}` in `{run_dir}`")
             }
-            Event::StepStarted {
-                step,
-                iteration,
-                reason,
-            } => format!("  start   {}: {reason}", label(step, *iteration)),
-            Event::StepCached {
-                step,
-                iteration,
-                metrics,
-            } => format!(
-                "  cached  {} {}",
-                label(step, *iteration),
-                show_metrics(metrics)
-            ),
-            Event::StepFinished {
-                step,
-                iteration,
-                metrics,
-                seconds,
-            } => {
-                format!(
-                    "  done    {} in {seconds:.1}s {}",
-                    label(step, *iteration),
-                    show_metrics(metrics)
-                )
+            Event::StepMessage { step, iteration, message } => {
+                format!("  note    {}: {message}", label(step, *iteration))
             }
-            Event::StepFailed {
-                step,
-                iteration,
-                error,
-            } => format!("  failed  {}: {error}", label(step, *iteration)),
+            Event::StepStarted { step, iteration, reason } => {
+                format!("  start   {}: {reason}", label(step, *iteration))
+            }
+            Event::StepCached { step, iteration, metrics } => {
+                format!("  cached  {} {}", label(step, *iteration), show_metrics(metrics))
+            }
+            Event::StepFinished { step, iteration, metrics, seconds } => {
+                format!("  done    {} in {seconds:.1}s {}", label(step, *iteration), show_metrics(metrics))
+            }
+            Event::StepFailed { step, iteration, error } => format!("  failed  {}: {error}", label(step, *iteration)),
             Event::GateFailed { step, message } => format!("  gate    {step} failed: {message}"),
-            Event::IterationFinished {
-                step,
-                iteration,
-                stop: true,
-            } => format!("  loop    {step} stops after iteration {iteration}"),
-            Event::StepProgress { .. }
-            | Event::IterationFinished { .. }
-            | Event::RunFinished { .. } => return,
+            Event::IterationFinished { step, iteration, stop: true } => {
+                format!("  loop    {step} stops after iteration {iteration}")
+            }
+            Event::StepProgress { .. } | Event::IterationFinished { .. } | Event::RunFinished { .. } => return,
         };
         eprintln!("{line}");
     }
@@ -108,10 +80,7 @@ pub struct Progress {
 
 impl Progress {
     pub fn new() -> Self {
-        Progress {
-            bars: MultiProgress::new(),
-            running: Mutex::new(BTreeMap::new()),
-        }
+        Progress { bars: MultiProgress::new(), running: Mutex::new(BTreeMap::new()) }
     }
 
     fn style() -> ProgressStyle {
@@ -126,65 +95,34 @@ impl EventSink for Progress {
             return;
         };
         match event {
-            Event::StepStarted {
-                step, iteration, ..
-            } => {
-                let bar = self.bars.add(
-                    ProgressBar::new(0)
-                        .with_style(Self::style())
-                        .with_prefix(label(step, *iteration)),
-                );
+            Event::StepStarted { step, iteration, .. } => {
+                let bar =
+                    self.bars.add(ProgressBar::new(0).with_style(Self::style()).with_prefix(label(step, *iteration)));
                 bar.enable_steady_tick(std::time::Duration::from_millis(120));
                 running.insert(label(step, *iteration), bar);
             }
-            Event::StepProgress {
-                step,
-                iteration,
-                done,
-                total,
-            } => {
+            Event::StepProgress { step, iteration, done, total } => {
                 if let Some(bar) = running.get(&label(step, *iteration)) {
                     bar.set_length(*total);
                     bar.set_position(*done);
                 }
             }
-            Event::StepFinished {
-                step,
-                iteration,
-                metrics,
-                ..
-            } => {
+            Event::StepFinished { step, iteration, metrics, .. } => {
                 if let Some(bar) = running.remove(&label(step, *iteration)) {
                     bar.finish_with_message(show_metrics(metrics));
                 }
             }
-            Event::StepFailed {
-                step,
-                iteration,
-                error,
-            } => match running.remove(&label(step, *iteration)) {
+            Event::StepFailed { step, iteration, error } => match running.remove(&label(step, *iteration)) {
                 Some(bar) => bar.abandon_with_message(format!("failed: {error}")),
                 None => {
-                    let _ = self
-                        .bars
-                        .println(format!("failed {}: {error}", label(step, *iteration)));
+                    let _ = self.bars.println(format!("failed {}: {error}", label(step, *iteration)));
                 }
             },
-            Event::StepCached {
-                step,
-                iteration,
-                metrics,
-            } => {
-                let _ = self.bars.println(format!(
-                    "  cached {} {}",
-                    label(step, *iteration),
-                    show_metrics(metrics)
-                ));
+            Event::StepCached { step, iteration, metrics } => {
+                let _ = self.bars.println(format!("  cached {} {}", label(step, *iteration), show_metrics(metrics)));
             }
             Event::GateFailed { step, message } => {
-                let _ = self
-                    .bars
-                    .println(format!("  gate {step} failed: {message}"));
+                let _ = self.bars.println(format!("  gate {step} failed: {message}"));
             }
             _ => {}
         }
@@ -194,10 +132,7 @@ impl EventSink for Progress {
 /// The last word of a run on a terminal or in a log.
 pub fn conclude(outcome: &RunOutcome, file: &Path, run_dir: &Path) {
     match outcome {
-        RunOutcome::Ok => eprintln!(
-            "finished; outputs and summary.json in `{}`",
-            run_dir.display()
-        ),
+        RunOutcome::Ok => eprintln!("finished; outputs and summary.json in `{}`", run_dir.display()),
         RunOutcome::Failed(message) => {
             eprintln!("error: {message}");
             eprintln!(
@@ -210,10 +145,7 @@ pub fn conclude(outcome: &RunOutcome, file: &Path, run_dir: &Path) {
             for failure in failures {
                 eprintln!("gate failed: {failure}");
             }
-            eprintln!(
-                "finished with failed gates; outputs in `{}`",
-                run_dir.display()
-            );
+            eprintln!("finished with failed gates; outputs in `{}`", run_dir.display());
         }
         RunOutcome::Interrupted => {
             eprintln!(

@@ -19,11 +19,7 @@ pub const EXIT_FAILED: i32 = 1;
 pub const EXIT_INVALID: i32 = 2;
 
 #[derive(Parser)]
-#[command(
-    name = "seedflow",
-    version,
-    about = "Adapt code LLMs to a new scenario from a handful of examples (SEED)"
-)]
+#[command(name = "seedflow", version, about = "Adapt code LLMs to a new scenario from a handful of examples (SEED)")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -50,6 +46,19 @@ enum Command {
     },
     /// Print the language reference (every node kind and property) as Markdown
     Docs,
+    /// Fetch a pinned asset into the cache now, rather than on first use
+    Fetch {
+        #[arg(value_enum)]
+        asset: AssetName,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum AssetName {
+    /// CPython for WASI, which `execute` runs programs with
+    Python,
+    /// The default model, Qwen2.5-Coder-0.5B-Instruct (491 MB)
+    Model,
 }
 
 #[derive(clap::Args)]
@@ -87,17 +96,14 @@ pub fn main() -> i32 {
         Ok(cli) => cli,
         Err(err) => {
             let _ = err.print();
-            return if err.use_stderr() {
-                EXIT_INVALID
-            } else {
-                EXIT_OK
-            };
+            return if err.use_stderr() { EXIT_INVALID } else { EXIT_OK };
         }
     };
     match cli.command {
         Command::Run(args) => run(args),
         Command::Check { file, set } => check(&file, &set),
         Command::Graph { file, format, set } => graph(&file, format, &set),
+        Command::Fetch { asset } => fetch(asset),
         Command::Docs => {
             print!("{}", crate::reference::language_reference());
             EXIT_OK
@@ -124,12 +130,7 @@ fn check(file: &Path, set: &[String]) -> i32 {
             let steps = plan.all_steps().len();
             let models = plan.models.len();
             let plural = |n: usize| if n == 1 { "" } else { "s" };
-            println!(
-                "`{}` is valid: {steps} step{}, {models} model{}",
-                plan.name,
-                plural(steps),
-                plural(models)
-            );
+            println!("`{}` is valid: {steps} step{}, {models} model{}", plan.name, plural(steps), plural(models));
             EXIT_OK
         }
         Err(problems) => {
@@ -158,15 +159,32 @@ fn graph(file: &Path, format: GraphFormat, set: &[String]) -> i32 {
     }
 }
 
+fn fetch(asset: AssetName) -> i32 {
+    let asset = match asset {
+        AssetName::Python => &crate::assets::PYTHON_WASM,
+        AssetName::Model => &crate::assets::DEFAULT_MODEL,
+    };
+    match crate::assets::ensure(asset, &|message| eprintln!("{message}")) {
+        Ok(path) => {
+            println!("{}", path.display());
+            EXIT_OK
+        }
+        Err(err) => {
+            let mut out = String::new();
+            let _ = miette::GraphicalReportHandler::new().render_report(&mut out, &err);
+            eprintln!("{out}");
+            EXIT_FAILED
+        }
+    }
+}
+
 fn is_ci(flag: bool) -> bool {
     flag || std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
 }
 
 /// A run directory name from the current time: `20261126T104000Z`.
 fn timestamp() -> String {
-    humantime::format_rfc3339_seconds(std::time::SystemTime::now())
-        .to_string()
-        .replace(['-', ':'], "")
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string().replace(['-', ':'], "")
 }
 
 /// Picks the run directory, or says why none fits.
@@ -175,29 +193,19 @@ fn run_directory(args: &RunArgs, workflow: &str) -> Result<PathBuf, Problem> {
     let base = Path::new("runs").join(workflow);
     match (&args.run_dir, args.resume) {
         (Some(dir), false) if !args.dry_run && dir.join("summary.json").exists() => {
-            Err(Problem::new(
-                Code::RunDirectory,
-                format!("run directory `{}` holds an earlier run", dir.display()),
-            )
-            .with_help("pass `--resume` to continue it, or choose another `--run-dir`"))
+            Err(Problem::new(Code::RunDirectory, format!("run directory `{}` holds an earlier run", dir.display()))
+                .with_help("pass `--resume` to continue it, or choose another `--run-dir`"))
         }
         (Some(dir), _) => Ok(dir.clone()),
         (None, false) => Ok(base.join(timestamp())),
         (None, true) => {
-            let newest = std::fs::read_dir(&base).ok().and_then(|entries| {
-                entries
-                    .filter_map(|e| e.ok())
-                    .map(|e| e.path())
-                    .filter(|p| p.is_dir())
-                    .max()
-            });
+            let newest = std::fs::read_dir(&base)
+                .ok()
+                .and_then(|entries| entries.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.is_dir()).max());
             newest.ok_or_else(|| {
                 Problem::new(
                     Code::RunDirectory,
-                    format!(
-                        "there is no earlier run of `{workflow}` under `{}` to resume",
-                        base.display()
-                    ),
+                    format!("there is no earlier run of `{workflow}` under `{}` to resume", base.display()),
                 )
                 .with_help("run it without `--resume` first, or name the run with `--run-dir`")
             })
@@ -233,14 +241,8 @@ fn run(args: RunArgs) -> i32 {
         }
         return EXIT_OK;
     }
-    let workers = args
-        .workers
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let options = RunOptions {
-        run_dir: run_dir.clone(),
-        resume: args.resume,
-        workers,
-    };
+    let workers = args.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let options = RunOptions { run_dir: run_dir.clone(), resume: args.resume, workers };
     let sink: Arc<dyn engine::events::EventSink> = if ci {
         Arc::new(display::JsonLines)
     } else if std::io::stderr().is_terminal() {
@@ -248,10 +250,7 @@ fn run(args: RunArgs) -> i32 {
     } else {
         Arc::new(display::Plain)
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("error: cannot start the async runtime: {err}");

@@ -94,9 +94,7 @@ pub fn parse_line(format: Format, line: &str) -> Result<Task, String> {
             Ok(Task {
                 task_id: id(&r.task_id)?,
                 // HumanEval's solution completes the prompt; the reference is the whole function.
-                reference: r
-                    .canonical_solution
-                    .map(|body| format!("{}{}", r.prompt, body)),
+                reference: r.canonical_solution.map(|body| format!("{}{}", r.prompt, body)),
                 prompt: r.prompt,
                 test_setup: String::new(),
                 tests: vec![],
@@ -108,9 +106,7 @@ pub fn parse_line(format: Format, line: &str) -> Result<Task, String> {
         Format::Jsonl => {
             let r: Plain = serde_json::from_str(line).map_err(error)?;
             if r.tests.is_empty() && r.test.is_none() {
-                return Err(
-                    "a task needs `tests` (a list of statements) or `test` (a program)".into(),
-                );
+                return Err("a task needs `tests` (a list of statements) or `test` (a program)".into());
             }
             if r.test.is_some() && r.entry_point.is_none() {
                 return Err("a task with a `test` program needs `entry_point`".into());
@@ -121,11 +117,7 @@ pub fn parse_line(format: Format, line: &str) -> Result<Task, String> {
                 reference: r.solution,
                 test_setup: r.setup,
                 tests: r.tests,
-                style: if r.test.is_some() {
-                    TaskStyle::Humaneval
-                } else {
-                    TaskStyle::Mbpp
-                },
+                style: if r.test.is_some() { TaskStyle::Humaneval } else { TaskStyle::Mbpp },
                 test_program: r.test,
                 entry_point: r.entry_point,
             })
@@ -141,10 +133,7 @@ mod tests {
     fn reads_each_format() {
         let mbpp = r#"{"text": "Add.", "code": "def add(a,b): return a+b", "task_id": 7, "test_setup_code": "", "test_list": ["assert add(1,2)==3"], "challenge_test_list": []}"#;
         let task = parse_line(Format::Mbpp, mbpp).unwrap();
-        assert_eq!(
-            (task.task_id.as_str(), task.tests.len(), task.style),
-            ("7", 1, TaskStyle::Mbpp)
-        );
+        assert_eq!((task.task_id.as_str(), task.tests.len(), task.style), ("7", 1, TaskStyle::Mbpp));
 
         let he = r#"{"task_id": "HumanEval/0", "prompt": "def f(x):\n", "canonical_solution": "    return x\n", "test": "def check(c): assert c(1) == 1", "entry_point": "f"}"#;
         let task = parse_line(Format::Humaneval, he).unwrap();
@@ -152,31 +141,17 @@ mod tests {
         assert_eq!(task.entry_point.as_deref(), Some("f"));
 
         let plain = r#"{"task_id": "a", "prompt": "p", "tests": ["assert True"]}"#;
-        assert_eq!(
-            parse_line(Format::Jsonl, plain).unwrap().style,
-            TaskStyle::Mbpp
-        );
+        assert_eq!(parse_line(Format::Jsonl, plain).unwrap().style, TaskStyle::Mbpp);
     }
 
     #[test]
     fn explains_bad_lines() {
+        assert!(parse_line(Format::Jsonl, r#"{"task_id": "a", "prompt": "p"}"#).unwrap_err().contains("needs `tests`"));
+        assert!(parse_line(Format::Mbpp, r#"{"task_id": 1}"#).unwrap_err().contains("missing field `text`"));
         assert!(
-            parse_line(Format::Jsonl, r#"{"task_id": "a", "prompt": "p"}"#)
+            parse_line(Format::Jsonl, r#"{"task_id": null, "prompt": "p", "tests": ["x"]}"#)
                 .unwrap_err()
-                .contains("needs `tests`")
-        );
-        assert!(
-            parse_line(Format::Mbpp, r#"{"task_id": 1}"#)
-                .unwrap_err()
-                .contains("missing field `text`")
-        );
-        assert!(
-            parse_line(
-                Format::Jsonl,
-                r#"{"task_id": null, "prompt": "p", "tests": ["x"]}"#
-            )
-            .unwrap_err()
-            .contains("task_id")
+                .contains("task_id")
         );
     }
 }

@@ -50,9 +50,40 @@ pub enum Status {
     Memory,
 }
 
+impl Sample {
+    /// A task's reference solution as a sample, to run or train on.
+    pub fn reference(task: &Task) -> Option<Sample> {
+        Some(Sample {
+            task_id: task.task_id.clone(),
+            sample_id: format!("{}/reference", task.task_id),
+            code: task.reference.clone()?,
+            task: task.clone(),
+            logprob: None,
+            tokens: None,
+            parent: None,
+        })
+    }
+}
+
+impl Task {
+    /// A task for unit tests.
+    #[cfg(test)]
+    pub fn example(id: &str) -> Task {
+        Task {
+            task_id: id.into(),
+            prompt: format!("Solve {id}."),
+            reference: None,
+            test_setup: String::new(),
+            tests: vec!["assert True".into()],
+            test_program: None,
+            entry_point: None,
+            style: TaskStyle::Mbpp,
+        }
+    }
+}
+
 impl Status {
-    pub const NAMES: &'static [&'static str] =
-        &["passed", "failed", "error", "syntax", "timeout", "memory"];
+    pub const NAMES: &'static [&'static str] = &["passed", "failed", "error", "syntax", "timeout", "memory"];
 
     pub fn parse(name: &str) -> Option<Status> {
         Some(match name {
@@ -82,6 +113,8 @@ impl Status {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Sample {
     pub task_id: String,
+    /// The task, carried along so every later step has its requirement, tests and reference.
+    pub task: Task,
     /// Unique within its step: `<task>/<index>`, or `<parent>/r<index>` for a revision.
     pub sample_id: String,
     pub code: String,

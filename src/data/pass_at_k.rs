@@ -14,9 +14,7 @@ pub fn estimate(n: usize, c: usize, k: usize) -> Option<f64> {
         return Some(1.0);
     }
     // 1 - prod_{i = n-c+1}^{n} (1 - k / i), the numerically stable form of the ratio.
-    let product: f64 = ((n - c + 1)..=n)
-        .map(|i| 1.0 - k as f64 / i as f64)
-        .product();
+    let product: f64 = ((n - c + 1)..=n).map(|i| 1.0 - k as f64 / i as f64).product();
     Some(1.0 - product)
 }
 
@@ -33,8 +31,7 @@ pub fn over_tasks(verdicts: &[Verdict], ks: &[usize]) -> BTreeMap<usize, f64> {
         return out;
     }
     for &k in ks {
-        let estimates: Option<Vec<f64>> =
-            per_task.values().map(|&(n, c)| estimate(n, c, k)).collect();
+        let estimates: Option<Vec<f64>> = per_task.values().map(|&(n, c)| estimate(n, c, k)).collect();
         if let Some(estimates) = estimates {
             out.insert(k, estimates.iter().sum::<f64>() / estimates.len() as f64);
         }
@@ -59,20 +56,10 @@ mod tests {
 
     #[test]
     fn matches_the_closed_form() {
-        for (n, c, k) in [
-            (10, 3, 1),
-            (10, 3, 5),
-            (20, 0, 10),
-            (20, 20, 1),
-            (200, 13, 100),
-            (5, 1, 5),
-        ] {
+        for (n, c, k) in [(10, 3, 1), (10, 3, 5), (20, 0, 10), (20, 20, 1), (200, 13, 100), (5, 1, 5)] {
             let got = estimate(n, c, k).unwrap();
             let want = closed_form(n as u64, c as u64, k as u64);
-            assert!(
-                (got - want).abs() < 1e-9,
-                "n={n} c={c} k={k}: {got} vs {want}"
-            );
+            assert!((got - want).abs() < 1e-9, "n={n} c={c} k={k}: {got} vs {want}");
         }
         // pass@1 is the fraction passing.
         assert_eq!(estimate(4, 1, 1), Some(0.25));

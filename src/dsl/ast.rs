@@ -72,10 +72,7 @@ pub struct Node {
 impl Node {
     pub fn name_str(&self) -> Option<&str> {
         match &self.name {
-            Some(Spanned {
-                value: Literal::String(s),
-                ..
-            }) => Some(s),
+            Some(Spanned { value: Literal::String(s), .. }) => Some(s),
             _ => None,
         }
     }
@@ -101,11 +98,7 @@ pub struct Sources {
 
 impl Sources {
     pub fn add(&mut self, name: impl Into<String>, path: Option<PathBuf>, text: String) -> FileId {
-        self.files.push(SourceFile {
-            name: name.into(),
-            path,
-            text: Arc::new(text),
-        });
+        self.files.push(SourceFile { name: name.into(), path, text: Arc::new(text) });
         self.files.len() - 1
     }
 

@@ -53,13 +53,7 @@ pub fn check(nodes: &[Node], sources: &Sources, problems: &mut Problems) -> Chec
             Role::Workflow => {
                 if let Some(first) = &checked.workflow {
                     problems
-                        .at(
-                            sources,
-                            Code::DuplicateName,
-                            node.kind.span,
-                            "a second `workflow` node",
-                            "again here",
-                        )
+                        .at(sources, Code::DuplicateName, node.kind.span, "a second `workflow` node", "again here")
                         .also(first.name.span, "first here")
                         .help("a file has at most one `workflow` node");
                 } else {
@@ -76,11 +70,7 @@ pub fn check(nodes: &[Node], sources: &Sources, problems: &mut Problems) -> Chec
 
 fn check_duplicates(checked: &Checked, sources: &Sources, problems: &mut Problems) {
     let mut seen: BTreeMap<&str, Span> = BTreeMap::new();
-    let all = checked
-        .models
-        .iter()
-        .chain(&checked.steps)
-        .flat_map(|d| std::iter::once(d).chain(&d.body));
+    let all = checked.models.iter().chain(&checked.steps).flat_map(|d| std::iter::once(d).chain(&d.body));
     for declaration in all {
         let name = declaration.name.value.as_str();
         if let Some(first) = seen.get(name) {
@@ -100,12 +90,7 @@ fn check_duplicates(checked: &Checked, sources: &Sources, problems: &mut Problem
     }
 }
 
-fn check_node(
-    node: &Node,
-    sources: &Sources,
-    problems: &mut Problems,
-    in_loop: bool,
-) -> Option<Declaration> {
+fn check_node(node: &Node, sources: &Sources, problems: &mut Problems, in_loop: bool) -> Option<Declaration> {
     let kind = node.kind.value.as_str();
     let Some(spec) = nodes::kind(kind) else {
         let mut builder = problems.at(
@@ -119,11 +104,7 @@ fn check_node(
             Some(best) => builder.help(format!("did you mean `{best}`?")),
             None => builder.help(format!(
                 "node kinds are: {}",
-                nodes::KINDS
-                    .iter()
-                    .map(|k| k.name)
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                nodes::KINDS.iter().map(|k| k.name).collect::<Vec<_>>().join(", ")
             )),
         };
         drop(builder);
@@ -142,10 +123,7 @@ fn check_node(
         return None;
     }
     let name = match &node.name {
-        Some(Spanned {
-            value: Literal::String(name),
-            span,
-        }) => {
+        Some(Spanned { value: Literal::String(name), span }) => {
             if !is_kebab_case(name) {
                 problems
                     .at(sources, Code::BadValue, *span, format!("`{name}` is not a valid name"), "not kebab-case")
@@ -166,16 +144,8 @@ fn check_node(
         None if spec.role == Role::Workflow => Spanned::new("workflow".to_string(), node.kind.span),
         None => {
             problems
-                .at(
-                    sources,
-                    Code::MissingName,
-                    node.kind.span,
-                    format!("`{kind}` needs a name"),
-                    "unnamed",
-                )
-                .help(format!(
-                    "write `{kind} \"my-{kind}\" …`; other steps refer to it by that name"
-                ));
+                .at(sources, Code::MissingName, node.kind.span, format!("`{kind}` needs a name"), "unnamed")
+                .help(format!("write `{kind} \"my-{kind}\" …`; other steps refer to it by that name"));
             return None;
         }
     };
@@ -194,16 +164,10 @@ fn check_node(
             );
             builder = match did_you_mean(key, spec.properties.iter().map(|p| p.name)) {
                 Some(best) => builder.help(format!("did you mean `{best}`?")),
-                None if spec.properties.is_empty() => {
-                    builder.help(format!("`{kind}` takes no properties"))
-                }
+                None if spec.properties.is_empty() => builder.help(format!("`{kind}` takes no properties")),
                 None => builder.help(format!(
                     "`{kind}` takes: {}",
-                    spec.properties
-                        .iter()
-                        .map(|p| p.name)
-                        .collect::<Vec<_>>()
-                        .join(", ")
+                    spec.properties.iter().map(|p| p.name).collect::<Vec<_>>().join(", ")
                 )),
             };
             drop(builder);
@@ -218,10 +182,7 @@ fn check_node(
         if props.0.contains_key(property_spec.name) || spans.contains_key(property_spec.name) {
             continue;
         }
-        let written = node
-            .properties
-            .iter()
-            .any(|p| p.key.value == property_spec.name);
+        let written = node.properties.iter().any(|p| p.key.value == property_spec.name);
         if written {
             continue; // reported as a bad value already
         }
@@ -234,41 +195,22 @@ fn check_node(
                     format!("`{kind}` needs `{}`", property_spec.name),
                     format!("`{}` missing", property_spec.name),
                 )
-                .help(format!(
-                    "add `{}=…`: {}",
-                    property_spec.name,
-                    property_spec.ty.describe()
-                ));
+                .help(format!("add `{}=…`: {}", property_spec.name, property_spec.ty.describe()));
         } else if let Some(default) = property_spec.default {
             match default_value(property_spec.ty, default) {
                 Some(value) => {
                     props.0.insert(property_spec.name.to_string(), value);
                 }
-                None => debug_assert!(
-                    false,
-                    "default of {kind}.{} does not check",
-                    property_spec.name
-                ),
+                None => debug_assert!(false, "default of {kind}.{} does not check", property_spec.name),
             }
         }
     }
 
     let given = |name: &&str| node.properties.iter().any(|p| p.key.value == *name);
     if !spec.at_least_one.is_empty() && !spec.at_least_one.iter().any(given) {
-        let list = spec
-            .at_least_one
-            .iter()
-            .map(|p| format!("`{p}`"))
-            .collect::<Vec<_>>()
-            .join(" or ");
+        let list = spec.at_least_one.iter().map(|p| format!("`{p}`")).collect::<Vec<_>>().join(" or ");
         problems
-            .at(
-                sources,
-                Code::MissingProperty,
-                node.kind.span,
-                format!("`{kind}` needs {list}"),
-                "incomplete",
-            )
+            .at(sources, Code::MissingProperty, node.kind.span, format!("`{kind}` needs {list}"), "incomplete")
             .help(format!("give at least one of {list}"));
     }
 
@@ -301,21 +243,12 @@ fn check_node(
             )
             .help("only `loop-until` has a body; move this node to the top level");
     }
-    Some(Declaration {
-        spec,
-        name,
-        props,
-        spans,
-        body,
-        span: node.span,
-    })
+    Some(Declaration { spec, name, props, spans, body, span: node.span })
 }
 
 fn is_kebab_case(name: &str) -> bool {
     name.starts_with(|c: char| c.is_ascii_lowercase())
-        && name
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
         && !name.ends_with('-')
         && !name.contains("--")
 }
@@ -335,32 +268,19 @@ fn default_value(ty: ValueType, default: &str) -> Option<Value> {
     convert(ty, &literal, None).ok()
 }
 
-fn check_value(
-    ty: ValueType,
-    property: &Property,
-    sources: &Sources,
-    problems: &mut Problems,
-) -> Option<Value> {
+fn check_value(ty: ValueType, property: &Property, sources: &Sources, problems: &mut Problems) -> Option<Value> {
     let span = property.value.span;
     match convert(ty, &property.value.value, Some((sources, span))) {
         Ok(value) => Some(value),
-        Err(ValueError {
-            code,
-            message,
-            label,
-            help,
-            offset,
-        }) => {
+        Err(ValueError { code, message, label, help, offset }) => {
             let span = match offset {
                 // Point inside a string at the exact character (after the opening quote).
-                Some((start, len)) => Span {
-                    file: span.file,
-                    range: (span.range.offset() + 1 + start, len.max(1)).into(),
-                },
+                Some((start, len)) => {
+                    Span { file: span.file, range: (span.range.offset() + 1 + start, len.max(1)).into() }
+                }
                 None => span,
             };
-            let message = message
-                .unwrap_or_else(|| format!("`{}` expects {}", property.key.value, ty.describe()));
+            let message = message.unwrap_or_else(|| format!("`{}` expects {}", property.key.value, ty.describe()));
             let builder = problems.at(sources, code, span, message, label);
             if let Some(help) = help {
                 builder.help(help);
@@ -390,37 +310,21 @@ fn wrong_type(literal: &Literal) -> ValueError {
 }
 
 fn bad_value(label: impl Into<String>, help: impl Into<String>) -> ValueError {
-    ValueError {
-        code: Code::BadValue,
-        message: None,
-        label: label.into(),
-        help: Some(help.into()),
-        offset: None,
-    }
+    ValueError { code: Code::BadValue, message: None, label: label.into(), help: Some(help.into()), offset: None }
 }
 
 /// Converts a literal to a value of `ty`. `at` is where it was written (for relative paths);
 /// defaults have no place.
-fn convert(
-    ty: ValueType,
-    literal: &Literal,
-    at: Option<(&Sources, Span)>,
-) -> Result<Value, ValueError> {
+fn convert(ty: ValueType, literal: &Literal, at: Option<(&Sources, Span)>) -> Result<Value, ValueError> {
     let string = match literal {
         Literal::String(s) => Some(s.as_str()),
         _ => None,
     };
     match ty {
-        ValueType::Text => string
-            .map(|s| Value::Text(s.to_string()))
-            .ok_or_else(|| wrong_type(literal)),
+        ValueType::Text => string.map(|s| Value::Text(s.to_string())).ok_or_else(|| wrong_type(literal)),
         ValueType::Integer { min } => match literal {
-            Literal::Integer(i) if *i >= min as i128 && *i <= i64::MAX as i128 => {
-                Ok(Value::Integer(*i as i64))
-            }
-            Literal::Integer(_) => {
-                Err(bad_value("out of range", format!("use an integer ≥ {min}")))
-            }
+            Literal::Integer(i) if *i >= min as i128 && *i <= i64::MAX as i128 => Ok(Value::Integer(*i as i64)),
+            Literal::Integer(_) => Err(bad_value("out of range", format!("use an integer ≥ {min}"))),
             _ => Err(wrong_type(literal)),
         },
         ValueType::Number { min, max } => {
@@ -443,19 +347,12 @@ fn convert(
         },
         ValueType::Duration => {
             let s = string.ok_or_else(|| ValueError {
-                help: Some(
-                    "write a duration with its unit, in quotes: \"5s\", \"500ms\", \"2m\"".into(),
-                ),
+                help: Some("write a duration with its unit, in quotes: \"5s\", \"500ms\", \"2m\"".into()),
                 ..wrong_type(literal)
             })?;
-            humantime::parse_duration(s)
-                .map(Value::Duration)
-                .map_err(|e| {
-                    bad_value(
-                        format!("not a duration: {e}"),
-                        "write a number with a unit: \"5s\", \"500ms\", \"2m\"",
-                    )
-                })
+            humantime::parse_duration(s).map(Value::Duration).map_err(|e| {
+                bad_value(format!("not a duration: {e}"), "write a number with a unit: \"5s\", \"500ms\", \"2m\"")
+            })
         }
         ValueType::Size => {
             let s = string.ok_or_else(|| ValueError {
@@ -464,20 +361,11 @@ fn convert(
             })?;
             s.parse::<bytesize::ByteSize>()
                 .map(|b| Value::Size(b.as_u64()))
-                .map_err(|_| {
-                    bad_value(
-                        "not a size",
-                        "write a number with a unit: \"256MiB\", \"1GiB\", \"500kB\"",
-                    )
-                })
+                .map_err(|_| bad_value("not a size", "write a number with a unit: \"256MiB\", \"1GiB\", \"500kB\""))
         }
         ValueType::Choice(options) => {
             let s = string.ok_or_else(|| wrong_type(literal))?;
-            if options.contains(&s) {
-                Ok(Value::Choice(s.to_string()))
-            } else {
-                Err(unknown_choice(s, options, 0))
-            }
+            if options.contains(&s) { Ok(Value::Choice(s.to_string())) } else { Err(unknown_choice(s, options, 0)) }
         }
         ValueType::Choices(options) => {
             let s = string.ok_or_else(|| wrong_type(literal))?;
@@ -486,11 +374,7 @@ fn convert(
             for item in s.split(',') {
                 let trimmed = item.trim();
                 if !options.contains(&trimmed) {
-                    return Err(unknown_choice(
-                        trimmed,
-                        options,
-                        offset + item.find(trimmed).unwrap_or(0),
-                    ));
+                    return Err(unknown_choice(trimmed, options, offset + item.find(trimmed).unwrap_or(0)));
                 }
                 list.push(trimmed.to_string());
                 offset += item.len() + 1;
@@ -507,20 +391,13 @@ fn convert(
                 .map(|item| item.trim().parse::<i64>().ok().filter(|k| *k > 0))
                 .collect::<Option<Vec<_>>>()
                 .map(Value::Integers)
-                .ok_or_else(|| {
-                    bad_value(
-                        "not a list of positive integers",
-                        "write for example \"1,10\"",
-                    )
-                })
+                .ok_or_else(|| bad_value("not a list of positive integers", "write for example \"1,10\""))
         }
         ValueType::Input(_) => {
             let s = string.ok_or_else(|| wrong_type(literal))?;
             Ok(Value::Reference(s.to_string()))
         }
-        ValueType::Model => string
-            .map(|s| Value::Model(s.to_string()))
-            .ok_or_else(|| wrong_type(literal)),
+        ValueType::Model => string.map(|s| Value::Model(s.to_string())).ok_or_else(|| wrong_type(literal)),
         ValueType::ModelFile if string == Some("default") => Ok(Value::DefaultModel),
         ValueType::File | ValueType::ModelFile => {
             let s = string.ok_or_else(|| wrong_type(literal))?;
@@ -547,10 +424,7 @@ fn convert(
             let s = string.ok_or_else(|| wrong_type(literal))?;
             match s.rsplit_once('.') {
                 Some((step, metric)) if !step.is_empty() && !metric.is_empty() => {
-                    Ok(Value::Metric {
-                        step: step.to_string(),
-                        metric: metric.to_string(),
-                    })
+                    Ok(Value::Metric { step: step.to_string(), metric: metric.to_string() })
                 }
                 _ => Err(bad_value(
                     "not `step.metric`",
@@ -560,18 +434,13 @@ fn convert(
         }
         ValueType::Expression => {
             let s = string.ok_or_else(|| wrong_type(literal))?;
-            Expr::parse(s)
-                .map(Value::Expression)
-                .map_err(|e| ValueError {
-                    code: Code::BadExpression,
-                    message: Some(format!("invalid `until` expression: {}", e.message)),
-                    label: e.message.clone(),
-                    help: Some(
-                        "compare metrics with numbers: `revised.count == 0 || iteration >= 3`"
-                            .into(),
-                    ),
-                    offset: Some((e.offset, e.len)),
-                })
+            Expr::parse(s).map(Value::Expression).map_err(|e| ValueError {
+                code: Code::BadExpression,
+                message: Some(format!("invalid `until` expression: {}", e.message)),
+                label: e.message.clone(),
+                help: Some("compare metrics with numbers: `revised.count == 0 || iteration >= 3`".into()),
+                offset: Some((e.offset, e.len)),
+            })
         }
         ValueType::Statuses => {
             let s = string.ok_or_else(|| wrong_type(literal))?;
@@ -586,11 +455,7 @@ fn convert(
                 match Status::parse(trimmed) {
                     Some(status) => statuses.push(status),
                     None => {
-                        return Err(unknown_choice(
-                            trimmed,
-                            Status::NAMES,
-                            offset + item.find(trimmed).unwrap_or(0),
-                        ));
+                        return Err(unknown_choice(trimmed, Status::NAMES, offset + item.find(trimmed).unwrap_or(0)));
                     }
                 }
                 offset += item.len() + 1;
@@ -615,9 +480,5 @@ fn unknown_choice(word: &str, options: &[&str], offset: usize) -> ValueError {
 }
 
 fn quoted_list(options: &[&str]) -> String {
-    options
-        .iter()
-        .map(|o| format!("`{o}`"))
-        .collect::<Vec<_>>()
-        .join(", ")
+    options.iter().map(|o| format!("`{o}`")).collect::<Vec<_>>().join(", ")
 }

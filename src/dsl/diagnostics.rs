@@ -101,14 +101,7 @@ pub struct Problem {
 impl Problem {
     /// A problem that has no place in any file (a missing workflow file, a bad run directory).
     pub fn new(code: Code, message: impl Into<String>) -> Self {
-        Problem {
-            code,
-            message: message.into(),
-            source_code: None,
-            labels: vec![],
-            help: None,
-            at: None,
-        }
+        Problem { code, message: message.into(), source_code: None, labels: vec![], help: None, at: None }
     }
 
     pub fn with_help(mut self, help: impl Into<String>) -> Self {
@@ -131,23 +124,15 @@ impl Diagnostic for Problem {
     }
 
     fn help<'a>(&'a self) -> Option<Box<dyn fmt::Display + 'a>> {
-        self.help
-            .as_ref()
-            .map(|h| Box::new(h) as Box<dyn fmt::Display>)
+        self.help.as_ref().map(|h| Box::new(h) as Box<dyn fmt::Display>)
     }
 
     fn source_code(&self) -> Option<&dyn miette::SourceCode> {
-        self.source_code
-            .as_ref()
-            .map(|s| s as &dyn miette::SourceCode)
+        self.source_code.as_ref().map(|s| s as &dyn miette::SourceCode)
     }
 
     fn labels(&self) -> Option<Box<dyn Iterator<Item = LabeledSpan> + '_>> {
-        if self.labels.is_empty() {
-            None
-        } else {
-            Some(Box::new(self.labels.iter().cloned()))
-        }
+        if self.labels.is_empty() { None } else { Some(Box::new(self.labels.iter().cloned())) }
     }
 }
 
@@ -176,8 +161,7 @@ impl ProblemBuilder<'_> {
         if let Some(p) = self.problem.as_mut()
             && p.at.map(|a| a.file) == Some(span.file)
         {
-            p.labels
-                .push(LabeledSpan::new_with_span(Some(label.into()), span.range));
+            p.labels.push(LabeledSpan::new_with_span(Some(label.into()), span.range));
         }
         self
     }
@@ -209,10 +193,7 @@ impl Problems {
             help: None,
             at: Some(span),
         };
-        ProblemBuilder {
-            problems: self,
-            problem: Some(problem),
-        }
+        ProblemBuilder { problems: self, problem: Some(problem) }
     }
 
     pub fn push(&mut self, problem: Problem) {
@@ -225,17 +206,13 @@ impl Problems {
 
     /// Problems in file order, then by position, so output is stable.
     pub fn into_sorted(mut self) -> Vec<Problem> {
-        self.list
-            .sort_by_key(|p| p.at.map(|s| (s.file, s.range.offset())));
+        self.list.sort_by_key(|p| p.at.map(|s| (s.file, s.range.offset())));
         self.list
     }
 }
 
 /// The closest of `candidates` to `word`, if it is close enough to be a likely typo.
-pub fn did_you_mean<'a>(
-    word: &str,
-    candidates: impl IntoIterator<Item = &'a str>,
-) -> Option<&'a str> {
+pub fn did_you_mean<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
     candidates
         .into_iter()
         .map(|c| (strsim::jaro_winkler(word, c), c))
@@ -248,8 +225,7 @@ pub fn did_you_mean<'a>(
 /// in tests and by snapshot tests.
 pub fn render_plain(problems: &[Problem], width: usize) -> String {
     let handler =
-        miette::GraphicalReportHandler::new_themed(miette::GraphicalTheme::unicode_nocolor())
-            .with_width(width);
+        miette::GraphicalReportHandler::new_themed(miette::GraphicalTheme::unicode_nocolor()).with_width(width);
     let mut out = String::new();
     for p in problems {
         // Rendering into a String cannot fail.

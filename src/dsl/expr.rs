@@ -87,18 +87,14 @@ fn tokenize(text: &str) -> Result<Vec<(Token, usize, usize)>, ExprError> {
             continue;
         }
         if c.is_ascii_alphabetic() || c == b'_' {
-            while i < bytes.len()
-                && (bytes[i].is_ascii_alphanumeric() || b"_@.-".contains(&bytes[i]))
-            {
+            while i < bytes.len() && (bytes[i].is_ascii_alphanumeric() || b"_@.-".contains(&bytes[i])) {
                 i += 1;
             }
             tokens.push((Token::Name(text[start..i].to_string()), start, i - start));
             continue;
         }
         let two = text.get(i..i + 2).unwrap_or("");
-        let op = ["==", "!=", "<=", ">=", "&&", "||"]
-            .into_iter()
-            .find(|op| *op == two);
+        let op = ["==", "!=", "<=", ">=", "&&", "||"].into_iter().find(|op| *op == two);
         if let Some(op) = op {
             tokens.push((Token::Op(op), start, 2));
             i += 2;
@@ -112,11 +108,7 @@ fn tokenize(text: &str) -> Result<Vec<(Token, usize, usize)>, ExprError> {
             b')' => Token::Close,
             _ => {
                 let len = text[i..].chars().next().map_or(1, char::len_utf8);
-                return Err(ExprError {
-                    message: format!("unexpected `{}`", &text[i..i + len]),
-                    offset: i,
-                    len,
-                });
+                return Err(ExprError { message: format!("unexpected `{}`", &text[i..i + len]), offset: i, len });
             }
         };
         tokens.push((token, start, 1));
@@ -137,18 +129,12 @@ impl Parser {
     }
 
     fn here(&self) -> (usize, usize) {
-        self.tokens
-            .get(self.position)
-            .map_or((self.end, 0), |t| (t.1, t.2))
+        self.tokens.get(self.position).map_or((self.end, 0), |t| (t.1, t.2))
     }
 
     fn error<T>(&self, message: impl Into<String>) -> Result<T, ExprError> {
         let (offset, len) = self.here();
-        Err(ExprError {
-            message: message.into(),
-            offset,
-            len,
-        })
+        Err(ExprError { message: message.into(), offset, len })
     }
 
     fn or(&mut self) -> Result<Expr, ExprError> {
@@ -213,33 +199,17 @@ impl Parser {
             Token::Number(n) => Ok(Operand::Number(n)),
             Token::Name(name) => {
                 let metric = match name.rsplit_once('.') {
-                    Some((step, metric)) if !step.is_empty() && !metric.is_empty() => MetricName {
-                        step: Some(step.to_string()),
-                        metric: metric.to_string(),
-                        offset,
-                        len,
-                    },
-                    None => MetricName {
-                        step: None,
-                        metric: name,
-                        offset,
-                        len,
-                    },
+                    Some((step, metric)) if !step.is_empty() && !metric.is_empty() => {
+                        MetricName { step: Some(step.to_string()), metric: metric.to_string(), offset, len }
+                    }
+                    None => MetricName { step: None, metric: name, offset, len },
                     Some(_) => {
-                        return Err(ExprError {
-                            message: format!("`{name}` is not a metric name"),
-                            offset,
-                            len,
-                        });
+                        return Err(ExprError { message: format!("`{name}` is not a metric name"), offset, len });
                     }
                 };
                 Ok(Operand::Metric(metric))
             }
-            _ => Err(ExprError {
-                message: "expected a metric or a number".into(),
-                offset,
-                len,
-            }),
+            _ => Err(ExprError { message: "expected a metric or a number".into(), offset, len }),
         }
     }
 }
@@ -248,17 +218,9 @@ impl Expr {
     pub fn parse(text: &str) -> Result<Expr, ExprError> {
         let tokens = tokenize(text)?;
         if tokens.is_empty() {
-            return Err(ExprError {
-                message: "the expression is empty".into(),
-                offset: 0,
-                len: text.len(),
-            });
+            return Err(ExprError { message: "the expression is empty".into(), offset: 0, len: text.len() });
         }
-        let mut parser = Parser {
-            tokens,
-            position: 0,
-            end: text.len(),
-        };
+        let mut parser = Parser { tokens, position: 0, end: text.len() };
         let expr = parser.or()?;
         if parser.position < parser.tokens.len() {
             return parser.error("unexpected text after the expression");
@@ -321,45 +283,23 @@ mod tests {
 
     fn eval(text: &str, values: &[(&str, f64)]) -> bool {
         let expr = Expr::parse(text).unwrap();
-        expr.evaluate(&|m| {
-            values
-                .iter()
-                .find(|(n, _)| *n == m.to_string())
-                .map(|(_, v)| *v)
-        })
-        .unwrap()
+        expr.evaluate(&|m| values.iter().find(|(n, _)| *n == m.to_string()).map(|(_, v)| *v)).unwrap()
     }
 
     #[test]
     fn evaluates_comparisons_and_logic() {
         assert!(eval("revised.count == 0", &[("revised.count", 0.0)]));
         assert!(!eval("revised.count == 0", &[("revised.count", 3.0)]));
-        assert!(eval(
-            "scores.pass@1 >= 0.5 && iteration < 3",
-            &[("scores.pass@1", 0.5), ("iteration", 2.0)]
-        ));
-        assert!(eval(
-            "!(a.x > 1) || b.pass-rate != 0",
-            &[("a.x", 5.0), ("b.pass-rate", 0.2)]
-        ));
-        assert!(!eval(
-            "!(a.x > 1) || b.pass-rate != 0",
-            &[("a.x", 5.0), ("b.pass-rate", 0.0)]
-        ));
+        assert!(eval("scores.pass@1 >= 0.5 && iteration < 3", &[("scores.pass@1", 0.5), ("iteration", 2.0)]));
+        assert!(eval("!(a.x > 1) || b.pass-rate != 0", &[("a.x", 5.0), ("b.pass-rate", 0.2)]));
+        assert!(!eval("!(a.x > 1) || b.pass-rate != 0", &[("a.x", 5.0), ("b.pass-rate", 0.0)]));
     }
 
     #[test]
     fn names_metrics_with_offsets() {
         let expr = Expr::parse("iteration >= 2 || tune.loss < 0.1").unwrap();
-        let metrics: Vec<_> = expr
-            .metrics()
-            .iter()
-            .map(|m| (m.to_string(), m.offset, m.len))
-            .collect();
-        assert_eq!(
-            metrics,
-            vec![("iteration".into(), 0, 9), ("tune.loss".into(), 18, 9)]
-        );
+        let metrics: Vec<_> = expr.metrics().iter().map(|m| (m.to_string(), m.offset, m.len)).collect();
+        assert_eq!(metrics, vec![("iteration".into(), 0, 9), ("tune.loss".into(), 18, 9)]);
     }
 
     #[test]
@@ -382,9 +322,6 @@ mod tests {
     #[test]
     fn missing_metric_is_an_error() {
         let expr = Expr::parse("a.count == 0").unwrap();
-        assert_eq!(
-            expr.evaluate(&|_| None).unwrap_err(),
-            "metric `a.count` has no value"
-        );
+        assert_eq!(expr.evaluate(&|_| None).unwrap_err(), "metric `a.count` has no value");
     }
 }

@@ -22,12 +22,7 @@ pub fn resolve(sources: &Sources, from: FileId, reference: &str) -> Option<Locat
     if reference.starts_with("std/") {
         return stdlib::file(reference).map(|(name, _)| Location::Stdlib(name));
     }
-    let base = sources
-        .get(from)
-        .path
-        .as_deref()
-        .and_then(Path::parent)
-        .unwrap_or(Path::new("."));
+    let base = sources.get(from).path.as_deref().and_then(Path::parent).unwrap_or(Path::new("."));
     let path = base.join(reference);
     path.exists().then_some(Location::File(path))
 }
@@ -38,11 +33,8 @@ pub fn load_file(path: &Path, sources: &mut Sources, problems: &mut Problems) ->
         Ok(text) => text,
         Err(err) => {
             problems.push(
-                Problem::new(
-                    Code::MissingFile,
-                    format!("cannot read workflow `{}`: {err}", path.display()),
-                )
-                .with_help("check the path; workflows are KDL files such as `workflows/seed.kdl`"),
+                Problem::new(Code::MissingFile, format!("cannot read workflow `{}`: {err}", path.display()))
+                    .with_help("check the path; workflows are KDL files such as `workflows/seed.kdl`"),
             );
             return vec![];
         }
@@ -52,30 +44,16 @@ pub fn load_file(path: &Path, sources: &mut Sources, problems: &mut Problems) ->
     load_text(file, sources, problems, &mut stack)
 }
 
-fn load_text(
-    file: FileId,
-    sources: &mut Sources,
-    problems: &mut Problems,
-    stack: &mut Vec<Location>,
-) -> Vec<Node> {
+fn load_text(file: FileId, sources: &mut Sources, problems: &mut Problems, stack: &mut Vec<Location>) -> Vec<Node> {
     let text = sources.get(file).text.clone();
     let document = match KdlDocument::parse(&text) {
         Ok(document) => document,
         Err(err) => {
             for d in err.diagnostics {
                 let message = d.message.unwrap_or_else(|| "invalid KDL".to_string());
-                let span = Span {
-                    file,
-                    range: d.span,
-                };
+                let span = Span { file, range: d.span };
                 let label = d.label.unwrap_or_else(|| "here".to_string());
-                let builder = problems.at(
-                    sources,
-                    Code::Syntax,
-                    span,
-                    format!("invalid KDL: {message}"),
-                    label,
-                );
+                let builder = problems.at(sources, Code::Syntax, span, format!("invalid KDL: {message}"), label);
                 if let Some(help) = d.help {
                     builder.help(help);
                 }
@@ -95,40 +73,17 @@ fn load_text(
     nodes
 }
 
-fn load_import(
-    node: &Node,
-    sources: &mut Sources,
-    problems: &mut Problems,
-    stack: &mut Vec<Location>,
-) -> Vec<Node> {
-    let Some(Spanned {
-        value: Literal::String(target),
-        span,
-    }) = node.name.clone()
-    else {
+fn load_import(node: &Node, sources: &mut Sources, problems: &mut Problems, stack: &mut Vec<Location>) -> Vec<Node> {
+    let Some(Spanned { value: Literal::String(target), span }) = node.name.clone() else {
         problems
-            .at(
-                sources,
-                Code::MissingName,
-                node.kind.span,
-                "`import` needs the file to import",
-                "import what?",
-            )
+            .at(sources, Code::MissingName, node.kind.span, "`import` needs the file to import", "import what?")
             .help("write `import \"std/evaluate.kdl\"` or a path relative to this file");
         return vec![];
     };
     let Some(location) = resolve(sources, span.file, &target) else {
-        let known = stdlib::FILES
-            .iter()
-            .map(|(n, _)| *n)
-            .filter(|n| n.ends_with(".kdl"));
-        let mut builder = problems.at(
-            sources,
-            Code::MissingFile,
-            span,
-            format!("cannot find `{target}`"),
-            "no such file",
-        );
+        let known = stdlib::FILES.iter().map(|(n, _)| *n).filter(|n| n.ends_with(".kdl"));
+        let mut builder =
+            problems.at(sources, Code::MissingFile, span, format!("cannot find `{target}`"), "no such file");
         if target.starts_with("std/") {
             let list: Vec<_> = known.collect();
             builder = builder.help(format!("the stdlib has: {}", list.join(", ")));
@@ -138,13 +93,7 @@ fn load_import(
     };
     if stack.contains(&location) {
         problems
-            .at(
-                sources,
-                Code::ImportCycle,
-                span,
-                format!("`{target}` imports itself"),
-                "imported again here",
-            )
+            .at(sources, Code::ImportCycle, span, format!("`{target}` imports itself"), "imported again here")
             .help("remove one of the imports");
         return vec![];
     }
@@ -156,13 +105,7 @@ fn load_import(
         Location::File(path) => match std::fs::read_to_string(path) {
             Ok(text) => sources.add(path.display().to_string(), Some(path.clone()), text),
             Err(err) => {
-                problems.at(
-                    sources,
-                    Code::MissingFile,
-                    span,
-                    format!("cannot read `{target}`: {err}"),
-                    "here",
-                );
+                problems.at(sources, Code::MissingFile, span, format!("cannot read `{target}`: {err}"), "here");
                 return vec![];
             }
         },
@@ -190,9 +133,7 @@ fn lower_node(file: FileId, node: &KdlNode, sources: &Sources, problems: &mut Pr
     let mut properties = vec![];
     for entry in node.entries() {
         match entry.name() {
-            None if name.is_none() => {
-                name = Some(Spanned::new(literal(entry.value()), at(entry.span())))
-            }
+            None if name.is_none() => name = Some(Spanned::new(literal(entry.value()), at(entry.span()))),
             None => {
                 problems
                     .at(
@@ -215,12 +156,7 @@ fn lower_node(file: FileId, node: &KdlNode, sources: &Sources, problems: &mut Pr
     }
     let children = node
         .children()
-        .map(|doc| {
-            doc.nodes()
-                .iter()
-                .map(|n| lower_node(file, n, sources, problems))
-                .collect()
-        })
+        .map(|doc| doc.nodes().iter().map(|n| lower_node(file, n, sources, problems)).collect())
         .unwrap_or_default();
     Node {
         kind: Spanned::new(node.name().value().to_string(), at(node.name().span())),
@@ -249,38 +185,18 @@ fn value_span(text: &str, key: SourceSpan, entry: SourceSpan) -> SourceSpan {
 
 /// Applies `--set target.property=value` overrides. Each override is added to `sources` so a
 /// problem with it can point at the argument itself.
-pub fn apply_overrides(
-    nodes: &mut [Node],
-    overrides: &[String],
-    sources: &mut Sources,
-    problems: &mut Problems,
-) {
+pub fn apply_overrides(nodes: &mut [Node], overrides: &[String], sources: &mut Sources, problems: &mut Problems) {
     for text in overrides {
         let file = sources.add("--set", None, text.clone());
-        let whole = Span {
-            file,
-            range: SourceSpan::new(0.into(), text.len()),
-        };
+        let whole = Span { file, range: SourceSpan::new(0.into(), text.len()) };
         let Some((lhs, rhs)) = text.split_once('=') else {
             problems
-                .at(
-                    sources,
-                    Code::BadOverride,
-                    whole,
-                    "an override needs `=`",
-                    "expected `name.property=value`",
-                )
+                .at(sources, Code::BadOverride, whole, "an override needs `=`", "expected `name.property=value`")
                 .help("for example `--set adapt.max-iterations=5`");
             continue;
         };
-        let lhs_span = Span {
-            file,
-            range: SourceSpan::new(0.into(), lhs.len()),
-        };
-        let rhs_span = Span {
-            file,
-            range: SourceSpan::new((lhs.len() + 1).into(), rhs.len()),
-        };
+        let lhs_span = Span { file, range: SourceSpan::new(0.into(), lhs.len()) };
+        let rhs_span = Span { file, range: SourceSpan::new((lhs.len() + 1).into(), rhs.len()) };
         let Some((target, key)) = lhs.rsplit_once('.') else {
             problems
                 .at(
@@ -296,40 +212,25 @@ pub fn apply_overrides(
         // The value reads as KDL (numbers, #true, quoted strings); anything else is a string.
         let value = KdlDocument::parse(&format!("x {rhs}"))
             .ok()
-            .and_then(|d| {
-                d.nodes()
-                    .first()
-                    .and_then(|n| n.entries().first().map(|e| literal(e.value())))
-            })
+            .and_then(|d| d.nodes().first().and_then(|n| n.entries().first().map(|e| literal(e.value()))))
             .unwrap_or_else(|| Literal::String(rhs.to_string()));
         let Some(node) = find_node_mut(nodes, target) else {
             let names = node_names(nodes);
             let mut builder = problems.at(
                 sources,
                 Code::BadOverride,
-                Span {
-                    file,
-                    range: SourceSpan::new(0.into(), target.len()),
-                },
+                Span { file, range: SourceSpan::new(0.into(), target.len()) },
                 format!("no node named `{target}` to override"),
                 "unknown node",
             );
-            if let Some(best) =
-                super::diagnostics::did_you_mean(target, names.iter().map(String::as_str))
-            {
+            if let Some(best) = super::diagnostics::did_you_mean(target, names.iter().map(String::as_str)) {
                 builder = builder.help(format!("did you mean `{best}`?"));
             }
             drop(builder);
             continue;
         };
-        let key_span = Span {
-            file,
-            range: SourceSpan::new((target.len() + 1).into(), key.len()),
-        };
-        let property = Property {
-            key: Spanned::new(key.to_string(), key_span),
-            value: Spanned::new(value, rhs_span),
-        };
+        let key_span = Span { file, range: SourceSpan::new((target.len() + 1).into(), key.len()) };
+        let property = Property { key: Spanned::new(key.to_string(), key_span), value: Spanned::new(value, rhs_span) };
         node.properties.retain(|p| p.key.value != key);
         node.properties.push(property);
     }
@@ -343,14 +244,9 @@ fn find_node_mut<'a>(nodes: &'a mut [Node], target: &str) -> Option<&'a mut Node
     }
     if let Some((outer, inner)) = target.split_once('.') {
         let parent = nodes.iter_mut().find(|n| n.name_str() == Some(outer))?;
-        return parent
-            .children
-            .iter_mut()
-            .find(|n| n.name_str() == Some(inner));
+        return parent.children.iter_mut().find(|n| n.name_str() == Some(inner));
     }
-    nodes
-        .iter_mut()
-        .find(|n| n.name_str() == Some(target) && n.kind.value != "workflow")
+    nodes.iter_mut().find(|n| n.name_str() == Some(target) && n.kind.value != "workflow")
 }
 
 fn node_names(nodes: &[Node]) -> Vec<String> {

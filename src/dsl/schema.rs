@@ -117,19 +117,13 @@ impl ValueType {
             ValueType::ModelFile => "\"default\" or a GGUF file path".into(),
             ValueType::Metric => "a metric such as \"scores.pass@1\"".into(),
             ValueType::Expression => "an expression such as \"revised.count == 0\"".into(),
-            ValueType::Statuses => {
-                "statuses such as \"passed\", \"!passed\" or \"failed,error\"".into()
-            }
+            ValueType::Statuses => "statuses such as \"passed\", \"!passed\" or \"failed,error\"".into(),
         }
     }
 }
 
 fn quoted(options: &[&str]) -> String {
-    options
-        .iter()
-        .map(|o| format!("`{o}`"))
-        .collect::<Vec<_>>()
-        .join(", ")
+    options.iter().map(|o| format!("`{o}`")).collect::<Vec<_>>().join(", ")
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -145,40 +139,17 @@ pub struct PropertySpec {
 
 /// A property that must be given.
 pub const fn required(name: &'static str, ty: ValueType, doc: &'static str) -> PropertySpec {
-    PropertySpec {
-        name,
-        ty,
-        required: true,
-        default: None,
-        doc,
-    }
+    PropertySpec { name, ty, required: true, default: None, doc }
 }
 
 /// A property with a default.
-pub const fn optional(
-    name: &'static str,
-    ty: ValueType,
-    default: &'static str,
-    doc: &'static str,
-) -> PropertySpec {
-    PropertySpec {
-        name,
-        ty,
-        required: false,
-        default: Some(default),
-        doc,
-    }
+pub const fn optional(name: &'static str, ty: ValueType, default: &'static str, doc: &'static str) -> PropertySpec {
+    PropertySpec { name, ty, required: false, default: Some(default), doc }
 }
 
 /// A property that may be left unset.
 pub const fn unset(name: &'static str, ty: ValueType, doc: &'static str) -> PropertySpec {
-    PropertySpec {
-        name,
-        ty,
-        required: false,
-        default: None,
-        doc,
-    }
+    PropertySpec { name, ty, required: false, default: None, doc }
 }
 
 /// Everything the language knows about one node kind.
@@ -206,9 +177,7 @@ impl KindSpec {
         self.metrics.iter().any(|m| {
             *m == metric
                 || (*m == "pass@k"
-                    && metric
-                        .strip_prefix("pass@")
-                        .is_some_and(|k| k.parse::<u32>().is_ok_and(|k| k > 0)))
+                    && metric.strip_prefix("pass@").is_some_and(|k| k.parse::<u32>().is_ok_and(|k| k > 0)))
         })
     }
 }
@@ -302,9 +271,7 @@ impl Props {
 
     pub fn text(&self, name: &str) -> Option<&str> {
         match self.get(name) {
-            Some(Value::Text(s) | Value::Choice(s) | Value::Reference(s) | Value::Model(s)) => {
-                Some(s)
-            }
+            Some(Value::Text(s) | Value::Choice(s) | Value::Reference(s) | Value::Model(s)) => Some(s),
             _ => None,
         }
     }

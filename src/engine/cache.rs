@@ -79,15 +79,8 @@ pub fn file_identity(path: &Path) -> std::io::Result<String> {
     }
     let metadata = std::fs::metadata(path)?;
     if metadata.len() > 64 << 20 {
-        let modified = metadata
-            .modified()?
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
-        return Ok(format!(
-            "size {} modified {}",
-            metadata.len(),
-            modified.as_secs()
-        ));
+        let modified = metadata.modified()?.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        return Ok(format!("size {} modified {}", metadata.len(), modified.as_secs()));
     }
     hash_file(path)
 }
@@ -115,26 +108,14 @@ pub fn decide(
     };
     let mut reasons = vec![];
     if previous.parts.kind != parts.kind {
-        reasons.push(format!(
-            "its kind changed from `{}` to `{}`",
-            previous.parts.kind, parts.kind
-        ));
+        reasons.push(format!("its kind changed from `{}` to `{}`", previous.parts.kind, parts.kind));
     }
-    let names = previous
-        .parts
-        .params
-        .keys()
-        .chain(parts.params.keys())
-        .collect::<std::collections::BTreeSet<_>>();
+    let names = previous.parts.params.keys().chain(parts.params.keys()).collect::<std::collections::BTreeSet<_>>();
     for name in names {
         let (old, new) = (previous.parts.params.get(name), parts.params.get(name));
         if old != new {
             let show = |v: Option<&Json>| v.map_or("unset".to_string(), |v| v.to_string());
-            reasons.push(format!(
-                "parameter `{name}` changed: {} -> {}",
-                show(old),
-                show(new)
-            ));
+            reasons.push(format!("parameter `{name}` changed: {} -> {}", show(old), show(new)));
         }
     }
     for (name, hash) in &parts.inputs {
@@ -148,27 +129,19 @@ pub fn decide(
         }
     }
     if previous.parts.seed != parts.seed {
-        reasons.push(format!(
-            "workflow seed changed: {} -> {}",
-            previous.parts.seed, parts.seed
-        ));
+        reasons.push(format!("workflow seed changed: {} -> {}", previous.parts.seed, parts.seed));
     }
     if !reasons.is_empty() {
         return Decision::Run(reasons);
     }
     match previous.status {
-        StepStatus::Done
-            if previous.output_hash.as_deref() == current_output_hash
-                && current_output_hash.is_some() =>
-        {
+        StepStatus::Done if previous.output_hash.as_deref() == current_output_hash && current_output_hash.is_some() => {
             Decision::Cached
         }
         StepStatus::Done => Decision::Run(vec!["its output files were changed or removed".into()]),
         StepStatus::Running | StepStatus::Interrupted if has_partial => Decision::Finish,
         StepStatus::Failed => Decision::Run(vec!["it failed last time".into()]),
-        StepStatus::Running | StepStatus::Interrupted => {
-            Decision::Run(vec!["it did not finish last time".into()])
-        }
+        StepStatus::Running | StepStatus::Interrupted => Decision::Run(vec!["it did not finish last time".into()]),
     }
 }
 
@@ -203,15 +176,9 @@ mod tests {
 
     #[test]
     fn says_why_a_step_runs() {
-        assert_eq!(
-            decide(None, &parts(5), None, false),
-            Decision::Run(vec!["not run before".into()])
-        );
+        assert_eq!(decide(None, &parts(5), None, false), Decision::Run(vec!["not run before".into()]));
         let done = meta(parts(5), StepStatus::Done);
-        assert_eq!(
-            decide(Some(&done), &parts(5), Some("out"), false),
-            Decision::Cached
-        );
+        assert_eq!(decide(Some(&done), &parts(5), Some("out"), false), Decision::Cached);
         assert_eq!(
             decide(Some(&done), &parts(10), Some("out"), false),
             Decision::Run(vec!["parameter `samples` changed: 5 -> 10".into()])
@@ -227,10 +194,7 @@ mod tests {
             Decision::Run(vec!["input `tasks` changed".into()])
         );
         let running = meta(parts(5), StepStatus::Running);
-        assert_eq!(
-            decide(Some(&running), &parts(5), None, true),
-            Decision::Finish
-        );
+        assert_eq!(decide(Some(&running), &parts(5), None, true), Decision::Finish);
         assert_eq!(
             decide(Some(&running), &parts(5), None, false),
             Decision::Run(vec!["it did not finish last time".into()])

@@ -10,11 +10,13 @@ use tokio_util::sync::CancellationToken;
 use super::cache::Metrics;
 use super::events::{Event, EventSink};
 use super::files::{self, RecordWriter};
-use crate::dsl::schema::Props;
+use crate::dsl::schema::{Artifact, Props};
 
 /// A finished step's output, as later steps see it.
 #[derive(Debug, Clone)]
 pub struct Output {
+    /// What kind of output it is (a `code` input may be tasks or samples).
+    pub artifact: Artifact,
     pub dir: PathBuf,
     pub hash: String,
     pub metrics: Metrics,
@@ -39,10 +41,7 @@ pub enum StepError {
     #[error("interrupted")]
     Cancelled,
     #[error("`{kind}` steps are not available in this build yet: {detail}")]
-    NotAvailable {
-        kind: &'static str,
-        detail: &'static str,
-    },
+    NotAvailable { kind: &'static str, detail: &'static str },
     #[error("{0}")]
     Failed(String),
 }
@@ -63,6 +62,8 @@ pub struct Context {
     pub inputs: BTreeMap<String, Output>,
     /// The step's own directory; everything it writes goes here.
     pub dir: PathBuf,
+    /// Parallel workers the step may use (sandbox runs).
+    pub workers: usize,
     /// Keep the complete records of an unfinished earlier run.
     pub(super) finish_partial: bool,
     pub(super) cancel: CancellationToken,
@@ -71,19 +72,13 @@ pub struct Context {
 
 impl Context {
     pub fn input(&self, property: &str) -> Result<&Output, StepError> {
-        self.inputs
-            .get(property)
-            .ok_or_else(|| StepError::Failed(format!("input `{property}` is missing")))
+        self.inputs.get(property).ok_or_else(|| StepError::Failed(format!("input `{property}` is missing")))
     }
 
     /// The records of an input step.
-    pub fn read<T: serde::de::DeserializeOwned>(
-        &self,
-        property: &str,
-    ) -> Result<Vec<T>, StepError> {
+    pub fn read<T: serde::de::DeserializeOwned>(&self, property: &str) -> Result<Vec<T>, StepError> {
         let path = self.input(property)?.records_path();
-        files::read_records(&path)
-            .map_err(|e| StepError::Failed(format!("cannot read `{}`: {e}", path.display())))
+        files::read_records(&path).map_err(|e| StepError::Failed(format!("cannot read `{}`: {e}", path.display())))
     }
 
     /// Opens this step's record file. Returns the records an unfinished earlier run wrote, so a
@@ -93,20 +88,20 @@ impl Context {
     }
 
     pub fn progress(&self, done: u64, total: u64) {
-        self.events.emit(&Event::StepProgress {
+        self.events.emit(&Event::StepProgress { step: self.step.clone(), iteration: self.iteration, done, total });
+    }
+
+    /// A line for the user about what the step is doing (fetching an asset, loading a model).
+    pub fn message(&self, message: &str) {
+        self.events.emit(&Event::StepMessage {
             step: self.step.clone(),
             iteration: self.iteration,
-            done,
-            total,
+            message: message.to_string(),
         });
     }
 
     /// Returns `Err(Cancelled)` once the run is being stopped; call between batches.
     pub fn check_cancelled(&self) -> Result<(), StepError> {
-        if self.cancel.is_cancelled() {
-            Err(StepError::Cancelled)
-        } else {
-            Ok(())
-        }
+        if self.cancel.is_cancelled() { Err(StepError::Cancelled) } else { Ok(()) }
     }
 }

@@ -25,6 +25,12 @@ pub enum Event {
         done: u64,
         total: u64,
     },
+    StepMessage {
+        step: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        iteration: Option<u32>,
+        message: String,
+    },
     StepCached {
         step: String,
         #[serde(skip_serializing_if = "Option::is_none")]

@@ -59,9 +59,7 @@ fn collect(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) -> io::Result<()> {
         }
         let name = path.strip_prefix(root).unwrap_or(&path).to_path_buf();
         let is_meta = name == Path::new(META);
-        let unfinished = name
-            .extension()
-            .is_some_and(|e| e == "partial" || e == "tmp");
+        let unfinished = name.extension().is_some_and(|e| e == "partial" || e == "tmp");
         if !is_meta && !unfinished {
             out.push(name);
         }
@@ -106,24 +104,13 @@ impl RecordWriter {
                 good_bytes += read as u64;
                 kept.push(text.trim_end().to_string());
             }
-            OpenOptions::new()
-                .write(true)
-                .open(&partial)?
-                .set_len(good_bytes)?;
+            OpenOptions::new().write(true).open(&partial)?.set_len(good_bytes)?;
         } else {
             File::create(&partial)?;
         }
         let file = OpenOptions::new().append(true).open(&partial)?;
         let count = kept.len();
-        Ok((
-            RecordWriter {
-                file,
-                partial,
-                finished: dir.join(RECORDS),
-                count,
-            },
-            kept,
-        ))
+        Ok((RecordWriter { file, partial, finished: dir.join(RECORDS), count }, kept))
     }
 
     /// Appends a batch of records and makes it durable.
@@ -155,10 +142,7 @@ pub fn read_records<T: serde::de::DeserializeOwned>(path: &Path) -> io::Result<V
             continue;
         }
         let record = serde_json::from_str(&line).map_err(|e| {
-            io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("{}:{}: {e}", path.display(), number + 1),
-            )
+            io::Error::new(io::ErrorKind::InvalidData, format!("{}:{}: {e}", path.display(), number + 1))
         })?;
         out.push(record);
     }
@@ -177,19 +161,13 @@ mod tests {
         writer.append(&[1, 2]).unwrap();
         drop(writer);
         // A crash in the middle of a line.
-        let mut file = OpenOptions::new()
-            .append(true)
-            .open(dir.path().join(PARTIAL))
-            .unwrap();
+        let mut file = OpenOptions::new().append(true).open(dir.path().join(PARTIAL)).unwrap();
         file.write_all(b"{\"torn\": ").unwrap();
         let (mut writer, kept) = RecordWriter::open(dir.path(), true).unwrap();
         assert_eq!(kept, vec!["1", "2"]);
         writer.append(&[3]).unwrap();
         writer.finish().unwrap();
-        assert_eq!(
-            read_records::<i32>(&dir.path().join(RECORDS)).unwrap(),
-            vec![1, 2, 3]
-        );
+        assert_eq!(read_records::<i32>(&dir.path().join(RECORDS)).unwrap(), vec![1, 2, 3]);
     }
 
     #[test]

@@ -23,7 +23,7 @@ use context::{Context, Outcome, Output, StepError};
 use events::{Event, EventSink};
 use summary::{StepSummary, Summary};
 
-use crate::dsl::schema::{Value, ValueType};
+use crate::dsl::schema::{Artifact, Role, Value, ValueType};
 use crate::nodes::{self, Resource};
 use crate::plan::{Graph, Plan, PlannedStep, Source};
 
@@ -80,9 +80,8 @@ enum Stop {
 }
 
 /// Scopes run recursively (a loop runs its body's graph), so their futures are boxed.
-type ScopeFuture = std::pin::Pin<
-    Box<dyn std::future::Future<Output = Result<BTreeMap<String, Produced>, Stop>> + Send>,
->;
+type ScopeFuture =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<BTreeMap<String, Produced>, Stop>> + Send>>;
 
 /// Which graph of the plan: the top level, or the body of the loop at this top-level index.
 #[derive(Debug, Clone, Copy)]
@@ -124,15 +123,9 @@ pub async fn run(
     cancel: CancellationToken,
 ) -> RunOutcome {
     if let Err(err) = std::fs::create_dir_all(&options.run_dir) {
-        return RunOutcome::Failed(format!(
-            "cannot create run directory `{}`: {err}",
-            options.run_dir.display()
-        ));
+        return RunOutcome::Failed(format!("cannot create run directory `{}`: {err}", options.run_dir.display()));
     }
-    events.emit(&Event::RunStarted {
-        workflow: plan.name.clone(),
-        run_dir: options.run_dir.display().to_string(),
-    });
+    events.emit(&Event::RunStarted { workflow: plan.name.clone(), run_dir: options.run_dir.display().to_string() });
     let engine = Arc::new(Engine {
         summary: Mutex::new(Summary::new(&plan.name)),
         sandbox: Arc::new(Semaphore::new(options.workers.max(1))),
@@ -152,11 +145,7 @@ pub async fn run(
         dir: engine.options.run_dir.clone(),
     };
     let result = engine.clone().run_graph(scope).await;
-    let gate_failures = engine
-        .gate_failures
-        .lock()
-        .map(|g| g.clone())
-        .unwrap_or_default();
+    let gate_failures = engine.gate_failures.lock().map(|g| g.clone()).unwrap_or_default();
     let outcome = match result {
         Err(Stop::Interrupted) => RunOutcome::Interrupted,
         Err(Stop::Failed(message)) => RunOutcome::Failed(message),
@@ -164,10 +153,7 @@ pub async fn run(
         Ok(_) => RunOutcome::Ok,
     };
     engine.write_summary(Some(outcome.name()));
-    events.emit(&Event::RunFinished {
-        status: outcome.name().to_string(),
-        exit_code: outcome.exit_code(),
-    });
+    events.emit(&Event::RunFinished { status: outcome.name().to_string(), exit_code: outcome.exit_code() });
     outcome
 }
 
@@ -176,10 +162,7 @@ impl Engine {
         match graph {
             GraphRef::Top => &self.plan.graph,
             // Body graphs exist for every loop the planner accepted.
-            GraphRef::Body(i) => self.plan.graph.steps[i]
-                .body
-                .as_ref()
-                .unwrap_or(&self.plan.graph),
+            GraphRef::Body(i) => self.plan.graph.steps[i].body.as_ref().unwrap_or(&self.plan.graph),
         }
     }
 
@@ -195,11 +178,7 @@ impl Engine {
 
     fn record(&self, scope: &Scope, step: &str, entry: StepSummary) {
         if let Ok(mut summary) = self.summary.lock() {
-            summary.record(
-                scope.iteration.as_ref().map(|(l, i)| (l.as_str(), *i)),
-                step,
-                entry,
-            );
+            summary.record(scope.iteration.as_ref().map(|(l, i)| (l.as_str(), *i)), step, entry);
         }
         self.write_summary(None);
     }
@@ -303,30 +282,18 @@ impl Engine {
                 }
                 None if matches!(input.source, Source::Prev(_)) => {}
                 None => {
-                    return Err(Stop::Failed(format!(
-                        "`{}`: input `{}` has no output",
-                        step.name(),
-                        input.property
-                    )));
+                    return Err(Stop::Failed(format!("`{}`: input `{}` has no output", step.name(), input.property)));
                 }
             }
         }
         let engine = self.clone();
-        engine
-            .run_step(scope, step, inputs)
-            .await
-            .map(Produced::Step)
+        engine.run_step(scope, step, inputs).await.map(Produced::Step)
     }
 
     async fn run_loop(self: Arc<Self>, scope: &Scope, index: usize) -> Result<Produced, Stop> {
         let step = &self.plan.graph.steps[index];
         let name = step.name().to_string();
-        let max = step
-            .declaration
-            .props
-            .integer("max-iterations")
-            .unwrap_or(1)
-            .max(1) as u32;
+        let max = step.declaration.props.integer("max-iterations").unwrap_or(1).max(1) as u32;
         let until = match step.declaration.props.get("until") {
             Some(Value::Expression(expr)) => Some(expr.clone()),
             _ => None,
@@ -353,20 +320,13 @@ impl Engine {
                 Some(expr) => {
                     let lookup = |m: &crate::dsl::expr::MetricName| match &m.step {
                         None => Some(iteration as f64),
-                        Some(s) => previous
-                            .get(s)
-                            .and_then(|o| o.metrics.get(&m.metric).copied()),
+                        Some(s) => previous.get(s).and_then(|o| o.metrics.get(&m.metric).copied()),
                     };
-                    expr.evaluate(&lookup).map_err(|e| {
-                        Stop::Failed(format!("`{name}`: cannot evaluate `until`: {e}"))
-                    })?
+                    expr.evaluate(&lookup)
+                        .map_err(|e| Stop::Failed(format!("`{name}`: cannot evaluate `until`: {e}")))?
                 }
             };
-            self.events.emit(&Event::IterationFinished {
-                step: name.clone(),
-                iteration,
-                stop,
-            });
+            self.events.emit(&Event::IterationFinished { step: name.clone(), iteration, stop });
             if stop {
                 break;
             }
@@ -389,32 +349,19 @@ impl Engine {
         let hashes = step
             .inputs
             .iter()
-            .map(|i| {
-                (
-                    i.property.clone(),
-                    inputs
-                        .get(&i.property)
-                        .map_or("none".to_string(), |o| o.hash.clone()),
-                )
-            })
+            .map(|i| (i.property.clone(), inputs.get(&i.property).map_or("none".to_string(), |o| o.hash.clone())))
             .collect();
         let parts = key_parts(&self.plan, step, hashes).map_err(|e| self.fail(scope, &name, e))?;
-        let decision = if self.options.resume {
-            inspect(&dir, &parts)
-        } else {
-            Decision::Run(vec!["not run before".into()])
-        };
+        let decision =
+            if self.options.resume { inspect(&dir, &parts) } else { Decision::Run(vec!["not run before".into()]) };
         if decision == Decision::Cached
             && let Some(meta) = Meta::read(&dir)
         {
-            self.events.emit(&Event::StepCached {
-                step: name.clone(),
-                iteration,
-                metrics: meta.metrics.clone(),
-            });
+            self.events.emit(&Event::StepCached { step: name.clone(), iteration, metrics: meta.metrics.clone() });
             self.note_gate(&name, meta.gate_failure.as_deref());
             self.record(scope, &name, StepSummary::done(meta.metrics.clone(), true));
             return Ok(Output {
+                artifact: artifact(step),
                 dir,
                 hash: meta.output_hash.unwrap_or_default(),
                 metrics: meta.metrics,
@@ -426,16 +373,10 @@ impl Engine {
             Decision::Cached => String::new(),
         };
         if matches!(decision, Decision::Run(_)) && dir.exists() {
-            std::fs::remove_dir_all(&dir).map_err(|e| {
-                self.fail(
-                    scope,
-                    &name,
-                    format!("cannot clear `{}`: {e}", dir.display()),
-                )
-            })?;
+            std::fs::remove_dir_all(&dir)
+                .map_err(|e| self.fail(scope, &name, format!("cannot clear `{}`: {e}", dir.display())))?;
         }
-        let started_at =
-            humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+        let started_at = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
         let mut meta = Meta {
             key: parts.key(),
             parts,
@@ -449,18 +390,8 @@ impl Engine {
             seconds: 0.0,
         };
         let write_meta = |meta: &Meta| files::write_json_atomic(&dir.join(files::META), meta);
-        write_meta(&meta).map_err(|e| {
-            self.fail(
-                scope,
-                &name,
-                format!("cannot write `{}`: {e}", dir.display()),
-            )
-        })?;
-        self.events.emit(&Event::StepStarted {
-            step: name.clone(),
-            iteration,
-            reason,
-        });
+        write_meta(&meta).map_err(|e| self.fail(scope, &name, format!("cannot write `{}`: {e}", dir.display())))?;
+        self.events.emit(&Event::StepStarted { step: name.clone(), iteration, reason });
         self.record(scope, &name, StepSummary::running());
 
         let Some(runner) = nodes::runner(step.kind()) else {
@@ -474,6 +405,7 @@ impl Engine {
             seed: self.plan.seed,
             inputs,
             dir: dir.clone(),
+            workers: self.options.workers,
             finish_partial: decision == Decision::Finish,
             cancel: self.cancel.clone(),
             events: self.events.clone(),
@@ -486,26 +418,17 @@ impl Engine {
         .await
         .unwrap_or_else(|e| Err(StepError::Failed(format!("internal error: {e}"))));
         meta.seconds = clock.elapsed().as_secs_f64();
-        meta.finished_at =
-            Some(humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string());
+        meta.finished_at = Some(humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string());
         match result {
-            Ok(Outcome {
-                metrics,
-                gate_failure,
-            }) => {
+            Ok(Outcome { metrics, gate_failure }) => {
                 let hash = files::hash_output(&dir)
                     .map_err(|e| self.fail(scope, &name, format!("cannot read output: {e}")))?;
                 meta.status = StepStatus::Done;
                 meta.metrics = metrics.clone();
                 meta.output_hash = Some(hash.clone());
                 meta.gate_failure = gate_failure.clone();
-                write_meta(&meta).map_err(|e| {
-                    self.fail(
-                        scope,
-                        &name,
-                        format!("cannot write `{}`: {e}", dir.display()),
-                    )
-                })?;
+                write_meta(&meta)
+                    .map_err(|e| self.fail(scope, &name, format!("cannot write `{}`: {e}", dir.display())))?;
                 self.events.emit(&Event::StepFinished {
                     step: name.clone(),
                     iteration,
@@ -514,7 +437,7 @@ impl Engine {
                 });
                 self.note_gate(&name, gate_failure.as_deref());
                 self.record(scope, &name, StepSummary::done(metrics.clone(), false));
-                Ok(Output { dir, hash, metrics })
+                Ok(Output { artifact: artifact(step), dir, hash, metrics })
             }
             Err(StepError::Cancelled) => {
                 meta.status = StepStatus::Interrupted;
@@ -533,21 +456,14 @@ impl Engine {
 
     fn fail(&self, scope: &Scope, step: &str, error: String) -> Stop {
         let iteration = scope.iteration.as_ref().map(|(_, i)| *i);
-        self.events.emit(&Event::StepFailed {
-            step: step.to_string(),
-            iteration,
-            error: error.clone(),
-        });
+        self.events.emit(&Event::StepFailed { step: step.to_string(), iteration, error: error.clone() });
         self.record(scope, step, StepSummary::failed(error.clone()));
         Stop::Failed(format!("step `{step}` failed: {error}"))
     }
 
     fn note_gate(&self, step: &str, failure: Option<&str>) {
         if let Some(message) = failure {
-            self.events.emit(&Event::GateFailed {
-                step: step.to_string(),
-                message: message.to_string(),
-            });
+            self.events.emit(&Event::GateFailed { step: step.to_string(), message: message.to_string() });
             if let Ok(mut failures) = self.gate_failures.lock() {
                 failures.push(format!("{step}: {message}"));
             }
@@ -559,17 +475,24 @@ impl Engine {
     async fn permit(&self, step: &PlannedStep) -> Option<tokio::sync::OwnedSemaphorePermit> {
         let semaphore = match nodes::resource(step) {
             Resource::None => return None,
-            Resource::Sandbox => self.sandbox.clone(),
+            // An execute step runs programs on every worker, so it takes them all.
+            Resource::Sandbox => {
+                return self.sandbox.clone().acquire_many_owned(self.options.workers.max(1) as u32).await.ok();
+            }
             Resource::Training => self.training.clone(),
             Resource::Model(model) => {
                 let mut models = self.models.lock().ok()?;
-                models
-                    .entry(model)
-                    .or_insert_with(|| Arc::new(Semaphore::new(1)))
-                    .clone()
+                models.entry(model).or_insert_with(|| Arc::new(Semaphore::new(1))).clone()
             }
         };
         semaphore.acquire_owned().await.ok()
+    }
+}
+
+fn artifact(step: &PlannedStep) -> Artifact {
+    match step.declaration.spec.role {
+        Role::Step(artifact) => artifact,
+        _ => Artifact::Tasks,
     }
 }
 
@@ -581,20 +504,11 @@ fn inspect(dir: &Path, parts: &KeyParts) -> Decision {
         _ => None,
     };
     let has_partial = dir.join("output.jsonl.partial").exists();
-    cache::decide(
-        previous.as_ref(),
-        parts,
-        output_hash.as_deref(),
-        has_partial,
-    )
+    cache::decide(previous.as_ref(), parts, output_hash.as_deref(), has_partial)
 }
 
 /// The parts of a step's cache key, given the output hash of each input by property.
-fn key_parts(
-    plan: &Plan,
-    step: &PlannedStep,
-    inputs: BTreeMap<String, String>,
-) -> Result<KeyParts, String> {
+fn key_parts(plan: &Plan, step: &PlannedStep, inputs: BTreeMap<String, String>) -> Result<KeyParts, String> {
     let declaration = &step.declaration;
     let mut params = BTreeMap::new();
     let mut files = BTreeMap::new();
@@ -609,16 +523,9 @@ fn key_parts(
                 let Some(model_declaration) = plan.models.get(model) else {
                     continue;
                 };
-                let settings: BTreeMap<_, _> = model_declaration
-                    .props
-                    .0
-                    .iter()
-                    .map(|(k, v)| (k.clone(), v.to_json()))
-                    .collect();
-                params.insert(
-                    property.name.to_string(),
-                    serde_json::json!({ "name": model, "settings": settings }),
-                );
+                let settings: BTreeMap<_, _> =
+                    model_declaration.props.0.iter().map(|(k, v)| (k.clone(), v.to_json())).collect();
+                params.insert(property.name.to_string(), serde_json::json!({ "name": model, "settings": settings }));
                 if let Some(path) = model_declaration.props.file("path") {
                     let identity = cache::file_identity(path)
                         .map_err(|e| format!("cannot read model `{}`: {e}", path.display()))?;
@@ -626,8 +533,8 @@ fn key_parts(
                 }
             }
             (ValueType::File, Value::File(path)) => {
-                let identity = cache::file_identity(path)
-                    .map_err(|e| format!("cannot read `{}`: {e}", path.display()))?;
+                let identity =
+                    cache::file_identity(path).map_err(|e| format!("cannot read `{}`: {e}", path.display()))?;
                 files.insert(property.name.to_string(), identity);
                 params.insert(property.name.to_string(), value.to_json());
             }
@@ -636,13 +543,7 @@ fn key_parts(
             }
         }
     }
-    Ok(KeyParts {
-        kind: declaration.spec.name.to_string(),
-        params,
-        inputs,
-        files,
-        seed: plan.seed,
-    })
+    Ok(KeyParts { kind: declaration.spec.name.to_string(), params, inputs, files, seed: plan.seed })
 }
 
 /// One line of `--dry-run`: what would happen to a step, and why.
@@ -663,45 +564,21 @@ pub fn dry_run(plan: &Plan, run_dir: &Path, resume: bool) -> Vec<DryRunLine> {
         let step = &plan.graph.steps[i];
         match &step.body {
             None => {
-                let hash = dry_run_step(
-                    plan,
-                    step,
-                    run_dir,
-                    resume,
-                    None,
-                    &known,
-                    &BTreeMap::new(),
-                    &mut lines,
-                );
+                let hash = dry_run_step(plan, step, run_dir, resume, None, &known, &BTreeMap::new(), &mut lines);
                 known.insert(step.name().to_string(), hash);
             }
             Some(body) => {
-                let max = step
-                    .declaration
-                    .props
-                    .integer("max-iterations")
-                    .unwrap_or(1)
-                    .max(1) as u32;
+                let max = step.declaration.props.integer("max-iterations").unwrap_or(1).max(1) as u32;
                 let mut previous: BTreeMap<String, Option<String>> = BTreeMap::new();
                 let mut last = BTreeMap::new();
                 for iteration in 1..=max {
-                    let dir = run_dir
-                        .join(step.name())
-                        .join(format!("iteration-{iteration}"));
+                    let dir = run_dir.join(step.name()).join(format!("iteration-{iteration}"));
                     let mut local = known.clone();
                     let mut all_known = true;
                     for &j in &body.order {
                         let inner = &body.steps[j];
-                        let hash = dry_run_step(
-                            plan,
-                            inner,
-                            &dir,
-                            resume,
-                            Some(iteration),
-                            &local,
-                            &previous,
-                            &mut lines,
-                        );
+                        let hash =
+                            dry_run_step(plan, inner, &dir, resume, Some(iteration), &local, &previous, &mut lines);
                         all_known &= hash.is_some();
                         local.insert(inner.name().to_string(), hash.clone());
                         last.insert(inner.name().to_string(), hash);
@@ -714,10 +591,7 @@ pub fn dry_run(plan: &Plan, run_dir: &Path, resume: bool) -> Vec<DryRunLine> {
                                 step: step.name().to_string(),
                                 iteration: None,
                                 action: "then",
-                                reason: format!(
-                                    "up to {} more iterations, until `until` holds",
-                                    max - iteration
-                                ),
+                                reason: format!("up to {} more iterations, until `until` holds", max - iteration),
                             });
                         }
                         break;
@@ -760,12 +634,7 @@ fn dry_run_step(
     lines: &mut Vec<DryRunLine>,
 ) -> Option<String> {
     let mut line = |action: &'static str, reason: String| {
-        lines.push(DryRunLine {
-            step: step.name().to_string(),
-            iteration,
-            action,
-            reason,
-        });
+        lines.push(DryRunLine { step: step.name().to_string(), iteration, action, reason });
     };
     let mut hashes = BTreeMap::new();
     let mut waiting_for = vec![];
@@ -799,23 +668,15 @@ fn dry_run_step(
         }
     };
     let dir = scope_dir.join(step.name());
-    let decision = if resume {
-        inspect(&dir, &parts)
-    } else {
-        Decision::Run(vec!["not run before".into()])
-    };
+    let decision = if resume { inspect(&dir, &parts) } else { Decision::Run(vec!["not run before".into()]) };
     match decision {
         Decision::Cached => {
             line("cached", "inputs and parameters unchanged".into());
             Meta::read(&dir).and_then(|m| m.output_hash)
         }
         Decision::Finish => {
-            let kept = std::fs::read_to_string(dir.join("output.jsonl.partial"))
-                .map_or(0, |t| t.lines().count());
-            line(
-                "finish",
-                format!("an unfinished run left {kept} records, which are kept"),
-            );
+            let kept = std::fs::read_to_string(dir.join("output.jsonl.partial")).map_or(0, |t| t.lines().count());
+            line("finish", format!("an unfinished run left {kept} records, which are kept"));
             None
         }
         Decision::Run(reasons) => {

@@ -22,14 +22,7 @@ pub struct StepSummary {
 
 impl StepSummary {
     fn with_status(status: &'static str) -> Self {
-        StepSummary {
-            status,
-            cached: false,
-            metrics: Metrics::new(),
-            error: None,
-            iterations: vec![],
-            last: None,
-        }
+        StepSummary { status, cached: false, metrics: Metrics::new(), error: None, iterations: vec![], last: None }
     }
 
     pub fn running() -> Self {
@@ -41,18 +34,11 @@ impl StepSummary {
     }
 
     pub fn done(metrics: Metrics, cached: bool) -> Self {
-        StepSummary {
-            metrics,
-            cached,
-            ..Self::with_status("done")
-        }
+        StepSummary { metrics, cached, ..Self::with_status("done") }
     }
 
     pub fn failed(error: String) -> Self {
-        StepSummary {
-            error: Some(error),
-            ..Self::with_status("failed")
-        }
+        StepSummary { error: Some(error), ..Self::with_status("failed") }
     }
 }
 
@@ -65,11 +51,7 @@ pub struct Summary {
 
 impl Summary {
     pub fn new(workflow: &str) -> Self {
-        Summary {
-            workflow: workflow.to_string(),
-            status: "running".into(),
-            steps: BTreeMap::new(),
-        }
+        Summary { workflow: workflow.to_string(), status: "running".into(), steps: BTreeMap::new() }
     }
 
     /// Records a step's state; `within` is the loop and iteration it ran in.
@@ -86,10 +68,7 @@ impl Summary {
                 }
             },
             Some((loop_name, iteration)) => {
-                let holder = self
-                    .steps
-                    .entry(loop_name.to_string())
-                    .or_insert_with(StepSummary::running);
+                let holder = self.steps.entry(loop_name.to_string()).or_insert_with(StepSummary::running);
                 let index = iteration.saturating_sub(1) as usize;
                 if holder.iterations.len() <= index {
                     holder.iterations.resize_with(index + 1, BTreeMap::new);

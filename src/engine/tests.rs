@@ -25,26 +25,12 @@ fn plan(dir: &Path, workflow: &str, overrides: &[&str]) -> Arc<crate::plan::Plan
 }
 
 fn options(run_dir: &Path, resume: bool) -> RunOptions {
-    RunOptions {
-        run_dir: run_dir.to_path_buf(),
-        resume,
-        workers: 2,
-    }
+    RunOptions { run_dir: run_dir.to_path_buf(), resume, workers: 2 }
 }
 
-async fn run_to_end(
-    plan: Arc<crate::plan::Plan>,
-    run_dir: &Path,
-    resume: bool,
-) -> (RunOutcome, Vec<Event>) {
+async fn run_to_end(plan: Arc<crate::plan::Plan>, run_dir: &Path, resume: bool) -> (RunOutcome, Vec<Event>) {
     let events = Arc::new(Collect::default());
-    let outcome = run(
-        plan,
-        options(run_dir, resume),
-        events.clone(),
-        CancellationToken::new(),
-    )
-    .await;
+    let outcome = run(plan, options(run_dir, resume), events.clone(), CancellationToken::new()).await;
     (outcome, events.events())
 }
 
@@ -58,10 +44,7 @@ fn outputs(run_dir: &Path) -> Vec<(PathBuf, String)> {
             if path.is_dir() {
                 stack.push(path);
             } else if path.file_name().is_some_and(|n| n == "output.jsonl") {
-                out.push((
-                    path.strip_prefix(run_dir).unwrap().to_path_buf(),
-                    std::fs::read_to_string(&path).unwrap(),
-                ));
+                out.push((path.strip_prefix(run_dir).unwrap().to_path_buf(), std::fs::read_to_string(&path).unwrap()));
             }
         }
     }
@@ -83,12 +66,7 @@ async fn independent_steps_run_at_the_same_time() {
 test-barrier "left" group="meet-1"
 test-barrier "right" group="meet-1"
 "#;
-    let (outcome, events) = run_to_end(
-        plan(dir.path(), workflow, &[]),
-        &dir.path().join("run"),
-        false,
-    )
-    .await;
+    let (outcome, events) = run_to_end(plan(dir.path(), workflow, &[]), &dir.path().join("run"), false).await;
     assert_eq!(outcome, RunOutcome::Ok, "{events:#?}");
 }
 
@@ -98,26 +76,15 @@ async fn a_killed_run_resumes_to_the_same_outputs() {
     let plan = plan(dir.path(), CHAIN, &[]);
 
     let whole = dir.path().join("whole");
-    assert_eq!(
-        run_to_end(plan.clone(), &whole, false).await.0,
-        RunOutcome::Ok
-    );
+    assert_eq!(run_to_end(plan.clone(), &whole, false).await.0, RunOutcome::Ok);
 
     // Kill the second run while `first` is half written: its future is dropped mid-step, as a
     // killed process would leave it (meta.json says running, a partial record file).
     let killed = dir.path().join("killed");
     let stalled_dir = killed.join("first");
-    testing::STALL
-        .lock()
-        .unwrap()
-        .insert(stalled_dir.clone(), 3);
+    testing::STALL.lock().unwrap().insert(stalled_dir.clone(), 3);
     let events = Arc::new(Collect::default());
-    let running = tokio::spawn(run(
-        plan.clone(),
-        options(&killed, false),
-        events,
-        CancellationToken::new(),
-    ));
+    let running = tokio::spawn(run(plan.clone(), options(&killed, false), events, CancellationToken::new()));
     tokio::task::spawn_blocking({
         let stalled_dir = stalled_dir.clone();
         move || testing::wait_stalled(&stalled_dir)
@@ -129,32 +96,18 @@ async fn a_killed_run_resumes_to_the_same_outputs() {
     testing::STALL.lock().unwrap().remove(&stalled_dir);
     testing::release_stalled(&stalled_dir);
     let partial = std::fs::read_to_string(stalled_dir.join("output.jsonl.partial")).unwrap();
-    assert_eq!(
-        partial.lines().count(),
-        6,
-        "three batches of two were written before the kill"
-    );
+    assert_eq!(partial.lines().count(), 6, "three batches of two were written before the kill");
 
     // The dry run says what resuming will do, and why.
     let lines = dry_run(&plan, &killed, true);
     let summary: Vec<_> = lines.iter().map(|l| (l.step.as_str(), l.action)).collect();
-    assert_eq!(
-        summary,
-        [("tasks", "cached"), ("first", "finish"), ("second", "run")]
-    );
-    assert_eq!(
-        lines[1].reason,
-        "an unfinished run left 6 records, which are kept"
-    );
+    assert_eq!(summary, [("tasks", "cached"), ("first", "finish"), ("second", "run")]);
+    assert_eq!(lines[1].reason, "an unfinished run left 6 records, which are kept");
     assert_eq!(lines[2].reason, "`first` will run first");
 
     let (outcome, events) = run_to_end(plan.clone(), &killed, true).await;
     assert_eq!(outcome, RunOutcome::Ok);
-    assert!(
-        events
-            .iter()
-            .any(|e| matches!(e, Event::StepCached { step, .. } if step == "tasks"))
-    );
+    assert!(events.iter().any(|e| matches!(e, Event::StepCached { step, .. } if step == "tasks")));
     assert!(events.iter().any(|e| matches!(e, Event::StepStarted { step, reason, .. } if step == "first" && reason == "finishing an unfinished run")));
     assert_eq!(outputs(&whole), outputs(&killed));
     assert_eq!(outputs(&whole).len(), 3);
@@ -164,35 +117,16 @@ async fn a_killed_run_resumes_to_the_same_outputs() {
 async fn dry_run_names_what_changed() {
     let dir = tempfile::tempdir().unwrap();
     let run_dir = dir.path().join("run");
-    assert_eq!(
-        run_to_end(plan(dir.path(), CHAIN, &[]), &run_dir, false)
-            .await
-            .0,
-        RunOutcome::Ok
-    );
+    assert_eq!(run_to_end(plan(dir.path(), CHAIN, &[]), &run_dir, false).await.0, RunOutcome::Ok);
 
     let unchanged = dry_run(&plan(dir.path(), CHAIN, &[]), &run_dir, true);
-    assert!(
-        unchanged.iter().all(|l| l.action == "cached"),
-        "{unchanged:#?}"
-    );
+    assert!(unchanged.iter().all(|l| l.action == "cached"), "{unchanged:#?}");
 
-    let changed = dry_run(
-        &plan(dir.path(), CHAIN, &["second.records=8"]),
-        &run_dir,
-        true,
-    );
+    let changed = dry_run(&plan(dir.path(), CHAIN, &["second.records=8"]), &run_dir, true);
     assert_eq!(changed[2].reason, "parameter `records` changed: 6 -> 8");
 
-    let reseeded = dry_run(
-        &plan(dir.path(), CHAIN, &["workflow.seed=6"]),
-        &run_dir,
-        true,
-    );
-    assert_eq!(
-        (reseeded[0].action, reseeded[0].reason.as_str()),
-        ("run", "workflow seed changed: 5 -> 6")
-    );
+    let reseeded = dry_run(&plan(dir.path(), CHAIN, &["workflow.seed=6"]), &run_dir, true);
+    assert_eq!((reseeded[0].action, reseeded[0].reason.as_str()), ("run", "workflow seed changed: 5 -> 6"));
 
     // A changed input file is named, and what reads it waits for it.
     std::fs::write(dir.path().join("flow.kdl"), CHAIN).unwrap();
@@ -201,10 +135,7 @@ async fn dry_run_names_what_changed() {
     std::fs::write(dir.path().join("data.jsonl"), &data).unwrap();
     let plan = crate::load_plan(&dir.path().join("flow.kdl"), &[]).unwrap();
     let lines = dry_run(&plan, &run_dir, true);
-    assert_eq!(
-        (lines[0].action, lines[0].reason.as_str()),
-        ("run", "file of `path` changed")
-    );
+    assert_eq!((lines[0].action, lines[0].reason.as_str()), ("run", "file of `path` changed"));
     assert_eq!(lines[1].reason, "`tasks` will run first");
 
     // Editing an output by hand makes the step run again.
@@ -223,44 +154,25 @@ async fn ctrl_c_stops_cleanly_and_the_run_resumes() {
     let plan = plan(dir.path(), CHAIN, &[]);
     let run_dir = dir.path().join("run");
     let stalled_dir = run_dir.join("first");
-    testing::STALL
-        .lock()
-        .unwrap()
-        .insert(stalled_dir.clone(), 1);
+    testing::STALL.lock().unwrap().insert(stalled_dir.clone(), 1);
     let cancel = CancellationToken::new();
-    let running = tokio::spawn(run(
-        plan.clone(),
-        options(&run_dir, false),
-        Arc::new(Collect::default()),
-        cancel.clone(),
-    ));
+    let running =
+        tokio::spawn(run(plan.clone(), options(&run_dir, false), Arc::new(Collect::default()), cancel.clone()));
     let wait_dir = stalled_dir.clone();
-    tokio::task::spawn_blocking(move || testing::wait_stalled(&wait_dir))
-        .await
-        .unwrap();
+    tokio::task::spawn_blocking(move || testing::wait_stalled(&wait_dir)).await.unwrap();
     cancel.cancel();
     testing::STALL.lock().unwrap().remove(&stalled_dir);
     testing::release_stalled(&stalled_dir);
     assert_eq!(running.await.unwrap(), RunOutcome::Interrupted);
     let summary: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(run_dir.join("summary.json")).unwrap())
-            .unwrap();
+        serde_json::from_str(&std::fs::read_to_string(run_dir.join("summary.json")).unwrap()).unwrap();
     assert_eq!(summary["status"], "interrupted");
     assert_eq!(summary["steps"]["first"]["status"], "interrupted");
-    assert!(
-        !run_dir.join("second").exists(),
-        "nothing after the interrupted step started"
-    );
+    assert!(!run_dir.join("second").exists(), "nothing after the interrupted step started");
 
     let (outcome, _) = run_to_end(plan, &run_dir, true).await;
     assert_eq!(outcome, RunOutcome::Ok);
-    assert_eq!(
-        std::fs::read_to_string(run_dir.join("first/output.jsonl"))
-            .unwrap()
-            .lines()
-            .count(),
-        12
-    );
+    assert_eq!(std::fs::read_to_string(run_dir.join("first/output.jsonl")).unwrap().lines().count(), 12);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -276,56 +188,35 @@ gate "enough" metric="grow.step.count" at-least=5
 "#;
     let run_dir = dir.path().join("run");
     let (outcome, events) = run_to_end(plan(dir.path(), workflow, &[]), &run_dir, false).await;
-    assert_eq!(
-        outcome,
-        RunOutcome::GateFailed(vec!["enough: grow.step.count = 4 is below 5".into()])
-    );
+    assert_eq!(outcome, RunOutcome::GateFailed(vec!["enough: grow.step.count = 4 is below 5".into()]));
     assert_eq!(outcome.exit_code(), 3);
     let iterations: Vec<_> = events
         .iter()
         .filter_map(|e| match e {
-            Event::IterationFinished {
-                iteration, stop, ..
-            } => Some((*iteration, *stop)),
+            Event::IterationFinished { iteration, stop, .. } => Some((*iteration, *stop)),
             _ => None,
         })
         .collect();
     assert_eq!(iterations, [(1, false), (2, false), (3, true)]);
     // Iteration 1 reads no previous output; later ones read the one before.
     let input_of = |i: u32| -> serde_json::Value {
-        let text =
-            std::fs::read_to_string(run_dir.join(format!("grow/iteration-{i}/step/output.jsonl")))
-                .unwrap();
-        serde_json::from_str::<serde_json::Value>(text.lines().next().unwrap()).unwrap()["input"]
-            .clone()
+        let text = std::fs::read_to_string(run_dir.join(format!("grow/iteration-{i}/step/output.jsonl"))).unwrap();
+        serde_json::from_str::<serde_json::Value>(text.lines().next().unwrap()).unwrap()["input"].clone()
     };
     assert_eq!(input_of(1), "none");
     assert_ne!(input_of(2), "none");
     assert_ne!(input_of(3), input_of(2));
 
     let summary: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(run_dir.join("summary.json")).unwrap())
-            .unwrap();
+        serde_json::from_str(&std::fs::read_to_string(run_dir.join("summary.json")).unwrap()).unwrap();
     assert_eq!(summary["status"], "gate-failed");
-    assert_eq!(
-        summary["steps"]["grow"]["iterations"]
-            .as_array()
-            .unwrap()
-            .len(),
-        3
-    );
-    assert_eq!(
-        summary["steps"]["grow"]["last"]["step"]["metrics"]["count"],
-        4.0
-    );
+    assert_eq!(summary["steps"]["grow"]["iterations"].as_array().unwrap().len(), 3);
+    assert_eq!(summary["steps"]["grow"]["last"]["step"]["metrics"]["count"], 4.0);
     assert_eq!(summary["steps"]["enough"]["metrics"]["passed"], 0.0);
 
     // Resuming reuses all three iterations.
     let (_, events) = run_to_end(plan(dir.path(), workflow, &[]), &run_dir, true).await;
-    let cached = events
-        .iter()
-        .filter(|e| matches!(e, Event::StepCached { .. }))
-        .count();
+    let cached = events.iter().filter(|e| matches!(e, Event::StepCached { .. })).count();
     assert_eq!(cached, 6, "{events:#?}");
 }
 
@@ -339,13 +230,8 @@ test-batches "after" from="tasks"
 "#;
     let run_dir = dir.path().join("run");
     let (outcome, _) = run_to_end(plan(dir.path(), workflow, &[]), &run_dir, false).await;
-    let RunOutcome::Failed(message) = outcome else {
-        panic!("{outcome:?}")
-    };
-    assert!(
-        message.starts_with("step `tasks` failed:") && message.contains("bad.jsonl:1"),
-        "{message}"
-    );
+    let RunOutcome::Failed(message) = outcome else { panic!("{outcome:?}") };
+    assert!(message.starts_with("step `tasks` failed:") && message.contains("bad.jsonl:1"), "{message}");
     assert!(!run_dir.join("after").exists());
     let meta = super::cache::Meta::read(&run_dir.join("tasks")).unwrap();
     assert_eq!(meta.status, super::cache::StepStatus::Failed);
@@ -355,20 +241,11 @@ test-batches "after" from="tasks"
 async fn steps_that_need_later_issues_say_so() {
     let dir = tempfile::tempdir().unwrap();
     let workflow = r#"
+model "coder" path="default"
 dataset "tasks" format="jsonl" path="data.jsonl"
-execute "verdicts" code="tasks"
+finetune-lora "tune" model="coder" data="tasks"
 "#;
-    let (outcome, _) = run_to_end(
-        plan(dir.path(), workflow, &[]),
-        &dir.path().join("run"),
-        false,
-    )
-    .await;
-    let RunOutcome::Failed(message) = outcome else {
-        panic!("{outcome:?}")
-    };
-    assert!(
-        message.contains("not available in this build yet"),
-        "{message}"
-    );
+    let (outcome, _) = run_to_end(plan(dir.path(), workflow, &[]), &dir.path().join("run"), false).await;
+    let RunOutcome::Failed(message) = outcome else { panic!("{outcome:?}") };
+    assert!(message.contains("not available in this build yet"), "{message}");
 }

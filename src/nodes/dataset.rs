@@ -14,28 +14,10 @@ pub static SPEC: KindSpec = KindSpec {
           `entry_point` optional; tests as `tests` (a list of statements run one by one) or as \
           `test` (one program checking `entry_point`). `skip` and `limit` take a slice of the file.",
     properties: &[
-        required(
-            "format",
-            ValueType::Choice(Format::NAMES),
-            "How the file's records are laid out.",
-        ),
-        required(
-            "path",
-            ValueType::File,
-            "The JSON-lines file, relative to the workflow file.",
-        ),
-        optional(
-            "skip",
-            ValueType::Integer { min: 0 },
-            "0",
-            "Records to skip from the start.",
-        ),
-        optional(
-            "limit",
-            ValueType::Integer { min: 0 },
-            "0",
-            "Most records to read after `skip`; 0 reads all.",
-        ),
+        required("format", ValueType::Choice(Format::NAMES), "How the file's records are laid out."),
+        required("path", ValueType::File, "The JSON-lines file, relative to the workflow file."),
+        optional("skip", ValueType::Integer { min: 0 }, "0", "Records to skip from the start."),
+        optional("limit", ValueType::Integer { min: 0 }, "0", "Most records to read after `skip`; 0 reads all."),
     ],
     metrics: &["count"],
     at_least_one: &[],
@@ -46,16 +28,9 @@ pub static SPEC: KindSpec = KindSpec {
 const BATCH: usize = 256;
 
 pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
-    let format = ctx
-        .props
-        .text("format")
-        .and_then(Format::parse)
-        .ok_or_else(|| StepError::Failed("no format".into()))?;
-    let path = ctx
-        .props
-        .file("path")
-        .ok_or_else(|| StepError::Failed("no path".into()))?
-        .clone();
+    let format =
+        ctx.props.text("format").and_then(Format::parse).ok_or_else(|| StepError::Failed("no format".into()))?;
+    let path = ctx.props.file("path").ok_or_else(|| StepError::Failed("no path".into()))?.clone();
     let skip = ctx.props.integer("skip").unwrap_or(0) as usize;
     let limit = match ctx.props.integer("limit").unwrap_or(0) {
         0 => usize::MAX,
@@ -68,12 +43,7 @@ pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
 
     let mut tasks = vec![];
     let mut seen = BTreeSet::new();
-    let lines = text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .skip(skip)
-        .take(limit);
+    let lines = text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()).skip(skip).take(limit);
     for (number, line) in lines {
         let task = formats::parse_line(format, line)
             .map_err(|e| StepError::Failed(format!("{}:{}: {e}", path.display(), number + 1)))?;
@@ -99,8 +69,5 @@ pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
         ctx.progress(writer.count as u64, tasks.len() as u64);
     }
     writer.finish()?;
-    Ok(Outcome {
-        metrics: [("count".to_string(), tasks.len() as f64)].into(),
-        gate_failure: None,
-    })
+    Ok(Outcome { metrics: [("count".to_string(), tasks.len() as f64)].into(), gate_failure: None })
 }

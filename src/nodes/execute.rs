@@ -1,15 +1,23 @@
-use crate::dsl::schema::{Artifact, KindSpec, Role, ValueType, optional, required};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use crate::assets;
+use crate::data::{Sample, Status, Task, Verdict, pass_at_k};
+use crate::dsl::schema::{Artifact, KindSpec, Role, Value, ValueType, optional, required};
 use crate::engine::context::{Context, Outcome, StepError};
+use crate::sandbox::{Job, Limits, Sandbox};
 
 pub static SPEC: KindSpec = KindSpec {
     name: "execute",
     role: Role::Step(Artifact::Verdicts),
     doc: "Runs each program against its task's tests in a sandbox: CPython compiled to WASI inside \
-          wasmtime, with no files, no network, no processes, a CPU and wall-clock budget and a \
-          memory cap. Given tasks instead of samples, it runs the dataset's reference solutions \
-          (a way to validate a dataset). Each verdict has a status (`passed`, `failed`, `error`, \
-          `syntax`, `timeout`, `memory`) and feedback for Self-Revise: the failing test, the \
-          exception and a short traceback. Samples run in parallel on all cores.",
+          wasmtime, a fresh instance per program, with no files, no network, no processes, a CPU \
+          budget, a wall-clock deadline, a memory cap and capped output. Given tasks instead of \
+          samples, it runs the dataset's reference solutions (a way to validate a dataset). Each \
+          verdict has a status (`passed`, `failed`, `error`, `syntax`, `timeout`, `memory`) and \
+          feedback for Self-Revise: the failing test and what it returned, or the exception with \
+          a short traceback. Programs run in parallel on all cores. CPython comes from the pinned \
+          python.wasm (`seedflow fetch python`), or the file `SEEDFLOW_PYTHON_WASM` names.",
     properties: &[
         required(
             "code",
@@ -20,14 +28,10 @@ pub static SPEC: KindSpec = KindSpec {
             "timeout",
             ValueType::Duration,
             r#""5s""#,
-            "Time budget per program.",
+            "Wall-clock deadline per program; the CPU budget scales with it.",
         ),
-        optional(
-            "memory",
-            ValueType::Size,
-            r#""256MiB""#,
-            "Memory cap per program.",
-        ),
+        optional("memory", ValueType::Size, r#""256MiB""#, "Memory cap per program."),
+        optional("output", ValueType::Size, r#""64KiB""#, "Most output a program may print."),
         optional(
             "feedback-chars",
             ValueType::Integer { min: 100 },
@@ -42,9 +46,111 @@ execute "references" code="train" timeout="5s" memory="256MiB"
 "#,
 };
 
-pub fn run(_ctx: &mut Context) -> Result<Outcome, StepError> {
-    Err(StepError::NotAvailable {
-        kind: "execute",
-        detail: "the wasmtime sandbox lands with the execute issue",
-    })
+/// Samples run together before their verdicts are written.
+const BATCH: usize = 32;
+
+fn limits(ctx: &Context) -> Limits {
+    let defaults = Limits::default();
+    Limits {
+        timeout: match ctx.props.get("timeout") {
+            Some(Value::Duration(d)) => *d,
+            _ => defaults.timeout,
+        },
+        memory: match ctx.props.get("memory") {
+            Some(Value::Size(s)) => *s,
+            _ => defaults.memory,
+        },
+        output: match ctx.props.get("output") {
+            Some(Value::Size(s)) => *s as usize,
+            _ => defaults.output,
+        },
+        feedback_chars: ctx.props.integer("feedback-chars").map_or(defaults.feedback_chars, |n| n as usize),
+    }
+}
+
+/// The programs to run: samples as they are, or the tasks' reference solutions.
+fn programs(ctx: &Context) -> Result<Vec<Sample>, StepError> {
+    match ctx.input("code")?.artifact {
+        Artifact::Tasks => Ok(ctx.read::<Task>("code")?.iter().filter_map(Sample::reference).collect()),
+        _ => ctx.read::<Sample>("code"),
+    }
+}
+
+pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
+    let samples = programs(ctx)?;
+    let limits = limits(ctx);
+    let (mut writer, kept) = ctx.records()?;
+    let mut verdicts: Vec<Verdict> = kept
+        .iter()
+        .map(|line| {
+            serde_json::from_str(line).map_err(|e| StepError::Failed(format!("unreadable earlier verdict: {e}")))
+        })
+        .collect::<Result<_, _>>()?;
+    let workers = ctx.workers.max(1);
+    let wasm = assets::ensure(&assets::PYTHON_WASM, &|message| ctx.message(message))
+        .map_err(|e| StepError::Failed(format!("{e}")))?;
+    let sandbox = Arc::new(Sandbox::new(&wasm, workers as u32, limits.memory).map_err(StepError::Failed)?);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_time()
+        .build()
+        .map_err(|e| StepError::Failed(format!("cannot start the sandbox workers: {e}")))?;
+    let remaining = samples.len().saturating_sub(verdicts.len());
+    for batch in samples[samples.len() - remaining..].chunks(BATCH) {
+        ctx.check_cancelled()?;
+        let results = runtime.block_on(async {
+            let mut running = tokio::task::JoinSet::new();
+            for (index, sample) in batch.iter().cloned().enumerate() {
+                let (sandbox, limits) = (sandbox.clone(), limits.clone());
+                running.spawn(async move {
+                    let job = Job::new(&sample.code, &sample.task, &limits);
+                    (index, sandbox.run(&job, &limits).await)
+                });
+            }
+            let mut results = vec![None; batch.len()];
+            while let Some(joined) = running.join_next().await {
+                if let Ok((index, result)) = joined {
+                    results[index] = Some(result);
+                }
+            }
+            results
+        });
+        let mut new = Vec::with_capacity(batch.len());
+        for (sample, result) in batch.iter().zip(results) {
+            let result = result.ok_or_else(|| StepError::Failed(format!("the sandbox lost `{}`", sample.sample_id)))?;
+            new.push(Verdict {
+                sample: sample.clone(),
+                status: result.status,
+                feedback: result.feedback,
+                failed_test: result.failed_test,
+                duration_ms: result.duration.as_secs_f64() * 1000.0,
+            });
+        }
+        writer.append(&new)?;
+        verdicts.extend(new);
+        ctx.progress(verdicts.len() as u64, samples.len() as u64);
+    }
+    writer.finish()?;
+    Ok(Outcome { metrics: metrics(&verdicts), gate_failure: None })
+}
+
+/// count, passed, pass-rate, and pass@k for k = 1 and every power of ten up to the samples per
+/// task.
+pub fn metrics(verdicts: &[Verdict]) -> BTreeMap<String, f64> {
+    let passed = verdicts.iter().filter(|v| v.status == Status::Passed).count();
+    let mut metrics = BTreeMap::new();
+    metrics.insert("count".to_string(), verdicts.len() as f64);
+    metrics.insert("passed".to_string(), passed as f64);
+    metrics
+        .insert("pass-rate".to_string(), if verdicts.is_empty() { 0.0 } else { passed as f64 / verdicts.len() as f64 });
+    let mut per_task: BTreeMap<&str, usize> = BTreeMap::new();
+    for v in verdicts {
+        *per_task.entry(&v.sample.task_id).or_default() += 1;
+    }
+    let fewest = per_task.values().copied().min().unwrap_or(0);
+    let ks: Vec<usize> = [1, 5, 10, 100].into_iter().filter(|k| *k <= fewest).collect();
+    for (k, value) in pass_at_k::over_tasks(verdicts, &ks) {
+        metrics.insert(format!("pass@{k}"), value);
+    }
+    metrics
 }

@@ -24,55 +24,27 @@ pub static SPEC: KindSpec = KindSpec {
         optional("rank", ValueType::Integer { min: 1 }, "8", "LoRA rank."),
         optional(
             "alpha",
-            ValueType::Number {
-                min: 0.0,
-                max: f64::INFINITY,
-            },
+            ValueType::Number { min: 0.0, max: f64::INFINITY },
             "16",
             "LoRA alpha; the update is scaled by alpha / rank.",
         ),
-        optional(
-            "dropout",
-            ValueType::Number { min: 0.0, max: 1.0 },
-            "0.0",
-            "Dropout on the LoRA input.",
-        ),
+        optional("dropout", ValueType::Number { min: 0.0, max: 1.0 }, "0.0", "Dropout on the LoRA input."),
         optional(
             "targets",
             ValueType::Choices(&["q", "k", "v", "o", "gate", "up", "down"]),
             r#""q,k,v,o,gate,up,down""#,
             "Projections that get LoRA matrices.",
         ),
-        optional(
-            "epochs",
-            ValueType::Integer { min: 1 },
-            "2",
-            "Passes over the data.",
-        ),
-        optional(
-            "learning-rate",
-            ValueType::Number { min: 0.0, max: 1.0 },
-            "0.0002",
-            "Peak AdamW learning rate.",
-        ),
-        optional(
-            "warmup",
-            ValueType::Number { min: 0.0, max: 1.0 },
-            "0.1",
-            "Fraction of steps spent warming up.",
-        ),
+        optional("epochs", ValueType::Integer { min: 1 }, "2", "Passes over the data."),
+        optional("learning-rate", ValueType::Number { min: 0.0, max: 1.0 }, "0.0002", "Peak AdamW learning rate."),
+        optional("warmup", ValueType::Number { min: 0.0, max: 1.0 }, "0.1", "Fraction of steps spent warming up."),
         optional(
             "batch",
             ValueType::Integer { min: 1 },
             "1",
             "Examples per optimizer step (by gradient accumulation).",
         ),
-        optional(
-            "max-length",
-            ValueType::Integer { min: 16 },
-            "512",
-            "Longest training sequence in tokens.",
-        ),
+        optional("max-length", ValueType::Integer { min: 16 }, "512", "Longest training sequence in tokens."),
     ],
     metrics: &["loss", "steps", "examples", "tokens"],
     at_least_one: &[],
@@ -83,8 +55,5 @@ finetune-lora "tune" model="coder" data="train" rank=8 alpha=16 epochs=2 learnin
 };
 
 pub fn run(_ctx: &mut Context) -> Result<Outcome, StepError> {
-    Err(StepError::NotAvailable {
-        kind: "finetune-lora",
-        detail: "LoRA training lands with the training issue",
-    })
+    Err(StepError::NotAvailable { kind: "finetune-lora", detail: "LoRA training lands with the training issue" })
 }

@@ -12,61 +12,21 @@ pub static SPEC: KindSpec = KindSpec {
           the GGUF; the prompt template can be replaced with `template`.",
     properties: &[
         required("model", ValueType::Model, "The `model` to sample from."),
-        required(
-            "tasks",
-            ValueType::Input(&[Artifact::Tasks]),
-            "The tasks to solve.",
-        ),
-        unset(
-            "adapter",
-            ValueType::Input(&[Artifact::Adapter]),
-            "A LoRA adapter to attach (for example `prev.tune`).",
-        ),
+        required("tasks", ValueType::Input(&[Artifact::Tasks]), "The tasks to solve."),
+        unset("adapter", ValueType::Input(&[Artifact::Adapter]), "A LoRA adapter to attach (for example `prev.tune`)."),
         optional(
             "adapter-scale",
-            ValueType::Number {
-                min: 0.0,
-                max: 10.0,
-            },
+            ValueType::Number { min: 0.0, max: 10.0 },
             "1.0",
             "Scale of the adapter's contribution.",
         ),
-        optional(
-            "samples",
-            ValueType::Integer { min: 1 },
-            "1",
-            "Programs per task.",
-        ),
-        optional(
-            "temperature",
-            ValueType::Number { min: 0.0, max: 5.0 },
-            "0.8",
-            "Sampling temperature; 0 is greedy.",
-        ),
-        optional(
-            "top-p",
-            ValueType::Number { min: 0.0, max: 1.0 },
-            "0.95",
-            "Nucleus sampling threshold.",
-        ),
-        optional(
-            "top-k",
-            ValueType::Integer { min: 0 },
-            "40",
-            "Keep the k most likely tokens; 0 keeps all.",
-        ),
-        optional(
-            "max-tokens",
-            ValueType::Integer { min: 1 },
-            "512",
-            "Most tokens generated per sample.",
-        ),
+        optional("samples", ValueType::Integer { min: 1 }, "1", "Programs per task."),
+        optional("temperature", ValueType::Number { min: 0.0, max: 5.0 }, "0.8", "Sampling temperature; 0 is greedy."),
+        optional("top-p", ValueType::Number { min: 0.0, max: 1.0 }, "0.95", "Nucleus sampling threshold."),
+        optional("top-k", ValueType::Integer { min: 0 }, "40", "Keep the k most likely tokens; 0 keeps all."),
+        optional("max-tokens", ValueType::Integer { min: 1 }, "512", "Most tokens generated per sample."),
         unset("stop", ValueType::Text, "An extra stop sequence."),
-        unset(
-            "template",
-            ValueType::File,
-            "A prompt template replacing the built-in one (`std/prompts/…` or a file).",
-        ),
+        unset("template", ValueType::File, "A prompt template replacing the built-in one (`std/prompts/…` or a file)."),
     ],
     metrics: &["count", "tokens"],
     at_least_one: &[],
@@ -77,8 +37,5 @@ generate "answers" model="coder" tasks="test" samples=5 temperature=0.8 top-p=0.
 };
 
 pub fn run(_ctx: &mut Context) -> Result<Outcome, StepError> {
-    Err(StepError::NotAvailable {
-        kind: "generate",
-        detail: "llama.cpp inference lands with the inference issue",
-    })
+    Err(StepError::NotAvailable { kind: "generate", detail: "llama.cpp inference lands with the inference issue" })
 }

@@ -16,29 +16,15 @@ pub static SPEC: KindSpec = KindSpec {
           samples; a k larger than some task's sample count is left out. Writes `report.json`, \
           `report.md` and `junit.xml` (one test case per sample) as chosen by `formats`.",
     properties: &[
-        required(
-            "from",
-            ValueType::Input(&[Artifact::Verdicts]),
-            "The verdicts to report on.",
-        ),
-        optional(
-            "k",
-            ValueType::Integers,
-            r#""1""#,
-            "The k of each pass@k, as a list: \"1,10\".",
-        ),
+        required("from", ValueType::Input(&[Artifact::Verdicts]), "The verdicts to report on."),
+        optional("k", ValueType::Integers, r#""1""#, "The k of each pass@k, as a list: \"1,10\"."),
         optional(
             "formats",
             ValueType::Choices(&["json", "markdown", "junit"]),
             r#""json,markdown,junit""#,
             "Files to write.",
         ),
-        optional(
-            "title",
-            ValueType::Text,
-            r#""seedflow report""#,
-            "Heading of the report.",
-        ),
+        optional("title", ValueType::Text, r#""seedflow report""#, "Heading of the report."),
     ],
     metrics: &["count", "samples", "pass-rate", "pass@k"],
     at_least_one: &[],
@@ -70,15 +56,8 @@ pub fn summarise(title: &str, verdicts: &[Verdict], ks: &[usize]) -> Report {
         tasks: passing.len(),
         samples: verdicts.len(),
         statuses,
-        pass_at_k: pass_at_k::over_tasks(verdicts, ks)
-            .into_iter()
-            .map(|(k, v)| (format!("pass@{k}"), v))
-            .collect(),
-        failing_tasks: passing
-            .into_iter()
-            .filter(|(_, passed)| !passed)
-            .map(|(t, _)| t.to_string())
-            .collect(),
+        pass_at_k: pass_at_k::over_tasks(verdicts, ks).into_iter().map(|(k, v)| (format!("pass@{k}"), v)).collect(),
+        failing_tasks: passing.into_iter().filter(|(_, passed)| !passed).map(|(t, _)| t.to_string()).collect(),
     }
 }
 
@@ -122,9 +101,7 @@ pub fn junit(report: &Report, verdicts: &[Verdict]) -> Result<String, String> {
         };
         let mut case = TestCase::new(v.sample.sample_id.clone(), status);
         case.set_classname(v.sample.task_id.clone());
-        case.set_time(std::time::Duration::from_secs_f64(
-            v.duration_ms.max(0.0) / 1000.0,
-        ));
+        case.set_time(std::time::Duration::from_secs_f64(v.duration_ms.max(0.0) / 1000.0));
         suite.add_test_case(case);
     }
     let mut junit = Junit::new("seedflow");
@@ -134,30 +111,18 @@ pub fn junit(report: &Report, verdicts: &[Verdict]) -> Result<String, String> {
 
 pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
     let verdicts: Vec<Verdict> = ctx.read("from")?;
-    let ks: Vec<usize> = ctx
-        .props
-        .integers("k")
-        .into_iter()
-        .map(|k| k as usize)
-        .collect();
-    let report = summarise(
-        ctx.props.text("title").unwrap_or("seedflow report"),
-        &verdicts,
-        &ks,
-    );
+    let ks: Vec<usize> = ctx.props.integers("k").into_iter().map(|k| k as usize).collect();
+    let report = summarise(ctx.props.text("title").unwrap_or("seedflow report"), &verdicts, &ks);
     for format in ctx.props.list("formats") {
         match format.as_str() {
             "json" => {
-                let json = serde_json::to_vec_pretty(&report)
-                    .map_err(|e| StepError::Failed(e.to_string()))?;
+                let json = serde_json::to_vec_pretty(&report).map_err(|e| StepError::Failed(e.to_string()))?;
                 write_atomic(&ctx.dir.join("report.json"), &json)?;
             }
             "markdown" => write_atomic(&ctx.dir.join("report.md"), markdown(&report).as_bytes())?,
             "junit" => write_atomic(
                 &ctx.dir.join("junit.xml"),
-                junit(&report, &verdicts)
-                    .map_err(StepError::Failed)?
-                    .as_bytes(),
+                junit(&report, &verdicts).map_err(StepError::Failed)?.as_bytes(),
             )?,
             _ => {}
         }
@@ -166,18 +131,8 @@ pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
     metrics.insert("count".into(), report.tasks as f64);
     metrics.insert("samples".into(), report.samples as f64);
     let passed = report.statuses.get("passed").copied().unwrap_or(0);
-    metrics.insert(
-        "pass-rate".into(),
-        if report.samples == 0 {
-            0.0
-        } else {
-            passed as f64 / report.samples as f64
-        },
-    );
-    Ok(Outcome {
-        metrics,
-        gate_failure: None,
-    })
+    metrics.insert("pass-rate".into(), if report.samples == 0 { 0.0 } else { passed as f64 / report.samples as f64 });
+    Ok(Outcome { metrics, gate_failure: None })
 }
 
 #[cfg(test)]
@@ -189,6 +144,7 @@ mod tests {
         Verdict {
             sample: Sample {
                 task_id: task.into(),
+                task: crate::data::Task::example(task),
                 sample_id: format!("{task}/{index}"),
                 code: String::new(),
                 logprob: None,
@@ -212,17 +168,11 @@ mod tests {
         ];
         let report = summarise("t", &verdicts, &[1, 2, 5]);
         // Task a: pass@1 = 1/2, pass@2 = 1; task b: 0. pass@5 is undefined with 2 samples.
-        assert_eq!(
-            report.pass_at_k,
-            [("pass@1".to_string(), 0.25), ("pass@2".to_string(), 0.5)].into()
-        );
+        assert_eq!(report.pass_at_k, [("pass@1".to_string(), 0.25), ("pass@2".to_string(), 0.5)].into());
         assert_eq!(report.failing_tasks, ["b"]);
         assert_eq!(report.statuses.get("failed"), Some(&2));
         let xml = junit(&report, &verdicts).unwrap();
-        assert!(
-            xml.contains(r#"tests="4""#) && xml.contains(r#"failures="3""#),
-            "{xml}"
-        );
+        assert!(xml.contains(r#"tests="4""#) && xml.contains(r#"failures="3""#), "{xml}");
         assert!(markdown(&report).contains("| pass@1 | 0.2500 |"));
     }
 }

@@ -11,71 +11,22 @@ pub static SPEC: KindSpec = KindSpec {
           worked revisions from a file (few-shot).",
     properties: &[
         required("model", ValueType::Model, "The `model` that revises."),
-        required(
-            "errors",
-            ValueType::Input(&[Artifact::Verdicts]),
-            "Verdicts of the programs to revise.",
-        ),
-        unset(
-            "adapter",
-            ValueType::Input(&[Artifact::Adapter]),
-            "A LoRA adapter to attach.",
-        ),
+        required("errors", ValueType::Input(&[Artifact::Verdicts]), "Verdicts of the programs to revise."),
+        unset("adapter", ValueType::Input(&[Artifact::Adapter]), "A LoRA adapter to attach."),
         optional(
             "adapter-scale",
-            ValueType::Number {
-                min: 0.0,
-                max: 10.0,
-            },
+            ValueType::Number { min: 0.0, max: 10.0 },
             "1.0",
             "Scale of the adapter's contribution.",
         ),
-        optional(
-            "samples",
-            ValueType::Integer { min: 1 },
-            "4",
-            "Revisions per error.",
-        ),
-        optional(
-            "temperature",
-            ValueType::Number { min: 0.0, max: 5.0 },
-            "0.8",
-            "Sampling temperature; 0 is greedy.",
-        ),
-        optional(
-            "top-p",
-            ValueType::Number { min: 0.0, max: 1.0 },
-            "0.95",
-            "Nucleus sampling threshold.",
-        ),
-        optional(
-            "top-k",
-            ValueType::Integer { min: 0 },
-            "40",
-            "Keep the k most likely tokens; 0 keeps all.",
-        ),
-        optional(
-            "max-tokens",
-            ValueType::Integer { min: 1 },
-            "512",
-            "Most tokens generated per revision.",
-        ),
-        optional(
-            "reference",
-            ValueType::Bool,
-            "#true",
-            "Show the dataset's reference solution in the prompt.",
-        ),
-        unset(
-            "examples",
-            ValueType::File,
-            "A JSON-lines file of worked revisions for a few-shot prompt.",
-        ),
-        unset(
-            "template",
-            ValueType::File,
-            "A prompt template replacing the built-in one.",
-        ),
+        optional("samples", ValueType::Integer { min: 1 }, "4", "Revisions per error."),
+        optional("temperature", ValueType::Number { min: 0.0, max: 5.0 }, "0.8", "Sampling temperature; 0 is greedy."),
+        optional("top-p", ValueType::Number { min: 0.0, max: 1.0 }, "0.95", "Nucleus sampling threshold."),
+        optional("top-k", ValueType::Integer { min: 0 }, "40", "Keep the k most likely tokens; 0 keeps all."),
+        optional("max-tokens", ValueType::Integer { min: 1 }, "512", "Most tokens generated per revision."),
+        optional("reference", ValueType::Bool, "#true", "Show the dataset's reference solution in the prompt."),
+        unset("examples", ValueType::File, "A JSON-lines file of worked revisions for a few-shot prompt."),
+        unset("template", ValueType::File, "A prompt template replacing the built-in one."),
     ],
     metrics: &["count", "tokens"],
     at_least_one: &[],
@@ -89,8 +40,5 @@ revise "revisions" model="coder" errors="errors" samples=4 reference=#true
 };
 
 pub fn run(_ctx: &mut Context) -> Result<Outcome, StepError> {
-    Err(StepError::NotAvailable {
-        kind: "revise",
-        detail: "llama.cpp inference lands with the inference issue",
-    })
+    Err(StepError::NotAvailable { kind: "revise", detail: "llama.cpp inference lands with the inference issue" })
 }

@@ -1,9 +1,7 @@
 use std::collections::BTreeMap;
 
 use crate::data::Verdict;
-use crate::dsl::schema::{
-    Artifact, KindSpec, Role, StatusFilter, Value, ValueType, optional, required,
-};
+use crate::dsl::schema::{Artifact, KindSpec, Role, StatusFilter, Value, ValueType, optional, required};
 use crate::engine::context::{Context, Outcome, StepError};
 
 pub static SPEC: KindSpec = KindSpec {
@@ -15,23 +13,9 @@ pub static SPEC: KindSpec = KindSpec {
           likely), or `min-edit-distance` (the revision closest to the code it revises; samples \
           without a parent rank by order). Tasks come out in the order they went in.",
     properties: &[
-        required(
-            "from",
-            ValueType::Input(&[Artifact::Verdicts]),
-            "The verdicts to choose from.",
-        ),
-        optional(
-            "status",
-            ValueType::Statuses,
-            r#""passed""#,
-            "Which statuses to keep.",
-        ),
-        optional(
-            "per-task",
-            ValueType::Integer { min: 0 },
-            "1",
-            "Most verdicts kept per task; 0 keeps all.",
-        ),
+        required("from", ValueType::Input(&[Artifact::Verdicts]), "The verdicts to choose from."),
+        optional("status", ValueType::Statuses, r#""passed""#, "Which statuses to keep."),
+        optional("per-task", ValueType::Integer { min: 0 }, "1", "Most verdicts kept per task; 0 keeps all."),
         optional(
             "prefer",
             ValueType::Choice(&["first", "highest-logprob", "min-edit-distance"]),
@@ -55,12 +39,7 @@ pub enum Prefer {
 }
 
 /// Filters and ranks verdicts; pure, so it is tested without a run.
-pub fn select(
-    verdicts: Vec<Verdict>,
-    filter: &StatusFilter,
-    per_task: usize,
-    prefer: Prefer,
-) -> Vec<Verdict> {
+pub fn select(verdicts: Vec<Verdict>, filter: &StatusFilter, per_task: usize, prefer: Prefer) -> Vec<Verdict> {
     let mut order: Vec<String> = vec![];
     let mut by_task: BTreeMap<String, Vec<Verdict>> = BTreeMap::new();
     for verdict in verdicts.into_iter().filter(|v| filter.accepts(v.status)) {
@@ -84,10 +63,7 @@ pub fn select(
             }
             Prefer::MinEditDistance => {
                 candidates.sort_by_cached_key(|v| {
-                    v.sample
-                        .parent
-                        .as_ref()
-                        .map_or(0, |p| strsim::levenshtein(&p.code, &v.sample.code))
+                    v.sample.parent.as_ref().map_or(0, |p| strsim::levenshtein(&p.code, &v.sample.code))
                 });
             }
         }
@@ -111,23 +87,12 @@ pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
     };
     let per_task = ctx.props.integer("per-task").unwrap_or(1) as usize;
     let chosen = select(verdicts, filter, per_task, prefer);
-    let tasks = chosen
-        .iter()
-        .map(|v| v.sample.task_id.as_str())
-        .collect::<std::collections::BTreeSet<_>>()
-        .len();
+    let tasks = chosen.iter().map(|v| v.sample.task_id.as_str()).collect::<std::collections::BTreeSet<_>>().len();
     let (mut writer, _) = ctx.records()?;
     writer.append(&chosen)?;
     writer.finish()?;
-    let metrics = [
-        ("count".to_string(), chosen.len() as f64),
-        ("tasks".to_string(), tasks as f64),
-    ]
-    .into();
-    Ok(Outcome {
-        metrics,
-        gate_failure: None,
-    })
+    let metrics = [("count".to_string(), chosen.len() as f64), ("tasks".to_string(), tasks as f64)].into();
+    Ok(Outcome { metrics, gate_failure: None })
 }
 
 #[cfg(test)]
@@ -135,25 +100,16 @@ mod tests {
     use super::*;
     use crate::data::{Parent, Sample, Status};
 
-    fn verdict(
-        task: &str,
-        id: &str,
-        status: Status,
-        logprob: f64,
-        code: &str,
-        parent: Option<&str>,
-    ) -> Verdict {
+    fn verdict(task: &str, id: &str, status: Status, logprob: f64, code: &str, parent: Option<&str>) -> Verdict {
         Verdict {
             sample: Sample {
                 task_id: task.into(),
+                task: crate::data::Task::example(task),
                 sample_id: id.into(),
                 code: code.into(),
                 logprob: Some(logprob),
                 tokens: None,
-                parent: parent.map(|p| Parent {
-                    sample_id: "p".into(),
-                    code: p.into(),
-                }),
+                parent: parent.map(|p| Parent { sample_id: "p".into(), code: p.into() }),
             },
             status,
             feedback: String::new(),
@@ -163,10 +119,7 @@ mod tests {
     }
 
     fn ids(verdicts: &[Verdict]) -> Vec<&str> {
-        verdicts
-            .iter()
-            .map(|v| v.sample.sample_id.as_str())
-            .collect()
+        verdicts.iter().map(|v| v.sample.sample_id.as_str()).collect()
     }
 
     #[test]
@@ -177,56 +130,21 @@ mod tests {
             verdict("a", "a/1", Status::Error, -0.5, "", None),
             verdict("b", "b/1", Status::Timeout, -0.1, "", None),
         ];
-        let not_passed = StatusFilter {
-            negated: true,
-            statuses: vec![Status::Passed],
-        };
-        assert_eq!(
-            ids(&select(all.clone(), &not_passed, 0, Prefer::First)),
-            ["b/0", "b/1", "a/1"]
-        );
-        let failed_or_error = StatusFilter {
-            negated: false,
-            statuses: vec![Status::Failed, Status::Error],
-        };
-        assert_eq!(
-            ids(&select(all.clone(), &failed_or_error, 1, Prefer::First)),
-            ["b/0", "a/1"]
-        );
-        assert_eq!(
-            ids(&select(all, &not_passed, 1, Prefer::HighestLogprob)),
-            ["b/1", "a/1"]
-        );
+        let not_passed = StatusFilter { negated: true, statuses: vec![Status::Passed] };
+        assert_eq!(ids(&select(all.clone(), &not_passed, 0, Prefer::First)), ["b/0", "b/1", "a/1"]);
+        let failed_or_error = StatusFilter { negated: false, statuses: vec![Status::Failed, Status::Error] };
+        assert_eq!(ids(&select(all.clone(), &failed_or_error, 1, Prefer::First)), ["b/0", "a/1"]);
+        assert_eq!(ids(&select(all, &not_passed, 1, Prefer::HighestLogprob)), ["b/1", "a/1"]);
     }
 
     #[test]
     fn prefers_the_smallest_fix() {
         let parent = "def f(x):\n    return x + 1\n";
         let all = vec![
-            verdict(
-                "a",
-                "a/r0",
-                Status::Passed,
-                -0.1,
-                "def f(y):\n    z = y\n    return z * 2\n",
-                Some(parent),
-            ),
-            verdict(
-                "a",
-                "a/r1",
-                Status::Passed,
-                -0.9,
-                "def f(x):\n    return x + 2\n",
-                Some(parent),
-            ),
+            verdict("a", "a/r0", Status::Passed, -0.1, "def f(y):\n    z = y\n    return z * 2\n", Some(parent)),
+            verdict("a", "a/r1", Status::Passed, -0.9, "def f(x):\n    return x + 2\n", Some(parent)),
         ];
-        let passed = StatusFilter {
-            negated: false,
-            statuses: vec![Status::Passed],
-        };
-        assert_eq!(
-            ids(&select(all, &passed, 1, Prefer::MinEditDistance)),
-            ["a/r1"]
-        );
+        let passed = StatusFilter { negated: false, statuses: vec![Status::Passed] };
+        assert_eq!(ids(&select(all, &passed, 1, Prefer::MinEditDistance)), ["a/r1"]);
     }
 }

@@ -15,17 +15,8 @@ pub static BATCHES: KindSpec = KindSpec {
     role: Role::Step(Artifact::Tasks),
     doc: "Writes `records` records in batches of two, derived from the seed and its input.",
     properties: &[
-        unset(
-            "from",
-            ValueType::Input(&[Artifact::Tasks]),
-            "An input whose hash enters the records.",
-        ),
-        optional(
-            "records",
-            ValueType::Integer { min: 0 },
-            "10",
-            "How many records.",
-        ),
+        unset("from", ValueType::Input(&[Artifact::Tasks]), "An input whose hash enters the records."),
+        optional("records", ValueType::Integer { min: 0 }, "10", "How many records."),
     ],
     metrics: &["count"],
     at_least_one: &[],
@@ -38,12 +29,7 @@ pub static BARRIER: KindSpec = KindSpec {
     doc: "Waits until `parties` steps of the same `group` run at the same time; fails if alone.",
     properties: &[
         optional("group", ValueType::Text, r#""g""#, "Barrier name."),
-        optional(
-            "parties",
-            ValueType::Integer { min: 1 },
-            "2",
-            "Steps that must meet.",
-        ),
+        optional("parties", ValueType::Integer { min: 1 }, "2", "Steps that must meet."),
     ],
     metrics: &[],
     at_least_one: &[],
@@ -61,20 +47,15 @@ pub fn runner(kind: &str) -> Option<super::Runner> {
 /// Steps (by directory) told to stall after writing this many batches, as if the process were
 /// killed there: they signal, then block until released, and write nothing more.
 pub static STALL: Mutex<BTreeMap<std::path::PathBuf, usize>> = Mutex::new(BTreeMap::new());
-pub static STALLED: (Mutex<Vec<std::path::PathBuf>>, Condvar) =
-    (Mutex::new(Vec::new()), Condvar::new());
-pub static RELEASED: (Mutex<Vec<std::path::PathBuf>>, Condvar) =
-    (Mutex::new(Vec::new()), Condvar::new());
+pub static STALLED: (Mutex<Vec<std::path::PathBuf>>, Condvar) = (Mutex::new(Vec::new()), Condvar::new());
+pub static RELEASED: (Mutex<Vec<std::path::PathBuf>>, Condvar) = (Mutex::new(Vec::new()), Condvar::new());
 
 /// Waits until the step in `dir` has stalled.
 pub fn wait_stalled(dir: &std::path::Path) {
     let (lock, signal) = &STALLED;
     let mut stalled = lock.lock().unwrap();
     while !stalled.iter().any(|d| d == dir) {
-        stalled = signal
-            .wait_timeout(stalled, Duration::from_secs(30))
-            .unwrap()
-            .0;
+        stalled = signal.wait_timeout(stalled, Duration::from_secs(30)).unwrap().0;
     }
 }
 
@@ -86,10 +67,7 @@ pub fn release_stalled(dir: &std::path::Path) {
 
 fn batches(ctx: &mut Context) -> Result<Outcome, StepError> {
     let total = ctx.props.integer("records").unwrap_or(10) as usize;
-    let input = ctx
-        .inputs
-        .get("from")
-        .map_or("none".to_string(), |o| o.hash[..8].to_string());
+    let input = ctx.inputs.get("from").map_or("none".to_string(), |o| o.hash[..8].to_string());
     let stall_after = STALL.lock().unwrap().get(&ctx.dir).copied();
     let (mut writer, kept) = ctx.records()?;
     let records: Vec<serde_json::Value> = (0..total)
@@ -114,14 +92,10 @@ fn batches(ctx: &mut Context) -> Result<Outcome, StepError> {
         written_batches += 1;
     }
     writer.finish()?;
-    Ok(Outcome {
-        metrics: [("count".to_string(), total as f64)].into(),
-        gate_failure: None,
-    })
+    Ok(Outcome { metrics: [("count".to_string(), total as f64)].into(), gate_failure: None })
 }
 
-static MEETINGS: (Mutex<BTreeMap<String, usize>>, Condvar) =
-    (Mutex::new(BTreeMap::new()), Condvar::new());
+static MEETINGS: (Mutex<BTreeMap<String, usize>>, Condvar) = (Mutex::new(BTreeMap::new()), Condvar::new());
 
 fn barrier(ctx: &mut Context) -> Result<Outcome, StepError> {
     let group = ctx.props.text("group").unwrap_or("g").to_string();

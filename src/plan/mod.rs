@@ -87,10 +87,7 @@ impl Graph {
 
     /// Indices of the steps `index` waits for.
     pub fn dependencies(&self, index: usize) -> Vec<usize> {
-        self.dag
-            .neighbors_directed(NodeIndex::new(index), petgraph::Direction::Incoming)
-            .map(|n| self.dag[n])
-            .collect()
+        self.dag.neighbors_directed(NodeIndex::new(index), petgraph::Direction::Incoming).map(|n| self.dag[n]).collect()
     }
 }
 
@@ -122,51 +119,22 @@ impl Plan {
 }
 
 /// Builds the plan, or reports every problem found in resolving and ordering it.
-pub fn build(
-    checked: Checked,
-    sources: Sources,
-    file: PathBuf,
-    problems: &mut Problems,
-) -> Option<Plan> {
+pub fn build(checked: Checked, sources: Sources, file: PathBuf, problems: &mut Problems) -> Option<Plan> {
     let (name, seed) = match &checked.workflow {
-        Some(w) => (
-            w.name.value.clone(),
-            w.props.integer("seed").map_or(0, |s| s as u64),
-        ),
-        None => (
-            file.file_stem()
-                .map_or("workflow".to_string(), |s| s.to_string_lossy().into_owned()),
-            0,
-        ),
+        Some(w) => (w.name.value.clone(), w.props.integer("seed").map_or(0, |s| s as u64)),
+        None => (file.file_stem().map_or("workflow".to_string(), |s| s.to_string_lossy().into_owned()), 0),
     };
-    let models: BTreeMap<String, Declaration> = checked
-        .models
-        .into_iter()
-        .map(|m| (m.name.value.clone(), m))
-        .collect();
-    let scope = Scope {
-        sources: &sources,
-        broken: &checked.broken,
-        models: &models,
-        top: &checked.steps,
-    };
+    let models: BTreeMap<String, Declaration> = checked.models.into_iter().map(|m| (m.name.value.clone(), m)).collect();
+    let scope = Scope { sources: &sources, broken: &checked.broken, models: &models, top: &checked.steps };
 
     let mut top_steps = vec![];
     for declaration in &checked.steps {
-        let mut step = PlannedStep {
-            declaration: declaration.clone(),
-            inputs: vec![],
-            body: None,
-        };
+        let mut step = PlannedStep { declaration: declaration.clone(), inputs: vec![], body: None };
         if declaration.spec.role == Role::Loop {
             let mut body_steps = vec![];
             for inner in &declaration.body {
                 let inputs = scope.resolve_inputs(inner, Some(declaration), problems);
-                body_steps.push(PlannedStep {
-                    declaration: inner.clone(),
-                    inputs,
-                    body: None,
-                });
+                body_steps.push(PlannedStep { declaration: inner.clone(), inputs, body: None });
             }
             scope.check_until(declaration, problems);
             // The loop waits for whatever its body reads from outside.
@@ -191,14 +159,7 @@ pub fn build(
     if !problems.is_empty() {
         return None;
     }
-    Some(Plan {
-        sources,
-        name,
-        seed,
-        file,
-        models,
-        graph,
-    })
+    Some(Plan { sources, name, seed, file, models, graph })
 }
 
 struct Scope<'a> {
@@ -221,9 +182,7 @@ impl<'a> Scope<'a> {
 
     /// The loop holding a step named `name`, if one does.
     fn loop_holding(&self, name: &str) -> Option<(&'a Declaration, &'a Declaration)> {
-        self.top
-            .iter()
-            .find_map(|l| l.body.iter().find(|s| s.name.value == name).map(|s| (l, s)))
+        self.top.iter().find_map(|l| l.body.iter().find(|s| s.name.value == name).map(|s| (l, s)))
     }
 
     fn all_names(&self, within: Option<&Declaration>) -> Vec<String> {
@@ -261,22 +220,13 @@ impl<'a> Scope<'a> {
                         "outside any loop",
                     )
                     .help(match self.loop_holding(step) {
-                        Some((l, _)) => format!(
-                            "to read the loop's last iteration, write `{}.{step}`",
-                            l.name.value
-                        ),
-                        None => {
-                            "`prev.step` reads a step's output from the loop's previous iteration"
-                                .to_string()
-                        }
+                        Some((l, _)) => format!("to read the loop's last iteration, write `{}.{step}`", l.name.value),
+                        None => "`prev.step` reads a step's output from the loop's previous iteration".to_string(),
                     });
                 return None;
             };
             return match current.body.iter().find(|s| s.name.value == step) {
-                Some(declaration) => Some(Found {
-                    source: Source::Prev(step.to_string()),
-                    declaration,
-                }),
+                Some(declaration) => Some(Found { source: Source::Prev(step.to_string()), declaration }),
                 None => {
                     self.unknown(reference, span, within, problems);
                     None
@@ -284,26 +234,24 @@ impl<'a> Scope<'a> {
             };
         }
         if let Some((outer, inner)) = reference.split_once('.') {
-            if let Some(l) = self
-                .top
-                .iter()
-                .find(|d| d.name.value == outer && d.spec.role == Role::Loop)
-            {
+            if let Some(l) = self.top.iter().find(|d| d.name.value == outer && d.spec.role == Role::Loop) {
                 if within.is_some_and(|w| w.name.value == outer) {
                     problems
-                        .at(sources, Code::UnknownStep, span, format!("`{reference}` names the loop this step is in"), "inside the same loop")
-                        .help(format!("write `{inner}` for this iteration's output, or `prev.{inner}` for the previous one"));
+                        .at(
+                            sources,
+                            Code::UnknownStep,
+                            span,
+                            format!("`{reference}` names the loop this step is in"),
+                            "inside the same loop",
+                        )
+                        .help(format!(
+                            "write `{inner}` for this iteration's output, or `prev.{inner}` for the previous one"
+                        ));
                     return None;
                 }
                 if let Some(declaration) = l.body.iter().find(|s| s.name.value == inner) {
-                    let source = Source::InLoop {
-                        loop_name: outer.to_string(),
-                        step: inner.to_string(),
-                    };
-                    return Some(Found {
-                        source,
-                        declaration,
-                    });
+                    let source = Source::InLoop { loop_name: outer.to_string(), step: inner.to_string() };
+                    return Some(Found { source, declaration });
                 }
             }
             self.unknown(reference, span, within, problems);
@@ -312,10 +260,7 @@ impl<'a> Scope<'a> {
         if let Some(current) = within
             && let Some(declaration) = current.body.iter().find(|s| s.name.value == reference)
         {
-            return Some(Found {
-                source: Source::Local(reference.to_string()),
-                declaration,
-            });
+            return Some(Found { source: Source::Local(reference.to_string()), declaration });
         }
         if let Some(declaration) = self.top_step(reference) {
             if declaration.spec.role == Role::Loop {
@@ -328,10 +273,7 @@ impl<'a> Scope<'a> {
                         "a loop",
                     )
                     .help(match declaration.body.last() {
-                        Some(last) => format!(
-                            "name a step inside it, for example `{reference}.{}`",
-                            last.name.value
-                        ),
+                        Some(last) => format!("name a step inside it, for example `{reference}.{}`", last.name.value),
                         None => "name a step inside it as `loop.step`".to_string(),
                     });
                 return None;
@@ -341,10 +283,7 @@ impl<'a> Scope<'a> {
             } else {
                 Source::Local(reference.to_string())
             };
-            return Some(Found {
-                source,
-                declaration,
-            });
+            return Some(Found { source, declaration });
         }
         if let Some((l, _)) = self.loop_holding(reference) {
             problems
@@ -355,21 +294,12 @@ impl<'a> Scope<'a> {
                     format!("`{reference}` is inside loop `{}`", l.name.value),
                     "not visible here",
                 )
-                .help(format!(
-                    "refer to its last iteration as `{}.{reference}`",
-                    l.name.value
-                ));
+                .help(format!("refer to its last iteration as `{}.{reference}`", l.name.value));
             return None;
         }
         if self.models.contains_key(reference) {
             problems
-                .at(
-                    sources,
-                    Code::WrongInput,
-                    span,
-                    format!("`{reference}` is a model, not a step"),
-                    "a model",
-                )
+                .at(sources, Code::WrongInput, span, format!("`{reference}` is a model, not a step"), "a model")
                 .help("models are used with `model=`; this property takes a step's output");
             return None;
         }
@@ -377,25 +307,14 @@ impl<'a> Scope<'a> {
         None
     }
 
-    fn unknown(
-        &self,
-        reference: &str,
-        span: Span,
-        within: Option<&Declaration>,
-        problems: &mut Problems,
-    ) {
+    fn unknown(&self, reference: &str, span: Span, within: Option<&Declaration>, problems: &mut Problems) {
         // A node that failed its own check was reported already; references to it add nothing.
         if self.broken.iter().any(|b| b == reference) {
             return;
         }
         let names = self.all_names(within);
-        let builder = problems.at(
-            self.sources,
-            Code::UnknownStep,
-            span,
-            format!("no step named `{reference}`"),
-            "unknown step",
-        );
+        let builder =
+            problems.at(self.sources, Code::UnknownStep, span, format!("no step named `{reference}`"), "unknown step");
         match crate::dsl::diagnostics::did_you_mean(reference, names.iter().map(String::as_str)) {
             Some(best) => builder.help(format!("did you mean `{best}`?")),
             None => builder.help("a reference names a step defined in this workflow"),
@@ -444,11 +363,7 @@ impl<'a> Scope<'a> {
                             .help(format!("name a step of kind {}", producers.join(" or ")));
                         continue;
                     }
-                    inputs.push(Input {
-                        property: property.name.to_string(),
-                        source: found.source,
-                        artifact,
-                    });
+                    inputs.push(Input { property: property.name.to_string(), source: found.source, artifact });
                 }
                 (ValueType::Metric, Some(Value::Metric { step, metric })) => {
                     let Some(found) = self.find(step, span, within, problems) else {
@@ -461,15 +376,9 @@ impl<'a> Scope<'a> {
                         self.unknown_metric(found.declaration, metric, span, problems);
                         continue;
                     }
-                    inputs.push(Input {
-                        property: property.name.to_string(),
-                        source: found.source,
-                        artifact,
-                    });
+                    inputs.push(Input { property: property.name.to_string(), source: found.source, artifact });
                 }
-                (ValueType::Model, Some(Value::Model(model)))
-                    if !self.models.contains_key(model) =>
-                {
+                (ValueType::Model, Some(Value::Model(model))) if !self.models.contains_key(model) => {
                     let builder = problems.at(
                         sources,
                         Code::UnknownModel,
@@ -477,13 +386,9 @@ impl<'a> Scope<'a> {
                         format!("no model named `{model}`"),
                         "unknown model",
                     );
-                    match crate::dsl::diagnostics::did_you_mean(
-                        model,
-                        self.models.keys().map(String::as_str),
-                    ) {
+                    match crate::dsl::diagnostics::did_you_mean(model, self.models.keys().map(String::as_str)) {
                         Some(best) => builder.help(format!("did you mean `{best}`?")),
-                        None => builder
-                            .help(format!("declare it: `model \"{model}\" path=\"default\"`")),
+                        None => builder.help(format!("declare it: `model \"{model}\" path=\"default\"`")),
                     };
                 }
                 _ => {}
@@ -492,22 +397,13 @@ impl<'a> Scope<'a> {
         inputs
     }
 
-    fn unknown_metric(
-        &self,
-        declaration: &Declaration,
-        metric: &str,
-        span: Span,
-        problems: &mut Problems,
-    ) {
+    fn unknown_metric(&self, declaration: &Declaration, metric: &str, span: Span, problems: &mut Problems) {
         let spec = declaration.spec;
         let builder = problems.at(
             self.sources,
             Code::UnknownMetric,
             span,
-            format!(
-                "`{}` ({}) publishes no metric `{metric}`",
-                declaration.name.value, spec.name
-            ),
+            format!("`{}` ({}) publishes no metric `{metric}`", declaration.name.value, spec.name),
             "unknown metric",
         );
         if spec.metrics.is_empty() {
@@ -525,39 +421,35 @@ impl<'a> Scope<'a> {
         let span = l.span_of("until");
         for metric in expr.metrics() {
             // Point at the metric inside the string (after its opening quote).
-            let at = Span {
-                file: span.file,
-                range: (span.range.offset() + 1 + metric.offset, metric.len).into(),
-            };
+            let at = Span { file: span.file, range: (span.range.offset() + 1 + metric.offset, metric.len).into() };
             match &metric.step {
                 None if metric.metric == "iteration" => {}
                 None => {
                     problems
-                        .at(self.sources, Code::BadExpression, at, format!("`{}` is not a metric", metric.metric), "unknown name")
+                        .at(
+                            self.sources,
+                            Code::BadExpression,
+                            at,
+                            format!("`{}` is not a metric", metric.metric),
+                            "unknown name",
+                        )
                         .help("name a metric as `step.metric` (a step of this loop), or use `iteration`");
                 }
                 Some(step) => match l.body.iter().find(|s| s.name.value == *step) {
                     Some(declaration) if declaration.spec.publishes(&metric.metric) => {}
-                    Some(declaration) => {
-                        self.unknown_metric(declaration, &metric.metric, at, problems)
-                    }
+                    Some(declaration) => self.unknown_metric(declaration, &metric.metric, at, problems),
                     None => {
                         let names: Vec<_> = l.body.iter().map(|s| s.name.value.as_str()).collect();
                         let builder = problems.at(
                             self.sources,
                             Code::BadExpression,
                             at,
-                            format!(
-                                "`until` reads `{step}`, which is not a step of loop `{}`",
-                                l.name.value
-                            ),
+                            format!("`until` reads `{step}`, which is not a step of loop `{}`", l.name.value),
                             "not in this loop",
                         );
                         match crate::dsl::diagnostics::did_you_mean(step, names.iter().copied()) {
                             Some(best) => builder.help(format!("did you mean `{best}`?")),
-                            None => {
-                                builder.help(format!("the loop's steps are: {}", names.join(", ")))
-                            }
+                            None => builder.help(format!("the loop's steps are: {}", names.join(", "))),
                         };
                     }
                 },
@@ -567,18 +459,10 @@ impl<'a> Scope<'a> {
 }
 
 /// Puts steps into a DAG and orders them; reports each cycle with its path.
-fn order_graph(
-    steps: Vec<PlannedStep>,
-    sources: &Sources,
-    problems: &mut Problems,
-) -> Option<Graph> {
+fn order_graph(steps: Vec<PlannedStep>, sources: &Sources, problems: &mut Problems) -> Option<Graph> {
     let mut dag = DiGraph::new();
     let nodes: Vec<NodeIndex> = (0..steps.len()).map(|i| dag.add_node(i)).collect();
-    let index: BTreeMap<&str, usize> = steps
-        .iter()
-        .enumerate()
-        .map(|(i, s)| (s.name(), i))
-        .collect();
+    let index: BTreeMap<&str, usize> = steps.iter().enumerate().map(|(i, s)| (s.name(), i)).collect();
     for (i, step) in steps.iter().enumerate() {
         for input in &step.inputs {
             if let Some(&from) = input.source.dependency().and_then(|d| index.get(d)) {
@@ -607,10 +491,7 @@ fn stable_order(dag: &DiGraph<usize, String>) -> Vec<usize> {
     let mut order = Vec::with_capacity(count);
     while order.len() < count {
         let Some(next) = (0..count).find(|&i| {
-            !done[i]
-                && dag
-                    .neighbors_directed(NodeIndex::new(i), petgraph::Direction::Incoming)
-                    .all(|n| done[dag[n]])
+            !done[i] && dag.neighbors_directed(NodeIndex::new(i), petgraph::Direction::Incoming).all(|n| done[dag[n]])
         }) else {
             break; // only on a cycle, which is reported before ordering
         };
@@ -628,10 +509,7 @@ fn report_cycle(
     problems: &mut Problems,
 ) {
     // Walk reads backwards (from a step to the step it reads) until a step repeats.
-    let start = *component
-        .iter()
-        .min_by_key(|n| dag[**n])
-        .unwrap_or(&component[0]);
+    let start = *component.iter().min_by_key(|n| dag[**n]).unwrap_or(&component[0]);
     let mut path = vec![start];
     let mut current = start;
     loop {
@@ -653,15 +531,15 @@ fn report_cycle(
     let names: Vec<&str> = path.iter().map(|n| steps[dag[*n]].name()).collect();
     let first = &steps[dag[path[0]]];
     let second = names.get(1).copied().unwrap_or_default();
-    let property = first
-        .inputs
-        .iter()
-        .find(|i| i.source.dependency() == Some(second))
-        .map(|i| i.property.as_str());
-    let span = property.map_or(first.declaration.name.span, |p| {
-        first.declaration.span_of(p)
-    });
+    let property = first.inputs.iter().find(|i| i.source.dependency() == Some(second)).map(|i| i.property.as_str());
+    let span = property.map_or(first.declaration.name.span, |p| first.declaration.span_of(p));
     problems
-        .at(sources, Code::Cycle, span, format!("steps depend on each other: {}", names.join(" -> ")), format!("`{}` reads `{second}` here", names[0]))
+        .at(
+            sources,
+            Code::Cycle,
+            span,
+            format!("steps depend on each other: {}", names.join(" -> ")),
+            format!("`{}` reads `{second}` here", names[0]),
+        )
         .help("a step cannot depend on its own output; inside a loop, read the previous iteration with `prev.<step>`");
 }

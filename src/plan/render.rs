@@ -33,23 +33,14 @@ fn edges(graph: &Graph, scope: Option<&str>, out: &mut Vec<Edge>) {
                 Source::Prev(s) => (id(scope, s), true),
                 Source::InLoop { loop_name, step } => (id(Some(loop_name), step), false),
             };
-            out.push(Edge {
-                from,
-                to: id(scope, step.name()),
-                label: input.property.clone(),
-                previous_iteration,
-            });
+            out.push(Edge { from, to: id(scope, step.name()), label: input.property.clone(), previous_iteration });
         }
     }
 }
 
 pub fn to_dot(plan: &Plan) -> String {
     let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "digraph \"{}\" {{\n  rankdir=TB;\n  node [shape=box];",
-        plan.name
-    );
+    let _ = writeln!(out, "digraph \"{}\" {{\n  rankdir=TB;\n  node [shape=box];", plan.name);
     for &i in &plan.graph.order {
         let step = &plan.graph.steps[i];
         match &step.body {
@@ -73,29 +64,15 @@ pub fn to_dot(plan: &Plan) -> String {
                 out.push_str("  }\n");
             }
             None => {
-                let _ = writeln!(
-                    out,
-                    "  {} [label=\"{}\\n{}\"];",
-                    id(None, step.name()),
-                    step.name(),
-                    step.kind()
-                );
+                let _ = writeln!(out, "  {} [label=\"{}\\n{}\"];", id(None, step.name()), step.name(), step.kind());
             }
         }
     }
     let mut all = vec![];
     edges(&plan.graph, None, &mut all);
     for e in all {
-        let style = if e.previous_iteration {
-            ", style=dashed"
-        } else {
-            ""
-        };
-        let _ = writeln!(
-            out,
-            "  {} -> {} [label=\"{}\"{style}];",
-            e.from, e.to, e.label
-        );
+        let style = if e.previous_iteration { ", style=dashed" } else { "" };
+        let _ = writeln!(out, "  {} -> {} [label=\"{}\"{style}];", e.from, e.to, e.label);
     }
     out.push_str("}\n");
     out
@@ -107,12 +84,7 @@ pub fn to_mermaid(plan: &Plan) -> String {
         let step = &plan.graph.steps[i];
         match &step.body {
             Some(body) => {
-                let _ = writeln!(
-                    out,
-                    "  subgraph {}[\"{} (loop-until)\"]",
-                    id(None, step.name()),
-                    step.name()
-                );
+                let _ = writeln!(out, "  subgraph {}[\"{} (loop-until)\"]", id(None, step.name()), step.name());
                 for &j in &body.order {
                     let inner = &body.steps[j];
                     let _ = writeln!(
@@ -126,13 +98,7 @@ pub fn to_mermaid(plan: &Plan) -> String {
                 out.push_str("  end\n");
             }
             None => {
-                let _ = writeln!(
-                    out,
-                    "  {}[\"{}<br/>{}\"]",
-                    id(None, step.name()),
-                    step.name(),
-                    step.kind()
-                );
+                let _ = writeln!(out, "  {}[\"{}<br/>{}\"]", id(None, step.name()), step.name(), step.kind());
             }
         }
     }

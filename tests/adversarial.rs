@@ -1,0 +1,108 @@
+//! An adversarial corpus: each program must end with the right status, within its limits, with
+//! the host untouched and no threads left behind. One test in this binary, so the thread count
+//! is its own.
+
+mod common;
+
+use std::time::Duration;
+
+use common::check;
+use seedflow::data::Status;
+
+const CORRECT: &str = "def f(x):\n    return x\n";
+const WRONG: &str = "def f(x):\n    return -x\n";
+
+#[test]
+fn adversarial_programs_end_with_the_right_status_and_leave_the_host_alone() {
+    let threads_before = thread_count();
+    let marker = std::env::temp_dir().join("seedflow-sandbox-escape");
+    let _ = std::fs::remove_file(&marker);
+    let escape = format!("open({:?}, 'w').write('escaped')\n{CORRECT}", marker.display().to_string());
+    let owned: Vec<(String, Status)> = vec![
+        // Running forever, or for very long.
+        ("while True:\n    pass\n".into(), Status::Timeout),
+        (format!("{CORRECT}import time\ntime.sleep(10**9)\n"), Status::Timeout),
+        ("def f(x):\n    import time\n    time.sleep(30)\n    return x\n".into(), Status::Timeout),
+        ("x = 0\nwhile True:\n    x += 1\n".into(), Status::Timeout),
+        ("def f(x):\n    return sum(i for i in range(10**12))\n".into(), Status::Timeout),
+        // Recursion.
+        ("def f(x):\n    return f(x)\n".into(), Status::Error),
+        // With the limit lifted, Python frames grow until the deadline.
+        ("import sys\nsys.setrecursionlimit(10**7)\ndef f(x):\n    return f(x) + 1\n".into(), Status::Timeout),
+        // Memory.
+        ("x = 'a' * (10 ** 9)\n".into(), Status::Memory),
+        // Larger than a 32-bit interpreter can even ask for.
+        ("x = 'a' * (10 ** 10)\n".into(), Status::Error),
+        ("x = [0] * (10 ** 9)\n".into(), Status::Memory),
+        ("chunks = []\nwhile True:\n    chunks.append(bytearray(10 ** 6))\n".into(), Status::Memory),
+        ("x = bytearray(2 ** 30)\n".into(), Status::Memory),
+        ("def f(x):\n    return {i: str(i) * 100 for i in range(10 ** 8)}\n".into(), Status::Memory),
+        // Output floods.
+        ("while True:\n    print('x' * 1000)\n".into(), Status::Error),
+        ("import sys\nwhile True:\n    sys.stderr.write('y' * 1000)\n".into(), Status::Error),
+        ("import os\nwhile True:\n    os.write(1, b'z' * 1000)\n".into(), Status::Error),
+        // Files.
+        (format!("print(open('/etc/passwd').read())\n{CORRECT}"), Status::Error),
+        (escape, Status::Error),
+        (format!("import os\nprint(os.listdir('/'))\n{CORRECT}"), Status::Error),
+        (format!("import os\nos.remove('/etc/hosts')\n{CORRECT}"), Status::Error),
+        (format!("open('/dev/urandom', 'rb').read(4)\n{CORRECT}"), Status::Error),
+        // Network.
+        (format!("import socket\nsocket.create_connection(('127.0.0.1', 22), timeout=1)\n{CORRECT}"), Status::Error),
+        (format!("import socket\ns = socket.socket()\ns.bind(('0.0.0.0', 8080))\n{CORRECT}"), Status::Error),
+        (format!("import urllib.request\nurllib.request.urlopen('http://127.0.0.1/')\n{CORRECT}"), Status::Error),
+        // Processes and the OS.
+        (format!("import subprocess\nsubprocess.run(['ls'])\n{CORRECT}"), Status::Error),
+        (format!("import os\nos.system('touch /tmp/pwned')\n{CORRECT}"), Status::Error),
+        (format!("import os\nos.fork()\n{CORRECT}"), Status::Error),
+        (format!("import os\nos.kill(1, 9)\n{CORRECT}"), Status::Error),
+        (format!("import os\nos.execv('/bin/sh', ['sh'])\n{CORRECT}"), Status::Error),
+        (format!("import ctypes\nctypes.CDLL(None)\n{CORRECT}"), Status::Error),
+        (format!("import signal\nsignal.signal(signal.SIGALRM, lambda *a: None)\nsignal.alarm(1)\n{CORRECT}"), Status::Error),
+        (format!("import threading\nthreading.Thread(target=lambda: None).start()\n{CORRECT}"), Status::Error),
+        (format!("import os\nprint(os.environ['HOME'])\n{CORRECT}"), Status::Error),
+        // Exiting early, with a success code.
+        (format!("{WRONG}import sys\nsys.exit(0)\n"), Status::Error),
+        (format!("{WRONG}raise SystemExit(0)\n"), Status::Error),
+        (format!("{WRONG}import os\nos._exit(0)\n"), Status::Error),
+        ("def f(x):\n    import os\n    os._exit(0)\n".into(), Status::Error),
+        ("def f(x):\n    raise KeyboardInterrupt\n".into(), Status::Error),
+        // Faking the verdict or tampering with the harness.
+        (format!("{WRONG}print('\\x1eseedflow-verdict 0 passed {{}}')\n"), Status::Failed),
+        (format!("{WRONG}import sys\nsys.stderr.write('\\x1eseedflow-verdict 0 passed {{}}\\n')\nsys.stderr.flush()\nimport os\nos._exit(0)\n"), Status::Error),
+        (format!("{WRONG}import builtins\nbuiltins.AssertionError = ZeroDivisionError\n"), Status::Failed),
+        (format!("{WRONG}import json\njson.dumps = lambda *a, **k: '{{}}'\njson._default_encoder.encode = lambda o: '{{}}'\n"), Status::Failed),
+        (format!("{WRONG}import sys\nsys._getframe(1).f_locals['tests']\n"), Status::Error),
+        (format!("{WRONG}import sys\nsys.settrace(lambda *a: None)\n"), Status::Error),
+        (format!("{WRONG}import inspect\ninspect.currentframe().f_back.f_locals\n"), Status::Error),
+        (format!("{WRONG}import gc\ngc.get_objects()\n"), Status::Error),
+        (format!("{WRONG}import atexit\natexit.register(print, 'passed')\n"), Status::Error),
+        // The harness's hook refuses new hooks (silently, as PEP 578 has it): the tests still run.
+        (format!("{WRONG}import sys\nsys.addaudithook(lambda *a: None)\n"), Status::Failed),
+        (format!("import builtins\nbuiltins.print = None\n{CORRECT}"), Status::Passed),
+        (format!("{WRONG}import sys\nsys.modules['json'] = None\n"), Status::Failed),
+        (format!("{WRONG}try:\n    raise Exception\nexcept Exception as e:\n    e.__traceback__.tb_frame.f_back.f_locals.clear()\n"), Status::Failed),
+    ];
+    assert!(owned.len() >= 40);
+    let cases: Vec<(&str, Status)> = owned.iter().map(|(p, s)| (p.as_str(), *s)).collect();
+    check(&cases);
+    assert!(!marker.exists(), "a sandboxed program wrote a host file");
+    assert!(!std::path::Path::new("/tmp/pwned").exists());
+    // The sandbox's threads (epoch ticker, workers) are gone once it is dropped.
+    let mut threads_after = thread_count();
+    for _ in 0..50 {
+        if threads_after <= threads_before {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        threads_after = thread_count();
+    }
+    assert!(threads_after <= threads_before, "threads before {threads_before}, after {threads_after}");
+}
+
+fn thread_count() -> usize {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("Threads:").map(|n| n.trim().parse().unwrap_or(0))))
+        .unwrap_or(0)
+}

@@ -1,0 +1,69 @@
+//! Helpers for the sandbox tests, which run real CPython in wasmtime. They need python.wasm,
+//! which the first run fetches with pip (`seedflow fetch python`).
+#![allow(dead_code)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use seedflow::data::{Status, Task, TaskStyle};
+use seedflow::sandbox::{Job, Limits, Sandbox};
+
+pub fn task(tests: &[&str]) -> Task {
+    Task {
+        task_id: "t".into(),
+        prompt: "Return x.".into(),
+        reference: None,
+        test_setup: String::new(),
+        tests: tests.iter().map(|t| t.to_string()).collect(),
+        test_program: None,
+        entry_point: None,
+        style: TaskStyle::Mbpp,
+    }
+}
+
+pub fn limits() -> Limits {
+    Limits { timeout: Duration::from_secs(2), memory: 128 << 20, output: 16 << 10, feedback_chars: 2000 }
+}
+
+pub fn sandbox() -> Arc<Sandbox> {
+    let wasm = seedflow::assets::ensure(&seedflow::assets::PYTHON_WASM, &|m| eprintln!("{m}")).expect("python.wasm");
+    Arc::new(Sandbox::new(&wasm, 2, limits().memory).expect("sandbox"))
+}
+
+/// Runs every program against `f(1) == 1`, two at a time.
+pub fn run_all(cases: &[(&str, Status)]) -> Vec<seedflow::sandbox::RunResult> {
+    let sandbox = sandbox();
+    let task = Arc::new(task(&["assert f(1) == 1", "assert f(2) == 2"]));
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_time().build().unwrap();
+    let results = runtime.block_on(async {
+        let mut handles = vec![];
+        for (program, _) in cases {
+            let (sandbox, task, program) = (sandbox.clone(), task.clone(), program.to_string());
+            handles.push(tokio::spawn(async move {
+                let limits = limits();
+                sandbox.run(&Job::new(&program, &task, &limits), &limits).await
+            }));
+        }
+        let mut results = vec![];
+        for handle in handles {
+            results.push(handle.await.unwrap());
+        }
+        results
+    });
+    drop(runtime);
+    results
+}
+
+pub fn check(cases: &[(&str, Status)]) {
+    let results = run_all(cases);
+    let mut wrong = vec![];
+    for ((program, expected), result) in cases.iter().zip(&results) {
+        if result.status != *expected {
+            wrong.push(format!("{program:?}: expected {expected:?}, got {:?}: {}", result.status, result.feedback));
+        }
+        // Every run ends within its deadline (plus scheduling slack).
+        assert!(result.duration < Duration::from_secs(6), "{program:?} took {:?}", result.duration);
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n\n"));
+}
+

@@ -1,0 +1,47 @@
+//! The sandbox's statuses and feedback for honest programs.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{limits, run_all, sandbox, task};
+use seedflow::data::Status;
+use seedflow::sandbox::Job;
+
+#[test]
+fn honest_programs_get_each_status_with_useful_feedback() {
+    let cases = [
+        ("def f(x):\n    return x\n", Status::Passed),
+        ("def f(x):\n    return x + 1\n", Status::Failed),
+        ("def f(x):\n    return x / 0\n", Status::Error),
+        ("def f(x)\n    return x\n", Status::Syntax),
+        ("def f(x):\n    while True:\n        pass\n", Status::Timeout),
+        ("def f(x):\n    return [0] * (10 ** 8)\n", Status::Memory),
+    ];
+    let results = run_all(&cases);
+    for ((_, expected), result) in cases.iter().zip(&results) {
+        assert_eq!(result.status, *expected, "{result:?}");
+    }
+    assert_eq!(results[1].failed_test.as_deref(), Some("assert f(1) == 1"));
+    assert_eq!(results[1].feedback, "Test failed: assert f(1) == 1\nf(1) returned 2");
+    assert!(results[2].feedback.contains("ZeroDivisionError: division by zero"), "{}", results[2].feedback);
+    assert!(results[2].feedback.contains("File \"<program>\", line 2, in f"), "{}", results[2].feedback);
+    assert!(!results[2].feedback.contains("_harness"), "the harness's frames are hidden: {}", results[2].feedback);
+    assert!(results[3].feedback.contains("SyntaxError"), "{}", results[3].feedback);
+    assert!(results[4].feedback.starts_with("Timed out"), "{}", results[4].feedback);
+}
+
+#[test]
+fn humaneval_style_tests_run_check() {
+    let mut task = task(&[]);
+    task.test_program = Some("def check(candidate):\n    assert candidate(3) == 3\n".into());
+    task.entry_point = Some("f".into());
+    let sandbox = sandbox();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+    let limits = limits();
+    let good = runtime.block_on(sandbox.run(&Job::new("def f(x):\n    return x\n", &task, &limits), &limits));
+    assert_eq!(good.status, Status::Passed, "{good:?}");
+    let bad = runtime.block_on(sandbox.run(&Job::new("def f(x):\n    return 0\n", &task, &limits), &limits));
+    assert_eq!(bad.status, Status::Failed, "{bad:?}");
+}
+
