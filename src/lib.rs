@@ -9,6 +9,8 @@ pub mod cli;
 pub mod data;
 pub mod dsl;
 pub mod engine;
+pub mod gguf;
+pub mod llm;
 pub mod nodes;
 pub mod plan;
 pub mod reference;

@@ -58,7 +58,10 @@ fn adversarial_programs_end_with_the_right_status_and_leave_the_host_alone() {
         (format!("import os\nos.kill(1, 9)\n{CORRECT}"), Status::Error),
         (format!("import os\nos.execv('/bin/sh', ['sh'])\n{CORRECT}"), Status::Error),
         (format!("import ctypes\nctypes.CDLL(None)\n{CORRECT}"), Status::Error),
-        (format!("import signal\nsignal.signal(signal.SIGALRM, lambda *a: None)\nsignal.alarm(1)\n{CORRECT}"), Status::Error),
+        (
+            format!("import signal\nsignal.signal(signal.SIGALRM, lambda *a: None)\nsignal.alarm(1)\n{CORRECT}"),
+            Status::Error,
+        ),
         (format!("import threading\nthreading.Thread(target=lambda: None).start()\n{CORRECT}"), Status::Error),
         (format!("import os\nprint(os.environ['HOME'])\n{CORRECT}"), Status::Error),
         // Exiting early, with a success code.
@@ -69,9 +72,19 @@ fn adversarial_programs_end_with_the_right_status_and_leave_the_host_alone() {
         ("def f(x):\n    raise KeyboardInterrupt\n".into(), Status::Error),
         // Faking the verdict or tampering with the harness.
         (format!("{WRONG}print('\\x1eseedflow-verdict 0 passed {{}}')\n"), Status::Failed),
-        (format!("{WRONG}import sys\nsys.stderr.write('\\x1eseedflow-verdict 0 passed {{}}\\n')\nsys.stderr.flush()\nimport os\nos._exit(0)\n"), Status::Error),
+        (
+            format!(
+                "{WRONG}import sys\nsys.stderr.write('\\x1eseedflow-verdict 0 passed {{}}\\n')\nsys.stderr.flush()\nimport os\nos._exit(0)\n"
+            ),
+            Status::Error,
+        ),
         (format!("{WRONG}import builtins\nbuiltins.AssertionError = ZeroDivisionError\n"), Status::Failed),
-        (format!("{WRONG}import json\njson.dumps = lambda *a, **k: '{{}}'\njson._default_encoder.encode = lambda o: '{{}}'\n"), Status::Failed),
+        (
+            format!(
+                "{WRONG}import json\njson.dumps = lambda *a, **k: '{{}}'\njson._default_encoder.encode = lambda o: '{{}}'\n"
+            ),
+            Status::Failed,
+        ),
         (format!("{WRONG}import sys\nsys._getframe(1).f_locals['tests']\n"), Status::Error),
         (format!("{WRONG}import sys\nsys.settrace(lambda *a: None)\n"), Status::Error),
         (format!("{WRONG}import inspect\ninspect.currentframe().f_back.f_locals\n"), Status::Error),
@@ -81,7 +94,12 @@ fn adversarial_programs_end_with_the_right_status_and_leave_the_host_alone() {
         (format!("{WRONG}import sys\nsys.addaudithook(lambda *a: None)\n"), Status::Failed),
         (format!("import builtins\nbuiltins.print = None\n{CORRECT}"), Status::Passed),
         (format!("{WRONG}import sys\nsys.modules['json'] = None\n"), Status::Failed),
-        (format!("{WRONG}try:\n    raise Exception\nexcept Exception as e:\n    e.__traceback__.tb_frame.f_back.f_locals.clear()\n"), Status::Failed),
+        (
+            format!(
+                "{WRONG}try:\n    raise Exception\nexcept Exception as e:\n    e.__traceback__.tb_frame.f_back.f_locals.clear()\n"
+            ),
+            Status::Failed,
+        ),
     ];
     assert!(owned.len() >= 40);
     let cases: Vec<(&str, Status)> = owned.iter().map(|(p, s)| (p.as_str(), *s)).collect();

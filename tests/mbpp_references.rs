@@ -11,7 +11,7 @@ fn all_974_mbpp_reference_solutions_pass_in_the_sandbox() {
     for split in ["prompt", "test", "validation", "train"] {
         let path = data.join(format!("{split}.jsonl"));
         workflow.push_str(&format!("dataset \"{split}\" format=\"mbpp\" path={:?}\n", path.display().to_string()));
-        workflow.push_str(&format!("execute \"run-{split}\" code=\"{split}\" timeout=\"60s\"\n"));
+        workflow.push_str(&format!("execute \"run-{split}\" code=\"{split}\" timeout=\"120s\"\n"));
         workflow.push_str(&format!("gate \"all-{split}\" metric=\"run-{split}.pass-rate\" at-least=1.0\n"));
     }
     std::fs::write(dir.path().join("flow.kdl"), workflow).unwrap();

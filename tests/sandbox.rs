@@ -44,4 +44,3 @@ fn humaneval_style_tests_run_check() {
     let bad = runtime.block_on(sandbox.run(&Job::new("def f(x):\n    return 0\n", &task, &limits), &limits));
     assert_eq!(bad.status, Status::Failed, "{bad:?}");
 }
-

@@ -60,6 +60,7 @@ impl Sample {
             task: task.clone(),
             logprob: None,
             tokens: None,
+            answer: None,
             parent: None,
         })
     }
@@ -80,6 +81,14 @@ impl Task {
             style: TaskStyle::Mbpp,
         }
     }
+}
+
+/// The seed of one sample, from the workflow's seed, the step, the task (or the sample revised)
+/// and the sample's index: the same wherever and whenever it is drawn.
+pub fn sample_seed(workflow_seed: u64, step: &str, item: &str, index: usize) -> u64 {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(format!("{workflow_seed}\0{step}\0{item}\0{index}").as_bytes());
+    u64::from_le_bytes(digest[..8].try_into().unwrap_or_default())
 }
 
 impl Status {
@@ -123,6 +132,9 @@ pub struct Sample {
     pub logprob: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tokens: Option<u32>,
+    /// The model's whole answer, of which `code` is the extracted program.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answer: Option<String>,
     /// The sample this one revises, with its code (so a revision can be compared to it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent: Option<Parent>,

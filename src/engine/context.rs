@@ -56,6 +56,8 @@ pub struct Context {
     pub step: String,
     pub iteration: Option<u32>,
     pub props: Props,
+    /// The declaration of the model the step names with `model=`, if it does.
+    pub model: Option<Props>,
     pub seed: u64,
     /// Outputs of the steps this one reads, by property. A `prev.` input is absent in a loop's
     /// first iteration.

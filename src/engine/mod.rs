@@ -402,6 +402,10 @@ impl Engine {
             step: name.clone(),
             iteration,
             props: step.declaration.props.clone(),
+            model: match step.declaration.props.get("model") {
+                Some(Value::Model(name)) => self.plan.models.get(name).map(|m| m.props.clone()),
+                _ => None,
+            },
             seed: self.plan.seed,
             inputs,
             dir: dir.clone(),

@@ -1,5 +1,9 @@
+use std::path::PathBuf;
+
+use crate::data::{Sample, Task, TaskStyle, sample_seed};
 use crate::dsl::schema::{Artifact, KindSpec, Role, ValueType, optional, required, unset};
 use crate::engine::context::{Context, Outcome, StepError};
+use crate::llm::{self, Generated, Request, Sampling, extract, prompt};
 
 pub static SPEC: KindSpec = KindSpec {
     name: "generate",
@@ -26,6 +30,12 @@ pub static SPEC: KindSpec = KindSpec {
         optional("top-k", ValueType::Integer { min: 0 }, "40", "Keep the k most likely tokens; 0 keeps all."),
         optional("max-tokens", ValueType::Integer { min: 1 }, "512", "Most tokens generated per sample."),
         unset("stop", ValueType::Text, "An extra stop sequence."),
+        optional(
+            "stop-after-code",
+            ValueType::Bool,
+            "#true",
+            "End a sample when its first fenced code block closes (what follows is prose).",
+        ),
         unset("template", ValueType::File, "A prompt template replacing the built-in one (`std/prompts/…` or a file)."),
     ],
     metrics: &["count", "tokens"],
@@ -36,6 +46,124 @@ generate "answers" model="coder" tasks="test" samples=5 temperature=0.8 top-p=0.
 "#,
 };
 
-pub fn run(_ctx: &mut Context) -> Result<Outcome, StepError> {
-    Err(StepError::NotAvailable { kind: "generate", detail: "llama.cpp inference lands with the inference issue" })
+/// The sampling settings of a `generate` or `revise` step.
+pub(super) fn sampling(ctx: &Context) -> Sampling {
+    Sampling {
+        temperature: ctx.props.number("temperature").unwrap_or(0.8) as f32,
+        top_p: ctx.props.number("top-p").unwrap_or(0.95) as f32,
+        top_k: ctx.props.integer("top-k").unwrap_or(40) as i32,
+        max_tokens: ctx.props.integer("max-tokens").unwrap_or(512) as u32,
+        stop: ctx.props.text("stop").map(|s| vec![s.to_string()]).unwrap_or_default(),
+        stop_after_code: ctx.props.boolean("stop-after-code").unwrap_or(true),
+    }
+}
+
+/// The adapter file of the step's `adapter` input, if it has one this iteration.
+pub(super) fn adapter(ctx: &Context) -> Option<(PathBuf, f32)> {
+    let output = ctx.inputs.get("adapter")?;
+    Some((output.dir.join("adapter.gguf"), ctx.props.number("adapter-scale").unwrap_or(1.0) as f32))
+}
+
+/// The step's `template`, or `default`.
+pub(super) fn template(ctx: &Context, default: &str) -> Result<String, StepError> {
+    match ctx.props.file("template") {
+        None => Ok(default.to_string()),
+        Some(path) => match crate::stdlib::read(path) {
+            Some(text) => Ok(text.to_string()),
+            None => std::fs::read_to_string(path)
+                .map_err(|e| StepError::Failed(format!("cannot read `{}`: {e}", path.display()))),
+        },
+    }
+}
+
+/// Samples `requests` with the step's model, writing the samples `make` builds from each
+/// request's answers as each group of requests finishes; skips the requests an unfinished
+/// earlier run completed.
+pub(super) fn sample_all(
+    ctx: &Context,
+    requests: &[Request],
+    make: &dyn Fn(usize, Vec<Generated>) -> Vec<Sample>,
+) -> Result<Outcome, StepError> {
+    let props = ctx.model.as_ref().ok_or_else(|| StepError::Failed("the step names no model".into()))?;
+    let settings = super::model::settings(props, &|m| ctx.message(m)).map_err(StepError::Failed)?;
+    let (mut writer, kept) = ctx.records()?;
+    let mut kept_samples: Vec<Sample> = kept.iter().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    // Whole requests only: each group is appended at once.
+    let per_request: Vec<usize> = requests.iter().map(|r| r.seeds.len()).collect();
+    let mut done = 0;
+    let mut covered = 0;
+    while done < requests.len() && covered + per_request[done] <= kept_samples.len() {
+        covered += per_request[done];
+        done += 1;
+    }
+    kept_samples.truncate(covered);
+    let mut tokens: u64 = kept_samples.iter().filter_map(|s| s.tokens).map(u64::from).sum();
+    let mut count = kept_samples.len();
+    let adapter = adapter(ctx);
+    let mut failure = None;
+    let total = requests.len();
+    let mut progress = |finished: usize, group: &[Vec<Generated>]| {
+        let first = done + finished - group.len();
+        let samples: Vec<Sample> = group.iter().enumerate().flat_map(|(i, g)| make(first + i, g.clone())).collect();
+        tokens += samples.iter().filter_map(|s| s.tokens).map(u64::from).sum::<u64>();
+        count += samples.len();
+        if let Err(e) = writer.append(&samples) {
+            failure.get_or_insert(StepError::from(e));
+        }
+        ctx.progress((done + finished) as u64, total as u64);
+    };
+    let sampling = sampling(ctx);
+    let cancelled = || ctx.check_cancelled().is_err();
+    llm::generate(
+        &settings,
+        adapter.as_ref().map(|(p, s)| (p.as_path(), *s)),
+        &requests[done..],
+        &sampling,
+        &cancelled,
+        &mut progress,
+    )
+    .map_err(|e| if ctx.check_cancelled().is_err() { StepError::Cancelled } else { StepError::Failed(e) })?;
+    if let Some(failure) = failure {
+        return Err(failure);
+    }
+    writer.finish()?;
+    Ok(Outcome {
+        metrics: [("count".to_string(), count as f64), ("tokens".to_string(), tokens as f64)].into(),
+        gate_failure: None,
+    })
+}
+
+/// A sample from a model's answer to `task`.
+pub(super) fn sample(task: &Task, sample_id: String, generated: Generated) -> Sample {
+    let signature = (task.style == TaskStyle::Humaneval).then_some(task.prompt.as_str());
+    Sample {
+        task_id: task.task_id.clone(),
+        sample_id,
+        code: extract::extract_code(&generated.text, task.entry_point.as_deref(), signature),
+        task: task.clone(),
+        logprob: Some(generated.mean_logprob),
+        tokens: Some(generated.tokens),
+        answer: Some(generated.text),
+        parent: None,
+    }
+}
+
+pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
+    let tasks: Vec<Task> = ctx.read("tasks")?;
+    let samples = ctx.props.integer("samples").unwrap_or(1) as usize;
+    let custom = template(ctx, "")?;
+    let requests: Vec<Request> = tasks
+        .iter()
+        .map(|task| {
+            let template = if custom.is_empty() { prompt::default_template(task.style) } else { custom.as_str() };
+            Request {
+                message: prompt::solve(template, task),
+                seeds: (0..samples).map(|i| sample_seed(ctx.seed, &ctx.step, &task.task_id, i)).collect(),
+            }
+        })
+        .collect();
+    sample_all(ctx, &requests, &|r, answers| {
+        let task = &tasks[r];
+        answers.into_iter().enumerate().map(|(i, g)| sample(task, format!("{}/{i}", task.task_id), g)).collect()
+    })
 }

@@ -7,7 +7,7 @@ mod finetune_lora;
 mod gate;
 mod generate;
 mod loop_until;
-mod model;
+pub mod model;
 mod report;
 mod revise;
 mod select;

@@ -1,4 +1,6 @@
-use crate::dsl::schema::{KindSpec, Role, ValueType, optional};
+use crate::assets;
+use crate::dsl::schema::{KindSpec, Props, Role, Value, ValueType, optional};
+use crate::llm::ModelSettings;
 
 pub static SPEC: KindSpec = KindSpec {
     name: "model",
@@ -23,6 +25,12 @@ pub static SPEC: KindSpec = KindSpec {
         ),
         optional("threads", ValueType::Integer { min: 0 }, "0", "CPU threads; 0 uses every core."),
         optional("batch", ValueType::Integer { min: 1 }, "512", "Tokens per llama.cpp batch."),
+        optional(
+            "parallel",
+            ValueType::Integer { min: 1 },
+            "8",
+            "Sequences decoded together (the samples of several tasks).",
+        ),
     ],
     metrics: &[],
     at_least_one: &[],
@@ -32,3 +40,20 @@ dataset "problems" format="mbpp" path="examples/data/mbpp/prompt.jsonl"
 generate "answers" model="coder" tasks="problems" samples=1 temperature=0
 "#,
 };
+
+/// The declaration's settings, with `path="default"` fetched on first use.
+pub fn settings(props: &Props, progress: &dyn Fn(&str)) -> Result<ModelSettings, String> {
+    let path = match props.get("path") {
+        Some(Value::File(path)) => path.clone(),
+        _ => assets::ensure(&assets::DEFAULT_MODEL, progress).map_err(|e| e.to_string())?,
+    };
+    let int = |name: &str, default: i64| props.integer(name).unwrap_or(default);
+    Ok(ModelSettings {
+        path,
+        context: int("context", 4096) as u32,
+        gpu_layers: int("gpu-layers", 0) as i32,
+        threads: int("threads", 0) as i32,
+        batch: int("batch", 512) as u32,
+        parallel: int("parallel", 8) as u32,
+    })
+}

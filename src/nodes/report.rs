@@ -149,6 +149,7 @@ mod tests {
                 code: String::new(),
                 logprob: None,
                 tokens: None,
+                answer: None,
                 parent: None,
             },
             status,

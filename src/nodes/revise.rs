@@ -1,5 +1,7 @@
+use crate::data::{Parent, Verdict, sample_seed};
 use crate::dsl::schema::{Artifact, KindSpec, Role, ValueType, optional, required, unset};
 use crate::engine::context::{Context, Outcome, StepError};
+use crate::llm::{Request, prompt};
 
 pub static SPEC: KindSpec = KindSpec {
     name: "revise",
@@ -7,8 +9,7 @@ pub static SPEC: KindSpec = KindSpec {
     doc: "Self-Revise: for each failed verdict, asks the model to fix its own code. The prompt \
           holds the requirement, the failing code, the execution feedback and (unless \
           `reference=#false`) the dataset's reference solution. Samples `samples` revisions per \
-          error, each linked to the sample it revises. With `examples`, the prompt starts with \
-          worked revisions from a file (few-shot).",
+          error, each linked to the sample it revises (`parent`).",
     properties: &[
         required("model", ValueType::Model, "The `model` that revises."),
         required("errors", ValueType::Input(&[Artifact::Verdicts]), "Verdicts of the programs to revise."),
@@ -24,8 +25,13 @@ pub static SPEC: KindSpec = KindSpec {
         optional("top-p", ValueType::Number { min: 0.0, max: 1.0 }, "0.95", "Nucleus sampling threshold."),
         optional("top-k", ValueType::Integer { min: 0 }, "40", "Keep the k most likely tokens; 0 keeps all."),
         optional("max-tokens", ValueType::Integer { min: 1 }, "512", "Most tokens generated per revision."),
+        optional(
+            "stop-after-code",
+            ValueType::Bool,
+            "#true",
+            "End a revision when its first fenced code block closes.",
+        ),
         optional("reference", ValueType::Bool, "#true", "Show the dataset's reference solution in the prompt."),
-        unset("examples", ValueType::File, "A JSON-lines file of worked revisions for a few-shot prompt."),
         unset("template", ValueType::File, "A prompt template replacing the built-in one."),
     ],
     metrics: &["count", "tokens"],
@@ -39,6 +45,29 @@ revise "revisions" model="coder" errors="errors" samples=4 reference=#true
 "#,
 };
 
-pub fn run(_ctx: &mut Context) -> Result<Outcome, StepError> {
-    Err(StepError::NotAvailable { kind: "revise", detail: "llama.cpp inference lands with the inference issue" })
+pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
+    let errors: Vec<Verdict> = ctx.read("errors")?;
+    let samples = ctx.props.integer("samples").unwrap_or(4) as usize;
+    let with_reference = ctx.props.boolean("reference").unwrap_or(true);
+    let default = crate::stdlib::file(prompt::REVISE_TEMPLATE).map_or("", |(_, t)| t);
+    let template = super::generate::template(ctx, default)?;
+    let requests: Vec<Request> = errors
+        .iter()
+        .map(|verdict| Request {
+            message: prompt::revise(&template, verdict, with_reference),
+            seeds: (0..samples).map(|i| sample_seed(ctx.seed, &ctx.step, &verdict.sample.sample_id, i)).collect(),
+        })
+        .collect();
+    super::generate::sample_all(ctx, &requests, &|r, answers| {
+        let parent = &errors[r].sample;
+        answers
+            .into_iter()
+            .enumerate()
+            .map(|(i, g)| {
+                let mut revision = super::generate::sample(&parent.task, format!("{}/r{i}", parent.sample_id), g);
+                revision.parent = Some(Parent { sample_id: parent.sample_id.clone(), code: parent.code.clone() });
+                revision
+            })
+            .collect()
+    })
 }

@@ -109,6 +109,7 @@ mod tests {
                 code: code.into(),
                 logprob: Some(logprob),
                 tokens: None,
+                answer: None,
                 parent: parent.map(|p| Parent { sample_id: "p".into(), code: p.into() }),
             },
             status,

@@ -66,4 +66,3 @@ pub fn check(cases: &[(&str, Status)]) {
     }
     assert!(wrong.is_empty(), "{}", wrong.join("\n\n"));
 }
-

@@ -1,0 +1,102 @@
+//! Prompt templates: `{{name}}` is replaced by a value, and `{{#name}}…{{/name}}` is kept only
+//! when `name` has a non-empty value. Templates live in `stdlib/prompts/` and can be replaced
+//! per step with `template=`.
+
+use crate::data::{Task, TaskStyle, Verdict};
+
+/// Fills `template` with `values`; an unknown `{{name}}` is left as written.
+pub fn render(template: &str, values: &[(&str, &str)]) -> String {
+    let value = |name: &str| values.iter().find(|(n, _)| *n == name).map(|(_, v)| *v);
+    let mut out = String::with_capacity(template.len() + 256);
+    let mut rest = template;
+    while let Some(start) = rest.find("{{") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let Some(end) = after.find("}}") else {
+            out.push_str(&rest[start..]);
+            return out;
+        };
+        let tag = &after[..end];
+        rest = &after[end + 2..];
+        if let Some(name) = tag.strip_prefix('#') {
+            let close = format!("{{{{/{name}}}}}");
+            let (inner, tail) = rest.split_once(close.as_str()).unwrap_or((rest, ""));
+            if value(name).is_some_and(|v| !v.is_empty()) {
+                out.push_str(&render(inner, values));
+            }
+            rest = tail;
+        } else if let Some(v) = value(tag) {
+            out.push_str(v);
+        } else {
+            out.push_str("{{");
+            out.push_str(tag);
+            out.push_str("}}");
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The built-in template for a task, by its style.
+pub fn default_template(style: TaskStyle) -> &'static str {
+    let name = match style {
+        TaskStyle::Mbpp => "std/prompts/mbpp.txt",
+        TaskStyle::Humaneval => "std/prompts/humaneval.txt",
+    };
+    crate::stdlib::file(name).map_or("", |(_, text)| text)
+}
+
+pub const REVISE_TEMPLATE: &str = "std/prompts/revise.txt";
+
+/// The user message asking for a solution to `task`.
+pub fn solve(template: &str, task: &Task) -> String {
+    let tests = task.tests.join("\n");
+    render(template, &[("requirement", task.prompt.trim()), ("tests", &tests), ("prompt", &task.prompt)])
+}
+
+/// The user message asking to revise a failed program (Self-Revise).
+pub fn revise(template: &str, verdict: &Verdict, with_reference: bool) -> String {
+    let task = &verdict.sample.task;
+    let tests =
+        if task.tests.is_empty() { task.test_program.clone().unwrap_or_default() } else { task.tests.join("\n") };
+    let reference = if with_reference { task.reference.as_deref().unwrap_or("") } else { "" };
+    render(
+        template,
+        &[
+            ("requirement", task.prompt.trim()),
+            ("tests", &tests),
+            ("code", verdict.sample.code.trim_end()),
+            ("feedback", verdict.feedback.trim()),
+            ("reference", reference.trim_end()),
+        ],
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_values_and_sections() {
+        let template = "Task: {{requirement}}\n{{#reference}}Reference:\n{{reference}}\n{{/reference}}End {{unknown}}";
+        assert_eq!(
+            render(template, &[("requirement", "add"), ("reference", "x")]),
+            "Task: add\nReference:\nx\nEnd {{unknown}}"
+        );
+        assert_eq!(render(template, &[("requirement", "add"), ("reference", "")]), "Task: add\nEnd {{unknown}}");
+        assert_eq!(render("{{open", &[]), "{{open");
+    }
+
+    #[test]
+    fn mbpp_prompt_shows_requirement_and_tests() {
+        let mut task = Task::example("7");
+        task.prompt = "Write a function to add two numbers.".into();
+        task.tests = vec!["assert add(1, 2) == 3".into(), "assert add(0, 0) == 0".into()];
+        let prompt = solve(default_template(TaskStyle::Mbpp), &task);
+        assert_eq!(
+            prompt,
+            "You are an expert Python programmer, and here is your task: Write a function to add two numbers.\n\
+             Your code should pass these tests:\n\nassert add(1, 2) == 3\nassert add(0, 0) == 0\n"
+        );
+    }
+}
