@@ -155,6 +155,9 @@ pub fn generate(
     cancelled: &dyn Fn() -> bool,
     progress: &mut dyn FnMut(usize, &[Vec<Generated>]),
 ) -> Result<Vec<Vec<Generated>>, String> {
+    if requests.is_empty() {
+        return Ok(vec![]);
+    }
     let loaded = load(settings)?;
     let mut guard = loaded.lock().map_err(|_| "the model is poisoned".to_string())?;
     let Loaded { model, adapters } = &mut *guard;

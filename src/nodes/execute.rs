@@ -86,6 +86,11 @@ pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
             serde_json::from_str(line).map_err(|e| StepError::Failed(format!("unreadable earlier verdict: {e}")))
         })
         .collect::<Result<_, _>>()?;
+    let remaining = samples.len().saturating_sub(verdicts.len());
+    if remaining == 0 {
+        writer.finish()?;
+        return Ok(Outcome { metrics: metrics(&verdicts), gate_failure: None });
+    }
     let workers = ctx.workers.max(1);
     let wasm = assets::ensure(&assets::PYTHON_WASM, &|message| ctx.message(message))
         .map_err(|e| StepError::Failed(format!("{e}")))?;
@@ -95,7 +100,6 @@ pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
         .enable_time()
         .build()
         .map_err(|e| StepError::Failed(format!("cannot start the sandbox workers: {e}")))?;
-    let remaining = samples.len().saturating_sub(verdicts.len());
     for batch in samples[samples.len() - remaining..].chunks(BATCH) {
         ctx.check_cancelled()?;
         let results = runtime.block_on(async {
