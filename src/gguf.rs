@@ -61,7 +61,7 @@ pub fn encode(metadata: &[(&str, Meta)], tensors: &[Tensor]) -> Vec<u8> {
         out.extend(offset.to_le_bytes());
         offset += (tensor.data.len() as u64 * 4).div_ceil(ALIGNMENT) * ALIGNMENT;
     }
-    while out.len() as u64 % ALIGNMENT != 0 {
+    while !(out.len() as u64).is_multiple_of(ALIGNMENT) {
         out.push(0);
     }
     for tensor in tensors {
@@ -69,7 +69,7 @@ pub fn encode(metadata: &[(&str, Meta)], tensors: &[Tensor]) -> Vec<u8> {
         for v in &tensor.data {
             out.extend(v.to_le_bytes());
         }
-        while (out.len() - start) as u64 % ALIGNMENT != 0 {
+        while !((out.len() - start) as u64).is_multiple_of(ALIGNMENT) {
             out.push(0);
         }
     }

@@ -2,8 +2,6 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::{limits, run_all, sandbox, task};
 use seedflow::data::Status;
 use seedflow::sandbox::Job;

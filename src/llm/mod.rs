@@ -80,8 +80,10 @@ fn backend() -> Result<&'static LlamaBackend, String> {
 /// Models by file and settings: each is loaded once per process. A model serves one step at a
 /// time (the executor gives each model one decode stream), which is also what lets adapters be
 /// added to it while it is shared.
-fn registry() -> &'static Mutex<HashMap<(PathBuf, i32), Arc<Mutex<Loaded>>>> {
-    static MODELS: OnceLock<Mutex<HashMap<(PathBuf, i32), Arc<Mutex<Loaded>>>>> = OnceLock::new();
+type Registry = Mutex<HashMap<(PathBuf, i32), Arc<Mutex<Loaded>>>>;
+
+fn registry() -> &'static Registry {
+    static MODELS: OnceLock<Registry> = OnceLock::new();
     MODELS.get_or_init(Default::default)
 }
 
@@ -146,7 +148,7 @@ struct Sequence {
 }
 
 /// Samples every request's seeds. `adapter` is a GGUF LoRA adapter with its scale. `progress`
-/// hears how many requests are done after each group.
+/// hears each run of requests that finished, in request order, with how many are done in all.
 pub fn generate(
     settings: &ModelSettings,
     adapter: Option<(&Path, f32)>,
@@ -161,13 +163,12 @@ pub fn generate(
     let loaded = load(settings)?;
     let mut guard = loaded.lock().map_err(|_| "the model is poisoned".to_string())?;
     let Loaded { model, adapters } = &mut *guard;
-    if let Some((path, _)) = adapter {
-        if !adapters.contains_key(path) {
-            let lora = model
-                .lora_adapter_init(path)
-                .map_err(|e| format!("cannot load LoRA adapter `{}`: {e}", path.display()))?;
-            adapters.insert(path.to_path_buf(), lora);
-        }
+    if let Some((path, _)) = adapter
+        && !adapters.contains_key(path)
+    {
+        let lora =
+            model.lora_adapter_init(path).map_err(|e| format!("cannot load LoRA adapter `{}`: {e}", path.display()))?;
+        adapters.insert(path.to_path_buf(), lora);
     }
     let model: &LlamaModel = model;
     let threads = if settings.threads > 0 {
@@ -191,10 +192,10 @@ pub fn generate(
         .with_n_threads_batch(threads);
     let mut context =
         model.new_context(backend()?, params).map_err(|e| format!("cannot create a llama.cpp context: {e}"))?;
-    if let Some((path, scale)) = adapter {
-        if let Some(lora) = adapters.get_mut(path) {
-            context.lora_adapter_set(lora, scale).map_err(|e| format!("cannot attach the adapter: {e}"))?;
-        }
+    if let Some((path, scale)) = adapter
+        && let Some(lora) = adapters.get_mut(path)
+    {
+        context.lora_adapter_set(lora, scale).map_err(|e| format!("cannot attach the adapter: {e}"))?;
     }
     let vocab = model.vocab();
     let template = model
@@ -210,57 +211,84 @@ pub fn generate(
         prompts.push(vocab.tokenize(text.as_bytes(), true, true));
     }
 
-    let mut results: Vec<Vec<Generated>> = requests.iter().map(|r| Vec::with_capacity(r.seeds.len())).collect();
+    // Continuous batching: a request is admitted as soon as it has free sequences and cells, so
+    // a finished sample's slot goes to the next request instead of waiting for the longest one.
+    let need: Vec<u32> = requests
+        .iter()
+        .zip(&prompts)
+        .map(|(r, p)| p.len() as u32 + r.seeds.len() as u32 * sampling.max_tokens)
+        .collect();
+    if let Some(r) = (0..requests.len()).find(|&r| need[r] > cells) {
+        return Err(format!(
+            "a prompt of {} tokens with {} samples of up to {} tokens does not fit a context of {cells} tokens; raise the model's `context`",
+            prompts[r].len(),
+            requests[r].seeds.len(),
+            sampling.max_tokens
+        ));
+    }
     let batch_size = settings.batch.max(1) as usize;
-    let mut next = 0;
-    while next < requests.len() {
+    let mut results: Vec<Vec<Option<Generated>>> = requests.iter().map(|r| vec![None; r.seeds.len()]).collect();
+    let mut unfinished: Vec<usize> = requests.iter().map(|r| r.seeds.len()).collect();
+    let mut slots: Vec<Option<Sequence>> = (0..parallel).map(|_| None).collect();
+    let (mut admitted, mut reported, mut used) = (0, 0, 0u32);
+    let mut prompt_batch = LlamaBatch::new(batch_size, 1);
+    let mut step_batch = LlamaBatch::new(parallel as usize, 1);
+    context.clear_kv_cache();
+    loop {
         if cancelled() {
             return Err("interrupted".into());
         }
-        // Admit requests while their sequences and cells fit.
-        let mut group = vec![];
-        let (mut seqs, mut used) = (0u32, 0u32);
-        while next < requests.len() {
-            let n = requests[next].seeds.len() as u32;
-            let need = prompts[next].len() as u32 + n * sampling.max_tokens;
-            if !group.is_empty() && (seqs + n > parallel || used + need > cells) {
+        // Retire finished sequences: free their slot and cells, keep their text.
+        for (seq, slot) in slots.iter_mut().enumerate() {
+            if slot.as_ref().is_some_and(|s| !s.live) {
+                let Some(done) = slot.take() else { continue };
+                context.kv_cache_seq_rm(seq as i32, None, None).map_err(|e| e.to_string())?;
+                let text = String::from_utf8_lossy(&done.bytes).into_owned();
+                let mean_logprob = if done.tokens == 0 { 0.0 } else { done.logprob_sum / f64::from(done.tokens) };
+                results[done.request][done.sample] = Some(Generated { text, tokens: done.tokens, mean_logprob });
+                unfinished[done.request] -= 1;
+                if unfinished[done.request] == 0 {
+                    used -= need[done.request];
+                }
+            }
+        }
+        // Report finished requests in order, so they can be written in order.
+        let before = reported;
+        while reported < admitted && unfinished[reported] == 0 {
+            reported += 1;
+        }
+        if reported > before {
+            let finished: Vec<Vec<Generated>> =
+                results[before..reported].iter().map(|r| r.iter().flatten().cloned().collect()).collect();
+            progress(reported, &finished);
+        }
+        // Admit requests while their samples and cells fit.
+        while admitted < requests.len() {
+            let r = admitted;
+            let free: Vec<usize> = (0..slots.len()).filter(|&i| slots[i].is_none()).collect();
+            let n = requests[r].seeds.len();
+            if free.len() < n || used + need[r] > cells {
                 break;
             }
-            if need > cells {
-                return Err(format!(
-                    "a prompt of {} tokens with {n} samples of up to {} tokens does not fit a context of {cells} tokens; raise the model's `context`",
-                    prompts[next].len(),
-                    sampling.max_tokens
-                ));
-            }
-            group.push(next);
-            seqs += n;
-            used += need;
-            next += 1;
-        }
-        let mut sequences = vec![];
-        context.clear_kv_cache();
-        for &r in &group {
-            let first_seq = sequences.len() as i32;
+            let first = free[0] as i32;
             // The prompt, in chunks no larger than a batch; the last token's logits are kept.
             let tokens = &prompts[r];
-            let mut batch = LlamaBatch::new(batch_size, 1);
             let mut last = 0;
             for (c, chunk) in tokens.chunks(batch_size).enumerate() {
-                batch.clear();
+                prompt_batch.clear();
                 for (j, &token) in chunk.iter().enumerate() {
                     let position = c * batch_size + j;
-                    batch
-                        .add(token, position as i32, &[first_seq], position + 1 == tokens.len())
+                    prompt_batch
+                        .add(token, position as i32, &[first], position + 1 == tokens.len())
                         .map_err(|e| e.to_string())?;
                 }
-                context.decode(&mut batch).map_err(|e| format!("llama.cpp could not decode the prompt: {e}"))?;
-                last = batch.n_tokens() - 1;
+                context.decode(&mut prompt_batch).map_err(|e| format!("llama.cpp could not decode the prompt: {e}"))?;
+                last = prompt_batch.n_tokens() - 1;
             }
             for (s, &seed) in requests[r].seeds.iter().enumerate() {
-                let seq = first_seq + s as i32;
+                let seq = free[s];
                 if s > 0 {
-                    context.kv_cache_seq_cp(first_seq, seq, None, None).map_err(|e| e.to_string())?;
+                    context.kv_cache_seq_cp(first, seq as i32, None, None).map_err(|e| e.to_string())?;
                 }
                 let mut sequence = Sequence {
                     request: r,
@@ -276,43 +304,32 @@ pub fn generate(
                 };
                 // The first token comes from the prompt's logits, before another decode.
                 step(&context, &vocab, &mut sequence, sampling);
-                sequences.push(sequence);
+                slots[seq] = Some(sequence);
             }
+            used += need[r];
+            admitted += 1;
         }
-        // Every live sequence advances one token per decode.
-        let mut batch = LlamaBatch::new(sequences.len().max(1), 1);
-        loop {
-            batch.clear();
-            for (seq, sequence) in sequences.iter_mut().enumerate() {
-                if !sequence.live {
-                    continue;
-                }
-                let Some(token) = sequence.last_token else { continue };
-                sequence.logits_at = batch.n_tokens();
-                batch.add(token, sequence.position, &[seq as i32], true).map_err(|e| e.to_string())?;
-                sequence.position += 1;
-            }
-            if batch.n_tokens() == 0 {
+        // Every live sequence advances one token.
+        step_batch.clear();
+        for (seq, slot) in slots.iter_mut().enumerate() {
+            let Some(sequence) = slot.as_mut().filter(|s| s.live) else { continue };
+            let Some(token) = sequence.last_token else { continue };
+            sequence.logits_at = step_batch.n_tokens();
+            step_batch.add(token, sequence.position, &[seq as i32], true).map_err(|e| e.to_string())?;
+            sequence.position += 1;
+        }
+        if step_batch.n_tokens() == 0 {
+            if slots.iter().all(Option::is_none) && admitted == requests.len() {
                 break;
             }
-            if cancelled() {
-                return Err("interrupted".into());
-            }
-            context.decode(&mut batch).map_err(|e| format!("llama.cpp could not decode: {e}"))?;
-            for sequence in sequences.iter_mut().filter(|s| s.live) {
-                step(&context, &vocab, sequence, sampling);
-            }
+            continue; // sequences that just finished are retired at the top
         }
-        for sequence in sequences {
-            let text = String::from_utf8_lossy(&sequence.bytes).into_owned();
-            let mean_logprob =
-                if sequence.tokens == 0 { 0.0 } else { sequence.logprob_sum / f64::from(sequence.tokens) };
-            debug_assert_eq!(results[sequence.request].len(), sequence.sample);
-            results[sequence.request].push(Generated { text, tokens: sequence.tokens, mean_logprob });
+        context.decode(&mut step_batch).map_err(|e| format!("llama.cpp could not decode: {e}"))?;
+        for sequence in slots.iter_mut().flatten().filter(|s| s.live) {
+            step(&context, &vocab, sequence, sampling);
         }
-        progress(next, &results[group[0]..next]);
     }
-    Ok(results)
+    Ok(results.into_iter().map(|r| r.into_iter().flatten().collect()).collect())
 }
 
 /// Samples the sequence's next token from its logits, and decides whether it goes on.

@@ -73,8 +73,7 @@ fn batches(ctx: &mut Context) -> Result<Outcome, StepError> {
     let records: Vec<serde_json::Value> = (0..total)
         .map(|i| serde_json::json!({ "index": i, "seed": ctx.seed, "input": input, "step": ctx.step }))
         .collect();
-    let mut written_batches = 0;
-    for batch in records.chunks(2).skip(kept.len() / 2) {
+    for (written_batches, batch) in records.chunks(2).skip(kept.len() / 2).enumerate() {
         if stall_after == Some(written_batches) {
             let (lock, signal) = &STALLED;
             lock.lock().unwrap().push(ctx.dir.clone());
@@ -89,7 +88,6 @@ fn batches(ctx: &mut Context) -> Result<Outcome, StepError> {
         }
         ctx.check_cancelled()?;
         writer.append(batch)?;
-        written_batches += 1;
     }
     writer.finish()?;
     Ok(Outcome { metrics: [("count".to_string(), total as f64)].into(), gate_failure: None })
