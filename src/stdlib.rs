@@ -10,6 +10,7 @@ pub static FILES: &[(&str, &str)] = &[
     ("std/prompts/mbpp.txt", include_str!("../stdlib/prompts/mbpp.txt")),
     ("std/prompts/humaneval.txt", include_str!("../stdlib/prompts/humaneval.txt")),
     ("std/prompts/revise.txt", include_str!("../stdlib/prompts/revise.txt")),
+    ("std/prompts/revise-examples.jsonl", include_str!("../stdlib/prompts/revise-examples.jsonl")),
 ];
 
 pub fn file(name: &str) -> Option<(&'static str, &'static str)> {

@@ -31,7 +31,11 @@ fn run(requests: &[Request], sampling: &Sampling, adapter: Option<(&std::path::P
 }
 
 fn request(task: &Task, seeds: &[u64]) -> Request {
-    Request { message: prompt::solve(prompt::default_template(task.style), task), seeds: seeds.to_vec() }
+    Request {
+        examples: vec![],
+        message: prompt::solve(prompt::default_template(task.style), task),
+        seeds: seeds.to_vec(),
+    }
 }
 
 #[test]
@@ -104,4 +108,17 @@ fn an_adapter_changes_the_output_and_detaches() {
     let _ = std::fs::remove_file(&adapter);
     assert_ne!(base[0][0].text, adapted[0][0].text);
     assert_eq!(base[0][0].text, detached[0][0].text);
+}
+
+#[test]
+fn few_shot_turns_go_through_the_chat_template() {
+    let task = &mbpp(&["7"])[0];
+    let greedy = sampling(0.0, 16);
+    let plain = run(&[request(task, &[0])], &greedy, None);
+    let mut with_examples = request(task, &[0]);
+    with_examples.examples = vec![("Answer every request with the word hello.".to_string(), "hello".to_string())];
+    let shown = run(&[with_examples], &greedy, None);
+    assert!(shown[0][0].tokens > 0);
+    // The same tokens may come out, but not with the same probabilities: the turns were seen.
+    assert_ne!(plain[0][0].mean_logprob, shown[0][0].mean_logprob, "the examples reach the model");
 }

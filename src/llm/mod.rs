@@ -48,6 +48,8 @@ pub struct Sampling {
 /// One prompt and the seeds of the samples to draw for it.
 #[derive(Debug, Clone)]
 pub struct Request {
+    /// Earlier (user, assistant) turns shown first: worked examples for a few-shot prompt.
+    pub examples: Vec<(String, String)>,
     /// The user message; the model's chat template wraps it.
     pub message: String,
     pub seeds: Vec<u64>,
@@ -204,9 +206,14 @@ pub fn generate(
         .map_err(|e| e.to_string())?;
     let mut prompts = Vec::with_capacity(requests.len());
     for request in requests {
-        let message = LlamaChatMessage::new("user".into(), request.message.clone()).map_err(|e| e.to_string())?;
+        let mut chat = vec![];
+        for (user, assistant) in &request.examples {
+            chat.push(LlamaChatMessage::new("user".into(), user.clone()).map_err(|e| e.to_string())?);
+            chat.push(LlamaChatMessage::new("assistant".into(), assistant.clone()).map_err(|e| e.to_string())?);
+        }
+        chat.push(LlamaChatMessage::new("user".into(), request.message.clone()).map_err(|e| e.to_string())?);
         let text = model
-            .apply_chat_template(&template, &[message], true)
+            .apply_chat_template(&template, &chat, true)
             .map_err(|e| format!("cannot apply the chat template: {e}"))?;
         prompts.push(vocab.tokenize(text.as_bytes(), true, true));
     }

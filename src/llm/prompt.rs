@@ -72,6 +72,34 @@ pub fn revise(template: &str, verdict: &Verdict, with_reference: bool) -> String
     )
 }
 
+/// A worked revision for a few-shot `revise` prompt: one line of an `examples` file.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct RevisionExample {
+    pub requirement: String,
+    #[serde(default)]
+    pub tests: Vec<String>,
+    pub code: String,
+    pub feedback: String,
+    pub revision: String,
+}
+
+/// The (user, assistant) turns that show `example` being revised, before the real request. The
+/// reference solution is left out: the example teaches fixing from feedback.
+pub fn revise_example(template: &str, example: &RevisionExample) -> (String, String) {
+    let tests = example.tests.join("\n");
+    let user = render(
+        template,
+        &[
+            ("requirement", example.requirement.trim()),
+            ("tests", &tests),
+            ("code", example.code.trim_end()),
+            ("feedback", example.feedback.trim()),
+            ("reference", ""),
+        ],
+    );
+    (user, format!("```python\n{}\n```", example.revision.trim_end()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -85,6 +113,20 @@ mod tests {
         );
         assert_eq!(render(template, &[("requirement", "add"), ("reference", "")]), "Task: add\nEnd {{unknown}}");
         assert_eq!(render("{{open", &[]), "{{open");
+    }
+
+    #[test]
+    fn the_shipped_revision_examples_read_as_turns() {
+        let text = crate::stdlib::file("std/prompts/revise-examples.jsonl").unwrap().1;
+        let template = crate::stdlib::file(REVISE_TEMPLATE).unwrap().1;
+        let examples: Vec<RevisionExample> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(examples.len(), 3);
+        let (user, assistant) = revise_example(template, &examples[2]);
+        assert!(user.contains("returned [14, 22, 22]") && !user.contains("A correct solution"), "{user}");
+        assert_eq!(
+            assistant,
+            "```python\ndef heap_queue_largest(nums, n):\n    return sorted(nums, reverse=True)[:n]\n```"
+        );
     }
 
     #[test]

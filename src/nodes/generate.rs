@@ -157,6 +157,7 @@ pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
         .map(|task| {
             let template = if custom.is_empty() { prompt::default_template(task.style) } else { custom.as_str() };
             Request {
+                examples: vec![],
                 message: prompt::solve(template, task),
                 seeds: (0..samples).map(|i| sample_seed(ctx.seed, &ctx.step, &task.task_id, i)).collect(),
             }

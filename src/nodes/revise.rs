@@ -1,6 +1,7 @@
 use crate::data::{Parent, Verdict, sample_seed};
 use crate::dsl::schema::{Artifact, KindSpec, Role, ValueType, optional, required, unset};
 use crate::engine::context::{Context, Outcome, StepError};
+use crate::llm::prompt::RevisionExample;
 use crate::llm::{Request, prompt};
 
 pub static SPEC: KindSpec = KindSpec {
@@ -9,7 +10,10 @@ pub static SPEC: KindSpec = KindSpec {
     doc: "Self-Revise: for each failed verdict, asks the model to fix its own code. The prompt \
           holds the requirement, the failing code, the execution feedback and (unless \
           `reference=#false`) the dataset's reference solution. Samples `samples` revisions per \
-          error, each linked to the sample it revises (`parent`).",
+          error, each linked to the sample it revises (`parent`). With `examples`, the prompt \
+          first shows worked revisions from a JSON-lines file (`requirement`, `tests`, `code`, \
+          `feedback`, `revision`); `std/prompts/revise-examples.jsonl` holds three made from \
+          MBPP's prompt split.",
     properties: &[
         required("model", ValueType::Model, "The `model` that revises."),
         required("errors", ValueType::Input(&[Artifact::Verdicts]), "Verdicts of the programs to revise."),
@@ -32,6 +36,7 @@ pub static SPEC: KindSpec = KindSpec {
             "End a revision when its first fenced code block closes.",
         ),
         optional("reference", ValueType::Bool, "#true", "Show the dataset's reference solution in the prompt."),
+        unset("examples", ValueType::File, "Worked revisions shown first (few-shot), as JSON lines."),
         unset("template", ValueType::File, "A prompt template replacing the built-in one."),
     ],
     metrics: &["count", "tokens"],
@@ -41,7 +46,7 @@ dataset "train" format="mbpp" path="examples/data/mbpp/train.jsonl" limit=10
 generate "attempts" model="coder" tasks="train" samples=4
 execute "verdicts" code="attempts"
 select "errors" from="verdicts" status="!passed" per-task=1 prefer="highest-logprob"
-revise "revisions" model="coder" errors="errors" samples=4 reference=#true
+revise "revisions" model="coder" errors="errors" samples=4 reference=#true examples="std/prompts/revise-examples.jsonl"
 "#,
 };
 
@@ -51,9 +56,11 @@ pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
     let with_reference = ctx.props.boolean("reference").unwrap_or(true);
     let default = crate::stdlib::file(prompt::REVISE_TEMPLATE).map_or("", |(_, t)| t);
     let template = super::generate::template(ctx, default)?;
+    let examples = examples(ctx, &template)?;
     let requests: Vec<Request> = errors
         .iter()
         .map(|verdict| Request {
+            examples: examples.clone(),
             message: prompt::revise(&template, verdict, with_reference),
             seeds: (0..samples).map(|i| sample_seed(ctx.seed, &ctx.step, &verdict.sample.sample_id, i)).collect(),
         })
@@ -70,4 +77,21 @@ pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
             })
             .collect()
     })
+}
+
+/// The turns of the step's `examples` file, if it names one.
+fn examples(ctx: &Context, template: &str) -> Result<Vec<(String, String)>, StepError> {
+    let Some(path) = ctx.props.file("examples") else { return Ok(vec![]) };
+    let text = match crate::stdlib::read(path) {
+        Some(text) => text.to_string(),
+        None => std::fs::read_to_string(path)
+            .map_err(|e| StepError::Failed(format!("cannot read `{}`: {e}", path.display())))?,
+    };
+    let mut turns = vec![];
+    for (number, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let example: RevisionExample = serde_json::from_str(line)
+            .map_err(|e| StepError::Failed(format!("{}:{}: {e}", path.display(), number + 1)))?;
+        turns.push(prompt::revise_example(template, &example));
+    }
+    Ok(turns)
 }
