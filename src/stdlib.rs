@@ -21,3 +21,11 @@ pub fn file(name: &str) -> Option<(&'static str, &'static str)> {
 pub fn read(path: &Path) -> Option<&'static str> {
     path.to_str().and_then(file).map(|(_, text)| text)
 }
+
+/// The text of a file named by a `File` property: from the stdlib for `std/…`, else from disk.
+pub fn read_to_string(path: &Path) -> std::io::Result<String> {
+    match read(path) {
+        Some(text) => Ok(text.to_string()),
+        None => std::fs::read_to_string(path),
+    }
+}

@@ -317,14 +317,10 @@ impl Engine {
                 .collect();
             let stop = match &until {
                 None => false,
-                Some(expr) => {
-                    let lookup = |m: &crate::dsl::expr::MetricName| match &m.step {
-                        None => Some(iteration as f64),
-                        Some(s) => previous.get(s).and_then(|o| o.metrics.get(&m.metric).copied()),
-                    };
-                    expr.evaluate(&lookup)
-                        .map_err(|e| Stop::Failed(format!("`{name}`: cannot evaluate `until`: {e}")))?
-                }
+                Some(expr) => until_holds_after(expr, iteration, &|step, metric| {
+                    previous.get(step).and_then(|o| o.metrics.get(metric).copied())
+                })
+                .map_err(|e| Stop::Failed(format!("`{name}`: cannot evaluate `until`: {e}")))?,
             };
             self.events.emit(&Event::IterationFinished { step: name.clone(), iteration, stop });
             if stop {
@@ -619,11 +615,23 @@ fn until_holds(step: &PlannedStep, dir: &Path, iteration: u32) -> bool {
     let Some(Value::Expression(expr)) = step.declaration.props.get("until") else {
         return false;
     };
-    let lookup = |m: &crate::dsl::expr::MetricName| match &m.step {
-        None => Some(iteration as f64),
-        Some(s) => Meta::read(&dir.join(s)).and_then(|meta| meta.metrics.get(&m.metric).copied()),
-    };
-    expr.evaluate(&lookup).unwrap_or(false)
+    until_holds_after(expr, iteration, &|step, metric| {
+        Meta::read(&dir.join(step)).and_then(|m| m.metrics.get(metric).copied())
+    })
+    .unwrap_or(false)
+}
+
+/// Evaluates a loop's `until` after `iteration`, with `metric_of(step, metric)` giving the
+/// loop's step metrics.
+fn until_holds_after(
+    expr: &crate::dsl::expr::Expr,
+    iteration: u32,
+    metric_of: &dyn Fn(&str, &str) -> Option<f64>,
+) -> Result<bool, String> {
+    expr.evaluate(&|m| match &m.step {
+        None => Some(f64::from(iteration)),
+        Some(step) => metric_of(step, &m.metric),
+    })
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -650,7 +658,7 @@ fn dry_run_step(
                 let hash = known.get(&name).cloned().flatten();
                 (name, hash)
             }
-            Source::Prev(s) if iteration == Some(1) => (String::new(), Some("none".to_string())),
+            Source::Prev(_) if iteration == Some(1) => (String::new(), Some("none".to_string())),
             Source::Prev(s) => (format!("prev.{s}"), previous.get(s).cloned().flatten()),
         };
         match hash {

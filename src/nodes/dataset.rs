@@ -36,9 +36,7 @@ pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
         0 => usize::MAX,
         n => n as usize,
     };
-    let text = crate::stdlib::read(&path)
-        .map(str::to_string)
-        .map_or_else(|| std::fs::read_to_string(&path), Ok)
+    let text = crate::stdlib::read_to_string(&path)
         .map_err(|e| StepError::Failed(format!("cannot read `{}`: {e}", path.display())))?;
 
     let mut tasks = vec![];

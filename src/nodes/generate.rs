@@ -68,11 +68,8 @@ pub(super) fn adapter(ctx: &Context) -> Option<(PathBuf, f32)> {
 pub(super) fn template(ctx: &Context, default: &str) -> Result<String, StepError> {
     match ctx.props.file("template") {
         None => Ok(default.to_string()),
-        Some(path) => match crate::stdlib::read(path) {
-            Some(text) => Ok(text.to_string()),
-            None => std::fs::read_to_string(path)
-                .map_err(|e| StepError::Failed(format!("cannot read `{}`: {e}", path.display()))),
-        },
+        Some(path) => crate::stdlib::read_to_string(path)
+            .map_err(|e| StepError::Failed(format!("cannot read `{}`: {e}", path.display()))),
     }
 }
 

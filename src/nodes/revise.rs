@@ -82,11 +82,8 @@ pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
 /// The turns of the step's `examples` file, if it names one.
 fn examples(ctx: &Context, template: &str) -> Result<Vec<(String, String)>, StepError> {
     let Some(path) = ctx.props.file("examples") else { return Ok(vec![]) };
-    let text = match crate::stdlib::read(path) {
-        Some(text) => text.to_string(),
-        None => std::fs::read_to_string(path)
-            .map_err(|e| StepError::Failed(format!("cannot read `{}`: {e}", path.display())))?,
-    };
+    let text = crate::stdlib::read_to_string(path)
+        .map_err(|e| StepError::Failed(format!("cannot read `{}`: {e}", path.display())))?;
     let mut turns = vec![];
     for (number, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
         let example: RevisionExample = serde_json::from_str(line)
