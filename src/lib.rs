@@ -9,13 +9,13 @@ pub mod cli;
 pub mod data;
 pub mod dsl;
 pub mod engine;
-pub mod gguf;
 pub mod llm;
 pub mod nodes;
 pub mod plan;
 pub mod reference;
 pub mod sandbox;
 pub mod stdlib;
+pub mod train;
 
 use std::path::Path;
 

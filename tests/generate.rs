@@ -72,28 +72,22 @@ fn samples_repeat_for_a_seed_and_differ_across_seeds() {
 }
 
 /// A random rank-4 LoRA on every layer's query and down projections of the default model
-/// (Qwen2.5-Coder-0.5B: 24 layers, width 896, MLP 4864).
+/// (Qwen2.5-Coder-0.5B: 24 layers, width 896, MLP 4864), written by the trainer's exporter.
 fn random_adapter() -> PathBuf {
-    let mut state = 0x2545_f491_4f6c_dd1du64;
-    let mut random = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        (state >> 11) as f32 / (1u64 << 53) as f32 - 0.5
+    use candle_core::{Device, Tensor, Var};
+    use seedflow::train::{Architecture, Lora, Pair, Target};
+    let random = |rows: usize, cols: usize| {
+        Var::from_tensor(&(Tensor::rand(-0.1f32, 0.1, (rows, cols), &Device::Cpu).unwrap())).unwrap()
     };
     let rank = 4;
-    let mut tensors = vec![];
+    let mut lora = Lora { rank, alpha: rank as f32, pairs: Default::default() };
     for layer in 0..24 {
-        for (name, n_in, n_out) in [("attn_q", 896u64, 896u64), ("ffn_down", 4864, 896)] {
-            let base = format!("blk.{layer}.{name}.weight");
-            let a: Vec<f32> = (0..n_in * rank).map(|_| random() * 0.2).collect();
-            let b: Vec<f32> = (0..rank * n_out).map(|_| random() * 0.2).collect();
-            tensors.push(seedflow::gguf::Tensor { name: format!("{base}.lora_a"), dims: vec![n_in, rank], data: a });
-            tensors.push(seedflow::gguf::Tensor { name: format!("{base}.lora_b"), dims: vec![rank, n_out], data: b });
+        for (target, n_in, n_out) in [(Target::Q, 896, 896), (Target::Down, 4864, 896)] {
+            lora.pairs.insert((layer, target), Pair { a: random(rank, n_in), b: random(n_out, rank) });
         }
     }
     let path = std::env::temp_dir().join(format!("seedflow-test-adapter-{}.gguf", std::process::id()));
-    seedflow::gguf::write_lora_adapter(&path, "qwen2", rank as f32, &tensors).unwrap();
+    lora.save_gguf(&path, Architecture::Qwen2).unwrap();
     path
 }
 

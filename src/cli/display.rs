@@ -101,10 +101,13 @@ impl EventSink for Progress {
                 bar.enable_steady_tick(std::time::Duration::from_millis(120));
                 running.insert(label(step, *iteration), bar);
             }
-            Event::StepProgress { step, iteration, done, total } => {
+            Event::StepProgress { step, iteration, done, total, status } => {
                 if let Some(bar) = running.get(&label(step, *iteration)) {
                     bar.set_length(*total);
                     bar.set_position(*done);
+                    if let Some(status) = status {
+                        bar.set_message(status.clone());
+                    }
                 }
             }
             Event::StepFinished { step, iteration, metrics, .. } => {

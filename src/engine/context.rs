@@ -40,8 +40,6 @@ pub struct Outcome {
 pub enum StepError {
     #[error("interrupted")]
     Cancelled,
-    #[error("`{kind}` steps are not available in this build yet: {detail}")]
-    NotAvailable { kind: &'static str, detail: &'static str },
     #[error("{0}")]
     Failed(String),
 }
@@ -90,7 +88,18 @@ impl Context {
     }
 
     pub fn progress(&self, done: u64, total: u64) {
-        self.events.emit(&Event::StepProgress { step: self.step.clone(), iteration: self.iteration, done, total });
+        self.progress_with(done, total, None);
+    }
+
+    /// Progress with a status shown beside the bar, such as the current training loss.
+    pub fn progress_with(&self, done: u64, total: u64, status: Option<String>) {
+        self.events.emit(&Event::StepProgress {
+            step: self.step.clone(),
+            iteration: self.iteration,
+            done,
+            total,
+            status,
+        });
     }
 
     /// A line for the user about what the step is doing (fetching an asset, loading a model).

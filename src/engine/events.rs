@@ -24,6 +24,9 @@ pub enum Event {
         iteration: Option<u32>,
         done: u64,
         total: u64,
+        /// What the step reports beside the count (a training loss).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        status: Option<String>,
     },
     StepMessage {
         step: String,

@@ -236,16 +236,3 @@ test-batches "after" from="tasks"
     let meta = super::cache::Meta::read(&run_dir.join("tasks")).unwrap();
     assert_eq!(meta.status, super::cache::StepStatus::Failed);
 }
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn steps_that_need_later_issues_say_so() {
-    let dir = tempfile::tempdir().unwrap();
-    let workflow = r#"
-model "coder" path="default"
-dataset "tasks" format="jsonl" path="data.jsonl"
-finetune-lora "tune" model="coder" data="tasks"
-"#;
-    let (outcome, _) = run_to_end(plan(dir.path(), workflow, &[]), &dir.path().join("run"), false).await;
-    let RunOutcome::Failed(message) = outcome else { panic!("{outcome:?}") };
-    assert!(message.contains("not available in this build yet"), "{message}");
-}

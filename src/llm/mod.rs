@@ -149,6 +149,115 @@ struct Sequence {
     live: bool,
 }
 
+fn threads(settings: &ModelSettings) -> i32 {
+    if settings.threads > 0 {
+        settings.threads
+    } else {
+        std::thread::available_parallelism().map_or(1, |n| n.get() as i32)
+    }
+}
+
+/// Loads `adapter`'s file into the model's adapters, once per process.
+fn load_adapter(
+    model: &mut LlamaModel,
+    adapters: &mut HashMap<PathBuf, LlamaLoraAdapter>,
+    adapter: Option<(&Path, f32)>,
+) -> Result<(), String> {
+    if let Some((path, _)) = adapter
+        && !adapters.contains_key(path)
+    {
+        let lora =
+            model.lora_adapter_init(path).map_err(|e| format!("cannot load LoRA adapter `{}`: {e}", path.display()))?;
+        adapters.insert(path.to_path_buf(), lora);
+    }
+    Ok(())
+}
+
+fn attach_adapter(
+    context: &mut llama_cpp_2::context::LlamaContext<'_>,
+    adapters: &mut HashMap<PathBuf, LlamaLoraAdapter>,
+    adapter: Option<(&Path, f32)>,
+) -> Result<(), String> {
+    if let Some((path, scale)) = adapter
+        && let Some(lora) = adapters.get_mut(path)
+    {
+        context.lora_adapter_set(lora, scale).map_err(|e| format!("cannot attach the adapter: {e}"))?;
+    }
+    Ok(())
+}
+
+/// The prompt text for earlier (user, assistant) turns and a user `message`, through the
+/// model's chat template (ChatML when the model has none), ready for the assistant's answer.
+fn chat_prompt(model: &LlamaModel, examples: &[(String, String)], message: &str) -> Result<String, String> {
+    let template = model
+        .chat_template(None)
+        .or_else(|_| llama_cpp_2::model::LlamaChatTemplate::new("chatml"))
+        .map_err(|e| e.to_string())?;
+    let mut chat = vec![];
+    for (user, assistant) in examples {
+        chat.push(LlamaChatMessage::new("user".into(), user.clone()).map_err(|e| e.to_string())?);
+        chat.push(LlamaChatMessage::new("assistant".into(), assistant.clone()).map_err(|e| e.to_string())?);
+    }
+    chat.push(LlamaChatMessage::new("user".into(), message.to_string()).map_err(|e| e.to_string())?);
+    model.apply_chat_template(&template, &chat, true).map_err(|e| format!("cannot apply the chat template: {e}"))
+}
+
+/// Training sequences for (user message, answer) pairs, tokenized by the model's own tokenizer
+/// exactly as `generate` sees them: the chat prompt, then the answer and the end-of-turn token.
+/// Returns each sequence with the position where its answer starts.
+pub fn training_tokens(settings: &ModelSettings, pairs: &[(String, String)]) -> Result<Vec<(Vec<u32>, usize)>, String> {
+    // The vocabulary alone: training does not need llama.cpp's copy of the weights in memory.
+    let params = LlamaModelParams::default().with_vocab_only(true);
+    let model = LlamaModel::load_from_file(backend()?, &settings.path, &params)
+        .map_err(|e| format!("cannot read the vocabulary of `{}`: {e}", settings.path.display()))?;
+    let vocab = model.vocab();
+    let end = if vocab.eot().0 >= 0 { vocab.eot() } else { vocab.eos() };
+    let ids = |tokens: Vec<LlamaToken>| tokens.into_iter().map(|t| t.0 as u32);
+    pairs
+        .iter()
+        .map(|(message, answer)| {
+            let prompt = chat_prompt(&model, &[], message)?;
+            let mut tokens: Vec<u32> = ids(vocab.tokenize(prompt.as_bytes(), true, true)).collect();
+            let start = tokens.len();
+            tokens.extend(ids(vocab.tokenize(answer.as_bytes(), false, false)));
+            tokens.push(end.0 as u32);
+            Ok((tokens, start))
+        })
+        .collect()
+}
+
+/// The logits llama.cpp computes after each of `tokens` (one sequence, f32 KV cache): what the
+/// trainer's forward pass is checked against.
+pub fn logits(
+    settings: &ModelSettings,
+    adapter: Option<(&Path, f32)>,
+    tokens: &[u32],
+) -> Result<Vec<Vec<f32>>, String> {
+    let loaded = load(settings)?;
+    let mut guard = loaded.lock().map_err(|_| "the model is poisoned".to_string())?;
+    let Loaded { model, adapters } = &mut *guard;
+    load_adapter(model, adapters, adapter)?;
+    let n = (tokens.len() as u32).max(1);
+    let params = LlamaContextParams::default()
+        .with_n_ctx(NonZeroU32::new(n.next_multiple_of(256)))
+        .with_n_batch(n)
+        .with_n_ubatch(n)
+        .with_type_k(llama_cpp_2::context::params::KvCacheType::F32)
+        .with_type_v(llama_cpp_2::context::params::KvCacheType::F32)
+        .with_flash_attention_policy(0) // LLAMA_FLASH_ATTN_TYPE_DISABLED: attention in f32
+        .with_n_threads(threads(settings))
+        .with_n_threads_batch(threads(settings));
+    let mut context =
+        model.new_context(backend()?, params).map_err(|e| format!("cannot create a llama.cpp context: {e}"))?;
+    attach_adapter(&mut context, adapters, adapter)?;
+    let mut batch = LlamaBatch::new(tokens.len(), 1);
+    for (i, &token) in tokens.iter().enumerate() {
+        batch.add(LlamaToken(token as i32), i as i32, &[0], true).map_err(|e| e.to_string())?;
+    }
+    context.decode(&mut batch).map_err(|e| format!("llama.cpp could not decode: {e}"))?;
+    Ok((0..tokens.len()).map(|i| context.get_logits_ith(i as i32).to_vec()).collect())
+}
+
 /// Samples every request's seeds. `adapter` is a GGUF LoRA adapter with its scale. `progress`
 /// hears each run of requests that finished, in request order, with how many are done in all.
 pub fn generate(
@@ -165,19 +274,9 @@ pub fn generate(
     let loaded = load(settings)?;
     let mut guard = loaded.lock().map_err(|_| "the model is poisoned".to_string())?;
     let Loaded { model, adapters } = &mut *guard;
-    if let Some((path, _)) = adapter
-        && !adapters.contains_key(path)
-    {
-        let lora =
-            model.lora_adapter_init(path).map_err(|e| format!("cannot load LoRA adapter `{}`: {e}", path.display()))?;
-        adapters.insert(path.to_path_buf(), lora);
-    }
+    load_adapter(model, adapters, adapter)?;
     let model: &LlamaModel = model;
-    let threads = if settings.threads > 0 {
-        settings.threads
-    } else {
-        std::thread::available_parallelism().map_or(1, |n| n.get() as i32)
-    };
+    let threads = threads(settings);
     // A request's samples decode together, so there are at least as many sequences as samples.
     let most_samples = requests.iter().map(|r| r.seeds.len() as u32).max().unwrap_or(1);
     let parallel = settings.parallel.max(most_samples).clamp(1, 256);
@@ -194,27 +293,11 @@ pub fn generate(
         .with_n_threads_batch(threads);
     let mut context =
         model.new_context(backend()?, params).map_err(|e| format!("cannot create a llama.cpp context: {e}"))?;
-    if let Some((path, scale)) = adapter
-        && let Some(lora) = adapters.get_mut(path)
-    {
-        context.lora_adapter_set(lora, scale).map_err(|e| format!("cannot attach the adapter: {e}"))?;
-    }
+    attach_adapter(&mut context, adapters, adapter)?;
     let vocab = model.vocab();
-    let template = model
-        .chat_template(None)
-        .or_else(|_| llama_cpp_2::model::LlamaChatTemplate::new("chatml"))
-        .map_err(|e| e.to_string())?;
     let mut prompts = Vec::with_capacity(requests.len());
     for request in requests {
-        let mut chat = vec![];
-        for (user, assistant) in &request.examples {
-            chat.push(LlamaChatMessage::new("user".into(), user.clone()).map_err(|e| e.to_string())?);
-            chat.push(LlamaChatMessage::new("assistant".into(), assistant.clone()).map_err(|e| e.to_string())?);
-        }
-        chat.push(LlamaChatMessage::new("user".into(), request.message.clone()).map_err(|e| e.to_string())?);
-        let text = model
-            .apply_chat_template(&template, &chat, true)
-            .map_err(|e| format!("cannot apply the chat template: {e}"))?;
+        let text = chat_prompt(model, &request.examples, &request.message)?;
         prompts.push(vocab.tokenize(text.as_bytes(), true, true));
     }
 

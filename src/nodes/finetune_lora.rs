@@ -1,5 +1,8 @@
+use crate::data::{Sample, Status, Task, Verdict};
 use crate::dsl::schema::{Artifact, KindSpec, Role, ValueType, optional, required, unset};
 use crate::engine::context::{Context, Outcome, StepError};
+use crate::llm::{self, prompt};
+use crate::train::{self, Base, Example, Lora, StepRecord, Target};
 
 pub static SPEC: KindSpec = KindSpec {
     name: "finetune-lora",
@@ -8,7 +11,12 @@ pub static SPEC: KindSpec = KindSpec {
           dataset's reference solutions. The base model is the model's own GGUF file, frozen; only \
           the LoRA matrices train, with the loss on the completion tokens only. The adapter is \
           written in llama.cpp's GGUF LoRA format (for `adapter=`) and as a PEFT directory. \
-          `init` continues training an earlier adapter.",
+          `init` continues training an earlier adapter (keeping its rank, alpha and targets). \
+          Training text is the prompt `generate` sends for the task (same template) followed by \
+          the code in a fenced block, tokenized by the model's own tokenizer. The step directory \
+          holds `adapter.gguf`, `peft/` (`adapter_config.json`, `adapter_model.safetensors`) and \
+          the loss curve (one record per optimizer step: `step`, `epoch`, `loss`, \
+          `learning_rate`, `tokens`, `seconds`). Verdicts that did not pass are skipped.",
     properties: &[
         required("model", ValueType::Model, "The base `model`."),
         required(
@@ -44,9 +52,19 @@ pub static SPEC: KindSpec = KindSpec {
             "1",
             "Examples per optimizer step (by gradient accumulation).",
         ),
-        optional("max-length", ValueType::Integer { min: 16 }, "512", "Longest training sequence in tokens."),
+        optional(
+            "max-length",
+            ValueType::Integer { min: 16 },
+            "512",
+            "Longest training sequence in tokens; longer ones are cut.",
+        ),
+        unset(
+            "template",
+            ValueType::File,
+            "The prompt template, as `generate`'s `template` (the built-in one by default).",
+        ),
     ],
-    metrics: &["loss", "steps", "examples", "tokens"],
+    metrics: &["loss", "first-loss", "steps", "examples", "tokens"],
     at_least_one: &[],
     example: r#"model "coder" path="default"
 dataset "train" format="mbpp" path="examples/data/mbpp/train.jsonl" limit=50
@@ -54,6 +72,106 @@ finetune-lora "tune" model="coder" data="train" rank=8 alpha=16 epochs=2 learnin
 "#,
 };
 
-pub fn run(_ctx: &mut Context) -> Result<Outcome, StepError> {
-    Err(StepError::NotAvailable { kind: "finetune-lora", detail: "LoRA training lands with the training issue" })
+/// The adapter file a `finetune-lora` step writes in its directory (what `adapter=` reads).
+pub const ADAPTER_FILE: &str = "adapter.gguf";
+
+/// (task, code) pairs to train on, from the `data` input.
+fn training_pairs(ctx: &Context) -> Result<Vec<(Task, String)>, StepError> {
+    let data = ctx.input("data")?;
+    Ok(match data.artifact {
+        Artifact::Verdicts => ctx
+            .read::<Verdict>("data")?
+            .into_iter()
+            .filter(|v| v.status == Status::Passed)
+            .map(|v| (v.sample.task, v.sample.code))
+            .collect(),
+        Artifact::Samples => ctx.read::<Sample>("data")?.into_iter().map(|s| (s.task, s.code)).collect(),
+        _ => ctx.read::<Task>("data")?.into_iter().filter_map(|t| t.reference.clone().map(|code| (t, code))).collect(),
+    })
+}
+
+pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
+    let props = ctx.model.as_ref().ok_or_else(|| StepError::Failed("the step names no model".into()))?;
+    let model = super::model::settings(props, &|m| ctx.message(m)).map_err(StepError::Failed)?;
+    let failed = |e: candle_core::Error| {
+        if ctx.check_cancelled().is_err() { StepError::Cancelled } else { StepError::Failed(e.to_string()) }
+    };
+    let custom = super::generate::template(ctx, "")?;
+    let pairs: Vec<(String, String)> = training_pairs(ctx)?
+        .into_iter()
+        .map(|(task, code)| {
+            let template = if custom.is_empty() { prompt::default_template(task.style) } else { custom.as_str() };
+            (prompt::solve(template, &task), format!("```python\n{}\n```", code.trim_end()))
+        })
+        .collect();
+    let max_length = ctx.props.integer("max-length").unwrap_or(512) as usize;
+    let examples: Vec<Example> = llm::training_tokens(&model, &pairs)
+        .map_err(StepError::Failed)?
+        .into_iter()
+        .filter(|(_, start)| *start < max_length)
+        .map(|(mut tokens, completion_start)| {
+            tokens.truncate(max_length);
+            Example { tokens, completion_start }
+        })
+        .collect();
+    if examples.len() < pairs.len() {
+        ctx.message(&format!(
+            "{} of {} examples have prompts longer than max-length={max_length} and are skipped",
+            pairs.len() - examples.len(),
+            pairs.len()
+        ));
+    }
+
+    ctx.message("reading the base model for training");
+    let base = Base::load(&model.path).map_err(failed)?;
+    let lora = match ctx.inputs.get("init") {
+        Some(init) => Lora::load_gguf(&init.dir.join(ADAPTER_FILE), &base).map_err(failed)?,
+        None => {
+            let targets: Vec<Target> = match ctx.props.list("targets") {
+                names if names.is_empty() => Target::ALL.to_vec(),
+                names => names.iter().filter_map(|n| Target::parse(n)).collect(),
+            };
+            let rank = ctx.props.integer("rank").unwrap_or(8) as usize;
+            let alpha = ctx.props.number("alpha").unwrap_or(16.0) as f32;
+            Lora::new(&base, rank, alpha, &targets, ctx.seed).map_err(failed)?
+        }
+    };
+    let settings = train::Settings {
+        epochs: ctx.props.integer("epochs").unwrap_or(2) as usize,
+        learning_rate: ctx.props.number("learning-rate").unwrap_or(2e-4),
+        warmup: ctx.props.number("warmup").unwrap_or(0.1),
+        batch: ctx.props.integer("batch").unwrap_or(1) as usize,
+        dropout: ctx.props.number("dropout").unwrap_or(0.0) as f32,
+        seed: ctx.seed,
+    };
+    // Training restarts from the beginning after an interruption: the loss curve is rewritten.
+    let (mut writer, _) = ctx.records()?;
+    let mut write_failure = None;
+    let mut on_step = |record: &StepRecord, total: usize| {
+        if let Err(e) = writer.append(std::slice::from_ref(record)) {
+            write_failure.get_or_insert(e);
+        }
+        ctx.progress_with(record.step as u64, total as u64, Some(format!("loss {:.4}", record.loss)));
+    };
+    let cancelled = || ctx.check_cancelled().is_err();
+    let records = train::train(&base, &lora, &examples, &settings, &cancelled, &mut on_step).map_err(failed)?;
+    if let Some(e) = write_failure {
+        return Err(e.into());
+    }
+    lora.save_gguf(&ctx.dir.join(ADAPTER_FILE), base.config.architecture).map_err(failed)?;
+    lora.save_peft(&ctx.dir.join("peft"), &base).map_err(failed)?;
+    writer.finish()?;
+
+    let last_epoch: Vec<f64> = records.iter().filter(|r| r.epoch == settings.epochs).map(|r| r.loss).collect();
+    let mut metrics: crate::engine::cache::Metrics = [
+        ("steps".to_string(), records.len() as f64),
+        ("examples".to_string(), examples.len() as f64),
+        ("tokens".to_string(), records.iter().map(|r| r.tokens as f64).sum()),
+    ]
+    .into();
+    if let Some(first) = records.first() {
+        metrics.insert("first-loss".into(), first.loss);
+        metrics.insert("loss".into(), last_epoch.iter().sum::<f64>() / last_epoch.len().max(1) as f64);
+    }
+    Ok(Outcome { metrics, gate_failure: None })
 }

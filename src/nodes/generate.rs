@@ -61,7 +61,7 @@ pub(super) fn sampling(ctx: &Context) -> Sampling {
 /// The adapter file of the step's `adapter` input, if it has one this iteration.
 pub(super) fn adapter(ctx: &Context) -> Option<(PathBuf, f32)> {
     let output = ctx.inputs.get("adapter")?;
-    Some((output.dir.join("adapter.gguf"), ctx.props.number("adapter-scale").unwrap_or(1.0) as f32))
+    Some((output.dir.join(super::finetune_lora::ADAPTER_FILE), ctx.props.number("adapter-scale").unwrap_or(1.0) as f32))
 }
 
 /// The step's `template`, or `default`.

@@ -1,0 +1,272 @@
+//! The frozen base model, read from the same GGUF file llama.cpp serves and dequantized to f32,
+//! and its forward pass with LoRA — computed as llama.cpp computes it (`qwen2` and `llama`), so
+//! an adapter behaves in llama.cpp as it did in training.
+
+use std::fs::File;
+use std::path::Path;
+
+use candle_core::quantized::gguf_file;
+use candle_core::{DType, Device, Result, Tensor};
+use rand::Rng;
+use rand::rngs::StdRng;
+
+use super::lora::{Lora, Target};
+use super::ops;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Architecture {
+    Qwen2,
+    Llama,
+}
+
+impl Architecture {
+    pub fn name(self) -> &'static str {
+        match self {
+            Architecture::Qwen2 => "qwen2",
+            Architecture::Llama => "llama",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub architecture: Architecture,
+    /// `general.name`, kept for the PEFT export.
+    pub name: String,
+    pub layers: usize,
+    pub embedding: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub rms_eps: f64,
+    pub rope_base: f32,
+}
+
+/// A projection's frozen weight (n_out, n_in) and bias.
+pub struct Projection {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+pub struct Layer {
+    attn_norm: Tensor,
+    ffn_norm: Tensor,
+    /// By `Target` order: q, k, v, o, gate, up, down.
+    projections: Vec<Projection>,
+}
+
+impl Layer {
+    pub fn projection(&self, target: Target) -> &Projection {
+        &self.projections[target as usize]
+    }
+}
+
+pub struct Base {
+    pub config: Config,
+    embedding: Tensor,
+    pub layers: Vec<Layer>,
+    output_norm: Tensor,
+    /// The vocabulary projection; the embedding itself when the model ties them.
+    output: Tensor,
+    /// llama's per-dimension rope frequency divisors (`rope_freqs.weight`), if any.
+    rope_factors: Option<Vec<f32>>,
+}
+
+/// Where LoRA dropout draws from during training; `None` evaluates.
+pub type Dropout<'a> = Option<(f32, &'a mut StdRng)>;
+
+fn bad(message: String) -> candle_core::Error {
+    candle_core::Error::Msg(message)
+}
+
+/// Tensors of a GGUF file, dequantized to f32 as they are read.
+struct Reader<'a> {
+    content: &'a gguf_file::Content,
+    file: &'a mut File,
+}
+
+impl Reader<'_> {
+    fn optional(&mut self, name: &str) -> Result<Option<Tensor>> {
+        if !self.content.tensor_infos.contains_key(name) {
+            return Ok(None);
+        }
+        Ok(Some(self.content.tensor(self.file, name, &Device::Cpu)?.dequantize(&Device::Cpu)?))
+    }
+
+    fn required(&mut self, name: &str) -> Result<Tensor> {
+        self.optional(name)?.ok_or_else(|| bad(format!("the model has no tensor `{name}`")))
+    }
+}
+
+impl Base {
+    /// Reads and dequantizes a GGUF model.
+    pub fn load(path: &Path) -> Result<Base> {
+        let mut file = File::open(path).map_err(|e| bad(format!("cannot open `{}`: {e}", path.display())))?;
+        let content = gguf_file::Content::read(&mut file)
+            .map_err(|e| bad(format!("`{}` is not a GGUF model: {e}", path.display())))?;
+        let meta = |key: &str| content.metadata.get(key);
+        let architecture = match meta("general.architecture").and_then(|v| v.to_string().ok()).map(String::as_str) {
+            Some("qwen2") => Architecture::Qwen2,
+            Some("llama") => Architecture::Llama,
+            other => {
+                return Err(bad(format!(
+                    "training supports the `qwen2` and `llama` architectures; `{}` is `{}`",
+                    path.display(),
+                    other.unwrap_or("unknown")
+                )));
+            }
+        };
+        let arch = architecture.name();
+        let number = |key: &str| -> Result<usize> {
+            let key = format!("{arch}.{key}");
+            meta(&key).ok_or_else(|| bad(format!("the model has no `{key}`")))?.to_u32().map(|v| v as usize)
+        };
+        let float =
+            |key: &str, default: f32| meta(&format!("{arch}.{key}")).and_then(|v| v.to_f32().ok()).unwrap_or(default);
+        let (embedding, heads) = (number("embedding_length")?, number("attention.head_count")?);
+        let config = Config {
+            architecture,
+            name: meta("general.name").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default(),
+            layers: number("block_count")?,
+            embedding,
+            heads,
+            kv_heads: number("attention.head_count_kv").unwrap_or(heads),
+            head_dim: number("attention.key_length").unwrap_or(embedding / heads),
+            rms_eps: f64::from(float("attention.layer_norm_rms_epsilon", 1e-6)),
+            rope_base: float("rope.freq_base", 10_000.0),
+        };
+        let mut reader = Reader { content: &content, file: &mut file };
+        let embedding_weights = reader.required("token_embd.weight")?;
+        let mut layers = Vec::with_capacity(config.layers);
+        for i in 0..config.layers {
+            let mut projections = Vec::with_capacity(Target::ALL.len());
+            for target in Target::ALL {
+                let weight = reader.required(&format!("blk.{i}.{}.weight", target.gguf()))?;
+                let bias = reader.optional(&format!("blk.{i}.{}.bias", target.gguf()))?;
+                projections.push(Projection { weight, bias });
+            }
+            layers.push(Layer {
+                attn_norm: reader.required(&format!("blk.{i}.attn_norm.weight"))?,
+                ffn_norm: reader.required(&format!("blk.{i}.ffn_norm.weight"))?,
+                projections,
+            });
+        }
+        let output_norm = reader.required("output_norm.weight")?;
+        let output = reader.optional("output.weight")?.unwrap_or_else(|| embedding_weights.clone());
+        let rope_factors = reader.optional("rope_freqs.weight")?.map(|t| t.to_vec1::<f32>()).transpose()?;
+        Ok(Base { config, embedding: embedding_weights, layers, output_norm, output, rope_factors })
+    }
+
+    /// cos and sin of the rotary angles for positions `0..tokens`, each (tokens, head_dim / 2).
+    fn rotary(&self, tokens: usize) -> Result<(Tensor, Tensor)> {
+        let half = self.config.head_dim / 2;
+        let inverse: Vec<f32> = (0..half)
+            .map(|i| {
+                let theta = self.config.rope_base.powf(-((2 * i) as f32) / self.config.head_dim as f32);
+                theta / self.rope_factors.as_ref().and_then(|f| f.get(i).copied()).unwrap_or(1.0)
+            })
+            .collect();
+        let inverse = Tensor::from_vec(inverse, (1, half), &Device::Cpu)?;
+        let positions = Tensor::arange(0u32, tokens as u32, &Device::Cpu)?.to_dtype(DType::F32)?.unsqueeze(1)?;
+        let angles = positions.broadcast_mul(&inverse)?;
+        Ok((angles.cos()?, angles.sin()?))
+    }
+
+    /// A projection of `x` (tokens, n_in) with its LoRA update, if `lora` adapts it.
+    fn project(
+        &self,
+        x: &Tensor,
+        layer: usize,
+        target: Target,
+        lora: Option<&Lora>,
+        dropout: &mut Dropout<'_>,
+    ) -> Result<Tensor> {
+        let projection = self.layers[layer].projection(target);
+        let mut y = ops::frozen_linear(x, &projection.weight)?;
+        if let Some((lora, pair)) = lora.and_then(|l| l.pair(layer, target).map(|p| (l, p))) {
+            let input = match dropout {
+                Some((p, rng)) if *p > 0.0 => {
+                    let keep = 1.0 - *p;
+                    let mask: Vec<f32> = (0..x.elem_count())
+                        .map(|_| if rng.random::<f32>() < keep { 1.0 / keep } else { 0.0 })
+                        .collect();
+                    (x * Tensor::from_vec(mask, x.shape(), x.device())?)?
+                }
+                _ => x.clone(),
+            };
+            let update = input.matmul(&pair.a.t()?)?.matmul(&pair.b.t()?)?;
+            y = (y + (update * lora.scale())?)?;
+        }
+        match &projection.bias {
+            Some(bias) => y.broadcast_add(bias),
+            None => Ok(y),
+        }
+    }
+
+    /// The logits (positions.len(), vocabulary) after each of `positions` for the token sequence
+    /// `tokens`; the vocabulary projection runs only there.
+    pub fn forward(
+        &self,
+        tokens: &[u32],
+        positions: &[u32],
+        lora: Option<&Lora>,
+        mut dropout: Dropout<'_>,
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        let n = tokens.len();
+        let device = Device::Cpu;
+        let (cos, sin) = self.rotary(n)?;
+        let neox = c.architecture == Architecture::Qwen2;
+        let mask: Vec<f32> = (0..n * n).map(|i| if i % n > i / n { f32::NEG_INFINITY } else { 0.0 }).collect();
+        let mask = Tensor::from_vec(mask, (1, n, n), &device)?;
+        let scale = 1.0 / (c.head_dim as f64).sqrt();
+        let group = c.heads / c.kv_heads;
+        let mut x = self.embedding.index_select(&Tensor::new(tokens, &device)?, 0)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let h = ops::rms_norm(&x, &layer.attn_norm, c.rms_eps)?;
+            let heads = |t: Tensor, count: usize| t.reshape((n, count, c.head_dim))?.transpose(0, 1);
+            let q = heads(self.project(&h, i, Target::Q, lora, &mut dropout)?, c.heads)?;
+            let k = heads(self.project(&h, i, Target::K, lora, &mut dropout)?, c.kv_heads)?;
+            let v = heads(self.project(&h, i, Target::V, lora, &mut dropout)?, c.kv_heads)?;
+            let q = ops::rope(&q.contiguous()?, &cos, &sin, neox)?;
+            let k = ops::rope(&k.contiguous()?, &cos, &sin, neox)?;
+            // Grouped-query attention: each key/value head serves `group` query heads.
+            let repeat = |t: Tensor| -> Result<Tensor> {
+                if group == 1 {
+                    return Ok(t);
+                }
+                t.unsqueeze(1)?.broadcast_as((c.kv_heads, group, n, c.head_dim))?.reshape((c.heads, n, c.head_dim))
+            };
+            let (k, v) = (repeat(k)?, repeat(v.contiguous()?)?);
+            let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&mask)?;
+            let attended = ops::softmax(&scores)?.matmul(&v)?;
+            let attended = attended.transpose(0, 1)?.reshape((n, c.heads * c.head_dim))?;
+            x = (x + self.project(&attended, i, Target::O, lora, &mut dropout)?)?;
+            let h = ops::rms_norm(&x, &layer.ffn_norm, c.rms_eps)?;
+            let gate = self.project(&h, i, Target::Gate, lora, &mut dropout)?.silu()?;
+            let up = self.project(&h, i, Target::Up, lora, &mut dropout)?;
+            x = (x + self.project(&(gate * up)?, i, Target::Down, lora, &mut dropout)?)?;
+        }
+        let picked = x.index_select(&Tensor::new(positions, &device)?, 0)?;
+        let normed = ops::rms_norm(&picked, &self.output_norm, c.rms_eps)?;
+        ops::frozen_linear(&normed, &self.output)
+    }
+
+    /// Mean cross-entropy of the tokens from `completion_start` on, given those before.
+    pub fn loss(
+        &self,
+        tokens: &[u32],
+        completion_start: usize,
+        lora: Option<&Lora>,
+        dropout: Dropout<'_>,
+    ) -> Result<Tensor> {
+        let positions: Vec<u32> = (completion_start.max(1) - 1..tokens.len() - 1).map(|p| p as u32).collect();
+        let targets: Vec<u32> = positions.iter().map(|&p| tokens[p as usize + 1]).collect();
+        let logits = self.forward(tokens, &positions, lora, dropout)?;
+        ops::cross_entropy(&logits, &Tensor::new(targets.as_slice(), &Device::Cpu)?)
+    }
+
+    pub fn vocabulary(&self) -> usize {
+        self.output.dim(0).unwrap_or(0)
+    }
+}

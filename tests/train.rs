@@ -1,0 +1,213 @@
+//! LoRA training: the trainer's forward pass against llama.cpp's logits on tiny random-weight
+//! GGUF models this test writes (qwen2 and llama), with and without an adapter the trainer
+//! exported; gradients reaching every LoRA matrix; and the PEFT export's layout.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
+use candle_core::{Device, Tensor};
+use seedflow::llm::{self, ModelSettings};
+use seedflow::train::{self, Architecture, Base, Example, Lora, Target};
+
+const VOCAB: usize = 96;
+const WIDTH: usize = 64;
+const HEADS: usize = 4;
+const KV_HEADS: usize = 2;
+const FFN: usize = 128;
+const LAYERS: usize = 2;
+
+/// A tiny model with random weights, in f32, written as llama.cpp reads it.
+fn tiny_model(architecture: Architecture) -> PathBuf {
+    let arch = architecture.name();
+    let head_dim = WIDTH / HEADS;
+    let random = |shape: &[usize], scale: f64| {
+        let t = Tensor::randn(0f32, 1., shape, &Device::Cpu).unwrap();
+        (t * scale).unwrap()
+    };
+    let norm = || (random(&[WIDTH], 0.1) + 1.0).unwrap();
+    let mut tensors: Vec<(String, Tensor)> =
+        vec![("token_embd.weight".into(), random(&[VOCAB, WIDTH], 1.0)), ("output_norm.weight".into(), norm())];
+    // qwen2 ties the output to the embedding; llama gets its own.
+    if architecture == Architecture::Llama {
+        tensors.push(("output.weight".into(), random(&[VOCAB, WIDTH], 0.2)));
+    }
+    for i in 0..LAYERS {
+        let kv = KV_HEADS * head_dim;
+        let mut add = |name: &str, t: Tensor| tensors.push((format!("blk.{i}.{name}"), t));
+        add("attn_norm.weight", norm());
+        add("ffn_norm.weight", norm());
+        add("attn_q.weight", random(&[WIDTH, WIDTH], 0.2));
+        add("attn_k.weight", random(&[kv, WIDTH], 0.2));
+        add("attn_v.weight", random(&[kv, WIDTH], 0.2));
+        add("attn_output.weight", random(&[WIDTH, WIDTH], 0.2));
+        add("ffn_gate.weight", random(&[FFN, WIDTH], 0.2));
+        add("ffn_up.weight", random(&[FFN, WIDTH], 0.2));
+        add("ffn_down.weight", random(&[WIDTH, FFN], 0.2));
+        if architecture == Architecture::Qwen2 {
+            add("attn_q.bias", random(&[WIDTH], 0.1));
+            add("attn_k.bias", random(&[kv], 0.1));
+            add("attn_v.bias", random(&[kv], 0.1));
+        }
+    }
+    let u32s = |v: usize| gguf_file::Value::U32(v as u32);
+    let metadata = vec![
+        ("general.architecture".to_string(), gguf_file::Value::String(arch.into())),
+        ("general.name".to_string(), gguf_file::Value::String(format!("tiny-{arch}"))),
+        (format!("{arch}.context_length"), u32s(512)),
+        (format!("{arch}.embedding_length"), u32s(WIDTH)),
+        (format!("{arch}.block_count"), u32s(LAYERS)),
+        (format!("{arch}.feed_forward_length"), u32s(FFN)),
+        (format!("{arch}.attention.head_count"), u32s(HEADS)),
+        (format!("{arch}.attention.head_count_kv"), u32s(KV_HEADS)),
+        (format!("{arch}.attention.layer_norm_rms_epsilon"), gguf_file::Value::F32(1e-6)),
+        (format!("{arch}.rope.freq_base"), gguf_file::Value::F32(10_000.0)),
+        (format!("{arch}.vocab_size"), u32s(VOCAB)),
+        ("tokenizer.ggml.model".to_string(), gguf_file::Value::String("none".into())),
+    ];
+    let quantized: Vec<(String, QTensor)> =
+        tensors.into_iter().map(|(n, t)| (n, QTensor::quantize(&t, GgmlDType::F32).unwrap())).collect();
+    let path = std::env::temp_dir().join(format!("seedflow-tiny-{arch}-{}.gguf", std::process::id()));
+    let mut file = std::fs::File::create(&path).unwrap();
+    let metadata: Vec<(&str, &gguf_file::Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let tensors: Vec<(&str, &QTensor)> = quantized.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    gguf_file::write(&mut file, &metadata, &tensors).unwrap();
+    path
+}
+
+fn settings(path: &Path) -> ModelSettings {
+    ModelSettings { path: path.to_path_buf(), context: 512, gpu_layers: 0, threads: 2, batch: 512, parallel: 1 }
+}
+
+fn tokens(count: usize, salt: usize) -> Vec<u32> {
+    (0..count).map(|i| ((i * 37 + salt * 11 + 5) % VOCAB) as u32).collect()
+}
+
+/// Largest difference between the trainer's logits and llama.cpp's, over every position.
+fn largest_difference(model: &Path, base: &Base, lora: Option<&Lora>, adapter: Option<&Path>, tokens: &[u32]) -> f32 {
+    let positions: Vec<u32> = (0..tokens.len() as u32).collect();
+    let ours = base.forward(tokens, &positions, lora, None).unwrap().to_vec2::<f32>().unwrap();
+    let theirs = llm::logits(&settings(model), adapter.map(|a| (a, 1.0)), tokens).unwrap();
+    assert_eq!(ours.len(), theirs.len());
+    let mut largest = 0f32;
+    for (a, b) in ours.iter().zip(&theirs) {
+        assert_eq!(a.len(), b.len(), "vocabulary size");
+        for (x, y) in a.iter().zip(b) {
+            largest = largest.max((x - y).abs());
+        }
+    }
+    largest
+}
+
+fn examples() -> Vec<Example> {
+    (0..4).map(|i| Example { tokens: tokens(24 + i * 5, i), completion_start: 10 }).collect()
+}
+
+fn settings_for(epochs: usize, learning_rate: f64) -> train::Settings {
+    train::Settings { epochs, learning_rate, warmup: 0.0, batch: 2, dropout: 0.0, seed: 7 }
+}
+
+fn check_parity(architecture: Architecture) {
+    let model = tiny_model(architecture);
+    let base = Base::load(&model).unwrap();
+    let sequence = tokens(48, 3);
+    let plain = largest_difference(&model, &base, None, None, &sequence);
+    assert!(plain < 1e-4, "{architecture:?} without adapter: logits differ by {plain}");
+
+    // Train an adapter for a few steps (so B is no longer zero), export it, and load it into
+    // llama.cpp.
+    let lora = Lora::new(&base, 4, 8.0, &Target::ALL, 1).unwrap();
+    train::train(&base, &lora, &examples(), &settings_for(3, 0.02), &|| false, &mut |_, _| {}).unwrap();
+    let adapter = model.with_extension("adapter.gguf");
+    lora.save_gguf(&adapter, architecture).unwrap();
+    let adapted = largest_difference(&model, &base, Some(&lora), Some(&adapter), &sequence);
+    assert!(adapted < 1e-4, "{architecture:?} with adapter: logits differ by {adapted}");
+    // The adapter does change the logits, so the comparison above means something.
+    let positions: Vec<u32> = (0..sequence.len() as u32).collect();
+    let with = base.forward(&sequence, &positions, Some(&lora), None).unwrap();
+    let without = base.forward(&sequence, &positions, None, None).unwrap();
+    let change = (with - without).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(change > 1e-2, "the trained adapter changes the logits by only {change}");
+
+    // Read back, the adapter is the same.
+    let again = Lora::load_gguf(&adapter, &base).unwrap();
+    assert_eq!((again.rank, again.alpha, again.pairs.len()), (4, 8.0, lora.pairs.len()));
+    for _ in [std::fs::remove_file(&model), std::fs::remove_file(&adapter)] {}
+}
+
+#[test]
+fn qwen2_forward_matches_llama_cpp_with_and_without_an_adapter() {
+    check_parity(Architecture::Qwen2);
+}
+
+#[test]
+fn llama_forward_matches_llama_cpp_with_and_without_an_adapter() {
+    check_parity(Architecture::Llama);
+}
+
+#[test]
+fn every_lora_matrix_of_every_layer_gets_a_gradient_and_the_loss_falls() {
+    let model = tiny_model(Architecture::Qwen2);
+    let base = Base::load(&model).unwrap();
+    let lora = Lora::new(&base, 4, 8.0, &Target::ALL, 2).unwrap();
+    assert_eq!(lora.pairs.len(), LAYERS * Target::ALL.len());
+    // One step first: with B zero, A's gradient is zero by construction (PEFT's start).
+    let records = train::train(&base, &lora, &examples(), &settings_for(12, 0.01), &|| false, &mut |_, _| {}).unwrap();
+    let example = &examples()[0];
+    let grads = base.loss(&example.tokens, example.completion_start, Some(&lora), None).unwrap().backward().unwrap();
+    for (&(layer, target), pair) in &lora.pairs {
+        for (name, var) in [("A", &pair.a), ("B", &pair.b)] {
+            let grad = grads.get(var).unwrap_or_else(|| panic!("no gradient for layer {layer} {target:?} {name}"));
+            let norm = grad.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(norm > 0.0, "zero gradient for layer {layer} {target:?} {name}");
+        }
+    }
+    let (first, last) = (records[0].loss, records.last().unwrap().loss);
+    assert!(last < first * 0.8, "loss went from {first} to {last}");
+    let _ = std::fs::remove_file(&model);
+}
+
+#[test]
+fn training_is_reproducible_for_a_seed() {
+    let model = tiny_model(Architecture::Llama);
+    let base = Base::load(&model).unwrap();
+    let run = || {
+        let lora = Lora::new(&base, 4, 8.0, &[Target::Q, Target::V], 3).unwrap();
+        let mut settings = settings_for(2, 0.01);
+        settings.dropout = 0.1;
+        train::train(&base, &lora, &examples(), &settings, &|| false, &mut |_, _| {}).unwrap();
+        lora.pairs.values().map(|p| p.b.as_tensor().to_vec2::<f32>().unwrap()).collect::<Vec<_>>()
+    };
+    assert_eq!(run(), run());
+    let _ = std::fs::remove_file(&model);
+}
+
+#[test]
+fn peft_export_uses_hugging_face_names_and_unpermutes_llama_queries() {
+    let model = tiny_model(Architecture::Llama);
+    let base = Base::load(&model).unwrap();
+    let lora = Lora::new(&base, 4, 8.0, &[Target::Q, Target::Down], 4).unwrap();
+    // B rows numbered, to follow the permutation.
+    for pair in lora.pairs.values() {
+        let (rows, rank) = pair.b.as_tensor().dims2().unwrap();
+        let numbered = Tensor::arange(0f32, rows as f32, &Device::Cpu).unwrap();
+        pair.b.set(&numbered.unsqueeze(1).unwrap().broadcast_as((rows, rank)).unwrap().contiguous().unwrap()).unwrap();
+    }
+    let dir = model.with_extension("peft");
+    lora.save_peft(&dir, &base).unwrap();
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(config["r"], 4);
+    assert_eq!(config["target_modules"], serde_json::json!(["q_proj", "down_proj"]));
+    let tensors = candle_core::safetensors::load(dir.join("adapter_model.safetensors"), &Device::Cpu).unwrap();
+    assert_eq!(tensors.len(), LAYERS * 2 * 2);
+    let q_b = &tensors["base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight"];
+    let rows: Vec<f32> = q_b.narrow(1, 0, 1).unwrap().squeeze(1).unwrap().to_vec1().unwrap();
+    // GGUF row 2i holds HF row i of the first half of a head, 2i+1 its second half.
+    let head_dim = WIDTH / HEADS;
+    assert_eq!(&rows[..4], &[0.0, 2.0, 4.0, 6.0]);
+    assert_eq!(rows[head_dim / 2], 1.0);
+    let down_a = &tensors["base_model.model.model.layers.0.mlp.down_proj.lora_A.weight"];
+    assert_eq!(down_a.dims(), &[4, FFN]);
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_file(&model);
+}
