@@ -68,8 +68,8 @@ pub fn steps(settings: &Settings, examples: usize) -> usize {
 /// Makes the allocator keep freed memory for reuse; call first thing in `main`, before threads
 /// start. Training allocates and frees tensors of up to hundreds of megabytes every step; by
 /// default glibc serves blocks above 32 MiB with mmap, unmaps them on free and trims its heaps,
-/// so the kernel zeroes every page again on the next allocation — measured at 1.5–4x a training
-/// step's time on this kind of machine. Here all blocks come from one heap that keeps what is
+/// so the kernel zeroes every page again on the next allocation — steps took 2–3x as long on
+/// this kind of machine. Here all blocks come from one heap that keeps what is
 /// freed; [`train`] gives the memory back when it is done.
 pub fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
