@@ -87,6 +87,12 @@ impl Context {
         Ok(RecordWriter::open(&self.dir, self.finish_partial)?)
     }
 
+    /// Opens this step's record file empty, dropping what an unfinished earlier run wrote: for
+    /// steps that start again from the beginning, such as training.
+    pub fn fresh_records(&self) -> Result<RecordWriter, StepError> {
+        Ok(RecordWriter::open(&self.dir, false)?.0)
+    }
+
     pub fn progress(&self, done: u64, total: u64) {
         self.progress_with(done, total, None);
     }

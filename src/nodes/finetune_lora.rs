@@ -144,8 +144,8 @@ pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
         dropout: ctx.props.number("dropout").unwrap_or(0.0) as f32,
         seed: ctx.seed,
     };
-    // Training restarts from the beginning after an interruption: the loss curve is rewritten.
-    let (mut writer, _) = ctx.records()?;
+    // Training starts again from the beginning after an interruption, and so does its loss curve.
+    let mut writer = ctx.fresh_records()?;
     let mut write_failure = None;
     let mut on_step = |record: &StepRecord, total: usize| {
         if let Err(e) = writer.append(std::slice::from_ref(record)) {
