@@ -265,8 +265,4 @@ impl Base {
         let logits = self.forward(tokens, &positions, lora, dropout)?;
         ops::cross_entropy(&logits, &Tensor::new(targets.as_slice(), &Device::Cpu)?)
     }
-
-    pub fn vocabulary(&self) -> usize {
-        self.output.dim(0).unwrap_or(0)
-    }
 }
