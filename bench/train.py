@@ -14,17 +14,15 @@ process's peak resident memory.
 """
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-CACHE = Path(os.environ.get("SEEDFLOW_CACHE", Path.home() / ".cache" / "seedflow"))
+from generate import CACHE, ROOT, THREADS, seedflow_binary
+
 STEPS = int(os.environ.get("STEPS", "8"))
 LENGTH = 512
-THREADS = os.cpu_count() or 1
 MODEL = CACHE / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
 
 WORKFLOW = f"""
@@ -69,14 +67,6 @@ for line in open(data_file):
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 print(json.dumps({"seconds": times, "tokens": tokens, "peak": peak}))
 """
-
-
-def seedflow_binary():
-    if "SEEDFLOW_BIN" in os.environ:
-        return Path(os.environ["SEEDFLOW_BIN"])
-    target = Path(os.environ.get("CARGO_TARGET_DIR", Path.home() / ".cache" / "seedflow-target"))
-    subprocess.run(["cargo", "build", "--release", "--quiet"], cwd=ROOT, check=True, env={**os.environ, "CARGO_TARGET_DIR": str(target)})
-    return target / "release" / "seedflow"
 
 
 def virtualenv():

@@ -14,7 +14,7 @@ use llama_cpp_2::context::params::LlamaContextParams;
 use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::params::LlamaModelParams;
-use llama_cpp_2::model::{LlamaChatMessage, LlamaLoraAdapter, LlamaModel};
+use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaLoraAdapter, LlamaModel};
 use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
 
@@ -186,20 +186,26 @@ fn attach_adapter(
     Ok(())
 }
 
-/// The prompt text for earlier (user, assistant) turns and a user `message`, through the
-/// model's chat template (ChatML when the model has none), ready for the assistant's answer.
-fn chat_prompt(model: &LlamaModel, examples: &[(String, String)], message: &str) -> Result<String, String> {
-    let template = model
-        .chat_template(None)
-        .or_else(|_| llama_cpp_2::model::LlamaChatTemplate::new("chatml"))
-        .map_err(|e| e.to_string())?;
+/// The model's chat template, or ChatML when it has none.
+fn chat_template(model: &LlamaModel) -> Result<LlamaChatTemplate, String> {
+    model.chat_template(None).or_else(|_| LlamaChatTemplate::new("chatml")).map_err(|e| e.to_string())
+}
+
+/// The prompt text for earlier (user, assistant) turns and a user `message` through `template`,
+/// ready for the assistant's answer.
+fn chat_prompt(
+    model: &LlamaModel,
+    template: &LlamaChatTemplate,
+    examples: &[(String, String)],
+    message: &str,
+) -> Result<String, String> {
     let mut chat = vec![];
     for (user, assistant) in examples {
         chat.push(LlamaChatMessage::new("user".into(), user.clone()).map_err(|e| e.to_string())?);
         chat.push(LlamaChatMessage::new("assistant".into(), assistant.clone()).map_err(|e| e.to_string())?);
     }
     chat.push(LlamaChatMessage::new("user".into(), message.to_string()).map_err(|e| e.to_string())?);
-    model.apply_chat_template(&template, &chat, true).map_err(|e| format!("cannot apply the chat template: {e}"))
+    model.apply_chat_template(template, &chat, true).map_err(|e| format!("cannot apply the chat template: {e}"))
 }
 
 /// Training sequences for (user message, answer) pairs, tokenized by the model's own tokenizer
@@ -212,11 +218,12 @@ pub fn training_tokens(settings: &ModelSettings, pairs: &[(String, String)]) -> 
         .map_err(|e| format!("cannot read the vocabulary of `{}`: {e}", settings.path.display()))?;
     let vocab = model.vocab();
     let end = if vocab.eot().0 >= 0 { vocab.eot() } else { vocab.eos() };
+    let template = chat_template(&model)?;
     let ids = |tokens: Vec<LlamaToken>| tokens.into_iter().map(|t| t.0 as u32);
     pairs
         .iter()
         .map(|(message, answer)| {
-            let prompt = chat_prompt(&model, &[], message)?;
+            let prompt = chat_prompt(&model, &template, &[], message)?;
             let mut tokens: Vec<u32> = ids(vocab.tokenize(prompt.as_bytes(), true, true)).collect();
             let start = tokens.len();
             tokens.extend(ids(vocab.tokenize(answer.as_bytes(), false, false)));
@@ -295,9 +302,10 @@ pub fn generate(
         model.new_context(backend()?, params).map_err(|e| format!("cannot create a llama.cpp context: {e}"))?;
     attach_adapter(&mut context, adapters, adapter)?;
     let vocab = model.vocab();
+    let template = chat_template(model)?;
     let mut prompts = Vec::with_capacity(requests.len());
     for request in requests {
-        let text = chat_prompt(model, &request.examples, &request.message)?;
+        let text = chat_prompt(model, &template, &request.examples, &request.message)?;
         prompts.push(vocab.tokenize(text.as_bytes(), true, true));
     }
 

@@ -1,7 +1,7 @@
 use crate::data::{Sample, Status, Task, Verdict};
 use crate::dsl::schema::{Artifact, KindSpec, Role, ValueType, optional, required, unset};
 use crate::engine::context::{Context, Outcome, StepError};
-use crate::llm::{self, prompt};
+use crate::llm;
 use crate::train::{self, Base, Example, Lora, StepRecord, Target};
 
 pub static SPEC: KindSpec = KindSpec {
@@ -96,13 +96,12 @@ pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
     let failed = |e: candle_core::Error| {
         if ctx.check_cancelled().is_err() { StepError::Cancelled } else { StepError::Failed(e.to_string()) }
     };
-    let custom = super::generate::template(ctx, "")?;
-    let pairs: Vec<(String, String)> = training_pairs(ctx)?
+    let training = training_pairs(ctx)?;
+    let messages = super::generate::solve_messages(ctx, training.iter().map(|(task, _)| task))?;
+    let pairs: Vec<(String, String)> = messages
         .into_iter()
-        .map(|(task, code)| {
-            let template = if custom.is_empty() { prompt::default_template(task.style) } else { custom.as_str() };
-            (prompt::solve(template, &task), format!("```python\n{}\n```", code.trim_end()))
-        })
+        .zip(&training)
+        .map(|(message, (_, code))| (message, format!("```python\n{}\n```", code.trim_end())))
         .collect();
     let max_length = ctx.props.integer("max-length").unwrap_or(512) as usize;
     let examples: Vec<Example> = llm::training_tokens(&model, &pairs)

@@ -145,19 +145,32 @@ pub(super) fn sample(task: &Task, sample_id: String, generated: Generated) -> Sa
     }
 }
 
+/// The user messages asking to solve `tasks`: through the step's `template`, or the built-in one
+/// for the task's style. `finetune-lora` trains on the same messages.
+pub(super) fn solve_messages<'a>(
+    ctx: &Context,
+    tasks: impl Iterator<Item = &'a Task>,
+) -> Result<Vec<String>, StepError> {
+    let custom = template(ctx, "")?;
+    Ok(tasks
+        .map(|task| {
+            let template = if custom.is_empty() { prompt::default_template(task.style) } else { custom.as_str() };
+            prompt::solve(template, task)
+        })
+        .collect())
+}
+
 pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
     let tasks: Vec<Task> = ctx.read("tasks")?;
     let samples = ctx.props.integer("samples").unwrap_or(1) as usize;
-    let custom = template(ctx, "")?;
+    let messages = solve_messages(ctx, tasks.iter())?;
     let requests: Vec<Request> = tasks
         .iter()
-        .map(|task| {
-            let template = if custom.is_empty() { prompt::default_template(task.style) } else { custom.as_str() };
-            Request {
-                examples: vec![],
-                message: prompt::solve(template, task),
-                seeds: (0..samples).map(|i| sample_seed(ctx.seed, &ctx.step, &task.task_id, i)).collect(),
-            }
+        .zip(messages)
+        .map(|(task, message)| Request {
+            examples: vec![],
+            message,
+            seeds: (0..samples).map(|i| sample_seed(ctx.seed, &ctx.step, &task.task_id, i)).collect(),
         })
         .collect();
     sample_all(ctx, &requests, &|r, answers| {

@@ -130,7 +130,9 @@ impl Lora {
                 let b = content.tensor(&mut file, &b, &Device::Cpu)?.dequantize(&Device::Cpu)?;
                 let expected = base.layers[layer].projection(target).weight.dims2()?;
                 if a.dim(1)? != expected.1 || b.dim(0)? != expected.0 || a.dim(0)? != b.dim(1)? {
-                    return Err(bad(format!("the adapter's `{name}` does not fit the model")));
+                    return Err(bad(format!(
+                        "the adapter's `{name}` does not fit the model: `init` must be an adapter trained on this model"
+                    )));
                 }
                 rank = a.dim(0)?;
                 pairs.insert((layer, target), Pair { a: Var::from_tensor(&a)?, b: Var::from_tensor(&b)? });

@@ -110,7 +110,7 @@ impl Base {
             Some("llama") => Architecture::Llama,
             other => {
                 return Err(bad(format!(
-                    "training supports the `qwen2` and `llama` architectures; `{}` is `{}`",
+                    "`{}` is a `{}` model; `finetune-lora` trains `qwen2` and `llama` models: point the `model` at one of those",
                     path.display(),
                     other.unwrap_or("unknown")
                 )));
