@@ -13,6 +13,7 @@ pub mod llm;
 pub mod nodes;
 pub mod plan;
 pub mod reference;
+pub mod report;
 pub mod sandbox;
 pub mod stdlib;
 pub mod train;

@@ -119,3 +119,27 @@ fn the_stdlib_table_lists_every_stdlib_file() {
     let quickstart = std::fs::read_to_string("workflows/quickstart.kdl").unwrap();
     assert!(quickstart.contains("import \"std/evaluate.kdl\""));
 }
+
+/// The GitHub Actions example runs a workflow that checks and uploads files that workflow writes.
+#[test]
+fn the_ci_example_runs_a_valid_workflow_and_uploads_its_outputs() {
+    let actions = std::fs::read_to_string("examples/ci/github-actions.yml").unwrap();
+    let command =
+        actions.lines().find_map(|l| l.trim().strip_prefix("run: seedflow run ")).expect("a `seedflow run` step");
+    let workflow = command.split_whitespace().next().unwrap();
+    assert!(command.contains("--ci --run-dir run"), "{command}");
+    assert_valid(Path::new(workflow));
+    let plan = seedflow::load_plan(Path::new(workflow), &[]).unwrap();
+    let steps: Vec<String> = plan.all_steps().iter().map(|(_, s)| s.name().to_string()).collect();
+    for path in actions.lines().filter_map(|l| l.trim().strip_prefix("run/")) {
+        // `run/<step>/…`, `run/<loop>/iteration-*/<step>/…`, or a file of the run itself.
+        let parts: Vec<&str> = path.split('/').collect();
+        let step = match parts.as_slice() {
+            [_file] => continue,
+            [_, iteration, step, ..] if iteration.starts_with("iteration-") => *step,
+            [step, ..] => *step,
+            [] => unreachable!(),
+        };
+        assert!(steps.iter().any(|s| s == step), "the upload names `{path}`, but the workflow has no step `{step}`");
+    }
+}

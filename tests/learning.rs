@@ -15,6 +15,7 @@ workflow "learn" seed=11
 model "coder" path="default" context=1024
 dataset "house" format="jsonl" path="house.jsonl"
 finetune-lora "tune" model="coder" data="house" rank=8 alpha=16 epochs=4 learning-rate=0.001 warmup=0.1 batch=1
+finetune-lora "tune-all" model="coder" data="house" history="tune" epochs=1
 generate "base" model="coder" tasks="house" temperature=0 max-tokens=80
 generate "adapted" model="coder" tasks="house" adapter="tune" temperature=0 max-tokens=80
 execute "base-verdicts" code="base"
@@ -66,6 +67,23 @@ fn a_trained_adapter_teaches_the_default_model_a_made_up_function() {
         curve.last().unwrap().loss
     );
     assert!(run.join("tune/adapter.gguf").exists() && run.join("tune/peft/adapter_model.safetensors").exists());
+    // The run's report carries the same curve and draws it.
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("report.json")).unwrap()).unwrap();
+    let training = &report[0]["training"][0];
+    assert_eq!((training["label"].as_str(), training["examples"].as_u64()), (Some("tune"), Some(4)));
+    assert_eq!(training["curve"].as_array().unwrap().len(), 16);
+    assert!(std::fs::read_to_string(run.join("report.html")).unwrap().contains(r#"<svg id="training-loss""#));
+
+    // `history`: a second adapter trained afresh on the first one's pairs and its own data; the
+    // report counts each step's own examples once (4 + 4), not the 4 taken over again.
+    let pairs = std::fs::read_to_string(run.join("tune-all/training-pairs.jsonl")).unwrap();
+    assert_eq!(pairs.lines().count(), 8);
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap();
+    let metrics = &summary["steps"]["tune-all"]["metrics"];
+    assert_eq!((metrics["examples"].as_f64(), metrics["history"].as_f64()), (Some(8.0), Some(4.0)));
+    assert_eq!(report[0]["training_examples"], 8);
 
     let base: Vec<Sample> = records(&run.join("base/output.jsonl"));
     let adapted: Vec<Sample> = records(&run.join("adapted/output.jsonl"));

@@ -133,7 +133,7 @@ impl EventSink for Progress {
 }
 
 /// The last word of a run on a terminal or in a log.
-pub fn conclude(outcome: &RunOutcome, file: &Path, run_dir: &Path) {
+pub fn conclude(outcome: &RunOutcome, file: &Path, run_dir: &Path, reported: bool) {
     match outcome {
         RunOutcome::Ok => eprintln!("finished; outputs and summary.json in `{}`", run_dir.display()),
         RunOutcome::Failed(message) => {
@@ -157,5 +157,8 @@ pub fn conclude(outcome: &RunOutcome, file: &Path, run_dir: &Path) {
                 run_dir.display()
             );
         }
+    }
+    if reported && matches!(outcome, RunOutcome::Ok | RunOutcome::GateFailed(_)) {
+        eprintln!("report: `{}`", run_dir.join("report.html").display());
     }
 }

@@ -44,6 +44,15 @@ enum Command {
         #[arg(long = "set", value_name = "NAME.PROPERTY=VALUE")]
         set: Vec<String>,
     },
+    /// Report on runs, side by side: Markdown on stdout; JSON, Markdown and HTML with --out
+    Report {
+        /// Run directories, as `seedflow run` names them (`runs/<workflow>/<time>`)
+        #[arg(required = true, value_name = "RUN_DIR")]
+        runs: Vec<PathBuf>,
+        /// Write report.json, report.md and report.html into this directory
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+    },
     /// Print the language reference (every node kind and property) as Markdown
     Docs,
     /// Fetch a pinned asset into the cache now, rather than on first use
@@ -104,6 +113,7 @@ pub fn main() -> i32 {
         Command::Check { file, set } => check(&file, &set),
         Command::Graph { file, format, set } => graph(&file, format, &set),
         Command::Fetch { asset } => fetch(asset),
+        Command::Report { runs, out } => report_runs(&runs, out.as_deref()),
         Command::Docs => {
             print!("{}", crate::reference::language_reference());
             EXIT_OK
@@ -170,12 +180,37 @@ fn fetch(asset: AssetName) -> i32 {
             EXIT_OK
         }
         Err(err) => {
-            let mut out = String::new();
-            let _ = miette::GraphicalReportHandler::new().render_report(&mut out, &err);
-            eprintln!("{out}");
+            print_diagnostic(&err);
             EXIT_FAILED
         }
     }
+}
+
+fn print_diagnostic(err: &dyn miette::Diagnostic) {
+    let mut out = String::new();
+    let _ = miette::GraphicalReportHandler::new().render_report(&mut out, err);
+    eprintln!("{out}");
+}
+
+fn report_runs(dirs: &[PathBuf], out: Option<&Path>) -> i32 {
+    let runs = match dirs.iter().map(|dir| crate::report::read_run(dir)).collect::<Result<Vec<_>, _>>() {
+        Ok(runs) => runs,
+        Err(err) => {
+            print_diagnostic(&err);
+            return EXIT_INVALID;
+        }
+    };
+    match out {
+        None => print!("{}", crate::report::markdown(&runs)),
+        Some(dir) => {
+            if let Err(err) = crate::report::write(&runs, dir) {
+                eprintln!("error: cannot write the report into `{}`: {err}", dir.display());
+                return EXIT_FAILED;
+            }
+            println!("{}", dir.join("report.html").display());
+        }
+    }
+    EXIT_OK
 }
 
 fn is_ci(flag: bool) -> bool {
@@ -267,8 +302,10 @@ fn run(args: RunArgs) -> i32 {
         });
         engine::run(plan.clone(), options, sink, cancel).await
     });
+    // The run's own report beside its summary; a report that cannot be written fails nothing.
+    let reported = crate::report::read_run(&run_dir).is_ok_and(|r| crate::report::write(&[r], &run_dir).is_ok());
     if !ci {
-        display::conclude(&outcome, &args.file, &run_dir);
+        display::conclude(&outcome, &args.file, &run_dir, reported);
     }
     outcome.exit_code()
 }

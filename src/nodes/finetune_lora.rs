@@ -16,7 +16,9 @@ pub static SPEC: KindSpec = KindSpec {
           the code in a fenced block, tokenized by the model's own tokenizer. The step directory \
           holds `adapter.gguf`, `peft/` (`adapter_config.json`, `adapter_model.safetensors`) and \
           the loss curve (one record per optimizer step: `step`, `epoch`, `loss`, \
-          `learning_rate`, `tokens`, `seconds`). Verdicts that did not pass are skipped.",
+          `learning_rate`, `tokens`, `seconds`), and `training-pairs.jsonl`, every (task, code) \
+          pair it trained on, which a later step's `history` reads. Verdicts that did not pass \
+          are skipped.",
     properties: &[
         required("model", ValueType::Model, "The base `model`."),
         required(
@@ -28,6 +30,13 @@ pub static SPEC: KindSpec = KindSpec {
             "init",
             ValueType::Input(&[Artifact::Adapter]),
             "An adapter to continue training (for example `prev.tune`).",
+        ),
+        unset(
+            "history",
+            ValueType::Input(&[Artifact::Adapter]),
+            "Also train on every pair that adapter's step trained on (for example `prev.tune`). \
+             Without `init`, each loop iteration then trains afresh from the base model on all \
+             data so far; with it, it continues the adapter on all data so far.",
         ),
         optional("rank", ValueType::Integer { min: 1 }, "8", "LoRA rank."),
         optional(
@@ -64,7 +73,7 @@ pub static SPEC: KindSpec = KindSpec {
             "The prompt template, as `generate`'s `template` (the built-in one by default).",
         ),
     ],
-    metrics: &["loss", "first-loss", "steps", "examples", "tokens"],
+    metrics: &["loss", "first-loss", "steps", "examples", "history", "tokens"],
     at_least_one: &[],
     example: r#"model "coder" path="default"
 dataset "train" format="mbpp" path="examples/data/mbpp/train.jsonl" limit=50
@@ -74,6 +83,26 @@ finetune-lora "tune" model="coder" data="train" rank=8 alpha=16 epochs=2 learnin
 
 /// The adapter file a `finetune-lora` step writes in its directory (what `adapter=` reads).
 pub const ADAPTER_FILE: &str = "adapter.gguf";
+
+/// Every (task, code) pair a step trained on, in its directory, for later steps' `history`.
+const PAIRS_FILE: &str = "training-pairs.jsonl";
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Pair {
+    task: Task,
+    code: String,
+}
+
+/// The pairs the `history` input's step trained on.
+fn history_pairs(ctx: &Context) -> Result<Vec<(Task, String)>, StepError> {
+    let Some(history) = ctx.inputs.get("history") else {
+        return Ok(vec![]);
+    };
+    let path = history.dir.join(PAIRS_FILE);
+    let pairs: Vec<Pair> = crate::engine::files::read_records(&path)
+        .map_err(|e| StepError::Failed(format!("cannot read the history `{}`: {e}", path.display())))?;
+    Ok(pairs.into_iter().map(|p| (p.task, p.code)).collect())
+}
 
 /// (task, code) pairs to train on, from the `data` input.
 fn training_pairs(ctx: &Context) -> Result<Vec<(Task, String)>, StepError> {
@@ -96,7 +125,15 @@ pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
     let failed = |e: candle_core::Error| {
         if ctx.check_cancelled().is_err() { StepError::Cancelled } else { StepError::Failed(e.to_string()) }
     };
-    let training = training_pairs(ctx)?;
+    let history = history_pairs(ctx)?;
+    let from_history = history.len();
+    let mut training = history;
+    training.extend(training_pairs(ctx)?);
+    let lines: Vec<String> = training
+        .iter()
+        .filter_map(|(task, code)| serde_json::to_string(&Pair { task: task.clone(), code: code.clone() }).ok())
+        .collect();
+    crate::engine::files::write_atomic(&ctx.dir.join(PAIRS_FILE), (lines.join("\n") + "\n").as_bytes())?;
     let messages = super::generate::solve_messages(ctx, training.iter().map(|(task, _)| task))?;
     let pairs: Vec<(String, String)> = messages
         .into_iter()
@@ -165,6 +202,7 @@ pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
     let mut metrics: crate::engine::cache::Metrics = [
         ("steps".to_string(), records.len() as f64),
         ("examples".to_string(), examples.len() as f64),
+        ("history".to_string(), from_history as f64),
         ("tokens".to_string(), records.iter().map(|r| r.tokens as f64).sum()),
     ]
     .into();

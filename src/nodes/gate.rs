@@ -1,13 +1,14 @@
-use crate::dsl::schema::{Artifact, KindSpec, Role, Value, ValueType, required, unset};
+use crate::dsl::schema::{Artifact, KindSpec, Role, Value, ValueType, optional, required, unset};
 use crate::engine::context::{Context, Outcome, StepError};
 
 pub static SPEC: KindSpec = KindSpec {
     name: "gate",
     role: Role::Step(Artifact::Check),
-    doc: "Checks a metric of another step against a threshold. When the metric is below \
-          `at-least` or above `at-most`, the run goes on but ends with exit code 3, and the \
-          failure is in `summary.json` and the CI events; use it to stop a CI pipeline when an \
-          adapted model got worse. Give `at-least`, `at-most`, or both.",
+    doc: "Checks a metric of another step against a threshold or a baseline. When the metric is \
+          below `at-least`, above `at-most`, or below the `baseline` metric by more than \
+          `margin`, the run goes on but ends with exit code 3, and the failure is in \
+          `summary.json`, the report and the CI events; use it to stop a CI pipeline when an \
+          adapted model got worse. Give `at-least`, `at-most`, `baseline`, or several.",
     properties: &[
         required("metric", ValueType::Metric, "The metric to check, as `step.metric` (or `loop.step.metric`)."),
         unset(
@@ -20,49 +21,107 @@ pub static SPEC: KindSpec = KindSpec {
             ValueType::Number { min: f64::NEG_INFINITY, max: f64::INFINITY },
             "Fail when the metric is above this.",
         ),
+        unset(
+            "baseline",
+            ValueType::Metric,
+            "Fail when the metric is below this other metric (for example the base model's pass@1).",
+        ),
+        optional(
+            "margin",
+            ValueType::Number { min: 0.0, max: f64::INFINITY },
+            "0.0",
+            "How far below `baseline` the metric may fall before the gate fails.",
+        ),
     ],
     metrics: &["value", "passed"],
-    at_least_one: &["at-least", "at-most"],
+    at_least_one: &["at-least", "at-most", "baseline"],
     example: r#"dataset "train" format="mbpp" path="examples/data/mbpp/train.jsonl" limit=10
+dataset "test" format="mbpp" path="examples/data/mbpp/test.jsonl" limit=10
 execute "references" code="train"
+execute "held-out" code="test"
 gate "references-pass" metric="references.pass-rate" at-least=1.0
+gate "as-good" metric="held-out.pass-rate" baseline="references.pass-rate" margin=0.05
 "#,
 };
 
+/// The bounds a metric must keep.
+#[derive(Debug, Default)]
+pub struct Bounds {
+    pub at_least: Option<f64>,
+    pub at_most: Option<f64>,
+    /// The baseline metric's name and value, and the margin allowed below it.
+    pub baseline: Option<(String, f64, f64)>,
+}
+
 /// The check itself: `None` when the value is within bounds, else why not.
-pub fn check(name: &str, value: f64, at_least: Option<f64>, at_most: Option<f64>) -> Option<String> {
-    if let Some(low) = at_least.filter(|low| value < *low || value.is_nan()) {
+pub fn check(name: &str, value: f64, bounds: &Bounds) -> Option<String> {
+    if let Some(low) = bounds.at_least.filter(|low| value < *low || value.is_nan()) {
         return Some(format!("{name} = {value} is below {low}"));
     }
-    if let Some(high) = at_most.filter(|high| value > *high || value.is_nan()) {
+    if let Some(high) = bounds.at_most.filter(|high| value > *high || value.is_nan()) {
         return Some(format!("{name} = {value} is above {high}"));
+    }
+    if let Some((base_name, base, margin)) = &bounds.baseline
+        && (value < base - margin || value.is_nan())
+    {
+        let allowed = if *margin > 0.0 { format!(" by more than {margin}") } else { String::new() };
+        return Some(format!("{name} = {value} is below the baseline {base_name} = {base}{allowed}"));
     }
     None
 }
 
-pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
-    let Some(Value::Metric { step, metric }) = ctx.props.get("metric").cloned() else {
-        return Err(StepError::Failed("no metric".into()));
+/// A metric input's value.
+fn metric(ctx: &Context, property: &str) -> Result<Option<(String, f64)>, StepError> {
+    let Some(Value::Metric { step, metric }) = ctx.props.get(property).cloned() else {
+        return Ok(None);
     };
     let value = *ctx
-        .input("metric")?
+        .input(property)?
         .metrics
         .get(&metric)
         .ok_or_else(|| StepError::Failed(format!("`{step}` did not publish `{metric}`")))?;
-    let failure = check(&format!("{step}.{metric}"), value, ctx.props.number("at-least"), ctx.props.number("at-most"));
+    Ok(Some((format!("{step}.{metric}"), value)))
+}
+
+pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
+    let (name, value) = metric(ctx, "metric")?.ok_or_else(|| StepError::Failed("no metric".into()))?;
+    let margin = ctx.props.number("margin").unwrap_or(0.0);
+    let bounds = Bounds {
+        at_least: ctx.props.number("at-least"),
+        at_most: ctx.props.number("at-most"),
+        baseline: metric(ctx, "baseline")?.map(|(base_name, base)| (base_name, base, margin)),
+    };
+    let failure = check(&name, value, &bounds);
     let metrics = [("value".to_string(), value), ("passed".to_string(), f64::from(u8::from(failure.is_none())))].into();
     Ok(Outcome { metrics, gate_failure: failure })
 }
 
 #[cfg(test)]
 mod tests {
-    use super::check;
+    use super::{Bounds, check};
 
     #[test]
     fn fails_outside_bounds() {
-        assert_eq!(check("s.pass@1", 0.3, Some(0.3), None), None);
-        assert_eq!(check("s.pass@1", 0.29, Some(0.3), None).as_deref(), Some("s.pass@1 = 0.29 is below 0.3"));
-        assert_eq!(check("s.loss", 2.5, None, Some(2.0)).as_deref(), Some("s.loss = 2.5 is above 2"));
-        assert!(check("s.loss", f64::NAN, Some(0.0), None).is_some());
+        let at_least = Bounds { at_least: Some(0.3), ..Bounds::default() };
+        assert_eq!(check("s.pass@1", 0.3, &at_least), None);
+        assert_eq!(check("s.pass@1", 0.29, &at_least).as_deref(), Some("s.pass@1 = 0.29 is below 0.3"));
+        let at_most = Bounds { at_most: Some(2.0), ..Bounds::default() };
+        assert_eq!(check("s.loss", 2.5, &at_most).as_deref(), Some("s.loss = 2.5 is above 2"));
+        assert!(check("s.loss", f64::NAN, &at_least).is_some());
+    }
+
+    #[test]
+    fn fails_below_the_baseline_by_more_than_the_margin() {
+        let baseline = |margin| Bounds { baseline: Some(("b.pass@1".into(), 0.4, margin)), ..Bounds::default() };
+        assert_eq!(check("s.pass@1", 0.4, &baseline(0.0)), None);
+        assert_eq!(
+            check("s.pass@1", 0.38, &baseline(0.0)).as_deref(),
+            Some("s.pass@1 = 0.38 is below the baseline b.pass@1 = 0.4")
+        );
+        assert_eq!(check("s.pass@1", 0.38, &baseline(0.05)), None);
+        assert_eq!(
+            check("s.pass@1", 0.3, &baseline(0.05)).as_deref(),
+            Some("s.pass@1 = 0.3 is below the baseline b.pass@1 = 0.4 by more than 0.05")
+        );
     }
 }

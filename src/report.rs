@@ -1,0 +1,596 @@
+//! Reports on whole runs, read back from their run directories: what each evaluation scored, how
+//! each loop iteration went, how training loss fell, which gates held; one run or several side
+//! by side. `seedflow run` writes one for its run; `seedflow report RUN_DIR...` for any runs.
+//! As JSON, Markdown, and a self-contained HTML page with its charts drawn as inline SVG.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use serde::Serialize;
+
+use crate::engine::cache::{Meta, Metrics};
+use crate::engine::files::write_atomic;
+
+#[derive(Debug, thiserror::Error, miette::Diagnostic)]
+pub enum ReportError {
+    #[error("`{0}` is not a run directory: it has no summary.json")]
+    #[diagnostic(
+        code(seedflow::not_a_run),
+        help("a run directory is what `seedflow run` prints, e.g. `runs/<workflow>/<time>`")
+    )]
+    NotARun(PathBuf),
+    #[error("cannot read `{path}`: {message}")]
+    #[diagnostic(code(seedflow::report_io))]
+    Io { path: PathBuf, message: String },
+}
+
+/// One run, as read from its directory.
+#[derive(Debug, Serialize)]
+pub struct Run {
+    pub workflow: String,
+    pub dir: PathBuf,
+    /// `ok`, `failed`, `gate-failed`, `interrupted`, or `running` for a run not finished.
+    pub status: String,
+    /// From the first step's start to the last step's end.
+    pub wall_seconds: f64,
+    /// Distinct examples the `finetune-lora` steps trained on, over all iterations.
+    pub training_examples: u64,
+    /// Top-level `execute` steps: the run's evaluations.
+    pub evaluations: Vec<Evaluation>,
+    pub loops: Vec<Loop>,
+    pub training: Vec<Training>,
+    pub gates: Vec<Gate>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Evaluation {
+    pub step: String,
+    /// Verdicts (samples) scored.
+    pub samples: u64,
+    /// `pass@k` for each k the samples allow, and `pass-rate`.
+    pub scores: BTreeMap<String, f64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Loop {
+    pub name: String,
+    pub iterations: Vec<Iteration>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Iteration {
+    pub number: u32,
+    pub steps: Vec<StepMetrics>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct StepMetrics {
+    pub step: String,
+    pub kind: String,
+    pub metrics: Metrics,
+}
+
+/// One `finetune-lora` step's loss curve.
+#[derive(Debug, Serialize)]
+pub struct Training {
+    /// `tune`, or `adapt.tune #2` inside a loop.
+    pub label: String,
+    pub examples: u64,
+    /// (optimizer step, loss)
+    pub curve: Vec<(u64, f64)>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Gate {
+    pub step: String,
+    pub passed: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failure: Option<String>,
+}
+
+/// The parts of `summary.json` a report needs.
+#[derive(serde::Deserialize)]
+struct Summary {
+    workflow: String,
+    status: String,
+    steps: BTreeMap<String, SummaryStep>,
+}
+
+#[derive(serde::Deserialize)]
+struct SummaryStep {
+    #[serde(default)]
+    iterations: Vec<BTreeMap<String, serde::de::IgnoredAny>>,
+}
+
+/// Reads a run back from its directory.
+pub fn read_run(dir: &Path) -> Result<Run, ReportError> {
+    let path = dir.join("summary.json");
+    if !path.is_file() {
+        return Err(ReportError::NotARun(dir.to_path_buf()));
+    }
+    let io = |message: String| ReportError::Io { path: path.clone(), message };
+    let text = std::fs::read_to_string(&path).map_err(|e| io(e.to_string()))?;
+    let summary: Summary = serde_json::from_str(&text).map_err(|e| io(e.to_string()))?;
+
+    let mut run = Run {
+        workflow: summary.workflow,
+        dir: dir.to_path_buf(),
+        status: summary.status,
+        wall_seconds: 0.0,
+        training_examples: 0,
+        evaluations: vec![],
+        loops: vec![],
+        training: vec![],
+        gates: vec![],
+    };
+    let mut span: Option<(SystemTime, SystemTime)> = None;
+    let mut visit = |step_dir: &Path, label: String, run: &mut Run| -> Option<Meta> {
+        let meta = Meta::read(step_dir)?;
+        if let (Some(start), Some(end)) = (time(&meta.started_at), meta.finished_at.as_deref().and_then(time)) {
+            span = Some(span.map_or((start, end), |(s, e)| (s.min(start), e.max(end))));
+        }
+        if meta.parts.kind == "finetune-lora" {
+            let metric = |name: &str| meta.metrics.get(name).copied().unwrap_or(0.0) as u64;
+            let examples = metric("examples");
+            // Pairs a step took over from an earlier one (`history`) were counted there.
+            run.training_examples += examples.saturating_sub(metric("history"));
+            run.training.push(Training { label, examples, curve: loss_curve(step_dir) });
+        }
+        Some(meta)
+    };
+    for (name, step) in &summary.steps {
+        if step.iterations.is_empty() {
+            let Some(meta) = visit(&dir.join(name), name.clone(), &mut run) else { continue };
+            match meta.parts.kind.as_str() {
+                "execute" => run.evaluations.push(Evaluation {
+                    step: name.clone(),
+                    samples: meta.metrics.get("count").copied().unwrap_or(0.0) as u64,
+                    scores: meta
+                        .metrics
+                        .iter()
+                        .filter(|(k, _)| k.starts_with("pass@") || *k == "pass-rate")
+                        .map(|(k, v)| (k.clone(), *v))
+                        .collect(),
+                }),
+                "gate" => run.gates.push(Gate {
+                    step: name.clone(),
+                    passed: meta.gate_failure.is_none() && meta.error.is_none(),
+                    failure: meta.gate_failure.or(meta.error),
+                }),
+                _ => {}
+            }
+            continue;
+        }
+        let mut iterations = vec![];
+        for (index, steps) in step.iterations.iter().enumerate() {
+            let number = index as u32 + 1;
+            let iteration_dir = dir.join(name).join(format!("iteration-{number}"));
+            let mut rows = vec![];
+            for inner in steps.keys() {
+                let label = format!("{name}.{inner} #{number}");
+                if let Some(meta) = visit(&iteration_dir.join(inner), label, &mut run) {
+                    rows.push(StepMetrics { step: inner.clone(), kind: meta.parts.kind, metrics: meta.metrics });
+                }
+            }
+            iterations.push(Iteration { number, steps: rows });
+        }
+        run.loops.push(Loop { name: name.clone(), iterations });
+    }
+    if let Some((start, end)) = span {
+        run.wall_seconds = end.duration_since(start).map_or(0.0, |d| d.as_secs_f64());
+    }
+    Ok(run)
+}
+
+fn time(text: &str) -> Option<SystemTime> {
+    humantime::parse_rfc3339(text).ok()
+}
+
+/// The loss curve a `finetune-lora` step wrote as its output records.
+fn loss_curve(step_dir: &Path) -> Vec<(u64, f64)> {
+    let text = std::fs::read_to_string(step_dir.join("output.jsonl")).unwrap_or_default();
+    text.lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter_map(|record| Some((record.get("step")?.as_u64()?, record.get("loss")?.as_f64()?)))
+        .collect()
+}
+
+/// The metric that says the most about a step of this kind, for a table cell.
+fn headline(step: &StepMetrics) -> Option<(&'static str, f64)> {
+    let get = |name: &'static str| step.metrics.get(name).map(|v| (name, *v));
+    match step.kind.as_str() {
+        "execute" => get("pass@1").or_else(|| get("pass-rate")),
+        "finetune-lora" => get("loss"),
+        _ => get("count"),
+    }
+}
+
+fn format_value(value: f64) -> String {
+    if value.fract() == 0.0 && value.abs() < 1e15 { format!("{value}") } else { format!("{value:.3}") }
+}
+
+fn minutes(seconds: f64) -> String {
+    if seconds < 60.0 { format!("{seconds:.0} s") } else { format!("{:.1} min", seconds / 60.0) }
+}
+
+/// Every (evaluation step, score) column the runs have, in a stable order.
+fn score_columns(runs: &[Run]) -> Vec<(String, String)> {
+    let mut columns: Vec<(String, String)> = vec![];
+    for run in runs {
+        for evaluation in &run.evaluations {
+            for score in evaluation.scores.keys().filter(|k| k.starts_with("pass@")) {
+                let column = (evaluation.step.clone(), score.clone());
+                if !columns.contains(&column) {
+                    columns.push(column);
+                }
+            }
+        }
+    }
+    columns
+}
+
+fn score(run: &Run, (step, name): &(String, String)) -> Option<f64> {
+    run.evaluations.iter().find(|e| &e.step == step).and_then(|e| e.scores.get(name).copied())
+}
+
+/// Relative change of `value` against `base`, as "+12.5%".
+fn gain(value: f64, base: f64) -> String {
+    if base > 0.0 { format!("{:+.1}%", (value - base) / base * 100.0) } else { "n/a".into() }
+}
+
+/// A table as rows of cells; the first row is the header.
+type Table = Vec<Vec<String>>;
+
+/// The runs side by side: one row per run.
+fn comparison(runs: &[Run]) -> Table {
+    let columns = score_columns(runs);
+    let mut header = vec!["run".to_string(), "status".into(), "training samples".into()];
+    header.extend(columns.iter().map(|(step, name)| format!("{step} {name}")));
+    if runs.len() > 1 {
+        header.extend(columns.iter().map(|(step, name)| format!("{step} {name} vs {}", runs[0].workflow)));
+    }
+    header.push("wall time".into());
+    let mut table = vec![header];
+    for run in runs {
+        let mut row = vec![run.workflow.clone(), run.status.clone(), run.training_examples.to_string()];
+        row.extend(columns.iter().map(|c| score(run, c).map_or("–".into(), |v| format!("{v:.3}"))));
+        if runs.len() > 1 {
+            row.extend(columns.iter().map(|c| match (score(run, c), score(&runs[0], c)) {
+                (Some(value), Some(base)) => gain(value, base),
+                _ => "–".into(),
+            }));
+        }
+        row.push(minutes(run.wall_seconds));
+        table.push(row);
+    }
+    table
+}
+
+/// One row per loop iteration; a column per step with its headline metric.
+fn iteration_table(lp: &Loop) -> Table {
+    let mut steps: Vec<(String, &'static str)> = vec![];
+    for iteration in &lp.iterations {
+        for step in &iteration.steps {
+            if let Some((metric, _)) = headline(step)
+                && !steps.iter().any(|(s, _)| s == &step.step)
+            {
+                steps.push((step.step.clone(), metric));
+            }
+        }
+    }
+    let mut header = vec!["iteration".to_string()];
+    header.extend(steps.iter().map(|(step, metric)| format!("{step} {metric}")));
+    let mut table = vec![header];
+    for iteration in &lp.iterations {
+        let mut row = vec![iteration.number.to_string()];
+        for (name, _) in &steps {
+            let cell = iteration.steps.iter().find(|s| &s.step == name).and_then(headline);
+            row.push(cell.map_or("–".into(), |(_, v)| format_value(v)));
+        }
+        table.push(row);
+    }
+    table
+}
+
+fn training_table(run: &Run) -> Table {
+    let mut table = vec![vec![
+        "step".to_string(),
+        "examples".into(),
+        "optimizer steps".into(),
+        "first loss".into(),
+        "last loss".into(),
+    ]];
+    for t in &run.training {
+        let loss = |p: Option<&(u64, f64)>| p.map_or("–".into(), |(_, l)| format!("{l:.3}"));
+        table.push(vec![
+            t.label.clone(),
+            t.examples.to_string(),
+            t.curve.len().to_string(),
+            loss(t.curve.first()),
+            loss(t.curve.last()),
+        ]);
+    }
+    table
+}
+
+fn markdown_table(out: &mut String, table: &Table) {
+    for (i, row) in table.iter().enumerate() {
+        let _ = writeln!(out, "| {} |", row.join(" | "));
+        if i == 0 {
+            let _ = writeln!(out, "|{}", "---|".repeat(row.len()));
+        }
+    }
+    out.push('\n');
+}
+
+pub fn markdown(runs: &[Run]) -> String {
+    let mut out = String::from("# seedflow report\n\n");
+    markdown_table(&mut out, &comparison(runs));
+    for run in runs {
+        let _ = writeln!(out, "## {} (`{}`)\n", run.workflow, run.dir.display());
+        for lp in &run.loops {
+            let _ = writeln!(out, "Loop `{}`, by iteration:\n", lp.name);
+            markdown_table(&mut out, &iteration_table(lp));
+        }
+        if !run.training.is_empty() {
+            markdown_table(&mut out, &training_table(run));
+        }
+        for gate in &run.gates {
+            let _ = writeln!(
+                out,
+                "- gate `{}`: {}",
+                gate.step,
+                gate.failure.as_deref().map_or("passed".to_string(), |f| format!("**failed**: {f}"))
+            );
+        }
+        if !run.gates.is_empty() {
+            out.push('\n');
+        }
+    }
+    out
+}
+
+fn escape(text: &str) -> String {
+    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+}
+
+fn html_table(out: &mut String, table: &Table) {
+    out.push_str("<table>\n");
+    for (i, row) in table.iter().enumerate() {
+        let cell = if i == 0 { "th" } else { "td" };
+        out.push_str("<tr>");
+        for value in row {
+            let _ = write!(out, "<{cell}>{}</{cell}>", escape(value));
+        }
+        out.push_str("</tr>\n");
+    }
+    out.push_str("</table>\n");
+}
+
+struct Series {
+    name: String,
+    points: Vec<(f64, f64)>,
+    /// Drawn dashed: a level to compare against rather than a measured curve.
+    dashed: bool,
+}
+
+const COLOURS: [&str; 8] = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2"];
+
+/// A line chart as inline SVG, with axes, ticks and a legend.
+fn line_chart(id: &str, x_label: &str, y_label: &str, series: &[Series]) -> String {
+    let (width, height, left, right, top, bottom) = (640.0, 320.0, 56.0, 16.0, 12.0, 44.0);
+    let all = series.iter().flat_map(|s| &s.points).filter(|(x, y)| x.is_finite() && y.is_finite());
+    let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
+    for &(x, y) in all {
+        (x0, x1, y0, y1) = (x0.min(x), x1.max(x), y0.min(y), y1.max(y));
+    }
+    if x0 > x1 {
+        return String::new();
+    }
+    if x1 - x0 < 1e-9 {
+        (x0, x1) = (x0 - 1.0, x1 + 1.0);
+    }
+    y0 = y0.min(0.0);
+    if y1 - y0 < 1e-9 {
+        y1 = y0 + 1.0;
+    }
+    let px = |x: f64| left + (x - x0) / (x1 - x0) * (width - left - right);
+    let py = |y: f64| top + (1.0 - (y - y0) / (y1 - y0)) * (height - top - bottom);
+    let mut svg = format!(
+        "<svg id=\"{id}\" viewBox=\"0 0 {width} {height}\" width=\"{width}\" height=\"{height}\" role=\"img\">\n"
+    );
+    let _ = writeln!(
+        svg,
+        "<rect x=\"{left}\" y=\"{top}\" width=\"{}\" height=\"{}\" fill=\"none\" stroke=\"#999\"/>",
+        width - left - right,
+        height - top - bottom
+    );
+    for i in 0..=4 {
+        let y = y0 + (y1 - y0) * f64::from(i) / 4.0;
+        let _ = writeln!(
+            svg,
+            "<line x1=\"{left}\" x2=\"{}\" y1=\"{py:.1}\" y2=\"{py:.1}\" stroke=\"#eee\"/><text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{y:.2}</text>",
+            width - right,
+            left - 4.0,
+            py(y) + 4.0,
+            py = py(y)
+        );
+    }
+    // Whole numbers on the x axis (iterations, optimizer steps): every one when few, else five.
+    let x_ticks: Vec<f64> = if x1 - x0 <= 8.0 {
+        (x0.ceil() as i64..=x1.floor() as i64).map(|x| x as f64).collect()
+    } else {
+        (0..=4).map(|i| (x0 + (x1 - x0) * f64::from(i) / 4.0).round()).collect()
+    };
+    for x in x_ticks {
+        let _ = writeln!(
+            svg,
+            "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{x}</text>",
+            px(x),
+            height - bottom + 16.0
+        );
+    }
+    let _ = writeln!(
+        svg,
+        "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{}</text><text transform=\"translate(14 {:.1}) rotate(-90)\" text-anchor=\"middle\">{}</text>",
+        left + (width - left - right) / 2.0,
+        height - 6.0,
+        escape(x_label),
+        top + (height - top - bottom) / 2.0,
+        escape(y_label)
+    );
+    for (i, s) in series.iter().enumerate() {
+        let colour = COLOURS[i % COLOURS.len()];
+        let points: Vec<String> = s
+            .points
+            .iter()
+            .filter(|(x, y)| x.is_finite() && y.is_finite())
+            .map(|&(x, y)| format!("{:.1},{:.1}", px(x), py(y)))
+            .collect();
+        let dash = if s.dashed { " stroke-dasharray=\"6 4\"" } else { "" };
+        let _ = writeln!(
+            svg,
+            "<polyline class=\"series\" points=\"{}\" fill=\"none\" stroke=\"{colour}\" stroke-width=\"2\"{dash}><title>{}</title></polyline>",
+            points.join(" "),
+            escape(&s.name)
+        );
+        if points.len() <= 12 {
+            for p in &points {
+                let (x, y) = p.split_once(',').unwrap_or(("0", "0"));
+                let _ = writeln!(svg, "<circle cx=\"{x}\" cy=\"{y}\" r=\"3\" fill=\"{colour}\"/>");
+            }
+        }
+    }
+    svg.push_str("</svg>\n<ul class=\"legend\">");
+    for (i, s) in series.iter().enumerate() {
+        let style = if s.dashed { "dashed" } else { "solid" };
+        let _ = write!(
+            svg,
+            "<li><span style=\"border-top: 3px {style} {}\"></span>{}</li>",
+            COLOURS[i % COLOURS.len()],
+            escape(&s.name)
+        );
+    }
+    svg.push_str("</ul>\n");
+    svg
+}
+
+/// pass@1 by loop iteration for every `execute` step inside a loop, and each run's evaluations
+/// as dashed levels across the same iterations.
+fn pass_series(runs: &[Run]) -> Vec<Series> {
+    let prefix = |run: &Run| if runs.len() > 1 { format!("{}: ", run.workflow) } else { String::new() };
+    let iterations = runs.iter().flat_map(|r| &r.loops).map(|l| l.iterations.len()).max().unwrap_or(0).max(1);
+    let mut series = vec![];
+    for run in runs {
+        for lp in &run.loops {
+            let mut steps: Vec<&str> = vec![];
+            for step in lp.iterations.iter().flat_map(|i| &i.steps).filter(|s| s.kind == "execute") {
+                if !steps.contains(&step.step.as_str()) {
+                    steps.push(&step.step);
+                }
+            }
+            for name in steps {
+                let points = lp
+                    .iterations
+                    .iter()
+                    .filter_map(|i| {
+                        let step = i.steps.iter().find(|s| s.step == name)?;
+                        Some((f64::from(i.number), *step.metrics.get("pass@1")?))
+                    })
+                    .collect();
+                series.push(Series { name: format!("{}{}.{name}", prefix(run), lp.name), points, dashed: false });
+            }
+        }
+        for evaluation in &run.evaluations {
+            if let Some(&value) = evaluation.scores.get("pass@1") {
+                let points = vec![(1.0, value), (iterations as f64, value)];
+                series.push(Series {
+                    name: format!("{}{} (evaluation)", prefix(run), evaluation.step),
+                    points,
+                    dashed: true,
+                });
+            }
+        }
+    }
+    series
+}
+
+/// Training loss by optimizer step, one series per run with its `finetune-lora` steps in order.
+fn loss_series(runs: &[Run]) -> Vec<Series> {
+    let mut series = vec![];
+    for run in runs.iter().filter(|r| !r.training.is_empty()) {
+        let mut points = vec![];
+        for training in &run.training {
+            let offset = points.len() as f64;
+            points.extend(training.curve.iter().enumerate().map(|(i, &(_, loss))| (offset + i as f64 + 1.0, loss)));
+        }
+        let labels: Vec<&str> = run.training.iter().map(|t| t.label.as_str()).collect();
+        let name = if runs.len() > 1 { format!("{}: {}", run.workflow, labels.join(", ")) } else { labels.join(", ") };
+        series.push(Series { name, points, dashed: false });
+    }
+    series
+}
+
+const STYLE: &str = "body{font:14px/1.4 system-ui,sans-serif;margin:2em auto;max-width:980px;color:#222}\
+table{border-collapse:collapse;margin:0.5em 0 1.5em}th,td{border:1px solid #ccc;padding:3px 8px;text-align:right}\
+th:first-child,td:first-child{text-align:left}th{background:#f4f4f4}svg text{font-size:11px;fill:#444}\
+.legend{list-style:none;padding:0;display:flex;flex-wrap:wrap;gap:1em}.legend span{display:inline-block;width:24px;margin-right:6px;vertical-align:middle}\
+.failed{color:#b00}";
+
+pub fn html(runs: &[Run]) -> String {
+    let mut out = format!(
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>seedflow report: {}</title><style>{STYLE}</style></head><body>\n<h1>seedflow report</h1>\n",
+        escape(&runs.iter().map(|r| r.workflow.as_str()).collect::<Vec<_>>().join(", "))
+    );
+    html_table(&mut out, &comparison(runs));
+    let pass = pass_series(runs);
+    if !pass.is_empty() {
+        out.push_str("<h2>pass@1 by iteration</h2>\n");
+        out.push_str(&line_chart("pass-at-1", "loop iteration", "pass@1", &pass));
+    }
+    let loss = loss_series(runs);
+    if !loss.is_empty() {
+        out.push_str("<h2>Training loss</h2>\n");
+        out.push_str(&line_chart("training-loss", "optimizer step", "loss", &loss));
+    }
+    for run in runs {
+        let _ = writeln!(
+            out,
+            "<h2>{} <small><code>{}</code></small></h2>",
+            escape(&run.workflow),
+            escape(&run.dir.display().to_string())
+        );
+        for lp in &run.loops {
+            let _ = writeln!(out, "<h3>Loop <code>{}</code>, by iteration</h3>", escape(&lp.name));
+            html_table(&mut out, &iteration_table(lp));
+        }
+        if !run.training.is_empty() {
+            out.push_str("<h3>Training</h3>\n");
+            html_table(&mut out, &training_table(run));
+        }
+        for gate in &run.gates {
+            let _ = match &gate.failure {
+                None => writeln!(out, "<p>gate <code>{}</code>: passed</p>", escape(&gate.step)),
+                Some(f) => writeln!(
+                    out,
+                    "<p class=\"failed\">gate <code>{}</code> failed: {}</p>",
+                    escape(&gate.step),
+                    escape(f)
+                ),
+            };
+        }
+    }
+    out.push_str("</body></html>\n");
+    out
+}
+
+/// Writes `report.json`, `report.md` and `report.html` into `dir`.
+pub fn write(runs: &[Run], dir: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let json = serde_json::to_vec_pretty(runs).map_err(std::io::Error::other)?;
+    write_atomic(&dir.join("report.json"), &json)?;
+    write_atomic(&dir.join("report.md"), markdown(runs).as_bytes())?;
+    write_atomic(&dir.join("report.html"), html(runs).as_bytes())
+}
