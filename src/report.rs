@@ -10,7 +10,7 @@ use std::time::SystemTime;
 
 use serde::Serialize;
 
-use crate::engine::cache::{Meta, Metrics};
+use crate::engine::cache::{Meta, Metrics, StepStatus};
 use crate::engine::files::write_atomic;
 
 #[derive(Debug, thiserror::Error, miette::Diagnostic)]
@@ -33,9 +33,11 @@ pub struct Run {
     pub dir: PathBuf,
     /// `ok`, `failed`, `gate-failed`, `interrupted`, or `running` for a run not finished.
     pub status: String,
-    /// From the first step's start to the last step's end.
+    /// From the first step's start to the last step's end; for a resumed run, the time between
+    /// its invocations counts too.
     pub wall_seconds: f64,
-    /// Distinct examples the `finetune-lora` steps trained on, over all iterations.
+    /// Examples the `finetune-lora` steps trained on, over all iterations, each counted in the
+    /// step that first trained on it (not again where `history` takes it over).
     pub training_examples: u64,
     /// Top-level `execute` steps: the run's evaluations.
     pub evaluations: Vec<Evaluation>,
@@ -78,6 +80,8 @@ pub struct Training {
     /// `tune`, or `adapt.tune #2` inside a loop.
     pub label: String,
     pub examples: u64,
+    /// Mean loss over the last epoch.
+    pub loss: Option<f64>,
     /// (optimizer step, loss)
     pub curve: Vec<(u64, f64)>,
 }
@@ -136,7 +140,8 @@ pub fn read_run(dir: &Path) -> Result<Run, ReportError> {
             let examples = metric("examples");
             // Pairs a step took over from an earlier one (`history`) were counted there.
             run.training_examples += examples.saturating_sub(metric("history"));
-            run.training.push(Training { label, examples, curve: loss_curve(step_dir) });
+            let loss = meta.metrics.get("loss").copied();
+            run.training.push(Training { label, examples, loss, curve: loss_curve(step_dir) });
         }
         Some(meta)
     };
@@ -156,8 +161,12 @@ pub fn read_run(dir: &Path) -> Result<Run, ReportError> {
                 }),
                 "gate" => run.gates.push(Gate {
                     step: name.clone(),
-                    passed: meta.gate_failure.is_none() && meta.error.is_none(),
-                    failure: meta.gate_failure.or(meta.error),
+                    passed: meta.status == StepStatus::Done && meta.gate_failure.is_none(),
+                    failure: match meta.status {
+                        StepStatus::Done => meta.gate_failure,
+                        StepStatus::Failed => meta.error.or(Some("the gate step failed".into())),
+                        StepStatus::Running | StepStatus::Interrupted => Some("not checked: the run stopped".into()),
+                    },
                 }),
                 _ => {}
             }
@@ -188,22 +197,21 @@ fn time(text: &str) -> Option<SystemTime> {
     humantime::parse_rfc3339(text).ok()
 }
 
-/// The loss curve a `finetune-lora` step wrote as its output records.
+/// The loss curve a `finetune-lora` step wrote as its output records (none if unreadable).
 fn loss_curve(step_dir: &Path) -> Vec<(u64, f64)> {
-    let text = std::fs::read_to_string(step_dir.join("output.jsonl")).unwrap_or_default();
-    text.lines()
-        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-        .filter_map(|record| Some((record.get("step")?.as_u64()?, record.get("loss")?.as_f64()?)))
+    crate::engine::files::read_records::<crate::train::StepRecord>(&step_dir.join("output.jsonl"))
+        .unwrap_or_default()
+        .into_iter()
+        .map(|r| (r.step as u64, r.loss))
         .collect()
 }
 
-/// The metric that says the most about a step of this kind, for a table cell.
-fn headline(step: &StepMetrics) -> Option<(&'static str, f64)> {
-    let get = |name: &'static str| step.metrics.get(name).map(|v| (name, *v));
-    match step.kind.as_str() {
-        "execute" => get("pass@1").or_else(|| get("pass-rate")),
-        "finetune-lora" => get("loss"),
-        _ => get("count"),
+/// The metric that says the most about a step of this kind, for its column.
+fn headline(kind: &str) -> &'static str {
+    match kind {
+        "execute" => "pass@1",
+        "finetune-lora" => "loss",
+        _ => "count",
     }
 }
 
@@ -243,18 +251,32 @@ fn gain(value: f64, base: f64) -> String {
 /// A table as rows of cells; the first row is the header.
 type Table = Vec<Vec<String>>;
 
+/// A name for each run: its workflow, with its directory's name where workflows repeat.
+fn labels(runs: &[Run]) -> Vec<String> {
+    runs.iter()
+        .map(|run| {
+            if runs.iter().filter(|r| r.workflow == run.workflow).count() == 1 {
+                return run.workflow.clone();
+            }
+            let dir = run.dir.file_name().map_or_else(|| run.dir.display().to_string(), |n| n.to_string_lossy().into());
+            format!("{} ({dir})", run.workflow)
+        })
+        .collect()
+}
+
 /// The runs side by side: one row per run.
 fn comparison(runs: &[Run]) -> Table {
+    let labels = labels(runs);
     let columns = score_columns(runs);
     let mut header = vec!["run".to_string(), "status".into(), "training samples".into()];
     header.extend(columns.iter().map(|(step, name)| format!("{step} {name}")));
     if runs.len() > 1 {
-        header.extend(columns.iter().map(|(step, name)| format!("{step} {name} vs {}", runs[0].workflow)));
+        header.extend(columns.iter().map(|(step, name)| format!("{step} {name} vs {}", labels[0])));
     }
     header.push("wall time".into());
     let mut table = vec![header];
-    for run in runs {
-        let mut row = vec![run.workflow.clone(), run.status.clone(), run.training_examples.to_string()];
+    for (run, label) in runs.iter().zip(&labels) {
+        let mut row = vec![label.clone(), run.status.clone(), run.training_examples.to_string()];
         row.extend(columns.iter().map(|c| score(run, c).map_or("–".into(), |v| format!("{v:.3}"))));
         if runs.len() > 1 {
             row.extend(columns.iter().map(|c| match (score(run, c), score(&runs[0], c)) {
@@ -273,10 +295,8 @@ fn iteration_table(lp: &Loop) -> Table {
     let mut steps: Vec<(String, &'static str)> = vec![];
     for iteration in &lp.iterations {
         for step in &iteration.steps {
-            if let Some((metric, _)) = headline(step)
-                && !steps.iter().any(|(s, _)| s == &step.step)
-            {
-                steps.push((step.step.clone(), metric));
+            if !steps.iter().any(|(s, _)| s == &step.step) {
+                steps.push((step.step.clone(), headline(&step.kind)));
             }
         }
     }
@@ -285,9 +305,9 @@ fn iteration_table(lp: &Loop) -> Table {
     let mut table = vec![header];
     for iteration in &lp.iterations {
         let mut row = vec![iteration.number.to_string()];
-        for (name, _) in &steps {
-            let cell = iteration.steps.iter().find(|s| &s.step == name).and_then(headline);
-            row.push(cell.map_or("–".into(), |(_, v)| format_value(v)));
+        for (name, metric) in &steps {
+            let cell = iteration.steps.iter().find(|s| &s.step == name).and_then(|s| s.metrics.get(*metric));
+            row.push(cell.map_or("–".into(), |v| format_value(*v)));
         }
         table.push(row);
     }
@@ -299,17 +319,17 @@ fn training_table(run: &Run) -> Table {
         "step".to_string(),
         "examples".into(),
         "optimizer steps".into(),
-        "first loss".into(),
-        "last loss".into(),
+        "first step's loss".into(),
+        "last epoch's mean loss".into(),
     ]];
     for t in &run.training {
-        let loss = |p: Option<&(u64, f64)>| p.map_or("–".into(), |(_, l)| format!("{l:.3}"));
+        let loss = |l: Option<f64>| l.map_or("–".into(), |l| format!("{l:.3}"));
         table.push(vec![
             t.label.clone(),
             t.examples.to_string(),
             t.curve.len().to_string(),
-            loss(t.curve.first()),
-            loss(t.curve.last()),
+            loss(t.curve.first().map(|(_, l)| *l)),
+            loss(t.loss),
         ]);
     }
     table
@@ -477,13 +497,20 @@ fn line_chart(id: &str, x_label: &str, y_label: &str, series: &[Series]) -> Stri
     svg
 }
 
+/// The prefix that says which run a series belongs to, when there are several.
+fn prefixes(runs: &[Run]) -> Vec<String> {
+    let labels = labels(runs);
+    labels.into_iter().map(|l| if runs.len() > 1 { format!("{l}: ") } else { String::new() }).collect()
+}
+
 /// pass@1 by loop iteration for every `execute` step inside a loop, and each run's evaluations
-/// as dashed levels across the same iterations.
+/// as dashed levels across the same iterations; nothing when no run has a loop.
 fn pass_series(runs: &[Run]) -> Vec<Series> {
-    let prefix = |run: &Run| if runs.len() > 1 { format!("{}: ", run.workflow) } else { String::new() };
-    let iterations = runs.iter().flat_map(|r| &r.loops).map(|l| l.iterations.len()).max().unwrap_or(0).max(1);
+    let Some(iterations) = runs.iter().flat_map(|r| &r.loops).map(|l| l.iterations.len()).max() else {
+        return vec![];
+    };
     let mut series = vec![];
-    for run in runs {
+    for (run, prefix) in runs.iter().zip(prefixes(runs)) {
         for lp in &run.loops {
             let mut steps: Vec<&str> = vec![];
             for step in lp.iterations.iter().flat_map(|i| &i.steps).filter(|s| s.kind == "execute") {
@@ -500,35 +527,27 @@ fn pass_series(runs: &[Run]) -> Vec<Series> {
                         Some((f64::from(i.number), *step.metrics.get("pass@1")?))
                     })
                     .collect();
-                series.push(Series { name: format!("{}{}.{name}", prefix(run), lp.name), points, dashed: false });
+                series.push(Series { name: format!("{prefix}{}.{name}", lp.name), points, dashed: false });
             }
         }
         for evaluation in &run.evaluations {
             if let Some(&value) = evaluation.scores.get("pass@1") {
-                let points = vec![(1.0, value), (iterations as f64, value)];
-                series.push(Series {
-                    name: format!("{}{} (evaluation)", prefix(run), evaluation.step),
-                    points,
-                    dashed: true,
-                });
+                let points = vec![(1.0, value), (iterations.max(1) as f64, value)];
+                series.push(Series { name: format!("{prefix}{} (evaluation)", evaluation.step), points, dashed: true });
             }
         }
     }
     series
 }
 
-/// Training loss by optimizer step, one series per run with its `finetune-lora` steps in order.
+/// Training loss by optimizer step, one series per `finetune-lora` step.
 fn loss_series(runs: &[Run]) -> Vec<Series> {
     let mut series = vec![];
-    for run in runs.iter().filter(|r| !r.training.is_empty()) {
-        let mut points = vec![];
+    for (run, prefix) in runs.iter().zip(prefixes(runs)) {
         for training in &run.training {
-            let offset = points.len() as f64;
-            points.extend(training.curve.iter().enumerate().map(|(i, &(_, loss))| (offset + i as f64 + 1.0, loss)));
+            let points = training.curve.iter().map(|&(step, loss)| (step as f64, loss)).collect();
+            series.push(Series { name: format!("{prefix}{}", training.label), points, dashed: false });
         }
-        let labels: Vec<&str> = run.training.iter().map(|t| t.label.as_str()).collect();
-        let name = if runs.len() > 1 { format!("{}: {}", run.workflow, labels.join(", ")) } else { labels.join(", ") };
-        series.push(Series { name, points, dashed: false });
     }
     series
 }
@@ -545,15 +564,12 @@ pub fn html(runs: &[Run]) -> String {
         escape(&runs.iter().map(|r| r.workflow.as_str()).collect::<Vec<_>>().join(", "))
     );
     html_table(&mut out, &comparison(runs));
-    let pass = pass_series(runs);
-    if !pass.is_empty() {
-        out.push_str("<h2>pass@1 by iteration</h2>\n");
-        out.push_str(&line_chart("pass-at-1", "loop iteration", "pass@1", &pass));
-    }
-    let loss = loss_series(runs);
-    if !loss.is_empty() {
-        out.push_str("<h2>Training loss</h2>\n");
-        out.push_str(&line_chart("training-loss", "optimizer step", "loss", &loss));
+    let charts = [
+        ("pass@1 by iteration", line_chart("pass-at-1", "loop iteration", "pass@1", &pass_series(runs))),
+        ("Training loss", line_chart("training-loss", "optimizer step", "loss", &loss_series(runs))),
+    ];
+    for (heading, chart) in charts.iter().filter(|(_, chart)| !chart.is_empty()) {
+        let _ = write!(out, "<h2>{heading}</h2>\n{chart}");
     }
     for run in runs {
         let _ = writeln!(

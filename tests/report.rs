@@ -70,11 +70,12 @@ fn a_run_reports_its_iterations_evaluations_and_gates() {
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let markdown = text(&out.stdout);
     assert!(
-        markdown
-            .contains("| run | status | training samples | scores pass@1 | scores pass@1 vs references | wall time |"),
+        markdown.contains(
+            "| run | status | training samples | scores pass@1 | scores pass@1 vs references (run) | wall time |"
+        ),
         "{markdown}"
     );
-    assert!(markdown.contains("| references | gate-failed | 0 | 1.000 | +0.0% |"), "{markdown}");
+    assert!(markdown.contains("| references (run) | gate-failed | 0 | 1.000 | +0.0% |"), "{markdown}");
 
     let out = seedflow(&["report", "run", "nowhere"], dir.path());
     assert_eq!(out.status.code(), Some(2));

@@ -123,11 +123,8 @@ pub fn main() -> i32 {
 
 /// Prints problems to stderr, coloured on a terminal unless `NO_COLOR` is set.
 fn report(problems: &[Problem]) {
-    let handler = miette::GraphicalReportHandler::new();
     for problem in problems {
-        let mut out = String::new();
-        let _ = handler.render_report(&mut out, problem);
-        eprintln!("{out}");
+        print_diagnostic(problem);
     }
     if problems.len() > 1 {
         eprintln!("{} problems found", problems.len());

@@ -517,7 +517,11 @@ fn key_parts(plan: &Plan, step: &PlannedStep, inputs: BTreeMap<String, String>) 
             continue;
         };
         match (property.ty, value) {
-            (ValueType::Input(_) | ValueType::Metric, _) => {}
+            (ValueType::Input(_), _) => {}
+            // The metric's step enters through its output hash; its name enters here.
+            (ValueType::Metric, _) => {
+                params.insert(property.name.to_string(), value.to_json());
+            }
             (ValueType::Model, Value::Model(model)) => {
                 // A model enters the key with its whole declaration and its file's identity.
                 let Some(model_declaration) = plan.models.get(model) else {

@@ -129,11 +129,6 @@ pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
     let from_history = history.len();
     let mut training = history;
     training.extend(training_pairs(ctx)?);
-    let lines: Vec<String> = training
-        .iter()
-        .filter_map(|(task, code)| serde_json::to_string(&Pair { task: task.clone(), code: code.clone() }).ok())
-        .collect();
-    crate::engine::files::write_atomic(&ctx.dir.join(PAIRS_FILE), (lines.join("\n") + "\n").as_bytes())?;
     let messages = super::generate::solve_messages(ctx, training.iter().map(|(task, _)| task))?;
     let pairs: Vec<(String, String)> = messages
         .into_iter()
@@ -141,15 +136,26 @@ pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
         .map(|(message, (_, code))| (message, format!("```python\n{}\n```", code.trim_end())))
         .collect();
     let max_length = ctx.props.integer("max-length").unwrap_or(512) as usize;
-    let examples: Vec<Example> = llm::training_tokens(&model, &pairs)
-        .map_err(StepError::Failed)?
+    let tokenized = llm::training_tokens(&model, &pairs).map_err(StepError::Failed)?;
+    let kept: Vec<bool> = tokenized.iter().map(|(_, start)| *start < max_length).collect();
+    let examples: Vec<Example> = tokenized
         .into_iter()
-        .filter(|(_, start)| *start < max_length)
-        .map(|(mut tokens, completion_start)| {
+        .zip(&kept)
+        .filter(|(_, kept)| **kept)
+        .map(|((mut tokens, completion_start), _)| {
             tokens.truncate(max_length);
             Example { tokens, completion_start }
         })
         .collect();
+    let history_kept = kept[..from_history].iter().filter(|k| **k).count();
+    let mut lines = String::new();
+    for ((task, code), _) in training.iter().zip(&kept).filter(|(_, kept)| **kept) {
+        let pair = serde_json::to_string(&Pair { task: task.clone(), code: code.clone() })
+            .map_err(|e| StepError::Failed(e.to_string()))?;
+        lines.push_str(&pair);
+        lines.push('\n');
+    }
+    crate::engine::files::write_atomic(&ctx.dir.join(PAIRS_FILE), lines.as_bytes())?;
     if examples.len() < pairs.len() {
         ctx.message(&format!(
             "{} of {} examples have prompts longer than max-length={max_length} and are skipped",
@@ -202,7 +208,7 @@ pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
     let mut metrics: crate::engine::cache::Metrics = [
         ("steps".to_string(), records.len() as f64),
         ("examples".to_string(), examples.len() as f64),
-        ("history".to_string(), from_history as f64),
+        ("history".to_string(), history_kept as f64),
         ("tokens".to_string(), records.iter().map(|r| r.tokens as f64).sum()),
     ]
     .into();

@@ -61,8 +61,9 @@ pub fn check(name: &str, value: f64, bounds: &Bounds) -> Option<String> {
     if let Some(high) = bounds.at_most.filter(|high| value > *high || value.is_nan()) {
         return Some(format!("{name} = {value} is above {high}"));
     }
+    // A small tolerance, so that a drop of exactly `margin` (0.8 -> 0.7 by 0.1) is within it.
     if let Some((base_name, base, margin)) = &bounds.baseline
-        && (value < base - margin || value.is_nan())
+        && (base - value > margin + 1e-9 || value.is_nan() || base.is_nan())
     {
         let allowed = if *margin > 0.0 { format!(" by more than {margin}") } else { String::new() };
         return Some(format!("{name} = {value} is below the baseline {base_name} = {base}{allowed}"));
@@ -119,6 +120,8 @@ mod tests {
             Some("s.pass@1 = 0.38 is below the baseline b.pass@1 = 0.4")
         );
         assert_eq!(check("s.pass@1", 0.38, &baseline(0.05)), None);
+        let exactly = Bounds { baseline: Some(("b.pass@1".into(), 0.8, 0.1)), ..Bounds::default() };
+        assert_eq!(check("s.pass@1", 0.7, &exactly), None);
         assert_eq!(
             check("s.pass@1", 0.3, &baseline(0.05)).as_deref(),
             Some("s.pass@1 = 0.3 is below the baseline b.pass@1 = 0.4 by more than 0.05")
