@@ -180,10 +180,16 @@ pub fn read_run(dir: &Path) -> Result<Run, ReportError> {
             for inner in steps.keys() {
                 let label = format!("{name}.{inner} #{number}");
                 if let Some(meta) = visit(&iteration_dir.join(inner), label, &mut run) {
-                    rows.push(StepMetrics { step: inner.clone(), kind: meta.parts.kind, metrics: meta.metrics });
+                    let order = (meta.started_at, meta.finished_at);
+                    rows.push((
+                        order,
+                        StepMetrics { step: inner.clone(), kind: meta.parts.kind, metrics: meta.metrics },
+                    ));
                 }
             }
-            iterations.push(Iteration { number, steps: rows });
+            // In the order the steps ran (RFC 3339 times in UTC sort as text).
+            rows.sort_by(|a, b| a.0.cmp(&b.0));
+            iterations.push(Iteration { number, steps: rows.into_iter().map(|(_, row)| row).collect() });
         }
         run.loops.push(Loop { name: name.clone(), iterations });
     }
