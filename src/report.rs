@@ -22,7 +22,10 @@ pub enum ReportError {
     )]
     NotARun(PathBuf),
     #[error("cannot read `{path}`: {message}")]
-    #[diagnostic(code(seedflow::report_io))]
+    #[diagnostic(
+        code(seedflow::report_io),
+        help("summary.json is written by `seedflow run`; `seedflow run FILE --resume --run-dir DIR` writes it again")
+    )]
     Io { path: PathBuf, message: String },
 }
 

@@ -136,26 +136,22 @@ pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
         .map(|(message, (_, code))| (message, format!("```python\n{}\n```", code.trim_end())))
         .collect();
     let max_length = ctx.props.integer("max-length").unwrap_or(512) as usize;
+    // Examples whose prompt fills max-length are skipped; the rest are cut to it. The pairs kept
+    // are what a later step's `history` takes over.
+    let (mut examples, mut kept_pairs, mut history_kept) = (vec![], String::new(), 0);
     let tokenized = llm::training_tokens(&model, &pairs).map_err(StepError::Failed)?;
-    let kept: Vec<bool> = tokenized.iter().map(|(_, start)| *start < max_length).collect();
-    let examples: Vec<Example> = tokenized
-        .into_iter()
-        .zip(&kept)
-        .filter(|(_, kept)| **kept)
-        .map(|((mut tokens, completion_start), _)| {
-            tokens.truncate(max_length);
-            Example { tokens, completion_start }
-        })
-        .collect();
-    let history_kept = kept[..from_history].iter().filter(|k| **k).count();
-    let mut lines = String::new();
-    for ((task, code), _) in training.iter().zip(&kept).filter(|(_, kept)| **kept) {
-        let pair = serde_json::to_string(&Pair { task: task.clone(), code: code.clone() })
-            .map_err(|e| StepError::Failed(e.to_string()))?;
-        lines.push_str(&pair);
-        lines.push('\n');
+    for (i, ((mut tokens, completion_start), (task, code))) in tokenized.into_iter().zip(training).enumerate() {
+        if completion_start >= max_length {
+            continue;
+        }
+        tokens.truncate(max_length);
+        examples.push(Example { tokens, completion_start });
+        history_kept += usize::from(i < from_history);
+        let pair = serde_json::to_string(&Pair { task, code }).map_err(|e| StepError::Failed(e.to_string()))?;
+        kept_pairs.push_str(&pair);
+        kept_pairs.push('\n');
     }
-    crate::engine::files::write_atomic(&ctx.dir.join(PAIRS_FILE), lines.as_bytes())?;
+    crate::engine::files::write_atomic(&ctx.dir.join(PAIRS_FILE), kept_pairs.as_bytes())?;
     if examples.len() < pairs.len() {
         ctx.message(&format!(
             "{} of {} examples have prompts longer than max-length={max_length} and are skipped",
