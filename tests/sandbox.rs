@@ -2,12 +2,24 @@
 
 mod common;
 
-use common::{limits, run_all, sandbox, task};
+use std::sync::Arc;
+
+use common::{limits, plain_sandbox, run_all_in, sandbox, task};
 use seedflow::data::Status;
-use seedflow::sandbox::Job;
+use seedflow::sandbox::{Job, Sandbox};
 
 #[test]
 fn honest_programs_get_each_status_with_useful_feedback() {
+    honest_programs_in(sandbox());
+}
+
+/// The plain python.wasm (CPython 3.12, started per program) runs the same harness.
+#[test]
+fn a_plain_python_wasm_gives_the_same_verdicts() {
+    honest_programs_in(plain_sandbox());
+}
+
+fn honest_programs_in(sandbox: Arc<Sandbox>) {
     let cases = [
         ("def f(x):\n    return x\n", Status::Passed),
         ("def f(x):\n    return x + 1\n", Status::Failed),
@@ -16,7 +28,7 @@ fn honest_programs_get_each_status_with_useful_feedback() {
         ("def f(x):\n    while True:\n        pass\n", Status::Timeout),
         ("def f(x):\n    return [0] * (10 ** 8)\n", Status::Memory),
     ];
-    let results = run_all(&cases);
+    let results = run_all_in(sandbox, &cases);
     for ((_, expected), result) in cases.iter().zip(&results) {
         assert_eq!(result.status, *expected, "{result:?}");
     }

@@ -64,8 +64,11 @@ enum Command {
 
 #[derive(Clone, Copy, ValueEnum)]
 enum AssetName {
-    /// CPython for WASI, which `execute` runs programs with
+    /// The sandbox `execute` runs programs in: CPython for WASI with seedflow's harness,
+    /// pre-initialised (built with componentize-py, which pip fetches)
     Python,
+    /// A plain CPython 3.12 for WASI, for `SEEDFLOW_PYTHON_WASM` (slower: starts per program)
+    PythonWasm,
     /// The default model, Qwen2.5-Coder-0.5B-Instruct (491 MB)
     Model,
 }
@@ -167,11 +170,21 @@ fn graph(file: &Path, format: GraphFormat, set: &[String]) -> i32 {
 }
 
 fn fetch(asset: AssetName) -> i32 {
-    let asset = match asset {
-        AssetName::Python => &crate::assets::PYTHON_WASM,
-        AssetName::Model => &crate::assets::DEFAULT_MODEL,
+    let progress = |message: &str| eprintln!("{message}");
+    let fetched = match asset {
+        // Compiled here too, so the first `execute` starts at once.
+        AssetName::Python => crate::sandbox::interpreter(&progress).and_then(|path| {
+            progress("compiling the sandbox (once)");
+            let memory = crate::sandbox::Limits::default().memory;
+            match crate::sandbox::Sandbox::new(&path, 1, memory) {
+                Ok(_) => Ok(path),
+                Err(message) => Err(crate::assets::AssetError::SandboxBuild { stderr: message }),
+            }
+        }),
+        AssetName::PythonWasm => crate::assets::ensure(&crate::assets::PYTHON_WASM, &progress),
+        AssetName::Model => crate::assets::ensure(&crate::assets::DEFAULT_MODEL, &progress),
     };
-    match crate::assets::ensure(asset, &|message| eprintln!("{message}")) {
+    match fetched {
         Ok(path) => {
             println!("{}", path.display());
             EXIT_OK

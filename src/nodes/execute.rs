@@ -1,7 +1,6 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use crate::assets;
 use crate::data::{Sample, Status, Task, Verdict, pass_at_k};
 use crate::dsl::schema::{Artifact, KindSpec, Role, Value, ValueType, optional, required};
 use crate::engine::context::{Context, Outcome, StepError};
@@ -16,8 +15,9 @@ pub static SPEC: KindSpec = KindSpec {
           samples, it runs the dataset's reference solutions (a way to validate a dataset). Each \
           verdict has a status (`passed`, `failed`, `error`, `syntax`, `timeout`, `memory`) and \
           feedback for Self-Revise: the failing test and what it returned, or the exception with \
-          a short traceback. Programs run in parallel on all cores. CPython comes from the pinned \
-          python.wasm (`seedflow fetch python`), or the file `SEEDFLOW_PYTHON_WASM` names.",
+          a short traceback. Programs run in parallel on all cores. CPython is a pre-initialised \
+          component built on first use (`seedflow fetch python`), or the python.wasm that \
+          `SEEDFLOW_PYTHON_WASM` names.",
     properties: &[
         required(
             "code",
@@ -92,7 +92,7 @@ pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
         return Ok(Outcome { metrics: metrics(&verdicts), gate_failure: None });
     }
     let workers = ctx.workers.max(1);
-    let wasm = assets::ensure(&assets::PYTHON_WASM, &|message| ctx.message(message))
+    let wasm = crate::sandbox::interpreter(&|message| ctx.message(message))
         .map_err(|e| StepError::Failed(format!("{e}")))?;
     let sandbox = Arc::new(Sandbox::new(&wasm, workers as u32, limits.memory).map_err(StepError::Failed)?);
     let runtime = tokio::runtime::Builder::new_multi_thread()

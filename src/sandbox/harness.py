@@ -1,12 +1,14 @@
-# seedflow's test harness, run by CPython inside the wasmtime sandbox: `python -I -S -B -c <this>`.
+# seedflow's test harness, run by CPython inside the wasmtime sandbox. `_harness(job)` takes one
+# JSON job: in the pre-initialised sandbox component it is the argument of the exported `run`
+# (component.py); a plain python.wasm runs `python -I -S -B -c <this + _harness(stdin)>`.
 #
-# stdin holds one JSON job; the verdict is the last line of stderr, tagged with the job's nonce,
-# and counts only if the interpreter then exits normally. Starting CPython in wasm is what a
-# verdict costs, so the harness imports nothing at start: the job is JSON read as a Python
-# literal, text goes back hex-encoded, and `traceback` and `ast` load only to explain a failure.
+# The verdict is the last line of stderr, tagged with the job's nonce, and counts only if the
+# interpreter then returns or exits normally. A plain interpreter starts for every verdict, so the
+# harness imports only `types` and `gc` at start: the job is JSON read as a Python literal, text goes back
+# hex-encoded, and `traceback` and `ast` load only to explain a failure.
 #
-# The program under test runs in this same interpreter, so before it runs the harness reads its
-# job (and closes stdin), keeps its own references to what it needs, freezes the tests into a
+# The program under test runs in this same interpreter, so before it runs the harness parses its
+# job and drops the text, keeps its own references to what it needs, freezes the tests into a
 # tuple, and installs an audit hook (PEP 578, which cannot be removed) that refuses frame
 # inspection, tracing and the modules that reach other objects' internals. The status word is
 # written from the harness's own constants.
@@ -16,15 +18,20 @@ import sys as _sys
 _BLOCKED_EVENTS = frozenset({"sys._getframe", "sys._current_frames", "sys.settrace", "sys.setprofile",
                              "sys.addaudithook", "sys.monitoring.register_callback"})
 _BLOCKED_MODULES = frozenset({"gc", "atexit", "ctypes", "_ctypes", "_testcapi", "_testinternalcapi", "faulthandler"})
+# Attributes that hand out frames (audited as `object.__getattr__`): since Python 3.13 a frame's
+# f_locals writes through to the harness's own variables.
+_FRAME_ATTRIBUTES = frozenset({"tb_frame", "gi_frame", "cr_frame", "ag_frame"})
 
 
-def _harness():
-    job = eval(_sys.stdin.read(), {"__builtins__": {}}, {"null": None, "true": True, "false": False})
-    _os.close(0)
+def _harness(text):
+    job = eval(text, {"__builtins__": {}}, {"null": None, "true": True, "false": False})
+    del text
     write, limit, prefix = _os.write, job["feedback_chars"], "\x1eseedflow-verdict " + job["nonce"] + " "
     exec_, compile_, eval_, repr_, str_, len_, type_, isinstance_ = exec, compile, eval, repr, str, len, type, isinstance
     BaseExc, AssertionErr, MemoryErr, SyntaxErr, RuntimeErr = BaseException, AssertionError, MemoryError, SyntaxError, RuntimeError
     import_ = __import__
+    # `types` reads a traceback's frame when imported, so it must load before the audit hook.
+    TracebackType = import_("types").TracebackType
 
     def trim(text):
         return text if len_(text) <= limit else text[: limit // 2] + "\n…\n" + text[-limit // 2 :]
@@ -36,11 +43,31 @@ def _harness():
         fields = [status, hex_(trim(feedback)), hex_(failed_test), hex_(exception)]
         write(2, (prefix + " ".join(fields) + "\n").encode())
 
+    # The audit hook reads these through its closure: the module's globals are the program's to
+    # change. `harness_reads_frames` lets `describe` walk a traceback, running no program code
+    # (with the cyclic collector paused, so no finaliser of the program's runs meanwhile); `gc`
+    # leaves sys.modules again, so the program's own `import gc` still meets the hook.
+    blocked_events, blocked_modules, frame_attributes = _BLOCKED_EVENTS, _BLOCKED_MODULES, _FRAME_ATTRIBUTES
+    harness_reads_frames = [False]
+    collector = import_("gc")
+    del _sys.modules["gc"]
+
     def describe(error):
         # Keep the frames of the program and the tests, not the harness's.
-        lines = import_("traceback").format_exception(type_(error), error, error.__traceback__)
-        kept = [lines[0]] + [l for l in lines[1:-1] if '"<program>"' in l or '"<test' in l] + [lines[-1]]
-        return "".join(kept).rstrip()
+        where, tb = [], error.__traceback__
+        collector.disable()
+        harness_reads_frames[0] = True
+        try:
+            while type_(tb) is TracebackType:
+                code = tb.tb_frame.f_code
+                if code.co_filename == "<program>" or code.co_filename.startswith("<test"):
+                    where.append('  File "%s", line %s, in %s\n' % (code.co_filename, tb.tb_lineno, code.co_name))
+                tb = tb.tb_next
+        finally:
+            harness_reads_frames[0] = False
+            collector.enable()
+        last = import_("traceback").format_exception_only(type_(error), error)
+        return ("Traceback (most recent call last):\n" + "".join(where) + "".join(last)).rstrip()
 
     def actual_value(test, namespace):
         # For `assert f(x) == y`, what f(x) gave: the most useful line for Self-Revise.
@@ -64,7 +91,10 @@ def _harness():
     del job
 
     def audit(event, args):
-        if event in _BLOCKED_EVENTS or (event == "import" and args[0] in _BLOCKED_MODULES):
+        if event == "object.__getattr__":
+            if args[1] in frame_attributes and not harness_reads_frames[0]:
+                raise RuntimeErr("not allowed in the sandbox: reading " + str_(args[1]))
+        elif event in blocked_events or (event == "import" and args[0] in blocked_modules):
             raise RuntimeErr("not allowed in the sandbox: " + event + ("" if event != "import" else " " + str_(args[0])))
 
     _sys.addaudithook(audit)
@@ -90,5 +120,3 @@ def _harness():
         return report("error", where + describe(error), failed_test=current, exception=type_(error).__name__)
     report("passed")
 
-
-_harness()

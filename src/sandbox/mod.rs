@@ -1,12 +1,20 @@
 //! The sandbox: CPython compiled to WASI, run by wasmtime, one fresh instance per program.
 //!
 //! An instance sees no files, no network, no environment and no processes: the only things it
-//! is given are its arguments, a stdin holding the job, and two bounded output pipes. Each run
-//! has a memory cap (a store limiter), a CPU budget (fuel: instructions, so a verdict does not
-//! depend on how busy the machine is) and a wall-clock deadline (which also ends a program that
-//! sleeps in a host call). The module is compiled once and cached on disk; instances come from
-//! wasmtime's pooling allocator with copy-on-write memory images, so starting one maps the
-//! module's initial memory rather than copying it.
+//! is given are its job and two bounded output pipes. Each run has a memory cap (a store
+//! limiter), a CPU budget (fuel: instructions, so a verdict does not depend on how busy the
+//! machine is) and a wall-clock deadline (which also ends a program that sleeps in a host call).
+//!
+//! By default the interpreter is the sandbox component (`build.rs`): CPython snapshotted after
+//! it started and imported the harness and the standard library, so a fresh instance is ready
+//! at once. A plain python.wasm also works, started afresh for every program with the job on
+//! stdin. Either is compiled once and cached on disk; instances come from wasmtime's pooling
+//! allocator with copy-on-write memory images, so starting one maps the initial memory rather
+//! than copying it.
+
+mod build;
+
+pub use build::interpreter;
 
 use std::hash::{Hash, Hasher};
 use std::path::Path;
@@ -15,13 +23,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
+use wasmtime::component::{self, Component, ResourceTable};
 use wasmtime::{
     Config, Engine, InstanceAllocationStrategy, InstancePre, Linker, Module, PoolingAllocationConfig, ResourceLimiter,
     Store, Trap,
 };
-use wasmtime_wasi::WasiCtxBuilder;
 use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p2::pipe::{MemoryInputPipe, MemoryOutputPipe};
+use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use crate::data::{Status, Task};
 
@@ -94,14 +103,26 @@ pub struct RunResult {
     pub duration: Duration,
 }
 
-struct State {
-    wasi: WasiP1Ctx,
+/// A store's data: WASI for a plain python.wasm (`WasiP1Ctx`) or for the component (`Wasi`).
+struct State<W> {
+    wasi: W,
     memory_limit: usize,
     /// Set when the program asked for more memory than its limit.
     memory_denied: bool,
 }
 
-impl ResourceLimiter for State {
+struct Wasi {
+    ctx: WasiCtx,
+    table: ResourceTable,
+}
+
+impl WasiView for State<Wasi> {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView { ctx: &mut self.wasi.ctx, table: &mut self.wasi.table }
+    }
+}
+
+impl<W: Send> ResourceLimiter for State<W> {
     fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
         if desired > self.memory_limit {
             self.memory_denied = true;
@@ -120,9 +141,22 @@ pub struct Sandbox {
     engine: Engine,
     /// Bounds runs at once to what the instance pool holds.
     slots: tokio::sync::Semaphore,
-    pre: InstancePre<State>,
+    interpreter: Interpreter,
     ticker: Arc<AtomicBool>,
 }
+
+enum Interpreter {
+    /// A plain python.wasm: a WASI command that runs the harness with `-c`.
+    Command(InstancePre<State<WasiP1Ctx>>),
+    /// The pre-initialised sandbox component, exporting `run(job)`.
+    Component(component::InstancePre<State<Wasi>>),
+}
+
+/// Core instances, memories and tables one component instance may hold: the sandbox component
+/// links CPython, libc and WASI adapters as separate core modules.
+const CORE_INSTANCES_PER_COMPONENT: u32 = 32;
+const MEMORIES_PER_COMPONENT: u32 = 4;
+const TABLES_PER_COMPONENT: u32 = 8;
 
 impl Drop for Sandbox {
     fn drop(&mut self) {
@@ -131,16 +165,21 @@ impl Drop for Sandbox {
 }
 
 impl Sandbox {
-    /// Loads `wasm`, compiling it or taking the compiled module from the cache. `instances` is
-    /// how many may run at once; `memory` the largest memory limit they will be given.
+    /// Loads `wasm` (a plain python.wasm or the sandbox component), compiling it or taking the
+    /// compiled code from the cache. `instances` is how many may run at once; `memory` the
+    /// largest memory limit they will be given.
     pub fn new(wasm: &Path, instances: u32, memory: u64) -> Result<Sandbox, String> {
         let mut pool = PoolingAllocationConfig::default();
         let slots = instances.max(1) * 2;
         let page = 64 << 10;
-        pool.total_memories(slots)
-            .total_tables(slots)
-            .total_core_instances(slots)
+        pool.total_component_instances(slots)
+            .total_core_instances(slots * CORE_INSTANCES_PER_COMPONENT)
+            .total_memories(slots * MEMORIES_PER_COMPONENT)
+            .total_tables(slots * TABLES_PER_COMPONENT)
             .total_stacks(slots)
+            .max_core_instances_per_component(CORE_INSTANCES_PER_COMPONENT)
+            .max_memories_per_component(MEMORIES_PER_COMPONENT)
+            .max_tables_per_component(TABLES_PER_COMPONENT)
             .max_memory_size(memory.div_ceil(page) as usize * page as usize)
             .table_elements(1 << 16);
         let mut config = Config::new();
@@ -150,12 +189,7 @@ impl Sandbox {
             .memory_init_cow(true)
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         let engine = Engine::new(&config).map_err(|e| format!("cannot start wasmtime: {e:#}"))?;
-        let module = load_module(&engine, wasm)?;
-        let mut linker: Linker<State> = Linker::new(&engine);
-        wasmtime_wasi::p1::add_to_linker_async(&mut linker, |s| &mut s.wasi).map_err(|e| e.to_string())?;
-        let pre = linker
-            .instantiate_pre(&module)
-            .map_err(|e| format!("`{}` is not a WASI program: {e:#}", wasm.display()))?;
+        let interpreter = load(&engine, wasm)?;
 
         // Epochs make running wasm yield to the async executor regularly, so the wall-clock
         // deadline can end it.
@@ -173,7 +207,7 @@ impl Sandbox {
                 }
             })
             .map_err(|e| e.to_string())?;
-        Ok(Sandbox { engine, slots: tokio::sync::Semaphore::new(instances.max(1) as usize), pre, ticker })
+        Ok(Sandbox { engine, slots: tokio::sync::Semaphore::new(instances.max(1) as usize), interpreter, ticker })
     }
 
     /// Runs one job in a fresh instance.
@@ -181,19 +215,50 @@ impl Sandbox {
         // The semaphore is never closed, so acquiring cannot fail.
         let _slot = self.slots.acquire().await.ok();
         let started = Instant::now();
-        let input = serde_json::to_vec(job).unwrap_or_default();
+        let input = serde_json::to_string(job).unwrap_or_default();
         let stdout = MemoryOutputPipe::new(limits.output);
         // The verdict line comes on top of what the program may write.
         let stderr = MemoryOutputPipe::new(limits.output + limits.feedback_chars * 4 + 4096);
-        let wasi = WasiCtxBuilder::new()
-            .stdin(MemoryInputPipe::new(input))
-            .stdout(stdout.clone())
+        let mut wasi = WasiCtxBuilder::new();
+        wasi.stdout(stdout.clone())
             .stderr(stderr.clone())
-            .args(&["python", "-I", "-S", "-B", "-c", HARNESS])
             // A fixed seed: the same program gets the same hash seed, so verdicts repeat.
             .secure_random(wasmtime_wasi::Deterministic::new(vec![7; 32]))
             .insecure_random_seed(7)
-            .build_p1();
+            .allow_tcp(false)
+            .allow_udp(false);
+        let (outcome, memory_denied) = match &self.interpreter {
+            Interpreter::Command(pre) => {
+                let harness = format!("{HARNESS}\n_harness(_sys.stdin.read())\n");
+                let wasi = wasi
+                    .stdin(MemoryInputPipe::new(input))
+                    .args(&["python", "-I", "-S", "-B", "-c", &harness])
+                    .build_p1();
+                let mut store = self.store(wasi, limits);
+                let run = async {
+                    let instance = pre.instantiate_async(&mut store).await?;
+                    let start = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
+                    start.call_async(&mut store, ()).await
+                };
+                (tokio::time::timeout(limits.timeout, run).await, store.data().memory_denied)
+            }
+            Interpreter::Component(pre) => {
+                let mut store = self.store(Wasi { ctx: wasi.build(), table: ResourceTable::new() }, limits);
+                let run = async {
+                    let instance = pre.instantiate_async(&mut store).await?;
+                    let run = instance.get_typed_func::<(&str,), ()>(&mut store, "run")?;
+                    run.call_async(&mut store, (&input,)).await
+                };
+                (tokio::time::timeout(limits.timeout, run).await, store.data().memory_denied)
+            }
+        };
+        let duration = started.elapsed();
+        let stderr = stderr.contents();
+        let out_of_output = stdout.contents().len() >= limits.output || stderr.len() >= limits.output;
+        classify(outcome, &job.nonce, &stderr, memory_denied, out_of_output, limits, duration)
+    }
+
+    fn store<W: Send>(&self, wasi: W, limits: &Limits) -> Store<State<W>> {
         let state = State { wasi, memory_limit: limits.memory as usize, memory_denied: false };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| s);
@@ -201,40 +266,40 @@ impl Sandbox {
         let _ = store.set_fuel(fuel);
         let _ = store.fuel_async_yield_interval(Some(50_000_000));
         store.epoch_deadline_async_yield_and_update(1);
-
-        let run = async {
-            let instance = self.pre.instantiate_async(&mut store).await?;
-            let start = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
-            start.call_async(&mut store, ()).await
-        };
-        let outcome = tokio::time::timeout(limits.timeout, run).await;
-        let duration = started.elapsed();
-        let memory_denied = store.data().memory_denied;
-        let stderr = stderr.contents();
-        let out_of_output = stdout.contents().len() >= limits.output || stderr.len() >= limits.output;
-        classify(outcome, &job.nonce, &stderr, memory_denied, out_of_output, limits, duration)
+        store
     }
 }
 
-fn load_module(engine: &Engine, wasm: &Path) -> Result<Module, String> {
+/// Compiles `wasm` or takes its compiled code from the cache, and links it to WASI.
+fn load(engine: &Engine, wasm: &Path) -> Result<Interpreter, String> {
     let bytes = std::fs::read(wasm).map_err(|e| format!("cannot read `{}`: {e}", wasm.display()))?;
+    let is_component = wasmparser::Parser::is_component(&bytes);
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     engine.precompile_compatibility_hash().hash(&mut hasher);
     let key = format!("{}-{:016x}", &crate::engine::files::sha256_hex(&bytes)[..16], hasher.finish());
     let cached = crate::assets::cache_dir().join("compiled").join(format!("python-{key}.cwasm"));
-    if cached.exists() {
-        // SAFETY: the file was written by `precompile_module` of an engine with the same
-        // compatibility hash (it is in the name), into the user's own cache directory.
-        if let Ok(module) = unsafe { Module::deserialize_file(engine, &cached) } {
-            return Ok(module);
-        }
+    if !cached.exists() {
+        let compiled = if is_component { engine.precompile_component(&bytes) } else { engine.precompile_module(&bytes) }
+            .map_err(|e| format!("cannot compile `{}`: {e:#}", wasm.display()))?;
+        crate::engine::files::write_atomic(&cached, &compiled)
+            .map_err(|e| format!("cannot cache the compiled `{}` in `{}`: {e}", wasm.display(), cached.display()))?;
     }
-    let compiled =
-        engine.precompile_module(&bytes).map_err(|e| format!("cannot compile `{}`: {e:#}", wasm.display()))?;
-    // A cache that cannot be written only costs the next run a compile.
-    let _ = crate::engine::files::write_atomic(&cached, &compiled);
-    // SAFETY: the bytes come from `precompile_module` of this very engine, just now.
-    unsafe { Module::deserialize(engine, &compiled) }.map_err(|e| format!("cannot load the compiled module: {e:#}"))
+    let not_wasi = |e: wasmtime::Error| format!("`{}` is not a Python for WASI that seedflow can run: {e:#}", wasm.display());
+    if is_component {
+        // SAFETY: the file was written by `precompile_component` of an engine with the same
+        // compatibility hash (it is in the file's name), into the user's own cache directory.
+        let component = unsafe { Component::deserialize_file(engine, &cached) }.map_err(not_wasi)?;
+        let mut linker = component::Linker::new(engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(|e| e.to_string())?;
+        Ok(Interpreter::Component(linker.instantiate_pre(&component).map_err(not_wasi)?))
+    } else {
+        // SAFETY: as above, from `precompile_module`.
+        let module = unsafe { Module::deserialize_file(engine, &cached) }.map_err(not_wasi)?;
+        let mut linker = Linker::new(engine);
+        wasmtime_wasi::p1::add_to_linker_async(&mut linker, |s: &mut State<WasiP1Ctx>| &mut s.wasi)
+            .map_err(|e| e.to_string())?;
+        Ok(Interpreter::Command(linker.instantiate_pre(&module).map_err(not_wasi)?))
+    }
 }
 
 /// `status feedback failed-test exception`, the last three hex-encoded UTF-8 (`-` for none).

@@ -26,13 +26,22 @@ pub fn limits() -> Limits {
 }
 
 pub fn sandbox() -> Arc<Sandbox> {
+    let wasm = seedflow::sandbox::interpreter(&|m| eprintln!("{m}")).expect("the sandbox");
+    Arc::new(Sandbox::new(&wasm, 2, limits().memory).expect("sandbox"))
+}
+
+/// A sandbox on the plain python.wasm, which starts CPython for every program.
+pub fn plain_sandbox() -> Arc<Sandbox> {
     let wasm = seedflow::assets::ensure(&seedflow::assets::PYTHON_WASM, &|m| eprintln!("{m}")).expect("python.wasm");
     Arc::new(Sandbox::new(&wasm, 2, limits().memory).expect("sandbox"))
 }
 
 /// Runs every program against `f(1) == 1`, two at a time.
 pub fn run_all(cases: &[(&str, Status)]) -> Vec<seedflow::sandbox::RunResult> {
-    let sandbox = sandbox();
+    run_all_in(sandbox(), cases)
+}
+
+pub fn run_all_in(sandbox: Arc<Sandbox>, cases: &[(&str, Status)]) -> Vec<seedflow::sandbox::RunResult> {
     let task = Arc::new(task(&["assert f(1) == 1", "assert f(2) == 2"]));
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_time().build().unwrap();
     let results = runtime.block_on(async {
