@@ -53,6 +53,9 @@ pub fn language_reference() -> String {
             let list: Vec<_> = kind.at_least_one.iter().map(|p| format!("`{p}`")).collect();
             let _ = writeln!(out, "Give at least one of {}.\n", list.join(", "));
         }
+        for (property, needed) in kind.requires {
+            let _ = writeln!(out, "`{property}` needs `{needed}`.\n");
+        }
         if !kind.metrics.is_empty() {
             let list: Vec<_> = kind.metrics.iter().map(|m| format!("`{m}`")).collect();
             let _ = writeln!(out, "Metrics: {}.\n", list.join(", "));

@@ -162,15 +162,7 @@ pub fn read_run(dir: &Path) -> Result<Run, ReportError> {
                         .map(|(k, v)| (k.clone(), *v))
                         .collect(),
                 }),
-                "gate" => run.gates.push(Gate {
-                    step: name.clone(),
-                    passed: meta.status == StepStatus::Done && meta.gate_failure.is_none(),
-                    failure: match meta.status {
-                        StepStatus::Done => meta.gate_failure,
-                        StepStatus::Failed => meta.error.or(Some("the gate step failed".into())),
-                        StepStatus::Running | StepStatus::Interrupted => Some("not checked: the run stopped".into()),
-                    },
-                }),
+                "gate" => run.gates.push(gate(name.clone(), &meta)),
                 _ => {}
             }
             continue;
@@ -182,7 +174,12 @@ pub fn read_run(dir: &Path) -> Result<Run, ReportError> {
             let mut rows = vec![];
             for inner in steps.keys() {
                 let label = format!("{name}.{inner} #{number}");
-                if let Some(meta) = visit(&iteration_dir.join(inner), label, &mut run) {
+                if let Some(meta) = visit(&iteration_dir.join(inner), label.clone(), &mut run) {
+                    // A gate has no figure of its own: it is listed with the run's gates.
+                    if meta.parts.kind == "gate" {
+                        run.gates.push(gate(label, &meta));
+                        continue;
+                    }
                     let order = (meta.started_at, meta.finished_at);
                     rows.push((
                         order,
@@ -200,6 +197,19 @@ pub fn read_run(dir: &Path) -> Result<Run, ReportError> {
         run.wall_seconds = end.duration_since(start).map_or(0.0, |d| d.as_secs_f64());
     }
     Ok(run)
+}
+
+/// A gate step's outcome; a gate of a run that stopped before it finished has not passed.
+fn gate(step: String, meta: &Meta) -> Gate {
+    Gate {
+        step,
+        passed: meta.status == StepStatus::Done && meta.gate_failure.is_none(),
+        failure: match meta.status {
+            StepStatus::Done => meta.gate_failure.clone(),
+            StepStatus::Failed => meta.error.clone().or(Some("the gate step failed".into())),
+            StepStatus::Running | StepStatus::Interrupted => Some("not checked: the run stopped".into()),
+        },
+    }
 }
 
 fn time(text: &str) -> Option<SystemTime> {
@@ -407,6 +417,19 @@ struct Series {
 
 const COLOURS: [&str; 8] = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2"];
 
+/// Tick spacing of 1, 2 or 5 times a power of ten that cuts `span` into about five intervals.
+fn tick_step(span: f64) -> f64 {
+    let raw = span / 5.0;
+    let power = 10f64.powf(raw.log10().floor());
+    let nice = match raw / power {
+        f if f <= 1.0 => 1.0,
+        f if f <= 2.0 => 2.0,
+        f if f <= 5.0 => 5.0,
+        _ => 10.0,
+    };
+    nice * power
+}
+
 /// A line chart as inline SVG, with axes, ticks and a legend.
 fn line_chart(id: &str, x_label: &str, y_label: &str, series: &[Series]) -> String {
     let (width, height, left, right, top, bottom) = (640.0, 320.0, 56.0, 16.0, 12.0, 44.0);
@@ -425,6 +448,10 @@ fn line_chart(id: &str, x_label: &str, y_label: &str, series: &[Series]) -> Stri
     if y1 - y0 < 1e-9 {
         y1 = y0 + 1.0;
     }
+    // The y axis spans whole ticks of a round step.
+    let step = tick_step(y1 - y0);
+    (y0, y1) = ((y0 / step).floor() * step, (y1 / step).ceil() * step);
+    let decimals = (-step.log10().floor()).max(0.0) as usize;
     let px = |x: f64| left + (x - x0) / (x1 - x0) * (width - left - right);
     let py = |y: f64| top + (1.0 - (y - y0) / (y1 - y0)) * (height - top - bottom);
     let mut svg = format!(
@@ -436,11 +463,12 @@ fn line_chart(id: &str, x_label: &str, y_label: &str, series: &[Series]) -> Stri
         width - left - right,
         height - top - bottom
     );
-    for i in 0..=4 {
-        let y = y0 + (y1 - y0) * f64::from(i) / 4.0;
+    let intervals = ((y1 - y0) / step).round() as i32;
+    for i in 0..=intervals {
+        let y = y0 + step * f64::from(i);
         let _ = writeln!(
             svg,
-            "<line x1=\"{left}\" x2=\"{}\" y1=\"{py:.1}\" y2=\"{py:.1}\" stroke=\"#eee\"/><text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{y:.2}</text>",
+            "<line x1=\"{left}\" x2=\"{}\" y1=\"{py:.1}\" y2=\"{py:.1}\" stroke=\"#eee\"/><text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{y:.decimals$}</text>",
             width - right,
             left - 4.0,
             py(y) + 4.0,
@@ -618,4 +646,16 @@ pub fn write(runs: &[Run], dir: &Path) -> std::io::Result<()> {
     write_atomic(&dir.join("report.json"), &json)?;
     write_atomic(&dir.join("report.md"), markdown(runs).as_bytes())?;
     write_atomic(&dir.join("report.html"), html(runs).as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tick_step;
+
+    #[test]
+    fn ticks_fall_on_round_numbers() {
+        for (span, step) in [(1.0, 0.2), (0.6, 0.2), (2.1, 0.5), (37.0, 10.0), (0.03, 0.01)] {
+            assert!((tick_step(span) - step).abs() < 1e-12, "span {span}: {} not {step}", tick_step(span));
+        }
+    }
 }

@@ -12,9 +12,9 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
-/// A run over the house-api example tasks' reference solutions: a loop of two iterations, an
-/// evaluation, and gates that fail (so the run exits 3 and the report says why): one against a
-/// threshold, one against a baseline metric.
+/// A run over the house-api example tasks' reference solutions: a loop of two iterations (with a
+/// gate that holds), an evaluation, and gates that fail (so the run exits 3 and the report says
+/// why): one against a threshold, one against a baseline metric.
 fn run_once() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -25,6 +25,7 @@ dataset "tasks" format="jsonl" path="tasks.jsonl"
 loop-until "again" max-iterations=2 {
     execute "checked" code="tasks"
     select "kept" from="checked" status="passed"
+    gate "all-pass" metric="checked.pass@1" at-least=1.0
 }
 execute "scores" code="tasks"
 gate "perfect" metric="scores.pass@1" at-least=1.5
@@ -56,9 +57,14 @@ fn a_run_reports_its_iterations_evaluations_and_gates() {
     assert_eq!(run["evaluations"][0]["step"], "scores");
     assert_eq!(run["evaluations"][0]["scores"]["pass@1"], 1.0);
     let gates = run["gates"].as_array().unwrap();
-    assert!(gates.iter().all(|g| g["passed"] == false), "{gates:?}");
-    assert_eq!(gates[0]["failure"], "two.count = 2 is below the baseline tasks.count = 3 by more than 0.5");
-    assert_eq!(gates[1]["failure"], "scores.pass@1 = 1 is below 1.5");
+    let gate = |step: &str| gates.iter().find(|g| g["step"] == step).unwrap_or_else(|| panic!("{step}: {gates:?}"));
+    for step in ["again.all-pass #1", "again.all-pass #2"] {
+        assert_eq!(gate(step)["passed"], true);
+    }
+    assert_eq!(gate("as-many")["passed"], false);
+    assert_eq!(gate("as-many")["failure"], "two.count = 2 is below the baseline tasks.count = 3 by more than 0.5");
+    assert_eq!(gate("perfect")["passed"], false);
+    assert_eq!(gate("perfect")["failure"], "scores.pass@1 = 1 is below 1.5");
     assert!(
         std::fs::read_to_string(dir.path().join("run/report.md"))
             .unwrap()

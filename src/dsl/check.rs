@@ -213,6 +213,21 @@ fn check_node(node: &Node, sources: &Sources, problems: &mut Problems, in_loop: 
             .at(sources, Code::MissingProperty, node.kind.span, format!("`{kind}` needs {list}"), "incomplete")
             .help(format!("give at least one of {list}"));
     }
+    for (property, needed) in spec.requires {
+        if let Some(written) = node.properties.iter().find(|p| p.key.value == *property)
+            && !given(needed)
+        {
+            problems
+                .at(
+                    sources,
+                    Code::MissingProperty,
+                    written.key.span,
+                    format!("`{property}` needs `{needed}`"),
+                    format!("no `{needed}` to apply it to"),
+                )
+                .help(format!("add `{needed}=…`, or remove `{property}`"));
+        }
+    }
 
     let mut body = vec![];
     if spec.role == Role::Loop {

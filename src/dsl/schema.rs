@@ -164,6 +164,8 @@ pub struct KindSpec {
     pub metrics: &'static [&'static str],
     /// Of these optional properties, at least one must be given.
     pub at_least_one: &'static [&'static str],
+    /// Properties that mean nothing without another: (property, the property it needs).
+    pub requires: &'static [(&'static str, &'static str)],
     /// A complete workflow that shows the kind in use; checked by a test.
     pub example: &'static str,
 }

@@ -21,6 +21,7 @@ pub static SPEC: KindSpec = KindSpec {
     ],
     metrics: &["count"],
     at_least_one: &[],
+    requires: &[],
     example: r#"dataset "train" format="mbpp" path="examples/data/mbpp/train.jsonl" limit=20
 "#,
 };

@@ -34,6 +34,7 @@ pub static SPEC: KindSpec = KindSpec {
     ],
     metrics: &[],
     at_least_one: &[],
+    requires: &[],
     example: r#"model "coder" path="default" context=4096 gpu-layers=0
 
 dataset "problems" format="mbpp" path="examples/data/mbpp/prompt.jsonl"

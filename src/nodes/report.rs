@@ -28,6 +28,7 @@ pub static SPEC: KindSpec = KindSpec {
     ],
     metrics: &["count", "samples", "pass-rate", "pass@k"],
     at_least_one: &[],
+    requires: &[],
     example: r#"dataset "test" format="mbpp" path="examples/data/mbpp/test.jsonl" limit=20
 execute "references" code="test"
 report "summary" from="references" k="1" formats="json,markdown,junit" title="MBPP references"

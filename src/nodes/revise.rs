@@ -41,6 +41,7 @@ pub static SPEC: KindSpec = KindSpec {
     ],
     metrics: &["count", "tokens"],
     at_least_one: &[],
+    requires: &[],
     example: r#"model "coder" path="default"
 dataset "train" format="mbpp" path="examples/data/mbpp/train.jsonl" limit=10
 generate "attempts" model="coder" tasks="train" samples=4

@@ -20,6 +20,7 @@ pub static BATCHES: KindSpec = KindSpec {
     ],
     metrics: &["count"],
     at_least_one: &[],
+    requires: &[],
     example: "",
 };
 
@@ -33,6 +34,7 @@ pub static BARRIER: KindSpec = KindSpec {
     ],
     metrics: &[],
     at_least_one: &[],
+    requires: &[],
     example: "",
 };
 

@@ -11,6 +11,7 @@ pub static SPEC: KindSpec = KindSpec {
     properties: &[optional("seed", ValueType::Integer { min: 0 }, "0", "Root of every random draw in the run.")],
     metrics: &[],
     at_least_one: &[],
+    requires: &[],
     example: r#"workflow "reference-check" seed=7
 
 dataset "problems" format="mbpp" path="examples/data/mbpp/prompt.jsonl"
