@@ -47,7 +47,7 @@ pub static COMPONENTIZE_PY: Asset = Asset {
 /// CPython 3.12.0 for WASI with its standard library built in: a plain interpreter, started
 /// afresh for every program (`SEEDFLOW_PYTHON_WASM`; slower than the sandbox component).
 pub static PYTHON_WASM: Asset = Asset {
-    name: "python",
+    name: "python-wasm",
     file_name: "python-3.12.0.wasm",
     size: 26_267_204,
     sha256: "e5dc5a398b07b54ea8fdb503bf68fb583d533f10ec3f930963e02b9505f7a763",
@@ -95,7 +95,7 @@ pub enum AssetError {
     #[error("`{path}` (from {env}) does not exist")]
     #[diagnostic(code(seedflow::asset::override_missing))]
     OverrideMissing { env: &'static str, path: PathBuf },
-    #[error("componentize-py could not build the sandbox:\n{stderr}")]
+    #[error("the sandbox could not be built:\n{stderr}")]
     #[diagnostic(
         code(seedflow::asset::sandbox_build),
         help("componentize-py runs with `python3` (3.9 or newer); or set SEEDFLOW_PYTHON_WASM to a plain python.wasm")
