@@ -93,8 +93,8 @@ pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
         return Ok(Outcome { metrics: metrics(&verdicts), gate_failure: None });
     }
     let workers = ctx.workers.max(1);
-    let wasm = crate::sandbox::interpreter(&|message| ctx.message(message))
-        .map_err(|e| StepError::Failed(format!("{e}")))?;
+    let wasm =
+        crate::sandbox::interpreter(&|message| ctx.message(message)).map_err(|e| StepError::Failed(format!("{e}")))?;
     let sandbox = Arc::new(Sandbox::new(&wasm, workers as u32, limits.memory).map_err(StepError::Failed)?);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers)

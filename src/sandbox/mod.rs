@@ -35,6 +35,8 @@ use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 use crate::data::{Status, Task};
 
 const HARNESS: &str = include_str!("harness.py");
+/// What a plain python.wasm runs with `-c`: the harness, on the job its stdin holds.
+const COMMAND_HARNESS: &str = concat!(include_str!("harness.py"), "\n_harness(_sys.stdin.read())\n");
 
 /// Instructions of CPU budget per second of `timeout`: generous, since fuel only guards against
 /// a program that computes forever; wall-clock time is the deadline users set.
@@ -229,10 +231,9 @@ impl Sandbox {
             .allow_udp(false);
         let (outcome, memory_denied) = match &self.interpreter {
             Interpreter::Command(pre) => {
-                let harness = format!("{HARNESS}\n_harness(_sys.stdin.read())\n");
                 let wasi = wasi
                     .stdin(MemoryInputPipe::new(input))
-                    .args(&["python", "-I", "-S", "-B", "-c", &harness])
+                    .args(&["python", "-I", "-S", "-B", "-c", COMMAND_HARNESS])
                     .build_p1();
                 let mut store = self.store(wasi, limits);
                 let run = async {
@@ -279,12 +280,19 @@ fn load(engine: &Engine, wasm: &Path) -> Result<Interpreter, String> {
     let key = format!("{}-{:016x}", &crate::engine::files::sha256_hex(&bytes)[..16], hasher.finish());
     let cached = crate::assets::cache_dir().join("compiled").join(format!("python-{key}.cwasm"));
     if !cached.exists() {
-        let compiled = if is_component { engine.precompile_component(&bytes) } else { engine.precompile_module(&bytes) }
-            .map_err(|e| format!("cannot compile `{}`: {e:#}", wasm.display()))?;
-        crate::engine::files::write_atomic(&cached, &compiled)
-            .map_err(|e| format!("cannot cache the compiled `{}` in `{}`: {e}", wasm.display(), cached.display()))?;
+        let compiled =
+            if is_component { engine.precompile_component(&bytes) } else { engine.precompile_module(&bytes) }
+                .map_err(|e| format!("cannot compile `{}`: {e:#}", wasm.display()))?;
+        crate::engine::files::write_atomic(&cached, &compiled).map_err(|e| {
+            format!(
+                "cannot cache the compiled `{}` in `{}`: {e}; set SEEDFLOW_CACHE to a writable directory",
+                wasm.display(),
+                cached.display()
+            )
+        })?;
     }
-    let not_wasi = |e: wasmtime::Error| format!("`{}` is not a Python for WASI that seedflow can run: {e:#}", wasm.display());
+    let not_wasi =
+        |e: wasmtime::Error| format!("`{}` is not a Python for WASI that seedflow can run: {e:#}", wasm.display());
     if is_component {
         // SAFETY: the file was written by `precompile_component` of an engine with the same
         // compatibility hash (it is in the file's name), into the user's own cache directory.
