@@ -2,23 +2,24 @@
 """Aggregate generation speed of seedflow's `generate` at 1, 4 and 8 parallel sequences, against
 llama.cpp's own `llama-batched-bench` on the same model, CPU flags and sizes, in the same run.
 
-llama-batched-bench is built from the llama.cpp tree in the `llama-cpp-python` source package
-(the vendored tree in `llama-cpp-sys-2` has no tools), with llama.cpp's default CPU flags, which
-are also what seedflow's build uses. Both decode a shared prompt and then `NTG` tokens per
-sequence; the figure compared is generated tokens per second over all sequences.
+llama-batched-bench is built from the llama.cpp tree seedflow itself is built from (the one
+vendored in the `llama-cpp-sys-2` crate that Cargo.lock pins), with the same CMake options its
+build script uses. That tree leaves out the tools' sources, so batched-bench's own two files come
+from the `llama-cpp-python` source package, which vendors a whole llama.cpp. Both decode a shared
+prompt and then `NTG` tokens per sequence.
 
-seedflow's `generate` step also creates its llama.cpp context and decodes the prompt, which
-llama-batched-bench leaves out of its generation time. So seedflow is measured twice: over the
-whole step (what a user waits for), and as generation alone, from the difference between a step
-of `NTG` and one of `2 * NTG` tokens per sequence (the same fixed costs cancel out; the extra
-tokens sit at longer contexts, which if anything favours the anchor).
+The figure compared is generated tokens per second over all sequences, prompt decoding left out:
+llama-batched-bench's `S_TG`, and the `tokens-per-second` metric of seedflow's step (which, unlike
+the anchor, also samples each token and computes its log-probability). The whole step's speed,
+context creation and prompt decoding included, is printed beside it.
 
     python3 bench/generate.py
-    SEEDFLOW_BIN=path/to/seedflow python3 bench/generate.py
+    SEEDFLOW_BIN=path/to/seedflow ROUNDS=5 python3 bench/generate.py
 """
 import json
 import os
-import re
+import shutil
+import statistics
 import subprocess
 import tarfile
 import tempfile
@@ -29,30 +30,46 @@ CACHE = Path(os.environ.get("SEEDFLOW_CACHE", Path.home() / ".cache" / "seedflow
 NTG = 128
 PARALLEL = [1, 4, 8]
 THREADS = os.cpu_count() or 1
+ROUNDS = int(os.environ.get("ROUNDS", "3"))
 
 
 def seedflow_binary():
     if "SEEDFLOW_BIN" in os.environ:
-        return Path(os.environ["SEEDFLOW_BIN"])
+        return Path(os.environ["SEEDFLOW_BIN"]).resolve()
     target = Path(os.environ.get("CARGO_TARGET_DIR", Path.home() / ".cache" / "seedflow-target"))
     subprocess.run(["cargo", "build", "--release", "--quiet"], cwd=ROOT, check=True, env={**os.environ, "CARGO_TARGET_DIR": str(target)})
     return target / "release" / "seedflow"
 
 
+def llama_cpp_tree():
+    """The llama.cpp source seedflow is built with, and the version of the crate that vendors it."""
+    meta = json.loads(subprocess.run(["cargo", "metadata", "--format-version", "1", "--locked"], cwd=ROOT, check=True, capture_output=True, text=True).stdout)
+    crate = next(p for p in meta["packages"] if p["name"] == "llama-cpp-sys-2")
+    return Path(crate["manifest_path"]).parent / "llama.cpp", crate["version"]
+
+
 def batched_bench():
-    build = CACHE / "bench" / "llama.cpp-build"
-    binary = build / "bin" / "llama-batched-bench"
+    tree, version = llama_cpp_tree()
+    work = CACHE / "bench" / f"llama.cpp-sys-2-{version}"
+    binary = work / "build" / "bin" / "llama-batched-bench"
     if binary.exists():
         return binary
-    work = CACHE / "bench"
-    work.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["python3", "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--quiet", "-d", work, "llama-cpp-python==0.3.36"], check=True)
-    archive = next(work.glob("llama_cpp_python-*.tar.gz"))
+    downloads = CACHE / "bench"
+    downloads.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["python3", "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--quiet", "-d", downloads, "llama-cpp-python==0.3.36"], check=True)
+    archive = next(downloads.glob("llama_cpp_python-*.tar.gz"))
     with tarfile.open(archive) as tar:
-        tar.extractall(work, filter="data")
-    source = next(work.glob("llama_cpp_python-*/vendor/llama.cpp"))
-    subprocess.run(["cmake", "-S", source, "-B", build, "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DGGML_NATIVE=OFF"], check=True, capture_output=True)
-    subprocess.run(["cmake", "--build", build, "--target", "llama-batched-bench", "-j", str(THREADS)], check=True, capture_output=True)
+        tar.extractall(downloads, filter="data")
+    tool = next(downloads.glob("llama_cpp_python-*/vendor/llama.cpp/tools/batched-bench"))
+    shutil.copytree(tree, work, dirs_exist_ok=True)
+    for source in ("CMakeLists.txt", "batched-bench.cpp", "main.cpp"):
+        shutil.copy(tool / source, work / "tools" / "batched-bench" / source)
+    (work / "tools" / "CMakeLists.txt").write_text("llama_add_compile_flags()\nadd_subdirectory(batched-bench)\n")
+    # What llama-cpp-sys-2's build script sets for a CPU build without target-cpu=native.
+    options = ["-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF", "-DGGML_NATIVE=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
+               "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_BUILD_COMMON=ON", "-DLLAMA_BUILD_TOOLS=ON"]
+    subprocess.run(["cmake", "-S", work, "-B", work / "build", *options], check=True, capture_output=True)
+    subprocess.run(["cmake", "--build", work / "build", "--target", "llama-batched-bench", "-j", str(THREADS)], check=True, capture_output=True)
     return binary
 
 
@@ -72,41 +89,55 @@ def anchor(binary, model, prompt_tokens):
 
 
 def ours(binary, work):
+    """One run of seedflow's steps: per sequence count, the whole step's and generation's speed,
+    and the prompt's length in tokens."""
     task = {"task_id": "bench", "prompt": "Write a Python function that returns the nth Fibonacci number, with a docstring, type hints and comments explaining each step.", "tests": ["assert True"]}
     (work / "task.jsonl").write_text(json.dumps(task) + "\n")
     flow = ['workflow "bench-generate" seed=1', 'model "coder" path="default" context=4096', 'dataset "task" format="jsonl" path="task.jsonl"',
             'generate "warm-up" model="coder" tasks="task" samples=1 max-tokens=8']
     for n in PARALLEL:
-        for tokens in (NTG, 2 * NTG):
-            flow.append(f'generate "n{n}-{tokens}" model="coder" tasks="task" samples={n} temperature=0.8 max-tokens={tokens} stop-after-code=#false')
+        flow.append(f'generate "n{n}" model="coder" tasks="task" samples={n} temperature=0.8 max-tokens={NTG} stop-after-code=#false')
     (work / "bench.kdl").write_text("\n".join(flow) + "\n")
+    shutil.rmtree(work / "run", ignore_errors=True)
     subprocess.run([binary, "run", work / "bench.kdl", "--run-dir", work / "run", "--ci"], check=True, capture_output=True)
-
-    def measured(name):
-        meta = json.loads((work / "run" / name / "meta.json").read_text())
-        return meta["metrics"]["tokens"], meta["seconds"]
-
     whole, generation = {}, {}
     for n in PARALLEL:
-        (short_tokens, short_seconds), (long_tokens, long_seconds) = measured(f"n{n}-{NTG}"), measured(f"n{n}-{2 * NTG}")
-        whole[n] = short_tokens / short_seconds
-        generation[n] = (long_tokens - short_tokens) / (long_seconds - short_seconds)
-    return whole, generation
+        meta = json.loads((work / "run" / f"n{n}" / "meta.json").read_text())
+        whole[n] = meta["metrics"]["tokens"] / meta["seconds"]
+        generation[n] = meta["metrics"]["tokens-per-second"]
+    prompt = json.loads((work / "run" / "warm-up" / "meta.json").read_text())["metrics"]["prompt-tokens"]
+    return whole, generation, int(prompt)
+
+
+def median(values):
+    return statistics.median(values)
 
 
 def main():
-    model = subprocess.run([seedflow_binary(), "fetch", "model"], check=True, capture_output=True, text=True).stdout.strip()
+    binary = seedflow_binary()
+    model = subprocess.run([binary, "fetch", "model"], check=True, capture_output=True, text=True).stdout.strip()
+    anchor_binary = batched_bench()
+    # Alternating rounds, medians reported: speeds on a shared machine drift from run to run.
+    rounds = {"whole": [], "generation": [], "anchor": []}
     with tempfile.TemporaryDirectory() as work:
-        whole, generation = ours(seedflow_binary(), Path(work))
-    theirs = anchor(batched_bench(), model, 64)
-    print(f"generated tokens per second, {THREADS} threads, {NTG} tokens per sequence")
+        for _ in range(ROUNDS):
+            whole, generation, prompt_tokens = ours(binary, Path(work))
+            rounds["whole"].append(whole)
+            rounds["generation"].append(generation)
+            rounds["anchor"].append(anchor(anchor_binary, model, prompt_tokens))
+    at = lambda key, n: [r.get(n, float("nan")) for r in rounds[key]]
+    whole = {n: median(at("whole", n)) for n in PARALLEL}
+    generation = {n: median(at("generation", n)) for n in PARALLEL}
+    theirs = {n: median(at("anchor", n)) for n in PARALLEL}
+    print(f"generated tokens per second, {THREADS} threads, a {prompt_tokens}-token prompt, {NTG} tokens per sequence, median of {ROUNDS} rounds")
     print(f"{'sequences':>9} {'seedflow step':>13} {'seedflow generation':>19} {'llama-batched-bench':>19} {'ratio':>6}")
     for n in PARALLEL:
-        anchor_speed = theirs.get(n, float("nan"))
-        print(f"{n:>9} {whole[n]:>13.1f} {generation[n]:>19.1f} {anchor_speed:>19.1f} {generation[n] / anchor_speed:>6.2f}")
-    print(f"ratio = seedflow generation / llama-batched-bench; whole step / anchor: "
-          + ", ".join(f"{n}: {whole[n] / theirs.get(n, float('nan')):.2f}" for n in PARALLEL))
-    print(f"seedflow 8 sequences / 1 sequence: {generation[8] / generation[1]:.2f}x (whole step: {whole[8] / whole[1]:.2f}x)")
+        print(f"{n:>9} {whole[n]:>13.1f} {generation[n]:>19.1f} {theirs[n]:>19.1f} {generation[n] / theirs[n]:>6.2f}")
+        print(f"{'':>9} {'rounds: ' + ', '.join(f'{g:.1f}' for g in at('generation', n)):>33} {', '.join(f'{a:.1f}' for a in at('anchor', n)):>19}")
+    print("ratio = seedflow generation / llama-batched-bench; whole step / anchor: "
+          + ", ".join(f"{n}: {whole[n] / theirs[n]:.2f}" for n in PARALLEL))
+    print(f"8 sequences / 1 sequence: seedflow {generation[8] / generation[1]:.2f}x (whole step {whole[8] / whole[1]:.2f}x), "
+          f"llama-batched-bench {theirs[8] / theirs[1]:.2f}x")
 
 
 if __name__ == "__main__":

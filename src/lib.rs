@@ -11,6 +11,7 @@ pub mod dsl;
 pub mod engine;
 pub mod llm;
 pub mod nodes;
+pub mod numeric;
 pub mod plan;
 pub mod reference;
 pub mod report;

@@ -27,7 +27,7 @@ fn sampling(temperature: f32, max_tokens: u32) -> Sampling {
 }
 
 fn run(requests: &[Request], sampling: &Sampling, adapter: Option<(&std::path::Path, f32)>) -> Vec<Vec<Generated>> {
-    llm::generate(&settings(), adapter, requests, sampling, &|| false, &mut |_, _| {}).unwrap()
+    llm::generate(&settings(), adapter, requests, sampling, &|| false, &mut |_, _| {}).unwrap().0
 }
 
 fn request(task: &Task, seeds: &[u64]) -> Request {

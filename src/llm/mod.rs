@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use llama_cpp_2::context::params::LlamaContextParams;
 use llama_cpp_2::llama_backend::LlamaBackend;
@@ -17,6 +18,8 @@ use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaLoraAdapter, LlamaModel};
 use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
+use llama_cpp_2::token::data::LlamaTokenData;
+use llama_cpp_2::token::data_array::LlamaTokenDataArray;
 
 /// How a model is loaded and run: a `model` declaration, resolved.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -61,6 +64,15 @@ pub struct Generated {
     pub tokens: u32,
     /// Mean log-probability of the generated tokens under the model (temperature 1).
     pub mean_logprob: f64,
+}
+
+/// Where `generate`'s time went, for its tokens per second: decoding prompts, and generating
+/// (decoding the sampled tokens, sampling, stop checks). Context setup is in neither.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Timing {
+    pub prompt_tokens: u64,
+    pub prompt_seconds: f64,
+    pub generation_seconds: f64,
 }
 
 struct Loaded {
@@ -108,6 +120,38 @@ fn load(settings: &ModelSettings) -> Result<Arc<Mutex<Loaded>>, String> {
     Ok(loaded)
 }
 
+/// How many of the largest logits can be sampled at all: 1 for greedy, `top-k` otherwise
+/// (0 means all).
+fn candidates(sampling: &Sampling) -> usize {
+    match sampling.temperature <= 0.0 {
+        true => 1,
+        false => usize::try_from(sampling.top_k).unwrap_or(0),
+    }
+}
+
+/// The `k` largest logits as llama.cpp candidates (all of them when `k` is 0); among equal
+/// logits the lower token id wins, as in llama.cpp's greedy sampler.
+fn top_candidates(logits: &[f32], k: usize) -> Vec<LlamaTokenData> {
+    let data = |(id, &logit): (usize, &f32)| LlamaTokenData::new(LlamaToken(id as i32), logit, 0.0);
+    if k == 0 || k >= logits.len() {
+        return logits.iter().enumerate().map(data).collect();
+    }
+    // The k largest so far, smallest first; a logit must beat the smallest to get in, which
+    // almost none do once the list is full.
+    let mut kept: Vec<(f32, usize)> = Vec::with_capacity(k + 1);
+    for (id, &logit) in logits.iter().enumerate() {
+        if kept.len() == k && logit <= kept[0].0 {
+            continue;
+        }
+        let at = kept.partition_point(|&(l, i)| l < logit || (l == logit && i > id));
+        kept.insert(at, (logit, id));
+        if kept.len() > k {
+            kept.remove(0);
+        }
+    }
+    kept.iter().rev().map(|&(logit, id)| data((id, &logit))).collect()
+}
+
 /// A 32-bit sampler seed from a sample's 64-bit seed.
 fn seed32(seed: u64) -> u32 {
     (seed ^ (seed >> 32)) as u32
@@ -123,13 +167,6 @@ fn sampler(sampling: &Sampling, seed: u64) -> LlamaSampler {
         LlamaSampler::temp(sampling.temperature),
         LlamaSampler::dist(seed32(seed)),
     ])
-}
-
-fn log_softmax_at(logits: &[f32], token: LlamaToken) -> f64 {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f64 = logits.iter().map(|&x| f64::from(x - max).exp()).sum();
-    let chosen = logits.get(token.0 as usize).copied().unwrap_or(f32::NEG_INFINITY);
-    f64::from(chosen - max) - sum.ln()
 }
 
 /// One sequence being sampled.
@@ -267,6 +304,7 @@ pub fn logits(
 
 /// Samples every request's seeds. `adapter` is a GGUF LoRA adapter with its scale. `progress`
 /// hears each run of requests that finished, in request order, with how many are done in all.
+/// Returns the samples by request, and where the time went.
 pub fn generate(
     settings: &ModelSettings,
     adapter: Option<(&Path, f32)>,
@@ -274,9 +312,9 @@ pub fn generate(
     sampling: &Sampling,
     cancelled: &dyn Fn() -> bool,
     progress: &mut dyn FnMut(usize, &[Vec<Generated>]),
-) -> Result<Vec<Vec<Generated>>, String> {
+) -> Result<(Vec<Vec<Generated>>, Timing), String> {
     if requests.is_empty() {
-        return Ok(vec![]);
+        return Ok((vec![], Timing::default()));
     }
     let loaded = load(settings)?;
     let mut guard = loaded.lock().map_err(|_| "the model is poisoned".to_string())?;
@@ -287,20 +325,6 @@ pub fn generate(
     // A request's samples decode together, so there are at least as many sequences as samples.
     let most_samples = requests.iter().map(|r| r.seeds.len() as u32).max().unwrap_or(1);
     let parallel = settings.parallel.max(most_samples).clamp(1, 256);
-    // The KV cache is shared by the parallel sequences (`kv_unified`): a group of requests is
-    // admitted while its prompts and longest answers fit.
-    let cells = settings.context.saturating_mul(parallel.div_ceil(2).max(1));
-    let params = LlamaContextParams::default()
-        .with_n_ctx(NonZeroU32::new(cells))
-        .with_n_batch(settings.batch)
-        .with_n_ubatch(settings.batch)
-        .with_n_seq_max(parallel)
-        .with_kv_unified(true)
-        .with_n_threads(threads)
-        .with_n_threads_batch(threads);
-    let mut context =
-        model.new_context(backend()?, params).map_err(|e| format!("cannot create a llama.cpp context: {e}"))?;
-    attach_adapter(&mut context, adapters, adapter)?;
     let vocab = model.vocab();
     let template = chat_template(model)?;
     let mut prompts = Vec::with_capacity(requests.len());
@@ -308,30 +332,41 @@ pub fn generate(
         let text = chat_prompt(model, &template, &request.examples, &request.message)?;
         prompts.push(vocab.tokenize(text.as_bytes(), true, true));
     }
-
-    // Continuous batching: a request is admitted as soon as it has free sequences and cells, so
-    // a finished sample's slot goes to the next request instead of waiting for the longest one.
-    let need: Vec<u32> = requests
-        .iter()
-        .zip(&prompts)
-        .map(|(r, p)| p.len() as u32 + r.seeds.len() as u32 * sampling.max_tokens)
-        .collect();
-    if let Some(r) = (0..requests.len()).find(|&r| need[r] > cells) {
+    let longest = prompts.iter().map(|p| p.len() as u32).max().unwrap_or(0) + sampling.max_tokens;
+    if longest > settings.context {
         return Err(format!(
-            "a prompt of {} tokens with {} samples of up to {} tokens does not fit a context of {cells} tokens; raise the model's `context`",
-            prompts[r].len(),
-            requests[r].seeds.len(),
-            sampling.max_tokens
+            "a prompt and an answer of up to {} tokens need a context of {longest} tokens; raise the model's `context` (now {})",
+            sampling.max_tokens, settings.context
         ));
     }
+    // Every sequence has a KV cache of its own (not `kv_unified`), as large as the longest
+    // prompt and answer need: a token attends to its own sequence's cells only, as in
+    // llama.cpp's batched-bench, instead of to (and masked from) every sequence's.
+    let per_sequence = longest.next_multiple_of(256);
+    let params = LlamaContextParams::default()
+        .with_n_ctx(NonZeroU32::new(per_sequence * parallel))
+        .with_n_batch(settings.batch)
+        .with_n_ubatch(settings.batch)
+        .with_n_seq_max(parallel)
+        .with_kv_unified(false)
+        .with_n_threads(threads)
+        .with_n_threads_batch(threads);
+    let mut context =
+        model.new_context(backend()?, params).map_err(|e| format!("cannot create a llama.cpp context: {e}"))?;
+    attach_adapter(&mut context, adapters, adapter)?;
+
+    // Continuous batching: a request is admitted as soon as it has free sequences, so a
+    // finished sample's slot goes to the next request instead of waiting for the longest one.
     let batch_size = settings.batch.max(1) as usize;
     let mut results: Vec<Vec<Option<Generated>>> = requests.iter().map(|r| vec![None; r.seeds.len()]).collect();
     let mut unfinished: Vec<usize> = requests.iter().map(|r| r.seeds.len()).collect();
     let mut slots: Vec<Option<Sequence>> = (0..parallel).map(|_| None).collect();
-    let (mut admitted, mut reported, mut used) = (0, 0, 0u32);
+    let (mut admitted, mut reported) = (0, 0);
     let mut prompt_batch = LlamaBatch::new(batch_size, 1);
     let mut step_batch = LlamaBatch::new(parallel as usize, 1);
     context.clear_kv_cache();
+    let started = Instant::now();
+    let (mut prompt_time, mut prompt_tokens) = (Duration::ZERO, 0u64);
     loop {
         if cancelled() {
             return Err("interrupted".into());
@@ -345,9 +380,6 @@ pub fn generate(
                 let mean_logprob = if done.tokens == 0 { 0.0 } else { done.logprob_sum / f64::from(done.tokens) };
                 results[done.request][done.sample] = Some(Generated { text, tokens: done.tokens, mean_logprob });
                 unfinished[done.request] -= 1;
-                if unfinished[done.request] == 0 {
-                    used -= need[done.request];
-                }
             }
         }
         // Report finished requests in order, so they can be written in order.
@@ -360,17 +392,18 @@ pub fn generate(
                 results[before..reported].iter().map(|r| r.iter().flatten().cloned().collect()).collect();
             progress(reported, &finished);
         }
-        // Admit requests while their samples and cells fit.
+        // Admit requests while their samples fit.
         while admitted < requests.len() {
             let r = admitted;
             let free: Vec<usize> = (0..slots.len()).filter(|&i| slots[i].is_none()).collect();
             let n = requests[r].seeds.len();
-            if free.len() < n || used + need[r] > cells {
+            if free.len() < n {
                 break;
             }
             let first = free[0] as i32;
             // The prompt, in chunks no larger than a batch; the last token's logits are kept.
             let tokens = &prompts[r];
+            let prompt_started = Instant::now();
             let mut last = 0;
             for (c, chunk) in tokens.chunks(batch_size).enumerate() {
                 prompt_batch.clear();
@@ -383,6 +416,8 @@ pub fn generate(
                 context.decode(&mut prompt_batch).map_err(|e| format!("llama.cpp could not decode the prompt: {e}"))?;
                 last = prompt_batch.n_tokens() - 1;
             }
+            prompt_time += prompt_started.elapsed();
+            prompt_tokens += tokens.len() as u64;
             for (s, &seed) in requests[r].seeds.iter().enumerate() {
                 let seq = free[s];
                 if s > 0 {
@@ -404,7 +439,6 @@ pub fn generate(
                 step(&context, &vocab, &mut sequence, sampling);
                 slots[seq] = Some(sequence);
             }
-            used += need[r];
             admitted += 1;
         }
         // Every live sequence advances one token.
@@ -427,7 +461,12 @@ pub fn generate(
             step(&context, &vocab, sequence, sampling);
         }
     }
-    Ok(results.into_iter().map(|r| r.into_iter().flatten().collect()).collect())
+    let timing = Timing {
+        prompt_tokens,
+        prompt_seconds: prompt_time.as_secs_f64(),
+        generation_seconds: started.elapsed().saturating_sub(prompt_time).as_secs_f64(),
+    };
+    Ok((results.into_iter().map(|r| r.into_iter().flatten().collect()).collect(), timing))
 }
 
 /// Samples the sequence's next token from its logits, and decides whether it goes on.
@@ -437,13 +476,24 @@ fn step(
     sequence: &mut Sequence,
     sampling: &Sampling,
 ) {
-    let token = sequence.sampler.sample(context, sequence.logits_at);
+    let logits = context.get_logits_ith(sequence.logits_at);
+    // Only the largest logits can be picked (the chain starts with top-k), so only those go to
+    // llama.cpp's sampler: handing it the whole vocabulary, as `LlamaSampler::sample` does,
+    // spends most of a millisecond per token building and sorting 150,000 candidates.
+    let mut candidates = LlamaTokenDataArray::new(top_candidates(logits, candidates(sampling)), false);
+    candidates.apply_sampler(&mut sequence.sampler);
+    let Some(token) = candidates.selected_token() else {
+        sequence.live = false; // no candidate at all: nothing to generate
+        return;
+    };
+    sequence.sampler.accept(token);
     if vocab.is_eog(token) {
         sequence.live = false;
         sequence.last_token = None;
         return;
     }
-    sequence.logprob_sum += log_softmax_at(context.get_logits_ith(sequence.logits_at), token);
+    let chosen = logits.get(token.0 as usize).copied().unwrap_or(f32::NEG_INFINITY);
+    sequence.logprob_sum += f64::from(chosen) - crate::numeric::log_sum_exp(logits);
     sequence.tokens += 1;
     sequence.bytes.extend(vocab.token_to_piece(token, false, None));
     sequence.last_token = Some(token);
@@ -454,5 +504,25 @@ fn step(
     if stopped {
         sequence.live = false;
         sequence.last_token = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn top_candidates_are_the_largest_logits_lower_ids_first_on_ties() {
+        let logits = [0.5, 3.0, -1.0, 3.0, 2.0, f32::NEG_INFINITY, 2.5];
+        let ids = |k| top_candidates(&logits, k).iter().map(|c| c.id().0).collect::<Vec<_>>();
+        assert_eq!(ids(1), [1]);
+        assert_eq!(ids(3), [1, 3, 6]);
+        assert_eq!(ids(4), [1, 3, 6, 4]);
+        assert_eq!(ids(0).len(), logits.len());
+        assert_eq!(ids(99).len(), logits.len());
+        let greedy =
+            Sampling { temperature: 0.0, top_p: 1.0, top_k: 40, max_tokens: 1, stop: vec![], stop_after_code: false };
+        assert_eq!(candidates(&greedy), 1);
+        assert_eq!(candidates(&Sampling { temperature: 0.8, ..greedy.clone() }), 40);
     }
 }

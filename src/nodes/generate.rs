@@ -12,7 +12,10 @@ pub static SPEC: KindSpec = KindSpec {
           The samples of a task are parallel sequences of one llama.cpp batch sharing the prompt; \
           several tasks share a batch. Every sample is seeded from (workflow seed, step, task, \
           index), so reruns are identical; temperature 0 is greedy. Each sample records its mean \
-          token log-probability and token count. Instruct models get the chat template stored in \
+          token log-probability and token count. `prompt-tokens` counts the prompts' tokens (each \
+          decoded once per task), `tokens-per-second` is the step's generation speed (generated \
+          tokens over the time spent generating them, prompt decoding left out). \
+          Instruct models get the chat template stored in \
           the GGUF; the prompt template can be replaced with `template`.",
     properties: &[
         required("model", ValueType::Model, "The `model` to sample from."),
@@ -38,7 +41,7 @@ pub static SPEC: KindSpec = KindSpec {
         ),
         unset("template", ValueType::File, "A prompt template replacing the built-in one (`std/prompts/…` or a file)."),
     ],
-    metrics: &["count", "tokens"],
+    metrics: &["count", "tokens", "prompt-tokens", "tokens-per-second"],
     at_least_one: &[],
     requires: &[],
     example: r#"model "coder" path="default"
@@ -95,7 +98,8 @@ pub(super) fn sample_all(
         done += 1;
     }
     kept_samples.truncate(covered);
-    let mut tokens: u64 = kept_samples.iter().filter_map(|s| s.tokens).map(u64::from).sum();
+    let kept_tokens: u64 = kept_samples.iter().filter_map(|s| s.tokens).map(u64::from).sum();
+    let mut tokens = kept_tokens;
     let mut count = kept_samples.len();
     let adapter = adapter(ctx);
     let mut failure = None;
@@ -112,7 +116,7 @@ pub(super) fn sample_all(
     };
     let sampling = sampling(ctx);
     let cancelled = || ctx.check_cancelled().is_err();
-    llm::generate(
+    let (_, timing) = llm::generate(
         &settings,
         adapter.as_ref().map(|(p, s)| (p.as_path(), *s)),
         &requests[done..],
@@ -125,10 +129,16 @@ pub(super) fn sample_all(
         return Err(failure);
     }
     writer.finish()?;
-    Ok(Outcome {
-        metrics: [("count".to_string(), count as f64), ("tokens".to_string(), tokens as f64)].into(),
-        gate_failure: None,
-    })
+    let mut metrics: std::collections::BTreeMap<String, f64> =
+        [("count".to_string(), count as f64), ("tokens".to_string(), tokens as f64)].into();
+    if timing.prompt_tokens > 0 {
+        metrics.insert("prompt-tokens".to_string(), timing.prompt_tokens as f64);
+    }
+    if timing.generation_seconds > 0.0 {
+        let generated = tokens - kept_tokens;
+        metrics.insert("tokens-per-second".to_string(), generated as f64 / timing.generation_seconds);
+    }
+    Ok(Outcome { metrics, gate_failure: None })
 }
 
 /// A sample from a model's answer to `task`.

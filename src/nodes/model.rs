@@ -16,7 +16,12 @@ pub static SPEC: KindSpec = KindSpec {
             r#""default""#,
             "\"default\" or a GGUF file, relative to the workflow file.",
         ),
-        optional("context", ValueType::Integer { min: 256 }, "4096", "Context length in tokens."),
+        optional(
+            "context",
+            ValueType::Integer { min: 256 },
+            "4096",
+            "Most tokens of one sequence (prompt and answer); each sequence gets the cache its longest prompt and answer need, up to this.",
+        ),
         optional(
             "gpu-layers",
             ValueType::Integer { min: -1 },

@@ -13,7 +13,7 @@ pub static SPEC: KindSpec = KindSpec {
           error, each linked to the sample it revises (`parent`). With `examples`, the prompt \
           first shows worked revisions from a JSON-lines file (`requirement`, `tests`, `code`, \
           `feedback`, `revision`); `std/prompts/revise-examples.jsonl` holds three made from \
-          MBPP's prompt split.",
+          MBPP's prompt split. `prompt-tokens` and `tokens-per-second` are as in `generate`.",
     properties: &[
         required("model", ValueType::Model, "The `model` that revises."),
         required("errors", ValueType::Input(&[Artifact::Verdicts]), "Verdicts of the programs to revise."),
@@ -39,7 +39,7 @@ pub static SPEC: KindSpec = KindSpec {
         unset("examples", ValueType::File, "Worked revisions shown first (few-shot), as JSON lines."),
         unset("template", ValueType::File, "A prompt template replacing the built-in one."),
     ],
-    metrics: &["count", "tokens"],
+    metrics: &["count", "tokens", "prompt-tokens", "tokens-per-second"],
     at_least_one: &[],
     requires: &[],
     example: r#"model "coder" path="default"

@@ -182,25 +182,20 @@ impl Base {
         dropout: &mut Dropout<'_>,
     ) -> Result<Tensor> {
         let projection = self.layers[layer].projection(target);
-        let mut y = ops::frozen_linear(x, &projection.weight)?;
-        if let Some((lora, pair)) = lora.and_then(|l| l.pair(layer, target).map(|p| (l, p))) {
-            let input = match dropout {
-                Some((p, rng)) if *p > 0.0 => {
-                    let keep = 1.0 - *p;
-                    let mask: Vec<f32> = (0..x.elem_count())
-                        .map(|_| if rng.random::<f32>() < keep { 1.0 / keep } else { 0.0 })
-                        .collect();
-                    (x * Tensor::from_vec(mask, x.shape(), x.device())?)?
-                }
-                _ => x.clone(),
-            };
-            let update = input.matmul(&pair.a.t()?)?.matmul(&pair.b.t()?)?;
-            y = (y + (update * lora.scale())?)?;
-        }
-        match &projection.bias {
-            Some(bias) => y.broadcast_add(bias),
-            None => Ok(y),
-        }
+        let Some((lora, pair)) = lora.and_then(|l| l.pair(layer, target).map(|p| (l, p))) else {
+            return ops::frozen_linear(x, &projection.weight, projection.bias.as_ref());
+        };
+        let mask = match dropout {
+            Some((p, rng)) if *p > 0.0 => {
+                let keep = 1.0 - *p;
+                let mask: Vec<f32> =
+                    (0..x.elem_count()).map(|_| if rng.random::<f32>() < keep { 1.0 / keep } else { 0.0 }).collect();
+                Some(Tensor::from_vec(mask, x.shape(), x.device())?)
+            }
+            _ => None,
+        };
+        let pair = (pair.a.as_tensor(), pair.b.as_tensor());
+        ops::lora_linear(x, &projection.weight, projection.bias.as_ref(), pair, lora.scale(), mask)
     }
 
     /// The logits (positions.len(), vocabulary) after each of `positions` for the token sequence
@@ -217,10 +212,7 @@ impl Base {
         let device = Device::Cpu;
         let (cos, sin) = self.rotary(n)?;
         let neox = c.architecture == Architecture::Qwen2;
-        let mask: Vec<f32> = (0..n * n).map(|i| if i % n > i / n { f32::NEG_INFINITY } else { 0.0 }).collect();
-        let mask = Tensor::from_vec(mask, (1, n, n), &device)?;
         let scale = 1.0 / (c.head_dim as f64).sqrt();
-        let group = c.heads / c.kv_heads;
         let mut x = self.embedding.index_select(&Tensor::new(tokens, &device)?, 0)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let h = ops::rms_norm(&x, &layer.attn_norm, c.rms_eps)?;
@@ -228,28 +220,19 @@ impl Base {
             let q = heads(self.project(&h, i, Target::Q, lora, &mut dropout)?, c.heads)?;
             let k = heads(self.project(&h, i, Target::K, lora, &mut dropout)?, c.kv_heads)?;
             let v = heads(self.project(&h, i, Target::V, lora, &mut dropout)?, c.kv_heads)?;
-            let q = ops::rope(&q.contiguous()?, &cos, &sin, neox)?;
-            let k = ops::rope(&k.contiguous()?, &cos, &sin, neox)?;
-            // Grouped-query attention: each key/value head serves `group` query heads.
-            let repeat = |t: Tensor| -> Result<Tensor> {
-                if group == 1 {
-                    return Ok(t);
-                }
-                t.unsqueeze(1)?.broadcast_as((c.kv_heads, group, n, c.head_dim))?.reshape((c.heads, n, c.head_dim))
-            };
-            let (k, v) = (repeat(k)?, repeat(v.contiguous()?)?);
-            let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&mask)?;
-            let attended = ops::softmax(&scores)?.matmul(&v)?;
+            let q = ops::rope(&q, &cos, &sin, neox)?;
+            let k = ops::rope(&k, &cos, &sin, neox)?;
+            let attended = ops::causal_attention(&q, &k, &v, scale)?;
             let attended = attended.transpose(0, 1)?.reshape((n, c.heads * c.head_dim))?;
             x = (x + self.project(&attended, i, Target::O, lora, &mut dropout)?)?;
             let h = ops::rms_norm(&x, &layer.ffn_norm, c.rms_eps)?;
-            let gate = self.project(&h, i, Target::Gate, lora, &mut dropout)?.silu()?;
+            let gate = self.project(&h, i, Target::Gate, lora, &mut dropout)?;
             let up = self.project(&h, i, Target::Up, lora, &mut dropout)?;
-            x = (x + self.project(&(gate * up)?, i, Target::Down, lora, &mut dropout)?)?;
+            x = (x + self.project(&ops::swiglu(&gate, &up)?, i, Target::Down, lora, &mut dropout)?)?;
         }
         let picked = x.index_select(&Tensor::new(positions, &device)?, 0)?;
         let normed = ops::rms_norm(&picked, &self.output_norm, c.rms_eps)?;
-        ops::frozen_linear(&normed, &self.output)
+        ops::frozen_linear(&normed, &self.output, None)
     }
 
     /// Mean cross-entropy of the tokens from `completion_start` on, given those before.
@@ -263,6 +246,6 @@ impl Base {
         let positions: Vec<u32> = (completion_start.max(1) - 1..tokens.len() - 1).map(|p| p as u32).collect();
         let targets: Vec<u32> = positions.iter().map(|&p| tokens[p as usize + 1]).collect();
         let logits = self.forward(tokens, &positions, lora, dropout)?;
-        ops::cross_entropy(&logits, &Tensor::new(targets.as_slice(), &Device::Cpu)?)
+        ops::cross_entropy(&logits, &targets)
     }
 }

@@ -1,16 +1,35 @@
 //! Differentiable building blocks. candle's fused `rms_norm`, `softmax_last_dim`, `rope` and
 //! quantized matmul pass no gradient back (silently), so the forward pass is written with ops
-//! that do; and a frozen weight gets its own op so that the backward pass computes only what
-//! the LoRA matrices need.
+//! that do. The big ones are single ops with their own backward pass: a composed form keeps
+//! every intermediate tensor alive until the backward pass (several times the activations'
+//! memory), where one op keeps its inputs and output and computes what else it needs again.
+
+use std::sync::Mutex;
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, D, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, D, Device, Layout, Result, Shape, Storage, Tensor};
 
-/// `x @ Wᵀ` for a frozen `W` (n_out, n_in). Through `Tensor::matmul` the backward pass would
-/// also compute `W`'s gradient, a full matmul per projection that nothing uses; this op
-/// returns the input's gradient only.
+use crate::numeric::{exp_nonpositive, log_sum_exp};
+
+/// `storage` under `layout` as a tensor outside any graph (a copy).
+fn detached(storage: &CpuStorage, layout: &Layout) -> Result<Tensor> {
+    let (Some((start, end)), CpuStorage::F32(values)) = (layout.contiguous_offsets(), storage) else {
+        candle_core::bail!("training ops take contiguous f32 tensors")
+    };
+    Tensor::from_slice(&values[start..end], layout.shape(), &Device::Cpu)
+}
+
+/// A tensor's values as an op's output.
+fn output(t: &Tensor) -> Result<(CpuStorage, Shape)> {
+    Ok((CpuStorage::F32(t.flatten_all()?.to_vec1::<f32>()?), t.shape().clone()))
+}
+
+/// `x @ Wᵀ + b` for a frozen `W` (n_out, n_in) and bias `b`. Through `Tensor::matmul` the
+/// backward pass would also compute `W`'s gradient, a full matmul per projection that nothing
+/// uses; this op returns the input's gradient only.
 struct Frozen {
     weight: Tensor,
+    bias: Option<Vec<f32>>,
 }
 
 impl CustomOp1 for Frozen {
@@ -24,7 +43,12 @@ impl CustomOp1 for Frozen {
         let transposed = self.weight.t()?;
         let (storage, w_layout) = transposed.storage_and_layout();
         let Storage::Cpu(w) = &*storage else { candle_core::bail!("frozen weights live on the CPU") };
-        let out = x.matmul(w, (1, m, n, k), x_layout, w_layout)?;
+        let mut out = x.matmul(w, (1, m, n, k), x_layout, w_layout)?;
+        if let (Some(bias), CpuStorage::F32(values)) = (&self.bias, &mut out) {
+            for row in values.chunks_mut(n) {
+                row.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
+            }
+        }
         Ok((out, Shape::from((m, n))))
     }
 
@@ -33,68 +57,296 @@ impl CustomOp1 for Frozen {
     }
 }
 
-/// `x @ Wᵀ` where `W` never trains; `x` is (tokens, n_in).
-pub fn frozen_linear(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op1(Frozen { weight: weight.clone() })
+/// `x @ Wᵀ + b` where `W` and `b` never train; `x` is (tokens, n_in).
+pub fn frozen_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let bias = bias.map(|b| b.to_vec1::<f32>()).transpose()?;
+    x.contiguous()?.apply_op1(Frozen { weight: weight.clone(), bias })
 }
 
-/// RMS normalisation over the last dimension, times `weight`.
-pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    let scale = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
-    x.broadcast_mul(&scale)?.broadcast_mul(weight)
+/// `x @ Wᵀ + b + s · ((x ⊙ m) @ Aᵀ) @ Bᵀ`: a frozen projection with its LoRA update (A, B
+/// train; m is the dropout mask) as one op. Composed, the graph would keep three
+/// (tokens, n_out) tensors per projection (frozen output, update, sum); this keeps the output,
+/// and the backward pass computes the rank-sized `(x ⊙ m) @ Aᵀ` again.
+struct LoraLinear {
+    frozen: Frozen,
+    scale: f64,
+    mask: Option<Tensor>,
 }
 
-/// Softmax over the last dimension, as one op: the backward pass needs only the output
-/// (`dx = y * (dy - sum(dy * y))`), so the graph keeps two tensors of attention scores per
-/// layer instead of the five a composed softmax keeps.
-struct Softmax;
+impl LoraLinear {
+    fn masked(&self, x: &Tensor) -> Result<Tensor> {
+        match &self.mask {
+            Some(mask) => x * mask,
+            None => Ok(x.clone()),
+        }
+    }
+}
 
-impl CustomOp1 for Softmax {
+impl CustomOp3 for LoraLinear {
     fn name(&self) -> &'static str {
-        "softmax"
+        "lora-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_layout: &Layout,
+        a: &CpuStorage,
+        a_layout: &Layout,
+        b: &CpuStorage,
+        b_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (mut out, shape) = self.frozen.cpu_fwd(x, x_layout)?;
+        let (a, b) = (detached(a, a_layout)?, detached(b, b_layout)?);
+        let low = self.masked(&detached(x, x_layout)?)?.matmul(&a.t()?)?;
+        let update = low.matmul(&(b * self.scale)?.t()?)?.flatten_all()?.to_vec1::<f32>()?;
+        if let CpuStorage::F32(values) = &mut out {
+            values.iter_mut().zip(&update).for_each(|(v, u)| *v += u);
+        }
+        Ok((out, shape))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (a, b, grad) = (a.detach(), b.detach(), grad.detach());
+        let input = self.masked(&x.detach())?;
+        let low = input.matmul(&a.t()?)?;
+        let grad_low = (grad.matmul(&b)? * self.scale)?;
+        let dx = (grad.matmul(&self.frozen.weight)? + self.masked(&grad_low.matmul(&a)?)?)?;
+        let da = grad_low.t()?.matmul(&input)?;
+        let db = (grad.t()?.matmul(&low)? * self.scale)?;
+        Ok((Some(dx), Some(da), Some(db)))
+    }
+}
+
+/// `x @ Wᵀ + b` plus the LoRA update `scale · ((x ⊙ mask) @ Aᵀ) @ Bᵀ`; `x` is (tokens, n_in),
+/// A (rank, n_in), B (n_out, rank).
+pub fn lora_linear(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    (a, b): (&Tensor, &Tensor),
+    scale: f64,
+    mask: Option<Tensor>,
+) -> Result<Tensor> {
+    let bias = bias.map(|b| b.to_vec1::<f32>()).transpose()?;
+    let op = LoraLinear { frozen: Frozen { weight: weight.clone(), bias }, scale, mask };
+    x.contiguous()?.apply_op3(&a.contiguous()?, &b.contiguous()?, op)
+}
+
+/// RMS normalisation over the last dimension, times a frozen `weight`:
+/// `y = x · r · w` with `r = 1 / sqrt(mean(x²) + eps)`, so `dx = r · gw − x · r³ · mean(gw · x)`
+/// where `gw = dy · w`.
+struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    fn inverse_rms(&self, x: &Tensor) -> Result<Tensor> {
+        (x.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?.sqrt()?.recip()
+    }
+}
+
+impl CustomOp1 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "rms-norm"
     }
 
     fn cpu_fwd(&self, x: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (Some((start, end)), CpuStorage::F32(values)) = (layout.contiguous_offsets(), x) else {
-            candle_core::bail!("softmax takes a contiguous f32 tensor")
-        };
-        let width = layout.shape().dims().last().copied().unwrap_or(1).max(1);
-        let mut out = values[start..end].to_vec();
-        for row in out.chunks_mut(width) {
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0.0;
-            for v in row.iter_mut() {
-                *v = (*v - max).exp();
-                sum += *v;
-            }
-            row.iter_mut().for_each(|v| *v /= sum);
+        let x = detached(x, layout)?;
+        output(&x.broadcast_mul(&self.inverse_rms(&x)?)?.broadcast_mul(&self.weight)?)
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let (x, grad) = (x.detach(), grad.detach());
+        let r = self.inverse_rms(&x)?;
+        let gw = grad.broadcast_mul(&self.weight)?;
+        let projection = (&gw * &x)?.mean_keepdim(D::Minus1)?.broadcast_mul(&r.powf(3.0)?)?;
+        Ok(Some((gw.broadcast_mul(&r)? - x.broadcast_mul(&projection)?)?))
+    }
+}
+
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(RmsNorm { weight: weight.clone(), eps })
+}
+
+/// Causal self-attention `softmax(q kᵀ · scale + causal mask) v` for q (heads, n, d) and k, v
+/// (kv_heads, n, d), each key/value head serving heads / kv_heads query heads. The backward
+/// pass computes the attention weights again rather than keeping four (heads, n, n) tensors
+/// per layer (60 MB at n = 512) until it runs.
+struct Attention {
+    scale: f64,
+    /// (n, n): 0 on and below the diagonal, -inf above.
+    mask: Tensor,
+}
+
+impl Attention {
+    /// A key or value tensor for every query head.
+    fn expand(t: &Tensor, heads: usize) -> Result<Tensor> {
+        let (kv_heads, n, d) = t.dims3()?;
+        if kv_heads == heads {
+            return Ok(t.clone());
         }
-        Ok((CpuStorage::F32(out), layout.shape().clone()))
+        t.unsqueeze(1)?.broadcast_as((kv_heads, heads / kv_heads, n, d))?.reshape((heads, n, d))
     }
 
-    fn bwd(&self, _x: &Tensor, y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let dot = (grad * y)?.sum_keepdim(D::Minus1)?;
-        Ok(Some((y * grad.broadcast_sub(&dot)?)?))
+    /// The attention weights (heads, n, n).
+    fn weights(&self, q: &Tensor, k: &Tensor) -> Result<Tensor> {
+        let scores = (q.matmul(&k.t()?)? * self.scale)?.broadcast_add(&self.mask)?;
+        candle_nn::ops::softmax_last_dim(&scores)
     }
 }
 
-pub fn softmax(x: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op1(Softmax)
+impl CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "causal-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        q: &CpuStorage,
+        q_layout: &Layout,
+        k: &CpuStorage,
+        k_layout: &Layout,
+        v: &CpuStorage,
+        v_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (q, k, v) = (detached(q, q_layout)?, detached(k, k_layout)?, detached(v, v_layout)?);
+        let heads = q.dim(0)?;
+        output(&self.weights(&q, &Self::expand(&k, heads)?)?.matmul(&Self::expand(&v, heads)?)?)
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _out: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (q, grad) = (q.detach(), grad.detach());
+        let (heads, kv_heads) = (q.dim(0)?, k.dim(0)?);
+        let (k, v) = (Self::expand(&k.detach(), heads)?, Self::expand(&v.detach(), heads)?);
+        let p = self.weights(&q, &k)?;
+        let dv = p.t()?.matmul(&grad)?;
+        let dp = grad.matmul(&v.t()?)?;
+        // Softmax: ds = p · (dp − Σ dp · p), then the scale.
+        let ds = ((&p * dp.broadcast_sub(&(&dp * &p)?.sum_keepdim(D::Minus1)?)?)? * self.scale)?;
+        let dq = ds.matmul(&k)?;
+        let dk = ds.t()?.matmul(&q)?;
+        // A key/value head's gradient sums those of the query heads it served.
+        let fold = |t: Tensor| -> Result<Tensor> {
+            let (_, n, d) = t.dims3()?;
+            t.reshape((kv_heads, heads / kv_heads, n, d))?.sum(1)
+        };
+        Ok((Some(dq), Some(fold(dk)?), Some(fold(dv)?)))
+    }
 }
 
-/// Mean cross-entropy of `logits` (rows, vocabulary) against `targets` (rows, u32).
-pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    let max = logits.max_keepdim(D::Minus1)?.detach();
-    let shifted = logits.broadcast_sub(&max)?;
-    let log_sum = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
-    let picked = shifted.gather(&targets.unsqueeze(1)?, 1)?;
-    (log_sum - picked)?.mean_all()
+/// Causal self-attention of q (heads, n, d) over k, v (kv_heads, n, d), scaled by `scale`.
+pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    let n = q.dim(1)?;
+    let mask: Vec<f32> = (0..n * n).map(|i| if i % n > i / n { f32::NEG_INFINITY } else { 0.0 }).collect();
+    let mask = Tensor::from_vec(mask, (n, n), &Device::Cpu)?;
+    q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, Attention { scale, mask })
 }
 
-/// Rotary position embedding of `x` (heads, tokens, head_dim) with angles' `cos`/`sin`
+/// SwiGLU, `silu(gate) · up`, as one op: `d_up = dy · silu(gate)` and
+/// `d_gate = dy · up · σ(gate) · (1 + gate · (1 − σ(gate)))`.
+struct SwiGlu;
+
+impl CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "swiglu"
+    }
+
+    fn cpu_fwd(&self, gate: &CpuStorage, g: &Layout, up: &CpuStorage, u: &Layout) -> Result<(CpuStorage, Shape)> {
+        output(&(detached(gate, g)?.silu()? * detached(up, u)?)?)
+    }
+
+    fn bwd(&self, gate: &Tensor, up: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (gate, up, grad) = (gate.detach(), up.detach(), grad.detach());
+        let sigmoid = candle_nn::ops::sigmoid(&gate)?;
+        let d_up = (&grad * (&gate * &sigmoid)?)?;
+        let slope = (&sigmoid * ((&gate * (1.0 - &sigmoid)?)? + 1.0)?)?;
+        Ok((Some(((grad * up)? * slope)?), Some(d_up)))
+    }
+}
+
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)
+}
+
+/// Mean cross-entropy of logits (rows, vocabulary) against `targets`, as one op: the backward
+/// pass is (softmax − one-hot) / rows from the log-sum-exp of each row the forward pass kept,
+/// where the composed form keeps three more tensors the size of the logits.
+struct CrossEntropy {
+    targets: Vec<u32>,
+    log_sums: Mutex<Vec<f64>>,
+}
+
+impl CustomOp1 for CrossEntropy {
+    fn name(&self) -> &'static str {
+        "cross-entropy"
+    }
+
+    fn cpu_fwd(&self, logits: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (Some((start, end)), CpuStorage::F32(values)) = (layout.contiguous_offsets(), logits) else {
+            candle_core::bail!("cross-entropy takes contiguous f32 logits")
+        };
+        let (rows, vocabulary) = layout.shape().dims2()?;
+        if self.targets.len() != rows || self.targets.iter().any(|&t| t as usize >= vocabulary) {
+            candle_core::bail!("cross-entropy needs one target in the vocabulary per row");
+        }
+        let log_sums: Vec<f64> = values[start..end].chunks(vocabulary).map(log_sum_exp).collect();
+        let total: f64 = values[start..end]
+            .chunks(vocabulary)
+            .zip(&self.targets)
+            .zip(&log_sums)
+            .map(|((row, &target), log_sum)| log_sum - f64::from(row[target as usize]))
+            .sum();
+        *self.log_sums.lock().map_err(|_| candle_core::Error::Msg("poisoned".into()))? = log_sums;
+        Ok((CpuStorage::F32(vec![(total / rows.max(1) as f64) as f32]), Shape::from(())))
+    }
+
+    fn bwd(&self, logits: &Tensor, _loss: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let (rows, vocabulary) = logits.dims2()?;
+        let scale = grad.to_scalar::<f32>()? / rows.max(1) as f32;
+        let log_sums = self.log_sums.lock().map_err(|_| candle_core::Error::Msg("poisoned".into()))?;
+        let logits = logits.contiguous()?;
+        let (storage, layout) = logits.storage_and_layout();
+        let (Storage::Cpu(CpuStorage::F32(values)), Some((start, end))) = (&*storage, layout.contiguous_offsets())
+        else {
+            candle_core::bail!("cross-entropy takes f32 logits on the CPU")
+        };
+        let mut d = Vec::with_capacity(rows * vocabulary);
+        for ((row, &log_sum), &target) in values[start..end].chunks(vocabulary).zip(log_sums.iter()).zip(&self.targets)
+        {
+            let offset = d.len();
+            let log_sum = log_sum as f32;
+            d.extend(row.iter().map(|&x| exp_nonpositive(x - log_sum) * scale));
+            d[offset + target as usize] -= scale;
+        }
+        Ok(Some(Tensor::from_vec(d, (rows, vocabulary), &Device::Cpu)?))
+    }
+}
+
+/// Mean cross-entropy of `logits` (rows, vocabulary) against `targets`, one per row.
+pub fn cross_entropy(logits: &Tensor, targets: &[u32]) -> Result<Tensor> {
+    logits.contiguous()?.apply_op1(CrossEntropy { targets: targets.to_vec(), log_sums: Mutex::default() })
+}
+
+/// Rotates `x` (heads, tokens, head_dim) by the angles whose `cos`/`sin` are given
 /// (tokens, head_dim / 2). `neox` rotates the two halves of a head (qwen2); otherwise
 /// neighbouring pairs (llama's GGUF layout).
-pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, neox: bool) -> Result<Tensor> {
+fn rotate(x: &Tensor, cos: &Tensor, sin: &Tensor, neox: bool) -> Result<Tensor> {
     let (heads, tokens, dim) = x.dims3()?;
     let half = dim / 2;
     let (x1, x2) = if neox {
@@ -108,65 +360,153 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, neox: bool) -> Result<Tensor
     if neox { Tensor::cat(&[r1, r2], 2) } else { Tensor::stack(&[r1, r2], 3)?.reshape((heads, tokens, dim)) }
 }
 
+/// Rotary position embedding, as one op: a rotation, whose backward pass is the rotation by
+/// the opposite angles.
+struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+    neox: bool,
+}
+
+impl CustomOp1 for Rope {
+    fn name(&self) -> &'static str {
+        "rope"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        output(&rotate(&detached(x, layout)?, &self.cos, &self.sin, self.neox)?)
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(rotate(&grad.detach(), &self.cos, &self.sin.neg()?, self.neox)?))
+    }
+}
+
+/// Rotary position embedding of `x` (heads, tokens, head_dim) with the angles' `cos`/`sin`
+/// (tokens, head_dim / 2); `neox` as in [`rotate`].
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, neox: bool) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(Rope { cos: cos.clone(), sin: sin.clone(), neox })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var};
+    use candle_core::Var;
 
     fn close(a: &Tensor, b: &Tensor) -> f32 {
         (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
     }
 
+    fn random(shape: &[usize]) -> Var {
+        Var::randn(0f32, 1., shape, &Device::Cpu).unwrap()
+    }
+
+    /// Checks that `op` computes what `composed` (plain candle ops) computes, and passes back the
+    /// same gradients to every input, under a random weighting of the output.
+    fn agree(inputs: &[Var], op: impl Fn(&[Tensor]) -> Result<Tensor>, composed: impl Fn(&[Tensor]) -> Result<Tensor>) {
+        let tensors: Vec<Tensor> = inputs.iter().map(|v| v.as_tensor().clone()).collect();
+        let (ours, theirs) = (op(&tensors).unwrap(), composed(&tensors).unwrap());
+        assert!(close(&ours, &theirs) < 1e-5, "forward differs by {}", close(&ours, &theirs));
+        let weights = Tensor::randn(0f32, 1., ours.shape(), &Device::Cpu).unwrap();
+        let by_op = (ours * &weights).unwrap().sum_all().unwrap().backward().unwrap();
+        let by_parts = (theirs * &weights).unwrap().sum_all().unwrap().backward().unwrap();
+        for (i, input) in inputs.iter().enumerate() {
+            let (a, b) = (by_op.get(input).unwrap(), by_parts.get(input).unwrap());
+            assert!(close(a, b) < 1e-4, "input {i}: gradients differ by {}", close(a, b));
+        }
+    }
+
     #[test]
     fn frozen_linear_matches_matmul_and_passes_the_input_gradient() {
-        let dev = Device::Cpu;
-        let x = Var::randn(0f32, 1., (5, 7), &dev).unwrap();
-        let w = Tensor::randn(0f32, 1., (3, 7), &dev).unwrap();
-        let y = frozen_linear(x.as_tensor(), &w).unwrap();
-        let expected = x.as_tensor().matmul(&w.t().unwrap()).unwrap();
-        assert!(close(&y, &expected) < 1e-5);
-        let grads = y.sum_all().unwrap().backward().unwrap();
-        let by_matmul = expected.sum_all().unwrap().backward().unwrap();
-        assert!(close(grads.get(&x).unwrap(), by_matmul.get(&x).unwrap()) < 1e-5);
+        let w = Tensor::randn(0f32, 1., (3, 7), &Device::Cpu).unwrap();
+        let b = Tensor::randn(0f32, 1., 3, &Device::Cpu).unwrap();
+        agree(&[random(&[5, 7])], |t| frozen_linear(&t[0], &w, Some(&b)), |t| t[0].matmul(&w.t()?)?.broadcast_add(&b));
     }
 
     #[test]
-    fn composed_ops_match_candles_fused_ones() {
-        let dev = Device::Cpu;
-        let x = Tensor::randn(0f32, 1., (2, 4, 8), &dev).unwrap();
-        let w = Tensor::randn(0f32, 1., 8, &dev).unwrap();
-        assert!(close(&rms_norm(&x, &w, 1e-6).unwrap(), &candle_nn::ops::rms_norm(&x, &w, 1e-6).unwrap()) < 1e-5);
-        assert!(close(&softmax(&x).unwrap(), &candle_nn::ops::softmax_last_dim(&x).unwrap()) < 1e-6);
-        let cos = Tensor::randn(0f32, 1., (4, 4), &dev).unwrap();
-        let sin = Tensor::randn(0f32, 1., (4, 4), &dev).unwrap();
-        let neox = candle_nn::rotary_emb::rope(&x.unsqueeze(0).unwrap(), &cos, &sin).unwrap().squeeze(0).unwrap();
-        assert!(close(&rope(&x, &cos, &sin, true).unwrap(), &neox) < 1e-5);
-        let pairs = candle_nn::rotary_emb::rope_i(&x.unsqueeze(0).unwrap(), &cos, &sin).unwrap().squeeze(0).unwrap();
-        assert!(close(&rope(&x, &cos, &sin, false).unwrap(), &pairs) < 1e-5);
+    fn rms_norm_matches_candle_and_the_composed_gradient() {
+        let w = Tensor::randn(0f32, 1., 8, &Device::Cpu).unwrap();
+        let x = random(&[4, 8]);
+        let fused = candle_nn::ops::rms_norm(x.as_tensor(), &w, 1e-6).unwrap();
+        assert!(close(&rms_norm(x.as_tensor(), &w, 1e-6).unwrap(), &fused) < 1e-5);
+        agree(
+            &[x],
+            |t| rms_norm(&t[0], &w, 1e-6),
+            |t| {
+                let scale = (t[0].sqr()?.mean_keepdim(D::Minus1)? + 1e-6)?.sqrt()?.recip()?;
+                t[0].broadcast_mul(&scale)?.broadcast_mul(&w)
+            },
+        );
     }
 
     #[test]
-    fn softmax_gradient_matches_the_composed_form() {
-        let dev = Device::Cpu;
-        let x = Var::randn(0f32, 2., (3, 5, 7), &dev).unwrap();
-        let weights = Tensor::randn(0f32, 1., (3, 5, 7), &dev).unwrap();
-        let fused = softmax(x.as_tensor()).unwrap();
-        let max = x.as_tensor().max_keepdim(D::Minus1).unwrap().detach();
-        let e = x.as_tensor().broadcast_sub(&max).unwrap().exp().unwrap();
-        let composed = e.broadcast_div(&e.sum_keepdim(D::Minus1).unwrap()).unwrap();
-        assert!(close(&fused, &composed) < 1e-6);
-        let by_op = (fused * &weights).unwrap().sum_all().unwrap().backward().unwrap();
-        let by_parts = (composed * &weights).unwrap().sum_all().unwrap().backward().unwrap();
-        assert!(close(by_op.get(&x).unwrap(), by_parts.get(&x).unwrap()) < 1e-5);
+    fn rope_matches_candle_and_the_composed_gradient() {
+        let x = random(&[2, 4, 8]);
+        let cos = Tensor::randn(0f32, 1., (4, 4), &Device::Cpu).unwrap();
+        let sin = Tensor::randn(0f32, 1., (4, 4), &Device::Cpu).unwrap();
+        let batch = x.as_tensor().unsqueeze(0).unwrap();
+        let neox = candle_nn::rotary_emb::rope(&batch, &cos, &sin).unwrap().squeeze(0).unwrap();
+        assert!(close(&rope(x.as_tensor(), &cos, &sin, true).unwrap(), &neox) < 1e-5);
+        let pairs = candle_nn::rotary_emb::rope_i(&batch, &cos, &sin).unwrap().squeeze(0).unwrap();
+        assert!(close(&rope(x.as_tensor(), &cos, &sin, false).unwrap(), &pairs) < 1e-5);
+        // A rotation: the gradient check needs real angles.
+        let angles = Tensor::randn(0f32, 1., (4, 4), &Device::Cpu).unwrap();
+        let (cos, sin) = (angles.cos().unwrap(), angles.sin().unwrap());
+        for neox in [true, false] {
+            agree(&[x.clone()], |t| rope(&t[0], &cos, &sin, neox), |t| rotate(&t[0], &cos, &sin, neox));
+        }
+    }
+
+    #[test]
+    fn attention_matches_the_composed_form_with_grouped_heads() {
+        let (heads, kv_heads, n, d) = (4, 2, 5, 8);
+        let scale = 1.0 / (d as f64).sqrt();
+        let composed = |t: &[Tensor]| -> Result<Tensor> {
+            let repeat =
+                |x: &Tensor| x.unsqueeze(1)?.broadcast_as((kv_heads, heads / kv_heads, n, d))?.reshape((heads, n, d));
+            let mask: Vec<f32> = (0..n * n).map(|i| if i % n > i / n { f32::NEG_INFINITY } else { 0.0 }).collect();
+            let mask = Tensor::from_vec(mask, (n, n), &Device::Cpu)?;
+            let scores = (t[0].matmul(&repeat(&t[1])?.t()?)? * scale)?.broadcast_add(&mask)?;
+            let max = scores.max_keepdim(D::Minus1)?.detach();
+            let e = scores.broadcast_sub(&max)?.exp()?;
+            e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?.matmul(&repeat(&t[2])?)
+        };
+        let inputs = [random(&[heads, n, d]), random(&[kv_heads, n, d]), random(&[kv_heads, n, d])];
+        agree(&inputs, |t| causal_attention(&t[0], &t[1], &t[2], scale), composed);
+    }
+
+    #[test]
+    fn swiglu_matches_the_composed_form() {
+        agree(&[random(&[3, 6]), random(&[3, 6])], |t| swiglu(&t[0], &t[1]), |t| t[0].silu()? * &t[1]);
     }
 
     #[test]
     fn cross_entropy_matches_candle_nn() {
-        let dev = Device::Cpu;
-        let logits = Tensor::randn(0f32, 3., (4, 11), &dev).unwrap();
-        let targets = Tensor::new(&[1u32, 0, 10, 5], &dev).unwrap();
-        let ours = cross_entropy(&logits, &targets).unwrap();
-        let theirs = candle_nn::loss::cross_entropy(&logits, &targets).unwrap();
-        assert!(close(&ours, &theirs) < 1e-5);
+        let targets = [1u32, 0, 10, 5];
+        let target_tensor = Tensor::new(&targets, &Device::Cpu).unwrap();
+        let logits = Var::randn(0f32, 3., (4, 11), &Device::Cpu).unwrap();
+        agree(&[logits], |t| cross_entropy(&t[0], &targets), |t| candle_nn::loss::cross_entropy(&t[0], &target_tensor));
+        assert!(
+            cross_entropy(&Tensor::zeros((2, 3), candle_core::DType::F32, &Device::Cpu).unwrap(), &[0, 3]).is_err()
+        );
+    }
+
+    #[test]
+    fn lora_linear_matches_the_composed_form_with_and_without_dropout() {
+        let w = Tensor::randn(0f32, 1., (6, 7), &Device::Cpu).unwrap();
+        let bias = Tensor::randn(0f32, 1., 6, &Device::Cpu).unwrap();
+        let mask = Tensor::new(&[[2f32, 0., 2., 2., 0., 2., 2.]; 5], &Device::Cpu).unwrap();
+        for mask in [None, Some(mask)] {
+            let inputs = [random(&[5, 7]), random(&[3, 7]), random(&[6, 3])];
+            let composed = |t: &[Tensor]| -> Result<Tensor> {
+                let input = match &mask {
+                    Some(m) => (&t[0] * m)?,
+                    None => t[0].clone(),
+                };
+                let update = (input.matmul(&t[1].t()?)?.matmul(&t[2].t()?)? * 2.0)?;
+                t[0].matmul(&w.t()?)?.broadcast_add(&bias)? + update
+            };
+            agree(&inputs, |t| lora_linear(&t[0], &w, Some(&bias), (&t[1], &t[2]), 2.0, mask.clone()), composed);
+        }
     }
 }
