@@ -1,6 +1,7 @@
 //! Inference with llama.cpp (through `llama-cpp-2`): models loaded once per process and shared
 //! by the steps that name them, LoRA adapters attached per context, and batched sampling where
-//! the samples of a task are parallel sequences that share the prompt's KV cache.
+//! the samples of a task are parallel sequences that start from the prompt's KV cache, decoded
+//! once.
 
 pub mod extract;
 pub mod prompt;
@@ -66,12 +67,12 @@ pub struct Generated {
     pub mean_logprob: f64,
 }
 
-/// Where `generate`'s time went, for its tokens per second: decoding prompts, and generating
-/// (decoding the sampled tokens, sampling, stop checks). Context setup is in neither.
+/// What `generate` decoded, for its tokens per second: the prompts' tokens, and the time spent
+/// generating (decoding the sampled tokens, sampling, stop checks), which leaves out context
+/// setup and prompt decoding.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Timing {
     pub prompt_tokens: u64,
-    pub prompt_seconds: f64,
     pub generation_seconds: f64,
 }
 
@@ -332,7 +333,7 @@ pub fn generate(
         let text = chat_prompt(model, &template, &request.examples, &request.message)?;
         prompts.push(vocab.tokenize(text.as_bytes(), true, true));
     }
-    let longest = prompts.iter().map(|p| p.len() as u32).max().unwrap_or(0) + sampling.max_tokens;
+    let longest = (prompts.iter().map(Vec::len).max().unwrap_or(0) as u32).saturating_add(sampling.max_tokens);
     if longest > settings.context {
         return Err(format!(
             "a prompt and an answer of up to {} tokens need a context of {longest} tokens; raise the model's `context` (now {})",
@@ -344,7 +345,7 @@ pub fn generate(
     // llama.cpp's batched-bench, instead of to (and masked from) every sequence's.
     let per_sequence = longest.next_multiple_of(256);
     let params = LlamaContextParams::default()
-        .with_n_ctx(NonZeroU32::new(per_sequence * parallel))
+        .with_n_ctx(NonZeroU32::new(per_sequence.saturating_mul(parallel)))
         .with_n_batch(settings.batch)
         .with_n_ubatch(settings.batch)
         .with_n_seq_max(parallel)
@@ -461,11 +462,8 @@ pub fn generate(
             step(&context, &vocab, sequence, sampling);
         }
     }
-    let timing = Timing {
-        prompt_tokens,
-        prompt_seconds: prompt_time.as_secs_f64(),
-        generation_seconds: started.elapsed().saturating_sub(prompt_time).as_secs_f64(),
-    };
+    let timing =
+        Timing { prompt_tokens, generation_seconds: started.elapsed().saturating_sub(prompt_time).as_secs_f64() };
     Ok((results.into_iter().map(|r| r.into_iter().flatten().collect()).collect(), timing))
 }
 

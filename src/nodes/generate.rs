@@ -9,14 +9,15 @@ pub static SPEC: KindSpec = KindSpec {
     name: "generate",
     role: Role::Step(Artifact::Samples),
     doc: "Samples `samples` programs for each task with a model (and optionally a LoRA adapter). \
-          The samples of a task are parallel sequences of one llama.cpp batch sharing the prompt; \
+          The samples of a task are parallel sequences of one llama.cpp batch starting from the \
+          prompt, decoded once; \
           several tasks share a batch. Every sample is seeded from (workflow seed, step, task, \
           index), so reruns are identical; temperature 0 is greedy. Each sample records its mean \
           token log-probability and token count. `prompt-tokens` counts the prompts' tokens (each \
           decoded once per task), `tokens-per-second` is the step's generation speed (generated \
-          tokens over the time spent generating them, prompt decoding left out). \
-          Instruct models get the chat template stored in \
-          the GGUF; the prompt template can be replaced with `template`.",
+          tokens over the time spent generating them, prompt decoding left out). Instruct models \
+          get the chat template stored in the GGUF; the prompt template can be replaced with \
+          `template`.",
     properties: &[
         required("model", ValueType::Model, "The `model` to sample from."),
         required("tasks", ValueType::Input(&[Artifact::Tasks]), "The tasks to solve."),
