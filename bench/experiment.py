@@ -35,12 +35,12 @@ ARMS = [
     ("direct fine-tuning", "baseline-finetune", "baseline-finetune", [f"train.limit={TRAIN}"]),
     ("SEED", "seed", "seed", SEED),
 ]
-# A choice the paper leaves open, with RETRAIN=1: each iteration trains afresh from the base model
-# on all revisions so far (`history=`) instead of continuing the previous adapter (`init=`). It
-# starts from a copy of the SEED run, so the steps both share come from seedflow's cache (its
-# first iteration up to training); its wall time is its own steps'.
-RETRAIN = ("SEED, retraining from the base", "seed-retrain", "seed", SEED)
-VARIANTS = {"seed-retrain": ('init="prev.tune"', 'history="prev.tune"')}
+# A choice the paper leaves open, with CONTINUE=1: each iteration continues the previous adapter
+# on its own revisions (`init=`) instead of training afresh from the base model on all revisions
+# so far (`history=`, the shipped default). It starts from a copy of the SEED run, so the steps
+# both share come from seedflow's cache; its wall time is its own steps'.
+CONTINUE = ("SEED, continuing the previous adapter", "seed-continue", "seed", SEED)
+VARIANTS = {"seed-continue": ('history="prev.tune"', 'init="prev.tune"')}
 
 
 def variant(name, workflow, overrides):
@@ -92,7 +92,7 @@ def run_arm(binary, name, workflow, overrides):
 def main():
     binary = seedflow_binary()
     OUT.mkdir(parents=True, exist_ok=True)
-    arms = ARMS + [RETRAIN] if os.environ.get("RETRAIN") == "1" else ARMS
+    arms = ARMS + [CONTINUE] if os.environ.get("CONTINUE") == "1" else ARMS
     arms = [(label, *run_arm(binary, name, workflow, overrides)) for label, name, workflow, overrides in arms]
     # The figures come from seedflow's own report of the runs (training samples as it counts them).
     report_dir = OUT / "report"
