@@ -66,7 +66,11 @@ fn tiny_model(architecture: Architecture) -> PathBuf {
     ];
     let quantized: Vec<(String, QTensor)> =
         tensors.into_iter().map(|(n, t)| (n, QTensor::quantize(&t, GgmlDType::F32).unwrap())).collect();
-    let path = std::env::temp_dir().join(format!("seedflow-tiny-{arch}-{}.gguf", std::process::id()));
+    // A file of its own per call: tests run in parallel and each removes its model when done,
+    // and llama.cpp keeps loaded models by path.
+    static MODELS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = MODELS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = std::env::temp_dir().join(format!("seedflow-tiny-{arch}-{}-{n}.gguf", std::process::id()));
     let mut file = std::fs::File::create(&path).unwrap();
     let metadata: Vec<(&str, &gguf_file::Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let tensors: Vec<(&str, &QTensor)> = quantized.iter().map(|(k, v)| (k.as_str(), v)).collect();
