@@ -19,11 +19,11 @@ context creation and prompt decoding included, is printed beside it.
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import tarfile
 import tempfile
 from pathlib import Path
+from statistics import median
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("SEEDFLOW_CACHE", Path.home() / ".cache" / "seedflow"))
@@ -107,10 +107,6 @@ def ours(binary, work):
         generation[n] = meta["metrics"]["tokens-per-second"]
     prompt = json.loads((work / "run" / "warm-up" / "meta.json").read_text())["metrics"]["prompt-tokens"]
     return whole, generation, int(prompt)
-
-
-def median(values):
-    return statistics.median(values)
 
 
 def main():

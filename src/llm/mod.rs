@@ -123,7 +123,7 @@ fn load(settings: &ModelSettings) -> Result<Arc<Mutex<Loaded>>, String> {
 
 /// How many of the largest logits can be sampled at all: 1 for greedy, `top-k` otherwise
 /// (0 means all).
-fn candidates(sampling: &Sampling) -> usize {
+fn sampleable(sampling: &Sampling) -> usize {
     match sampling.temperature <= 0.0 {
         true => 1,
         false => usize::try_from(sampling.top_k).unwrap_or(0),
@@ -478,18 +478,17 @@ fn step(
     // Only the largest logits can be picked (the chain starts with top-k), so only those go to
     // llama.cpp's sampler: handing it the whole vocabulary, as `LlamaSampler::sample` does,
     // spends most of a millisecond per token building and sorting 150,000 candidates.
-    let mut candidates = LlamaTokenDataArray::new(top_candidates(logits, candidates(sampling)), false);
+    let mut candidates = LlamaTokenDataArray::new(top_candidates(logits, sampleable(sampling)), false);
     candidates.apply_sampler(&mut sequence.sampler);
-    let Some(token) = candidates.selected_token() else {
-        sequence.live = false; // no candidate at all: nothing to generate
-        return;
-    };
-    sequence.sampler.accept(token);
-    if vocab.is_eog(token) {
+    let picked = candidates.selected_token();
+    if let Some(token) = picked {
+        sequence.sampler.accept(token);
+    }
+    let Some(token) = picked.filter(|&t| !vocab.is_eog(t)) else {
         sequence.live = false;
         sequence.last_token = None;
         return;
-    }
+    };
     let chosen = logits.get(token.0 as usize).copied().unwrap_or(f32::NEG_INFINITY);
     sequence.logprob_sum += f64::from(chosen) - crate::numeric::log_sum_exp(logits);
     sequence.tokens += 1;
@@ -520,7 +519,7 @@ mod tests {
         assert_eq!(ids(99).len(), logits.len());
         let greedy =
             Sampling { temperature: 0.0, top_p: 1.0, top_k: 40, max_tokens: 1, stop: vec![], stop_after_code: false };
-        assert_eq!(candidates(&greedy), 1);
-        assert_eq!(candidates(&Sampling { temperature: 0.8, ..greedy.clone() }), 40);
+        assert_eq!(sampleable(&greedy), 1);
+        assert_eq!(sampleable(&Sampling { temperature: 0.8, ..greedy.clone() }), 40);
     }
 }

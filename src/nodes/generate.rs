@@ -2,6 +2,7 @@ use std::path::PathBuf;
 
 use crate::data::{Sample, Task, TaskStyle, sample_seed};
 use crate::dsl::schema::{Artifact, KindSpec, Role, ValueType, optional, required, unset};
+use crate::engine::cache::Metrics;
 use crate::engine::context::{Context, Outcome, StepError};
 use crate::llm::{self, Generated, Request, Sampling, extract, prompt};
 
@@ -130,8 +131,7 @@ pub(super) fn sample_all(
         return Err(failure);
     }
     writer.finish()?;
-    let mut metrics: std::collections::BTreeMap<String, f64> =
-        [("count".to_string(), count as f64), ("tokens".to_string(), tokens as f64)].into();
+    let mut metrics = Metrics::from([("count".to_string(), count as f64), ("tokens".to_string(), tokens as f64)]);
     if timing.prompt_tokens > 0 {
         metrics.insert("prompt-tokens".to_string(), timing.prompt_tokens as f64);
     }

@@ -213,6 +213,7 @@ impl Base {
         let (cos, sin) = self.rotary(n)?;
         let neox = c.architecture == Architecture::Qwen2;
         let scale = 1.0 / (c.head_dim as f64).sqrt();
+        let mask = ops::causal_mask(n)?;
         let mut x = self.embedding.index_select(&Tensor::new(tokens, &device)?, 0)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let h = ops::rms_norm(&x, &layer.attn_norm, c.rms_eps)?;
@@ -222,7 +223,7 @@ impl Base {
             let v = heads(self.project(&h, i, Target::V, lora, &mut dropout)?, c.kv_heads)?;
             let q = ops::rope(&q, &cos, &sin, neox)?;
             let k = ops::rope(&k, &cos, &sin, neox)?;
-            let attended = ops::causal_attention(&q, &k, &v, scale)?;
+            let attended = ops::causal_attention(&q, &k, &v, scale, &mask)?;
             let attended = attended.transpose(0, 1)?.reshape((n, c.heads * c.head_dim))?;
             x = (x + self.project(&attended, i, Target::O, lora, &mut dropout)?)?;
             let h = ops::rms_norm(&x, &layer.ffn_norm, c.rms_eps)?;

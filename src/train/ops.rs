@@ -57,10 +57,15 @@ impl CustomOp1 for Frozen {
     }
 }
 
+impl Frozen {
+    fn new(weight: &Tensor, bias: Option<&Tensor>) -> Result<Frozen> {
+        Ok(Frozen { weight: weight.clone(), bias: bias.map(|b| b.to_vec1::<f32>()).transpose()? })
+    }
+}
+
 /// `x @ Wᵀ + b` where `W` and `b` never train; `x` is (tokens, n_in).
 pub fn frozen_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    let bias = bias.map(|b| b.to_vec1::<f32>()).transpose()?;
-    x.contiguous()?.apply_op1(Frozen { weight: weight.clone(), bias })
+    x.contiguous()?.apply_op1(Frozen::new(weight, bias)?)
 }
 
 /// `x @ Wᵀ + b + s · ((x ⊙ m) @ Aᵀ) @ Bᵀ`: a frozen projection with its LoRA update (A, B
@@ -135,8 +140,7 @@ pub fn lora_linear(
     scale: f64,
     mask: Option<Tensor>,
 ) -> Result<Tensor> {
-    let bias = bias.map(|b| b.to_vec1::<f32>()).transpose()?;
-    let op = LoraLinear { frozen: Frozen { weight: weight.clone(), bias }, scale, mask };
+    let op = LoraLinear { frozen: Frozen::new(weight, bias)?, scale, mask };
     x.contiguous()?.apply_op3(&a.contiguous()?, &b.contiguous()?, op)
 }
 
@@ -250,12 +254,17 @@ impl CustomOp3 for Attention {
     }
 }
 
-/// Causal self-attention of q (heads, n, d) over k, v (kv_heads, n, d), scaled by `scale`.
-pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
-    let n = q.dim(1)?;
+/// The causal mask for `n` tokens, (n, n): 0 on and below the diagonal, -inf above.
+pub fn causal_mask(n: usize) -> Result<Tensor> {
     let mask: Vec<f32> = (0..n * n).map(|i| if i % n > i / n { f32::NEG_INFINITY } else { 0.0 }).collect();
-    let mask = Tensor::from_vec(mask, (n, n), &Device::Cpu)?;
-    q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, Attention { scale, mask })
+    Tensor::from_vec(mask, (n, n), &Device::Cpu)
+}
+
+/// Causal self-attention of q (heads, n, d) over k, v (kv_heads, n, d), scaled by `scale`;
+/// `mask` is [`causal_mask`] for n tokens.
+pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: &Tensor) -> Result<Tensor> {
+    let op = Attention { scale, mask: mask.clone() };
+    q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)
 }
 
 /// SwiGLU, `silu(gate) · up`, as one op: `d_up = dy · silu(gate)` and
@@ -464,15 +473,14 @@ mod tests {
         let composed = |t: &[Tensor]| -> Result<Tensor> {
             let repeat =
                 |x: &Tensor| x.unsqueeze(1)?.broadcast_as((kv_heads, heads / kv_heads, n, d))?.reshape((heads, n, d));
-            let mask: Vec<f32> = (0..n * n).map(|i| if i % n > i / n { f32::NEG_INFINITY } else { 0.0 }).collect();
-            let mask = Tensor::from_vec(mask, (n, n), &Device::Cpu)?;
-            let scores = (t[0].matmul(&repeat(&t[1])?.t()?)? * scale)?.broadcast_add(&mask)?;
+            let scores = (t[0].matmul(&repeat(&t[1])?.t()?)? * scale)?.broadcast_add(&causal_mask(n)?)?;
             let max = scores.max_keepdim(D::Minus1)?.detach();
             let e = scores.broadcast_sub(&max)?.exp()?;
             e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?.matmul(&repeat(&t[2])?)
         };
         let inputs = [random(&[heads, n, d]), random(&[kv_heads, n, d]), random(&[kv_heads, n, d])];
-        agree(&inputs, |t| causal_attention(&t[0], &t[1], &t[2], scale), composed);
+        let mask = causal_mask(n).unwrap();
+        agree(&inputs, |t| causal_attention(&t[0], &t[1], &t[2], scale, &mask), composed);
     }
 
     #[test]
