@@ -15,6 +15,10 @@ context creation and prompt decoding included, is printed beside it.
 
     python3 bench/generate.py
     SEEDFLOW_BIN=path/to/seedflow ROUNDS=5 python3 bench/generate.py
+
+On a GPU (bench/gpu/check.py runs it so): GPU_LAYERS=-1 offloads every layer in both programs,
+SEEDFLOW_MODEL replaces the default model, LLAMA_BATCHED_BENCH names an anchor built elsewhere,
+PARALLEL the sequence counts ("1,4,8" unless set).
 """
 import json
 import os
@@ -28,7 +32,8 @@ from statistics import median
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("SEEDFLOW_CACHE", Path.home() / ".cache" / "seedflow"))
 NTG = 128
-PARALLEL = [1, 4, 8]
+PARALLEL = [int(n) for n in os.environ.get("PARALLEL", "1,4,8").split(",")]
+GPU_LAYERS = int(os.environ.get("GPU_LAYERS", "0"))
 THREADS = os.cpu_count() or 1
 ROUNDS = int(os.environ.get("ROUNDS", "3"))
 
@@ -49,6 +54,8 @@ def llama_cpp_tree():
 
 
 def batched_bench():
+    if "LLAMA_BATCHED_BENCH" in os.environ:
+        return Path(os.environ["LLAMA_BATCHED_BENCH"]).resolve()
     tree, version = llama_cpp_tree()
     work = CACHE / "bench" / f"llama.cpp-sys-2-{version}"
     binary = work / "build" / "bin" / "llama-batched-bench"
@@ -75,7 +82,7 @@ def batched_bench():
 
 def anchor(binary, model, prompt_tokens):
     out = subprocess.run(
-        [binary, "-m", model, "-c", "4096", "-b", "512", "-ub", "512", "-t", str(THREADS), "-pps",
+        [binary, "-m", model, "-ngl", str(GPU_LAYERS if GPU_LAYERS >= 0 else 999), "-c", str(max(4096, 256 * max(PARALLEL))), "-b", "512", "-ub", "512", "-t", str(THREADS), "-pps",
          "-npp", str(prompt_tokens), "-ntg", str(NTG), "-npl", ",".join(map(str, PARALLEL))],
         check=True, capture_output=True, text=True,
     ).stdout
@@ -88,18 +95,20 @@ def anchor(binary, model, prompt_tokens):
     return speeds
 
 
-def ours(binary, work):
+def ours(binary, model, work):
     """One run of seedflow's steps: per sequence count, the whole step's and generation's speed,
     and the prompt's length in tokens."""
     task = {"task_id": "bench", "prompt": "Write a Python function that returns the nth Fibonacci number, with a docstring, type hints and comments explaining each step.", "tests": ["assert True"]}
     (work / "task.jsonl").write_text(json.dumps(task) + "\n")
-    flow = ['workflow "bench-generate" seed=1', 'model "coder" path="default" context=4096', 'dataset "task" format="jsonl" path="task.jsonl"',
+    flow = ['workflow "bench-generate" seed=1', f'model "coder" path="{model}" context=4096 gpu-layers={GPU_LAYERS}', 'dataset "task" format="jsonl" path="task.jsonl"',
             'generate "warm-up" model="coder" tasks="task" samples=1 max-tokens=8']
     for n in PARALLEL:
         flow.append(f'generate "n{n}" model="coder" tasks="task" samples={n} temperature=0.8 max-tokens={NTG} stop-after-code=#false')
     (work / "bench.kdl").write_text("\n".join(flow) + "\n")
     shutil.rmtree(work / "run", ignore_errors=True)
-    subprocess.run([binary, "run", work / "bench.kdl", "--run-dir", work / "run", "--ci"], check=True, capture_output=True)
+    done = subprocess.run([binary, "run", work / "bench.kdl", "--run-dir", work / "run", "--ci"], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"seedflow failed:\n{done.stdout}{done.stderr}")
     whole, generation = {}, {}
     for n in PARALLEL:
         meta = json.loads((work / "run" / f"n{n}" / "meta.json").read_text())
@@ -111,13 +120,13 @@ def ours(binary, work):
 
 def main():
     binary = seedflow_binary()
-    model = subprocess.run([binary, "fetch", "model"], check=True, capture_output=True, text=True).stdout.strip()
+    model = os.environ.get("SEEDFLOW_MODEL") or subprocess.run([binary, "fetch", "model"], check=True, capture_output=True, text=True).stdout.strip()
     anchor_binary = batched_bench()
     # Alternating rounds, medians reported: speeds on a shared machine drift from run to run.
     rounds = {"whole": [], "generation": [], "anchor": []}
     with tempfile.TemporaryDirectory() as work:
         for _ in range(ROUNDS):
-            whole, generation, prompt_tokens = ours(binary, Path(work))
+            whole, generation, prompt_tokens = ours(binary, model, Path(work))
             rounds["whole"].append(whole)
             rounds["generation"].append(generation)
             rounds["anchor"].append(anchor(anchor_binary, model, prompt_tokens))
@@ -125,6 +134,7 @@ def main():
     whole = {n: median(at("whole", n)) for n in PARALLEL}
     generation = {n: median(at("generation", n)) for n in PARALLEL}
     theirs = {n: median(at("anchor", n)) for n in PARALLEL}
+    print(f"{Path(model).name}, gpu-layers {GPU_LAYERS}")
     print(f"generated tokens per second, {THREADS} threads, a {prompt_tokens}-token prompt, {NTG} tokens per sequence, median of {ROUNDS} rounds")
     print(f"{'sequences':>9} {'seedflow step':>13} {'seedflow generation':>19} {'llama-batched-bench':>19} {'ratio':>6}")
     for n in PARALLEL:
@@ -132,8 +142,9 @@ def main():
         print(f"{'':>9} {'rounds: ' + ', '.join(f'{g:.1f}' for g in at('generation', n)):>33} {', '.join(f'{a:.1f}' for a in at('anchor', n)):>19}")
     print("ratio = seedflow generation / llama-batched-bench; whole step / anchor: "
           + ", ".join(f"{n}: {whole[n] / theirs[n]:.2f}" for n in PARALLEL))
-    print(f"8 sequences / 1 sequence: seedflow {generation[8] / generation[1]:.2f}x (whole step {whole[8] / whole[1]:.2f}x), "
-          f"llama-batched-bench {theirs[8] / theirs[1]:.2f}x")
+    most, one = PARALLEL[-1], PARALLEL[0]
+    print(f"{most} sequences / {one}: seedflow {generation[most] / generation[one]:.2f}x (whole step {whole[most] / whole[one]:.2f}x), "
+          f"llama-batched-bench {theirs[most] / theirs[one]:.2f}x")
 
 
 if __name__ == "__main__":

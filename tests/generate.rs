@@ -116,3 +116,12 @@ fn few_shot_turns_go_through_the_chat_template() {
     // The same tokens may come out, but not with the same probabilities: the turns were seen.
     assert_ne!(plain[0][0].mean_logprob, shown[0][0].mean_logprob, "the examples reach the model");
 }
+
+/// Without a GPU llama.cpp would run the layers on the CPU, silently; asking for one is an error.
+#[test]
+#[cfg(not(feature = "cuda"))]
+fn asking_for_gpu_layers_without_a_gpu_is_an_error() {
+    let settings = ModelSettings { gpu_layers: -1, ..settings() };
+    let error = llm::logits(&settings, None, &[1, 2, 3]).unwrap_err();
+    assert!(error.contains("`gpu-layers=-1` asks for a GPU") && error.contains("--features cuda"), "{error}");
+}

@@ -21,6 +21,7 @@ use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
 use llama_cpp_2::token::data::LlamaTokenData;
 use llama_cpp_2::token::data_array::LlamaTokenDataArray;
+use rayon::prelude::*;
 
 /// How a model is loaded and run: a `model` declaration, resolved.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -112,6 +113,18 @@ fn load(settings: &ModelSettings) -> Result<Arc<Mutex<Loaded>>, String> {
     if !settings.path.exists() {
         return Err(format!("model file `{}` does not exist", settings.path.display()));
     }
+    // llama.cpp runs every layer on the CPU when it has no GPU to offload to, silently and many
+    // times slower: a run that asked for the GPU stops instead.
+    if settings.gpu_layers != 0 && !backend.supports_gpu_offload() {
+        let why = match cfg!(feature = "cuda") {
+            true => "no CUDA device was found",
+            false => "this seedflow was built without GPU support (`cargo build --release --features cuda`)",
+        };
+        return Err(format!(
+            "`gpu-layers={}` asks for a GPU, but llama.cpp has none to offload to: {why}; set `gpu-layers=0` to run on the CPU",
+            settings.gpu_layers
+        ));
+    }
     let layers = if settings.gpu_layers < 0 { u32::MAX } else { settings.gpu_layers as u32 };
     let params = LlamaModelParams::default().with_n_gpu_layers(layers);
     let model = LlamaModel::load_from_file(backend, &settings.path, &params)
@@ -138,16 +151,25 @@ fn top_candidates(logits: &[f32], k: usize) -> Vec<LlamaTokenData> {
         return logits.iter().enumerate().map(data).collect();
     }
     // The k largest so far, smallest first; a logit must beat the smallest to get in, which
-    // almost none do once the list is full.
+    // almost none do once the list is full: most blocks are passed over after one vectorised
+    // maximum.
+    const BLOCK: usize = 16;
     let mut kept: Vec<(f32, usize)> = Vec::with_capacity(k + 1);
-    for (id, &logit) in logits.iter().enumerate() {
-        if kept.len() == k && logit <= kept[0].0 {
+    for (b, block) in logits.chunks(BLOCK).enumerate() {
+        let largest = block.iter().fold(f32::NEG_INFINITY, |m, &l| if l > m { l } else { m });
+        if kept.len() == k && largest <= kept[0].0 {
             continue;
         }
-        let at = kept.partition_point(|&(l, i)| l < logit || (l == logit && i > id));
-        kept.insert(at, (logit, id));
-        if kept.len() > k {
-            kept.remove(0);
+        for (j, &logit) in block.iter().enumerate() {
+            let id = b * BLOCK + j;
+            if kept.len() == k && logit <= kept[0].0 {
+                continue;
+            }
+            let at = kept.partition_point(|&(l, i)| l < logit || (l == logit && i > id));
+            kept.insert(at, (logit, id));
+            if kept.len() > k {
+                kept.remove(0);
+            }
         }
     }
     kept.iter().rev().map(|&(logit, id)| data((id, &logit))).collect()
@@ -437,7 +459,8 @@ pub fn generate(
                     live: true,
                 };
                 // The first token comes from the prompt's logits, before another decode.
-                step(&context, &vocab, &mut sequence, sampling);
+                let logits = context.get_logits_ith(sequence.logits_at);
+                step(&vocab, &mut sequence, logits, score(logits, sampling), sampling);
                 slots[seq] = Some(sequence);
             }
             admitted += 1;
@@ -458,8 +481,13 @@ pub fn generate(
             continue; // sequences that just finished are retired at the top
         }
         context.decode(&mut step_batch).map_err(|e| format!("llama.cpp could not decode: {e}"))?;
-        for sequence in slots.iter_mut().flatten().filter(|s| s.live) {
-            step(&context, &vocab, sequence, sampling);
+        let live: Vec<&mut Sequence> = slots.iter_mut().flatten().filter(|s| s.live).collect();
+        let logits: Vec<&[f32]> = live.iter().map(|s| context.get_logits_ith(s.logits_at)).collect();
+        // The passes over the vocabulary, one sequence per core: with several sequences on a
+        // GPU, doing them one after another took longer than the decoding.
+        let scored: Vec<Scored> = logits.par_iter().map(|l| score(l, sampling)).collect();
+        for ((sequence, logits), scored) in live.into_iter().zip(logits).zip(scored) {
+            step(&vocab, sequence, logits, scored, sampling);
         }
     }
     let timing =
@@ -467,18 +495,32 @@ pub fn generate(
     Ok((results.into_iter().map(|r| r.into_iter().flatten().collect()).collect(), timing))
 }
 
-/// Samples the sequence's next token from its logits, and decides whether it goes on.
-fn step(
-    context: &llama_cpp_2::context::LlamaContext<'_>,
-    vocab: &llama_cpp_2::vocab::LlamaVocab<'_>,
-    sequence: &mut Sequence,
-    sampling: &Sampling,
-) {
-    let logits = context.get_logits_ith(sequence.logits_at);
+/// What a sequence's next token is drawn from: the logits that can be sampled, and the log of
+/// the softmax's normaliser over the whole vocabulary (for the token's log-probability).
+struct Scored {
+    candidates: Vec<LlamaTokenData>,
+    log_normaliser: f64,
+}
+
+fn score(logits: &[f32], sampling: &Sampling) -> Scored {
     // Only the largest logits can be picked (the chain starts with top-k), so only those go to
     // llama.cpp's sampler: handing it the whole vocabulary, as `LlamaSampler::sample` does,
     // spends most of a millisecond per token building and sorting 150,000 candidates.
-    let mut candidates = LlamaTokenDataArray::new(top_candidates(logits, sampleable(sampling)), false);
+    Scored {
+        candidates: top_candidates(logits, sampleable(sampling)),
+        log_normaliser: crate::numeric::log_sum_exp(logits),
+    }
+}
+
+/// Samples the sequence's next token, and decides whether it goes on.
+fn step(
+    vocab: &llama_cpp_2::vocab::LlamaVocab<'_>,
+    sequence: &mut Sequence,
+    logits: &[f32],
+    scored: Scored,
+    sampling: &Sampling,
+) {
+    let mut candidates = LlamaTokenDataArray::new(scored.candidates, false);
     candidates.apply_sampler(&mut sequence.sampler);
     let picked = candidates.selected_token();
     if let Some(token) = picked {
@@ -490,7 +532,7 @@ fn step(
         return;
     };
     let chosen = logits.get(token.0 as usize).copied().unwrap_or(f32::NEG_INFINITY);
-    sequence.logprob_sum += f64::from(chosen) - crate::numeric::log_sum_exp(logits);
+    sequence.logprob_sum += f64::from(chosen) - scored.log_normaliser;
     sequence.tokens += 1;
     sequence.bytes.extend(vocab.token_to_piece(token, false, None));
     sequence.last_token = Some(token);
@@ -521,5 +563,17 @@ mod tests {
             Sampling { temperature: 0.0, top_p: 1.0, top_k: 40, max_tokens: 1, stop: vec![], stop_after_code: false };
         assert_eq!(sampleable(&greedy), 1);
         assert_eq!(sampleable(&Sampling { temperature: 0.8, ..greedy.clone() }), 40);
+    }
+
+    #[test]
+    fn top_candidates_of_a_vocabulary_are_its_sorted_head() {
+        // Many ties, and a row that does not end on a whole block.
+        let logits: Vec<f32> = (0..151_937u32).map(|i| (i.wrapping_mul(2_654_435_761) % 1000) as f32 * 0.01).collect();
+        let mut order: Vec<i32> = (0..logits.len() as i32).collect();
+        order.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
+        for k in [1, 40, 1000] {
+            let ids: Vec<i32> = top_candidates(&logits, k).iter().map(|c| c.id().0).collect();
+            assert_eq!(ids, order[..k]);
+        }
     }
 }

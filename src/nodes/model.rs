@@ -26,7 +26,8 @@ pub static SPEC: KindSpec = KindSpec {
             "gpu-layers",
             ValueType::Integer { min: -1 },
             "0",
-            "Layers to offload to the GPU; -1 offloads all, 0 runs on the CPU.",
+            "Layers to offload to the GPU; -1 offloads all, 0 runs on the CPU. Other values need a \
+             seedflow built with `--features cuda` and a CUDA device; without them the step fails.",
         ),
         optional("threads", ValueType::Integer { min: 0 }, "0", "CPU threads; 0 uses every core."),
         optional("batch", ValueType::Integer { min: 1 }, "512", "Tokens per llama.cpp batch."),
