@@ -384,6 +384,7 @@ pub fn generate(
     let mut results: Vec<Vec<Option<Generated>>> = requests.iter().map(|r| vec![None; r.seeds.len()]).collect();
     let mut unfinished: Vec<usize> = requests.iter().map(|r| r.seeds.len()).collect();
     let mut slots: Vec<Option<Sequence>> = (0..parallel).map(|_| None).collect();
+    let mut owed: Vec<Owed> = (0..parallel).map(|_| Owed::default()).collect();
     let (mut admitted, mut reported) = (0, 0);
     let mut prompt_batch = LlamaBatch::new(batch_size, 1);
     let mut step_batch = LlamaBatch::new(parallel as usize, 1);
@@ -394,7 +395,11 @@ pub fn generate(
         if cancelled() {
             return Err("interrupted".into());
         }
-        // Retire finished sequences: free their slot and cells, keep their text.
+        // Retire finished sequences: free their slot and cells, keep their text (with the
+        // normaliser of their last token, still owed if they finished in the last step).
+        if slots.iter().zip(&owed).any(|(slot, o)| o.owed && slot.as_ref().is_some_and(|s| !s.live)) {
+            settle(&mut slots, &mut owed);
+        }
         for (seq, slot) in slots.iter_mut().enumerate() {
             if slot.as_ref().is_some_and(|s| !s.live) {
                 let Some(done) = slot.take() else { continue };
@@ -460,7 +465,9 @@ pub fn generate(
                 };
                 // The first token comes from the prompt's logits, before another decode.
                 let logits = context.get_logits_ith(sequence.logits_at);
-                step(&vocab, &mut sequence, logits, score(logits, sampling), sampling);
+                if step(&vocab, &mut sequence, logits, top_candidates(logits, sampleable(sampling)), sampling) {
+                    sequence.logprob_sum -= crate::numeric::log_sum_exp(logits);
+                }
                 slots[seq] = Some(sequence);
             }
             admitted += 1;
@@ -481,13 +488,28 @@ pub fn generate(
             continue; // sequences that just finished are retired at the top
         }
         context.decode(&mut step_batch).map_err(|e| format!("llama.cpp could not decode: {e}"))?;
-        let live: Vec<&mut Sequence> = slots.iter_mut().flatten().filter(|s| s.live).collect();
-        let logits: Vec<&[f32]> = live.iter().map(|s| context.get_logits_ith(s.logits_at)).collect();
-        // The passes over the vocabulary, one sequence per core: with several sequences on a
-        // GPU, doing them one after another took longer than the decoding.
-        let scored: Vec<Scored> = logits.par_iter().map(|l| score(l, sampling)).collect();
-        for ((sequence, logits), scored) in live.into_iter().zip(logits).zip(scored) {
-            step(&vocab, sequence, logits, scored, sampling);
+        // On a GPU the decoding runs on while the last step's normalisers are computed here.
+        settle(&mut slots, &mut owed);
+        let k = sampleable(sampling);
+        let mut live: Vec<(&mut Sequence, &[f32], &mut Owed)> = slots
+            .iter_mut()
+            .zip(owed.iter_mut())
+            .filter_map(|(slot, owed)| {
+                let sequence = slot.as_mut().filter(|s| s.live)?;
+                let logits = context.get_logits_ith(sequence.logits_at);
+                Some((sequence, logits, owed))
+            })
+            .collect();
+        // The passes over the vocabulary, one sequence per core: done one after another, they
+        // took longer than a GPU's decoding step. The logits are kept for the normaliser, as
+        // the next decode overwrites llama.cpp's.
+        let candidates = each(&mut live, |(_, logits, owed)| {
+            owed.logits.clear();
+            owed.logits.extend_from_slice(logits);
+            top_candidates(logits, k)
+        });
+        for ((sequence, logits, owed), candidates) in live.into_iter().zip(candidates) {
+            owed.owed = step(&vocab, sequence, logits, candidates, sampling);
         }
     }
     let timing =
@@ -495,32 +517,50 @@ pub fn generate(
     Ok((results.into_iter().map(|r| r.into_iter().flatten().collect()).collect(), timing))
 }
 
-/// What a sequence's next token is drawn from: the logits that can be sampled, and the log of
-/// the softmax's normaliser over the whole vocabulary (for the token's log-probability).
-struct Scored {
-    candidates: Vec<LlamaTokenData>,
-    log_normaliser: f64,
+/// A sequence's last logits, whose log-sum-exp (the softmax's normaliser) its log-probability
+/// sum still owes when `owed`.
+#[derive(Default)]
+struct Owed {
+    logits: Vec<f32>,
+    owed: bool,
 }
 
-fn score(logits: &[f32], sampling: &Sampling) -> Scored {
-    // Only the largest logits can be picked (the chain starts with top-k), so only those go to
-    // llama.cpp's sampler: handing it the whole vocabulary, as `LlamaSampler::sample` does,
-    // spends most of a millisecond per token building and sorting 150,000 candidates.
-    Scored {
-        candidates: top_candidates(logits, sampleable(sampling)),
-        log_normaliser: crate::numeric::log_sum_exp(logits),
+/// `f` of each item, on rayon's threads when more than one item has work: handing a lone item to
+/// the pool (waking a thread, waiting for it) costs more than it saves.
+fn each<T: Send, R: Send>(items: &mut [T], f: impl Fn(&mut T) -> R + Sync + Send) -> Vec<R> {
+    match items.len() {
+        0 | 1 => items.iter_mut().map(f).collect(),
+        _ => items.par_iter_mut().map(f).collect(),
     }
 }
 
-/// Samples the sequence's next token, and decides whether it goes on.
+/// Subtracts every owed normaliser from its sequence's log-probability sum.
+fn settle(slots: &mut [Option<Sequence>], owed: &mut [Owed]) {
+    let due: Vec<usize> = (0..owed.len()).filter(|&i| owed[i].owed).collect();
+    let mut rows: Vec<&[f32]> = due.iter().map(|&i| owed[i].logits.as_slice()).collect();
+    let normalisers = each(&mut rows, |row| crate::numeric::log_sum_exp(row));
+    for (i, normaliser) in due.into_iter().zip(normalisers) {
+        if let Some(sequence) = slots[i].as_mut() {
+            sequence.logprob_sum -= normaliser;
+        }
+        owed[i].owed = false;
+    }
+}
+
+/// Samples the sequence's next token from `candidates`, the largest of its `logits` (only those
+/// can be picked: the chain starts with top-k; handing llama.cpp's sampler the whole vocabulary,
+/// as `LlamaSampler::sample` does, spends most of a millisecond per token building and sorting
+/// 150,000 candidates), and decides whether it goes on. Adds the token's logit to the
+/// log-probability sum and returns true when it took a token: the caller subtracts the
+/// normaliser.
 fn step(
     vocab: &llama_cpp_2::vocab::LlamaVocab<'_>,
     sequence: &mut Sequence,
     logits: &[f32],
-    scored: Scored,
+    candidates: Vec<LlamaTokenData>,
     sampling: &Sampling,
-) {
-    let mut candidates = LlamaTokenDataArray::new(scored.candidates, false);
+) -> bool {
+    let mut candidates = LlamaTokenDataArray::new(candidates, false);
     candidates.apply_sampler(&mut sequence.sampler);
     let picked = candidates.selected_token();
     if let Some(token) = picked {
@@ -529,10 +569,10 @@ fn step(
     let Some(token) = picked.filter(|&t| !vocab.is_eog(t)) else {
         sequence.live = false;
         sequence.last_token = None;
-        return;
+        return false;
     };
     let chosen = logits.get(token.0 as usize).copied().unwrap_or(f32::NEG_INFINITY);
-    sequence.logprob_sum += f64::from(chosen) - scored.log_normaliser;
+    sequence.logprob_sum += f64::from(chosen);
     sequence.tokens += 1;
     sequence.bytes.extend(vocab.token_to_piece(token, false, None));
     sequence.last_token = Some(token);
@@ -544,6 +584,7 @@ fn step(
         sequence.live = false;
         sequence.last_token = None;
     }
+    true
 }
 
 #[cfg(test)]
