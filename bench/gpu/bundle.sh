@@ -9,8 +9,9 @@
 # dynamically, so the bundle stays small and uses the GPU machine's own CUDA 13 libraries; the
 # plain `--features cuda` build links them statically instead. Kernels for Hopper (sm_90) only,
 # without flash attention, which seedflow leaves to llama.cpp's `auto` and CUDA then doesn't offer:
-# about an hour on 2 cores. The anchor, llama-batched-bench, is built from the same tree without
-# CUDA and runs on these libraries, so both programs use the same llama.cpp.
+# 37 minutes on 2 cores the first time, a few after a change to seedflow. The anchor,
+# llama-batched-bench, is built from the same tree without CUDA and runs on these libraries, so
+# both programs use the same llama.cpp.
 set -euo pipefail
 out=$(realpath -m "$1")
 root=$(cd "$(dirname "$0")/../.." && pwd)
