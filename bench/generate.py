@@ -53,30 +53,35 @@ def llama_cpp_tree():
     return Path(crate["manifest_path"]).parent / "llama.cpp", crate["version"]
 
 
-def batched_bench():
-    if "LLAMA_BATCHED_BENCH" in os.environ:
+def batched_bench(shared=False):
+    """llama-batched-bench, linked statically, or against llama.cpp's shared libraries when
+    `shared` (bench/gpu/bundle.sh runs it on seedflow's CUDA build of them)."""
+    if not shared and "LLAMA_BATCHED_BENCH" in os.environ:
         return Path(os.environ["LLAMA_BATCHED_BENCH"]).resolve()
     tree, version = llama_cpp_tree()
     work = CACHE / "bench" / f"llama.cpp-sys-2-{version}"
-    binary = work / "build" / "bin" / "llama-batched-bench"
+    build = work / ("build-shared" if shared else "build")
+    binary = build / "bin" / "llama-batched-bench"
     if binary.exists():
         return binary
-    downloads = CACHE / "bench"
-    downloads.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["python3", "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--quiet", "-d", downloads, "llama-cpp-python==0.3.36"], check=True)
-    archive = next(downloads.glob("llama_cpp_python-*.tar.gz"))
-    with tarfile.open(archive) as tar:
-        tar.extractall(downloads, filter="data")
-    tool = next(downloads.glob("llama_cpp_python-*/vendor/llama.cpp/tools/batched-bench"))
-    shutil.copytree(tree, work, dirs_exist_ok=True)
-    for source in ("CMakeLists.txt", "batched-bench.cpp", "main.cpp"):
-        shutil.copy(tool / source, work / "tools" / "batched-bench" / source)
-    (work / "tools" / "CMakeLists.txt").write_text("llama_add_compile_flags()\nadd_subdirectory(batched-bench)\n")
+    tool = work / "tools" / "batched-bench"
+    if not (tool / "batched-bench.cpp").exists():
+        downloads = CACHE / "bench"
+        downloads.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["python3", "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--quiet", "-d", downloads, "llama-cpp-python==0.3.36"], check=True)
+        archive = next(downloads.glob("llama_cpp_python-*.tar.gz"))
+        with tarfile.open(archive) as tar:
+            tar.extractall(downloads, filter="data")
+        sources = next(downloads.glob("llama_cpp_python-*/vendor/llama.cpp/tools/batched-bench"))
+        shutil.copytree(tree, work, dirs_exist_ok=True)
+        for source in ("CMakeLists.txt", "batched-bench.cpp", "main.cpp"):
+            shutil.copy(sources / source, tool / source)
+        (work / "tools" / "CMakeLists.txt").write_text("llama_add_compile_flags()\nadd_subdirectory(batched-bench)\n")
     # What llama-cpp-sys-2's build script sets for a CPU build without target-cpu=native.
-    options = ["-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF", "-DGGML_NATIVE=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
-               "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_BUILD_COMMON=ON", "-DLLAMA_BUILD_TOOLS=ON"]
-    subprocess.run(["cmake", "-S", work, "-B", work / "build", *options], check=True, capture_output=True)
-    subprocess.run(["cmake", "--build", work / "build", "--target", "llama-batched-bench", "-j", str(THREADS)], check=True, capture_output=True)
+    options = ["-DCMAKE_BUILD_TYPE=Release", f"-DBUILD_SHARED_LIBS={'ON' if shared else 'OFF'}", "-DGGML_NATIVE=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
+               "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_BUILD_COMMON=ON", "-DLLAMA_BUILD_TOOLS=ON"]
+    subprocess.run(["cmake", "-S", work, "-B", build, *options], check=True, capture_output=True)
+    subprocess.run(["cmake", "--build", build, "--target", "llama-batched-bench", "-j", str(THREADS)], check=True, capture_output=True)
     return binary
 
 

@@ -44,23 +44,19 @@ fi
   CMAKE_CUDA_ARCHITECTURES=90-real GGML_CUDA_FA=OFF LLAMA_BUILD_SHARED_LIBS=1 CARGO_TARGET_DIR=$target \
   cargo build --features cuda --bin seedflow)
 
-# llama-batched-bench: bench/generate.py prepares the tree (without CUDA, static); here shared.
-anchor=$(python3 -c "import sys; sys.path.insert(0, '$root/bench'); import generate; print(generate.batched_bench())")
-tree=$(dirname "$(dirname "$(dirname "$anchor")")")
-cmake -S "$tree" -B "$tree/build-shared" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON -DGGML_NATIVE=OFF -DLLAMA_CURL=OFF \
-  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_COMMON=ON \
-  -DLLAMA_BUILD_TOOLS=ON >/dev/null
-cmake --build "$tree/build-shared" --target llama-batched-bench -j "$(nproc)" >/dev/null
+# llama-batched-bench on llama.cpp's shared libraries, built by bench/generate.py.
+anchor=$(python3 -c "import sys; sys.path.insert(0, '$root/bench'); import generate; print(generate.batched_bench(shared=True))")
+anchor_dir=$(dirname "$anchor")
 
 # Programs and libraries in one archive (OUT_DIR must stay under 64 MiB to travel): seedflow's
 # llama.cpp and ggml, and the anchor's own two libraries; OpenMP, which a GPU image may lack.
 programs=$(mktemp -d)
 mkdir "$programs/lib"
 strip -o "$programs/seedflow" "$target/debug/seedflow"
-cp "$tree/build-shared/bin/llama-batched-bench" "$programs/"
+cp "$anchor" "$programs/"
 sys_out=$(ls -td "$target"/debug/build/llama-cpp-sys-2-*/out | head -1)
 find "$sys_out" -name 'lib*.so*' -path '*/lib*/*' ! -name 'libllama-common*' -exec cp -a {} "$programs/lib/" \;
-cp -a "$tree/build-shared/bin/"libllama-{common,batched-bench-impl}.so* "$programs/lib/"
+cp -a "$anchor_dir"/libllama-{common,batched-bench-impl}.so* "$programs/lib/"
 cp -L "$(gcc -print-file-name=libgomp.so.1)" "$programs/lib/"
 strip "$programs"/lib/*.so.*
 rm -rf "$out" && mkdir -p "$out"
