@@ -128,3 +128,18 @@ fn asking_for_gpu_layers_without_a_gpu_is_an_error() {
     let error = llm::logits(&settings, None, &[1, 2, 3]).unwrap_err();
     assert!(error.contains("`gpu-layers=-1` asks for a GPU") && error.contains("--features cuda"), "{error}");
 }
+
+/// `context` caps a sequence: a step that needs more fails before decoding, naming the fix, and
+/// `context=0` is the model's training context (32,768 tokens for the default model).
+#[test]
+fn a_sequence_longer_than_the_context_is_an_error() {
+    let requests = [request(&mbpp(&["2"])[0], &[0])];
+    let generate = |context: u32, max_tokens: u32| {
+        let settings = ModelSettings { context, ..settings() };
+        llm::generate(&settings, None, &requests, &sampling(0.0, max_tokens), &|| false, &mut |_, _| {}).unwrap_err()
+    };
+    let capped = generate(256, 512);
+    assert!(capped.contains("raise the model's `context` (now 256)"), "{capped}");
+    let model_own = generate(0, 40_000);
+    assert!(model_own.contains("(now 0: the model's own, 32768)"), "{model_own}");
+}

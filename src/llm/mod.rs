@@ -27,7 +27,7 @@ use rayon::prelude::*;
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ModelSettings {
     pub path: PathBuf,
-    /// Context length of one sequence, in tokens.
+    /// Most tokens of one sequence; 0 for the model's training context.
     pub context: u32,
     /// Layers offloaded to a GPU; -1 for all.
     pub gpu_layers: i32,
@@ -356,10 +356,12 @@ pub fn generate(
         prompts.push(vocab.tokenize(text.as_bytes(), true, true));
     }
     let longest = (prompts.iter().map(Vec::len).max().unwrap_or(0) as u32).saturating_add(sampling.max_tokens);
-    if longest > settings.context {
+    let limit = if settings.context == 0 { model.n_ctx_train() } else { settings.context };
+    if longest > limit {
+        let now = if settings.context == 0 { format!("0: the model's own, {limit}") } else { limit.to_string() };
         return Err(format!(
-            "a prompt and an answer of up to {} tokens need a context of {longest} tokens; raise the model's `context` (now {})",
-            sampling.max_tokens, settings.context
+            "a prompt and an answer of up to {} tokens need a context of {longest} tokens; raise the model's `context` (now {now})",
+            sampling.max_tokens
         ));
     }
     // Every sequence has a KV cache of its own (not `kv_unified`), as large as the longest

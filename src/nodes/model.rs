@@ -18,9 +18,11 @@ pub static SPEC: KindSpec = KindSpec {
         ),
         optional(
             "context",
-            ValueType::Integer { min: 256 },
-            "4096",
-            "Most tokens of one sequence (prompt and answer); each sequence gets the cache its longest prompt and answer need, up to this.",
+            ValueType::Integer { min: 0 },
+            "0",
+            "Most tokens of one sequence (prompt and answer); 0 allows what the model was trained \
+             for (32,768 tokens for the default model). Each sequence gets the cache its step's \
+             longest prompt and answer need, not this much.",
         ),
         optional(
             "gpu-layers",
@@ -41,7 +43,7 @@ pub static SPEC: KindSpec = KindSpec {
     metrics: &[],
     at_least_one: &[],
     requires: &[],
-    example: r#"model "coder" path="default" context=4096 gpu-layers=0
+    example: r#"model "coder" path="default" context=8192 gpu-layers=0
 
 dataset "problems" format="mbpp" path="examples/data/mbpp/prompt.jsonl"
 generate "answers" model="coder" tasks="problems" samples=1 temperature=0
@@ -57,7 +59,7 @@ pub fn settings(props: &Props, progress: &dyn Fn(&str)) -> Result<ModelSettings,
     let int = |name: &str, default: i64| props.integer(name).unwrap_or(default);
     Ok(ModelSettings {
         path,
-        context: int("context", 4096) as u32,
+        context: int("context", 0) as u32,
         gpu_layers: int("gpu-layers", 0) as i32,
         threads: int("threads", 0) as i32,
         batch: int("batch", 512) as u32,
