@@ -16,7 +16,9 @@ interrupted one is resumed, so the script can be started again after a stop.
 import json
 import os
 import shutil
+import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -64,7 +66,8 @@ def run_arm(binary, name, workflow, overrides):
             shutil.copytree(OUT / workflow, run_dir)
             (run_dir / "wall-seconds.json").unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
-    # Wall time over all invocations, so a resumed run counts the time before its stop too.
+    # Wall time over all invocations, so a resumed run counts the time before its stop too. It is
+    # written every minute: a killed script (the end of a session) loses at most that much.
     timing = run_dir / "wall-seconds.json"
     earlier = json.loads(timing.read_text()) if timing.exists() else {"seconds": 0.0, "finished": False}
     summary = run_dir / "summary.json"
@@ -76,12 +79,21 @@ def run_arm(binary, name, workflow, overrides):
     if summary.exists():
         args.append("--resume")
     start, code = time.monotonic(), None
+    record = lambda finished: timing.write_text(
+        json.dumps({"seconds": earlier["seconds"] + time.monotonic() - start, "finished": finished})
+    )
+    process = subprocess.Popen(args)
     try:
-        code = subprocess.run(args).returncode
+        while code is None:
+            try:
+                code = process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                record(False)
     finally:
-        seconds = earlier["seconds"] + time.monotonic() - start
-        finished = code in (0, 3)  # 3: the workflow's quality gate failed, which is a result here
-        timing.write_text(json.dumps({"seconds": seconds, "finished": finished}))
+        if code is None:
+            process.terminate()  # seedflow keeps what it finished; the next run resumes it
+            process.wait()
+        record(code in (0, 3))  # 3: the workflow's quality gate failed, which is a result here
     if code == 2:
         raise SystemExit(f"{workflow}: the workflow or its overrides are invalid (see above)")
     if not finished:
@@ -90,6 +102,8 @@ def run_arm(binary, name, workflow, overrides):
 
 
 def main():
+    # A stop from outside ends the script through `run_arm`'s cleanup, which stops seedflow.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     binary = seedflow_binary()
     OUT.mkdir(parents=True, exist_ok=True)
     arms = ARMS + [CONTINUE] if os.environ.get("CONTINUE") == "1" else ARMS

@@ -152,3 +152,46 @@ fn a_failing_step_exits_1_with_the_reason() {
     assert!(stderr.contains("step `tasks` failed: tasks.jsonl:1: missing field `text`"), "{stderr}");
     assert!(stderr.contains("--resume --run-dir out"), "{stderr}");
 }
+
+/// SIGTERM (what CI runners and `kill` send) stops a run as Ctrl-C does: exit 130, the run
+/// marked interrupted, and `--resume` finishes it.
+#[test]
+#[cfg(unix)]
+fn a_terminated_run_stops_cleanly_and_resumes() {
+    use std::io::{BufRead, BufReader};
+    let dir = project(
+        "workflow \"slow\"\ndataset \"tasks\" format=\"jsonl\" path=\"slow.jsonl\"\nexecute \"references\" code=\"tasks\" timeout=\"30s\"\n",
+    );
+    let task = serde_json::json!({
+        "task_id": "slow",
+        "prompt": "Return 1, slowly.",
+        "solution": "import time\ntime.sleep(3)\ndef f():\n    return 1\n",
+        "tests": ["assert f() == 1"],
+    });
+    std::fs::write(dir.path().join("slow.jsonl"), format!("{task}\n")).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_seedflow"))
+        .args(["run", "flow.kdl", "--run-dir", "out"])
+        .current_dir(dir.path())
+        .env("NO_COLOR", "1")
+        .env_remove("CI")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut seen = String::new();
+    while !seen.contains("start   references") {
+        assert_ne!(stderr.read_line(&mut seen).unwrap(), 0, "seedflow ended first: {seen}");
+    }
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let status = child.wait().unwrap();
+    std::io::Read::read_to_string(&mut stderr, &mut seen).unwrap();
+    assert_eq!(status.code(), Some(130), "{seen}");
+    assert!(seen.contains("interrupted; continue with `seedflow run flow.kdl --resume --run-dir out`"), "{seen}");
+    let summary = std::fs::read_to_string(dir.path().join("out/summary.json")).unwrap();
+    assert!(summary.contains(r#""status": "interrupted""#) || summary.contains(r#""status":"interrupted""#), "{summary}");
+
+    let resumed = seedflow(&["run", "flow.kdl", "--run-dir", "out", "--resume"], dir.path());
+    assert_eq!(resumed.status.code(), Some(0), "{}", text(&resumed.stderr));
+    // Run again, or taken from the interrupted run if it finished before the stop reached it.
+    assert!(text(&resumed.stderr).contains("count=1 pass-rate=1"), "{}", text(&resumed.stderr));
+}

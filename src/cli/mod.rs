@@ -306,9 +306,8 @@ fn run(args: RunArgs) -> i32 {
         let cancel = CancellationToken::new();
         let on_signal = cancel.clone();
         tokio::spawn(async move {
-            if tokio::signal::ctrl_c().await.is_ok() {
-                on_signal.cancel();
-            }
+            stop_requested().await;
+            on_signal.cancel();
         });
         engine::run(plan.clone(), options, sink, cancel).await
     });
@@ -318,4 +317,26 @@ fn run(args: RunArgs) -> i32 {
         display::conclude(&outcome, &args.file, &run_dir, reported);
     }
     outcome.exit_code()
+}
+
+/// Ctrl-C, or SIGTERM (what `kill`, container runtimes and CI runners send to stop a job): either
+/// stops the run the same way, keeping what finished for `--resume`.
+async fn stop_requested() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await; // no handler could be installed: never
+        }
+    };
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut terminate) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = terminate.recv() => {}
+            }
+            return;
+        }
+    }
+    ctrl_c.await
 }
