@@ -187,8 +187,9 @@ fn a_terminated_run_stops_cleanly_and_resumes() {
     std::io::Read::read_to_string(&mut stderr, &mut seen).unwrap();
     assert_eq!(status.code(), Some(130), "{seen}");
     assert!(seen.contains("interrupted; continue with `seedflow run flow.kdl --resume --run-dir out`"), "{seen}");
-    let summary = std::fs::read_to_string(dir.path().join("out/summary.json")).unwrap();
-    assert!(summary.contains(r#""status": "interrupted""#) || summary.contains(r#""status":"interrupted""#), "{summary}");
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("out/summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["status"], "interrupted");
 
     let resumed = seedflow(&["run", "flow.kdl", "--run-dir", "out", "--resume"], dir.path());
     assert_eq!(resumed.status.code(), Some(0), "{}", text(&resumed.stderr));

@@ -647,6 +647,9 @@ mod tests {
         for k in [1, 40, 1000] {
             let ids: Vec<i32> = top_candidates(&logits, k).iter().map(|c| c.id().0).collect();
             assert_eq!(ids, order[..k]);
+            // The baseline compilation too, where the AVX2 one ran above.
+            let portable: Vec<i32> = top_candidates_in(&logits, k).iter().map(|c| c.id().0).collect();
+            assert_eq!(portable, ids);
         }
     }
 }
