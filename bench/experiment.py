@@ -79,9 +79,12 @@ def run_arm(binary, name, workflow, overrides):
     if summary.exists():
         args.append("--resume")
     start, code = time.monotonic(), None
-    record = lambda finished: timing.write_text(
-        json.dumps({"seconds": earlier["seconds"] + time.monotonic() - start, "finished": finished})
-    )
+
+    def record(finished):
+        seconds = earlier["seconds"] + time.monotonic() - start
+        timing.write_text(json.dumps({"seconds": seconds, "finished": finished}))
+        return seconds
+
     process = subprocess.Popen(args)
     try:
         while code is None:
@@ -93,7 +96,8 @@ def run_arm(binary, name, workflow, overrides):
         if code is None:
             process.terminate()  # seedflow keeps what it finished; the next run resumes it
             process.wait()
-        record(code in (0, 3))  # 3: the workflow's quality gate failed, which is a result here
+        finished = code in (0, 3)  # 3: the workflow's quality gate failed, which is a result here
+        seconds = record(finished)
     if code == 2:
         raise SystemExit(f"{workflow}: the workflow or its overrides are invalid (see above)")
     if not finished:
