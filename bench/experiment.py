@@ -7,6 +7,7 @@ greedily on the same held-out MBPP test problems.
 
     python3 bench/experiment.py                      # TRAIN=20 TEST=100 ITERATIONS=2
     TRAIN=100 TEST=500 ITERATIONS=3 python3 bench/experiment.py
+    ONLY=seed TRAIN=100 TEST=500 ITERATIONS=3 python3 bench/experiment.py   # one arm (by run name)
 
 Prints a table (training samples used, pass@1, relative gain over each baseline, wall time) and
 writes it with `seedflow report`'s comparison (JSON, Markdown, HTML) to `OUT`
@@ -111,6 +112,14 @@ def main():
     binary = seedflow_binary()
     OUT.mkdir(parents=True, exist_ok=True)
     arms = ARMS + [CONTINUE] if os.environ.get("CONTINUE") == "1" else ARMS
+    only = os.environ.get("ONLY")
+    if only:
+        # One arm at a time, for a run too long for one sitting; the table needs them all.
+        for label, name, workflow, overrides in arms:
+            if name in only.split(","):
+                run_arm(binary, name, workflow, overrides)
+        print(f"finished: {only}; the table comes from a run of the script without ONLY")
+        return
     arms = [(label, *run_arm(binary, name, workflow, overrides)) for label, name, workflow, overrides in arms]
     # The figures come from seedflow's own report of the runs (training samples as it counts them).
     report_dir = OUT / "report"

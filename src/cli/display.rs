@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
@@ -40,12 +41,32 @@ fn show_metrics(metrics: &Metrics) -> String {
         .join(" ")
 }
 
-/// A line on stderr per event that matters, for logs and pipes.
-pub struct Plain;
+/// A line on stderr per event that matters, for logs and pipes. A long step adds a line about
+/// once a minute with its count and a rough time left, so a log shows that it is moving.
+pub struct Plain {
+    every: Duration,
+    running: Mutex<BTreeMap<String, Pace>>,
+}
 
-impl EventSink for Plain {
-    fn emit(&self, event: &Event) {
-        let line = match event {
+/// A running step's first count in this run and when it came (a resumed step starts part-way),
+/// for the time left at its pace since; and when its last line was shown.
+struct Pace {
+    first: Option<(Instant, u64)>,
+    last_line: Instant,
+}
+
+impl Plain {
+    pub fn new() -> Self {
+        Self::every(Duration::from_secs(60))
+    }
+
+    fn every(every: Duration) -> Self {
+        Plain { every, running: Mutex::new(BTreeMap::new()) }
+    }
+
+    fn line(&self, event: &Event) -> Option<String> {
+        let mut running = self.running.lock().ok()?;
+        Some(match event {
             Event::RunStarted { workflow, run_dir } => {
                 format!("running `{workflow}` in `{run_dir}`")
             }
@@ -53,22 +74,61 @@ impl EventSink for Plain {
                 format!("  note    {}: {message}", label(step, *iteration))
             }
             Event::StepStarted { step, iteration, reason } => {
+                running.insert(label(step, *iteration), Pace { first: None, last_line: Instant::now() });
                 format!("  start   {}: {reason}", label(step, *iteration))
+            }
+            Event::StepProgress { step, iteration, done, total, status } => {
+                let pace = running.get_mut(&label(step, *iteration))?;
+                let now = Instant::now();
+                let (since, first) = *pace.first.get_or_insert((now, *done));
+                if now - pace.last_line < self.every || done >= total {
+                    return None;
+                }
+                pace.last_line = now;
+                let mut line = format!("  running {}: {done}/{total}", label(step, *iteration));
+                if *done > first {
+                    let left = (now - since).mul_f64((total - done) as f64 / (done - first) as f64);
+                    line.push_str(&format!(", {} left", about(left)));
+                }
+                if let Some(status) = status {
+                    line.push_str(&format!(", {status}"));
+                }
+                line
             }
             Event::StepCached { step, iteration, metrics } => {
                 format!("  cached  {} {}", label(step, *iteration), show_metrics(metrics))
             }
             Event::StepFinished { step, iteration, metrics, seconds } => {
+                running.remove(&label(step, *iteration));
                 format!("  done    {} in {seconds:.1}s {}", label(step, *iteration), show_metrics(metrics))
             }
-            Event::StepFailed { step, iteration, error } => format!("  failed  {}: {error}", label(step, *iteration)),
+            Event::StepFailed { step, iteration, error } => {
+                running.remove(&label(step, *iteration));
+                format!("  failed  {}: {error}", label(step, *iteration))
+            }
             Event::GateFailed { step, message } => format!("  gate    {step} failed: {message}"),
             Event::IterationFinished { step, iteration, stop: true } => {
                 format!("  loop    {step} stops after iteration {iteration}")
             }
-            Event::StepProgress { .. } | Event::IterationFinished { .. } | Event::RunFinished { .. } => return,
-        };
-        eprintln!("{line}");
+            Event::IterationFinished { .. } | Event::RunFinished { .. } => return None,
+        })
+    }
+}
+
+/// A duration as a person estimates one.
+fn about(duration: Duration) -> String {
+    match duration.as_secs() {
+        0..90 => "about a minute".to_string(),
+        90..7200 => format!("about {} min", (duration.as_secs_f64() / 60.0).round()),
+        _ => format!("about {:.1} h", duration.as_secs_f64() / 3600.0),
+    }
+}
+
+impl EventSink for Plain {
+    fn emit(&self, event: &Event) {
+        if let Some(line) = self.line(event) {
+            eprintln!("{line}");
+        }
     }
 }
 
@@ -98,7 +158,7 @@ impl EventSink for Progress {
             Event::StepStarted { step, iteration, .. } => {
                 let bar =
                     self.bars.add(ProgressBar::new(0).with_style(Self::style()).with_prefix(label(step, *iteration)));
-                bar.enable_steady_tick(std::time::Duration::from_millis(120));
+                bar.enable_steady_tick(Duration::from_millis(120));
                 running.insert(label(step, *iteration), bar);
             }
             Event::StepProgress { step, iteration, done, total, status } => {
@@ -160,5 +220,47 @@ pub fn conclude(outcome: &RunOutcome, file: &Path, run_dir: &Path, reported: boo
     }
     if reported && matches!(outcome, RunOutcome::Ok | RunOutcome::GateFailed(_)) {
         eprintln!("report: `{}`", run_dir.join("report.html").display());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn started() -> Event {
+        Event::StepStarted { step: "attempts".into(), iteration: Some(1), reason: "not run before".into() }
+    }
+
+    fn progress(done: u64) -> Event {
+        Event::StepProgress { step: "attempts".into(), iteration: Some(1), done, total: 500, status: None }
+    }
+
+    #[test]
+    fn a_long_step_shows_its_count_and_time_left_in_a_log() {
+        let plain = Plain::every(Duration::ZERO);
+        assert_eq!(plain.line(&started()).as_deref(), Some("  start   attempts #1: not run before"));
+        // The first count is where this run began (a resumed step's is not 0): no pace yet.
+        assert_eq!(plain.line(&progress(100)).as_deref(), Some("  running attempts #1: 100/500"));
+        assert_eq!(plain.line(&progress(300)).as_deref(), Some("  running attempts #1: 300/500, about a minute left"));
+        assert_eq!(plain.line(&progress(500)), None, "the step's own line says when it is done");
+        let metrics = Metrics::from([("count".to_string(), 500.0)]);
+        let done = Event::StepFinished { step: "attempts".into(), iteration: Some(1), metrics, seconds: 2.0 };
+        assert_eq!(plain.line(&done).as_deref(), Some("  done    attempts #1 in 2.0s count=500"));
+        assert_eq!(plain.line(&progress(300)), None, "no count for a step that is not running");
+    }
+
+    #[test]
+    fn a_step_is_shown_at_most_once_a_minute() {
+        let plain = Plain::new();
+        plain.line(&started());
+        assert_eq!(plain.line(&progress(1)), None);
+        assert_eq!(plain.line(&progress(2)), None);
+    }
+
+    #[test]
+    fn time_left_reads_as_a_person_says_it() {
+        assert_eq!(about(Duration::from_secs(20)), "about a minute");
+        assert_eq!(about(Duration::from_secs(45 * 60 + 10)), "about 45 min");
+        assert_eq!(about(Duration::from_secs(3 * 3600 + 360)), "about 3.1 h");
     }
 }

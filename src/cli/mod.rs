@@ -293,7 +293,7 @@ fn run(args: RunArgs) -> i32 {
     } else if std::io::stderr().is_terminal() {
         Arc::new(display::Progress::new())
     } else {
-        Arc::new(display::Plain)
+        Arc::new(display::Plain::new())
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
