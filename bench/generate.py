@@ -13,6 +13,12 @@ llama-batched-bench's `S_TG`, and the `tokens-per-second` metric of seedflow's s
 the anchor, also samples each token and computes its log-probability). The whole step's speed,
 context creation and prompt decoding included, is printed beside it.
 
+A last line measures the workload SEED gives `generate`: its error collection's shape (MBPP
+training tasks, 5 samples each, the most sequences, answers of their own lengths, stopped once
+their code block closes), against the same anchor: how close scheduling many tasks of unequal
+answers comes to every sequence busy all the time (its contexts are longer than the anchor's,
+which costs some speed too).
+
     python3 bench/generate.py
     SEEDFLOW_BIN=path/to/seedflow ROUNDS=5 python3 bench/generate.py
 
@@ -36,6 +42,8 @@ PARALLEL = [int(n) for n in os.environ.get("PARALLEL", "1,4,8").split(",")]
 GPU_LAYERS = int(os.environ.get("GPU_LAYERS", "0"))
 THREADS = os.cpu_count() or 1
 ROUNDS = int(os.environ.get("ROUNDS", "3"))
+MBPP = ROOT / "examples" / "data" / "mbpp" / "train.jsonl"
+WORKLOAD_TASKS = int(os.environ.get("WORKLOAD_TASKS", "8"))
 
 
 def seedflow_binary():
@@ -105,10 +113,13 @@ def ours(binary, model, work):
     and the prompt's length in tokens."""
     task = {"task_id": "bench", "prompt": "Write a Python function that returns the nth Fibonacci number, with a docstring, type hints and comments explaining each step.", "tests": ["assert True"]}
     (work / "task.jsonl").write_text(json.dumps(task) + "\n")
-    flow = ['workflow "bench-generate" seed=1', f'model "coder" path="{model}" context=4096 gpu-layers={GPU_LAYERS}', 'dataset "task" format="jsonl" path="task.jsonl"',
+    flow = ['workflow "bench-generate" seed=1', f'model "coder" path="{model}" context=4096 gpu-layers={GPU_LAYERS} parallel={max(PARALLEL)}', 'dataset "task" format="jsonl" path="task.jsonl"',
             'generate "warm-up" model="coder" tasks="task" samples=1 max-tokens=8']
     for n in PARALLEL:
         flow.append(f'generate "n{n}" model="coder" tasks="task" samples={n} temperature=0.8 max-tokens={NTG} stop-after-code=#false')
+    # SEED's error collection: several tasks, 5 samples each, answers of their own lengths.
+    flow.append(f'dataset "mbpp" format="mbpp" path="{MBPP}" limit={WORKLOAD_TASKS}')
+    flow.append('generate "workload" model="coder" tasks="mbpp" samples=5 temperature=0.8')
     (work / "bench.kdl").write_text("\n".join(flow) + "\n")
     shutil.rmtree(work / "run", ignore_errors=True)
     done = subprocess.run([binary, "run", work / "bench.kdl", "--run-dir", work / "run", "--ci"], capture_output=True, text=True)
@@ -119,6 +130,7 @@ def ours(binary, model, work):
         meta = json.loads((work / "run" / f"n{n}" / "meta.json").read_text())
         whole[n] = meta["metrics"]["tokens"] / meta["seconds"]
         generation[n] = meta["metrics"]["tokens-per-second"]
+    generation["workload"] = json.loads((work / "run" / "workload" / "meta.json").read_text())["metrics"]["tokens-per-second"]
     prompt = json.loads((work / "run" / "warm-up" / "meta.json").read_text())["metrics"]["prompt-tokens"]
     return whole, generation, int(prompt)
 
@@ -148,6 +160,10 @@ def main():
     print("ratio = seedflow generation / llama-batched-bench; whole step / anchor: "
           + ", ".join(f"{n}: {whole[n] / theirs[n]:.2f}" for n in PARALLEL))
     most, one = PARALLEL[-1], PARALLEL[0]
+    workload = median(at("generation", "workload"))
+    print(f"SEED's error collection ({WORKLOAD_TASKS} MBPP tasks, 5 samples each, {most} sequences, answers stopped after their code): "
+          f"{workload:.1f} tokens/s, {workload / theirs[most]:.2f} of llama-batched-bench at {most} "
+          f"(rounds: {', '.join(f'{g:.1f}' for g in at('generation', 'workload'))})")
     print(f"{most} sequences / {one}: seedflow {generation[most] / generation[one]:.2f}x (whole step {whole[most] / whole[one]:.2f}x), "
           f"llama-batched-bench {theirs[most] / theirs[one]:.2f}x")
 

@@ -72,6 +72,18 @@ fn samples_repeat_for_a_seed_and_differ_across_seeds() {
     assert_eq!(first[0][0].text, first[0][2].text, "one seed, one batch");
     assert_eq!(first[0][0].text, again[0][0].text, "one seed, two runs");
     assert_ne!(first[0][0].text, first[0][1].text, "two seeds");
+    // With one sequence, each sample starts only once the last one is done, from the prompt
+    // kept aside, and the next task's prompt then takes its place. Alone in its batch, as the
+    // single-seed run above was, a sample is the same text (sequences of unequal lengths in one
+    // batch can shift the last bits of each other's logits, and with them a near tie).
+    let one = ModelSettings { parallel: 1, ..settings() };
+    let other = &mbpp(&["7"])[0];
+    let requests = [request(task, &[11, 12, 11]), request(other, &[11])];
+    let narrow = llm::generate(&one, None, &requests, &sampling, &|| false, &mut |_, _| {}).unwrap().0;
+    assert_eq!(narrow[0][0].text, again[0][0].text);
+    assert_eq!(narrow[0][2].text, again[0][0].text, "a sample started later");
+    assert_ne!(narrow[0][1].text, again[0][0].text);
+    assert_eq!(narrow[1][0].text, run(&[request(other, &[11])], &sampling, None)[0][0].text, "the next task");
 }
 
 /// A random rank-4 LoRA on every layer's query and down projections of the default model

@@ -528,7 +528,7 @@ fn key_parts(plan: &Plan, step: &PlannedStep, inputs: BTreeMap<String, String>) 
                     continue;
                 };
                 let settings: BTreeMap<_, _> =
-                    model_declaration.props.0.iter().map(|(k, v)| (k.clone(), v.to_json())).collect();
+                    model_declaration.props.0.iter().map(|(k, v)| (k.clone(), keyed(plan, v))).collect();
                 params.insert(property.name.to_string(), serde_json::json!({ "name": model, "settings": settings }));
                 if let Some(path) = model_declaration.props.file("path") {
                     let identity = cache::file_identity(path)
@@ -540,7 +540,7 @@ fn key_parts(plan: &Plan, step: &PlannedStep, inputs: BTreeMap<String, String>) 
                 let identity =
                     cache::file_identity(path).map_err(|e| format!("cannot read `{}`: {e}", path.display()))?;
                 files.insert(property.name.to_string(), identity);
-                params.insert(property.name.to_string(), value.to_json());
+                params.insert(property.name.to_string(), keyed(plan, value));
             }
             _ => {
                 params.insert(property.name.to_string(), value.to_json());
@@ -548,6 +548,18 @@ fn key_parts(plan: &Plan, step: &PlannedStep, inputs: BTreeMap<String, String>) 
         }
     }
     Ok(KeyParts { kind: declaration.spec.name.to_string(), params, inputs, files, seed: plan.seed })
+}
+
+/// A value as a key holds it: a file's path relative to the workflow's folder when it lies
+/// there, so that a checkout with its run directories can move and stay cached.
+fn keyed(plan: &Plan, value: &Value) -> serde_json::Value {
+    match (value, plan.file.parent()) {
+        (Value::File(path), Some(folder)) => match path.strip_prefix(folder) {
+            Ok(relative) => serde_json::json!(relative.display().to_string()),
+            Err(_) => value.to_json(),
+        },
+        _ => value.to_json(),
+    }
 }
 
 /// One line of `--dry-run`: what would happen to a step, and why.

@@ -144,6 +144,19 @@ async fn dry_run_names_what_changed() {
     assert!(lines.iter().all(|l| l.action == "run"));
 }
 
+/// A checkout moved elsewhere, run directory and all, stays cached: the dataset's path enters
+/// the key relative to the workflow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_moved_checkout_stays_cached() {
+    let dir = tempfile::tempdir().unwrap();
+    let (here, there) = (dir.path().join("here"), dir.path().join("there"));
+    std::fs::create_dir_all(&here).unwrap();
+    assert_eq!(run_to_end(plan(&here, CHAIN, &[]), &here.join("run"), false).await.0, RunOutcome::Ok);
+    std::fs::rename(&here, &there).unwrap();
+    let lines = dry_run(&plan_of(&there), &there.join("run"), true);
+    assert!(lines.iter().all(|l| l.action == "cached"), "{lines:#?}");
+}
+
 fn plan_of(dir: &Path) -> crate::plan::Plan {
     crate::load_plan(&dir.join("flow.kdl"), &[]).unwrap()
 }

@@ -362,9 +362,7 @@ pub fn generate(
     load_adapter(model, adapters, adapter)?;
     let model: &LlamaModel = model;
     let threads = threads(settings);
-    // A request's samples decode together, so there are at least as many sequences as samples.
-    let most_samples = requests.iter().map(|r| r.seeds.len() as u32).max().unwrap_or(1);
-    let parallel = settings.parallel.max(most_samples).clamp(1, 256);
+    let parallel = settings.parallel.clamp(1, 256);
     let vocab = model.vocab();
     let template = chat_template(model)?;
     let mut prompts = Vec::with_capacity(requests.len());
@@ -384,12 +382,13 @@ pub fn generate(
     // Every sequence has a KV cache of its own (not `kv_unified`), as large as the longest
     // prompt and answer need: a token attends to its own sequence's cells only, as in
     // llama.cpp's batched-bench, instead of to (and masked from) every sequence's.
+    // One sequence more than decode at once holds the prompt being shared (`stash` below).
     let per_sequence = longest.next_multiple_of(256);
     let params = LlamaContextParams::default()
-        .with_n_ctx(NonZeroU32::new(per_sequence.saturating_mul(parallel)))
+        .with_n_ctx(NonZeroU32::new(per_sequence.saturating_mul(parallel + 1)))
         .with_n_batch(settings.batch)
         .with_n_ubatch(settings.batch)
-        .with_n_seq_max(parallel)
+        .with_n_seq_max(parallel + 1)
         .with_kv_unified(false)
         .with_n_threads(threads)
         .with_n_threads_batch(threads);
@@ -397,8 +396,13 @@ pub fn generate(
         model.new_context(backend()?, params).map_err(|e| format!("cannot create a llama.cpp context: {e}"))?;
     attach_adapter(&mut context, adapters, adapter)?;
 
-    // Continuous batching: a request is admitted as soon as it has free sequences, so a
-    // finished sample's slot goes to the next request instead of waiting for the longest one.
+    // Continuous batching: a sample starts as soon as a sequence is free, so a finished sample's
+    // sequence goes to the next sample instead of waiting for the longest one. Each prompt is
+    // decoded once, into the `stash` sequence, and copied to every sequence that takes one of
+    // its samples: llama.cpp copies between per-sequence caches only whole sequences, so the
+    // copy comes from one that holds the prompt alone.
+    let stash = parallel as i32;
+    let mut admitting: Option<Admitting> = None;
     let batch_size = settings.batch.max(1) as usize;
     let mut results: Vec<Vec<Option<Generated>>> = requests.iter().map(|r| vec![None; r.seeds.len()]).collect();
     let mut unfinished: Vec<usize> = requests.iter().map(|r| r.seeds.len()).collect();
@@ -440,57 +444,54 @@ pub fn generate(
                 results[before..reported].iter().map(|r| r.iter().flatten().cloned().collect()).collect();
             progress(reported, &finished);
         }
-        // Admit requests while their samples fit.
-        while admitted < requests.len() {
-            let r = admitted;
-            let free: Vec<usize> = (0..slots.len()).filter(|&i| slots[i].is_none()).collect();
-            let n = requests[r].seeds.len();
-            if free.len() < n {
-                break;
+        // Start samples while sequences are free: the next sample of the request whose prompt is
+        // in the stash, or the first of the next request, whose prompt then replaces it.
+        for seq in 0..slots.len() {
+            if slots[seq].is_some() {
+                continue;
             }
-            let first = free[0] as i32;
-            // The prompt, in chunks no larger than a batch; the last token's logits are kept.
-            let tokens = &prompts[r];
-            let prompt_started = Instant::now();
-            let mut last = 0;
-            for (c, chunk) in tokens.chunks(batch_size).enumerate() {
-                prompt_batch.clear();
-                for (j, &token) in chunk.iter().enumerate() {
-                    let position = c * batch_size + j;
-                    prompt_batch
-                        .add(token, position as i32, &[first], position + 1 == tokens.len())
-                        .map_err(|e| e.to_string())?;
-                }
-                context.decode(&mut prompt_batch).map_err(|e| format!("llama.cpp could not decode the prompt: {e}"))?;
-                last = prompt_batch.n_tokens() - 1;
-            }
-            prompt_time += prompt_started.elapsed();
-            prompt_tokens += tokens.len() as u64;
-            for (s, &seed) in requests[r].seeds.iter().enumerate() {
-                let seq = free[s];
-                if s > 0 {
-                    context.kv_cache_seq_cp(first, seq as i32, None, None).map_err(|e| e.to_string())?;
-                }
-                let mut sequence = Sequence {
-                    request: r,
-                    sample: s,
-                    sampler: sampler(sampling, seed),
-                    bytes: vec![],
-                    tokens: 0,
-                    logprob_sum: 0.0,
+            while admitting.as_ref().is_none_or(|a| a.started == requests[a.request].seeds.len())
+                && admitted < requests.len()
+            {
+                let tokens = &prompts[admitted];
+                let prompt_started = Instant::now();
+                context.kv_cache_seq_rm(stash, None, None).map_err(|e| e.to_string())?;
+                let logits = decode_prompt(&mut context, &mut prompt_batch, batch_size, tokens, stash)?;
+                let normaliser = crate::numeric::log_sum_exp(&logits);
+                admitting = Some(Admitting {
+                    request: admitted,
+                    started: 0,
                     position: tokens.len() as i32,
-                    logits_at: last,
-                    last_token: None,
-                    live: true,
-                };
-                // The first token comes from the prompt's logits, before another decode.
-                let logits = context.get_logits_ith(sequence.logits_at);
-                if step(&vocab, &mut sequence, logits, top_candidates(logits, sampleable(sampling)), sampling) {
-                    sequence.logprob_sum -= crate::numeric::log_sum_exp(logits);
-                }
-                slots[seq] = Some(sequence);
+                    logits,
+                    normaliser,
+                });
+                prompt_time += prompt_started.elapsed();
+                prompt_tokens += tokens.len() as u64;
+                admitted += 1;
             }
-            admitted += 1;
+            let Some(prompt) = admitting.as_mut().filter(|a| a.started < requests[a.request].seeds.len()) else {
+                break;
+            };
+            context.kv_cache_seq_cp(stash, seq as i32, None, None).map_err(|e| e.to_string())?;
+            let mut sequence = Sequence {
+                request: prompt.request,
+                sample: prompt.started,
+                sampler: sampler(sampling, requests[prompt.request].seeds[prompt.started]),
+                bytes: vec![],
+                tokens: 0,
+                logprob_sum: 0.0,
+                position: prompt.position,
+                logits_at: 0,
+                last_token: None,
+                live: true,
+            };
+            // The first token comes from the prompt's logits.
+            let candidates = top_candidates(&prompt.logits, sampleable(sampling));
+            if step(&vocab, &mut sequence, &prompt.logits, candidates, sampling) {
+                sequence.logprob_sum -= prompt.normaliser;
+            }
+            prompt.started += 1;
+            slots[seq] = Some(sequence);
         }
         // Every live sequence advances one token.
         step_batch.clear();
@@ -547,6 +548,41 @@ pub fn generate(
     let timing =
         Timing { prompt_tokens, generation_seconds: started.elapsed().saturating_sub(prompt_time).as_secs_f64() };
     Ok((results.into_iter().map(|r| r.into_iter().flatten().collect()).collect(), timing))
+}
+
+/// Decodes `tokens` into sequence `seq` from position 0, in chunks of `size` (the batch's), and
+/// returns the logits after the last one.
+fn decode_prompt(
+    context: &mut llama_cpp_2::context::LlamaContext<'_>,
+    batch: &mut LlamaBatch,
+    size: usize,
+    tokens: &[LlamaToken],
+    seq: i32,
+) -> Result<Vec<f32>, String> {
+    let mut last = 0;
+    for (c, chunk) in tokens.chunks(size).enumerate() {
+        batch.clear();
+        for (j, &token) in chunk.iter().enumerate() {
+            let position = c * size + j;
+            batch.add(token, position as i32, &[seq], position + 1 == tokens.len()).map_err(|e| e.to_string())?;
+        }
+        context.decode(batch).map_err(|e| format!("llama.cpp could not decode the prompt: {e}"))?;
+        last = batch.n_tokens() - 1;
+    }
+    Ok(context.get_logits_ith(last).to_vec())
+}
+
+/// The request whose samples are starting; its prompt is in the stash sequence.
+struct Admitting {
+    request: usize,
+    /// How many of its samples have started.
+    started: usize,
+    /// Position of each sample's first token: the prompt's length.
+    position: i32,
+    /// Logits after the prompt, from which each sample takes its first token, and their
+    /// log-sum-exp.
+    logits: Vec<f32>,
+    normaliser: f64,
 }
 
 /// A sequence's last logits, whose log-sum-exp (the softmax's normaliser) its log-probability

@@ -11,8 +11,9 @@ pub static SPEC: KindSpec = KindSpec {
     role: Role::Step(Artifact::Samples),
     doc: "Samples `samples` programs for each task with a model (and optionally a LoRA adapter). \
           The samples of a task are parallel sequences of one llama.cpp batch starting from the \
-          prompt, decoded once; \
-          several tasks share a batch. Every sample is seeded from (workflow seed, step, task, \
+          prompt, decoded once; several tasks share a batch, and a sample starts as soon as a \
+          sequence is free (the model's `parallel`), so a task need not wait for sequences for \
+          all its samples. Every sample is seeded from (workflow seed, step, task, \
           index), so reruns are identical; temperature 0 is greedy. Each sample records its mean \
           token log-probability and token count. `prompt-tokens` counts the prompts' tokens (each \
           decoded once per task), `tokens-per-second` is the step's generation speed (generated \
