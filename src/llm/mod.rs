@@ -446,30 +446,29 @@ pub fn generate(
         }
         // Start samples while sequences are free: the next sample of the request whose prompt is
         // in the stash, or the first of the next request, whose prompt then replaces it.
+        let has_samples_left = |a: &Admitting| a.started < requests[a.request].seeds.len();
         for seq in 0..slots.len() {
             if slots[seq].is_some() {
                 continue;
             }
-            while admitting.as_ref().is_none_or(|a| a.started == requests[a.request].seeds.len())
-                && admitted < requests.len()
-            {
+            while !admitting.as_ref().is_some_and(has_samples_left) && admitted < requests.len() {
                 let tokens = &prompts[admitted];
                 let prompt_started = Instant::now();
                 context.kv_cache_seq_rm(stash, None, None).map_err(|e| e.to_string())?;
                 let logits = decode_prompt(&mut context, &mut prompt_batch, batch_size, tokens, stash)?;
-                let normaliser = crate::numeric::log_sum_exp(&logits);
                 admitting = Some(Admitting {
                     request: admitted,
                     started: 0,
                     position: tokens.len() as i32,
+                    candidates: top_candidates(&logits, sampleable(sampling)),
+                    normaliser: crate::numeric::log_sum_exp(&logits),
                     logits,
-                    normaliser,
                 });
                 prompt_time += prompt_started.elapsed();
                 prompt_tokens += tokens.len() as u64;
                 admitted += 1;
             }
-            let Some(prompt) = admitting.as_mut().filter(|a| a.started < requests[a.request].seeds.len()) else {
+            let Some(prompt) = admitting.as_mut().filter(|a| has_samples_left(a)) else {
                 break;
             };
             context.kv_cache_seq_cp(stash, seq as i32, None, None).map_err(|e| e.to_string())?;
@@ -486,8 +485,7 @@ pub fn generate(
                 live: true,
             };
             // The first token comes from the prompt's logits.
-            let candidates = top_candidates(&prompt.logits, sampleable(sampling));
-            if step(&vocab, &mut sequence, &prompt.logits, candidates, sampling) {
+            if step(&vocab, &mut sequence, &prompt.logits, prompt.candidates.clone(), sampling) {
                 sequence.logprob_sum -= prompt.normaliser;
             }
             prompt.started += 1;
@@ -579,9 +577,10 @@ struct Admitting {
     started: usize,
     /// Position of each sample's first token: the prompt's length.
     position: i32,
-    /// Logits after the prompt, from which each sample takes its first token, and their
-    /// log-sum-exp.
+    /// Logits after the prompt, from which each sample takes its first token, their largest
+    /// (the candidates) and their log-sum-exp.
     logits: Vec<f32>,
+    candidates: Vec<LlamaTokenData>,
     normaliser: f64,
 }
 
