@@ -36,8 +36,9 @@ pub struct Run {
     pub dir: PathBuf,
     /// `ok`, `failed`, `gate-failed`, `interrupted`, or `running` for a run not finished.
     pub status: String,
-    /// From the first step's start to the last step's end; for a resumed run, the time between
-    /// its invocations counts too.
+    /// Time during which at least one step was running: steps side by side count once, and a run
+    /// resumed in several sittings leaves out the pauses between them (and an interrupted step's
+    /// time before it was resumed).
     pub wall_seconds: f64,
     /// Examples the `finetune-lora` steps trained on, over all iterations, each counted in the
     /// step that first trained on it (not again where `history` takes it over).
@@ -132,11 +133,11 @@ pub fn read_run(dir: &Path) -> Result<Run, ReportError> {
         training: vec![],
         gates: vec![],
     };
-    let mut span: Option<(SystemTime, SystemTime)> = None;
+    let mut running: Vec<(SystemTime, SystemTime)> = vec![];
     let mut visit = |step_dir: &Path, label: String, run: &mut Run| -> Option<Meta> {
         let meta = Meta::read(step_dir)?;
         if let (Some(start), Some(end)) = (time(&meta.started_at), meta.finished_at.as_deref().and_then(time)) {
-            span = Some(span.map_or((start, end), |(s, e)| (s.min(start), e.max(end))));
+            running.push((start, end));
         }
         if meta.parts.kind == "finetune-lora" {
             let metric = |name: &str| meta.metrics.get(name).copied().unwrap_or(0.0) as u64;
@@ -193,9 +194,7 @@ pub fn read_run(dir: &Path) -> Result<Run, ReportError> {
         }
         run.loops.push(Loop { name: name.clone(), iterations });
     }
-    if let Some((start, end)) = span {
-        run.wall_seconds = end.duration_since(start).map_or(0.0, |d| d.as_secs_f64());
-    }
+    run.wall_seconds = busy_seconds(running);
     Ok(run)
 }
 
@@ -416,6 +415,25 @@ struct Series {
 }
 
 const COLOURS: [&str; 8] = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2"];
+
+/// Seconds during which at least one of the intervals ran: the length of their union, so steps
+/// that ran side by side count once and the pauses of a run resumed in several sittings not at all.
+fn busy_seconds(mut intervals: Vec<(SystemTime, SystemTime)>) -> f64 {
+    intervals.sort();
+    let mut total = 0.0;
+    let mut current: Option<(SystemTime, SystemTime)> = None;
+    for (start, end) in intervals {
+        current = match current {
+            Some((s, e)) if start <= e => Some((s, e.max(end))),
+            Some((s, e)) => {
+                total += e.duration_since(s).map_or(0.0, |d| d.as_secs_f64());
+                Some((start, end))
+            }
+            None => Some((start, end)),
+        };
+    }
+    total + current.map_or(0.0, |(s, e)| e.duration_since(s).map_or(0.0, |d| d.as_secs_f64()))
+}
 
 /// Tick spacing of 1, 2 or 5 times a power of ten that cuts `span` into about five intervals.
 fn tick_step(span: f64) -> f64 {
@@ -650,7 +668,16 @@ pub fn write(runs: &[Run], dir: &Path) -> std::io::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::tick_step;
+    use super::{SystemTime, busy_seconds, tick_step};
+
+    #[test]
+    fn busy_time_counts_overlapping_steps_once_and_leaves_out_pauses() {
+        let at = |seconds: u64| SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(seconds);
+        // Two steps side by side (0-10, 5-20), a pause, one more step (100-130) inside nothing.
+        let intervals = vec![(at(100), at(130)), (at(5), at(20)), (at(0), at(10)), (at(12), at(15))];
+        assert_eq!(busy_seconds(intervals), 50.0);
+        assert_eq!(busy_seconds(vec![]), 0.0);
+    }
 
     #[test]
     fn ticks_fall_on_round_numbers() {

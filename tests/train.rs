@@ -120,7 +120,7 @@ fn check_parity(architecture: Architecture) {
     // Train an adapter for a few steps (so B is no longer zero), export it, and load it into
     // llama.cpp.
     let lora = Lora::new(&base, 4, 8.0, &Target::ALL, 1).unwrap();
-    train::train(&base, &lora, &examples(), &settings_for(3, 0.02), &|| false, &mut |_, _| {}).unwrap();
+    train::train(&base, &lora, &examples(), &settings_for(3, 0.02), None, &|| false, &mut |_, _| {}).unwrap();
     let adapter = model.with_extension("adapter.gguf");
     lora.save_gguf(&adapter, architecture).unwrap();
     let adapted = largest_difference(&model, &base, Some(&lora), Some(&adapter), &sequence);
@@ -155,7 +155,8 @@ fn every_lora_matrix_of_every_layer_gets_a_gradient_and_the_loss_falls() {
     let lora = Lora::new(&base, 4, 8.0, &Target::ALL, 2).unwrap();
     assert_eq!(lora.pairs.len(), LAYERS * Target::ALL.len());
     // One step first: with B zero, A's gradient is zero by construction (PEFT's start).
-    let records = train::train(&base, &lora, &examples(), &settings_for(12, 0.01), &|| false, &mut |_, _| {}).unwrap();
+    let records =
+        train::train(&base, &lora, &examples(), &settings_for(12, 0.01), None, &|| false, &mut |_, _| {}).unwrap();
     let example = &examples()[0];
     let grads = base.loss(&example.tokens, example.completion_start, Some(&lora), None).unwrap().backward().unwrap();
     for (&(layer, target), pair) in &lora.pairs {
@@ -178,11 +179,62 @@ fn training_is_reproducible_for_a_seed() {
         let lora = Lora::new(&base, 4, 8.0, &[Target::Q, Target::V], 3).unwrap();
         let mut settings = settings_for(2, 0.01);
         settings.dropout = 0.1;
-        train::train(&base, &lora, &examples(), &settings, &|| false, &mut |_, _| {}).unwrap();
+        train::train(&base, &lora, &examples(), &settings, None, &|| false, &mut |_, _| {}).unwrap();
         lora.pairs.values().map(|p| p.b.as_tensor().to_vec2::<f32>().unwrap()).collect::<Vec<_>>()
     };
     assert_eq!(run(), run());
     let _ = std::fs::remove_file(&model);
+}
+
+#[test]
+fn an_interrupted_training_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_one() {
+    let model = tiny_model(Architecture::Qwen2);
+    let base = Base::load(&model).unwrap();
+    let mut settings = settings_for(3, 0.01);
+    settings.dropout = 0.1;
+    let fresh = || Lora::new(&base, 4, 8.0, &Target::ALL, 5).unwrap();
+    let b_matrices =
+        |lora: &Lora| lora.pairs.values().map(|p| p.b.as_tensor().to_vec2::<f32>().unwrap()).collect::<Vec<_>>();
+    let losses = |records: &[train::StepRecord]| records.iter().map(|r| (r.step, r.loss)).collect::<Vec<_>>();
+
+    let whole = fresh();
+    let expected = train::train(&base, &whole, &examples(), &settings, None, &|| false, &mut |_, _| {}).unwrap();
+
+    // Interrupted in step 4 (after 3 steps of 6, in the second epoch), then resumed into fresh
+    // matrices, as a new process would.
+    let checkpoint = model.with_extension("checkpoint.safetensors");
+    let examples_seen = std::cell::Cell::new(0);
+    let stop = || {
+        examples_seen.set(examples_seen.get() + 1);
+        examples_seen.get() > 7
+    };
+    let interrupted = train::train(&base, &fresh(), &examples(), &settings, Some(&checkpoint), &stop, &mut |_, _| {});
+    assert!(interrupted.is_err_and(|e| e.to_string().contains("interrupted")));
+    let resumed = fresh();
+    let mut replayed = vec![];
+    let records = train::train(&base, &resumed, &examples(), &settings, Some(&checkpoint), &|| false, &mut |r, _| {
+        replayed.push(r.step)
+    })
+    .unwrap();
+    assert_eq!(replayed, (1..=6).collect::<Vec<_>>(), "the checkpoint's 3 steps, then the rest");
+    // (Loss values of the checkpointed steps went through JSON: equal to the last digits.)
+    for ((step, loss), (expected_step, expected_loss)) in losses(&records).into_iter().zip(losses(&expected)) {
+        assert!(
+            step == expected_step && (loss - expected_loss).abs() < 1e-12,
+            "step {step}: {loss} vs {expected_loss}"
+        );
+    }
+    assert_eq!(records.len(), expected.len());
+    assert_eq!(b_matrices(&resumed), b_matrices(&whole));
+    assert_ne!(b_matrices(&resumed), b_matrices(&fresh()), "training changed the matrices");
+
+    // A checkpoint that does not fit the adapter is an error that names it, not a panic.
+    let other = Lora::new(&base, 2, 8.0, &[Target::Q], 5).unwrap();
+    let error = train::train(&base, &other, &examples(), &settings, Some(&checkpoint), &|| false, &mut |_, _| {})
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("checkpoint") && error.contains("does not fit"), "{error}");
+    for _ in [std::fs::remove_file(&model), std::fs::remove_file(&checkpoint)] {}
 }
 
 #[test]

@@ -18,7 +18,8 @@ pub static SPEC: KindSpec = KindSpec {
           the loss curve (one record per optimizer step: `step`, `epoch`, `loss`, \
           `learning_rate`, `tokens`, `seconds`), and `training-pairs.jsonl`, every (task, code) \
           pair it trained on, which a later step's `history` reads. Verdicts that did not pass \
-          are skipped.",
+          are skipped. While it trains, `checkpoint.safetensors` (written every minute and on \
+          interruption) lets `--resume` continue where an interrupted training stopped.",
     properties: &[
         required("model", ValueType::Model, "The base `model`."),
         required(
@@ -84,6 +85,9 @@ finetune-lora "tune" model="coder" data="train" rank=8 alpha=16 epochs=2 learnin
 
 /// The adapter file a `finetune-lora` step writes in its directory (what `adapter=` reads).
 pub const ADAPTER_FILE: &str = "adapter.gguf";
+
+/// What an interrupted training resumes from (see `train::train`); removed once it is done.
+const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
 
 /// Every (task, code) pair a step trained on, in its directory, for later steps' `history`.
 const PAIRS_FILE: &str = "training-pairs.jsonl";
@@ -183,7 +187,11 @@ pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
         dropout: ctx.props.number("dropout").unwrap_or(0.0) as f32,
         seed: ctx.seed,
     };
-    // Training starts again from the beginning after an interruption, and so does its loss curve.
+    // The loss curve is written afresh: a resumed training replays the steps its checkpoint holds.
+    let checkpoint = ctx.dir.join(CHECKPOINT_FILE);
+    if checkpoint.exists() {
+        ctx.message("resuming the training from its checkpoint");
+    }
     let mut writer = ctx.fresh_records()?;
     let mut write_failure = None;
     let mut on_step = |record: &StepRecord, total: usize| {
@@ -193,13 +201,17 @@ pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
         ctx.progress_with(record.step as u64, total as u64, Some(format!("loss {:.4}", record.loss)));
     };
     let cancelled = || ctx.check_cancelled().is_err();
-    let records = train::train(&base, &lora, &examples, &settings, &cancelled, &mut on_step).map_err(failed)?;
+    let records = train::train(&base, &lora, &examples, &settings, Some(&checkpoint), &cancelled, &mut on_step)
+        .map_err(failed)?;
     if let Some(e) = write_failure {
         return Err(e.into());
     }
     lora.save_gguf(&ctx.dir.join(ADAPTER_FILE), base.config.architecture).map_err(failed)?;
     lora.save_peft(&ctx.dir.join("peft"), &base).map_err(failed)?;
     writer.finish()?;
+    // Not part of the output: the step's output hash covers every file in its directory.
+    std::fs::remove_file(&checkpoint)
+        .or_else(|e| if e.kind() == std::io::ErrorKind::NotFound { Ok(()) } else { Err(e) })?;
 
     let last_epoch: Vec<f64> = records.iter().filter(|r| r.epoch == settings.epochs).map(|r| r.loss).collect();
     let mut metrics: crate::engine::cache::Metrics = [

@@ -5,12 +5,11 @@
 mod lora;
 mod model;
 mod ops;
+mod optimizer;
 
 pub use lora::{Lora, Pair, Target};
 pub use model::{Architecture, Base, Config};
 
-use candle_core::Var;
-use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -90,43 +89,68 @@ fn release_freed_memory() {
     }
 }
 
+/// How often a running training writes its checkpoint (and always when it is interrupted).
+const CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Trains `lora` on `examples`, calling `on_step` after every optimizer step with the step's
 /// record and the number of steps in all. Stops with an error once `cancelled` says so.
+///
+/// With a `checkpoint` path, training resumes from the file there if there is one (after
+/// calling `on_step` for each step it had done), writes it every minute and when it is
+/// interrupted, and ends as it would have without the interruption: the order of the examples is
+/// replayed from the seed and dropout draws from a generator seeded per step.
 pub fn train(
     base: &Base,
     lora: &Lora,
     examples: &[Example],
     settings: &Settings,
+    checkpoint: Option<&std::path::Path>,
     cancelled: &dyn Fn() -> bool,
     on_step: &mut dyn FnMut(&StepRecord, usize),
 ) -> candle_core::Result<Vec<StepRecord>> {
-    let vars: Vec<Var> = lora.vars();
-    let params = ParamsAdamW { lr: settings.learning_rate, weight_decay: 0.0, ..ParamsAdamW::default() };
-    let mut optimizer = AdamW::new(vars.clone(), params)?;
+    let mut optimizer = optimizer::AdamW::new(lora.vars())?;
     let total = steps(settings, examples.len());
-    let mut records = Vec::with_capacity(total);
-    let mut order: Vec<usize> = (0..examples.len()).collect();
-    let mut rng = StdRng::seed_from_u64(settings.seed);
+    let mut records = match checkpoint {
+        Some(path) if path.exists() => optimizer.load(path)?,
+        _ => vec![],
+    };
+    for record in &records {
+        on_step(record, total);
+    }
+    let resumed = records.len();
+    let earlier_seconds = records.last().map_or(0.0, |r| r.seconds);
     let started = std::time::Instant::now();
+    let mut saved = started;
+    let mut order: Vec<usize> = (0..examples.len()).collect();
+    let mut shuffle = StdRng::seed_from_u64(settings.seed);
+    let mut step = 0;
     for epoch in 1..=settings.epochs {
-        order.shuffle(&mut rng);
+        order.shuffle(&mut shuffle);
         for batch in order.chunks(settings.batch.max(1)) {
+            step += 1;
+            if step <= resumed {
+                continue;
+            }
+            let mut dropout_rng = dropout_rng(settings.seed, step);
             // Gradients are summed over the batch's examples, each backward pass on its own
             // graph, so memory holds one example's activations at a time.
-            let mut sums: Vec<Option<candle_core::Tensor>> = vec![None; vars.len()];
+            let mut sums: Vec<Option<candle_core::Tensor>> = vec![None; optimizer.vars().len()];
             let mut last = None;
             let (mut loss_sum, mut tokens) = (0.0, 0);
             for &i in batch {
                 if cancelled() {
+                    if let Some(path) = checkpoint {
+                        optimizer.save(path, &records)?;
+                    }
                     candle_core::bail!("interrupted");
                 }
                 let example = &examples[i];
-                let dropout = (settings.dropout > 0.0).then_some((settings.dropout, &mut rng));
+                let dropout = (settings.dropout > 0.0).then_some((settings.dropout, &mut dropout_rng));
                 let loss = base.loss(&example.tokens, example.completion_start, Some(lora), dropout)?;
                 loss_sum += f64::from(loss.to_scalar::<f32>()?);
                 tokens += example.tokens.len() - example.completion_start;
                 let grads = (loss / batch.len() as f64)?.backward()?;
-                for (sum, var) in sums.iter_mut().zip(&vars) {
+                for (sum, var) in sums.iter_mut().zip(optimizer.vars()) {
                     if let Some(grad) = grads.get(var) {
                         *sum = Some(match sum.take() {
                             None => grad.clone(),
@@ -137,28 +161,42 @@ pub fn train(
                 last = Some(grads);
             }
             let Some(mut grads) = last else { continue };
-            for (sum, var) in sums.into_iter().zip(&vars) {
+            for (sum, var) in sums.into_iter().zip(optimizer.vars()) {
                 if let Some(sum) = sum {
                     grads.insert(var, sum);
                 }
             }
-            let rate = learning_rate(settings, records.len(), total);
-            optimizer.set_learning_rate(rate);
-            optimizer.step(&grads)?;
+            let rate = learning_rate(settings, step - 1, total);
+            optimizer.step(&grads, rate)?;
             let record = StepRecord {
-                step: records.len() + 1,
+                step,
                 epoch,
                 loss: loss_sum / batch.len() as f64,
                 learning_rate: rate,
                 tokens,
-                seconds: started.elapsed().as_secs_f64(),
+                seconds: earlier_seconds + started.elapsed().as_secs_f64(),
             };
             on_step(&record, total);
             records.push(record);
+            if let Some(path) = checkpoint
+                && saved.elapsed() >= CHECKPOINT_INTERVAL
+            {
+                optimizer.save(path, &records)?;
+                saved = std::time::Instant::now();
+            }
         }
     }
     release_freed_memory();
     Ok(records)
+}
+
+/// The generator LoRA dropout draws from in step `step`: its own per (seed, step), so a resumed
+/// training draws what the uninterrupted one would have.
+fn dropout_rng(seed: u64, step: usize) -> StdRng {
+    let mut bytes = [0u8; 32];
+    bytes[..8].copy_from_slice(&seed.to_le_bytes());
+    bytes[8..16].copy_from_slice(&(step as u64).to_le_bytes());
+    StdRng::from_seed(bytes)
 }
 
 #[cfg(test)]
