@@ -210,8 +210,9 @@ pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
     lora.save_peft(&ctx.dir.join("peft"), &base).map_err(failed)?;
     writer.finish()?;
     // Not part of the output: the step's output hash covers every file in its directory.
-    std::fs::remove_file(&checkpoint)
-        .or_else(|e| if e.kind() == std::io::ErrorKind::NotFound { Ok(()) } else { Err(e) })?;
+    if checkpoint.exists() {
+        std::fs::remove_file(&checkpoint)?;
+    }
 
     let last_epoch: Vec<f64> = records.iter().filter(|r| r.epoch == settings.epochs).map(|r| r.loss).collect();
     let mut metrics: crate::engine::cache::Metrics = [

@@ -74,7 +74,12 @@ impl AdamW {
 
     /// Restores what [`AdamW::save`] wrote into these matrices and moments; returns the records.
     pub(super) fn load(&mut self, path: &Path) -> Result<Vec<StepRecord>> {
-        let unreadable = |e: String| bad(format!("the training checkpoint `{}` is unreadable ({e})", path.display()));
+        let unreadable = |e: String| {
+            bad(format!(
+                "the training checkpoint `{}` is unreadable ({e}); delete it to train from the beginning",
+                path.display()
+            ))
+        };
         let bytes = std::fs::read(path).map_err(|e| unreadable(e.to_string()))?;
         let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| unreadable(e.to_string()))?;
         let records =
