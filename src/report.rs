@@ -448,10 +448,17 @@ fn tick_step(span: f64) -> f64 {
     nice * power
 }
 
+/// Whether a point can be drawn: finite, and not so far out (a diverged loss, a hand-edited
+/// record) that the axis's round ticks overflow to infinity.
+fn plottable(&(x, y): &(f64, f64)) -> bool {
+    const LIMIT: f64 = 1e15;
+    x.abs() < LIMIT && y.abs() < LIMIT
+}
+
 /// A line chart as inline SVG, with axes, ticks and a legend.
 fn line_chart(id: &str, x_label: &str, y_label: &str, series: &[Series]) -> String {
     let (width, height, left, right, top, bottom) = (640.0, 320.0, 56.0, 16.0, 12.0, 44.0);
-    let all = series.iter().flat_map(|s| &s.points).filter(|(x, y)| x.is_finite() && y.is_finite());
+    let all = series.iter().flat_map(|s| &s.points).filter(|p| plottable(p));
     let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
     for &(x, y) in all {
         (x0, x1, y0, y1) = (x0.min(x), x1.max(x), y0.min(y), y1.max(y));
@@ -518,12 +525,8 @@ fn line_chart(id: &str, x_label: &str, y_label: &str, series: &[Series]) -> Stri
     );
     for (i, s) in series.iter().enumerate() {
         let colour = COLOURS[i % COLOURS.len()];
-        let points: Vec<String> = s
-            .points
-            .iter()
-            .filter(|(x, y)| x.is_finite() && y.is_finite())
-            .map(|&(x, y)| format!("{:.1},{:.1}", px(x), py(y)))
-            .collect();
+        let points: Vec<String> =
+            s.points.iter().filter(|p| plottable(p)).map(|&(x, y)| format!("{:.1},{:.1}", px(x), py(y))).collect();
         let dash = if s.dashed { " stroke-dasharray=\"6 4\"" } else { "" };
         let _ = writeln!(
             svg,
@@ -668,7 +671,7 @@ pub fn write(runs: &[Run], dir: &Path) -> std::io::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::{SystemTime, busy_seconds, tick_step};
+    use super::{Series, SystemTime, busy_seconds, line_chart, tick_step};
 
     #[test]
     fn busy_time_counts_overlapping_steps_once_and_leaves_out_pauses() {
@@ -684,5 +687,13 @@ mod tests {
         for (span, step) in [(1.0, 0.2), (0.6, 0.2), (2.1, 0.5), (37.0, 10.0), (0.03, 0.01)] {
             assert!((tick_step(span) - step).abs() < 1e-12, "span {span}: {} not {step}", tick_step(span));
         }
+    }
+
+    #[test]
+    fn a_chart_leaves_out_points_too_far_out_to_draw() {
+        let points = vec![(1.0, -1.7e308), (2.0, 0.5), (3.0, f64::NAN), (4.0, 0.25)];
+        let svg = line_chart("loss", "step", "loss", &[Series { name: "tune".into(), points, dashed: false }]);
+        assert!(svg.contains("<polyline") && !svg.contains("NaN") && !svg.contains("inf"), "{svg}");
+        assert_eq!(svg.matches("<circle").count(), 2);
     }
 }

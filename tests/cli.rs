@@ -40,6 +40,22 @@ fn help_lists_the_commands() {
 }
 
 #[test]
+fn output_into_a_closed_pipe_ends_quietly() {
+    // The reading end closes before seedflow has started, so its first write finds no reader
+    // (`seedflow docs | head -1` in a shell).
+    let mut child = Command::new(env!("CARGO_BIN_EXE_seedflow"))
+        .arg("docs")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    assert_ne!(out.status.code(), Some(101), "{}", text(&out.stderr));
+    assert!(!text(&out.stderr).contains("panicked"), "{}", text(&out.stderr));
+}
+
+#[test]
 fn check_reports_validity_with_exit_codes() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let out = seedflow(&["check", "workflows/seed.kdl"], root);

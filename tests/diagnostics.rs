@@ -51,3 +51,27 @@ fn a_missing_workflow_file_is_a_diagnostic() {
     assert_eq!(problems.len(), 1);
     assert_eq!(problems[0].code, Code::MissingFile);
 }
+
+#[test]
+fn nesting_too_deep_for_the_parser_and_text_that_is_not_utf8_are_diagnostics() {
+    let dir = tempfile::tempdir().unwrap();
+    // Deep enough to overflow the KDL parser's stack, were it reached.
+    let deep = dir.path().join("deep.kdl");
+    std::fs::write(&deep, format!("workflow \"w\" {}{}", "{ a ".repeat(100_000), "}".repeat(100_000))).unwrap();
+    let problems = seedflow::load_plan(&deep, &[]).unwrap_err();
+    assert_eq!(problems[0].code, Code::Syntax);
+    assert!(problems[0].message.contains("more than 64 levels deep"), "{}", problems[0].message);
+    // Braces in strings and comments do not count.
+    let quoted = dir.path().join("quoted.kdl");
+    let braces = "{".repeat(100);
+    let text = format!("// {braces}\n/* {braces} /* */ */\nworkflow \"{braces}\" note=#\"{braces}\"\"#\nbad");
+    std::fs::write(&quoted, text).unwrap();
+    let problems = seedflow::load_plan(&quoted, &[]).unwrap_err();
+    assert!(problems.iter().all(|p| p.code != Code::Syntax), "{problems:?}");
+
+    let latin1 = dir.path().join("latin1.kdl");
+    std::fs::write(&latin1, b"workflow \"caf\xe9\"\n").unwrap();
+    let problems = seedflow::load_plan(&latin1, &[]).unwrap_err();
+    assert_eq!(problems[0].code, Code::Syntax);
+    assert!(problems[0].message.contains("not UTF-8 text (byte 13"), "{}", problems[0].message);
+}

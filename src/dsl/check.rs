@@ -283,15 +283,33 @@ fn default_value(ty: ValueType, default: &str) -> Option<Value> {
     convert(ty, &literal, None).ok()
 }
 
+/// Where a string value's characters start in its source, when they stand there as written:
+/// at once for a bare word or an override's value, after the opening quote of `"…"` or `#"…"#`.
+/// With it, the string's length. `None` when escapes or a multi-line string moved its characters;
+/// then the whole value is shown.
+fn string_start(sources: &Sources, span: Span, value: &Literal) -> Option<(usize, usize)> {
+    let Literal::String(value) = value else { return None };
+    let offset = span.range.offset();
+    let written = sources.get(span.file).text.get(offset..offset + span.range.len())?;
+    if written == value.as_str() {
+        return Some((offset, value.len()));
+    }
+    let hashes = written.bytes().take_while(|&b| b == b'#').count();
+    let body = written[hashes..].strip_prefix('"')?;
+    (!body.starts_with("\"\"") && body.starts_with(value.as_str())).then_some((offset + hashes + 1, value.len()))
+}
+
 fn check_value(ty: ValueType, property: &Property, sources: &Sources, problems: &mut Problems) -> Option<Value> {
     let span = property.value.span;
     match convert(ty, &property.value.value, Some((sources, span))) {
         Ok(value) => Some(value),
         Err(ValueError { code, message, label, help, offset }) => {
-            let span = match offset {
-                // Point inside a string at the exact character (after the opening quote).
-                Some((start, len)) => {
-                    Span { file: span.file, range: (span.range.offset() + 1 + start, len.max(1)).into() }
+            let span = match offset.zip(string_start(sources, span, &property.value.value)) {
+                // Point inside the string at the exact characters; at its last one for what is
+                // missing at its end.
+                Some(((start, len), (at, chars))) => {
+                    let start = start.min(chars.saturating_sub(1));
+                    Span { file: span.file, range: (at + start, len.max(1)).into() }
                 }
                 None => span,
             };
@@ -348,7 +366,7 @@ fn convert(ty: ValueType, literal: &Literal, at: Option<(&Sources, Span)>) -> Re
                 Literal::Float(f) => *f,
                 _ => return Err(wrong_type(literal)),
             };
-            if n < min || n > max || n.is_nan() {
+            if !n.is_finite() || n < min || n > max {
                 return Err(bad_value("out of range", ty.describe()));
             }
             Ok(Value::Number(n))
@@ -398,7 +416,10 @@ fn convert(ty: ValueType, literal: &Literal, at: Option<(&Sources, Span)>) -> Re
         }
         ValueType::Integers => {
             let s = match literal {
-                Literal::Integer(i) if *i > 0 => return Ok(Value::Integers(vec![*i as i64])),
+                Literal::Integer(i) => match i64::try_from(*i) {
+                    Ok(k) if k > 0 => return Ok(Value::Integers(vec![k])),
+                    _ => return Err(bad_value("not a positive integer within range", "write for example 10")),
+                },
                 Literal::String(s) => s,
                 _ => return Err(wrong_type(literal)),
             };

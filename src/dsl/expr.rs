@@ -117,10 +117,15 @@ fn tokenize(text: &str) -> Result<Vec<(Token, usize, usize)>, ExprError> {
     Ok(tokens)
 }
 
+/// How deep `!` and parentheses may nest: far beyond any real condition, and well within the
+/// stack the recursive parser and evaluator need.
+const MAX_DEPTH: usize = 64;
+
 struct Parser {
     tokens: Vec<(Token, usize, usize)>,
     position: usize,
     end: usize,
+    depth: usize,
 }
 
 impl Parser {
@@ -156,22 +161,29 @@ impl Parser {
     }
 
     fn unary(&mut self) -> Result<Expr, ExprError> {
-        match self.peek() {
-            Some(Token::Op("!")) => {
-                self.position += 1;
-                Ok(Expr::Not(Box::new(self.unary()?)))
-            }
-            Some(Token::Open) => {
-                self.position += 1;
-                let inner = self.or()?;
-                if self.peek() != Some(&Token::Close) {
-                    return self.error("expected `)`");
-                }
-                self.position += 1;
-                Ok(inner)
-            }
-            _ => self.comparison(),
+        let negated = match self.peek() {
+            Some(Token::Op("!")) => true,
+            Some(Token::Open) => false,
+            _ => return self.comparison(),
+        };
+        if self.depth == MAX_DEPTH {
+            return self.error(format!("`!` and parentheses nest more than {MAX_DEPTH} deep here"));
         }
+        self.position += 1;
+        self.depth += 1;
+        let inner = if negated { self.unary().map(|e| Expr::Not(Box::new(e))) } else { self.parenthesised() };
+        self.depth -= 1;
+        inner
+    }
+
+    /// What follows an opening parenthesis.
+    fn parenthesised(&mut self) -> Result<Expr, ExprError> {
+        let inner = self.or()?;
+        if self.peek() != Some(&Token::Close) {
+            return self.error("expected `)`");
+        }
+        self.position += 1;
+        Ok(inner)
     }
 
     fn comparison(&mut self) -> Result<Expr, ExprError> {
@@ -220,7 +232,7 @@ impl Expr {
         if tokens.is_empty() {
             return Err(ExprError { message: "the expression is empty".into(), offset: 0, len: text.len() });
         }
-        let mut parser = Parser { tokens, position: 0, end: text.len() };
+        let mut parser = Parser { tokens, position: 0, end: text.len(), depth: 0 };
         let expr = parser.or()?;
         if parser.position < parser.tokens.len() {
             return parser.error("unexpected text after the expression");
@@ -304,6 +316,7 @@ mod tests {
 
     #[test]
     fn errors_point_at_the_problem() {
+        let (deep, negations) = (format!("{}a.x > 1{}", "(".repeat(65), ")".repeat(65)), "!".repeat(20_000));
         let cases = [
             ("", 0, "the expression is empty"),
             ("a.count", 7, "expected a comparison"),
@@ -311,6 +324,9 @@ mod tests {
             ("a.count = 0", 8, "unexpected `=`"),
             ("(a.x > 1", 8, "expected `)`"),
             ("a.x > 1 b.y", 8, "unexpected text after the expression"),
+            // Nesting beyond the limit, which would otherwise overflow the stack.
+            (deep.as_str(), 64, "`!` and parentheses nest more than 64"),
+            (negations.as_str(), 64, "`!` and parentheses nest more than 64"),
         ];
         for (text, offset, message) in cases {
             let err = Expr::parse(text).unwrap_err();

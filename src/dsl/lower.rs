@@ -29,13 +29,16 @@ pub fn resolve(sources: &Sources, from: FileId, reference: &str) -> Option<Locat
 
 /// Reads the workflow at `path` with its imports.
 pub fn load_file(path: &Path, sources: &mut Sources, problems: &mut Problems) -> Vec<Node> {
-    let text = match std::fs::read_to_string(path) {
+    let text = match read_text(path) {
         Ok(text) => text,
-        Err(err) => {
-            problems.push(
-                Problem::new(Code::MissingFile, format!("cannot read workflow `{}`: {err}", path.display()))
-                    .with_help("check the path; workflows are KDL files such as `workflows/seed.kdl`"),
-            );
+        Err((code, err)) => {
+            let problem = Problem::new(code, format!("cannot read workflow `{}`: {err}", path.display()));
+            problems.push(match code {
+                Code::MissingFile => {
+                    problem.with_help("check the path; workflows are KDL files such as `workflows/seed.kdl`")
+                }
+                _ => problem.with_help("KDL files are UTF-8 text; save the file in that encoding"),
+            });
             return vec![];
         }
     };
@@ -44,8 +47,25 @@ pub fn load_file(path: &Path, sources: &mut Sources, problems: &mut Problems) ->
     load_text(file, sources, problems, &mut stack)
 }
 
+/// A workflow file's text; a file that cannot be read is a missing file, one that is not UTF-8
+/// a syntax error.
+fn read_text(path: &Path) -> Result<String, (Code, String)> {
+    let bytes = std::fs::read(path).map_err(|err| (Code::MissingFile, err.to_string()))?;
+    String::from_utf8(bytes).map_err(|err| {
+        let at = err.utf8_error().valid_up_to();
+        (Code::Syntax, format!("it is not UTF-8 text (byte {at} starts no UTF-8 character)"))
+    })
+}
+
 fn load_text(file: FileId, sources: &mut Sources, problems: &mut Problems, stack: &mut Vec<Location>) -> Vec<Node> {
     let text = sources.get(file).text.clone();
+    if let Some(offset) = too_deep(&text) {
+        let span = Span { file, range: SourceSpan::new(offset.into(), 1) };
+        problems
+            .at(sources, Code::Syntax, span, format!("children nest more than {MAX_NESTING} levels deep"), "too deep")
+            .help("a workflow nests a few levels: steps in a loop in the workflow");
+        return vec![];
+    }
     let document = match KdlDocument::parse(&text) {
         Ok(document) => document,
         Err(err) => {
@@ -102,10 +122,10 @@ fn load_import(node: &Node, sources: &mut Sources, problems: &mut Problems, stac
             let text = stdlib::file(name).map(|(_, text)| text).unwrap_or_default();
             sources.add(*name, None, text.to_string())
         }
-        Location::File(path) => match std::fs::read_to_string(path) {
+        Location::File(path) => match read_text(path) {
             Ok(text) => sources.add(path.display().to_string(), Some(path.clone()), text),
-            Err(err) => {
-                problems.at(sources, Code::MissingFile, span, format!("cannot read `{target}`: {err}"), "here");
+            Err((code, err)) => {
+                problems.at(sources, code, span, format!("cannot read `{target}`: {err}"), "here");
                 return vec![];
             }
         },
@@ -167,6 +187,70 @@ fn lower_node(file: FileId, node: &KdlNode, sources: &Sources, problems: &mut Pr
     }
 }
 
+/// How deep `{ }` blocks may nest: far beyond any workflow, and well within the stack the KDL
+/// parser needs, which recurses once per level (1,500 levels overflow it).
+const MAX_NESTING: usize = 64;
+
+/// Where a `{` opens a block deeper than [`MAX_NESTING`], if one does. Braces in strings and
+/// comments do not count.
+fn too_deep(text: &str) -> Option<usize> {
+    let bytes = text.as_bytes();
+    let (mut depth, mut i) = (0usize, 0);
+    while i < bytes.len() {
+        match bytes[i] {
+            b'{' => {
+                depth += 1;
+                if depth > MAX_NESTING {
+                    return Some(i);
+                }
+            }
+            b'}' => depth = depth.saturating_sub(1),
+            b'"' => {
+                // A quoted string: to the next quote not escaped.
+                i += 1;
+                while i < bytes.len() && bytes[i] != b'"' {
+                    i += if bytes[i] == b'\\' { 2 } else { 1 };
+                }
+            }
+            b'#' => {
+                // A raw string, #"…"#, ##"…"## and so on: to the quote followed by as many `#`.
+                let hashes = bytes[i..].iter().take_while(|&&b| b == b'#').count();
+                if bytes.get(i + hashes) == Some(&b'"') {
+                    let close = format!("\"{}", "#".repeat(hashes));
+                    i = text[i + hashes + 1..]
+                        .find(&close)
+                        .map_or(bytes.len(), |at| i + hashes + 1 + at + close.len() - 1);
+                } else {
+                    i += hashes - 1;
+                }
+            }
+            b'/' if bytes.get(i + 1) == Some(&b'/') => {
+                i = text[i..].find('\n').map_or(bytes.len(), |at| i + at);
+            }
+            b'/' if bytes.get(i + 1) == Some(&b'*') => {
+                // Block comments nest in KDL.
+                let mut open = 0usize;
+                while i < bytes.len() {
+                    if bytes[i..].starts_with(b"/*") {
+                        (open, i) = (open + 1, i + 2);
+                    } else if bytes[i..].starts_with(b"*/") {
+                        (open, i) = (open - 1, i + 2);
+                        if open == 0 {
+                            break;
+                        }
+                    } else {
+                        i += 1;
+                    }
+                }
+                continue;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    None
+}
+
 /// The span of a property's value: what follows `=` within the entry.
 fn value_span(text: &str, key: SourceSpan, entry: SourceSpan) -> SourceSpan {
     let entry_end = (entry.offset() + entry.len()).min(text.len());
@@ -196,7 +280,9 @@ pub fn apply_overrides(nodes: &mut [Node], overrides: &[String], sources: &mut S
             continue;
         };
         let lhs_span = Span { file, range: SourceSpan::new(0.into(), lhs.len()) };
-        let rhs_span = Span { file, range: SourceSpan::new((lhs.len() + 1).into(), rhs.len()) };
+        // An empty value is shown by its `=`.
+        let rhs_range = if rhs.is_empty() { (lhs.len(), 1) } else { (lhs.len() + 1, rhs.len()) };
+        let rhs_span = Span { file, range: rhs_range.into() };
         let Some((target, key)) = lhs.rsplit_once('.') else {
             problems
                 .at(

@@ -462,7 +462,7 @@ mod tests {
         let angles = Tensor::randn(0f32, 1., (4, 4), &Device::Cpu).unwrap();
         let (cos, sin) = (angles.cos().unwrap(), angles.sin().unwrap());
         for neox in [true, false] {
-            agree(&[x.clone()], |t| rope(&t[0], &cos, &sin, neox), |t| rotate(&t[0], &cos, &sin, neox));
+            agree(std::slice::from_ref(&x), |t| rope(&t[0], &cos, &sin, neox), |t| rotate(&t[0], &cos, &sin, neox));
         }
     }
 
