@@ -441,6 +441,13 @@ fn convert(ty: ValueType, literal: &Literal, at: Option<(&Sources, Span)>) -> Re
                 return Ok(Value::File(PathBuf::from(s)));
             };
             match resolve(sources, span.file, s) {
+                Some(Location::File(path)) if path.is_dir() => Err(ValueError {
+                    code: Code::MissingFile,
+                    message: Some(format!("`{s}` is a directory, not a file")),
+                    label: "a directory".into(),
+                    help: Some("name a file in it".into()),
+                    offset: None,
+                }),
                 Some(Location::File(path)) => Ok(Value::File(path)),
                 Some(Location::Stdlib(name)) => Ok(Value::File(PathBuf::from(name))),
                 None => Err(ValueError {
