@@ -13,11 +13,24 @@ struct Edge {
     previous_iteration: bool,
 }
 
+/// A step's name qualified by its loop's: unique, as names hold no `.`.
 fn id(scope: Option<&str>, step: &str) -> String {
     match scope {
-        Some(l) => format!("{l}.{step}").replace(['-', '.'], "_"),
-        None => step.replace('-', "_"),
+        Some(l) => format!("{l}.{step}"),
+        None => step.to_string(),
     }
+}
+
+/// A qualified name as a dot id: quoted, so no name reads as a keyword (`node`, `edge`).
+fn dot_id(id: &str) -> String {
+    format!("\"{id}\"")
+}
+
+/// A qualified name as a Mermaid id, which takes letters, digits and `_` only: prefixed, so no
+/// name reads as a keyword (`end`), and with `.` as `_I_`, which no name can hold (names are
+/// lowercase), so `a-b` and `b` in loop `a` stay apart.
+fn mermaid_id(id: &str) -> String {
+    format!("s_{}", id.replace('-', "_").replace('.', "_I_"))
 }
 
 fn edges(graph: &Graph, scope: Option<&str>, out: &mut Vec<Edge>) {
@@ -47,8 +60,8 @@ pub fn to_dot(plan: &Plan) -> String {
             Some(body) => {
                 let _ = writeln!(
                     out,
-                    "  subgraph cluster_{} {{\n    label=\"{} (loop-until)\";",
-                    id(None, step.name()),
+                    "  subgraph \"cluster_{}\" {{\n    label=\"{} (loop-until)\";",
+                    step.name(),
                     step.name()
                 );
                 for &j in &body.order {
@@ -56,7 +69,7 @@ pub fn to_dot(plan: &Plan) -> String {
                     let _ = writeln!(
                         out,
                         "    {} [label=\"{}\\n{}\"];",
-                        id(Some(step.name()), inner.name()),
+                        dot_id(&id(Some(step.name()), inner.name())),
                         inner.name(),
                         inner.kind()
                     );
@@ -64,7 +77,7 @@ pub fn to_dot(plan: &Plan) -> String {
                 out.push_str("  }\n");
             }
             None => {
-                let _ = writeln!(out, "  {} [label=\"{}\\n{}\"];", id(None, step.name()), step.name(), step.kind());
+                let _ = writeln!(out, "  {} [label=\"{}\\n{}\"];", dot_id(step.name()), step.name(), step.kind());
             }
         }
     }
@@ -72,7 +85,7 @@ pub fn to_dot(plan: &Plan) -> String {
     edges(&plan.graph, None, &mut all);
     for e in all {
         let style = if e.previous_iteration { ", style=dashed" } else { "" };
-        let _ = writeln!(out, "  {} -> {} [label=\"{}\"{style}];", e.from, e.to, e.label);
+        let _ = writeln!(out, "  {} -> {} [label=\"{}\"{style}];", dot_id(&e.from), dot_id(&e.to), e.label);
     }
     out.push_str("}\n");
     out
@@ -84,13 +97,13 @@ pub fn to_mermaid(plan: &Plan) -> String {
         let step = &plan.graph.steps[i];
         match &step.body {
             Some(body) => {
-                let _ = writeln!(out, "  subgraph {}[\"{} (loop-until)\"]", id(None, step.name()), step.name());
+                let _ = writeln!(out, "  subgraph {}[\"{} (loop-until)\"]", mermaid_id(step.name()), step.name());
                 for &j in &body.order {
                     let inner = &body.steps[j];
                     let _ = writeln!(
                         out,
                         "    {}[\"{}<br/>{}\"]",
-                        id(Some(step.name()), inner.name()),
+                        mermaid_id(&id(Some(step.name()), inner.name())),
                         inner.name(),
                         inner.kind()
                     );
@@ -98,7 +111,7 @@ pub fn to_mermaid(plan: &Plan) -> String {
                 out.push_str("  end\n");
             }
             None => {
-                let _ = writeln!(out, "  {}[\"{}<br/>{}\"]", id(None, step.name()), step.name(), step.kind());
+                let _ = writeln!(out, "  {}[\"{}<br/>{}\"]", mermaid_id(step.name()), step.name(), step.kind());
             }
         }
     }
@@ -106,7 +119,21 @@ pub fn to_mermaid(plan: &Plan) -> String {
     edges(&plan.graph, None, &mut all);
     for e in all {
         let arrow = if e.previous_iteration { "-.->" } else { "-->" };
-        let _ = writeln!(out, "  {} {arrow}|{}| {}", e.from, e.label, e.to);
+        let _ = writeln!(out, "  {} {arrow}|{}| {}", mermaid_id(&e.from), e.label, mermaid_id(&e.to));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{dot_id, id, mermaid_id};
+
+    #[test]
+    fn ids_neither_collide_nor_read_as_keywords() {
+        let (in_loop, top) = (id(Some("a"), "b"), id(None, "a-b"));
+        assert_ne!(dot_id(&in_loop), dot_id(&top));
+        assert_ne!(mermaid_id(&in_loop), mermaid_id(&top));
+        assert_eq!(dot_id("node"), "\"node\"");
+        assert_eq!(mermaid_id("end"), "s_end");
+    }
 }
