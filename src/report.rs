@@ -27,6 +27,9 @@ pub enum ReportError {
         help("summary.json is written by `seedflow run`; `seedflow run FILE --resume --run-dir DIR` writes it again")
     )]
     Io { path: PathBuf, message: String },
+    #[error("cannot write the report into `{path}`: {message}")]
+    #[diagnostic(code(seedflow::report_io), help("choose with `--out` a directory you can write to"))]
+    Write { path: PathBuf, message: String },
 }
 
 /// One run, as read from its directory.

@@ -86,6 +86,12 @@ fn a_run_reports_its_iterations_evaluations_and_gates() {
     let out = seedflow(&["report", "run", "nowhere"], dir.path());
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("`nowhere` is not a run directory"), "{}", text(&out.stderr));
+
+    // A file where the report's directory should go.
+    std::fs::write(dir.path().join("taken"), "").unwrap();
+    let out = seedflow(&["report", "run", "--out", "taken"], dir.path());
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("seedflow::report_io"), "{}", text(&out.stderr));
 }
 
 /// Opens the page in headless Chromium with a script appended that measures what was drawn, and

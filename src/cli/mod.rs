@@ -214,7 +214,8 @@ fn report_runs(dirs: &[PathBuf], out: Option<&Path>) -> i32 {
         None => print!("{}", crate::report::markdown(&runs)),
         Some(dir) => {
             if let Err(err) = crate::report::write(&runs, dir) {
-                eprintln!("error: cannot write the report into `{}`: {err}", dir.display());
+                let path = dir.to_path_buf();
+                print_diagnostic(&crate::report::ReportError::Write { path, message: err.to_string() });
                 return EXIT_FAILED;
             }
             println!("{}", dir.join("report.html").display());

@@ -128,6 +128,10 @@ fn check_node(node: &Node, sources: &Sources, problems: &mut Problems, in_loop: 
                 problems
                     .at(sources, Code::BadValue, *span, format!("`{name}` is not a valid name"), "not kebab-case")
                     .help("names are kebab-case: lowercase letters, digits and `-`, starting with a letter");
+            } else if name == "prev" {
+                problems.at(sources, Code::BadValue, *span, "`prev` is reserved", "reserved name").help(
+                    "`prev.<step>` reads a step's output from the loop's previous iteration; choose another name",
+                );
             }
             Spanned::new(name.clone(), *span)
         }
