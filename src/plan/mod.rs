@@ -5,7 +5,7 @@
 mod render;
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use petgraph::algo::{tarjan_scc, toposort};
 use petgraph::graph::{DiGraph, NodeIndex};
@@ -118,11 +118,22 @@ impl Plan {
     }
 }
 
+/// A workflow without a `workflow` node is named after its file, made kebab-case like a declared
+/// name: the name becomes a directory under `runs/`, so `...kdl` must not make it `runs/..`.
+fn name_from_file(file: &Path) -> String {
+    let stem = file.file_stem().map(|s| s.to_string_lossy().to_lowercase()).unwrap_or_default();
+    let words: Vec<&str> = stem.split(|c: char| !c.is_ascii_alphanumeric()).filter(|w| !w.is_empty()).collect();
+    match words.join("-") {
+        name if name.starts_with(|c: char| c.is_ascii_lowercase()) => name,
+        _ => "workflow".to_string(),
+    }
+}
+
 /// Builds the plan, or reports every problem found in resolving and ordering it.
 pub fn build(checked: Checked, sources: Sources, file: PathBuf, problems: &mut Problems) -> Option<Plan> {
     let (name, seed) = match &checked.workflow {
         Some(w) => (w.name.value.clone(), w.props.integer("seed").map_or(0, |s| s as u64)),
-        None => (file.file_stem().map_or("workflow".to_string(), |s| s.to_string_lossy().into_owned()), 0),
+        None => (name_from_file(&file), 0),
     };
     let models: BTreeMap<String, Declaration> = checked.models.into_iter().map(|m| (m.name.value.clone(), m)).collect();
     let scope = Scope { sources: &sources, broken: &checked.broken, models: &models, top: &checked.steps };
@@ -542,4 +553,17 @@ fn report_cycle(
             format!("`{}` reads `{second}` here", names[0]),
         )
         .help("a step cannot depend on its own output; inside a loop, read the previous iteration with `prev.<step>`");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::name_from_file;
+    use std::path::Path;
+
+    #[test]
+    fn a_name_from_a_file_is_kebab_case_and_stays_inside_runs() {
+        for (file, name) in [("flows/My Flow_2.kdl", "my-flow-2"), ("...kdl", "workflow"), ("2024.kdl", "workflow")] {
+            assert_eq!(name_from_file(Path::new(file)), name, "{file}");
+        }
+    }
 }
