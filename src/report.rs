@@ -146,7 +146,7 @@ pub fn read_run(dir: &Path) -> Result<Run, ReportError> {
             let metric = |name: &str| meta.metrics.get(name).copied().unwrap_or(0.0) as u64;
             let examples = metric("examples");
             // Pairs a step took over from an earlier one (`history`) were counted there.
-            run.training_examples += examples.saturating_sub(metric("history"));
+            run.training_examples = run.training_examples.saturating_add(examples.saturating_sub(metric("history")));
             let loss = meta.metrics.get("loss").copied();
             run.training.push(Training { label, examples, loss, curve: loss_curve(step_dir) });
         }
