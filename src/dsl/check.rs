@@ -311,8 +311,8 @@ fn check_value(ty: ValueType, property: &Property, sources: &Sources, problems: 
             let span = match offset.zip(string_start(sources, span, &property.value.value)) {
                 // Point inside the string at the exact characters; at its last one for what is
                 // missing at its end.
-                Some(((start, len), (at, chars))) => {
-                    let start = start.min(chars.saturating_sub(1));
+                Some(((start, len), (at, value_len))) => {
+                    let start = start.min(value_len.saturating_sub(1));
                     Span { file: span.file, range: (at + start, len.max(1)).into() }
                 }
                 None => span,
