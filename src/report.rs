@@ -11,7 +11,7 @@ use std::time::SystemTime;
 use serde::Serialize;
 
 use crate::engine::cache::{Meta, Metrics, StepStatus};
-use crate::engine::files::write_atomic;
+use crate::engine::files::{META, write_atomic};
 
 #[derive(Debug, thiserror::Error, miette::Diagnostic)]
 pub enum ReportError {
@@ -48,6 +48,9 @@ pub struct Run {
     pub training_examples: u64,
     /// Top-level `execute` steps: the run's evaluations.
     pub evaluations: Vec<Evaluation>,
+    /// Steps whose `meta.json` is there but cannot be read (damaged, or edited by hand): left out
+    /// of every figure, and listed so that nobody takes the figures for the whole run.
+    pub unreadable: Vec<String>,
     pub loops: Vec<Loop>,
     pub training: Vec<Training>,
     pub gates: Vec<Gate>,
@@ -132,13 +135,19 @@ pub fn read_run(dir: &Path) -> Result<Run, ReportError> {
         wall_seconds: 0.0,
         training_examples: 0,
         evaluations: vec![],
+        unreadable: vec![],
         loops: vec![],
         training: vec![],
         gates: vec![],
     };
     let mut running: Vec<(SystemTime, SystemTime)> = vec![];
     let mut visit = |step_dir: &Path, label: String, run: &mut Run| -> Option<Meta> {
-        let meta = Meta::read(step_dir)?;
+        let Some(meta) = Meta::read(step_dir) else {
+            if step_dir.join(META).exists() {
+                run.unreadable.push(label);
+            }
+            return None;
+        };
         if let (Some(start), Some(end)) = (time(&meta.started_at), meta.finished_at.as_deref().and_then(time)) {
             running.push((start, end));
         }
@@ -386,7 +395,10 @@ pub fn markdown(runs: &[Run]) -> String {
                 gate.failure.as_deref().map_or("passed".to_string(), |f| format!("**failed**: {f}"))
             );
         }
-        if !run.gates.is_empty() {
+        for step in &run.unreadable {
+            let _ = writeln!(out, "- step `{step}`: **left out**, its `{META}` cannot be read");
+        }
+        if !run.gates.is_empty() || !run.unreadable.is_empty() {
             out.push('\n');
         }
     }
@@ -657,6 +669,13 @@ pub fn html(runs: &[Run]) -> String {
                     escape(f)
                 ),
             };
+        }
+        for step in &run.unreadable {
+            let _ = writeln!(
+                out,
+                "<p class=\"failed\">step <code>{}</code>: left out, its <code>{META}</code> cannot be read</p>",
+                escape(step)
+            );
         }
     }
     out.push_str("</body></html>\n");

@@ -72,7 +72,7 @@ fn check_reports_validity_with_exit_codes() {
 
     let out = seedflow(&["check", "workflows/seed.kdl", "--set", "adapt.max-iterations=zero"], root);
     assert_eq!(out.status.code(), Some(2));
-    assert!(text(&out.stderr).contains("`max-iterations` expects an integer ≥ 1"));
+    assert!(text(&out.stderr).contains("`max-iterations` expects an integer from 1 to 10,000"));
 }
 
 #[test]

@@ -87,6 +87,14 @@ fn a_run_reports_its_iterations_evaluations_and_gates() {
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("`nowhere` is not a run directory"), "{}", text(&out.stderr));
 
+    // A step whose meta.json is damaged is left out of the figures and named as left out.
+    std::fs::write(dir.path().join("run/scores/meta.json"), "{\"key\": ").unwrap();
+    let out = seedflow(&["report", "run"], dir.path());
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let markdown = text(&out.stdout);
+    assert!(markdown.contains("- step `scores`: **left out**, its `meta.json` cannot be read"), "{markdown}");
+    assert!(!markdown.contains("scores pass@1"), "{markdown}");
+
     // A file where the report's directory should go.
     std::fs::write(dir.path().join("taken"), "").unwrap();
     let out = seedflow(&["report", "run", "--out", "taken"], dir.path());

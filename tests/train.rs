@@ -234,6 +234,9 @@ fn an_interrupted_training_resumes_from_its_checkpoint_and_ends_as_an_uninterrup
         .unwrap_err()
         .to_string();
     assert!(error.contains("checkpoint") && error.contains("does not fit"), "{error}");
+    // So is a rank no projection has room for, before anything is allocated for it.
+    let error = Lora::new(&base, usize::MAX / 2, 8.0, &Target::ALL, 5).err().unwrap().to_string();
+    assert!(error.contains("is larger than either side of the model's `attn_q` projection"), "{error}");
     for _ in [std::fs::remove_file(&model), std::fs::remove_file(&checkpoint)] {}
 }
 

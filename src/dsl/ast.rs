@@ -88,6 +88,8 @@ pub struct SourceFile {
     pub name: String,
     pub path: Option<PathBuf>,
     pub text: Arc<String>,
+    /// The `import` that brought this file in; none for the workflow and overrides.
+    pub imported_at: Option<Span>,
 }
 
 /// Every text a workflow was built from, so diagnostics can show any of them.
@@ -98,8 +100,15 @@ pub struct Sources {
 
 impl Sources {
     pub fn add(&mut self, name: impl Into<String>, path: Option<PathBuf>, text: String) -> FileId {
-        self.files.push(SourceFile { name: name.into(), path, text: Arc::new(text) });
+        self.files.push(SourceFile { name: name.into(), path, text: Arc::new(text), imported_at: None });
         self.files.len() - 1
+    }
+
+    /// Adds a file that the `import` at `at` brought in.
+    pub fn add_import(&mut self, name: impl Into<String>, path: Option<PathBuf>, text: String, at: Span) -> FileId {
+        let file = self.add(name, path, text);
+        self.files[file].imported_at = Some(at);
+        file
     }
 
     pub fn get(&self, id: FileId) -> &SourceFile {

@@ -359,9 +359,9 @@ fn convert(ty: ValueType, literal: &Literal, at: Option<(&Sources, Span)>) -> Re
     };
     match ty {
         ValueType::Text => string.map(|s| Value::Text(s.to_string())).ok_or_else(|| wrong_type(literal)),
-        ValueType::Integer { min } => match literal {
-            Literal::Integer(i) if *i >= min as i128 && *i <= i64::MAX as i128 => Ok(Value::Integer(*i as i64)),
-            Literal::Integer(_) => Err(bad_value("out of range", format!("use an integer ≥ {min}"))),
+        ValueType::Integer { min, max } => match literal {
+            Literal::Integer(i) if (min as i128..=max as i128).contains(i) => Ok(Value::Integer(*i as i64)),
+            Literal::Integer(_) => Err(bad_value("out of range", format!("use {}", ty.describe()))),
             _ => Err(wrong_type(literal)),
         },
         ValueType::Number { min, max } => {
@@ -485,7 +485,9 @@ fn convert(ty: ValueType, literal: &Literal, at: Option<(&Sources, Span)>) -> Re
                 code: Code::BadExpression,
                 message: Some(format!("invalid `until` expression: {}", e.message)),
                 label: e.message.clone(),
-                help: Some("compare metrics with numbers: `revised.count == 0 || iteration >= 3`".into()),
+                help: Some(
+                    e.help.unwrap_or("compare metrics with numbers: `revised.count == 0 || iteration >= 3`").into(),
+                ),
                 offset: Some((e.offset, e.len)),
             })
         }

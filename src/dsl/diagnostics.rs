@@ -4,7 +4,7 @@
 use std::fmt;
 use std::sync::Arc;
 
-use miette::{Diagnostic, LabeledSpan, NamedSource};
+use miette::{Diagnostic, LabeledSpan, NamedSource, Severity};
 
 use super::ast::{Sources, Span};
 
@@ -96,12 +96,67 @@ pub struct Problem {
     pub help: Option<String>,
     /// The file the labels point into, so problems can be sorted by position.
     pub at: Option<Span>,
+    /// When that file was imported: each `import` on the way to it, nearest first.
+    pub imported: Vec<ImportedHere>,
+}
+
+/// Where a file that holds a problem was imported, shown after the problem.
+#[derive(Debug)]
+pub struct ImportedHere {
+    message: String,
+    source_code: NamedSource<Arc<String>>,
+    label: LabeledSpan,
+}
+
+impl fmt::Display for ImportedHere {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ImportedHere {}
+
+impl Diagnostic for ImportedHere {
+    fn severity(&self) -> Option<Severity> {
+        Some(Severity::Advice)
+    }
+
+    fn source_code(&self) -> Option<&dyn miette::SourceCode> {
+        Some(&self.source_code)
+    }
+
+    fn labels(&self) -> Option<Box<dyn Iterator<Item = LabeledSpan> + '_>> {
+        Some(Box::new(std::iter::once(self.label.clone())))
+    }
+}
+
+/// The chain of imports that brought `file` in, nearest first.
+fn imports_of(sources: &Sources, file: super::ast::FileId) -> Vec<ImportedHere> {
+    let mut chain = vec![];
+    let mut current = file;
+    while let Some(at) = sources.get(current).imported_at {
+        chain.push(ImportedHere {
+            message: format!("`{}` is imported here", sources.get(current).name),
+            source_code: sources.named(at.file),
+            label: LabeledSpan::new_with_span(Some("imported here".into()), at.range),
+        });
+        current = at.file;
+    }
+    chain
 }
 
 impl Problem {
     /// A problem that has no place in any file (a missing workflow file, a bad run directory).
     pub fn new(code: Code, message: impl Into<String>) -> Self {
-        Problem { code, message: message.into(), source_code: None, labels: vec![], help: None, at: None }
+        Problem {
+            code,
+            message: message.into(),
+            source_code: None,
+            labels: vec![],
+            help: None,
+            at: None,
+            imported: vec![],
+        }
     }
 
     pub fn with_help(mut self, help: impl Into<String>) -> Self {
@@ -133,6 +188,10 @@ impl Diagnostic for Problem {
 
     fn labels(&self) -> Option<Box<dyn Iterator<Item = LabeledSpan> + '_>> {
         if self.labels.is_empty() { None } else { Some(Box::new(self.labels.iter().cloned())) }
+    }
+
+    fn related<'a>(&'a self) -> Option<Box<dyn Iterator<Item = &'a dyn Diagnostic> + 'a>> {
+        if self.imported.is_empty() { None } else { Some(Box::new(self.imported.iter().map(|i| i as &dyn Diagnostic))) }
     }
 }
 
@@ -192,6 +251,7 @@ impl Problems {
             labels: vec![LabeledSpan::new_with_span(Some(label.into()), span.range)],
             help: None,
             at: Some(span),
+            imported: imports_of(sources, span.file),
         };
         ProblemBuilder { problems: self, problem: Some(problem) }
     }

@@ -52,6 +52,8 @@ pub struct ExprError {
     pub message: String,
     pub offset: usize,
     pub len: usize,
+    /// What to do about it, where the general advice would not fit.
+    pub help: Option<&'static str>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -82,6 +84,7 @@ fn tokenize(text: &str) -> Result<Vec<(Token, usize, usize)>, ExprError> {
                 message: format!("`{}` is not a number", &text[start..i]),
                 offset: start,
                 len: i - start,
+                help: None,
             })?;
             tokens.push((Token::Number(number), start, i - start));
             continue;
@@ -108,7 +111,12 @@ fn tokenize(text: &str) -> Result<Vec<(Token, usize, usize)>, ExprError> {
             b')' => Token::Close,
             _ => {
                 let len = text[i..].chars().next().map_or(1, char::len_utf8);
-                return Err(ExprError { message: format!("unexpected `{}`", &text[i..i + len]), offset: i, len });
+                return Err(ExprError {
+                    message: format!("unexpected `{}`", &text[i..i + len]),
+                    offset: i,
+                    len,
+                    help: None,
+                });
             }
         };
         tokens.push((token, start, 1));
@@ -139,7 +147,7 @@ impl Parser {
 
     fn error<T>(&self, message: impl Into<String>) -> Result<T, ExprError> {
         let (offset, len) = self.here();
-        Err(ExprError { message: message.into(), offset, len })
+        Err(ExprError { message: message.into(), offset, len, help: None })
     }
 
     fn or(&mut self) -> Result<Expr, ExprError> {
@@ -167,7 +175,12 @@ impl Parser {
             _ => return self.comparison(),
         };
         if self.depth == MAX_DEPTH {
-            return self.error(format!("`!` and parentheses nest more than {MAX_DEPTH} deep here"));
+            return self.error(format!("`!` and parentheses nest more than {MAX_DEPTH} deep here")).map_err(|e| {
+                ExprError {
+                    help: Some("take out pairs of `!` (`!!x` is `x`) and parentheses around a single condition"),
+                    ..e
+                }
+            });
         }
         self.position += 1;
         self.depth += 1;
@@ -216,12 +229,17 @@ impl Parser {
                     }
                     None => MetricName { step: None, metric: name, offset, len },
                     Some(_) => {
-                        return Err(ExprError { message: format!("`{name}` is not a metric name"), offset, len });
+                        return Err(ExprError {
+                            message: format!("`{name}` is not a metric name"),
+                            offset,
+                            len,
+                            help: None,
+                        });
                     }
                 };
                 Ok(Operand::Metric(metric))
             }
-            _ => Err(ExprError { message: "expected a metric or a number".into(), offset, len }),
+            _ => Err(ExprError { message: "expected a metric or a number".into(), offset, len, help: None }),
         }
     }
 }
@@ -230,7 +248,12 @@ impl Expr {
     pub fn parse(text: &str) -> Result<Expr, ExprError> {
         let tokens = tokenize(text)?;
         if tokens.is_empty() {
-            return Err(ExprError { message: "the expression is empty".into(), offset: 0, len: text.len() });
+            return Err(ExprError {
+                message: "the expression is empty".into(),
+                offset: 0,
+                len: text.len(),
+                help: None,
+            });
         }
         let mut parser = Parser { tokens, position: 0, end: text.len(), depth: 0 };
         let expr = parser.or()?;

@@ -120,10 +120,10 @@ fn load_import(node: &Node, sources: &mut Sources, problems: &mut Problems, stac
     let file = match &location {
         Location::Stdlib(name) => {
             let text = stdlib::file(name).map(|(_, text)| text).unwrap_or_default();
-            sources.add(*name, None, text.to_string())
+            sources.add_import(*name, None, text.to_string(), span)
         }
         Location::File(path) => match read_text(path) {
-            Ok(text) => sources.add(path.display().to_string(), Some(path.clone()), text),
+            Ok(text) => sources.add_import(path.display().to_string(), Some(path.clone()), text, span),
             Err((code, err)) => {
                 problems.at(sources, code, span, format!("cannot read `{target}`: {err}"), "here");
                 return vec![];

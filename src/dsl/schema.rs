@@ -59,8 +59,11 @@ pub enum Role {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum ValueType {
     Text,
+    /// From `min` to `max`, both included; `max` is where a larger value would no longer fit
+    /// what it sets (a 32-bit count, llama.cpp's limit) or is `i64::MAX` for none.
     Integer {
         min: i64,
+        max: i64,
     },
     Number {
         min: f64,
@@ -92,12 +95,26 @@ pub enum ValueType {
     Statuses,
 }
 
+/// `n` with its digits grouped by three: `4,294,967,295`.
+fn thousands(n: i64) -> String {
+    let digits = n.unsigned_abs().to_string();
+    let mut out = String::from(if n < 0 { "-" } else { "" });
+    for (i, digit) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(digit);
+    }
+    out
+}
+
 impl ValueType {
     /// How the type reads in documentation and messages.
     pub fn describe(&self) -> String {
         match self {
             ValueType::Text => "a string".into(),
-            ValueType::Integer { min } => format!("an integer ≥ {min}"),
+            ValueType::Integer { min, max: i64::MAX } => format!("an integer ≥ {min}"),
+            ValueType::Integer { min, max } => format!("an integer from {min} to {}", thousands(*max)),
             ValueType::Number { min, max } if max.is_finite() => {
                 format!("a number from {min} to {max}")
             }
@@ -107,7 +124,7 @@ impl ValueType {
             ValueType::Size => "a size such as \"256MiB\"".into(),
             ValueType::Choice(options) => format!("one of {}", quoted(options)),
             ValueType::Choices(options) => format!("a comma-separated list of {}", quoted(options)),
-            ValueType::Integers => "a comma-separated list of integers such as \"1,10\"".into(),
+            ValueType::Integers => "positive integers, one or a comma-separated list such as \"1,10\"".into(),
             ValueType::Input(kinds) => {
                 let nouns: Vec<_> = kinds.iter().map(|k| k.noun()).collect();
                 format!("the name of a step producing {}", nouns.join(" or "))

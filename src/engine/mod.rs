@@ -499,6 +499,9 @@ fn artifact(step: &PlannedStep) -> Artifact {
 /// What the step's directory says about running it again.
 fn inspect(dir: &Path, parts: &KeyParts) -> Decision {
     let previous = Meta::read(dir);
+    if previous.is_none() && dir.join(files::META).exists() {
+        return Decision::Run(vec![format!("its {} cannot be read", files::META)]);
+    }
     let output_hash = match &previous {
         Some(meta) if meta.status == StepStatus::Done => files::hash_output(dir).ok(),
         _ => None,

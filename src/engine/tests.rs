@@ -142,6 +142,11 @@ async fn dry_run_names_what_changed() {
     std::fs::write(run_dir.join("second/output.jsonl"), "{}\n").unwrap();
     let lines = dry_run(&plan_of(dir.path()), &run_dir, true);
     assert!(lines.iter().all(|l| l.action == "run"));
+
+    // A damaged meta.json is named as the reason, not taken for a step never run.
+    std::fs::write(run_dir.join("tasks/meta.json"), "{\"key\": ").unwrap();
+    let lines = dry_run(&plan_of(dir.path()), &run_dir, true);
+    assert_eq!(lines[0].reason, "its meta.json cannot be read", "{lines:#?}");
 }
 
 /// A checkout moved elsewhere, run directory and all, stays cached: the dataset's path enters

@@ -24,6 +24,13 @@ use llama_cpp_2::token::data_array::LlamaTokenDataArray;
 use rayon::prelude::*;
 
 /// How a model is loaded and run: a `model` declaration, resolved.
+/// Most CPU threads llama.cpp takes (`GGML_MAX_N_THREADS`).
+pub const MOST_THREADS: i32 = 512;
+
+/// Most sequences decoded together: llama.cpp keeps up to 256 (`LLAMA_MAX_SEQ`), and one more
+/// holds the prompt being shared.
+pub const MOST_PARALLEL: u32 = 255;
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ModelSettings {
     pub path: PathBuf,
@@ -230,7 +237,7 @@ fn threads(settings: &ModelSettings) -> i32 {
     if settings.threads > 0 {
         settings.threads
     } else {
-        std::thread::available_parallelism().map_or(1, |n| n.get() as i32)
+        std::thread::available_parallelism().map_or(1, |n| n.get().min(MOST_THREADS as usize) as i32)
     }
 }
 
@@ -362,7 +369,7 @@ pub fn generate(
     load_adapter(model, adapters, adapter)?;
     let model: &LlamaModel = model;
     let threads = threads(settings);
-    let parallel = settings.parallel.clamp(1, 256);
+    let parallel = settings.parallel.clamp(1, MOST_PARALLEL);
     let vocab = model.vocab();
     let template = chat_template(model)?;
     let mut prompts = Vec::with_capacity(requests.len());
@@ -403,7 +410,9 @@ pub fn generate(
     // copy comes from one that holds the prompt alone.
     let stash = parallel as i32;
     let mut admitting: Option<Admitting> = None;
-    let batch_size = settings.batch.max(1) as usize;
+    // A batch larger than the longest prompt would only be allocated, never filled.
+    let longest_prompt = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let batch_size = (settings.batch as usize).clamp(1, longest_prompt.max(1));
     let mut results: Vec<Vec<Option<Generated>>> = requests.iter().map(|r| vec![None; r.seeds.len()]).collect();
     let mut unfinished: Vec<usize> = requests.iter().map(|r| r.seeds.len()).collect();
     let mut slots: Vec<Option<Sequence>> = (0..parallel).map(|_| None).collect();
@@ -447,8 +456,8 @@ pub fn generate(
         // Start samples while sequences are free: the next sample of the request whose prompt is
         // in the stash, or the first of the next request, whose prompt then replaces it.
         let has_samples_left = |a: &Admitting| a.started < requests[a.request].seeds.len();
-        for seq in 0..slots.len() {
-            if slots[seq].is_some() {
+        for (seq, slot) in slots.iter_mut().enumerate() {
+            if slot.is_some() {
                 continue;
             }
             while !admitting.as_ref().is_some_and(has_samples_left) && admitted < requests.len() {
@@ -489,7 +498,7 @@ pub fn generate(
                 sequence.logprob_sum -= prompt.normaliser;
             }
             prompt.started += 1;
-            slots[seq] = Some(sequence);
+            *slot = Some(sequence);
         }
         // Every live sequence advances one token.
         step_batch.clear();

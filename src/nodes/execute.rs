@@ -34,7 +34,7 @@ pub static SPEC: KindSpec = KindSpec {
         optional("output", ValueType::Size, r#""64KiB""#, "Most output a program may print."),
         optional(
             "feedback-chars",
-            ValueType::Integer { min: 100 },
+            ValueType::Integer { min: 100, max: i64::MAX },
             "2000",
             "Most characters of feedback kept per verdict.",
         ),

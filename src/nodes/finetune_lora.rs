@@ -39,7 +39,12 @@ pub static SPEC: KindSpec = KindSpec {
              Without `init`, each loop iteration then trains afresh from the base model on all \
              data so far; with it, it continues the adapter on all data so far.",
         ),
-        optional("rank", ValueType::Integer { min: 1 }, "8", "LoRA rank."),
+        optional(
+            "rank",
+            ValueType::Integer { min: 1, max: i64::MAX },
+            "8",
+            "LoRA rank; a projection with both sides smaller than it is an error.",
+        ),
         optional(
             "alpha",
             ValueType::Number { min: 0.0, max: f64::INFINITY },
@@ -53,18 +58,18 @@ pub static SPEC: KindSpec = KindSpec {
             r#""q,k,v,o,gate,up,down""#,
             "Projections that get LoRA matrices.",
         ),
-        optional("epochs", ValueType::Integer { min: 1 }, "2", "Passes over the data."),
+        optional("epochs", ValueType::Integer { min: 1, max: 10_000 }, "2", "Passes over the data."),
         optional("learning-rate", ValueType::Number { min: 0.0, max: 1.0 }, "0.0002", "Peak AdamW learning rate."),
         optional("warmup", ValueType::Number { min: 0.0, max: 1.0 }, "0.1", "Fraction of steps spent warming up."),
         optional(
             "batch",
-            ValueType::Integer { min: 1 },
+            ValueType::Integer { min: 1, max: i64::MAX },
             "1",
             "Examples per optimizer step (by gradient accumulation).",
         ),
         optional(
             "max-length",
-            ValueType::Integer { min: 16 },
+            ValueType::Integer { min: 16, max: i64::MAX },
             "512",
             "Longest training sequence in tokens; longer ones are cut.",
         ),

@@ -6,6 +6,10 @@ use crate::engine::cache::Metrics;
 use crate::engine::context::{Context, Outcome, StepError};
 use crate::llm::{self, Generated, Request, Sampling, extract, prompt};
 
+/// Most samples per task (or revisions per error): all of a task's are held in memory together,
+/// and a pass@k estimate needs a few hundred at most.
+pub const MOST_SAMPLES: i64 = 10_000;
+
 pub static SPEC: KindSpec = KindSpec {
     name: "generate",
     role: Role::Step(Artifact::Samples),
@@ -30,11 +34,21 @@ pub static SPEC: KindSpec = KindSpec {
             "1.0",
             "Scale of the adapter's contribution.",
         ),
-        optional("samples", ValueType::Integer { min: 1 }, "1", "Programs per task."),
+        optional("samples", ValueType::Integer { min: 1, max: MOST_SAMPLES }, "1", "Programs per task."),
         optional("temperature", ValueType::Number { min: 0.0, max: 5.0 }, "0.8", "Sampling temperature; 0 is greedy."),
         optional("top-p", ValueType::Number { min: 0.0, max: 1.0 }, "0.95", "Nucleus sampling threshold."),
-        optional("top-k", ValueType::Integer { min: 0 }, "40", "Keep the k most likely tokens; 0 keeps all."),
-        optional("max-tokens", ValueType::Integer { min: 1 }, "512", "Most tokens generated per sample."),
+        optional(
+            "top-k",
+            ValueType::Integer { min: 0, max: i32::MAX as i64 },
+            "40",
+            "Keep the k most likely tokens; 0 keeps all.",
+        ),
+        optional(
+            "max-tokens",
+            ValueType::Integer { min: 1, max: u32::MAX as i64 },
+            "512",
+            "Most tokens generated per sample.",
+        ),
         unset("stop", ValueType::Text, "An extra stop sequence."),
         optional(
             "stop-after-code",

@@ -10,7 +10,7 @@ pub static SPEC: KindSpec = KindSpec {
           of the loop's steps (`step.metric`) and `iteration` with numbers, joined by `&&`, `||` \
           and `!`. Each iteration's outputs are kept under `<loop>/iteration-<n>/`.",
     properties: &[
-        optional("max-iterations", ValueType::Integer { min: 1 }, "3", "Most iterations to run."),
+        optional("max-iterations", ValueType::Integer { min: 1, max: 10_000 }, "3", "Most iterations to run."),
         unset("until", ValueType::Expression, "Stop after an iteration in which this holds."),
     ],
     metrics: &[],

@@ -1,6 +1,6 @@
 use crate::assets;
 use crate::dsl::schema::{KindSpec, Props, Role, Value, ValueType, optional};
-use crate::llm::ModelSettings;
+use crate::llm::{self, ModelSettings};
 
 pub static SPEC: KindSpec = KindSpec {
     name: "model",
@@ -18,7 +18,7 @@ pub static SPEC: KindSpec = KindSpec {
         ),
         optional(
             "context",
-            ValueType::Integer { min: 0 },
+            ValueType::Integer { min: 0, max: u32::MAX as i64 },
             "0",
             "Most tokens of one sequence (prompt and answer); 0 allows what the model was trained \
              for (32,768 tokens for the default model). Each sequence gets the cache its step's \
@@ -26,18 +26,24 @@ pub static SPEC: KindSpec = KindSpec {
         ),
         optional(
             "gpu-layers",
-            ValueType::Integer { min: -1 },
+            ValueType::Integer { min: -1, max: i32::MAX as i64 },
             "0",
             "Layers to offload to the GPU; -1 offloads all, 0 runs on the CPU. Other values need a \
              seedflow built with `--features cuda` and a CUDA device; without them the step fails.",
         ),
-        optional("threads", ValueType::Integer { min: 0 }, "0", "CPU threads; 0 uses every core."),
-        optional("batch", ValueType::Integer { min: 1 }, "512", "Tokens per llama.cpp batch."),
+        optional(
+            "threads",
+            ValueType::Integer { min: 0, max: llm::MOST_THREADS as i64 },
+            "0",
+            "CPU threads; 0 uses every core (at most 512, llama.cpp's limit).",
+        ),
+        optional("batch", ValueType::Integer { min: 1, max: u32::MAX as i64 }, "512", "Tokens per llama.cpp batch."),
         optional(
             "parallel",
-            ValueType::Integer { min: 1 },
+            ValueType::Integer { min: 1, max: llm::MOST_PARALLEL as i64 },
             "8",
-            "Sequences decoded together (the samples of several tasks).",
+            "Sequences decoded together (the samples of several tasks); at most 255, as llama.cpp \
+             keeps 256 sequences and seedflow one more for the prompt they share.",
         ),
     ],
     metrics: &[],

@@ -3,6 +3,7 @@ use crate::dsl::schema::{Artifact, KindSpec, Role, ValueType, optional, required
 use crate::engine::context::{Context, Outcome, StepError};
 use crate::llm::prompt::RevisionExample;
 use crate::llm::{Request, prompt};
+use crate::nodes::generate::MOST_SAMPLES;
 
 pub static SPEC: KindSpec = KindSpec {
     name: "revise",
@@ -24,11 +25,21 @@ pub static SPEC: KindSpec = KindSpec {
             "1.0",
             "Scale of the adapter's contribution.",
         ),
-        optional("samples", ValueType::Integer { min: 1 }, "4", "Revisions per error."),
+        optional("samples", ValueType::Integer { min: 1, max: MOST_SAMPLES }, "4", "Revisions per error."),
         optional("temperature", ValueType::Number { min: 0.0, max: 5.0 }, "0.8", "Sampling temperature; 0 is greedy."),
         optional("top-p", ValueType::Number { min: 0.0, max: 1.0 }, "0.95", "Nucleus sampling threshold."),
-        optional("top-k", ValueType::Integer { min: 0 }, "40", "Keep the k most likely tokens; 0 keeps all."),
-        optional("max-tokens", ValueType::Integer { min: 1 }, "512", "Most tokens generated per revision."),
+        optional(
+            "top-k",
+            ValueType::Integer { min: 0, max: i32::MAX as i64 },
+            "40",
+            "Keep the k most likely tokens; 0 keeps all.",
+        ),
+        optional(
+            "max-tokens",
+            ValueType::Integer { min: 1, max: u32::MAX as i64 },
+            "512",
+            "Most tokens generated per revision.",
+        ),
         optional(
             "stop-after-code",
             ValueType::Bool,

@@ -82,6 +82,15 @@ impl Lora {
         for (layer, weights) in base.layers.iter().enumerate() {
             for &target in targets {
                 let (n_out, n_in) = weights.projection(target).weight.dims2()?;
+                // Past the smaller side a rank adds parameters but no directions; past both it is
+                // a mistake (and the matrices might not fit in memory).
+                if rank > n_in.max(n_out) {
+                    return Err(bad(format!(
+                        "rank={rank} is larger than either side of the model's `{}` projection ({n_out}×{n_in}): use a rank of at most {}",
+                        target.gguf(),
+                        n_in.min(n_out)
+                    )));
+                }
                 let bound = 1.0 / (n_in as f32).sqrt();
                 let a: Vec<f32> = (0..rank * n_in).map(|_| rng.random_range(-bound..bound)).collect();
                 let a = Var::from_tensor(&Tensor::from_vec(a, (rank, n_in), &Device::Cpu)?)?;
