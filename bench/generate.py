@@ -15,16 +15,18 @@ context creation and prompt decoding included, is printed beside it.
 
 A last line measures the workload SEED gives `generate`: its error collection's shape (MBPP
 training tasks, 5 samples each, the most sequences, answers of their own lengths, stopped once
-their code block closes), against the same anchor: how close scheduling many tasks of unequal
-answers comes to every sequence busy all the time (its contexts are longer than the anchor's,
-which costs some speed too).
+their code block closes), against llama-batched-bench at the most sequences with the workload's
+mean prompt and mean answer lengths (its contexts are longer than the first anchor's, which costs
+speed in both): how close scheduling many tasks of unequal answers comes to every sequence busy
+all the time.
 
     python3 bench/generate.py
     SEEDFLOW_BIN=path/to/seedflow ROUNDS=5 python3 bench/generate.py
 
 On a GPU (bench/gpu/check.py runs it so): GPU_LAYERS=-1 offloads every layer in both programs,
 SEEDFLOW_MODEL replaces the default model, LLAMA_BATCHED_BENCH names an anchor built elsewhere,
-PARALLEL the sequence counts ("1,4,8" unless set).
+PARALLEL the sequence counts ("1,4,8" unless set), THREADS the CPU threads of both programs
+(every core unless set).
 """
 import json
 import os
@@ -40,7 +42,7 @@ CACHE = Path(os.environ.get("SEEDFLOW_CACHE", Path.home() / ".cache" / "seedflow
 NTG = 128
 PARALLEL = [int(n) for n in os.environ.get("PARALLEL", "1,4,8").split(",")]
 GPU_LAYERS = int(os.environ.get("GPU_LAYERS", "0"))
-THREADS = os.cpu_count() or 1
+THREADS = int(os.environ.get("THREADS", os.cpu_count() or 1))
 ROUNDS = int(os.environ.get("ROUNDS", "3"))
 MBPP = ROOT / "examples" / "data" / "mbpp" / "train.jsonl"
 WORKLOAD_TASKS = int(os.environ.get("WORKLOAD_TASKS", "8"))
@@ -93,10 +95,12 @@ def batched_bench(shared=False):
     return binary
 
 
-def anchor(binary, model, prompt_tokens):
+def anchor(binary, model, prompt_tokens, generated=NTG, parallel=PARALLEL):
+    """llama-batched-bench's generation speed by sequence count: a shared prompt of
+    `prompt_tokens`, then `generated` tokens per sequence."""
     out = subprocess.run(
-        [binary, "-m", model, "-ngl", str(GPU_LAYERS if GPU_LAYERS >= 0 else 999), "-c", str(max(4096, 256 * max(PARALLEL))), "-b", "512", "-ub", "512", "-t", str(THREADS), "-pps",
-         "-npp", str(prompt_tokens), "-ntg", str(NTG), "-npl", ",".join(map(str, PARALLEL))],
+        [binary, "-m", model, "-ngl", str(GPU_LAYERS if GPU_LAYERS >= 0 else 999), "-c", str(max(4096, (prompt_tokens + generated + 1) * max(parallel))), "-b", "512", "-ub", "512",
+         "-t", str(THREADS), "-pps", "-npp", str(prompt_tokens), "-ntg", str(generated), "-npl", ",".join(map(str, parallel))],
         check=True, capture_output=True, text=True,
     ).stdout
     speeds = {}
@@ -109,11 +113,11 @@ def anchor(binary, model, prompt_tokens):
 
 
 def ours(binary, model, work):
-    """One run of seedflow's steps: per sequence count, the whole step's and generation's speed,
-    and the prompt's length in tokens."""
+    """One run of seedflow's steps: per sequence count, the whole step's and generation's speed;
+    the prompt's length in tokens; the workload's mean prompt and answer lengths."""
     task = {"task_id": "bench", "prompt": "Write a Python function that returns the nth Fibonacci number, with a docstring, type hints and comments explaining each step.", "tests": ["assert True"]}
     (work / "task.jsonl").write_text(json.dumps(task) + "\n")
-    flow = ['workflow "bench-generate" seed=1', f'model "coder" path="{model}" context=4096 gpu-layers={GPU_LAYERS} parallel={max(PARALLEL)}', 'dataset "task" format="jsonl" path="task.jsonl"',
+    flow = ['workflow "bench-generate" seed=1', f'model "coder" path="{model}" context=4096 gpu-layers={GPU_LAYERS} threads={THREADS} parallel={max(PARALLEL)}', 'dataset "task" format="jsonl" path="task.jsonl"',
             'generate "warm-up" model="coder" tasks="task" samples=1 max-tokens=8']
     for n in PARALLEL:
         flow.append(f'generate "n{n}" model="coder" tasks="task" samples={n} temperature=0.8 max-tokens={NTG} stop-after-code=#false')
@@ -130,9 +134,11 @@ def ours(binary, model, work):
         meta = json.loads((work / "run" / f"n{n}" / "meta.json").read_text())
         whole[n] = meta["metrics"]["tokens"] / meta["seconds"]
         generation[n] = meta["metrics"]["tokens-per-second"]
-    generation["workload"] = json.loads((work / "run" / "workload" / "meta.json").read_text())["metrics"]["tokens-per-second"]
+    workload = json.loads((work / "run" / "workload" / "meta.json").read_text())["metrics"]
+    generation["workload"] = workload["tokens-per-second"]
+    shape = (round(workload["prompt-tokens"] / WORKLOAD_TASKS), round(workload["tokens"] / workload["count"]))
     prompt = json.loads((work / "run" / "warm-up" / "meta.json").read_text())["metrics"]["prompt-tokens"]
-    return whole, generation, int(prompt)
+    return whole, generation, int(prompt), shape
 
 
 def main():
@@ -141,12 +147,15 @@ def main():
     anchor_binary = batched_bench()
     # Alternating rounds, medians reported: speeds on a shared machine drift from run to run.
     rounds = {"whole": [], "generation": [], "anchor": []}
+    most, one = PARALLEL[-1], PARALLEL[0]
     with tempfile.TemporaryDirectory() as work:
         for _ in range(ROUNDS):
-            whole, generation, prompt_tokens = ours(binary, model, Path(work))
+            whole, generation, prompt_tokens, (workload_prompt, workload_answer) = ours(binary, model, Path(work))
             rounds["whole"].append(whole)
             rounds["generation"].append(generation)
-            rounds["anchor"].append(anchor(anchor_binary, model, prompt_tokens))
+            speeds = anchor(anchor_binary, model, prompt_tokens)
+            speeds["workload"] = anchor(anchor_binary, model, workload_prompt, workload_answer, [most])[most]
+            rounds["anchor"].append(speeds)
     at = lambda key, n: [r.get(n, float("nan")) for r in rounds[key]]
     whole = {n: median(at("whole", n)) for n in PARALLEL}
     generation = {n: median(at("generation", n)) for n in PARALLEL}
@@ -159,11 +168,12 @@ def main():
         print(f"{'':>9} {'rounds: ' + ', '.join(f'{g:.1f}' for g in at('generation', n)):>33} {', '.join(f'{a:.1f}' for a in at('anchor', n)):>19}")
     print("ratio = seedflow generation / llama-batched-bench; whole step / anchor: "
           + ", ".join(f"{n}: {whole[n] / theirs[n]:.2f}" for n in PARALLEL))
-    most, one = PARALLEL[-1], PARALLEL[0]
-    workload = median(at("generation", "workload"))
-    print(f"SEED's error collection ({WORKLOAD_TASKS} MBPP tasks, 5 samples each, {most} sequences, answers stopped after their code): "
-          f"{workload:.1f} tokens/s, {workload / theirs[most]:.2f} of llama-batched-bench at {most} "
-          f"(rounds: {', '.join(f'{g:.1f}' for g in at('generation', 'workload'))})")
+    workload, workload_anchor = median(at("generation", "workload")), median(at("anchor", "workload"))
+    print(f"SEED's error collection ({WORKLOAD_TASKS} MBPP tasks, 5 samples each, {most} sequences, answers stopped after their code; "
+          f"mean prompt {workload_prompt} tokens, mean answer {workload_answer}): {workload:.1f} tokens/s, llama-batched-bench at "
+          f"{most} sequences of that prompt and answer {workload_anchor:.1f}, ratio {workload / workload_anchor:.2f}; "
+          f"{workload / theirs[most]:.2f} of the table's anchor "
+          f"(rounds: {', '.join(f'{g:.1f}' for g in at('generation', 'workload'))} against {', '.join(f'{a:.1f}' for a in at('anchor', 'workload'))})")
     print(f"{most} sequences / {one}: seedflow {generation[most] / generation[one]:.2f}x (whole step {whole[most] / whole[one]:.2f}x), "
           f"llama-batched-bench {theirs[most] / theirs[one]:.2f}x")
 
