@@ -174,29 +174,49 @@ fn top_candidates_in(logits: &[f32], k: usize) -> Vec<LlamaTokenData> {
     if k == 0 || k >= logits.len() {
         return logits.iter().enumerate().map(data).collect();
     }
-    // The k largest so far, smallest first; a logit must beat the smallest to get in, which
-    // almost none do once the list is full: most blocks are passed over after one vectorised
-    // maximum.
-    const BLOCK: usize = 16;
-    let mut kept: Vec<(f32, usize)> = Vec::with_capacity(k + 1);
-    for (b, block) in logits.chunks(BLOCK).enumerate() {
-        let largest = block.iter().fold(f32::NEG_INFINITY, |m, &l| if l > m { l } else { m });
-        if kept.len() == k && largest <= kept[0].0 {
+    // Candidates for the k largest: the first k logits, then every later one above `floor`, the
+    // k-th largest when the candidates were last cut down to k (they are cut once they fill
+    // the spare room). Almost no logit is, once the scan is under way: most blocks are passed
+    // over after one vectorised comparison. Ordered largest first, the lower id first among
+    // equal logits (a later logit equal to the floor loses to it, so it can be passed over).
+    let key = |logit: f32| if logit.is_nan() { f32::NEG_INFINITY } else { logit + 0.0 }; // -0 is 0
+    let order = |a: &(f32, usize), b: &(f32, usize)| key(b.0).total_cmp(&key(a.0)).then(a.1.cmp(&b.1));
+    let cut = |kept: &mut Vec<(f32, usize)>| {
+        kept.select_nth_unstable_by(k - 1, order);
+        kept.truncate(k);
+        key(kept[k - 1].0)
+    };
+    const BLOCK: usize = 64;
+    const SPARE: usize = 512;
+    let mut kept: Vec<(f32, usize)> = Vec::with_capacity(k + SPARE);
+    kept.extend(logits[..k].iter().enumerate().map(|(id, &logit)| (logit, id)));
+    let mut floor = cut(&mut kept);
+    for (b, block) in logits[k..].chunks(BLOCK).enumerate() {
+        if !any_above(block, floor) {
             continue;
         }
-        for (j, &logit) in block.iter().enumerate() {
-            let id = b * BLOCK + j;
-            if kept.len() == k && logit <= kept[0].0 {
-                continue;
-            }
-            let at = kept.partition_point(|&(l, i)| l < logit || (l == logit && i > id));
-            kept.insert(at, (logit, id));
-            if kept.len() > k {
-                kept.remove(0);
+        for (c, chunk) in block.chunks(8).enumerate().filter(|(_, chunk)| any_above(chunk, floor)) {
+            for (j, &logit) in chunk.iter().enumerate() {
+                if logit > floor {
+                    kept.push((logit, k + b * BLOCK + c * 8 + j));
+                }
             }
         }
+        if kept.len() > k + SPARE - BLOCK {
+            floor = cut(&mut kept);
+        }
     }
-    kept.iter().rev().map(|&(logit, id)| data((id, &logit))).collect()
+    kept.sort_unstable_by(order);
+    kept.truncate(k);
+    kept.iter().map(|&(logit, id)| data((id, &logit))).collect()
+}
+
+/// Whether any of `block` is larger than `floor`: comparisons or-ed together, which the
+/// compiler vectorises (a running maximum, being a floating-point reduction, it keeps scalar
+/// without fast-math: three times slower).
+#[inline(always)]
+fn any_above(block: &[f32], floor: f32) -> bool {
+    block.iter().fold(false, |above, &logit| above | (logit > floor))
 }
 
 /// A 32-bit sampler seed from a sample's 64-bit seed.
@@ -676,6 +696,11 @@ mod tests {
         assert_eq!(ids(4), [1, 3, 6, 4]);
         assert_eq!(ids(0).len(), logits.len());
         assert_eq!(ids(99).len(), logits.len());
+        // NaN ranks as -∞, -0 as 0; a NaN among the first k gives way to a later logit.
+        let odd = [f32::NAN, -0.0, 0.0, f32::NEG_INFINITY, 1.0, f32::NAN];
+        let ids = |k| top_candidates(&odd, k).iter().map(|c| c.id().0).collect::<Vec<_>>();
+        assert_eq!(ids(4), [4, 1, 2, 0]);
+        assert_eq!(top_candidates(&[f32::NAN, 5.0, 3.0], 2).iter().map(|c| c.id().0).collect::<Vec<_>>(), [1, 2]);
         let greedy =
             Sampling { temperature: 0.0, top_p: 1.0, top_k: 40, max_tokens: 1, stop: vec![], stop_after_code: false };
         assert_eq!(sampleable(&greedy), 1);
@@ -684,15 +709,18 @@ mod tests {
 
     #[test]
     fn top_candidates_of_a_vocabulary_are_its_sorted_head() {
-        // Many ties, and a row that does not end on a whole block.
-        let logits: Vec<f32> = (0..151_937u32).map(|i| (i.wrapping_mul(2_654_435_761) % 1000) as f32 * 0.01).collect();
-        let mut order: Vec<i32> = (0..logits.len() as i32).collect();
-        order.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
-        for k in [1, 40, 1000] {
-            let ids: Vec<i32> = top_candidates(&logits, k).iter().map(|c| c.id().0).collect();
+        // Many ties, and a row that does not end on a whole block; then one rising all along,
+        // where every logit is a candidate and the candidates are cut down again and again.
+        let scattered: Vec<f32> =
+            (0..151_937u32).map(|i| (i.wrapping_mul(2_654_435_761) % 1000) as f32 * 0.01).collect();
+        let rising: Vec<f32> = (0..20_000).map(|i| i as f32 * 0.5).collect();
+        for (logits, k) in [(&scattered, 1), (&scattered, 40), (&scattered, 1000), (&rising, 40)] {
+            let mut order: Vec<i32> = (0..logits.len() as i32).collect();
+            order.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
+            let ids: Vec<i32> = top_candidates(logits, k).iter().map(|c| c.id().0).collect();
             assert_eq!(ids, order[..k]);
             // The baseline compilation too, where the AVX2 one ran above.
-            let portable: Vec<i32> = top_candidates_in(&logits, k).iter().map(|c| c.id().0).collect();
+            let portable: Vec<i32> = top_candidates_in(logits, k).iter().map(|c| c.id().0).collect();
             assert_eq!(portable, ids);
         }
     }
