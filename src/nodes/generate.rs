@@ -1,7 +1,7 @@
 use std::path::PathBuf;
 
 use crate::data::{Sample, Task, TaskStyle, sample_seed};
-use crate::dsl::schema::{Artifact, KindSpec, Role, ValueType, optional, required, unset};
+use crate::dsl::schema::{Artifact, KindSpec, PropertySpec, Role, ValueType, optional, required, unset};
 use crate::engine::cache::Metrics;
 use crate::engine::context::{Context, Outcome, StepError};
 use crate::llm::{self, Generated, Request, Sampling, extract, prompt};
@@ -9,6 +9,20 @@ use crate::llm::{self, Generated, Request, Sampling, extract, prompt};
 /// Most samples per task (or revisions per error): all of a task's are held in memory together,
 /// and a pass@k estimate needs a few hundred at most.
 pub const MOST_SAMPLES: i64 = 10_000;
+
+/// Properties `revise` shares with `generate`.
+pub const ADAPTER_SCALE: PropertySpec =
+    optional("adapter-scale", ValueType::Number { min: 0.0, max: 10.0 }, "1.0", "Scale of the adapter's contribution.");
+pub const TEMPERATURE: PropertySpec =
+    optional("temperature", ValueType::Number { min: 0.0, max: 5.0 }, "0.8", "Sampling temperature; 0 is greedy.");
+pub const TOP_P: PropertySpec =
+    optional("top-p", ValueType::Number { min: 0.0, max: 1.0 }, "0.95", "Nucleus sampling threshold.");
+pub const TOP_K: PropertySpec = optional(
+    "top-k",
+    ValueType::Integer { min: 0, max: i32::MAX as i64 },
+    "40",
+    "Keep the k most likely tokens; 0 keeps all.",
+);
 
 pub static SPEC: KindSpec = KindSpec {
     name: "generate",
@@ -28,21 +42,11 @@ pub static SPEC: KindSpec = KindSpec {
         required("model", ValueType::Model, "The `model` to sample from."),
         required("tasks", ValueType::Input(&[Artifact::Tasks]), "The tasks to solve."),
         unset("adapter", ValueType::Input(&[Artifact::Adapter]), "A LoRA adapter to attach (for example `prev.tune`)."),
-        optional(
-            "adapter-scale",
-            ValueType::Number { min: 0.0, max: 10.0 },
-            "1.0",
-            "Scale of the adapter's contribution.",
-        ),
+        ADAPTER_SCALE,
         optional("samples", ValueType::Integer { min: 1, max: MOST_SAMPLES }, "1", "Programs per task."),
-        optional("temperature", ValueType::Number { min: 0.0, max: 5.0 }, "0.8", "Sampling temperature; 0 is greedy."),
-        optional("top-p", ValueType::Number { min: 0.0, max: 1.0 }, "0.95", "Nucleus sampling threshold."),
-        optional(
-            "top-k",
-            ValueType::Integer { min: 0, max: i32::MAX as i64 },
-            "40",
-            "Keep the k most likely tokens; 0 keeps all.",
-        ),
+        TEMPERATURE,
+        TOP_P,
+        TOP_K,
         optional(
             "max-tokens",
             ValueType::Integer { min: 1, max: u32::MAX as i64 },

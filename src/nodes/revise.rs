@@ -3,7 +3,7 @@ use crate::dsl::schema::{Artifact, KindSpec, Role, ValueType, optional, required
 use crate::engine::context::{Context, Outcome, StepError};
 use crate::llm::prompt::RevisionExample;
 use crate::llm::{Request, prompt};
-use crate::nodes::generate::MOST_SAMPLES;
+use crate::nodes::generate::{ADAPTER_SCALE, MOST_SAMPLES, TEMPERATURE, TOP_K, TOP_P};
 
 pub static SPEC: KindSpec = KindSpec {
     name: "revise",
@@ -19,21 +19,11 @@ pub static SPEC: KindSpec = KindSpec {
         required("model", ValueType::Model, "The `model` that revises."),
         required("errors", ValueType::Input(&[Artifact::Verdicts]), "Verdicts of the programs to revise."),
         unset("adapter", ValueType::Input(&[Artifact::Adapter]), "A LoRA adapter to attach."),
-        optional(
-            "adapter-scale",
-            ValueType::Number { min: 0.0, max: 10.0 },
-            "1.0",
-            "Scale of the adapter's contribution.",
-        ),
+        ADAPTER_SCALE,
         optional("samples", ValueType::Integer { min: 1, max: MOST_SAMPLES }, "4", "Revisions per error."),
-        optional("temperature", ValueType::Number { min: 0.0, max: 5.0 }, "0.8", "Sampling temperature; 0 is greedy."),
-        optional("top-p", ValueType::Number { min: 0.0, max: 1.0 }, "0.95", "Nucleus sampling threshold."),
-        optional(
-            "top-k",
-            ValueType::Integer { min: 0, max: i32::MAX as i64 },
-            "40",
-            "Keep the k most likely tokens; 0 keeps all.",
-        ),
+        TEMPERATURE,
+        TOP_P,
+        TOP_K,
         optional(
             "max-tokens",
             ValueType::Integer { min: 1, max: u32::MAX as i64 },
