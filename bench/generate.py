@@ -42,10 +42,11 @@ CACHE = Path(os.environ.get("SEEDFLOW_CACHE", Path.home() / ".cache" / "seedflow
 NTG = 128
 PARALLEL = [int(n) for n in os.environ.get("PARALLEL", "1,4,8").split(",")]
 GPU_LAYERS = int(os.environ.get("GPU_LAYERS", "0"))
-THREADS = int(os.environ.get("THREADS", os.cpu_count() or 1))
+THREADS = int(os.environ.get("THREADS", min(os.cpu_count() or 1, 512)))  # seedflow takes at most 512
 ROUNDS = int(os.environ.get("ROUNDS", "3"))
 MBPP = ROOT / "examples" / "data" / "mbpp" / "train.jsonl"
 WORKLOAD_TASKS = int(os.environ.get("WORKLOAD_TASKS", "8"))
+WORKLOAD_SAMPLES = 5  # per task, as in SEED's error collection
 
 
 def seedflow_binary():
@@ -121,9 +122,9 @@ def ours(binary, model, work):
             'generate "warm-up" model="coder" tasks="task" samples=1 max-tokens=8']
     for n in PARALLEL:
         flow.append(f'generate "n{n}" model="coder" tasks="task" samples={n} temperature=0.8 max-tokens={NTG} stop-after-code=#false')
-    # SEED's error collection: several tasks, 5 samples each, answers of their own lengths.
+    # SEED's error collection: several tasks, several samples each, answers of their own lengths.
     flow.append(f'dataset "mbpp" format="mbpp" path="{MBPP}" limit={WORKLOAD_TASKS}')
-    flow.append('generate "workload" model="coder" tasks="mbpp" samples=5 temperature=0.8')
+    flow.append(f'generate "workload" model="coder" tasks="mbpp" samples={WORKLOAD_SAMPLES} temperature=0.8')
     (work / "bench.kdl").write_text("\n".join(flow) + "\n")
     shutil.rmtree(work / "run", ignore_errors=True)
     done = subprocess.run([binary, "run", work / "bench.kdl", "--run-dir", work / "run", "--ci"], capture_output=True, text=True)
@@ -136,7 +137,8 @@ def ours(binary, model, work):
         generation[n] = meta["metrics"]["tokens-per-second"]
     workload = json.loads((work / "run" / "workload" / "meta.json").read_text())["metrics"]
     generation["workload"] = workload["tokens-per-second"]
-    shape = (round(workload["prompt-tokens"] / WORKLOAD_TASKS), round(workload["tokens"] / workload["count"]))
+    tasks = workload["count"] / WORKLOAD_SAMPLES  # the MBPP file may hold fewer than WORKLOAD_TASKS
+    shape = (round(workload["prompt-tokens"] / tasks), max(1, round(workload["tokens"] / workload["count"])))
     prompt = json.loads((work / "run" / "warm-up" / "meta.json").read_text())["metrics"]["prompt-tokens"]
     return whole, generation, int(prompt), shape
 
@@ -147,14 +149,14 @@ def main():
     anchor_binary = batched_bench()
     # Alternating rounds, medians reported: speeds on a shared machine drift from run to run.
     rounds = {"whole": [], "generation": [], "anchor": []}
-    most, one = PARALLEL[-1], PARALLEL[0]
+    most, one = max(PARALLEL), min(PARALLEL)
     with tempfile.TemporaryDirectory() as work:
         for _ in range(ROUNDS):
             whole, generation, prompt_tokens, (workload_prompt, workload_answer) = ours(binary, model, Path(work))
             rounds["whole"].append(whole)
             rounds["generation"].append(generation)
             speeds = anchor(anchor_binary, model, prompt_tokens)
-            speeds["workload"] = anchor(anchor_binary, model, workload_prompt, workload_answer, [most])[most]
+            speeds["workload"] = anchor(anchor_binary, model, workload_prompt, workload_answer, [most]).get(most, float("nan"))
             rounds["anchor"].append(speeds)
     at = lambda key, n: [r.get(n, float("nan")) for r in rounds[key]]
     whole = {n: median(at("whole", n)) for n in PARALLEL}
@@ -169,7 +171,7 @@ def main():
     print("ratio = seedflow generation / llama-batched-bench; whole step / anchor: "
           + ", ".join(f"{n}: {whole[n] / theirs[n]:.2f}" for n in PARALLEL))
     workload, workload_anchor = median(at("generation", "workload")), median(at("anchor", "workload"))
-    print(f"SEED's error collection ({WORKLOAD_TASKS} MBPP tasks, 5 samples each, {most} sequences, answers stopped after their code; "
+    print(f"SEED's error collection ({WORKLOAD_TASKS} MBPP tasks, {WORKLOAD_SAMPLES} samples each, {most} sequences, answers stopped after their code; "
           f"mean prompt {workload_prompt} tokens, mean answer {workload_answer}): {workload:.1f} tokens/s, llama-batched-bench at "
           f"{most} sequences of that prompt and answer {workload_anchor:.1f}, ratio {workload / workload_anchor:.2f}; "
           f"{workload / theirs[most]:.2f} of the table's anchor "

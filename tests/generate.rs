@@ -155,3 +155,14 @@ fn a_sequence_longer_than_the_context_is_an_error() {
     let model_own = generate(0, 40_000);
     assert!(model_own.contains("(now 0: the model's own, 32768)"), "{model_own}");
 }
+
+/// `batch` sizes the prompt's decodes; the sequences' next tokens still go into one decode
+/// (llama.cpp aborted the process when they were more than `batch`).
+#[test]
+fn a_batch_smaller_than_the_sequences_still_samples() {
+    let settings = ModelSettings { batch: 1, ..settings() };
+    let requests = [request(&mbpp(&["2"])[0], &[1, 2, 3, 4, 5, 6, 7, 8])];
+    let samples = llm::generate(&settings, None, &requests, &sampling(0.8, 4), &|| false, &mut |_, _| {}).unwrap().0;
+    assert_eq!(samples[0].len(), 8);
+    assert!(samples[0].iter().all(|s| s.tokens > 0), "{samples:?}");
+}

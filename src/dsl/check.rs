@@ -350,6 +350,11 @@ fn bad_value(label: impl Into<String>, help: impl Into<String>) -> ValueError {
     ValueError { code: Code::BadValue, message: None, label: label.into(), help: Some(help.into()), offset: None }
 }
 
+/// A value of the right type outside its range, which the message gives.
+fn out_of_range() -> ValueError {
+    ValueError { code: Code::BadValue, message: None, label: "out of range".into(), help: None, offset: None }
+}
+
 /// Converts a literal to a value of `ty`. `at` is where it was written (for relative paths);
 /// defaults have no place.
 fn convert(ty: ValueType, literal: &Literal, at: Option<(&Sources, Span)>) -> Result<Value, ValueError> {
@@ -361,7 +366,7 @@ fn convert(ty: ValueType, literal: &Literal, at: Option<(&Sources, Span)>) -> Re
         ValueType::Text => string.map(|s| Value::Text(s.to_string())).ok_or_else(|| wrong_type(literal)),
         ValueType::Integer { min, max } => match literal {
             Literal::Integer(i) if (min as i128..=max as i128).contains(i) => Ok(Value::Integer(*i as i64)),
-            Literal::Integer(_) => Err(bad_value("out of range", format!("use {}", ty.describe()))),
+            Literal::Integer(_) => Err(out_of_range()),
             _ => Err(wrong_type(literal)),
         },
         ValueType::Number { min, max } => {
@@ -371,7 +376,7 @@ fn convert(ty: ValueType, literal: &Literal, at: Option<(&Sources, Span)>) -> Re
                 _ => return Err(wrong_type(literal)),
             };
             if !n.is_finite() || n < min || n > max {
-                return Err(bad_value("out of range", ty.describe()));
+                return Err(out_of_range());
             }
             Ok(Value::Number(n))
         }

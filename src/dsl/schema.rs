@@ -109,12 +109,17 @@ fn thousands(n: i64) -> String {
 }
 
 impl ValueType {
+    /// An integer of at least `min`, with no upper bound of its own.
+    pub const fn at_least(min: i64) -> ValueType {
+        ValueType::Integer { min, max: i64::MAX }
+    }
+
     /// How the type reads in documentation and messages.
     pub fn describe(&self) -> String {
         match self {
             ValueType::Text => "a string".into(),
-            ValueType::Integer { min, max: i64::MAX } => format!("an integer ≥ {min}"),
-            ValueType::Integer { min, max } => format!("an integer from {min} to {}", thousands(*max)),
+            ValueType::Integer { min, max: i64::MAX } => format!("an integer ≥ {}", thousands(*min)),
+            ValueType::Integer { min, max } => format!("an integer from {} to {}", thousands(*min), thousands(*max)),
             ValueType::Number { min, max } if max.is_finite() => {
                 format!("a number from {min} to {max}")
             }

@@ -23,7 +23,6 @@ use llama_cpp_2::token::data::LlamaTokenData;
 use llama_cpp_2::token::data_array::LlamaTokenDataArray;
 use rayon::prelude::*;
 
-/// How a model is loaded and run: a `model` declaration, resolved.
 /// Most CPU threads llama.cpp takes (`GGML_MAX_N_THREADS`).
 pub const MOST_THREADS: i32 = 512;
 
@@ -31,6 +30,10 @@ pub const MOST_THREADS: i32 = 512;
 /// holds the prompt being shared.
 pub const MOST_PARALLEL: u32 = 255;
 
+/// Most tokens in a sequence or a batch: llama.cpp numbers positions with 32-bit signed integers.
+pub const MOST_TOKENS: u32 = i32::MAX as u32;
+
+/// How a model is loaded and run: a `model` declaration, resolved.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ModelSettings {
     pub path: PathBuf,
@@ -187,8 +190,9 @@ fn top_candidates_in(logits: &[f32], k: usize) -> Vec<LlamaTokenData> {
         key(kept[k - 1].0)
     };
     const BLOCK: usize = 64;
-    const SPARE: usize = 512;
-    let mut kept: Vec<(f32, usize)> = Vec::with_capacity(k + SPARE);
+    // Room for k more, at least: each cut is a selection over all that is kept.
+    let spare = k.max(512);
+    let mut kept: Vec<(f32, usize)> = Vec::with_capacity(k + spare);
     kept.extend(logits[..k].iter().enumerate().map(|(id, &logit)| (logit, id)));
     let mut floor = cut(&mut kept);
     for (b, block) in logits[k..].chunks(BLOCK).enumerate() {
@@ -202,7 +206,7 @@ fn top_candidates_in(logits: &[f32], k: usize) -> Vec<LlamaTokenData> {
                 }
             }
         }
-        if kept.len() > k + SPARE - BLOCK {
+        if kept.len() > k + spare - BLOCK {
             floor = cut(&mut kept);
         }
     }
@@ -413,8 +417,10 @@ pub fn generate(
     let per_sequence = longest.next_multiple_of(256);
     let params = LlamaContextParams::default()
         .with_n_ctx(NonZeroU32::new(per_sequence.saturating_mul(parallel + 1)))
-        .with_n_batch(settings.batch)
-        .with_n_ubatch(settings.batch)
+        // Every sequence's next token goes into one decode, however small `batch` is (and
+        // llama.cpp asserts room for an output per sequence, the stash's too).
+        .with_n_batch(settings.batch.max(parallel + 1))
+        .with_n_ubatch(settings.batch.max(parallel + 1))
         .with_n_seq_max(parallel + 1)
         .with_kv_unified(false)
         .with_n_threads(threads)
@@ -430,7 +436,8 @@ pub fn generate(
     // copy comes from one that holds the prompt alone.
     let stash = parallel as i32;
     let mut admitting: Option<Admitting> = None;
-    // A batch larger than the longest prompt would only be allocated, never filled.
+    // Prompts are decoded `batch` tokens at a time; a batch larger than the longest prompt
+    // would only be allocated, never filled.
     let longest_prompt = prompts.iter().map(Vec::len).max().unwrap_or(0);
     let batch_size = (settings.batch as usize).clamp(1, longest_prompt.max(1));
     let mut results: Vec<Vec<Option<Generated>>> = requests.iter().map(|r| vec![None; r.seeds.len()]).collect();

@@ -16,13 +16,8 @@ pub static SPEC: KindSpec = KindSpec {
     properties: &[
         required("format", ValueType::Choice(Format::NAMES), "How the file's records are laid out."),
         required("path", ValueType::File, "The JSON-lines file, relative to the workflow file."),
-        optional("skip", ValueType::Integer { min: 0, max: i64::MAX }, "0", "Records to skip from the start."),
-        optional(
-            "limit",
-            ValueType::Integer { min: 0, max: i64::MAX },
-            "0",
-            "Most records to read after `skip`; 0 reads all.",
-        ),
+        optional("skip", ValueType::at_least(0), "0", "Records to skip from the start."),
+        optional("limit", ValueType::at_least(0), "0", "Most records to read after `skip`; 0 reads all."),
     ],
     metrics: &["count"],
     at_least_one: &[],

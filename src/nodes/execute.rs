@@ -32,12 +32,7 @@ pub static SPEC: KindSpec = KindSpec {
         ),
         optional("memory", ValueType::Size, r#""256MiB""#, "Memory cap per program."),
         optional("output", ValueType::Size, r#""64KiB""#, "Most output a program may print."),
-        optional(
-            "feedback-chars",
-            ValueType::Integer { min: 100, max: i64::MAX },
-            "2000",
-            "Most characters of feedback kept per verdict.",
-        ),
+        optional("feedback-chars", ValueType::at_least(100), "2000", "Most characters of feedback kept per verdict."),
     ],
     metrics: &["count", "passed", "pass-rate", "pass@k"],
     at_least_one: &[],

@@ -4,6 +4,9 @@ use crate::engine::context::{Context, Outcome, StepError};
 use crate::llm;
 use crate::train::{self, Base, Example, Lora, StepRecord, Target};
 
+/// Most epochs: a bound that catches a mistyped value before a training run that would not end.
+const MOST_EPOCHS: i64 = 10_000;
+
 pub static SPEC: KindSpec = KindSpec {
     name: "finetune-lora",
     role: Role::Step(Artifact::Adapter),
@@ -41,7 +44,7 @@ pub static SPEC: KindSpec = KindSpec {
         ),
         optional(
             "rank",
-            ValueType::Integer { min: 1, max: i64::MAX },
+            ValueType::at_least(1),
             "8",
             "LoRA rank; a projection with both sides smaller than it is an error.",
         ),
@@ -58,18 +61,13 @@ pub static SPEC: KindSpec = KindSpec {
             r#""q,k,v,o,gate,up,down""#,
             "Projections that get LoRA matrices.",
         ),
-        optional("epochs", ValueType::Integer { min: 1, max: 10_000 }, "2", "Passes over the data."),
+        optional("epochs", ValueType::Integer { min: 1, max: MOST_EPOCHS }, "2", "Passes over the data."),
         optional("learning-rate", ValueType::Number { min: 0.0, max: 1.0 }, "0.0002", "Peak AdamW learning rate."),
         optional("warmup", ValueType::Number { min: 0.0, max: 1.0 }, "0.1", "Fraction of steps spent warming up."),
-        optional(
-            "batch",
-            ValueType::Integer { min: 1, max: i64::MAX },
-            "1",
-            "Examples per optimizer step (by gradient accumulation).",
-        ),
+        optional("batch", ValueType::at_least(1), "1", "Examples per optimizer step (by gradient accumulation)."),
         optional(
             "max-length",
-            ValueType::Integer { min: 16, max: i64::MAX },
+            ValueType::at_least(16),
             "512",
             "Longest training sequence in tokens; longer ones are cut.",
         ),

@@ -49,7 +49,7 @@ pub static SPEC: KindSpec = KindSpec {
         TOP_K,
         optional(
             "max-tokens",
-            ValueType::Integer { min: 1, max: u32::MAX as i64 },
+            ValueType::Integer { min: 1, max: llm::MOST_TOKENS as i64 },
             "512",
             "Most tokens generated per sample.",
         ),

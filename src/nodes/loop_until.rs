@@ -1,5 +1,8 @@
 use crate::dsl::schema::{KindSpec, Role, ValueType, optional, unset};
 
+/// Most iterations: a bound that catches a mistyped value before a loop that would not end.
+const MOST_ITERATIONS: i64 = 10_000;
+
 pub static SPEC: KindSpec = KindSpec {
     name: "loop-until",
     role: Role::Loop,
@@ -10,7 +13,7 @@ pub static SPEC: KindSpec = KindSpec {
           of the loop's steps (`step.metric`) and `iteration` with numbers, joined by `&&`, `||` \
           and `!`. Each iteration's outputs are kept under `<loop>/iteration-<n>/`.",
     properties: &[
-        optional("max-iterations", ValueType::Integer { min: 1, max: 10_000 }, "3", "Most iterations to run."),
+        optional("max-iterations", ValueType::Integer { min: 1, max: MOST_ITERATIONS }, "3", "Most iterations to run."),
         unset("until", ValueType::Expression, "Stop after an iteration in which this holds."),
     ],
     metrics: &[],

@@ -18,7 +18,7 @@ pub static SPEC: KindSpec = KindSpec {
         ),
         optional(
             "context",
-            ValueType::Integer { min: 0, max: u32::MAX as i64 },
+            ValueType::Integer { min: 0, max: llm::MOST_TOKENS as i64 },
             "0",
             "Most tokens of one sequence (prompt and answer); 0 allows what the model was trained \
              for (32,768 tokens for the default model). Each sequence gets the cache its step's \
@@ -37,7 +37,13 @@ pub static SPEC: KindSpec = KindSpec {
             "0",
             "CPU threads; 0 uses every core (at most 512, llama.cpp's limit).",
         ),
-        optional("batch", ValueType::Integer { min: 1, max: u32::MAX as i64 }, "512", "Tokens per llama.cpp batch."),
+        optional(
+            "batch",
+            ValueType::Integer { min: 1, max: llm::MOST_TOKENS as i64 },
+            "512",
+            "Prompt tokens per llama.cpp decode (the sequences' next tokens go into one decode \
+             however many there are).",
+        ),
         optional(
             "parallel",
             ValueType::Integer { min: 1, max: llm::MOST_PARALLEL as i64 },

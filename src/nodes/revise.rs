@@ -2,7 +2,7 @@ use crate::data::{Parent, Verdict, sample_seed};
 use crate::dsl::schema::{Artifact, KindSpec, Role, ValueType, optional, required, unset};
 use crate::engine::context::{Context, Outcome, StepError};
 use crate::llm::prompt::RevisionExample;
-use crate::llm::{Request, prompt};
+use crate::llm::{self, Request, prompt};
 use crate::nodes::generate::{ADAPTER_SCALE, MOST_SAMPLES, TEMPERATURE, TOP_K, TOP_P};
 
 pub static SPEC: KindSpec = KindSpec {
@@ -26,7 +26,7 @@ pub static SPEC: KindSpec = KindSpec {
         TOP_K,
         optional(
             "max-tokens",
-            ValueType::Integer { min: 1, max: u32::MAX as i64 },
+            ValueType::Integer { min: 1, max: llm::MOST_TOKENS as i64 },
             "512",
             "Most tokens generated per revision.",
         ),

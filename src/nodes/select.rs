@@ -15,12 +15,7 @@ pub static SPEC: KindSpec = KindSpec {
     properties: &[
         required("from", ValueType::Input(&[Artifact::Verdicts]), "The verdicts to choose from."),
         optional("status", ValueType::Statuses, r#""passed""#, "Which statuses to keep."),
-        optional(
-            "per-task",
-            ValueType::Integer { min: 0, max: i64::MAX },
-            "1",
-            "Most verdicts kept per task; 0 keeps all.",
-        ),
+        optional("per-task", ValueType::at_least(0), "1", "Most verdicts kept per task; 0 keeps all."),
         optional(
             "prefer",
             ValueType::Choice(&["first", "highest-logprob", "min-edit-distance"]),

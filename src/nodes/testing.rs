@@ -16,7 +16,7 @@ pub static BATCHES: KindSpec = KindSpec {
     doc: "Writes `records` records in batches of two, derived from the seed and its input.",
     properties: &[
         unset("from", ValueType::Input(&[Artifact::Tasks]), "An input whose hash enters the records."),
-        optional("records", ValueType::Integer { min: 0, max: i64::MAX }, "10", "How many records."),
+        optional("records", ValueType::at_least(0), "10", "How many records."),
     ],
     metrics: &["count"],
     at_least_one: &[],
@@ -30,7 +30,7 @@ pub static BARRIER: KindSpec = KindSpec {
     doc: "Waits until `parties` steps of the same `group` run at the same time; fails if alone.",
     properties: &[
         optional("group", ValueType::Text, r#""g""#, "Barrier name."),
-        optional("parties", ValueType::Integer { min: 1, max: i64::MAX }, "2", "Steps that must meet."),
+        optional("parties", ValueType::at_least(1), "2", "Steps that must meet."),
     ],
     metrics: &[],
     at_least_one: &[],

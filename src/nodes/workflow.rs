@@ -8,12 +8,7 @@ pub static SPEC: KindSpec = KindSpec {
           default parent (`runs/<name>/<timestamp>/`). The seed is the root of every random draw: \
           each sample's seed derives from (seed, step, task, index), so a rerun gives the same \
           artifacts whatever the scheduling.",
-    properties: &[optional(
-        "seed",
-        ValueType::Integer { min: 0, max: i64::MAX },
-        "0",
-        "Root of every random draw in the run.",
-    )],
+    properties: &[optional("seed", ValueType::at_least(0), "0", "Root of every random draw in the run.")],
     metrics: &[],
     at_least_one: &[],
     requires: &[],

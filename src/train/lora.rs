@@ -86,8 +86,9 @@ impl Lora {
                 // a mistake (and the matrices might not fit in memory).
                 if rank > n_in.max(n_out) {
                     return Err(bad(format!(
-                        "rank={rank} is larger than either side of the model's `{}` projection ({n_out}×{n_in}): use a rank of at most {}",
+                        "rank={rank} is larger than either side of the model's `{}` projection ({n_out}×{n_in}): use a rank of at most {} (past {} a rank adds no directions)",
                         target.gguf(),
+                        n_in.max(n_out),
                         n_in.min(n_out)
                     )));
                 }
