@@ -415,12 +415,13 @@ pub fn generate(
     // llama.cpp's batched-bench, instead of to (and masked from) every sequence's.
     // One sequence more than decode at once holds the prompt being shared (`stash` below).
     let per_sequence = longest.next_multiple_of(256);
+    // Every sequence's next token goes into one decode, however small `batch` is (and llama.cpp
+    // asserts room for an output per sequence, the stash's too).
+    let decode_batch = settings.batch.max(parallel + 1);
     let params = LlamaContextParams::default()
         .with_n_ctx(NonZeroU32::new(per_sequence.saturating_mul(parallel + 1)))
-        // Every sequence's next token goes into one decode, however small `batch` is (and
-        // llama.cpp asserts room for an output per sequence, the stash's too).
-        .with_n_batch(settings.batch.max(parallel + 1))
-        .with_n_ubatch(settings.batch.max(parallel + 1))
+        .with_n_batch(decode_batch)
+        .with_n_ubatch(decode_batch)
         .with_n_seq_max(parallel + 1)
         .with_kv_unified(false)
         .with_n_threads(threads)
