@@ -11,7 +11,10 @@ prompt and then `NTG` tokens per sequence.
 The figure compared is generated tokens per second over all sequences, prompt decoding left out:
 llama-batched-bench's `S_TG`, and the `tokens-per-second` metric of seedflow's step (which, unlike
 the anchor, also samples each token and computes its log-probability). The whole step's speed,
-context creation and prompt decoding included, is printed beside it.
+context creation and prompt decoding included, is printed beside it. Each token of a sequence
+takes one decoding step of all of them; a second table splits seedflow's step, by its
+`decode-share` metric, into waiting for llama.cpp's decoding and its own work around it, beside
+the anchor's step: whether a gap lies in how llama.cpp is run or in the work between decodes.
 
 A last line measures the workload SEED gives `generate`: its error collection's shape (MBPP
 training tasks, 5 samples each, the most sequences, answers of their own lengths, stopped once
@@ -114,8 +117,9 @@ def anchor(binary, model, prompt_tokens, generated=NTG, parallel=PARALLEL):
 
 
 def ours(binary, model, work):
-    """One run of seedflow's steps: per sequence count, the whole step's and generation's speed;
-    the prompt's length in tokens; the workload's mean prompt and answer lengths."""
+    """One run of seedflow's steps: per sequence count, the whole step's and generation's speed
+    and the share of generation spent decoding; the prompt's length in tokens; the workload's mean
+    prompt and answer lengths."""
     task = {"task_id": "bench", "prompt": "Write a Python function that returns the nth Fibonacci number, with a docstring, type hints and comments explaining each step.", "tests": ["assert True"]}
     (work / "task.jsonl").write_text(json.dumps(task) + "\n")
     flow = ['workflow "bench-generate" seed=1', f'model "coder" path="{model}" context=4096 gpu-layers={GPU_LAYERS} threads={THREADS} parallel={max(PARALLEL)}', 'dataset "task" format="jsonl" path="task.jsonl"',
@@ -130,17 +134,18 @@ def ours(binary, model, work):
     done = subprocess.run([binary, "run", work / "bench.kdl", "--run-dir", work / "run", "--ci"], capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"seedflow failed:\n{done.stdout}{done.stderr}")
-    whole, generation = {}, {}
+    whole, generation, share = {}, {}, {}
     for n in PARALLEL:
         meta = json.loads((work / "run" / f"n{n}" / "meta.json").read_text())
         whole[n] = meta["metrics"]["tokens"] / meta["seconds"]
         generation[n] = meta["metrics"]["tokens-per-second"]
+        share[n] = meta["metrics"]["decode-share"]
     workload = json.loads((work / "run" / "workload" / "meta.json").read_text())["metrics"]
     generation["workload"] = workload["tokens-per-second"]
     tasks = workload["count"] / WORKLOAD_SAMPLES  # the MBPP file may hold fewer than WORKLOAD_TASKS
     shape = (round(workload["prompt-tokens"] / tasks), max(1, round(workload["tokens"] / workload["count"])))
     prompt = json.loads((work / "run" / "warm-up" / "meta.json").read_text())["metrics"]["prompt-tokens"]
-    return whole, generation, int(prompt), shape
+    return whole, generation, share, int(prompt), shape
 
 
 def main():
@@ -148,13 +153,14 @@ def main():
     model = os.environ.get("SEEDFLOW_MODEL") or subprocess.run([binary, "fetch", "model"], check=True, capture_output=True, text=True).stdout.strip()
     anchor_binary = batched_bench()
     # Alternating rounds, medians reported: speeds on a shared machine drift from run to run.
-    rounds = {"whole": [], "generation": [], "anchor": []}
+    rounds = {"whole": [], "generation": [], "share": [], "anchor": []}
     most, one = max(PARALLEL), min(PARALLEL)
     with tempfile.TemporaryDirectory() as work:
         for _ in range(ROUNDS):
-            whole, generation, prompt_tokens, (workload_prompt, workload_answer) = ours(binary, model, Path(work))
+            whole, generation, share, prompt_tokens, (workload_prompt, workload_answer) = ours(binary, model, Path(work))
             rounds["whole"].append(whole)
             rounds["generation"].append(generation)
+            rounds["share"].append(share)
             speeds = anchor(anchor_binary, model, prompt_tokens)
             speeds["workload"] = anchor(anchor_binary, model, workload_prompt, workload_answer, [most]).get(most, float("nan"))
             rounds["anchor"].append(speeds)
@@ -162,6 +168,7 @@ def main():
     whole = {n: median(at("whole", n)) for n in PARALLEL}
     generation = {n: median(at("generation", n)) for n in PARALLEL}
     theirs = {n: median(at("anchor", n)) for n in PARALLEL}
+    share = {n: median(at("share", n)) for n in PARALLEL}
     print(f"{Path(model).name}, gpu-layers {GPU_LAYERS}")
     print(f"generated tokens per second, {THREADS} threads, a {prompt_tokens}-token prompt, {NTG} tokens per sequence, median of {ROUNDS} rounds")
     print(f"{'sequences':>9} {'seedflow step':>13} {'seedflow generation':>19} {'llama-batched-bench':>19} {'ratio':>6}")
@@ -170,6 +177,12 @@ def main():
         print(f"{'':>9} {'rounds: ' + ', '.join(f'{g:.1f}' for g in at('generation', n)):>33} {', '.join(f'{a:.1f}' for a in at('anchor', n)):>19}")
     print("ratio = seedflow generation / llama-batched-bench; whole step / anchor: "
           + ", ".join(f"{n}: {whole[n] / theirs[n]:.2f}" for n in PARALLEL))
+    print("\none decoding step (a token of every sequence), ms")
+    print(f"{'sequences':>9} {'seedflow':>9} {'decoding':>9} {'own work':>9} {'llama-batched-bench':>19}")
+    for n in PARALLEL:
+        step, theirs_step = 1000 * n / generation[n], 1000 * n / theirs[n]
+        print(f"{n:>9} {step:>9.2f} {share[n] * step:>9.2f} {(1 - share[n]) * step:>9.2f} {theirs_step:>19.2f}")
+    print("seedflow = decoding (waiting for llama.cpp) + own work (sampling, log-probabilities, stop checks); medians\n")
     workload, workload_anchor = median(at("generation", "workload")), median(at("anchor", "workload"))
     print(f"SEED's error collection ({WORKLOAD_TASKS} MBPP tasks, {WORKLOAD_SAMPLES} samples each, {most} sequences, answers stopped after their code; "
           f"mean prompt {workload_prompt} tokens, mean answer {workload_answer}): {workload:.1f} tokens/s, llama-batched-bench at "

@@ -42,7 +42,10 @@ fn request(task: &Task, seeds: &[u64]) -> Request {
 fn greedy_answers_are_code_that_runs_in_the_sandbox() {
     let tasks = mbpp(&["2", "3", "4"]);
     let requests: Vec<Request> = tasks.iter().map(|t| request(t, &[0])).collect();
-    let answers = run(&requests, &sampling(0.0, 384), None);
+    let (answers, timing) =
+        llm::generate(&settings(), None, &requests, &sampling(0.0, 384), &|| false, &mut |_, _| {}).unwrap();
+    // Decoding is part of generating, the rest being the sampling around it.
+    assert!(timing.decoding_seconds > 0.0 && timing.decoding_seconds < timing.generation_seconds, "{timing:?}");
     let wasm = seedflow::sandbox::interpreter(&|_| {}).unwrap();
     let sandbox = Arc::new(seedflow::sandbox::Sandbox::new(&wasm, 1, 256 << 20).unwrap());
     let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();

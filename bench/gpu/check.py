@@ -9,12 +9,8 @@
    token a draw lands on.)
 2. bench/generate.py with every layer offloaded, on a model of the default model's shapes and
    quantisation (zero weights), against llama-batched-bench linked to the same llama.cpp
-   libraries.
-3. The same at 1, 4 and 8 sequences with llama.cpp's OpenMP threads made to sleep instead of
-   spin between decodes (`GOMP_SPINCOUNT=0`), then with 4 threads instead of every core in both
-   programs: whether what is left of the gap is llama.cpp's idle threads spinning on the cores
-   that seedflow's per-token work needs (every layer is on the GPU, so they have little else to
-   do). Skipped with `VARIANTS=0`.
+   libraries. Its second table tells where a gap lies: each decoding step of seedflow split
+   into waiting for llama.cpp and seedflow's own work, beside the anchor's step.
 
 nvidia-smi is polled meanwhile: the seedflow processes it lists show that the GPU was used.
 
@@ -111,10 +107,6 @@ def main():
         bench = {**os.environ, "SEEDFLOW_BIN": str(seedflow), "SEEDFLOW_MODEL": str(models["hollow"]), "GPU_LAYERS": "-1",
                  "LLAMA_BATCHED_BENCH": str(work / "llama-batched-bench"), "PARALLEL": os.environ.get("PARALLEL", "1,4,8,16,32")}
         subprocess.run([sys.executable, ROOT / "bench" / "generate.py"], check=True, env=bench)
-        if os.environ.get("VARIANTS", "1") != "0":
-            for name, change in (("GOMP_SPINCOUNT=0", {"GOMP_SPINCOUNT": "0"}), ("THREADS=4", {"THREADS": "4"})):
-                print(f"\nwith {name}:", flush=True)
-                subprocess.run([sys.executable, ROOT / "bench" / "generate.py"], check=True, env={**bench, "PARALLEL": "1,4,8", **change})
     finally:
         stop.set()
         watcher.join()

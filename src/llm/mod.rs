@@ -85,6 +85,9 @@ pub struct Generated {
 pub struct Timing {
     pub prompt_tokens: u64,
     pub generation_seconds: f64,
+    /// Of the generation time, how long was spent waiting for llama.cpp's decoding of the
+    /// sampled tokens (on a GPU, for its logits); the rest is seedflow's own work per token.
+    pub decoding_seconds: f64,
 }
 
 struct Loaded {
@@ -451,7 +454,7 @@ pub fn generate(
     let overlap = settings.gpu_layers != 0;
     context.clear_kv_cache();
     let started = Instant::now();
-    let (mut prompt_time, mut prompt_tokens) = (Duration::ZERO, 0u64);
+    let (mut prompt_time, mut prompt_tokens, mut decoding_time) = (Duration::ZERO, 0u64, Duration::ZERO);
     loop {
         if cancelled() {
             return Err("interrupted".into());
@@ -543,10 +546,14 @@ pub fn generate(
             }
             continue; // sequences that just finished are retired at the top
         }
+        let decoding = Instant::now();
         context.decode(&mut step_batch).map_err(|e| format!("llama.cpp could not decode: {e}"))?;
+        decoding_time += decoding.elapsed();
         // On a GPU the decoding runs on while the last step's normalisers are computed here.
         settle(&mut slots, &mut owed);
         let k = sampleable(sampling);
+        // The first row of logits asked for waits for the decoding to end.
+        let decoding = Instant::now();
         let mut live: Vec<(&mut Sequence, &[f32], &mut Owed)> = slots
             .iter_mut()
             .zip(owed.iter_mut())
@@ -556,6 +563,7 @@ pub fn generate(
                 Some((sequence, logits, owed))
             })
             .collect();
+        decoding_time += decoding.elapsed();
         // The passes over the vocabulary, one sequence per core: done one after another, they
         // took longer than a GPU's decoding step. With layers on a GPU, whose decoding runs on
         // after `decode` returns, the normaliser is owed until the next step's decode is issued,
@@ -580,8 +588,11 @@ pub fn generate(
             }
         }
     }
-    let timing =
-        Timing { prompt_tokens, generation_seconds: started.elapsed().saturating_sub(prompt_time).as_secs_f64() };
+    let timing = Timing {
+        prompt_tokens,
+        generation_seconds: started.elapsed().saturating_sub(prompt_time).as_secs_f64(),
+        decoding_seconds: decoding_time.as_secs_f64(),
+    };
     Ok((results.into_iter().map(|r| r.into_iter().flatten().collect()).collect(), timing))
 }
 

@@ -35,7 +35,9 @@ pub static SPEC: KindSpec = KindSpec {
           index), so reruns are identical; temperature 0 is greedy. Each sample records its mean \
           token log-probability and token count. `prompt-tokens` counts the prompts' tokens (each \
           decoded once per task), `tokens-per-second` is the step's generation speed (generated \
-          tokens over the time spent generating them, prompt decoding left out). Instruct models \
+          tokens over the time spent generating them, prompt decoding left out), and \
+          `decode-share` the part of that time spent waiting for llama.cpp to decode (the rest is \
+          seedflow's own work per token: sampling, log-probabilities, stop checks). Instruct models \
           get the chat template stored in the GGUF; the prompt template can be replaced with \
           `template`.",
     properties: &[
@@ -62,7 +64,7 @@ pub static SPEC: KindSpec = KindSpec {
         ),
         unset("template", ValueType::File, "A prompt template replacing the built-in one (`std/prompts/…` or a file)."),
     ],
-    metrics: &["count", "tokens", "prompt-tokens", "tokens-per-second"],
+    metrics: &["count", "tokens", "prompt-tokens", "tokens-per-second", "decode-share"],
     at_least_one: &[],
     requires: &[],
     example: r#"model "coder" path="default"
@@ -157,6 +159,7 @@ pub(super) fn sample_all(
     if timing.generation_seconds > 0.0 {
         let generated = tokens - kept_tokens;
         metrics.insert("tokens-per-second".to_string(), generated as f64 / timing.generation_seconds);
+        metrics.insert("decode-share".to_string(), timing.decoding_seconds / timing.generation_seconds);
     }
     Ok(Outcome { metrics, gate_failure: None })
 }

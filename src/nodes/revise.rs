@@ -14,7 +14,8 @@ pub static SPEC: KindSpec = KindSpec {
           error, each linked to the sample it revises (`parent`). With `examples`, the prompt \
           first shows worked revisions from a JSON-lines file (`requirement`, `tests`, `code`, \
           `feedback`, `revision`); `std/prompts/revise-examples.jsonl` holds three made from \
-          MBPP's prompt split. `prompt-tokens` and `tokens-per-second` are as in `generate`.",
+          MBPP's prompt split. `prompt-tokens`, `tokens-per-second` and `decode-share` are as in \
+          `generate`.",
     properties: &[
         required("model", ValueType::Model, "The `model` that revises."),
         required("errors", ValueType::Input(&[Artifact::Verdicts]), "Verdicts of the programs to revise."),
@@ -40,7 +41,7 @@ pub static SPEC: KindSpec = KindSpec {
         unset("examples", ValueType::File, "Worked revisions shown first (few-shot), as JSON lines."),
         unset("template", ValueType::File, "A prompt template replacing the built-in one."),
     ],
-    metrics: &["count", "tokens", "prompt-tokens", "tokens-per-second"],
+    metrics: &["count", "tokens", "prompt-tokens", "tokens-per-second", "decode-share"],
     at_least_one: &[],
     requires: &[],
     example: r#"model "coder" path="default"
