@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The log-sum-exp over a vocabulary-sized row (`src/numeric.rs`), which every sampled token's
-log-probability and every position of the training loss needs, against the plain loop it
-replaces (libm's `exp`, summed in f64), in the same run, as a ratio.
+log-probability and every position of the training loss needs, against a plain loop (libm's
+`exp`, summed in f64), in the same run, as a ratio.
 
 `src/numeric.rs` is compiled on its own with rustc, twice: as the dev profile builds it
 (opt-level 2, overflow checks on: the tests and benchmarks) and as the release profile does
