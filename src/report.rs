@@ -21,6 +21,12 @@ pub enum ReportError {
         help("a run directory is what `seedflow run` prints, e.g. `runs/<workflow>/<time>`")
     )]
     NotARun(PathBuf),
+    #[error("`{0}` does not exist")]
+    #[diagnostic(
+        code(seedflow::not_a_run),
+        help("a run directory is what `seedflow run` prints, e.g. `runs/<workflow>/<time>`")
+    )]
+    Missing(PathBuf),
     #[error("cannot read `{path}`: {message}")]
     #[diagnostic(
         code(seedflow::report_io),
@@ -121,6 +127,9 @@ struct SummaryStep {
 /// Reads a run back from its directory.
 pub fn read_run(dir: &Path) -> Result<Run, ReportError> {
     let path = dir.join("summary.json");
+    if !dir.exists() {
+        return Err(ReportError::Missing(dir.to_path_buf()));
+    }
     if !path.is_file() {
         return Err(ReportError::NotARun(dir.to_path_buf()));
     }

@@ -159,6 +159,25 @@ fn a_failed_gate_exits_3_and_ci_mode_comes_from_the_environment() {
     assert!(stdout.lines().last().unwrap().contains(r#""status":"gate-failed","exit_code":3"#));
 }
 
+/// A run directory is not reused for another workflow's run, nor is a file taken for one.
+#[test]
+fn resume_refuses_another_workflow_s_run_and_a_file() {
+    let dir = project(TASKS);
+    assert_eq!(seedflow(&["run", "flow.kdl", "--run-dir", "out"], dir.path()).status.code(), Some(0));
+    std::fs::write(dir.path().join("other.kdl"), TASKS.replace("tasks-only", "other")).unwrap();
+    let out = seedflow(&["run", "other.kdl", "--run-dir", "out", "--resume"], dir.path());
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("`out` holds a run of workflow `tasks-only`, not `other`"),
+        "{}",
+        text(&out.stderr)
+    );
+    std::fs::write(dir.path().join("afile"), "").unwrap();
+    let out = seedflow(&["run", "flow.kdl", "--run-dir", "afile"], dir.path());
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("run directory `afile` is a file"), "{}", text(&out.stderr));
+}
+
 #[test]
 fn a_failing_step_exits_1_with_the_reason() {
     let dir = project("dataset \"tasks\" format=\"mbpp\" path=\"tasks.jsonl\"\n");
@@ -169,12 +188,60 @@ fn a_failing_step_exits_1_with_the_reason() {
     assert!(stderr.contains("--resume --run-dir out"), "{stderr}");
 }
 
+/// Starts `flow.kdl` in `dir`, and returns once its step `step` has started.
+#[cfg(unix)]
+fn started(dir: &Path, step: &str) -> (std::process::Child, std::io::BufReader<std::process::ChildStderr>, String) {
+    use std::io::BufRead;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_seedflow"))
+        .args(["run", "flow.kdl", "--run-dir", "out"])
+        .current_dir(dir)
+        .env("NO_COLOR", "1")
+        .env_remove("CI")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut seen = String::new();
+    while !seen.contains(&format!("start   {step}")) {
+        assert_ne!(stderr.read_line(&mut seen).unwrap(), 0, "seedflow ended first: {seen}");
+    }
+    (child, stderr, seen)
+}
+
+/// A stop does not wait for programs to reach their `timeout`: one that would loop for an hour
+/// is dropped at once.
+#[test]
+#[cfg(unix)]
+fn a_stop_ends_the_programs_still_running() {
+    let dir = project(
+        "workflow \"endless\"\ndataset \"tasks\" format=\"jsonl\" path=\"endless.jsonl\"\nexecute \"references\" code=\"tasks\" timeout=\"1h\"\n",
+    );
+    let task = serde_json::json!({
+        "task_id": "endless",
+        "prompt": "Never return.",
+        "solution": "while True:\n    pass\n",
+        "tests": ["assert True"],
+    });
+    std::fs::write(dir.path().join("endless.jsonl"), format!("{task}\n")).unwrap();
+    let (mut child, _stderr, _) = started(dir.path(), "references");
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    // Generous: what is measured is that it stops, not how fast.
+    for _ in 0..600 {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert_eq!(status.code(), Some(130));
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    child.kill().unwrap();
+    panic!("the run went on for a minute after Ctrl-C");
+}
+
 /// SIGTERM (what CI runners and `kill` send) stops a run as Ctrl-C does: exit 130, the run
 /// marked interrupted, and `--resume` finishes it.
 #[test]
 #[cfg(unix)]
 fn a_terminated_run_stops_cleanly_and_resumes() {
-    use std::io::{BufRead, BufReader};
     let dir = project(
         "workflow \"slow\"\ndataset \"tasks\" format=\"jsonl\" path=\"slow.jsonl\"\nexecute \"references\" code=\"tasks\" timeout=\"30s\"\n",
     );
@@ -185,19 +252,7 @@ fn a_terminated_run_stops_cleanly_and_resumes() {
         "tests": ["assert f() == 1"],
     });
     std::fs::write(dir.path().join("slow.jsonl"), format!("{task}\n")).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_seedflow"))
-        .args(["run", "flow.kdl", "--run-dir", "out"])
-        .current_dir(dir.path())
-        .env("NO_COLOR", "1")
-        .env_remove("CI")
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut seen = String::new();
-    while !seen.contains("start   references") {
-        assert_ne!(stderr.read_line(&mut seen).unwrap(), 0, "seedflow ended first: {seen}");
-    }
+    let (mut child, mut stderr, mut seen) = started(dir.path(), "references");
     assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
     let status = child.wait().unwrap();
     std::io::Read::read_to_string(&mut stderr, &mut seen).unwrap();

@@ -135,6 +135,36 @@ fn few_shot_turns_go_through_the_chat_template() {
     assert_ne!(plain[0][0].mean_logprob, shown[0][0].mean_logprob, "the examples reach the model");
 }
 
+/// A stop string ends a sample where it first appears, inside a token's piece too, and is left
+/// out of the text; what comes before it is the same as without it.
+#[test]
+fn a_stop_string_ends_the_sample_where_it_first_appears() {
+    let task = &mbpp(&["2"])[0];
+    let greedy = sampling(0.0, 48);
+    let plain = run(&[request(task, &[0])], &greedy, None).remove(0).remove(0);
+    // Five characters from the middle of the answer: seldom where a token starts.
+    let starts: Vec<usize> = plain.text.char_indices().map(|(i, _)| i).chain([plain.text.len()]).collect();
+    let middle = starts.len() / 2;
+    let stop = &plain.text[starts[middle]..starts[(middle + 5).min(starts.len() - 1)]];
+    let stopped = run(&[request(task, &[0])], &Sampling { stop: vec![stop.to_string()], ..greedy }, None);
+    let first = plain.text.find(stop).unwrap();
+    assert_eq!(stopped[0][0].text, plain.text[..first], "stop string {stop:?}");
+    assert!(stopped[0][0].tokens < plain.tokens, "{stopped:?}");
+}
+
+/// An answer that ends before its first token is scored by its end token's log-probability, not
+/// by a mean over no tokens (0, which `select prefer="highest-logprob"` would pick first).
+#[test]
+fn an_empty_answer_is_scored_by_its_end() {
+    let mut silent = request(&mbpp(&["2"])[0], &[0]);
+    let turn = |n: u32| (format!("Say nothing at all ({n})."), String::new());
+    silent.examples = vec![turn(1), turn(2), turn(3)];
+    silent.message = "Say nothing at all (4).".into();
+    let answer = run(&[silent], &sampling(0.0, 8), None).remove(0).remove(0);
+    assert_eq!((answer.text.as_str(), answer.tokens), ("", 0), "{answer:?}");
+    assert!((-(151_936f64).ln()..0.0).contains(&answer.mean_logprob), "{answer:?}");
+}
+
 /// Without a GPU llama.cpp would run the layers on the CPU, silently; asking for one is an error.
 #[test]
 #[cfg(not(feature = "cuda"))]

@@ -85,7 +85,10 @@ fn a_run_reports_its_iterations_evaluations_and_gates() {
 
     let out = seedflow(&["report", "run", "nowhere"], dir.path());
     assert_eq!(out.status.code(), Some(2));
-    assert!(text(&out.stderr).contains("`nowhere` is not a run directory"), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("`nowhere` does not exist"), "{}", text(&out.stderr));
+    let out = seedflow(&["report", "run/scores"], dir.path());
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("`run/scores` is not a run directory"), "{}", text(&out.stderr));
 
     // A step whose meta.json is damaged is left out of the figures and named as left out.
     std::fs::write(dir.path().join("run/scores/meta.json"), "{\"key\": ").unwrap();

@@ -233,17 +233,26 @@ fn timestamp() -> String {
     humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string().replace(['-', ':'], "")
 }
 
-/// Picks the run directory, or says why none fits.
+/// Picks the run directory, or says why none fits. A new run's directory is created here (not
+/// for `--dry-run`), so that two runs started in the same second each get one of their own.
 #[allow(clippy::result_large_err)] // built once per run, on the way out
 fn run_directory(args: &RunArgs, workflow: &str) -> Result<PathBuf, Problem> {
     let base = Path::new("runs").join(workflow);
-    match (&args.run_dir, args.resume) {
-        (Some(dir), false) if !args.dry_run && dir.join("summary.json").exists() => {
-            Err(Problem::new(Code::RunDirectory, format!("run directory `{}` holds an earlier run", dir.display()))
-                .with_help("pass `--resume` to continue it, or choose another `--run-dir`"))
+    let dir = match (&args.run_dir, args.resume) {
+        (Some(dir), _) if dir.exists() && !dir.is_dir() => {
+            return Err(Problem::new(Code::RunDirectory, format!("run directory `{}` is a file", dir.display()))
+                .with_help("choose another `--run-dir`"));
         }
-        (Some(dir), _) => Ok(dir.clone()),
-        (None, false) => Ok(base.join(timestamp())),
+        (Some(dir), false) if !args.dry_run && dir.join("summary.json").exists() => {
+            return Err(Problem::new(
+                Code::RunDirectory,
+                format!("run directory `{}` holds an earlier run", dir.display()),
+            )
+            .with_help("pass `--resume` to continue it, or choose another `--run-dir`"));
+        }
+        (Some(dir), _) => dir.clone(),
+        (None, false) if args.dry_run => base.join(timestamp()),
+        (None, false) => return new_run_directory(&base),
         (None, true) => {
             let newest = std::fs::read_dir(&base)
                 .ok()
@@ -254,7 +263,42 @@ fn run_directory(args: &RunArgs, workflow: &str) -> Result<PathBuf, Problem> {
                     format!("there is no earlier run of `{workflow}` under `{}` to resume", base.display()),
                 )
                 .with_help("run it without `--resume` first, or name the run with `--run-dir`")
-            })
+            })?
+        }
+    };
+    // Resuming another workflow's run would mix its steps with this one's.
+    if args.resume
+        && let Ok(text) = std::fs::read_to_string(dir.join("summary.json"))
+        && let Some(other) = serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|summary| summary.get("workflow")?.as_str().map(str::to_string))
+        && other != workflow
+    {
+        return Err(Problem::new(
+            Code::RunDirectory,
+            format!("run directory `{}` holds a run of workflow `{other}`, not `{workflow}`", dir.display()),
+        )
+        .with_help("resume it with the workflow that made it, or choose another `--run-dir`"));
+    }
+    Ok(dir)
+}
+
+/// Creates `base/<time>`, or `base/<time>-2` and so on when a run started in the same second.
+#[allow(clippy::result_large_err)]
+fn new_run_directory(base: &Path) -> Result<PathBuf, Problem> {
+    let failed = |dir: &Path, err: std::io::Error| {
+        Problem::new(Code::RunDirectory, format!("cannot create run directory `{}`: {err}", dir.display()))
+            .with_help("check that the directory is writable, or choose another with `--run-dir`")
+    };
+    std::fs::create_dir_all(base).map_err(|e| failed(base, e))?;
+    let time = timestamp();
+    let mut n = 1u64;
+    loop {
+        let dir = base.join(if n == 1 { time.clone() } else { format!("{time}-{n}") });
+        match std::fs::create_dir(&dir) {
+            Ok(()) => return Ok(dir),
+            Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => n += 1,
+            Err(err) => return Err(failed(&dir, err)),
         }
     }
 }
@@ -340,4 +384,17 @@ async fn stop_requested() {
         }
     }
     ctrl_c.await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_started_in_the_same_second_get_directories_of_their_own() {
+        let base = tempfile::tempdir().unwrap();
+        let dirs: Vec<PathBuf> = (0..3).map(|_| new_run_directory(base.path()).unwrap()).collect();
+        assert!(dirs.iter().all(|d| d.is_dir()), "{dirs:?}");
+        assert!(dirs[0] != dirs[1] && dirs[1] != dirs[2] && dirs[0] != dirs[2], "{dirs:?}");
+    }
 }

@@ -355,6 +355,14 @@ fn out_of_range() -> ValueError {
     ValueError { code: Code::BadValue, message: None, label: "out of range".into(), help: None, offset: None }
 }
 
+/// Whether the file starts as a GGUF file does: what llama.cpp would otherwise reject only when
+/// a step loads it, with a message that does not say why.
+fn is_gguf(path: &std::path::Path) -> bool {
+    let mut magic = [0u8; 4];
+    std::fs::File::open(path).and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic)).is_ok()
+        && &magic == b"GGUF"
+}
+
 /// Converts a literal to a value of `ty`. `at` is where it was written (for relative paths);
 /// defaults have no place.
 fn convert(ty: ValueType, literal: &Literal, at: Option<(&Sources, Span)>) -> Result<Value, ValueError> {
@@ -387,23 +395,26 @@ fn convert(ty: ValueType, literal: &Literal, at: Option<(&Sources, Span)>) -> Re
                 ..wrong_type(literal)
             }),
         },
-        ValueType::Duration => {
+        ValueType::Duration { min, max } => {
             let s = string.ok_or_else(|| ValueError {
                 help: Some("write a duration with its unit, in quotes: \"5s\", \"500ms\", \"2m\"".into()),
                 ..wrong_type(literal)
             })?;
-            humantime::parse_duration(s).map(Value::Duration).map_err(|e| {
+            let duration = humantime::parse_duration(s).map_err(|e| {
                 bad_value(format!("not a duration: {e}"), "write a number with a unit: \"5s\", \"500ms\", \"2m\"")
-            })
+            })?;
+            if (min..=max).contains(&duration) { Ok(Value::Duration(duration)) } else { Err(out_of_range()) }
         }
-        ValueType::Size => {
+        ValueType::Size { min, max } => {
             let s = string.ok_or_else(|| ValueError {
                 help: Some("write a size with its unit, in quotes: \"256MiB\", \"1GiB\"".into()),
                 ..wrong_type(literal)
             })?;
-            s.parse::<bytesize::ByteSize>()
-                .map(|b| Value::Size(b.as_u64()))
-                .map_err(|_| bad_value("not a size", "write a number with a unit: \"256MiB\", \"1GiB\", \"500kB\""))
+            let size = s
+                .parse::<bytesize::ByteSize>()
+                .map_err(|_| bad_value("not a size", "write a number with a unit: \"256MiB\", \"1GiB\", \"500kB\""))?
+                .as_u64();
+            if (min..=max).contains(&size) { Ok(Value::Size(size)) } else { Err(out_of_range()) }
         }
         ValueType::Choice(options) => {
             let s = string.ok_or_else(|| wrong_type(literal))?;
@@ -457,16 +468,32 @@ fn convert(ty: ValueType, literal: &Literal, at: Option<(&Sources, Span)>) -> Re
                     help: Some("name a file in it".into()),
                     offset: None,
                 }),
+                Some(Location::File(path)) if ty == ValueType::ModelFile && !is_gguf(&path) => Err(ValueError {
+                    code: Code::BadValue,
+                    message: Some(format!("`{s}` is not a GGUF model file")),
+                    label: "not GGUF".into(),
+                    help: Some("llama.cpp reads models in GGUF (a file that starts with the bytes `GGUF`)".into()),
+                    offset: None,
+                }),
                 Some(Location::File(path)) => Ok(Value::File(path)),
                 Some(Location::Stdlib(name)) => Ok(Value::File(PathBuf::from(name))),
                 None => Err(ValueError {
                     code: Code::MissingFile,
                     message: Some(format!("cannot find `{s}`")),
                     label: "no such file".into(),
-                    help: Some(if ty == ValueType::ModelFile {
-                        "use \"default\" for the built-in model, or a path relative to this workflow file".into()
-                    } else {
-                        "paths are relative to the workflow file that names them".into()
+                    help: Some({
+                        // A `--set` override has no file: its paths are relative to where the
+                        // command runs, as a shell's are.
+                        let relative_to = match sources.get(span.file).path {
+                            Some(_) => "this workflow file",
+                            None => "the current directory (as every path given with `--set` is)",
+                        };
+                        match ty {
+                            ValueType::ModelFile => {
+                                format!("use \"default\" for the built-in model, or a path relative to {relative_to}")
+                            }
+                            _ => format!("paths are relative to {relative_to}"),
+                        }
                     }),
                     offset: None,
                 }),

@@ -94,12 +94,34 @@ fn load_text(file: FileId, sources: &mut Sources, problems: &mut Problems, stack
 }
 
 fn load_import(node: &Node, sources: &mut Sources, problems: &mut Problems, stack: &mut Vec<Location>) -> Vec<Node> {
-    let Some(Spanned { value: Literal::String(target), span }) = node.name.clone() else {
+    const HELP: &str = "write `import \"std/evaluate.kdl\"` or a path relative to this file";
+    for property in &node.properties {
         problems
-            .at(sources, Code::MissingName, node.kind.span, "`import` needs the file to import", "import what?")
-            .help("write `import \"std/evaluate.kdl\"` or a path relative to this file");
-        return vec![];
+            .at(
+                sources,
+                Code::UnknownProperty,
+                property.key.span,
+                format!("`import` has no property `{}`", property.key.value),
+                "unknown property",
+            )
+            .help("`import` takes the file alone");
+    }
+    let target = match node.name.clone() {
+        Some(Spanned { value: Literal::String(target), span }) => Spanned { value: target, span },
+        Some(other) => {
+            problems
+                .at(sources, Code::WrongType, other.span, "`import` needs a file path, in quotes", "not a string")
+                .help(HELP);
+            return vec![];
+        }
+        None => {
+            problems
+                .at(sources, Code::MissingName, node.kind.span, "`import` needs the file to import", "import what?")
+                .help(HELP);
+            return vec![];
+        }
     };
+    let Spanned { value: target, span } = target;
     let Some(location) = resolve(sources, span.file, &target) else {
         let known = stdlib::FILES.iter().map(|(n, _)| *n).filter(|n| n.ends_with(".kdl"));
         let mut builder =

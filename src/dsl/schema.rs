@@ -70,10 +70,16 @@ pub enum ValueType {
         max: f64,
     },
     Bool,
-    /// `"5s"`, `"500ms"`, `"2m"`.
-    Duration,
-    /// `"256MiB"`, `"2GB"`.
-    Size,
+    /// `"5s"`, `"500ms"`, `"2m"`; from `min` to `max`, both included.
+    Duration {
+        min: Duration,
+        max: Duration,
+    },
+    /// `"256MiB"`, `"2GB"`, in bytes; from `min` to `max`, both included.
+    Size {
+        min: u64,
+        max: u64,
+    },
     Choice(&'static [&'static str]),
     /// Comma-separated choices: `"json,markdown"`.
     Choices(&'static [&'static str]),
@@ -96,6 +102,15 @@ pub enum ValueType {
 }
 
 /// `n` with its digits grouped by three: `4,294,967,295`.
+/// A size as written in a workflow: in the largest binary unit that divides it.
+fn size_text(bytes: u64) -> String {
+    match [(30, "GiB"), (20, "MiB"), (10, "KiB")].into_iter().find(|(shift, _)| bytes != 0 && bytes % (1 << shift) == 0)
+    {
+        Some((shift, unit)) => format!("{}{unit}", bytes >> shift),
+        None => format!("{bytes}B"),
+    }
+}
+
 fn thousands(n: i64) -> String {
     let digits = n.unsigned_abs().to_string();
     let mut out = String::from(if n < 0 { "-" } else { "" });
@@ -123,10 +138,17 @@ impl ValueType {
             ValueType::Number { min, max } if max.is_finite() => {
                 format!("a number from {min} to {max}")
             }
-            ValueType::Number { min, .. } => format!("a number ≥ {min}"),
+            ValueType::Number { min, .. } if min.is_finite() => format!("a number ≥ {min}"),
+            ValueType::Number { .. } => "a number".into(),
             ValueType::Bool => "#true or #false".into(),
-            ValueType::Duration => "a duration such as \"5s\"".into(),
-            ValueType::Size => "a size such as \"256MiB\"".into(),
+            ValueType::Duration { min, max } => format!(
+                "a duration from {} to {}, such as \"5s\"",
+                humantime::format_duration(*min),
+                humantime::format_duration(*max)
+            ),
+            ValueType::Size { min, max } => {
+                format!("a size from {} to {}, such as \"256MiB\"", size_text(*min), size_text(*max))
+            }
             ValueType::Choice(options) => format!("one of {}", quoted(options)),
             ValueType::Choices(options) => format!("a comma-separated list of {}", quoted(options)),
             ValueType::Integers => "positive integers, one or a comma-separated list such as \"1,10\"".into(),

@@ -121,4 +121,9 @@ impl Context {
     pub fn check_cancelled(&self) -> Result<(), StepError> {
         if self.cancel.is_cancelled() { Err(StepError::Cancelled) } else { Ok(()) }
     }
+
+    /// Completes once the run is being stopped: for work that can be dropped midway.
+    pub async fn cancelled(&self) {
+        self.cancel.cancelled().await
+    }
 }

@@ -78,6 +78,8 @@ pub struct RecordWriter {
     partial: PathBuf,
     finished: PathBuf,
     pub count: usize,
+    /// Where each kept record of the earlier run ends in the file.
+    kept_ends: Vec<u64>,
 }
 
 impl RecordWriter {
@@ -87,6 +89,7 @@ impl RecordWriter {
         fs::create_dir_all(dir)?;
         let partial = dir.join(PARTIAL);
         let mut kept = vec![];
+        let mut kept_ends = vec![];
         if keep_partial && partial.exists() {
             let reader = BufReader::new(File::open(&partial)?);
             let mut good_bytes = 0u64;
@@ -103,6 +106,7 @@ impl RecordWriter {
                 }
                 good_bytes += read as u64;
                 kept.push(text.trim_end().to_string());
+                kept_ends.push(good_bytes);
             }
             OpenOptions::new().write(true).open(&partial)?.set_len(good_bytes)?;
         } else {
@@ -110,7 +114,20 @@ impl RecordWriter {
         }
         let file = OpenOptions::new().append(true).open(&partial)?;
         let count = kept.len();
-        Ok((RecordWriter { file, partial, finished: dir.join(RECORDS), count }, kept))
+        Ok((RecordWriter { file, partial, finished: dir.join(RECORDS), count, kept_ends }, kept))
+    }
+
+    /// Keeps only the first `n` records the earlier run wrote, before anything is appended: a
+    /// step whose records go in groups drops a group that an interruption cut short, so that
+    /// the group is written again whole, once.
+    pub fn keep_first(&mut self, n: usize) -> io::Result<()> {
+        if n < self.count {
+            self.file.set_len(if n == 0 { 0 } else { self.kept_ends[n - 1] })?;
+            self.file.sync_data()?;
+            self.count = n;
+            self.kept_ends.truncate(n);
+        }
+        Ok(())
     }
 
     /// Appends a batch of records and makes it durable.
@@ -168,6 +185,21 @@ mod tests {
         writer.append(&[3]).unwrap();
         writer.finish().unwrap();
         assert_eq!(read_records::<i32>(&dir.path().join(RECORDS)).unwrap(), vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn a_group_cut_short_is_dropped_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut writer, _) = RecordWriter::open(dir.path(), true).unwrap();
+        writer.append(&[1, 2, 3]).unwrap();
+        drop(writer);
+        let (mut writer, kept) = RecordWriter::open(dir.path(), true).unwrap();
+        assert_eq!(kept.len(), 3);
+        writer.keep_first(2).unwrap();
+        writer.append(&[30, 40]).unwrap();
+        assert_eq!(writer.count, 4);
+        writer.finish().unwrap();
+        assert_eq!(read_records::<i32>(&dir.path().join(RECORDS)).unwrap(), vec![1, 2, 30, 40]);
     }
 
     #[test]

@@ -9,7 +9,7 @@ pub mod events;
 pub mod files;
 mod summary;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -320,7 +320,24 @@ impl Engine {
                 Some(expr) => until_holds_after(expr, iteration, &|step, metric| {
                     previous.get(step).and_then(|o| o.metrics.get(metric).copied())
                 })
-                .map_err(|e| Stop::Failed(format!("`{name}`: cannot evaluate `until`: {e}")))?,
+                .map_err(|e| {
+                    // What the steps did publish: a step can leave a metric out (training on
+                    // no examples has no loss).
+                    let steps: BTreeSet<&str> = expr.metrics().iter().filter_map(|m| m.step.as_deref()).collect();
+                    let published: Vec<String> = steps
+                        .into_iter()
+                        .map(|step| {
+                            let metrics = previous.get(step).map(|o| o.metrics.keys().cloned().collect::<Vec<_>>());
+                            format!(
+                                "`{step}` published {}",
+                                metrics.filter(|m| !m.is_empty()).map_or("nothing".into(), |m| m.join(", "))
+                            )
+                        })
+                        .collect();
+                    let error =
+                        format!("cannot evaluate `until` after iteration {iteration}: {e} ({})", published.join("; "));
+                    self.fail(scope, &name, error)
+                })?,
             };
             self.events.emit(&Event::IterationFinished { step: name.clone(), iteration, stop });
             if stop {

@@ -54,7 +54,7 @@ pub struct Sampling {
     pub top_p: f32,
     pub top_k: i32,
     pub max_tokens: u32,
-    /// Extra strings that end a sample.
+    /// Extra strings that end a sample where they first appear; they are left out of its text.
     pub stop: Vec<String>,
     /// End a sample once its first fenced code block is closed.
     pub stop_after_code: bool,
@@ -74,7 +74,8 @@ pub struct Request {
 pub struct Generated {
     pub text: String,
     pub tokens: u32,
-    /// Mean log-probability of the generated tokens under the model (temperature 1).
+    /// Mean log-probability of the generated tokens under the model (temperature 1); of the end
+    /// token for an answer that has none.
     pub mean_logprob: f64,
 }
 
@@ -226,9 +227,13 @@ fn any_above(block: &[f32], floor: f32) -> bool {
     block.iter().fold(false, |above, &logit| above | (logit > floor))
 }
 
-/// A 32-bit sampler seed from a sample's 64-bit seed.
+/// A 32-bit sampler seed from a sample's 64-bit seed. Never `LLAMA_DEFAULT_SEED` (all ones),
+/// which llama.cpp's sampler takes as "seed me at random".
 fn seed32(seed: u64) -> u32 {
-    (seed ^ (seed >> 32)) as u32
+    match (seed ^ (seed >> 32)) as u32 {
+        u32::MAX => u32::MAX - 1,
+        folded => folded,
+    }
 }
 
 fn sampler(sampling: &Sampling, seed: u64) -> LlamaSampler {
@@ -469,7 +474,7 @@ pub fn generate(
                 let Some(done) = slot.take() else { continue };
                 context.kv_cache_seq_rm(seq as i32, None, None).map_err(|e| e.to_string())?;
                 let text = String::from_utf8_lossy(&done.bytes).into_owned();
-                let mean_logprob = if done.tokens == 0 { 0.0 } else { done.logprob_sum / f64::from(done.tokens) };
+                let mean_logprob = done.logprob_sum / f64::from(done.tokens.max(1));
                 results[done.request][done.sample] = Some(Generated { text, tokens: done.tokens, mean_logprob });
                 unfinished[done.request] -= 1;
             }
@@ -531,6 +536,7 @@ pub fn generate(
             prompt.started += 1;
             *slot = Some(sequence);
         }
+        close_gaps(&mut context, &mut slots, &mut owed)?;
         // Every live sequence advances one token.
         step_batch.clear();
         for (seq, slot) in slots.iter_mut().enumerate() {
@@ -594,6 +600,29 @@ pub fn generate(
         decoding_seconds: decoding_time.as_secs_f64(),
     };
     Ok((results.into_iter().map(|r| r.into_iter().flatten().collect()).collect(), timing))
+}
+
+/// Moves the last live sequences into the free ones below them, so that the live ones are
+/// numbered without a gap. llama.cpp decodes sequences that have caches of their own together
+/// only while their ids run on (`split_equal`, sequential): live sequences 0, 2, 4 and 6 would
+/// take four computations a step, each reading all the weights, instead of one. Gaps open only
+/// once no sample is left to start in a freed sequence (until then each is refilled at once);
+/// each move copies one sequence's cache (whole, at the next decode), as a sample's start does.
+fn close_gaps(
+    context: &mut llama_cpp_2::context::LlamaContext<'_>,
+    slots: &mut [Option<Sequence>],
+    owed: &mut [Owed],
+) -> Result<(), String> {
+    while let Some(free) = slots.iter().position(Option::is_none)
+        && let Some(last) = slots.iter().rposition(|s| s.as_ref().is_some_and(|s| s.live))
+        && free < last
+    {
+        context.kv_cache_seq_cp(last as i32, free as i32, None, None).map_err(|e| e.to_string())?;
+        context.kv_cache_seq_rm(last as i32, None, None).map_err(|e| e.to_string())?;
+        slots.swap(free, last);
+        owed.swap(free, last);
+    }
+    Ok(())
 }
 
 /// Decodes `tokens` into sequence `seq` from position 0, in chunks of `size` (the batch's), and
@@ -666,8 +695,8 @@ fn settle(slots: &mut [Option<Sequence>], owed: &mut [Owed]) {
 /// can be picked: the chain starts with top-k; handing llama.cpp's sampler the whole vocabulary,
 /// as `LlamaSampler::sample` does, spends most of a millisecond per token building and sorting
 /// 150,000 candidates), and decides whether it goes on. Adds the token's logit to the
-/// log-probability sum and returns true when it took a token: the caller subtracts the
-/// normaliser.
+/// log-probability sum and returns true when it took a token (or ended an answer before its
+/// first): the caller subtracts the normaliser.
 fn step(
     vocab: &llama_cpp_2::vocab::LlamaVocab<'_>,
     sequence: &mut Sequence,
@@ -681,25 +710,53 @@ fn step(
     if let Some(token) = picked {
         sequence.sampler.accept(token);
     }
+    let logit = |token: LlamaToken| f64::from(logits.get(token.0 as usize).copied().unwrap_or(f32::NEG_INFINITY));
     let Some(token) = picked.filter(|&t| !vocab.is_eog(t)) else {
         sequence.live = false;
         sequence.last_token = None;
+        // An answer that ends before its first token is scored by that end: a mean over no
+        // tokens would be 0, the highest score there is (`select prefer="highest-logprob"`).
+        if let Some(end) = picked
+            && sequence.tokens == 0
+        {
+            sequence.logprob_sum += logit(end);
+            return true;
+        }
         return false;
     };
-    let chosen = logits.get(token.0 as usize).copied().unwrap_or(f32::NEG_INFINITY);
-    sequence.logprob_sum += f64::from(chosen);
+    sequence.logprob_sum += logit(token);
     sequence.tokens += 1;
-    sequence.bytes.extend(vocab.token_to_piece(token, false, None));
+    let before = sequence.bytes.len();
+    vocab.token_to_piece_into(token, &mut sequence.bytes, false, None);
     sequence.last_token = Some(token);
-    let text = String::from_utf8_lossy(&sequence.bytes);
-    let stopped = sequence.tokens >= sampling.max_tokens
-        || (sampling.stop_after_code && extract::first_block_closed(&text))
-        || sampling.stop.iter().any(|s| text.ends_with(s.as_str()));
+    let stop = stop_at(&sequence.bytes, before, &sampling.stop);
+    if let Some(at) = stop {
+        sequence.bytes.truncate(at);
+    }
+    let stopped = stop.is_some()
+        || sequence.tokens >= sampling.max_tokens
+        || (sampling.stop_after_code && extract::first_block_closed(&String::from_utf8_lossy(&sequence.bytes)));
     if stopped {
         sequence.live = false;
         sequence.last_token = None;
     }
     true
+}
+
+/// Where the earliest of the `stops` strings that `text` holds starts, looking only at matches
+/// that end in the bytes appended from `appended` on (earlier ones would have stopped the sample
+/// already). A token's piece may hold a stop string with more after it, or finish one that
+/// earlier pieces began. An empty stop string stops nothing.
+fn stop_at(text: &[u8], appended: usize, stops: &[String]) -> Option<usize> {
+    stops
+        .iter()
+        .map(String::as_bytes)
+        .filter(|stop| !stop.is_empty())
+        .filter_map(|stop| {
+            let from = appended.saturating_sub(stop.len() - 1);
+            text[from..].windows(stop.len()).position(|w| w == stop).map(|at| from + at)
+        })
+        .min()
 }
 
 #[cfg(test)]
@@ -724,6 +781,26 @@ mod tests {
             Sampling { temperature: 0.0, top_p: 1.0, top_k: 40, max_tokens: 1, stop: vec![], stop_after_code: false };
         assert_eq!(sampleable(&greedy), 1);
         assert_eq!(sampleable(&Sampling { temperature: 0.8, ..greedy.clone() }), 40);
+    }
+
+    #[test]
+    fn no_sample_seed_asks_llama_cpp_for_a_random_one() {
+        assert_eq!(seed32(0xFFFF_FFFF), u32::MAX - 1);
+        assert_eq!(seed32(0x1234_5678_0000_0001), 0x1234_5679);
+    }
+
+    #[test]
+    fn stop_strings_are_found_inside_and_across_pieces() {
+        let stops = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        // Appended "x\n\n    y": the stop inside the piece, with more after it.
+        assert_eq!(stop_at(b"return x\n\n    y", 7, &stops(&["\n\n"])), Some(8));
+        // "ret" + "urn": a stop that earlier pieces began.
+        assert_eq!(stop_at(b"x = ret", 4, &stops(&["return"])), None);
+        assert_eq!(stop_at(b"x = return", 7, &stops(&["return"])), Some(4));
+        // The earliest of several; none before the window; empty ones ignored.
+        assert_eq!(stop_at(b"a;b.c", 1, &stops(&[".", ";", ""])), Some(1));
+        assert_eq!(stop_at(b"a;b.c", 4, &stops(&[";"])), None);
+        assert_eq!(stop_at(b"abc", 0, &stops(&["", "abcd"])), None);
     }
 
     #[test]

@@ -4,7 +4,39 @@
 
 use crate::data::{Task, TaskStyle, Verdict};
 
-/// Fills `template` with `values`; an unknown `{{name}}` is left as written.
+/// What `generate` fills a template with.
+pub const SOLVE_VALUES: &[&str] = &["requirement", "tests", "prompt"];
+/// What `revise` fills a template with.
+pub const REVISE_VALUES: &[&str] = &["requirement", "tests", "code", "feedback", "reference"];
+
+/// Checks a template before any prompt is made from it: every `{{name}}` one of `values`, every
+/// `{{` closed, every section ended, and some value used (or the model would not see the task).
+/// A template that fails would send the model prompts with the braces in them, and nothing
+/// would say so.
+pub fn check(template: &str, values: &[&str]) -> Result<(), String> {
+    let known = || values.iter().map(|v| format!("{{{{{v}}}}}")).collect::<Vec<_>>().join(", ");
+    let mut used = false;
+    let mut rest = template;
+    while let Some(start) = rest.find("{{") {
+        let after = &rest[start + 2..];
+        let end = after.find("}}").ok_or("a `{{` is never closed with `}}`")?;
+        let tag = after[..end].trim();
+        rest = &after[end + 2..];
+        let name = tag.strip_prefix('#').unwrap_or(tag);
+        if !values.contains(&name) {
+            return Err(format!("`{{{{{tag}}}}}` is not a value this step fills: it fills {}", known()));
+        }
+        if tag.starts_with('#') {
+            let close = format!("{{{{/{name}}}}}");
+            rest = rest.split_once(close.as_str()).ok_or(format!("`{{{{{tag}}}}}` is never ended with `{close}`"))?.1;
+        }
+        used = true;
+    }
+    if used { Ok(()) } else { Err(format!("it uses none of {}, so the model would not see the task", known())) }
+}
+
+/// Fills `template` with `values` (`{{ name }}` as `{{name}}`); an unknown `{{name}}` is left as
+/// written.
 pub fn render(template: &str, values: &[(&str, &str)]) -> String {
     let value = |name: &str| values.iter().find(|(n, _)| *n == name).map(|(_, v)| *v);
     let mut out = String::with_capacity(template.len() + 256);
@@ -16,7 +48,7 @@ pub fn render(template: &str, values: &[(&str, &str)]) -> String {
             out.push_str(&rest[start..]);
             return out;
         };
-        let tag = &after[..end];
+        let tag = after[..end].trim();
         rest = &after[end + 2..];
         if let Some(name) = tag.strip_prefix('#') {
             let close = format!("{{{{/{name}}}}}");
@@ -113,6 +145,28 @@ mod tests {
         );
         assert_eq!(render(template, &[("requirement", "add"), ("reference", "")]), "Task: add\nEnd {{unknown}}");
         assert_eq!(render("{{open", &[]), "{{open");
+    }
+
+    #[test]
+    fn templates_are_checked_before_use() {
+        for (template, values) in [
+            (default_template(TaskStyle::Mbpp), SOLVE_VALUES),
+            (default_template(TaskStyle::Humaneval), SOLVE_VALUES),
+            (crate::stdlib::file(REVISE_TEMPLATE).unwrap().1, REVISE_VALUES),
+        ] {
+            assert_eq!(check(template, values), Ok(()));
+        }
+        assert_eq!(check("Solve {{ requirement }}", SOLVE_VALUES), Ok(()));
+        assert_eq!(render("Solve {{ requirement }}", &[("requirement", "x")]), "Solve x");
+        let error = |template| check(template, SOLVE_VALUES).unwrap_err();
+        assert!(
+            error("Solve {{nope}}").starts_with("`{{nope}}` is not a value this step fills"),
+            "{}",
+            error("{{nope}}")
+        );
+        assert!(error("Solve {{requirement").contains("never closed"));
+        assert!(error("{{#tests}}{{tests}}").contains("never ended with `{{/tests}}`"));
+        assert!(error("Solve it.").contains("uses none of {{requirement}}, {{tests}}, {{prompt}}"));
     }
 
     #[test]

@@ -1,10 +1,11 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::data::{Sample, Status, Task, Verdict, pass_at_k};
 use crate::dsl::schema::{Artifact, KindSpec, Role, Value, ValueType, optional, required};
 use crate::engine::context::{Context, Outcome, StepError};
-use crate::sandbox::{Job, Limits, Sandbox};
+use crate::sandbox::{self, Job, Limits, Sandbox};
 
 pub static SPEC: KindSpec = KindSpec {
     name: "execute",
@@ -26,12 +27,17 @@ pub static SPEC: KindSpec = KindSpec {
         ),
         optional(
             "timeout",
-            ValueType::Duration,
+            ValueType::Duration { min: Duration::from_millis(1), max: Duration::from_secs(24 * 60 * 60) },
             r#""5s""#,
             "Wall-clock deadline per program; the CPU budget scales with it.",
         ),
-        optional("memory", ValueType::Size, r#""256MiB""#, "Memory cap per program."),
-        optional("output", ValueType::Size, r#""64KiB""#, "Most output a program may print."),
+        optional(
+            "memory",
+            ValueType::Size { min: sandbox::LEAST_MEMORY, max: sandbox::MOST_MEMORY },
+            r#""256MiB""#,
+            "Memory cap per program.",
+        ),
+        optional("output", ValueType::Size { min: 0, max: 1 << 30 }, r#""64KiB""#, "Most output a program may print."),
         optional("feedback-chars", ValueType::at_least(100), "2000", "Most characters of feedback kept per verdict."),
     ],
     metrics: &["count", "passed", "pass-rate", "pass@k"],
@@ -98,7 +104,9 @@ pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
         .map_err(|e| StepError::Failed(format!("cannot start the sandbox workers: {e}")))?;
     for batch in samples[samples.len() - remaining..].chunks(BATCH) {
         ctx.check_cancelled()?;
-        let results = runtime.block_on(async {
+        // A stop does not wait for the batch: its programs, which may run until their
+        // `timeout`, are dropped at their next epoch tick (the sandbox yields at every one).
+        let batch_results = async {
             let mut running = tokio::task::JoinSet::new();
             for (index, sample) in batch.iter().cloned().enumerate() {
                 let (sandbox, limits) = (sandbox.clone(), limits.clone());
@@ -114,7 +122,13 @@ pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
                 }
             }
             results
-        });
+        };
+        let results = runtime.block_on(async {
+            tokio::select! {
+                results = batch_results => Ok(results),
+                () = ctx.cancelled() => Err(StepError::Cancelled),
+            }
+        })?;
         let mut new = Vec::with_capacity(batch.len());
         for (sample, result) in batch.iter().zip(results) {
             let result = result.ok_or_else(|| StepError::Failed(format!("the sandbox lost `{}`", sample.sample_id)))?;

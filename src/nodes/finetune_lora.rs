@@ -222,7 +222,8 @@ pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
         ("steps".to_string(), records.len() as f64),
         ("examples".to_string(), examples.len() as f64),
         ("history".to_string(), history_kept as f64),
-        ("tokens".to_string(), records.iter().map(|r| r.tokens as f64).sum()),
+        // Summed as integers: a sum of no floats is -0.
+        ("tokens".to_string(), records.iter().map(|r| r.tokens).sum::<usize>() as f64),
     ]
     .into();
     if let Some(first) = records.first() {

@@ -8,7 +8,7 @@ pub static SPEC: KindSpec = KindSpec {
           below `at-least`, above `at-most`, or below the `baseline` metric by more than \
           `margin`, the run goes on but ends with exit code 3, and the failure is in \
           `summary.json`, the report and the CI events; use it to stop a CI pipeline when an \
-          adapted model got worse. Give `at-least`, `at-most`, `baseline`, or several.",
+          adapted model got worse.",
     properties: &[
         required("metric", ValueType::Metric, "The metric to check, as `step.metric` (or `loop.step.metric`)."),
         unset(

@@ -23,6 +23,11 @@ pub const TOP_K: PropertySpec = optional(
     "40",
     "Keep the k most likely tokens; 0 keeps all.",
 );
+pub const STOP: PropertySpec = unset(
+    "stop",
+    ValueType::Text,
+    "An extra string that ends a sample where it first appears (the string itself is left out).",
+);
 
 pub static SPEC: KindSpec = KindSpec {
     name: "generate",
@@ -55,7 +60,7 @@ pub static SPEC: KindSpec = KindSpec {
             "512",
             "Most tokens generated per sample.",
         ),
-        unset("stop", ValueType::Text, "An extra stop sequence."),
+        STOP,
         optional(
             "stop-after-code",
             ValueType::Bool,
@@ -91,13 +96,14 @@ pub(super) fn adapter(ctx: &Context) -> Option<(PathBuf, f32)> {
     Some((output.dir.join(super::finetune_lora::ADAPTER_FILE), ctx.props.number("adapter-scale").unwrap_or(1.0) as f32))
 }
 
-/// The step's `template`, or `default`.
-pub(super) fn template(ctx: &Context, default: &str) -> Result<String, StepError> {
-    match ctx.props.file("template") {
-        None => Ok(default.to_string()),
-        Some(path) => crate::stdlib::read_to_string(path)
-            .map_err(|e| StepError::Failed(format!("cannot read `{}`: {e}", path.display()))),
-    }
+/// The step's `template`, checked against the `values` the step fills, or `default`.
+pub(super) fn template(ctx: &Context, default: &str, values: &[&str]) -> Result<String, StepError> {
+    let Some(path) = ctx.props.file("template") else { return Ok(default.to_string()) };
+    let text = crate::stdlib::read_to_string(path)
+        .map_err(|e| StepError::Failed(format!("cannot read `{}`: {e}", path.display())))?;
+    prompt::check(&text, values)
+        .map_err(|e| StepError::Failed(format!("template `{}` cannot be used: {e}", path.display())))?;
+    Ok(text)
 }
 
 /// Samples `requests` with the step's model, writing the samples `make` builds from each
@@ -121,36 +127,41 @@ pub(super) fn sample_all(
         done += 1;
     }
     kept_samples.truncate(covered);
+    writer.keep_first(covered)?;
     let kept_tokens: u64 = kept_samples.iter().filter_map(|s| s.tokens).map(u64::from).sum();
     let mut tokens = kept_tokens;
     let mut count = kept_samples.len();
     let adapter = adapter(ctx);
-    let mut failure = None;
+    let failure = std::cell::RefCell::new(None);
     let total = requests.len();
     let mut progress = |finished: usize, group: &[Vec<Generated>]| {
         let first = done + finished - group.len();
         let samples: Vec<Sample> = group.iter().enumerate().flat_map(|(i, g)| make(first + i, g.clone())).collect();
         tokens += samples.iter().filter_map(|s| s.tokens).map(u64::from).sum::<u64>();
         count += samples.len();
-        if let Err(e) = writer.append(&samples) {
-            failure.get_or_insert(StepError::from(e));
+        if failure.borrow().is_none()
+            && let Err(e) = writer.append(&samples)
+        {
+            *failure.borrow_mut() = Some(StepError::from(e));
         }
         ctx.progress((done + finished) as u64, total as u64);
     };
     let sampling = sampling(ctx);
-    let cancelled = || ctx.check_cancelled().is_err();
-    let (_, timing) = llm::generate(
+    // A write that failed stops the sampling: what follows could not be kept in order.
+    let cancelled = || failure.borrow().is_some() || ctx.check_cancelled().is_err();
+    let generated = llm::generate(
         &settings,
         adapter.as_ref().map(|(p, s)| (p.as_path(), *s)),
         &requests[done..],
         &sampling,
         &cancelled,
         &mut progress,
-    )
-    .map_err(|e| if ctx.check_cancelled().is_err() { StepError::Cancelled } else { StepError::Failed(e) })?;
-    if let Some(failure) = failure {
+    );
+    if let Some(failure) = failure.into_inner() {
         return Err(failure);
     }
+    let (_, timing) = generated
+        .map_err(|e| if ctx.check_cancelled().is_err() { StepError::Cancelled } else { StepError::Failed(e) })?;
     writer.finish()?;
     let mut metrics = Metrics::from([("count".to_string(), count as f64), ("tokens".to_string(), tokens as f64)]);
     if timing.prompt_tokens > 0 {
@@ -185,7 +196,7 @@ pub(super) fn solve_messages<'a>(
     ctx: &Context,
     tasks: impl Iterator<Item = &'a Task>,
 ) -> Result<Vec<String>, StepError> {
-    let custom = template(ctx, "")?;
+    let custom = template(ctx, "", prompt::SOLVE_VALUES)?;
     Ok(tasks
         .map(|task| {
             let template = if custom.is_empty() { prompt::default_template(task.style) } else { custom.as_str() };

@@ -29,7 +29,7 @@ loop-until "adapt" max-iterations=2 until="fixed.count == 0" {
     revise "revisions" model="coder" adapter="prev.tune" errors="errors" samples=2
     execute "checked" code="revisions"
     select "fixed" from="checked" status="passed" per-task=1 prefer="min-edit-distance"
-    finetune-lora "tune" model="coder" data="fixed" init="prev.tune"
+    finetune-lora "tune" model="coder" data="fixed" history="prev.tune"
 }
 "#,
 };

@@ -3,7 +3,7 @@ use crate::dsl::schema::{Artifact, KindSpec, Role, ValueType, optional, required
 use crate::engine::context::{Context, Outcome, StepError};
 use crate::llm::prompt::RevisionExample;
 use crate::llm::{self, Request, prompt};
-use crate::nodes::generate::{ADAPTER_SCALE, MOST_SAMPLES, TEMPERATURE, TOP_K, TOP_P};
+use crate::nodes::generate::{ADAPTER_SCALE, MOST_SAMPLES, STOP, TEMPERATURE, TOP_K, TOP_P};
 
 pub static SPEC: KindSpec = KindSpec {
     name: "revise",
@@ -31,6 +31,7 @@ pub static SPEC: KindSpec = KindSpec {
             "512",
             "Most tokens generated per revision.",
         ),
+        STOP,
         optional(
             "stop-after-code",
             ValueType::Bool,
@@ -58,7 +59,7 @@ pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
     let samples = ctx.props.integer("samples").unwrap_or(4) as usize;
     let with_reference = ctx.props.boolean("reference").unwrap_or(true);
     let default = crate::stdlib::file(prompt::REVISE_TEMPLATE).map_or("", |(_, t)| t);
-    let template = super::generate::template(ctx, default)?;
+    let template = super::generate::template(ctx, default, prompt::REVISE_VALUES)?;
     let examples = examples(ctx, &template)?;
     let requests: Vec<Request> = errors
         .iter()

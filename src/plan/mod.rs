@@ -347,6 +347,23 @@ impl<'a> Scope<'a> {
                     let Some(found) = self.find(reference, span, within, problems) else {
                         continue;
                     };
+                    // A loop's first iteration has no previous one: only a property that may
+                    // be left unset (an adapter to start from) can read `prev.`.
+                    if property.required && matches!(found.source, Source::Prev(_)) {
+                        problems
+                            .at(
+                                sources,
+                                Code::WrongInput,
+                                span,
+                                format!("`{}` is required, but `{reference}` is nothing in the loop's first iteration", property.name),
+                                "empty in iteration 1",
+                            )
+                            .help(format!(
+                                "read `prev.` only in properties that may be unset, such as `adapter`; `{}` is this iteration's output",
+                                found.declaration.name.value
+                            ));
+                        continue;
+                    }
                     let Role::Step(artifact) = found.declaration.spec.role else {
                         continue;
                     };

@@ -42,6 +42,12 @@ const COMMAND_HARNESS: &str = concat!(include_str!("harness.py"), "\n_harness(_s
 /// a program that computes forever; wall-clock time is the deadline users set.
 const FUEL_PER_SECOND: u64 = 2_000_000_000;
 
+/// The smallest `memory` a program may be given: the interpreter's own memory at start (the
+/// pre-initialised CPython's heap) takes most of it.
+pub const LEAST_MEMORY: u64 = 32 << 20;
+/// The largest: all that 32-bit WebAssembly can address (and wasmtime reserves per memory).
+pub const MOST_MEMORY: u64 = 4 << 30;
+
 /// Limits of one run.
 #[derive(Debug, Clone)]
 pub struct Limits {
