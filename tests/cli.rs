@@ -188,13 +188,22 @@ fn a_failing_step_exits_1_with_the_reason() {
     assert!(stderr.contains("--resume --run-dir out"), "{stderr}");
 }
 
-/// Starts `flow.kdl` in `dir`, and returns once its step `step` has started.
+/// A run of one program's reference solution, `solution`, with `timeout`: returned once the
+/// sandbox step has started, with what seedflow printed so far.
 #[cfg(unix)]
-fn started(dir: &Path, step: &str) -> (std::process::Child, std::io::BufReader<std::process::ChildStderr>, String) {
+fn running_one_program(
+    solution: &str,
+    timeout: &str,
+) -> (tempfile::TempDir, std::process::Child, std::io::BufReader<std::process::ChildStderr>, String) {
     use std::io::BufRead;
+    let dir = project(&format!(
+        "workflow \"one\"\ndataset \"tasks\" format=\"jsonl\" path=\"one.jsonl\"\nexecute \"references\" code=\"tasks\" timeout=\"{timeout}\"\n"
+    ));
+    let task = serde_json::json!({"task_id": "one", "prompt": "Return 1.", "solution": solution, "tests": ["assert f() == 1"]});
+    std::fs::write(dir.path().join("one.jsonl"), format!("{task}\n")).unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_seedflow"))
         .args(["run", "flow.kdl", "--run-dir", "out"])
-        .current_dir(dir)
+        .current_dir(dir.path())
         .env("NO_COLOR", "1")
         .env_remove("CI")
         .stderr(std::process::Stdio::piped())
@@ -202,10 +211,10 @@ fn started(dir: &Path, step: &str) -> (std::process::Child, std::io::BufReader<s
         .unwrap();
     let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
     let mut seen = String::new();
-    while !seen.contains(&format!("start   {step}")) {
+    while !seen.contains("start   references") {
         assert_ne!(stderr.read_line(&mut seen).unwrap(), 0, "seedflow ended first: {seen}");
     }
-    (child, stderr, seen)
+    (dir, child, stderr, seen)
 }
 
 /// A stop does not wait for programs to reach their `timeout`: one that would loop for an hour
@@ -213,17 +222,7 @@ fn started(dir: &Path, step: &str) -> (std::process::Child, std::io::BufReader<s
 #[test]
 #[cfg(unix)]
 fn a_stop_ends_the_programs_still_running() {
-    let dir = project(
-        "workflow \"endless\"\ndataset \"tasks\" format=\"jsonl\" path=\"endless.jsonl\"\nexecute \"references\" code=\"tasks\" timeout=\"1h\"\n",
-    );
-    let task = serde_json::json!({
-        "task_id": "endless",
-        "prompt": "Never return.",
-        "solution": "while True:\n    pass\n",
-        "tests": ["assert True"],
-    });
-    std::fs::write(dir.path().join("endless.jsonl"), format!("{task}\n")).unwrap();
-    let (mut child, _stderr, _) = started(dir.path(), "references");
+    let (_dir, mut child, _stderr, _) = running_one_program("while True:\n    pass\n", "1h");
     assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
     // Generous: what is measured is that it stops, not how fast.
     for _ in 0..600 {
@@ -242,17 +241,8 @@ fn a_stop_ends_the_programs_still_running() {
 #[test]
 #[cfg(unix)]
 fn a_terminated_run_stops_cleanly_and_resumes() {
-    let dir = project(
-        "workflow \"slow\"\ndataset \"tasks\" format=\"jsonl\" path=\"slow.jsonl\"\nexecute \"references\" code=\"tasks\" timeout=\"30s\"\n",
-    );
-    let task = serde_json::json!({
-        "task_id": "slow",
-        "prompt": "Return 1, slowly.",
-        "solution": "import time\ntime.sleep(3)\ndef f():\n    return 1\n",
-        "tests": ["assert f() == 1"],
-    });
-    std::fs::write(dir.path().join("slow.jsonl"), format!("{task}\n")).unwrap();
-    let (mut child, mut stderr, mut seen) = started(dir.path(), "references");
+    let (dir, mut child, mut stderr, mut seen) =
+        running_one_program("import time\ntime.sleep(3)\ndef f():\n    return 1\n", "30s");
     assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
     let status = child.wait().unwrap();
     std::io::Read::read_to_string(&mut stderr, &mut seen).unwrap();

@@ -101,16 +101,18 @@ pub enum ValueType {
     Statuses,
 }
 
-/// `n` with its digits grouped by three: `4,294,967,295`.
 /// A size as written in a workflow: in the largest binary unit that divides it.
 fn size_text(bytes: u64) -> String {
-    match [(30, "GiB"), (20, "MiB"), (10, "KiB")].into_iter().find(|(shift, _)| bytes != 0 && bytes % (1 << shift) == 0)
+    match [(30, "GiB"), (20, "MiB"), (10, "KiB")]
+        .into_iter()
+        .find(|(shift, _)| bytes != 0 && bytes.is_multiple_of(1 << shift))
     {
         Some((shift, unit)) => format!("{}{unit}", bytes >> shift),
         None => format!("{bytes}B"),
     }
 }
 
+/// `n` with its digits grouped by three: `4,294,967,295`.
 fn thousands(n: i64) -> String {
     let digits = n.unsigned_abs().to_string();
     let mut out = String::from(if n < 0 { "-" } else { "" });
