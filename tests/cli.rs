@@ -180,11 +180,17 @@ fn resume_refuses_another_workflow_s_run_and_a_file() {
 
 #[test]
 fn a_failing_step_exits_1_with_the_reason() {
-    let dir = project("dataset \"tasks\" format=\"mbpp\" path=\"tasks.jsonl\"\n");
+    // Two steps that fail side by side: both are named.
+    let dir = project(
+        "dataset \"tasks\" format=\"mbpp\" path=\"tasks.jsonl\"\ndataset \"more\" format=\"mbpp\" path=\"tasks.jsonl\"\n",
+    );
     let out = seedflow(&["run", "flow.kdl", "--run-dir", "out"], dir.path());
     assert_eq!(out.status.code(), Some(1));
     let stderr = text(&out.stderr);
-    assert!(stderr.contains("step `tasks` failed: tasks.jsonl:1: missing field `text`"), "{stderr}");
+    let error = stderr.lines().find(|l| l.starts_with("error:")).unwrap_or_default();
+    for step in ["tasks", "more"] {
+        assert!(error.contains(&format!("step `{step}` failed: tasks.jsonl:1: missing field `text`")), "{stderr}");
+    }
     assert!(stderr.contains("--resume --run-dir out"), "{stderr}");
 }
 

@@ -92,9 +92,9 @@ struct RunArgs {
     /// Machine-readable output: JSON-lines events on stdout, no progress display (also when CI=true)
     #[arg(long)]
     ci: bool,
-    /// Parallel sandbox workers [default: the number of cores]
-    #[arg(long)]
-    workers: Option<usize>,
+    /// Parallel sandbox workers, up to 256 [default: the number of cores]
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=256))]
+    workers: Option<u16>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -331,7 +331,8 @@ fn run(args: RunArgs) -> i32 {
         }
         return EXIT_OK;
     }
-    let workers = args.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let workers =
+        args.workers.map_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get().min(256)), usize::from);
     let options = RunOptions { run_dir: run_dir.clone(), resume: args.resume, workers };
     let sink: Arc<dyn engine::events::EventSink> = if ci {
         Arc::new(display::JsonLines)

@@ -224,9 +224,16 @@ impl Engine {
                             waiting[j] = waiting[j].saturating_sub(1);
                         }
                     }
-                    Ok((_, Err(err))) => {
-                        stop.get_or_insert(err);
-                    }
+                    // Every failure is named, not the first alone: steps run side by side.
+                    Ok((_, Err(err))) => match (&mut stop, err) {
+                        (Some(Stop::Failed(first)), Stop::Failed(next)) => {
+                            first.push_str("; ");
+                            first.push_str(&next);
+                        }
+                        (stop, err) => {
+                            stop.get_or_insert(err);
+                        }
+                    },
                     Err(join_error) => {
                         stop.get_or_insert(Stop::Failed(format!("internal error: {join_error}")));
                     }

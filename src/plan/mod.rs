@@ -404,6 +404,28 @@ impl<'a> Scope<'a> {
                         self.unknown_metric(found.declaration, metric, span, problems);
                         continue;
                     }
+                    // A `report` publishes the pass@k of its own `k` list only.
+                    let ks = found.declaration.props.integers("k");
+                    if found.declaration.spec.name == "report"
+                        && let Some(k) = metric.strip_prefix("pass@").and_then(|k| k.parse::<i64>().ok())
+                        && !ks.contains(&k)
+                    {
+                        let listed: Vec<String> = ks.iter().map(|k| format!("pass@{k}")).collect();
+                        problems
+                            .at(
+                                sources,
+                                Code::UnknownMetric,
+                                span,
+                                format!("`{step}` reports {}, not `{metric}`", listed.join(", ")),
+                                "not reported",
+                            )
+                            .also(
+                                found.declaration.span_of("k"),
+                                format!("k=\"{}\"", ks.iter().map(i64::to_string).collect::<Vec<_>>().join(",")),
+                            )
+                            .help(format!("add {k} to `{step}`'s `k`"));
+                        continue;
+                    }
                     inputs.push(Input { property: property.name.to_string(), source: found.source, artifact });
                 }
                 (ValueType::Model, Some(Value::Model(model))) if !self.models.contains_key(model) => {
