@@ -106,8 +106,8 @@ fn load_import(node: &Node, sources: &mut Sources, problems: &mut Problems, stac
             )
             .help("`import` takes the file alone");
     }
-    let target = match node.name.clone() {
-        Some(Spanned { value: Literal::String(target), span }) => Spanned { value: target, span },
+    let (target, span) = match node.name.clone() {
+        Some(Spanned { value: Literal::String(target), span }) => (target, span),
         Some(other) => {
             problems
                 .at(sources, Code::WrongType, other.span, "`import` needs a file path, in quotes", "not a string")
@@ -121,7 +121,6 @@ fn load_import(node: &Node, sources: &mut Sources, problems: &mut Problems, stac
             return vec![];
         }
     };
-    let Spanned { value: target, span } = target;
     let Some(location) = resolve(sources, span.file, &target) else {
         let known = stdlib::FILES.iter().map(|(n, _)| *n).filter(|n| n.ends_with(".kdl"));
         let mut builder =

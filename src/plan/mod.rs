@@ -400,30 +400,7 @@ impl<'a> Scope<'a> {
                     let Role::Step(artifact) = found.declaration.spec.role else {
                         continue;
                     };
-                    if !found.declaration.spec.publishes(metric) {
-                        self.unknown_metric(found.declaration, metric, span, problems);
-                        continue;
-                    }
-                    // A `report` publishes the pass@k of its own `k` list only.
-                    let ks = found.declaration.props.integers("k");
-                    if found.declaration.spec.name == "report"
-                        && let Some(k) = metric.strip_prefix("pass@").and_then(|k| k.parse::<i64>().ok())
-                        && !ks.contains(&k)
-                    {
-                        let listed: Vec<String> = ks.iter().map(|k| format!("pass@{k}")).collect();
-                        problems
-                            .at(
-                                sources,
-                                Code::UnknownMetric,
-                                span,
-                                format!("`{step}` reports {}, not `{metric}`", listed.join(", ")),
-                                "not reported",
-                            )
-                            .also(
-                                found.declaration.span_of("k"),
-                                format!("k=\"{}\"", ks.iter().map(i64::to_string).collect::<Vec<_>>().join(",")),
-                            )
-                            .help(format!("add {k} to `{step}`'s `k`"));
+                    if !self.check_metric(found.declaration, metric, span, problems) {
                         continue;
                     }
                     inputs.push(Input { property: property.name.to_string(), source: found.source, artifact });
@@ -445,6 +422,34 @@ impl<'a> Scope<'a> {
             }
         }
         inputs
+    }
+
+    /// Whether the step `declaration` publishes `metric`; says why not when it does not. A step
+    /// with a `k` list (a `report`) publishes the pass@k of that list only.
+    fn check_metric(&self, declaration: &Declaration, metric: &str, span: Span, problems: &mut Problems) -> bool {
+        if !declaration.spec.publishes(metric) {
+            self.unknown_metric(declaration, metric, span, problems);
+            return false;
+        }
+        let ks = declaration.props.integers("k");
+        let Some(k) = metric.strip_prefix("pass@").and_then(|k| k.parse::<i64>().ok()) else { return true };
+        if declaration.spec.property("k").is_none_or(|p| p.ty != ValueType::Integers) || ks.contains(&k) {
+            return true;
+        }
+        let step = &declaration.name.value;
+        let listed: Vec<String> = ks.iter().map(|k| format!("pass@{k}")).collect();
+        let written: Vec<String> = ks.iter().map(i64::to_string).collect();
+        problems
+            .at(
+                self.sources,
+                Code::UnknownMetric,
+                span,
+                format!("`{step}` reports {}, not `{metric}`", listed.join(", ")),
+                "not reported",
+            )
+            .also(declaration.span_of("k"), format!("k=\"{}\"", written.join(",")))
+            .help(format!("add {k} to `{step}`'s `k`"));
+        false
     }
 
     fn unknown_metric(&self, declaration: &Declaration, metric: &str, span: Span, problems: &mut Problems) {
@@ -486,8 +491,9 @@ impl<'a> Scope<'a> {
                         .help("name a metric as `step.metric` (a step of this loop), or use `iteration`");
                 }
                 Some(step) => match l.body.iter().find(|s| s.name.value == *step) {
-                    Some(declaration) if declaration.spec.publishes(&metric.metric) => {}
-                    Some(declaration) => self.unknown_metric(declaration, &metric.metric, at, problems),
+                    Some(declaration) => {
+                        self.check_metric(declaration, &metric.metric, at, problems);
+                    }
                     None => {
                         let names: Vec<_> = l.body.iter().map(|s| s.name.value.as_str()).collect();
                         let builder = problems.at(
