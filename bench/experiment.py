@@ -1,18 +1,26 @@
 #!/usr/bin/env python3
-"""SEED against its baselines on MBPP with the default model, as the SEED paper compares them:
-direct generation (no training), direct fine-tuning (LoRA on the dataset's reference code for the
+"""SEED against its baselines with the default model, as the SEED paper compares them: direct
+generation (no training), direct fine-tuning (LoRA on the dataset's reference code for the
 training problems) and SEED (LoRA on the model's own revised error code for the same problems).
-All three run the shipped workflows unchanged except for the sizes below, and are evaluated
-greedily on the same held-out MBPP test problems.
+The arms run the shipped workflows unchanged except for the sizes and data below, and are
+evaluated greedily on the same held-out problems. Direct generation is the SEED run's own
+evaluation of the base model (`base-scores`: same model, same problems, greedy), so it is not run
+twice.
 
-    python3 bench/experiment.py                      # TRAIN=20 TEST=100 ITERATIONS=2
+    python3 bench/experiment.py                      # MBPP, TRAIN=20 TEST=100 ITERATIONS=2
     TRAIN=100 TEST=500 ITERATIONS=3 python3 bench/experiment.py
     ONLY=seed TRAIN=100 TEST=500 ITERATIONS=3 python3 bench/experiment.py   # one arm (by run name)
+    DATA=examples/data/result-envelope TRAIN=40 TEST=200 ITERATIONS=1 python3 bench/experiment.py
 
-Prints a table (training samples used, pass@1, relative gain over each baseline, wall time) and
-writes it with `seedflow report`'s comparison (JSON, Markdown, HTML) to `OUT`
-(default ~/.cache/seedflow/bench/experiment/<sizes>/). Finished runs are reused and an
-interrupted one is resumed, so the script can be started again after a stop.
+`DATA` names a directory of seedflow jsonl tasks (`train.jsonl`, `test.jsonl`), such as the
+result-envelope scenario, which the arms read through `--set train.path=…` as a user would.
+
+Prints a table (training samples used, pass@1, relative gain over each baseline, wall time), the
+paired comparisons of SEED with each baseline on the same test problems (flips, exact McNemar p,
+95% bootstrap interval, from `seedflow report`), SEED's own-code edit share per iteration, and
+writes `seedflow report`'s comparison (JSON, Markdown, HTML) to `OUT` (default
+~/.cache/seedflow/bench/experiment/<data>-<sizes>/). Finished runs are reused and an interrupted
+one is resumed, so the script can be started again after a stop.
 """
 import json
 import os
@@ -28,14 +36,20 @@ from generate import CACHE, ROOT, seedflow_binary
 TRAIN = int(os.environ.get("TRAIN", 20))
 TEST = int(os.environ.get("TEST", 100))
 ITERATIONS = int(os.environ.get("ITERATIONS", 2))
+DATA = Path(os.environ["DATA"]).resolve() if os.environ.get("DATA") else None
 SIZES = f"train{TRAIN}-test{TEST}-it{ITERATIONS}"
-OUT = Path(os.environ.get("OUT", CACHE / "bench" / "experiment" / SIZES))
+OUT = Path(os.environ.get("OUT", CACHE / "bench" / "experiment" / (f"{DATA.name}-{SIZES}" if DATA else SIZES)))
 
-SEED = [f"train.limit={TRAIN}", f"adapt.max-iterations={ITERATIONS}"]
+# A user's own tasks, the way the README tells users to give them.
+DATA_SETS = (
+    [f"{split}.{key}={value}" for split in ("train", "test") for key, value in
+     (("path", DATA / f"{split}.jsonl"), ("format", "jsonl"))]
+    if DATA else []
+)
+SEED = [f"train.limit={TRAIN}", f"adapt.max-iterations={ITERATIONS}", *DATA_SETS]
 # (label, run name, workflow, overrides beyond the test size)
 ARMS = [
-    ("direct generation", "baseline-direct", "baseline-direct", []),
-    ("direct fine-tuning", "baseline-finetune", "baseline-finetune", [f"train.limit={TRAIN}"]),
+    ("direct fine-tuning", "baseline-finetune", "baseline-finetune", [f"train.limit={TRAIN}", *DATA_SETS]),
     ("SEED", "seed", "seed", SEED),
 ]
 # A choice the paper leaves open, with CONTINUE=1: each iteration continues the previous adapter
@@ -54,7 +68,8 @@ def variant(name, workflow, overrides):
     path = OUT / f"{name}.kdl"
     path.write_text(text.replace(old, new))
     data = ROOT / "examples" / "data" / "mbpp"
-    return path, overrides + [f"train.path={data / 'train.jsonl'}", f"test.path={data / 'test.jsonl'}"]
+    paths = [] if DATA else [f"train.path={data / 'train.jsonl'}", f"test.path={data / 'test.jsonl'}"]
+    return path, overrides + paths
 
 
 def run_arm(binary, name, workflow, overrides):
@@ -121,32 +136,60 @@ def main():
         print(f"finished: {only}; the table comes from a run of the script without ONLY")
         return
     arms = [(label, *run_arm(binary, name, workflow, overrides)) for label, name, workflow, overrides in arms]
-    # The figures come from seedflow's own report of the runs (training samples as it counts them).
+    # The figures come from seedflow's own report of the runs (training samples as it counts
+    # them; the paired comparisons against the first run named).
     report_dir = OUT / "report"
     subprocess.run([binary, "report", *[run_dir for _, run_dir, _ in arms], "--out", report_dir], check=True, stdout=subprocess.DEVNULL)
     reported = json.loads((report_dir / "report.json").read_text())
-    rows = []
+    seed_run = dict(zip([name for _, name, _, _ in ARMS], reported))["seed"]
+    evaluation = lambda run, step: next(e for e in run["evaluations"] if e["step"] == step)["scores"]["pass@1"]
+    rows = [("direct generation (SEED run's base-scores)", 0, evaluation(seed_run, "base-scores"), None)]
     for (label, run_dir, seconds), run in zip(arms, reported):
-        scores = next(e for e in run["evaluations"] if e["step"] == "scores")
-        rows.append((label, run_dir, run["training_examples"], scores["scores"]["pass@1"], seconds))
+        rows.append((label, run["training_examples"], evaluation(run, "scores"), seconds))
 
-    direct, finetune = rows[0][3], rows[1][3]
-    gain = lambda value, base: f"{(value - base) / base:+.1%}" if base > 0 else "n/a"
+    direct, finetune = rows[0][2], rows[1][2]
+    gain = lambda value, base: f"{value - base:+.3f} ({(value - base) / base:+.0%})" if base > 0 else "n/a"
+    data = f"{DATA.name} scenario" if DATA else "MBPP"
     lines = [
-        f"MBPP, default model, {TRAIN} training problems, first {TEST} test problems, greedy pass@1; "
+        f"{data}, default model, {TRAIN} training problems, first {TEST} test problems, greedy pass@1; "
         f"SEED up to {ITERATIONS} iterations.",
         "",
         "| method | training samples | pass@1 | vs direct generation | vs direct fine-tuning | wall time |",
         "|---|---|---|---|---|---|",
     ]
-    for label, _, samples, pass1, seconds in rows:
-        lines.append(
-            f"| {label} | {samples} | {pass1:.3f} | {gain(pass1, direct)} | {gain(pass1, finetune)} | {seconds / 60:.1f} min |"
-        )
+    for label, samples, pass1, seconds in rows:
+        wall = f"{seconds / 60:.1f} min" if seconds is not None else "(in SEED's)"
+        lines.append(f"| {label} | {samples} | {pass1:.3f} | {gain(pass1, direct)} | {gain(pass1, finetune)} | {wall} |")
+    lines += ["", "Paired, task by task on the same test problems (from `seedflow report`):", ""]
+    lines += paired_rows(binary, [(label, run_dir) for label, run_dir, _ in arms])
+    lines += ["", "SEED's revisions by iteration (`revised`: passing, one per problem, copies of the reference dropped):", "",
+              "| iteration | errors | revisions kept | copies dropped | own-edit share |", "|---|---|---|---|---|"]
+    for loop in seed_run["loops"]:
+        for iteration in loop["iterations"]:
+            steps = {s["step"]: s["metrics"] for s in iteration["steps"]}
+            errors, revised = steps.get("errors", {}), steps.get("revised", {})
+            share = revised.get("own-edit-share")
+            lines.append(f"| {iteration['number']} | {errors.get('count', 0):.0f} | {revised.get('count', 0):.0f} | "
+                         f"{revised.get('copies', 0):.0f} | {'–' if share is None else f'{share:.2f}'} |")
     table = "\n".join(lines)
     print(table)
     (OUT / "table.md").write_text(table + "\n")
     print(f"\nreport: {report_dir / 'report.html'}")
+
+
+def paired_rows(binary, arms):
+    """The comparison rows `seedflow report` prints: SEED's base model against SEED's adapter (its
+    own report step), and each baseline arm against SEED."""
+    seed_dir = dict(arms)["SEED"]
+    rows = []
+    for label, run_dir in arms:
+        dirs = [seed_dir] if label == "SEED" else [run_dir, seed_dir]
+        markdown = subprocess.run([binary, "report", *dirs], check=True, capture_output=True, text=True).stdout
+        found = [line for line in markdown.splitlines()
+                 if line.startswith("| ") and "->" in line and (label == "SEED" or line.startswith("| scores:"))]
+        rows += found[:1] if label == "SEED" else [r for r in found if r.startswith("| scores:")]
+    header = "| comparison | tasks | pass@1 before | pass@1 after | points | 95% CI | gained | lost | McNemar p |"
+    return [header, "|---|---|---|---|---|---|---|---|---|", *rows]
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ use std::time::SystemTime;
 
 use serde::Serialize;
 
+use crate::data::Verdict;
+use crate::data::paired::{self, Paired};
 use crate::engine::cache::{Meta, Metrics, StepStatus};
 use crate::engine::files::{META, write_atomic};
 
@@ -60,6 +62,8 @@ pub struct Run {
     pub loops: Vec<Loop>,
     pub training: Vec<Training>,
     pub gates: Vec<Gate>,
+    /// The run's own before -> after comparisons: its `report` steps with a `baseline`.
+    pub comparisons: Vec<Comparison>,
 }
 
 #[derive(Debug, Serialize)]
@@ -69,6 +73,17 @@ pub struct Evaluation {
     pub samples: u64,
     /// `pass@k` for each k the samples allow, and `pass-rate`.
     pub scores: BTreeMap<String, f64>,
+    /// Each task's pass@1, for comparing runs task by task (empty if the verdicts are unreadable).
+    #[serde(skip)]
+    pub pass_rates: BTreeMap<String, f64>,
+}
+
+/// Two evaluations of the same tasks, compared task by task.
+#[derive(Debug, Serialize)]
+pub struct Comparison {
+    pub label: String,
+    #[serde(flatten)]
+    pub paired: Paired,
 }
 
 #[derive(Debug, Serialize)]
@@ -148,6 +163,7 @@ pub fn read_run(dir: &Path) -> Result<Run, ReportError> {
         loops: vec![],
         training: vec![],
         gates: vec![],
+        comparisons: vec![],
     };
     let mut running: Vec<(SystemTime, SystemTime)> = vec![];
     let mut visit = |step_dir: &Path, label: String, run: &mut Run| -> Option<Meta> {
@@ -183,8 +199,12 @@ pub fn read_run(dir: &Path) -> Result<Run, ReportError> {
                         .filter(|(k, _)| k.starts_with("pass@") || *k == "pass-rate")
                         .map(|(k, v)| (k.clone(), *v))
                         .collect(),
+                    pass_rates: crate::engine::files::read_records::<Verdict>(&dir.join(name).join("output.jsonl"))
+                        .map(|verdicts| paired::pass_rates(&verdicts))
+                        .unwrap_or_default(),
                 }),
                 "gate" => run.gates.push(gate(name.clone(), &meta)),
+                "report" => run.comparisons.extend(baseline_comparison(name, &meta)),
                 _ => {}
             }
             continue;
@@ -217,6 +237,68 @@ pub fn read_run(dir: &Path) -> Result<Run, ReportError> {
     }
     run.wall_seconds = busy_seconds(running);
     Ok(run)
+}
+
+/// The comparison a `report` step with a `baseline` made, from its metrics.
+fn baseline_comparison(step: &str, meta: &Meta) -> Option<Comparison> {
+    let metric = |name: &str| meta.metrics.get(name).copied();
+    let title = meta.parts.params.get("title").and_then(|t| t.as_str()).unwrap_or(step);
+    Some(Comparison {
+        label: format!("{title} ({step}): baseline -> evaluated"),
+        paired: Paired {
+            tasks: metric("count")? as usize,
+            before: metric("baseline-pass@1")?,
+            after: metric("pass@1")?,
+            gained: metric("gained")? as usize,
+            lost: metric("lost")? as usize,
+            p_value: metric("p-value")?,
+            ci_low: metric("gain-low")?,
+            ci_high: metric("gain-high")?,
+        },
+    })
+}
+
+/// Every before -> after comparison to lead a report with: each run's own, then each later run
+/// against the first, on each evaluation step both have.
+fn comparisons(runs: &[Run]) -> Vec<(String, Paired)> {
+    let labels = labels(runs);
+    let mut out: Vec<(String, Paired)> = vec![];
+    for (run, label) in runs.iter().zip(&labels) {
+        out.extend(run.comparisons.iter().map(|c| (format!("{label}: {}", c.label), c.paired.clone())));
+    }
+    let Some(first) = runs.first() else { return out };
+    for (run, label) in runs.iter().zip(&labels).skip(1) {
+        for evaluation in &run.evaluations {
+            let Some(base) = first.evaluations.iter().find(|e| e.step == evaluation.step) else { continue };
+            if let Some(paired) = paired::compare(&base.pass_rates, &evaluation.pass_rates) {
+                out.push((format!("{}: {} -> {label}", evaluation.step, labels[0]), paired));
+            }
+        }
+    }
+    out
+}
+
+fn comparison_table(comparisons: &[(String, Paired)]) -> Table {
+    let points = |v: f64| format!("{:+.1}", v * 100.0);
+    let mut table = vec![
+        ["comparison", "tasks", "pass@1 before", "pass@1 after", "points", "95% CI", "gained", "lost", "McNemar p"]
+            .map(String::from)
+            .to_vec(),
+    ];
+    for (label, p) in comparisons {
+        table.push(vec![
+            label.clone(),
+            p.tasks.to_string(),
+            format!("{:.3}", p.before),
+            format!("{:.3}", p.after),
+            points(p.after - p.before),
+            format!("{} to {}", points(p.ci_low), points(p.ci_high)),
+            p.gained.to_string(),
+            p.lost.to_string(),
+            format!("{:.3}", p.p_value),
+        ]);
+    }
+    table
 }
 
 /// A gate step's outcome; a gate of a run that stopped before it finished has not passed.
@@ -334,8 +416,13 @@ fn iteration_table(lp: &Loop) -> Table {
     let mut steps: Vec<(String, &'static str)> = vec![];
     for iteration in &lp.iterations {
         for step in &iteration.steps {
-            if !steps.iter().any(|(s, _)| s == &step.step) {
-                steps.push((step.step.clone(), headline(&step.kind)));
+            // A `select` of revisions also shows how many of them edit the model's own code.
+            let shown = |metric: &&str| *metric == headline(&step.kind) || step.metrics.contains_key(*metric);
+            for metric in [headline(&step.kind), "own-edit-share"].into_iter().filter(|m| shown(m)) {
+                let column = (step.step.clone(), metric);
+                if !steps.contains(&column) {
+                    steps.push(column);
+                }
             }
         }
     }
@@ -386,6 +473,11 @@ fn markdown_table(out: &mut String, table: &Table) {
 
 pub fn markdown(runs: &[Run]) -> String {
     let mut out = String::from("# seedflow report\n\n");
+    let paired = comparisons(runs);
+    if !paired.is_empty() {
+        out.push_str("Task by task (flips: tasks one side solved more often; p: exact McNemar):\n\n");
+        markdown_table(&mut out, &comparison_table(&paired));
+    }
     markdown_table(&mut out, &comparison(runs));
     for run in runs {
         let _ = writeln!(out, "## {} (`{}`)\n", run.workflow, run.dir.display());
@@ -645,6 +737,11 @@ pub fn html(runs: &[Run]) -> String {
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>seedflow report: {}</title><style>{STYLE}</style></head><body>\n<h1>seedflow report</h1>\n",
         escape(&runs.iter().map(|r| r.workflow.as_str()).collect::<Vec<_>>().join(", "))
     );
+    let paired = comparisons(runs);
+    if !paired.is_empty() {
+        out.push_str("<p>Task by task (flips: tasks one side solved more often; p: exact McNemar):</p>\n");
+        html_table(&mut out, &comparison_table(&paired));
+    }
     html_table(&mut out, &comparison(runs));
     let charts = [
         ("pass@1 by iteration", line_chart("pass-at-1", "loop iteration", "pass@1", &pass_series(runs))),

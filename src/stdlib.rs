@@ -8,6 +8,7 @@ use std::path::Path;
 pub static FILES: &[(&str, &str)] = &[
     ("std/evaluate.kdl", include_str!("../stdlib/evaluate.kdl")),
     ("std/prompts/mbpp.txt", include_str!("../stdlib/prompts/mbpp.txt")),
+    ("std/prompts/requirement.txt", include_str!("../stdlib/prompts/requirement.txt")),
     ("std/prompts/humaneval.txt", include_str!("../stdlib/prompts/humaneval.txt")),
     ("std/prompts/revise.txt", include_str!("../stdlib/prompts/revise.txt")),
     ("std/prompts/revise-examples.jsonl", include_str!("../stdlib/prompts/revise-examples.jsonl")),

@@ -29,7 +29,7 @@ fn project(workflow: &str) -> tempfile::TempDir {
 const TASKS: &str = r#"
 workflow "tasks-only" seed=3
 dataset "tasks" format="jsonl" path="tasks.jsonl"
-dataset "two" format="jsonl" path="tasks.jsonl" limit=2
+dataset "two" format="jsonl" path="tasks.jsonl" limit=2 show-tests=#true
 "#;
 
 #[test]
@@ -60,7 +60,7 @@ fn check_reports_validity_with_exit_codes() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let out = seedflow(&["check", "workflows/seed.kdl"], root);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    assert_eq!(text(&out.stdout), "`seed-mbpp` is valid: 14 steps, 1 model\n");
+    assert_eq!(text(&out.stdout), "`seed-mbpp` is valid: 16 steps, 1 model\n");
 
     let out = seedflow(&["check", "tests/fixtures/invalid/unknown-property.kdl"], root);
     assert_eq!(out.status.code(), Some(2));
@@ -101,6 +101,13 @@ fn run_writes_outputs_and_resumes() {
     assert_eq!(summary["status"], "ok");
     assert_eq!(summary["steps"]["tasks"]["metrics"]["count"], 3.0);
     assert_eq!(std::fs::read_to_string(dir.path().join("out/two/output.jsonl")).unwrap().lines().count(), 2);
+    // A jsonl task's prompt is its requirement alone unless the dataset shows its tests.
+    let styles = |step: &str| -> Vec<String> {
+        let records = std::fs::read_to_string(dir.path().join(format!("out/{step}/output.jsonl"))).unwrap();
+        records.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["style"].to_string()).collect()
+    };
+    assert_eq!(styles("tasks"), [r#""requirement""#; 3]);
+    assert_eq!(styles("two"), [r#""mbpp""#; 2]);
     let meta: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("out/two/meta.json")).unwrap()).unwrap();
     assert_eq!(meta["status"], "done");

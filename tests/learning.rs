@@ -15,7 +15,8 @@ workflow "learn" seed=11
 model "coder" path="default" context=1024
 dataset "house" format="jsonl" path="house.jsonl"
 finetune-lora "tune" model="coder" data="house" rank=8 alpha=16 epochs=4 learning-rate=0.001 warmup=0.1 batch=1
-finetune-lora "tune-all" model="coder" data="house" history="tune" epochs=1
+dataset "half" format="jsonl" path="house.jsonl" limit=2
+finetune-lora "tune-all" model="coder" data="half" history="tune" epochs=1
 generate "base" model="coder" tasks="house" temperature=0 max-tokens=80
 generate "adapted" model="coder" tasks="house" adapter="tune" temperature=0 max-tokens=80
 execute "base-verdicts" code="base"
@@ -75,15 +76,20 @@ fn a_trained_adapter_teaches_the_default_model_a_made_up_function() {
     assert_eq!(training["curve"].as_array().unwrap().len(), 16);
     assert!(std::fs::read_to_string(run.join("report.html")).unwrap().contains(r#"<svg id="training-loss""#));
 
-    // `history`: a second adapter trained afresh on the first one's pairs and its own data; the
-    // report counts each step's own examples once (4 + 4), not the 4 taken over again.
+    // `history`: a second adapter trained afresh on the first one's pairs and its own data, one
+    // pair per task: its own 2 replace 2 of the 4 taken over. The report counts each step's own
+    // examples once (4 + 2), not the 2 taken over again.
     let pairs = std::fs::read_to_string(run.join("tune-all/training-pairs.jsonl")).unwrap();
-    assert_eq!(pairs.lines().count(), 8);
+    let tasks: Vec<String> = pairs
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["task"]["task_id"].to_string())
+        .collect();
+    assert_eq!(tasks, [r#""2""#, r#""3""#, r#""0""#, r#""1""#]);
     let summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap();
     let metrics = &summary["steps"]["tune-all"]["metrics"];
-    assert_eq!((metrics["examples"].as_f64(), metrics["history"].as_f64()), (Some(8.0), Some(4.0)));
-    assert_eq!(report[0]["training_examples"], 8);
+    assert_eq!((metrics["examples"].as_f64(), metrics["history"].as_f64()), (Some(4.0), Some(2.0)));
+    assert_eq!(report[0]["training_examples"], 6);
 
     let base: Vec<Sample> = records(&run.join("base/output.jsonl"));
     let adapted: Vec<Sample> = records(&run.join("adapted/output.jsonl"));

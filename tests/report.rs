@@ -28,6 +28,7 @@ loop-until "again" max-iterations=2 {
     gate "all-pass" metric="checked.pass@1" at-least=1.0
 }
 execute "scores" code="tasks"
+report "summary" from="scores" baseline="again.checked" title="References"
 gate "perfect" metric="scores.pass@1" at-least=1.5
 dataset "two" format="jsonl" path="tasks.jsonl" limit=2
 gate "as-many" metric="two.count" baseline="tasks.count" margin=0.5
@@ -65,11 +66,14 @@ fn a_run_reports_its_iterations_evaluations_and_gates() {
     assert_eq!(gate("as-many")["failure"], "two.count = 2 is below the baseline tasks.count = 3 by more than 0.5");
     assert_eq!(gate("perfect")["passed"], false);
     assert_eq!(gate("perfect")["failure"], "scores.pass@1 = 1 is below 1.5");
+    let markdown = std::fs::read_to_string(dir.path().join("run/report.md")).unwrap();
+    assert!(markdown.contains("| iteration | checked pass@1 | kept count |"), "{markdown}");
+    // The report step's comparison with its baseline leads the run's report.
     assert!(
-        std::fs::read_to_string(dir.path().join("run/report.md"))
-            .unwrap()
-            .contains("| iteration | checked pass@1 | kept count |")
+        markdown.contains("| references: References (summary): baseline -> evaluated | 3 | 1.000 | 1.000 | +0.0 | +0.0 to +0.0 | 0 | 0 | 1.000 |"),
+        "{markdown}"
     );
+    assert_eq!(run["comparisons"][0]["p_value"], 1.0);
 
     // Two runs side by side, on stdout as Markdown.
     let out = seedflow(&["report", "run", "run"], dir.path());
@@ -82,6 +86,11 @@ fn a_run_reports_its_iterations_evaluations_and_gates() {
         "{markdown}"
     );
     assert!(markdown.contains("| references (run) | gate-failed | 0 | 1.000 | +0.0% |"), "{markdown}");
+    // Task by task against the first run, on the evaluation both have.
+    assert!(
+        markdown.contains("| scores: references (run) -> references (run) | 3 | 1.000 | 1.000 | +0.0 |"),
+        "{markdown}"
+    );
 
     let out = seedflow(&["report", "run", "nowhere"], dir.path());
     assert_eq!(out.status.code(), Some(2));
@@ -156,6 +165,7 @@ fn the_html_report_renders_in_a_browser() {
         assert_eq!(line["points"], 2, "{chart}");
         assert!(line["extent"].as_f64().unwrap() > 10.0 && line["inside"] == true, "{chart}");
     }
-    // The comparison (header + 2 runs) and each run's iteration table (header + 2 iterations).
-    assert_eq!(measured["tables"], serde_json::json!([3, 3, 3]));
+    // The task-by-task comparisons (header + each run's own + the second against the first), the
+    // runs side by side (header + 2 runs) and each run's iteration table (header + 2 iterations).
+    assert_eq!(measured["tables"], serde_json::json!([4, 3, 3, 3]));
 }

@@ -33,7 +33,7 @@ fn honest_programs_in(sandbox: Arc<Sandbox>) {
         assert_eq!(result.status, *expected, "{result:?}");
     }
     assert_eq!(results[1].failed_test.as_deref(), Some("assert f(1) == 1"));
-    assert_eq!(results[1].feedback, "Test failed: assert f(1) == 1\nf(1) returned 2");
+    assert_eq!(results[1].feedback, "Test failed: assert f(1) == 1\nf(1) returned 2, but the test expects 1");
     assert!(results[2].feedback.contains("ZeroDivisionError: division by zero"), "{}", results[2].feedback);
     assert!(results[2].feedback.contains("File \"<program>\", line 2, in f"), "{}", results[2].feedback);
     assert!(!results[2].feedback.contains("_harness"), "the harness's frames are hidden: {}", results[2].feedback);

@@ -6,6 +6,9 @@
 //! `task_id` (string or integer) and `prompt` are required; `solution`, `setup` and
 //! `entry_point` are optional; give the tests either as `tests` (statements run one by one) or as
 //! `test` (one program, with `entry_point` naming the function it checks, as HumanEval does).
+//!
+//! Reference solutions are read with `\n` line ends (MBPP's are `\r\n`), so code trained on or
+//! compared with them carries no stray carriage returns.
 
 use serde::Deserialize;
 use serde_json::Value as Json;
@@ -72,6 +75,11 @@ fn id(value: &Json) -> Result<String, String> {
     }
 }
 
+/// Code with `\n` line ends.
+fn normalise(code: String) -> String {
+    if code.contains('\r') { code.replace("\r\n", "\n").replace('\r', "\n") } else { code }
+}
+
 /// Parses one line of a dataset file.
 pub fn parse_line(format: Format, line: &str) -> Result<Task, String> {
     let error = |e: serde_json::Error| e.to_string();
@@ -81,7 +89,7 @@ pub fn parse_line(format: Format, line: &str) -> Result<Task, String> {
             Ok(Task {
                 task_id: id(&r.task_id)?,
                 prompt: r.text,
-                reference: r.code,
+                reference: r.code.map(normalise),
                 test_setup: r.test_setup_code,
                 tests: r.test_list,
                 test_program: None,
@@ -94,7 +102,7 @@ pub fn parse_line(format: Format, line: &str) -> Result<Task, String> {
             Ok(Task {
                 task_id: id(&r.task_id)?,
                 // HumanEval's solution completes the prompt; the reference is the whole function.
-                reference: r.canonical_solution.map(|body| format!("{}{}", r.prompt, body)),
+                reference: r.canonical_solution.map(|body| normalise(format!("{}{}", r.prompt, body))),
                 prompt: r.prompt,
                 test_setup: String::new(),
                 tests: vec![],
@@ -114,10 +122,10 @@ pub fn parse_line(format: Format, line: &str) -> Result<Task, String> {
             Ok(Task {
                 task_id: id(&r.task_id)?,
                 prompt: r.prompt,
-                reference: r.solution,
+                reference: r.solution.map(normalise),
                 test_setup: r.setup,
                 tests: r.tests,
-                style: if r.test.is_some() { TaskStyle::Humaneval } else { TaskStyle::Mbpp },
+                style: if r.test.is_some() { TaskStyle::Humaneval } else { TaskStyle::Requirement },
                 test_program: r.test,
                 entry_point: r.entry_point,
             })
@@ -131,9 +139,10 @@ mod tests {
 
     #[test]
     fn reads_each_format() {
-        let mbpp = r#"{"text": "Add.", "code": "def add(a,b): return a+b", "task_id": 7, "test_setup_code": "", "test_list": ["assert add(1,2)==3"], "challenge_test_list": []}"#;
+        let mbpp = r#"{"text": "Add.", "code": "def add(a,b):\r\n  return a+b", "task_id": 7, "test_setup_code": "", "test_list": ["assert add(1,2)==3"], "challenge_test_list": []}"#;
         let task = parse_line(Format::Mbpp, mbpp).unwrap();
         assert_eq!((task.task_id.as_str(), task.tests.len(), task.style), ("7", 1, TaskStyle::Mbpp));
+        assert_eq!(task.reference.as_deref(), Some("def add(a,b):\n  return a+b"));
 
         let he = r#"{"task_id": "HumanEval/0", "prompt": "def f(x):\n", "canonical_solution": "    return x\n", "test": "def check(c): assert c(1) == 1", "entry_point": "f"}"#;
         let task = parse_line(Format::Humaneval, he).unwrap();
@@ -141,7 +150,7 @@ mod tests {
         assert_eq!(task.entry_point.as_deref(), Some("f"));
 
         let plain = r#"{"task_id": "a", "prompt": "p", "tests": ["assert True"]}"#;
-        assert_eq!(parse_line(Format::Jsonl, plain).unwrap().style, TaskStyle::Mbpp);
+        assert_eq!(parse_line(Format::Jsonl, plain).unwrap().style, TaskStyle::Requirement);
     }
 
     #[test]

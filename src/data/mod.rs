@@ -1,6 +1,7 @@
 //! The records steps pass to each other: tasks, samples and verdicts, one JSON object per line.
 
 pub mod formats;
+pub mod paired;
 pub mod pass_at_k;
 
 use serde::{Deserialize, Serialize};
@@ -26,8 +27,8 @@ pub struct Task {
     /// The function under test, where the format names one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub entry_point: Option<String>,
-    /// How the prompt presents the task: `mbpp` shows the requirement and tests, `humaneval` a
-    /// signature to complete.
+    /// How the prompt presents the task: `mbpp` shows the requirement and tests, `requirement`
+    /// the requirement alone, `humaneval` a signature to complete.
     pub style: TaskStyle,
 }
 
@@ -35,6 +36,9 @@ pub struct Task {
 #[serde(rename_all = "lowercase")]
 pub enum TaskStyle {
     Mbpp,
+    /// The requirement alone: tests are checks, not part of what the model is told (a jsonl
+    /// task's default, as a user's model sees it at work).
+    Requirement,
     Humaneval,
 }
 
@@ -80,6 +84,24 @@ impl Task {
             entry_point: None,
             style: TaskStyle::Mbpp,
         }
+    }
+}
+
+/// How alike two programs are, from 0 (nothing in common) to 1 (the same): one minus their edit
+/// distance in characters over the longer one's length, with trailing spaces and line-end styles
+/// ignored.
+pub fn similarity(a: &str, b: &str) -> f64 {
+    let tidy = |code: &str| code.lines().map(str::trim_end).collect::<Vec<_>>().join("\n");
+    strsim::normalized_levenshtein(tidy(a).trim_end(), tidy(b).trim_end())
+}
+
+impl Sample {
+    /// For a revision of a task with a reference solution: whether it is an edit of the code it
+    /// revises (closer to that than to the reference) rather than a copy of the reference.
+    pub fn own_edit(&self) -> Option<bool> {
+        let parent = self.parent.as_ref()?;
+        let reference = self.task.reference.as_deref()?;
+        Some(similarity(&self.code, &parent.code) > similarity(&self.code, reference))
     }
 }
 

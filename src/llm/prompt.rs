@@ -7,7 +7,31 @@ use crate::data::{Task, TaskStyle, Verdict};
 /// What `generate` fills a template with.
 pub const SOLVE_VALUES: &[&str] = &["requirement", "tests", "prompt"];
 /// What `revise` fills a template with.
-pub const REVISE_VALUES: &[&str] = &["requirement", "tests", "code", "feedback", "reference"];
+pub const REVISE_VALUES: &[&str] = &["requirement", "tests", "code", "feedback", "lines", "reference", "hint"];
+
+/// How a `revise` prompt shows the task's reference solution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReferenceMode {
+    /// Not at all: the model fixes its code from the feedback alone.
+    Off,
+    /// As orientation, with the instruction to keep the model's own code (`{{hint}}`).
+    Hint,
+    /// As a correct solution (`{{reference}}`), which a small model mostly copies.
+    Show,
+}
+
+impl ReferenceMode {
+    pub const NAMES: &'static [&'static str] = &["off", "hint", "show"];
+
+    pub fn parse(name: &str) -> Option<ReferenceMode> {
+        match name {
+            "off" => Some(ReferenceMode::Off),
+            "hint" => Some(ReferenceMode::Hint),
+            "show" => Some(ReferenceMode::Show),
+            _ => None,
+        }
+    }
+}
 
 /// Checks a template before any prompt is made from it: every `{{name}}` one of `values`, every
 /// `{{` closed, every section ended, and some value used (or the model would not see the task).
@@ -73,6 +97,7 @@ pub fn render(template: &str, values: &[(&str, &str)]) -> String {
 pub fn default_template(style: TaskStyle) -> &'static str {
     let name = match style {
         TaskStyle::Mbpp => "std/prompts/mbpp.txt",
+        TaskStyle::Requirement => "std/prompts/requirement.txt",
         TaskStyle::Humaneval => "std/prompts/humaneval.txt",
     };
     crate::stdlib::file(name).map_or("", |(_, text)| text)
@@ -86,20 +111,48 @@ pub fn solve(template: &str, task: &Task) -> String {
     render(template, &[("requirement", task.prompt.trim()), ("tests", &tests), ("prompt", &task.prompt)])
 }
 
+/// The line of `code` where the error in `feedback` was raised (the innermost frame of the
+/// program in its traceback), numbered as in the traceback; `None` for a wrong result.
+pub fn failing_line(code: &str, feedback: &str) -> Option<String> {
+    const FRAME: &str = "File \"<program>\", line ";
+    let at = feedback.rfind(FRAME)? + FRAME.len();
+    let digits: String = feedback[at..].chars().take_while(char::is_ascii_digit).collect();
+    let number: usize = digits.parse().ok()?;
+    let line = code.lines().nth(number.checked_sub(1)?)?;
+    (!line.trim().is_empty()).then(|| format!("line {number}: {}", line.trim()))
+}
+
 /// The user message asking to revise a failed program (Self-Revise).
-pub fn revise(template: &str, verdict: &Verdict, with_reference: bool) -> String {
+pub fn revise(template: &str, verdict: &Verdict, reference: ReferenceMode) -> String {
     let task = &verdict.sample.task;
     let tests =
         if task.tests.is_empty() { task.test_program.clone().unwrap_or_default() } else { task.tests.join("\n") };
-    let reference = if with_reference { task.reference.as_deref().unwrap_or("") } else { "" };
+    let solution = task.reference.as_deref().unwrap_or("");
+    revise_message(template, &task.prompt, &tests, &verdict.sample.code, &verdict.feedback, (reference, solution))
+}
+
+/// A `revise` template filled in; the reference solution goes where its mode says, if anywhere.
+fn revise_message(
+    template: &str,
+    requirement: &str,
+    tests: &str,
+    code: &str,
+    feedback: &str,
+    (mode, solution): (ReferenceMode, &str),
+) -> String {
+    let code = code.trim_end();
+    let lines = failing_line(code, feedback).unwrap_or_default();
+    let solution = solution.trim_end();
     render(
         template,
         &[
-            ("requirement", task.prompt.trim()),
-            ("tests", &tests),
-            ("code", verdict.sample.code.trim_end()),
-            ("feedback", verdict.feedback.trim()),
-            ("reference", reference.trim_end()),
+            ("requirement", requirement.trim()),
+            ("tests", tests),
+            ("code", code),
+            ("feedback", feedback.trim()),
+            ("lines", &lines),
+            ("reference", if mode == ReferenceMode::Show { solution } else { "" }),
+            ("hint", if mode == ReferenceMode::Hint { solution } else { "" }),
         ],
     )
 }
@@ -119,15 +172,13 @@ pub struct RevisionExample {
 /// reference solution is left out: the example teaches fixing from feedback.
 pub fn revise_example(template: &str, example: &RevisionExample) -> (String, String) {
     let tests = example.tests.join("\n");
-    let user = render(
+    let user = revise_message(
         template,
-        &[
-            ("requirement", example.requirement.trim()),
-            ("tests", &tests),
-            ("code", example.code.trim_end()),
-            ("feedback", example.feedback.trim()),
-            ("reference", ""),
-        ],
+        &example.requirement,
+        &tests,
+        &example.code,
+        &example.feedback,
+        (ReferenceMode::Off, ""),
     );
     (user, format!("```python\n{}\n```", example.revision.trim_end()))
 }
@@ -151,6 +202,7 @@ mod tests {
     fn templates_are_checked_before_use() {
         for (template, values) in [
             (default_template(TaskStyle::Mbpp), SOLVE_VALUES),
+            (default_template(TaskStyle::Requirement), SOLVE_VALUES),
             (default_template(TaskStyle::Humaneval), SOLVE_VALUES),
             (crate::stdlib::file(REVISE_TEMPLATE).unwrap().1, REVISE_VALUES),
         ] {
@@ -177,10 +229,52 @@ mod tests {
         assert_eq!(examples.len(), 3);
         let (user, assistant) = revise_example(template, &examples[2]);
         assert!(user.contains("returned [14, 22, 22]") && !user.contains("A correct solution"), "{user}");
+        assert!(!user.contains("For orientation") && !user.contains("raised at"), "{user}");
+        let (user, _) = revise_example(template, &examples[1]);
+        assert!(
+            user.contains("raised at this line of the code:\n\nline 2: for i in range(2, int(math.sqrt(n)) + 1):"),
+            "{user}"
+        );
         assert_eq!(
             assistant,
             "```python\ndef heap_queue_largest(nums, n):\n    return sorted(nums, reverse=True)[:n]\n```"
         );
+    }
+
+    #[test]
+    fn revise_shows_the_reference_as_its_mode_says() {
+        let mut task = Task::example("7");
+        task.reference = Some("def f(x):\n    return x + 1\n".into());
+        let verdict = Verdict {
+            sample: crate::data::Sample::reference(&task).unwrap(),
+            status: crate::data::Status::Error,
+            feedback: "Traceback (most recent call last):\n  File \"<test 1>\", line 1, in <module>\n  \
+                       File \"<program>\", line 2, in f\nNameError: name 'y' is not defined"
+                .into(),
+            failed_test: None,
+            duration_ms: 0.0,
+        };
+        let template = crate::stdlib::file(REVISE_TEMPLATE).unwrap().1;
+        let shown = |mode| revise(template, &verdict, mode);
+        assert!(shown(ReferenceMode::Show).contains("A correct solution, for reference"));
+        assert!(!shown(ReferenceMode::Show).contains("For orientation"));
+        assert!(shown(ReferenceMode::Hint).contains("For orientation only"));
+        assert!(shown(ReferenceMode::Hint).contains("keep your own code"));
+        let off = shown(ReferenceMode::Off);
+        assert!(!off.contains("For orientation") && !off.contains("for reference"), "{off}");
+        assert!(off.contains("raised at this line of the code:\n\nline 2: return x + 1"), "{off}");
+        // A wrong result has no line to point at; a line past the code is not quoted.
+        assert_eq!(failing_line("def f():\n    pass", "Test failed: assert f() == 1"), None);
+        assert_eq!(failing_line("x = 1", "File \"<program>\", line 9, in <module>"), None);
+    }
+
+    #[test]
+    fn requirement_prompt_leaves_the_tests_out() {
+        let mut task = Task::example("7");
+        task.prompt = "Write add(a, b).".into();
+        task.tests = vec!["assert add(1, 2) == ok(3)".into()];
+        let prompt = solve(default_template(TaskStyle::Requirement), &task);
+        assert_eq!(prompt, "You are an expert Python programmer, and here is your task: Write add(a, b).\n");
     }
 
     #[test]

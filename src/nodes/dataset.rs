@@ -1,7 +1,8 @@
 use std::collections::BTreeSet;
 
+use crate::data::TaskStyle;
 use crate::data::formats::{self, Format};
-use crate::dsl::schema::{Artifact, KindSpec, Role, ValueType, optional, required};
+use crate::dsl::schema::{Artifact, KindSpec, Role, ValueType, optional, required, unset};
 use crate::engine::context::{Context, Outcome, StepError};
 
 pub static SPEC: KindSpec = KindSpec {
@@ -12,12 +13,22 @@ pub static SPEC: KindSpec = KindSpec {
           `humaneval` (`task_id`, `prompt`, `canonical_solution`, `test`, `entry_point`) and \
           `jsonl`, seedflow's own: `task_id` and `prompt` required; `solution`, `setup` and \
           `entry_point` optional; tests as `tests` (a list of statements run one by one) or as \
-          `test` (one program checking `entry_point`). `skip` and `limit` take a slice of the file.",
+          `test` (one program checking `entry_point`). `skip` and `limit` take a slice of the file. \
+          What the model is shown of a task is the same in `generate` and in `finetune-lora`'s \
+          training text: an `mbpp` task shows its requirement and its tests, a `jsonl` task its \
+          requirement alone (a user's tests are checks, not part of the prompt the model will \
+          see at work), a `humaneval` task its signature and docstring; `show-tests` changes that \
+          for `mbpp` and `jsonl` tasks with `tests`.",
     properties: &[
         required("format", ValueType::Choice(Format::NAMES), "How the file's records are laid out."),
         required("path", ValueType::File, "The JSON-lines file, relative to the workflow file."),
         optional("skip", ValueType::at_least(0), "0", "Records to skip from the start."),
         optional("limit", ValueType::at_least(0), "0", "Most records to read after `skip`; 0 reads all."),
+        unset(
+            "show-tests",
+            ValueType::Bool,
+            "Show a task's `tests` in its prompt: #true by default for `mbpp`, #false for `jsonl`.",
+        ),
     ],
     metrics: &["count"],
     at_least_one: &[],
@@ -37,6 +48,7 @@ pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
         0 => usize::MAX,
         n => n as usize,
     };
+    let show_tests = ctx.props.boolean("show-tests");
     let text = crate::stdlib::read_to_string(&path)
         .map_err(|e| StepError::Failed(format!("cannot read `{}`: {e}", path.display())))?;
 
@@ -44,8 +56,11 @@ pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
     let mut seen = BTreeSet::new();
     let lines = text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()).skip(skip).take(limit);
     for (number, line) in lines {
-        let task = formats::parse_line(format, line)
+        let mut task = formats::parse_line(format, line)
             .map_err(|e| StepError::Failed(format!("{}:{}: {e}", path.display(), number + 1)))?;
+        if let (Some(show), TaskStyle::Mbpp | TaskStyle::Requirement) = (show_tests, task.style) {
+            task.style = if show { TaskStyle::Mbpp } else { TaskStyle::Requirement };
+        }
         if !seen.insert(task.task_id.clone()) {
             return Err(StepError::Failed(format!(
                 "{}:{}: task `{}` appears twice",

@@ -21,7 +21,11 @@ pub static SPEC: KindSpec = KindSpec {
           the loss curve (one record per optimizer step: `step`, `epoch`, `loss`, \
           `learning_rate`, `tokens`, `seconds`), and `training-pairs.jsonl`, every (task, code) \
           pair it trained on, which a later step's `history` reads. Verdicts that did not pass \
-          are skipped. While it trains, `checkpoint.safetensors` (written every minute and on \
+          are skipped. The pairs are cleaned before training: one per task (a newer pair, this \
+          step's over its history's, replaces an older one), top-level `assert` statements (tests \
+          a model wrote into its answer) removed from the code, and pairs of different tasks \
+          whose code is near-identical (similarity ≥ 0.95) named in a message and counted in \
+          `near-duplicates`. While it trains, `checkpoint.safetensors` (written every minute and on \
           interruption) lets `--resume` continue where an interrupted training stopped.",
     properties: &[
         required("model", ValueType::Model, "The base `model`."),
@@ -77,7 +81,7 @@ pub static SPEC: KindSpec = KindSpec {
             "The prompt template, as `generate`'s `template` (the built-in one by default).",
         ),
     ],
-    metrics: &["loss", "first-loss", "steps", "examples", "history", "tokens"],
+    metrics: &["loss", "first-loss", "steps", "examples", "history", "tokens", "near-duplicates"],
     at_least_one: &[],
     requires: &[],
     example: r#"model "coder" path="default"
@@ -127,34 +131,89 @@ fn training_pairs(ctx: &Context) -> Result<Vec<(Task, String)>, StepError> {
     })
 }
 
+/// Pairs of different tasks whose code is this alike are named as near-duplicates.
+const NEAR_DUPLICATE: f64 = 0.95;
+
+/// The pairs to train on, cleaned: one per task, the last given (`pairs` run from oldest to
+/// newest), and no top-level `assert` in the code. Each pair keeps its `history` mark.
+fn clean(pairs: Vec<(Task, String, bool)>) -> Vec<(Task, String, bool)> {
+    let mut newest: Vec<(Task, String, bool)> = vec![];
+    for (task, code, from_history) in pairs {
+        newest.retain(|(t, _, _)| t.task_id != task.task_id);
+        newest.push((task, without_asserts(&code), from_history));
+    }
+    newest
+}
+
+/// `code` without its top-level `assert` statements (and their continuation lines): tests the
+/// model appended to its answer, which training would teach it to write again.
+fn without_asserts(code: &str) -> String {
+    let mut out = String::with_capacity(code.len());
+    let mut in_assert = false;
+    for line in code.lines() {
+        let top_level = !line.starts_with([' ', '\t']) && !line.trim().is_empty();
+        if top_level {
+            in_assert = line.starts_with("assert ") || line.starts_with("assert(");
+        }
+        if !in_assert {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out.trim_end().to_string() + "\n"
+}
+
+/// Pairs of different tasks with near-identical code, as (task, task, similarity).
+fn near_duplicates(pairs: &[(Task, String, bool)]) -> Vec<(String, String, f64)> {
+    let mut found = vec![];
+    for (i, (a, code_a, _)) in pairs.iter().enumerate() {
+        for (b, code_b, _) in &pairs[i + 1..] {
+            // Lengths this far apart cannot reach the threshold: skip the edit distance.
+            let (short, long) = (code_a.len().min(code_b.len()), code_a.len().max(code_b.len()));
+            if (short as f64) < long as f64 * NEAR_DUPLICATE {
+                continue;
+            }
+            let alike = crate::data::similarity(code_a, code_b);
+            if alike >= NEAR_DUPLICATE {
+                found.push((a.task_id.clone(), b.task_id.clone(), alike));
+            }
+        }
+    }
+    found
+}
+
 pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
     let props = ctx.model.as_ref().ok_or_else(|| StepError::Failed("the step names no model".into()))?;
     let model = super::model::settings(props, &|m| ctx.message(m)).map_err(StepError::Failed)?;
     let failed = |e: candle_core::Error| {
         if ctx.check_cancelled().is_err() { StepError::Cancelled } else { StepError::Failed(e.to_string()) }
     };
-    let history = history_pairs(ctx)?;
-    let from_history = history.len();
-    let mut training = history;
-    training.extend(training_pairs(ctx)?);
-    let messages = super::generate::solve_messages(ctx, training.iter().map(|(task, _)| task))?;
+    let history = history_pairs(ctx)?.into_iter().map(|(task, code)| (task, code, true));
+    let training =
+        clean(history.chain(training_pairs(ctx)?.into_iter().map(|(task, code)| (task, code, false))).collect());
+    let duplicates = near_duplicates(&training);
+    if !duplicates.is_empty() {
+        let named: Vec<String> = duplicates.iter().map(|(a, b, alike)| format!("{a} ~ {b} ({alike:.2})")).collect();
+        ctx.message(&format!("near-duplicate training pairs (different tasks, alike code): {}", named.join(", ")));
+    }
+    let messages = super::generate::solve_messages(ctx, training.iter().map(|(task, _, _)| task))?;
     let pairs: Vec<(String, String)> = messages
         .into_iter()
         .zip(&training)
-        .map(|(message, (_, code))| (message, format!("```python\n{}\n```", code.trim_end())))
+        .map(|(message, (_, code, _))| (message, format!("```python\n{}\n```", code.trim_end())))
         .collect();
     let max_length = ctx.props.integer("max-length").unwrap_or(512) as usize;
     // Examples whose prompt fills max-length are skipped; the rest are cut to it. The pairs kept
     // are what a later step's `history` takes over.
     let (mut examples, mut kept_pairs, mut history_kept) = (vec![], String::new(), 0);
     let tokenized = llm::training_tokens(&model, &pairs).map_err(StepError::Failed)?;
-    for (i, ((mut tokens, completion_start), (task, code))) in tokenized.into_iter().zip(training).enumerate() {
+    for ((mut tokens, completion_start), (task, code, from_history)) in tokenized.into_iter().zip(training) {
         if completion_start >= max_length {
             continue;
         }
         tokens.truncate(max_length);
         examples.push(Example { tokens, completion_start });
-        history_kept += usize::from(i < from_history);
+        history_kept += usize::from(from_history);
         let pair = serde_json::to_string(&Pair { task, code }).map_err(|e| StepError::Failed(e.to_string()))?;
         kept_pairs.push_str(&pair);
         kept_pairs.push('\n');
@@ -224,6 +283,7 @@ pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
         ("history".to_string(), history_kept as f64),
         // Summed as integers: a sum of no floats is -0.
         ("tokens".to_string(), records.iter().map(|r| r.tokens).sum::<usize>() as f64),
+        ("near-duplicates".to_string(), duplicates.len() as f64),
     ]
     .into();
     if let Some(first) = records.first() {
@@ -231,4 +291,46 @@ pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
         metrics.insert("loss".into(), last_epoch.iter().sum::<f64>() / last_epoch.len().max(1) as f64);
     }
     Ok(Outcome { metrics, gate_failure: None })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair(task: &str, code: &str, from_history: bool) -> (Task, String, bool) {
+        (Task::example(task), code.to_string(), from_history)
+    }
+
+    #[test]
+    fn one_pair_per_task_the_newest() {
+        let cleaned = clean(vec![
+            pair("a", "def f():\n    return 1\n", true),
+            pair("b", "def g():\n    return 2\n", true),
+            pair("a", "def f():\n    return 3\n", false),
+        ]);
+        let kept: Vec<(&str, &str, bool)> =
+            cleaned.iter().map(|(t, code, history)| (t.task_id.as_str(), code.as_str(), *history)).collect();
+        assert_eq!(kept, [("b", "def g():\n    return 2\n", true), ("a", "def f():\n    return 3\n", false)]);
+    }
+
+    #[test]
+    fn test_asserts_are_not_trained_on() {
+        let code =
+            "def f(x):\n    assert x > 0\n    return x\n\nassert f(1) == 1\nassert f(\n    2) == 2\nprint(f(3))\n";
+        assert_eq!(without_asserts(code), "def f(x):\n    assert x > 0\n    return x\n\nprint(f(3))\n");
+    }
+
+    #[test]
+    fn near_duplicates_are_named() {
+        let long = "def total(values):\n    result = 0\n    for value in values:\n        result += value\n    return result\n";
+        let pairs = vec![
+            pair("a", long, false),
+            pair("b", &long.replace("total", "totals"), false),
+            pair("c", "x = 1\n", false),
+        ];
+        let found = near_duplicates(&pairs);
+        assert_eq!(found.len(), 1);
+        assert_eq!((found[0].0.as_str(), found[0].1.as_str()), ("a", "b"));
+        assert!(found[0].2 > 0.95 && found[0].2 < 1.0);
+    }
 }

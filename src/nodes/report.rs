@@ -3,8 +3,9 @@ use std::fmt::Write;
 
 use serde::Serialize;
 
+use crate::data::paired::{self, Paired};
 use crate::data::{Status, Verdict, pass_at_k};
-use crate::dsl::schema::{Artifact, KindSpec, Role, ValueType, optional, required};
+use crate::dsl::schema::{Artifact, KindSpec, Role, ValueType, optional, required, unset};
 use crate::engine::context::{Context, Outcome, StepError};
 use crate::engine::files::write_atomic;
 
@@ -13,10 +14,20 @@ pub static SPEC: KindSpec = KindSpec {
     role: Role::Step(Artifact::Report),
     doc: "Summarises verdicts: pass@k for each k in `k`, the count of each status, and the \
           failing tasks. pass@k is the unbiased estimator of Chen et al. (2021) over each task's \
-          samples; a k larger than some task's sample count is left out. Writes `report.json`, \
-          `report.md` and `junit.xml` (one test case per sample) as chosen by `formats`.",
+          samples; a k larger than some task's sample count is left out. With `baseline` (for \
+          example the base model's verdicts on the same tasks), the report leads with the \
+          comparison, task by task on the tasks both evaluated: pass@1 before -> after, the tasks \
+          gained and lost, the exact McNemar p-value of those flips and a 95% bootstrap \
+          confidence interval of the difference (published as `baseline-pass@1`, `gained`, \
+          `lost`, `p-value`, `gain-low`, `gain-high`). Writes `report.json`, `report.md` and \
+          `junit.xml` (one test case per sample) as chosen by `formats`.",
     properties: &[
         required("from", ValueType::Input(&[Artifact::Verdicts]), "The verdicts to report on."),
+        unset(
+            "baseline",
+            ValueType::Input(&[Artifact::Verdicts]),
+            "Verdicts to compare with, task by task (the model before adaptation).",
+        ),
         optional("k", ValueType::Integers, r#""1""#, "The k of each pass@k, as a list: \"1,10\"."),
         optional(
             "formats",
@@ -26,7 +37,18 @@ pub static SPEC: KindSpec = KindSpec {
         ),
         optional("title", ValueType::Text, r#""seedflow report""#, "Heading of the report."),
     ],
-    metrics: &["count", "samples", "pass-rate", "pass@k"],
+    metrics: &[
+        "count",
+        "samples",
+        "pass-rate",
+        "pass@k",
+        "baseline-pass@1",
+        "gained",
+        "lost",
+        "p-value",
+        "gain-low",
+        "gain-high",
+    ],
     at_least_one: &[],
     requires: &[],
     example: r#"dataset "test" format="mbpp" path="examples/data/mbpp/test.jsonl" limit=20
@@ -43,6 +65,9 @@ pub struct Report {
     pub statuses: BTreeMap<&'static str, usize>,
     pub pass_at_k: BTreeMap<String, f64>,
     pub failing_tasks: Vec<String>,
+    /// Against the `baseline` verdicts, when the step names them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub baseline: Option<Paired>,
 }
 
 pub fn summarise(title: &str, verdicts: &[Verdict], ks: &[usize]) -> Report {
@@ -59,14 +84,34 @@ pub fn summarise(title: &str, verdicts: &[Verdict], ks: &[usize]) -> Report {
         statuses,
         pass_at_k: pass_at_k::over_tasks(verdicts, ks).into_iter().map(|(k, v)| (format!("pass@{k}"), v)).collect(),
         failing_tasks: passing.into_iter().filter(|(_, passed)| !passed).map(|(t, _)| t.to_string()).collect(),
+        baseline: None,
     }
 }
 
+/// One line on a paired comparison: "pass@1 0.320 -> 0.410 on 50 tasks (+9.0 points, 95% CI
+/// +2.0 to +16.0); 7 gained, 2 lost, McNemar p = 0.180".
+pub fn paired_line(paired: &Paired) -> String {
+    let points = |v: f64| format!("{:+.1}", v * 100.0);
+    format!(
+        "pass@1 {:.3} -> {:.3} on {} tasks ({} points, 95% CI {} to {}); {} gained, {} lost, McNemar p = {:.3}",
+        paired.before,
+        paired.after,
+        paired.tasks,
+        points(paired.after - paired.before),
+        points(paired.ci_low),
+        points(paired.ci_high),
+        paired.gained,
+        paired.lost,
+        paired.p_value
+    )
+}
+
 pub fn markdown(report: &Report) -> String {
-    let mut out = format!(
-        "# {}\n\n{} tasks, {} samples.\n\n| metric | value |\n|---|---|\n",
-        report.title, report.tasks, report.samples
-    );
+    let mut out = format!("# {}\n\n", report.title);
+    if let Some(paired) = &report.baseline {
+        let _ = writeln!(out, "Against the baseline: {}.\n", paired_line(paired));
+    }
+    let _ = write!(out, "{} tasks, {} samples.\n\n| metric | value |\n|---|---|\n", report.tasks, report.samples);
     for (name, value) in &report.pass_at_k {
         let _ = writeln!(out, "| {name} | {value:.4} |");
     }
@@ -113,7 +158,14 @@ pub fn junit(report: &Report, verdicts: &[Verdict]) -> Result<String, String> {
 pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
     let verdicts: Vec<Verdict> = ctx.read("from")?;
     let ks: Vec<usize> = ctx.props.integers("k").into_iter().map(|k| k as usize).collect();
-    let report = summarise(ctx.props.text("title").unwrap_or("seedflow report"), &verdicts, &ks);
+    let mut report = summarise(ctx.props.text("title").unwrap_or("seedflow report"), &verdicts, &ks);
+    if ctx.inputs.contains_key("baseline") {
+        let baseline: Vec<Verdict> = ctx.read("baseline")?;
+        report.baseline = paired::compare(&paired::pass_rates(&baseline), &paired::pass_rates(&verdicts));
+        if report.baseline.is_none() {
+            ctx.message("the baseline evaluated none of these tasks: no comparison");
+        }
+    }
     for format in ctx.props.list("formats") {
         match format.as_str() {
             "json" => {
@@ -133,6 +185,18 @@ pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
     metrics.insert("samples".into(), report.samples as f64);
     let passed = report.statuses.get("passed").copied().unwrap_or(0);
     metrics.insert("pass-rate".into(), if report.samples == 0 { 0.0 } else { passed as f64 / report.samples as f64 });
+    if let Some(p) = &report.baseline {
+        for (name, value) in [
+            ("baseline-pass@1", p.before),
+            ("gained", p.gained as f64),
+            ("lost", p.lost as f64),
+            ("p-value", p.p_value),
+            ("gain-low", p.ci_low),
+            ("gain-high", p.ci_high),
+        ] {
+            metrics.insert(name.into(), value);
+        }
+    }
     Ok(Outcome { metrics, gate_failure: None })
 }
 
@@ -176,5 +240,21 @@ mod tests {
         let xml = junit(&report, &verdicts).unwrap();
         assert!(xml.contains(r#"tests="4""#) && xml.contains(r#"failures="3""#), "{xml}");
         assert!(markdown(&report).contains("| pass@1 | 0.2500 |"));
+    }
+
+    #[test]
+    fn leads_with_the_comparison_to_a_baseline() {
+        let before =
+            vec![verdict("a", 0, Status::Failed), verdict("b", 0, Status::Failed), verdict("c", 0, Status::Passed)];
+        let after =
+            vec![verdict("a", 0, Status::Passed), verdict("b", 0, Status::Passed), verdict("c", 0, Status::Passed)];
+        let mut report = summarise("t", &after, &[1]);
+        report.baseline = paired::compare(&paired::pass_rates(&before), &paired::pass_rates(&after));
+        let text = markdown(&report);
+        assert!(
+            text.starts_with("# t\n\nAgainst the baseline: pass@1 0.333 -> 1.000 on 3 tasks (+66.7 points, 95% CI"),
+            "{text}"
+        );
+        assert!(text.contains("; 2 gained, 0 lost, McNemar p = 0.500."), "{text}");
     }
 }

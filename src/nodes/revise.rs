@@ -1,7 +1,7 @@
 use crate::data::{Parent, Verdict, sample_seed};
 use crate::dsl::schema::{Artifact, KindSpec, Role, ValueType, optional, required, unset};
 use crate::engine::context::{Context, Outcome, StepError};
-use crate::llm::prompt::RevisionExample;
+use crate::llm::prompt::{ReferenceMode, RevisionExample};
 use crate::llm::{self, Request, prompt};
 use crate::nodes::generate::{ADAPTER_SCALE, MOST_SAMPLES, STOP, TEMPERATURE, TOP_K, TOP_P};
 
@@ -9,13 +9,17 @@ pub static SPEC: KindSpec = KindSpec {
     name: "revise",
     role: Role::Step(Artifact::Samples),
     doc: "Self-Revise: for each failed verdict, asks the model to fix its own code. The prompt \
-          holds the requirement, the failing code, the execution feedback and (unless \
-          `reference=#false`) the dataset's reference solution. Samples `samples` revisions per \
-          error, each linked to the sample it revises (`parent`). With `examples`, the prompt \
-          first shows worked revisions from a JSON-lines file (`requirement`, `tests`, `code`, \
-          `feedback`, `revision`); `std/prompts/revise-examples.jsonl` holds three made from \
-          MBPP's prompt split. `prompt-tokens`, `tokens-per-second` and `decode-share` are as in \
-          `generate`.",
+          holds the requirement, the tests, the failing code, the execution feedback, the line \
+          the error was raised at, and the dataset's reference solution as `reference` says: \
+          `hint` shows it for orientation with the instruction to keep the model's own code, \
+          `off` leaves it out, `show` presents it as the solution (a small model then mostly \
+          copies it, and SEED becomes fine-tuning on references). The prompt first shows worked \
+          revisions from the JSON-lines file `examples` (`requirement`, `tests`, `code`, \
+          `feedback`, `revision`): by default `std/prompts/revise-examples.jsonl`, three minimal \
+          fixes made from MBPP's prompt split; an empty file shows none. Samples `samples` \
+          revisions per error, each linked to the sample it revises (`parent`), which `select`'s \
+          `own-code` uses to keep edits of the model's own code. `prompt-tokens`, \
+          `tokens-per-second` and `decode-share` are as in `generate`.",
     properties: &[
         required("model", ValueType::Model, "The `model` that revises."),
         required("errors", ValueType::Input(&[Artifact::Verdicts]), "Verdicts of the programs to revise."),
@@ -38,8 +42,18 @@ pub static SPEC: KindSpec = KindSpec {
             "#true",
             "End a revision when its first fenced code block closes.",
         ),
-        optional("reference", ValueType::Bool, "#true", "Show the dataset's reference solution in the prompt."),
-        unset("examples", ValueType::File, "Worked revisions shown first (few-shot), as JSON lines."),
+        optional(
+            "reference",
+            ValueType::Choice(ReferenceMode::NAMES),
+            r#""hint""#,
+            "How the prompt shows the dataset's reference solution.",
+        ),
+        optional(
+            "examples",
+            ValueType::File,
+            r#""std/prompts/revise-examples.jsonl""#,
+            "Worked revisions shown first (few-shot), as JSON lines.",
+        ),
         unset("template", ValueType::File, "A prompt template replacing the built-in one."),
     ],
     metrics: &["count", "tokens", "prompt-tokens", "tokens-per-second", "decode-share"],
@@ -50,14 +64,14 @@ dataset "train" format="mbpp" path="examples/data/mbpp/train.jsonl" limit=10
 generate "attempts" model="coder" tasks="train" samples=4
 execute "verdicts" code="attempts"
 select "errors" from="verdicts" status="!passed" per-task=1 prefer="highest-logprob"
-revise "revisions" model="coder" errors="errors" samples=4 reference=#true examples="std/prompts/revise-examples.jsonl"
+revise "revisions" model="coder" errors="errors" samples=4 reference="off" examples="std/prompts/revise-examples.jsonl"
 "#,
 };
 
 pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
     let errors: Vec<Verdict> = ctx.read("errors")?;
     let samples = ctx.props.integer("samples").unwrap_or(4) as usize;
-    let with_reference = ctx.props.boolean("reference").unwrap_or(true);
+    let reference = ctx.props.text("reference").and_then(ReferenceMode::parse).unwrap_or(ReferenceMode::Hint);
     let default = crate::stdlib::file(prompt::REVISE_TEMPLATE).map_or("", |(_, t)| t);
     let template = super::generate::template(ctx, default, prompt::REVISE_VALUES)?;
     let examples = examples(ctx, &template)?;
@@ -65,7 +79,7 @@ pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
         .iter()
         .map(|verdict| Request {
             examples: examples.clone(),
-            message: prompt::revise(&template, verdict, with_reference),
+            message: prompt::revise(&template, verdict, reference),
             seeds: (0..samples).map(|i| sample_seed(ctx.seed, &ctx.step, &verdict.sample.sample_id, i)).collect(),
         })
         .collect();

@@ -11,7 +11,15 @@ pub static SPEC: KindSpec = KindSpec {
           `failed,error`), then at most `per-task` of them per task (0 keeps all), preferring by \
           `prefer`: `first` (in order), `highest-logprob` (the sample the model found most \
           likely), or `min-edit-distance` (the revision closest to the code it revises; samples \
-          without a parent rank by order). Tasks come out in the order they went in.",
+          without a parent rank by order). Tasks come out in the order they went in. A revision \
+          closer (by edit distance) to its task's reference solution than to the error code it \
+          revises is a copy of the reference, not a fix of the model's own code; `own-code` says \
+          what to do with copies: `prefer` (the default) ranks a task's own-code edits before \
+          its copies, so a copy is kept only where no edit of the model's own code passed; \
+          `require` drops every copy; `ignore` treats them alike. Samples without a parent, or \
+          of tasks without a reference, are never copies. `copies` counts the copies among the \
+          verdicts the status kept, and `own-edit-share` is the share of the chosen revisions \
+          that are edits of their own error code (what SEED means to learn from).",
     properties: &[
         required("from", ValueType::Input(&[Artifact::Verdicts]), "The verdicts to choose from."),
         optional("status", ValueType::Statuses, r#""passed""#, "Which statuses to keep."),
@@ -22,8 +30,14 @@ pub static SPEC: KindSpec = KindSpec {
             r#""first""#,
             "Which verdicts of a task to keep first.",
         ),
+        optional(
+            "own-code",
+            ValueType::Choice(OwnCode::NAMES),
+            r#""prefer""#,
+            "What to do with revisions that copy the task's reference rather than edit their own code.",
+        ),
     ],
-    metrics: &["count", "tasks"],
+    metrics: &["count", "tasks", "copies", "own-edit-share"],
     at_least_one: &[],
     requires: &[],
     example: r#"dataset "train" format="mbpp" path="examples/data/mbpp/train.jsonl" limit=10
@@ -32,6 +46,30 @@ select "failures" from="verdicts" status="failed,error,timeout" per-task=1 prefe
 "#,
 };
 
+/// What `select` does with revisions that copy their task's reference.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum OwnCode {
+    /// A task's own-code edits first, copies only where none passed.
+    Prefer,
+    /// Copies dropped.
+    Require,
+    /// Copies like any other revision.
+    Ignore,
+}
+
+impl OwnCode {
+    pub const NAMES: &'static [&'static str] = &["prefer", "require", "ignore"];
+
+    fn parse(name: &str) -> Option<OwnCode> {
+        match name {
+            "prefer" => Some(OwnCode::Prefer),
+            "require" => Some(OwnCode::Require),
+            "ignore" => Some(OwnCode::Ignore),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Prefer {
     First,
@@ -39,11 +77,23 @@ pub enum Prefer {
     MinEditDistance,
 }
 
+/// Whether a verdict's sample is a revision that copies its task's reference.
+fn is_copy(verdict: &Verdict) -> bool {
+    verdict.sample.own_edit() == Some(false)
+}
+
 /// Filters and ranks verdicts; pure, so it is tested without a run.
-pub fn select(verdicts: Vec<Verdict>, filter: &StatusFilter, per_task: usize, prefer: Prefer) -> Vec<Verdict> {
+pub fn select(
+    verdicts: Vec<Verdict>,
+    filter: &StatusFilter,
+    own_code: OwnCode,
+    per_task: usize,
+    prefer: Prefer,
+) -> Vec<Verdict> {
     let mut order: Vec<String> = vec![];
     let mut by_task: BTreeMap<String, Vec<Verdict>> = BTreeMap::new();
-    for verdict in verdicts.into_iter().filter(|v| filter.accepts(v.status)) {
+    let kept = |v: &Verdict| filter.accepts(v.status) && !(own_code == OwnCode::Require && is_copy(v));
+    for verdict in verdicts.into_iter().filter(kept) {
         let task = verdict.sample.task_id.clone();
         if !by_task.contains_key(&task) {
             order.push(task.clone());
@@ -68,6 +118,9 @@ pub fn select(verdicts: Vec<Verdict>, filter: &StatusFilter, per_task: usize, pr
                 });
             }
         }
+        if own_code == OwnCode::Prefer {
+            candidates.sort_by_key(is_copy);
+        }
         if per_task > 0 {
             candidates.truncate(per_task);
         }
@@ -87,12 +140,24 @@ pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
         _ => Prefer::First,
     };
     let per_task = ctx.props.integer("per-task").unwrap_or(1) as usize;
-    let chosen = select(verdicts, filter, per_task, prefer);
+    let own_code = ctx.props.text("own-code").and_then(OwnCode::parse).unwrap_or(OwnCode::Prefer);
+    let copies = verdicts.iter().filter(|v| filter.accepts(v.status) && is_copy(v)).count();
+    let chosen = select(verdicts, filter, own_code, per_task, prefer);
     let tasks = chosen.iter().map(|v| v.sample.task_id.as_str()).collect::<std::collections::BTreeSet<_>>().len();
     let (mut writer, _) = ctx.records()?;
     writer.append(&chosen)?;
     writer.finish()?;
-    let metrics = [("count".to_string(), chosen.len() as f64), ("tasks".to_string(), tasks as f64)].into();
+    let mut metrics: crate::engine::cache::Metrics = [
+        ("count".to_string(), chosen.len() as f64),
+        ("tasks".to_string(), tasks as f64),
+        ("copies".to_string(), copies as f64),
+    ]
+    .into();
+    let judged: Vec<bool> = chosen.iter().filter_map(|v| v.sample.own_edit()).collect();
+    if !judged.is_empty() {
+        let own = judged.iter().filter(|own| **own).count();
+        metrics.insert("own-edit-share".into(), own as f64 / judged.len() as f64);
+    }
     Ok(Outcome { metrics, gate_failure: None })
 }
 
@@ -133,10 +198,10 @@ mod tests {
             verdict("b", "b/1", Status::Timeout, -0.1, "", None),
         ];
         let not_passed = StatusFilter { negated: true, statuses: vec![Status::Passed] };
-        assert_eq!(ids(&select(all.clone(), &not_passed, 0, Prefer::First)), ["b/0", "b/1", "a/1"]);
+        assert_eq!(ids(&select(all.clone(), &not_passed, OwnCode::Prefer, 0, Prefer::First)), ["b/0", "b/1", "a/1"]);
         let failed_or_error = StatusFilter { negated: false, statuses: vec![Status::Failed, Status::Error] };
-        assert_eq!(ids(&select(all.clone(), &failed_or_error, 1, Prefer::First)), ["b/0", "a/1"]);
-        assert_eq!(ids(&select(all, &not_passed, 1, Prefer::HighestLogprob)), ["b/1", "a/1"]);
+        assert_eq!(ids(&select(all.clone(), &failed_or_error, OwnCode::Prefer, 1, Prefer::First)), ["b/0", "a/1"]);
+        assert_eq!(ids(&select(all, &not_passed, OwnCode::Prefer, 1, Prefer::HighestLogprob)), ["b/1", "a/1"]);
     }
 
     #[test]
@@ -147,6 +212,32 @@ mod tests {
             verdict("a", "a/r1", Status::Passed, -0.9, "def f(x):\n    return x + 2\n", Some(parent)),
         ];
         let passed = StatusFilter { negated: false, statuses: vec![Status::Passed] };
-        assert_eq!(ids(&select(all, &passed, 1, Prefer::MinEditDistance)), ["a/r1"]);
+        assert_eq!(ids(&select(all, &passed, OwnCode::Prefer, 1, Prefer::MinEditDistance)), ["a/r1"]);
+    }
+
+    #[test]
+    fn copies_of_the_reference_come_last_or_go() {
+        let parent = "def f(x):\n    return x + 1\n";
+        let reference = "def f(value):\n    result = value * 2\n    return result\n";
+        let mut all = vec![
+            // A copy of the reference (with its line ends changed), then a small fix.
+            verdict("a", "a/r0", Status::Passed, -0.1, &reference.replace('\n', "\r\n"), Some(parent)),
+            verdict("a", "a/r1", Status::Passed, -0.9, "def f(x):\n    return x * 2\n", Some(parent)),
+            // Only a copy passed for b; c has no parent (a first attempt), so it stays.
+            verdict("b", "b/r0", Status::Passed, -0.1, reference, Some(parent)),
+            verdict("c", "c/0", Status::Passed, -0.1, reference, None),
+        ];
+        for v in &mut all {
+            v.sample.task.reference = Some(reference.into());
+        }
+        assert_eq!(
+            all.iter().map(|v| v.sample.own_edit()).collect::<Vec<_>>(),
+            [Some(false), Some(true), Some(false), None]
+        );
+        let passed = StatusFilter { negated: false, statuses: vec![Status::Passed] };
+        assert_eq!(ids(&select(all.clone(), &passed, OwnCode::Require, 1, Prefer::First)), ["a/r1", "c/0"]);
+        // Preferred: b keeps its copy, as nothing else of b passed.
+        assert_eq!(ids(&select(all.clone(), &passed, OwnCode::Prefer, 1, Prefer::First)), ["a/r1", "b/r0", "c/0"]);
+        assert_eq!(ids(&select(all, &passed, OwnCode::Ignore, 1, Prefer::First)), ["a/r0", "b/r0", "c/0"]);
     }
 }

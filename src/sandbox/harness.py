@@ -70,14 +70,20 @@ def _harness(text):
         return ("Traceback (most recent call last):\n" + "".join(where) + "".join(last)).rstrip()
 
     def actual_value(test, namespace):
-        # For `assert f(x) == y`, what f(x) gave: the most useful line for Self-Revise.
+        # For `assert f(x) == y`, what f(x) gave against what was expected: the most useful line
+        # for Self-Revise (a small model overlooks the difference when it only sees the assert).
         try:
             ast = import_("ast")
             node = ast.parse(test).body[0]
             if isinstance_(node, ast.Assert) and isinstance_(node.test, ast.Compare):
-                left = ast.get_source_segment(test, node.test.left)
+                compare = node.test
+                left = ast.get_source_segment(test, compare.left)
                 value = repr_(eval_(left, namespace))
-                return "\n" + left + " returned " + (value if len_(value) < 500 else value[:500] + "…")
+                line = "\n" + left + " returned " + (value if len_(value) < 500 else value[:500] + "…")
+                if len_(compare.ops) == 1 and isinstance_(compare.ops[0], ast.Eq):
+                    expected = ast.get_source_segment(test, compare.comparators[0])
+                    line += ", but the test expects " + (expected if len_(expected) < 500 else expected[:500] + "…")
+                return line
         except BaseExc:
             pass
         return ""
