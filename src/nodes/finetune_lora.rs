@@ -21,8 +21,9 @@ pub static SPEC: KindSpec = KindSpec {
           the loss curve (one record per optimizer step: `step`, `epoch`, `loss`, \
           `learning_rate`, `tokens`, `seconds`), and `training-pairs.jsonl`, every (task, code) \
           pair it trained on, which a later step's `history` reads. Verdicts that did not pass \
-          are skipped. The pairs are cleaned before training: one per task (a newer pair, this \
-          step's over its history's, replaces an older one), top-level `assert` statements (tests \
+          are skipped. The pairs are cleaned before training: a task's pairs in this step's data \
+          replace its pairs in the history (one revision of a problem across iterations, the \
+          newest), top-level `assert` statements (tests \
           a model wrote into its answer) removed from the code, and pairs of different tasks \
           whose code is near-identical (similarity ≥ 0.95) named in a message and counted in \
           `near-duplicates`. While it trains, `checkpoint.safetensors` (written every minute and on \
@@ -134,15 +135,15 @@ fn training_pairs(ctx: &Context) -> Result<Vec<(Task, String)>, StepError> {
 /// Pairs of different tasks whose code is this alike are named as near-duplicates.
 const NEAR_DUPLICATE: f64 = 0.95;
 
-/// The pairs to train on, cleaned: one per task, the last given (`pairs` run from oldest to
-/// newest), and no top-level `assert` in the code. Each pair keeps its `history` mark.
-fn clean(pairs: Vec<(Task, String, bool)>) -> Vec<(Task, String, bool)> {
-    let mut newest: Vec<(Task, String, bool)> = vec![];
-    for (task, code, from_history) in pairs {
-        newest.retain(|(t, _, _)| t.task_id != task.task_id);
-        newest.push((task, without_asserts(&code), from_history));
-    }
-    newest
+/// The pairs to train on, cleaned: the `history` pairs of a task this step has data for are
+/// replaced by that data (the newest revision of a problem, not every one since the first
+/// iteration), and no code keeps a top-level `assert`. Each pair is marked as from history or not.
+fn clean(history: Vec<(Task, String)>, data: Vec<(Task, String)>) -> Vec<(Task, String, bool)> {
+    let fresh: std::collections::BTreeSet<String> = data.iter().map(|(task, _)| task.task_id.clone()).collect();
+    let kept = history.into_iter().filter(|(task, _)| !fresh.contains(&task.task_id)).map(|pair| (pair, true));
+    kept.chain(data.into_iter().map(|pair| (pair, false)))
+        .map(|((task, code), from_history)| (task, without_asserts(&code), from_history))
+        .collect()
 }
 
 /// `code` without its top-level `assert` statements (and their continuation lines): tests the
@@ -188,9 +189,7 @@ pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
     let failed = |e: candle_core::Error| {
         if ctx.check_cancelled().is_err() { StepError::Cancelled } else { StepError::Failed(e.to_string()) }
     };
-    let history = history_pairs(ctx)?.into_iter().map(|(task, code)| (task, code, true));
-    let training =
-        clean(history.chain(training_pairs(ctx)?.into_iter().map(|(task, code)| (task, code, false))).collect());
+    let training = clean(history_pairs(ctx)?, training_pairs(ctx)?);
     let duplicates = near_duplicates(&training);
     if !duplicates.is_empty() {
         let named: Vec<String> = duplicates.iter().map(|(a, b, alike)| format!("{a} ~ {b} ({alike:.2})")).collect();
@@ -297,20 +296,26 @@ pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
 mod tests {
     use super::*;
 
-    fn pair(task: &str, code: &str, from_history: bool) -> (Task, String, bool) {
-        (Task::example(task), code.to_string(), from_history)
+    fn pair(task: &str, code: &str) -> (Task, String) {
+        (Task::example(task), code.to_string())
     }
 
     #[test]
-    fn one_pair_per_task_the_newest() {
-        let cleaned = clean(vec![
-            pair("a", "def f():\n    return 1\n", true),
-            pair("b", "def g():\n    return 2\n", true),
-            pair("a", "def f():\n    return 3\n", false),
-        ]);
+    fn the_newest_pairs_of_a_task_replace_its_history() {
+        let history = vec![pair("a", "def f():\n    return 1\n"), pair("b", "def g():\n    return 2\n")];
+        let data = vec![pair("a", "def f():\n    return 3\n"), pair("c", "x = 1\n"), pair("c", "x = 2\n")];
+        let cleaned = clean(history, data);
         let kept: Vec<(&str, &str, bool)> =
             cleaned.iter().map(|(t, code, history)| (t.task_id.as_str(), code.as_str(), *history)).collect();
-        assert_eq!(kept, [("b", "def g():\n    return 2\n", true), ("a", "def f():\n    return 3\n", false)]);
+        assert_eq!(
+            kept,
+            [
+                ("b", "def g():\n    return 2\n", true),
+                ("a", "def f():\n    return 3\n", false),
+                ("c", "x = 1\n", false),
+                ("c", "x = 2\n", false)
+            ]
+        );
     }
 
     #[test]
@@ -323,11 +328,8 @@ mod tests {
     #[test]
     fn near_duplicates_are_named() {
         let long = "def total(values):\n    result = 0\n    for value in values:\n        result += value\n    return result\n";
-        let pairs = vec![
-            pair("a", long, false),
-            pair("b", &long.replace("total", "totals"), false),
-            pair("c", "x = 1\n", false),
-        ];
+        let pairs =
+            clean(vec![], vec![pair("a", long), pair("b", &long.replace("total", "totals")), pair("c", "x = 1\n")]);
         let found = near_duplicates(&pairs);
         assert_eq!(found.len(), 1);
         assert_eq!((found[0].0.as_str(), found[0].1.as_str()), ("a", "b"));
