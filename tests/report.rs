@@ -37,6 +37,14 @@ gate "as-many" metric="two.count" baseline="tasks.count" margin=0.5
     let out = seedflow(&["run", "flow.kdl", "--run-dir", "run"], dir.path());
     assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
     assert!(text(&out.stderr).contains("report: `run/report.html`"), "{}", text(&out.stderr));
+    // The run ends by saying how the evaluation compares with its baseline.
+    assert!(
+        text(&out.stderr).contains(
+            "References (summary): baseline -> evaluated: pass@1 1.000 -> 1.000 on 3 tasks (+0.0 points, 95% CI +0.0 to +0.0); 0 gained, 0 lost, McNemar p = 1.000"
+        ),
+        "{}",
+        text(&out.stderr)
+    );
     dir
 }
 

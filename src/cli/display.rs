@@ -193,7 +193,17 @@ impl EventSink for Progress {
 }
 
 /// The last word of a run on a terminal or in a log.
-pub fn conclude(outcome: &RunOutcome, file: &Path, run_dir: &Path, reported: bool) {
+pub fn conclude(
+    outcome: &RunOutcome,
+    file: &Path,
+    run_dir: &Path,
+    reported: bool,
+    comparisons: &[crate::report::Comparison],
+) {
+    // Did adaptation help: each report step's baseline against what it evaluated.
+    for comparison in comparisons {
+        eprintln!("{}: {}", comparison.label, comparison.paired);
+    }
     match outcome {
         RunOutcome::Ok => eprintln!("finished; outputs and summary.json in `{}`", run_dir.display()),
         RunOutcome::Failed(message) => {

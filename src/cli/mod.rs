@@ -358,9 +358,11 @@ fn run(args: RunArgs) -> i32 {
         engine::run(plan.clone(), options, sink, cancel).await
     });
     // The run's own report beside its summary; a report that cannot be written fails nothing.
-    let reported = crate::report::read_run(&run_dir).is_ok_and(|r| crate::report::write(&[r], &run_dir).is_ok());
+    let report = crate::report::read_run(&run_dir).ok();
+    let reported = report.as_ref().is_some_and(|r| crate::report::write(std::slice::from_ref(r), &run_dir).is_ok());
     if !ci {
-        display::conclude(&outcome, &args.file, &run_dir, reported);
+        let comparisons = report.as_ref().map_or(&[][..], |r| &r.comparisons[..]);
+        display::conclude(&outcome, &args.file, &run_dir, reported, comparisons);
     }
     outcome.exit_code()
 }

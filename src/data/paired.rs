@@ -36,6 +36,27 @@ pub struct Paired {
     pub ci_high: f64,
 }
 
+/// One line: "pass@1 0.320 -> 0.410 on 50 tasks (+9.0 points, 95% CI +2.0 to +16.0); 7 gained,
+/// 2 lost, McNemar p = 0.180".
+impl std::fmt::Display for Paired {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let points = |v: f64| format!("{:+.1}", v * 100.0);
+        write!(
+            f,
+            "pass@1 {:.3} -> {:.3} on {} tasks ({} points, 95% CI {} to {}); {} gained, {} lost, McNemar p = {:.3}",
+            self.before,
+            self.after,
+            self.tasks,
+            points(self.after - self.before),
+            points(self.ci_low),
+            points(self.ci_high),
+            self.gained,
+            self.lost,
+            self.p_value
+        )
+    }
+}
+
 /// Each task's pass@1: the share of its samples that passed.
 pub fn pass_rates(verdicts: &[Verdict]) -> BTreeMap<String, f64> {
     let mut counts: BTreeMap<String, (usize, usize)> = BTreeMap::new();

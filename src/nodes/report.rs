@@ -4,6 +4,7 @@ use std::fmt::Write;
 use serde::Serialize;
 
 use crate::data::paired::{self, Paired};
+
 use crate::data::{Status, Verdict, pass_at_k};
 use crate::dsl::schema::{Artifact, KindSpec, Role, ValueType, optional, required, unset};
 use crate::engine::context::{Context, Outcome, StepError};
@@ -88,28 +89,10 @@ pub fn summarise(title: &str, verdicts: &[Verdict], ks: &[usize]) -> Report {
     }
 }
 
-/// One line on a paired comparison: "pass@1 0.320 -> 0.410 on 50 tasks (+9.0 points, 95% CI
-/// +2.0 to +16.0); 7 gained, 2 lost, McNemar p = 0.180".
-pub fn paired_line(paired: &Paired) -> String {
-    let points = |v: f64| format!("{:+.1}", v * 100.0);
-    format!(
-        "pass@1 {:.3} -> {:.3} on {} tasks ({} points, 95% CI {} to {}); {} gained, {} lost, McNemar p = {:.3}",
-        paired.before,
-        paired.after,
-        paired.tasks,
-        points(paired.after - paired.before),
-        points(paired.ci_low),
-        points(paired.ci_high),
-        paired.gained,
-        paired.lost,
-        paired.p_value
-    )
-}
-
 pub fn markdown(report: &Report) -> String {
     let mut out = format!("# {}\n\n", report.title);
     if let Some(paired) = &report.baseline {
-        let _ = writeln!(out, "Against the baseline: {}.\n", paired_line(paired));
+        let _ = writeln!(out, "Against the baseline: {paired}.\n");
     }
     let _ = write!(out, "{} tasks, {} samples.\n\n| metric | value |\n|---|---|\n", report.tasks, report.samples);
     for (name, value) in &report.pass_at_k {
