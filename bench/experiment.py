@@ -162,8 +162,8 @@ def main():
         lines.append(f"| {label} | {samples} | {pass1:.3f} | {gain(pass1, direct)} | {gain(pass1, finetune)} | {wall} |")
     lines += ["", "Paired, task by task on the same test problems (from `seedflow report`):", ""]
     lines += paired_rows(binary, [(label, run_dir) for label, run_dir, _ in arms])
-    lines += ["", "SEED's revisions by iteration (`revised`: passing, one per problem, copies of the reference dropped):", "",
-              "| iteration | errors | revisions kept | copies dropped | own-edit share |", "|---|---|---|---|---|"]
+    lines += ["", "SEED's revisions by iteration (`revised`: one passing revision per problem, an own-code edit where one passed):", "",
+              "| iteration | errors | revisions kept | passing copies of the reference | own-edit share of those kept |", "|---|---|---|---|---|"]
     for loop in seed_run["loops"]:
         for iteration in loop["iterations"]:
             steps = {s["step"]: s["metrics"] for s in iteration["steps"]}

@@ -60,7 +60,7 @@ fn check_reports_validity_with_exit_codes() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let out = seedflow(&["check", "workflows/seed.kdl"], root);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    assert_eq!(text(&out.stdout), "`seed-mbpp` is valid: 16 steps, 1 model\n");
+    assert_eq!(text(&out.stdout), "`seed` is valid: 16 steps, 1 model\n");
 
     let out = seedflow(&["check", "tests/fixtures/invalid/unknown-property.kdl"], root);
     assert_eq!(out.status.code(), Some(2));
