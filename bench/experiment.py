@@ -48,6 +48,7 @@ DATA_SETS = (
 )
 SEED = [f"train.limit={TRAIN}", f"adapt.max-iterations={ITERATIONS}", *DATA_SETS]
 # (label, run name, workflow, overrides beyond the test size)
+DIRECT = ("direct generation", "baseline-direct", "baseline-direct", DATA_SETS)
 ARMS = [
     ("direct fine-tuning", "baseline-finetune", "baseline-finetune", [f"train.limit={TRAIN}", *DATA_SETS]),
     ("SEED", "seed", "seed", SEED),
@@ -127,6 +128,10 @@ def main():
     binary = seedflow_binary()
     OUT.mkdir(parents=True, exist_ok=True)
     arms = ARMS + [CONTINUE] if os.environ.get("CONTINUE") == "1" else ARMS
+    # Runs made before the SEED workflow evaluated the base model (bench/results' MBPP runs) have
+    # direct generation as an arm of its own.
+    if (OUT / DIRECT[1]).exists():
+        arms = [DIRECT, *arms]
     only = os.environ.get("ONLY")
     if only:
         # One arm at a time, for a run too long for one sitting; the table needs them all.
@@ -141,11 +146,12 @@ def main():
     report_dir = OUT / "report"
     subprocess.run([binary, "report", *[run_dir for _, run_dir, _ in arms], "--out", report_dir], check=True, stdout=subprocess.DEVNULL)
     reported = json.loads((report_dir / "report.json").read_text())
-    seed_run = dict(zip([name for _, name, _, _ in ARMS], reported))["seed"]
+    runs = dict(zip([label for label, _, _ in arms], reported))
     evaluation = lambda run, step: next(e for e in run["evaluations"] if e["step"] == step)["scores"]["pass@1"]
-    rows = [("direct generation (SEED run's base-scores)", 0, evaluation(seed_run, "base-scores"), None)]
+    rows = [] if DIRECT[0] in runs else [("direct generation (SEED run's base-scores)", 0, evaluation(runs["SEED"], "base-scores"), None)]
     for (label, run_dir, seconds), run in zip(arms, reported):
         rows.append((label, run["training_examples"], evaluation(run, "scores"), seconds))
+    seed_run = runs["SEED"]
 
     direct, finetune = rows[0][2], rows[1][2]
     gain = lambda value, base: f"{value - base:+.3f} ({(value - base) / base:+.0%})" if base > 0 else "n/a"
