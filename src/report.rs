@@ -246,7 +246,8 @@ fn baseline_comparison(step: &str, meta: &Meta) -> Option<Comparison> {
     Some(Comparison {
         label: format!("{title} ({step}): baseline -> evaluated"),
         paired: Paired {
-            tasks: metric("count")? as usize,
+            // Runs from before `compared` was published compared all their tasks.
+            tasks: metric("compared").or(metric("count"))? as usize,
             before: metric("baseline-pass@1")?,
             after: metric("pass@1")?,
             gained: metric("gained")? as usize,

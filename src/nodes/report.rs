@@ -4,7 +4,6 @@ use std::fmt::Write;
 use serde::Serialize;
 
 use crate::data::paired::{self, Paired};
-
 use crate::data::{Status, Verdict, pass_at_k};
 use crate::dsl::schema::{Artifact, KindSpec, Role, ValueType, optional, required, unset};
 use crate::engine::context::{Context, Outcome, StepError};
@@ -19,8 +18,8 @@ pub static SPEC: KindSpec = KindSpec {
           example the base model's verdicts on the same tasks), the report leads with the \
           comparison, task by task on the tasks both evaluated: pass@1 before -> after, the tasks \
           gained and lost, the exact McNemar p-value of those flips and a 95% bootstrap \
-          confidence interval of the difference (published as `baseline-pass@1`, `gained`, \
-          `lost`, `p-value`, `gain-low`, `gain-high`). Writes `report.json`, `report.md` and \
+          confidence interval of the difference (published as `compared` (the tasks both \
+          evaluated), `baseline-pass@1`, `gained`, `lost`, `p-value`, `gain-low`, `gain-high`). Writes `report.json`, `report.md` and \
           `junit.xml` (one test case per sample) as chosen by `formats`.",
     properties: &[
         required("from", ValueType::Input(&[Artifact::Verdicts]), "The verdicts to report on."),
@@ -43,6 +42,7 @@ pub static SPEC: KindSpec = KindSpec {
         "samples",
         "pass-rate",
         "pass@k",
+        "compared",
         "baseline-pass@1",
         "gained",
         "lost",
@@ -170,6 +170,7 @@ pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
     metrics.insert("pass-rate".into(), if report.samples == 0 { 0.0 } else { passed as f64 / report.samples as f64 });
     if let Some(p) = &report.baseline {
         for (name, value) in [
+            ("compared", p.tasks as f64),
             ("baseline-pass@1", p.before),
             ("gained", p.gained as f64),
             ("lost", p.lost as f64),

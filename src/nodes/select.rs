@@ -119,7 +119,8 @@ pub fn select(
             }
         }
         if own_code == OwnCode::Prefer {
-            candidates.sort_by_key(is_copy);
+            // Cached: each key is two edit distances.
+            candidates.sort_by_cached_key(is_copy);
         }
         if per_task > 0 {
             candidates.truncate(per_task);
