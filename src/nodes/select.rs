@@ -77,57 +77,73 @@ pub enum Prefer {
     MinEditDistance,
 }
 
-/// Whether a verdict's sample is a revision that copies its task's reference.
-fn is_copy(verdict: &Verdict) -> bool {
-    verdict.sample.own_edit() == Some(false)
+/// What `select` chose, with the own-code figures it publishes.
+pub struct Selection {
+    pub chosen: Vec<Verdict>,
+    /// Copies of the reference among the verdicts the status filter kept.
+    pub copies: usize,
+    /// Of the chosen, the revisions judged (their task has a reference) and the own-code edits.
+    pub judged: usize,
+    pub own_edits: usize,
 }
 
-/// Filters and ranks verdicts; pure, so it is tested without a run.
+/// Filters and ranks verdicts; pure, so it is tested without a run. Whether a revision is an
+/// own-code edit costs two edit distances, so it is judged once per verdict.
 pub fn select(
     verdicts: Vec<Verdict>,
     filter: &StatusFilter,
     own_code: OwnCode,
     per_task: usize,
     prefer: Prefer,
-) -> Vec<Verdict> {
+) -> Selection {
     let mut order: Vec<String> = vec![];
-    let mut by_task: BTreeMap<String, Vec<Verdict>> = BTreeMap::new();
-    let kept = |v: &Verdict| filter.accepts(v.status) && !(own_code == OwnCode::Require && is_copy(v));
-    for verdict in verdicts.into_iter().filter(kept) {
+    let mut by_task: BTreeMap<String, Vec<(Verdict, Option<bool>)>> = BTreeMap::new();
+    let mut copies = 0;
+    for verdict in verdicts.into_iter().filter(|v| filter.accepts(v.status)) {
+        let own = verdict.sample.own_edit();
+        if own == Some(false) {
+            copies += 1;
+            if own_code == OwnCode::Require {
+                continue;
+            }
+        }
         let task = verdict.sample.task_id.clone();
         if !by_task.contains_key(&task) {
             order.push(task.clone());
         }
-        by_task.entry(task).or_default().push(verdict);
+        by_task.entry(task).or_default().push((verdict, own));
     }
-    let mut out = vec![];
+    let mut selection = Selection { chosen: vec![], copies, judged: 0, own_edits: 0 };
     for task in order {
         let mut candidates = by_task.remove(&task).unwrap_or_default();
         // Stable sorts: ties keep their order.
         match prefer {
             Prefer::First => {}
             Prefer::HighestLogprob => {
-                candidates.sort_by(|a, b| {
+                candidates.sort_by(|(a, _), (b, _)| {
                     let score = |v: &Verdict| v.sample.logprob.unwrap_or(f64::NEG_INFINITY);
                     score(b).total_cmp(&score(a))
                 });
             }
             Prefer::MinEditDistance => {
-                candidates.sort_by_cached_key(|v| {
+                candidates.sort_by_cached_key(|(v, _)| {
                     v.sample.parent.as_ref().map_or(0, |p| strsim::levenshtein(&p.code, &v.sample.code))
                 });
             }
         }
         if own_code == OwnCode::Prefer {
-            // Cached: each key is two edit distances.
-            candidates.sort_by_cached_key(is_copy);
+            candidates.sort_by_key(|(_, own)| *own == Some(false));
         }
         if per_task > 0 {
             candidates.truncate(per_task);
         }
-        out.extend(candidates);
+        for (verdict, own) in candidates {
+            selection.judged += usize::from(own.is_some());
+            selection.own_edits += usize::from(own == Some(true));
+            selection.chosen.push(verdict);
+        }
     }
-    out
+    selection
 }
 
 pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
@@ -142,8 +158,7 @@ pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
     };
     let per_task = ctx.props.integer("per-task").unwrap_or(1) as usize;
     let own_code = ctx.props.text("own-code").and_then(OwnCode::parse).unwrap_or(OwnCode::Prefer);
-    let copies = verdicts.iter().filter(|v| filter.accepts(v.status) && is_copy(v)).count();
-    let chosen = select(verdicts, filter, own_code, per_task, prefer);
+    let Selection { chosen, copies, judged, own_edits } = select(verdicts, filter, own_code, per_task, prefer);
     let tasks = chosen.iter().map(|v| v.sample.task_id.as_str()).collect::<std::collections::BTreeSet<_>>().len();
     let (mut writer, _) = ctx.records()?;
     writer.append(&chosen)?;
@@ -154,10 +169,8 @@ pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
         ("copies".to_string(), copies as f64),
     ]
     .into();
-    let judged: Vec<bool> = chosen.iter().filter_map(|v| v.sample.own_edit()).collect();
-    if !judged.is_empty() {
-        let own = judged.iter().filter(|own| **own).count();
-        metrics.insert("own-edit-share".into(), own as f64 / judged.len() as f64);
+    if judged > 0 {
+        metrics.insert("own-edit-share".into(), own_edits as f64 / judged as f64);
     }
     Ok(Outcome { metrics, gate_failure: None })
 }
@@ -186,8 +199,8 @@ mod tests {
         }
     }
 
-    fn ids(verdicts: &[Verdict]) -> Vec<&str> {
-        verdicts.iter().map(|v| v.sample.sample_id.as_str()).collect()
+    fn ids(selection: &Selection) -> Vec<&str> {
+        selection.chosen.iter().map(|v| v.sample.sample_id.as_str()).collect()
     }
 
     #[test]
