@@ -36,11 +36,12 @@ from generate import CACHE, ROOT, seedflow_binary
 TRAIN = int(os.environ.get("TRAIN", 20))
 TEST = int(os.environ.get("TEST", 100))
 ITERATIONS = int(os.environ.get("ITERATIONS", 2))
-DATA = Path(os.environ["DATA"]).resolve() if os.environ.get("DATA") else None
+DATA = Path(os.environ["DATA"]) if os.environ.get("DATA") else None
 SIZES = f"train{TRAIN}-test{TEST}-it{ITERATIONS}"
 OUT = Path(os.environ.get("OUT", CACHE / "bench" / "experiment" / (f"{DATA.name}-{SIZES}" if DATA else SIZES)))
 
-# A user's own tasks, the way the README tells users to give them.
+# A user's own tasks, the way the README tells users to give them (paths as given, relative to
+# the current directory as `--set` paths are).
 DATA_SETS = (
     [f"{split}.{key}={value}" for split in ("train", "test") for key, value in
      (("path", DATA / f"{split}.jsonl"), ("format", "jsonl"))]
