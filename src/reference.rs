@@ -23,7 +23,7 @@ pub fn language_reference() -> String {
          booleans are `#true` and `#false`.\n\n",
     );
     out.push_str("| kind | what it is | produces |\n|---|---|---|\n");
-    for kind in KINDS {
+    for kind in KINDS.iter().map(|k| k.spec) {
         let produces = match kind.role {
             Role::Workflow => "—".to_string(),
             Role::Model => "a model, used with `model=`".to_string(),
@@ -33,7 +33,7 @@ pub fn language_reference() -> String {
         let first_sentence = kind.doc.split(". ").next().unwrap_or(kind.doc).trim_end_matches('.');
         let _ = writeln!(out, "| [`{0}`](#{0}) | {first_sentence}. | {produces} |", kind.name);
     }
-    for kind in KINDS {
+    for kind in KINDS.iter().map(|k| k.spec) {
         let _ = write!(out, "\n## `{}`\n\n{}\n\n", kind.name, kind.doc);
         if kind.properties.is_empty() {
             out.push_str("No properties.\n\n");

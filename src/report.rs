@@ -12,8 +12,8 @@ use serde::Serialize;
 
 use crate::data::Verdict;
 use crate::data::paired::{self, Paired};
-use crate::engine::cache::{Meta, Metrics, StepStatus};
-use crate::engine::files::{META, write_atomic};
+use crate::store::meta::{Meta, Metrics, StepStatus};
+use crate::store::{META, write_atomic};
 
 #[derive(Debug, thiserror::Error, miette::Diagnostic)]
 pub enum ReportError {
@@ -199,7 +199,7 @@ pub fn read_run(dir: &Path) -> Result<Run, ReportError> {
                         .filter(|(k, _)| k.starts_with("pass@") || *k == "pass-rate")
                         .map(|(k, v)| (k.clone(), *v))
                         .collect(),
-                    pass_rates: crate::engine::files::read_records::<Verdict>(&dir.join(name).join("output.jsonl"))
+                    pass_rates: crate::store::read_records::<Verdict>(&dir.join(name).join("output.jsonl"))
                         .map(|verdicts| paired::pass_rates(&verdicts))
                         .unwrap_or_default(),
                 }),
@@ -321,7 +321,7 @@ fn time(text: &str) -> Option<SystemTime> {
 
 /// The loss curve a `finetune-lora` step wrote as its output records (none if unreadable).
 fn loss_curve(step_dir: &Path) -> Vec<(u64, f64)> {
-    crate::engine::files::read_records::<crate::train::StepRecord>(&step_dir.join("output.jsonl"))
+    crate::store::read_records::<crate::train::StepRecord>(&step_dir.join("output.jsonl"))
         .unwrap_or_default()
         .into_iter()
         .map(|r| (r.step as u64, r.loss))

@@ -61,7 +61,7 @@ fn the_language_reference_is_current() {
 
 #[test]
 fn every_kind_is_documented_with_a_working_example() {
-    for kind in seedflow::nodes::KINDS {
+    for kind in seedflow::nodes::KINDS.iter().map(|k| k.spec) {
         assert!(!kind.doc.is_empty() && !kind.example.is_empty(), "`{}` needs docs and an example", kind.name);
         assert!(kind.example.contains(kind.name), "the example of `{}` does not use it", kind.name);
         for property in kind.properties {
@@ -142,4 +142,49 @@ fn the_ci_example_runs_a_valid_workflow_and_uploads_its_outputs() {
         };
         assert!(steps.iter().any(|s| s == step), "the upload names `{path}`, but the workflow has no step `{step}`");
     }
+}
+
+/// Every property name a step's code reads is one of its kind's properties: the checker gives
+/// each declared property a value (its default lives in the schema alone), so a misspelt name
+/// here would fail every run of the step, and this finds it first.
+#[test]
+fn steps_read_only_the_properties_their_kind_declares() {
+    const READERS: &[&str] = &[
+        "ctx.integer(",
+        "ctx.number(",
+        "ctx.flag(",
+        "ctx.text(",
+        "ctx.choice(",
+        "ctx.value(",
+        "ctx.read(",
+        "ctx.input(",
+        "props.integer(",
+        "props.number(",
+        "props.boolean(",
+        "props.text(",
+        "props.get(",
+        "props.list(",
+        "props.integers(",
+        "props.file(",
+        "inputs.get(",
+        "inputs.contains_key(",
+        " int(",
+    ];
+    let mut read = 0;
+    for kind in seedflow::nodes::KINDS.iter().map(|k| k.spec) {
+        let path = format!("src/nodes/{}.rs", kind.name.replace('-', "_"));
+        let code = std::fs::read_to_string(&path).unwrap();
+        let code = code.split("#[cfg(test)]\nmod tests").next().unwrap();
+        for reader in READERS {
+            for (at, _) in code.match_indices(reader) {
+                let Some(name) = code[at + reader.len()..].strip_prefix('"').and_then(|rest| rest.split('"').next())
+                else {
+                    continue; // a name held in a variable
+                };
+                assert!(kind.property(name).is_some(), "{path} reads `{name}`, which `{}` does not declare", kind.name);
+                read += 1;
+            }
+        }
+    }
+    assert!(read >= 40, "found only {read} property reads: has the code's style changed?");
 }

@@ -119,7 +119,7 @@ fn check_parity(architecture: Architecture) {
 
     // Train an adapter for a few steps (so B is no longer zero), export it, and load it into
     // llama.cpp.
-    let lora = Lora::new(&base, 4, 8.0, &Target::ALL, 1).unwrap();
+    let lora = Lora::new(&base, 4, 8.0, &Target::all(), 1).unwrap();
     train::train(&base, &lora, &examples(), &settings_for(3, 0.02), None, &|| false, &mut |_, _| {}).unwrap();
     let adapter = model.with_extension("adapter.gguf");
     lora.save_gguf(&adapter, architecture).unwrap();
@@ -152,8 +152,8 @@ fn llama_forward_matches_llama_cpp_with_and_without_an_adapter() {
 fn every_lora_matrix_of_every_layer_gets_a_gradient_and_the_loss_falls() {
     let model = tiny_model(Architecture::Qwen2);
     let base = Base::load(&model).unwrap();
-    let lora = Lora::new(&base, 4, 8.0, &Target::ALL, 2).unwrap();
-    assert_eq!(lora.pairs.len(), LAYERS * Target::ALL.len());
+    let lora = Lora::new(&base, 4, 8.0, &Target::all(), 2).unwrap();
+    assert_eq!(lora.pairs.len(), LAYERS * Target::NAMES.len());
     // One step first: with B zero, A's gradient is zero by construction (PEFT's start).
     let records =
         train::train(&base, &lora, &examples(), &settings_for(12, 0.01), None, &|| false, &mut |_, _| {}).unwrap();
@@ -192,7 +192,7 @@ fn an_interrupted_training_resumes_from_its_checkpoint_and_ends_as_an_uninterrup
     let base = Base::load(&model).unwrap();
     let mut settings = settings_for(3, 0.01);
     settings.dropout = 0.1;
-    let fresh = || Lora::new(&base, 4, 8.0, &Target::ALL, 5).unwrap();
+    let fresh = || Lora::new(&base, 4, 8.0, &Target::all(), 5).unwrap();
     let b_matrices =
         |lora: &Lora| lora.pairs.values().map(|p| p.b.as_tensor().to_vec2::<f32>().unwrap()).collect::<Vec<_>>();
     let losses = |records: &[train::StepRecord]| records.iter().map(|r| (r.step, r.loss)).collect::<Vec<_>>();
@@ -235,7 +235,7 @@ fn an_interrupted_training_resumes_from_its_checkpoint_and_ends_as_an_uninterrup
         .to_string();
     assert!(error.contains("checkpoint") && error.contains("does not fit"), "{error}");
     // So is a rank no projection has room for, before anything is allocated for it.
-    let error = Lora::new(&base, usize::MAX / 2, 8.0, &Target::ALL, 5).err().unwrap().to_string();
+    let error = Lora::new(&base, usize::MAX / 2, 8.0, &Target::all(), 5).err().unwrap().to_string();
     assert!(error.contains("is larger than either side of the model's `attn_q` projection"), "{error}");
     for _ in [std::fs::remove_file(&model), std::fs::remove_file(&checkpoint)] {}
 }

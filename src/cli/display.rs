@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
 use crate::engine::RunOutcome;
-use crate::engine::cache::Metrics;
 use crate::engine::events::{Event, EventSink};
+use crate::store::meta::Metrics;
 
 /// One JSON object per line on stdout; documented in the README.
 pub struct JsonLines;

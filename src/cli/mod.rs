@@ -333,7 +333,7 @@ fn run(args: RunArgs) -> i32 {
     }
     let workers =
         args.workers.map_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get().min(256)), usize::from);
-    let options = RunOptions { run_dir: run_dir.clone(), resume: args.resume, workers };
+    let options = RunOptions { run_dir: run_dir.clone(), resume: args.resume, workers, kinds: crate::nodes::KINDS };
     let sink: Arc<dyn engine::events::EventSink> = if ci {
         Arc::new(display::JsonLines)
     } else if std::io::stderr().is_terminal() {

@@ -15,23 +15,11 @@ use serde_json::Value as Json;
 
 use super::{Task, TaskStyle};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Format {
-    Mbpp,
-    Humaneval,
-    Jsonl,
-}
-
-impl Format {
-    pub const NAMES: &'static [&'static str] = &["mbpp", "humaneval", "jsonl"];
-
-    pub fn parse(name: &str) -> Option<Format> {
-        match name {
-            "mbpp" => Some(Format::Mbpp),
-            "humaneval" => Some(Format::Humaneval),
-            "jsonl" => Some(Format::Jsonl),
-            _ => None,
-        }
+crate::choice! {
+    pub enum Format {
+        Mbpp = "mbpp",
+        Humaneval = "humaneval",
+        Jsonl = "jsonl",
     }
 }
 

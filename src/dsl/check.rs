@@ -8,9 +8,8 @@ use super::ast::{Literal, Node, Property, Sources, Span, Spanned};
 use super::diagnostics::{Code, Problems, did_you_mean};
 use super::expr::Expr;
 use super::lower::{Location, resolve};
-use super::schema::{KindSpec, Props, Role, StatusFilter, Value, ValueType};
+use super::schema::{KindSpec, Props, Role, StatusFilter, Value, ValueType, Vocabulary};
 use crate::data::Status;
-use crate::nodes;
 
 /// A node that passed its schema.
 #[derive(Debug, Clone)]
@@ -42,10 +41,10 @@ pub struct Checked {
     pub broken: Vec<String>,
 }
 
-pub fn check(nodes: &[Node], sources: &Sources, problems: &mut Problems) -> Checked {
+pub fn check(nodes: &[Node], vocabulary: &Vocabulary, sources: &Sources, problems: &mut Problems) -> Checked {
     let mut checked = Checked::default();
     for node in nodes {
-        let Some(declaration) = check_node(node, sources, problems, false) else {
+        let Some(declaration) = check_node(node, vocabulary, sources, problems, false) else {
             checked.broken.extend(node.name_str().map(str::to_string));
             continue;
         };
@@ -90,9 +89,15 @@ fn check_duplicates(checked: &Checked, sources: &Sources, problems: &mut Problem
     }
 }
 
-fn check_node(node: &Node, sources: &Sources, problems: &mut Problems, in_loop: bool) -> Option<Declaration> {
+fn check_node(
+    node: &Node,
+    vocabulary: &Vocabulary,
+    sources: &Sources,
+    problems: &mut Problems,
+    in_loop: bool,
+) -> Option<Declaration> {
     let kind = node.kind.value.as_str();
-    let Some(spec) = nodes::kind(kind) else {
+    let Some(spec) = vocabulary.kind(kind) else {
         let mut builder = problems.at(
             sources,
             Code::UnknownKind,
@@ -100,11 +105,11 @@ fn check_node(node: &Node, sources: &Sources, problems: &mut Problems, in_loop: 
             format!("unknown node kind `{kind}`"),
             "not a node kind",
         );
-        builder = match did_you_mean(kind, nodes::KINDS.iter().map(|k| k.name)) {
+        builder = match did_you_mean(kind, vocabulary.kinds().iter().map(|k| k.name)) {
             Some(best) => builder.help(format!("did you mean `{best}`?")),
             None => builder.help(format!(
                 "node kinds are: {}",
-                nodes::KINDS.iter().map(|k| k.name).collect::<Vec<_>>().join(", ")
+                vocabulary.kinds().iter().map(|k| k.name).collect::<Vec<_>>().join(", ")
             )),
         };
         drop(builder);
@@ -236,7 +241,7 @@ fn check_node(node: &Node, sources: &Sources, problems: &mut Problems, in_loop: 
     let mut body = vec![];
     if spec.role == Role::Loop {
         for child in &node.children {
-            if let Some(step) = check_node(child, sources, problems, true) {
+            if let Some(step) = check_node(child, vocabulary, sources, problems, true) {
                 body.push(step);
             }
         }

@@ -15,8 +15,14 @@ pub use diagnostics::{Code, Problem, Problems};
 
 /// Reads, imports, overrides and checks the workflow at `path`. All problems of the text are
 /// collected; the result is usable only when `problems` is empty.
-pub fn load(path: &Path, overrides: &[String], sources: &mut Sources, problems: &mut Problems) -> Checked {
+pub fn load(
+    path: &Path,
+    overrides: &[String],
+    vocabulary: &schema::Vocabulary,
+    sources: &mut Sources,
+    problems: &mut Problems,
+) -> Checked {
     let mut nodes = lower::load_file(path, sources, problems);
     lower::apply_overrides(&mut nodes, overrides, sources, problems);
-    check::check(&nodes, sources, problems)
+    check::check(&nodes, vocabulary, sources, problems)
 }

@@ -230,6 +230,28 @@ impl KindSpec {
     }
 }
 
+/// The node kinds a workflow may use. The steps' side declares them and hands them to the
+/// language and the plan as a value, so neither depends on the steps.
+#[derive(Debug, Clone)]
+pub struct Vocabulary {
+    kinds: Vec<&'static KindSpec>,
+}
+
+impl Vocabulary {
+    pub fn new(kinds: impl IntoIterator<Item = &'static KindSpec>) -> Self {
+        Vocabulary { kinds: kinds.into_iter().collect() }
+    }
+
+    pub fn kind(&self, name: &str) -> Option<&'static KindSpec> {
+        self.kinds.iter().find(|k| k.name == name).copied()
+    }
+
+    /// Every kind, in the order the language reference lists them.
+    pub fn kinds(&self) -> &[&'static KindSpec] {
+        &self.kinds
+    }
+}
+
 /// Which statuses a `select` keeps.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct StatusFilter {

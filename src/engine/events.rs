@@ -3,7 +3,8 @@
 
 use serde::Serialize;
 
-use super::cache::Metrics;
+use crate::nodes::context::Reporter;
+use crate::store::meta::Metrics;
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "event", rename_all = "kebab-case")]
@@ -87,5 +88,18 @@ impl EventSink for Collect {
 impl Collect {
     pub fn events(&self) -> Vec<Event> {
         self.0.lock().map(|e| e.clone()).unwrap_or_default()
+    }
+}
+
+/// A step's progress and messages, as the run's events.
+pub struct Forward(pub std::sync::Arc<dyn EventSink>);
+
+impl Reporter for Forward {
+    fn progress(&self, step: &str, iteration: Option<u32>, done: u64, total: u64, status: Option<String>) {
+        self.0.emit(&Event::StepProgress { step: step.to_string(), iteration, done, total, status });
+    }
+
+    fn message(&self, step: &str, iteration: Option<u32>, message: &str) {
+        self.0.emit(&Event::StepMessage { step: step.to_string(), iteration, message: message.to_string() });
     }
 }

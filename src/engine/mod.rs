@@ -4,9 +4,7 @@
 //! directory of the run directory, and `summary.json` is rewritten after every step.
 
 pub mod cache;
-pub mod context;
 pub mod events;
-pub mod files;
 mod summary;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -18,14 +16,16 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use cache::{Decision, KeyParts, Meta, StepStatus};
-use context::{Context, Outcome, Output, StepError};
-use events::{Event, EventSink};
+use cache::Decision;
+use events::{Event, EventSink, Forward};
 use summary::{StepSummary, Summary};
 
 use crate::dsl::schema::{Artifact, Role, Value, ValueType};
-use crate::nodes::{self, Resource};
+use crate::nodes::context::{Context, Outcome, Output, StepError};
+use crate::nodes::{Holds, Kind};
 use crate::plan::{Graph, Plan, PlannedStep, Source};
+use crate::store as files;
+use crate::store::meta::{KeyParts, Meta, StepStatus, file_identity};
 
 /// How a run ended; the CLI maps it to an exit code.
 #[derive(Debug, Clone, PartialEq)]
@@ -62,6 +62,8 @@ pub struct RunOptions {
     pub resume: bool,
     /// Parallel sandbox workers.
     pub workers: usize,
+    /// The step kinds the run may use: [`nodes::KINDS`].
+    pub kinds: &'static [Kind],
 }
 
 /// What a step of a scope produced.
@@ -414,10 +416,12 @@ impl Engine {
         self.events.emit(&Event::StepStarted { step: name.clone(), iteration, reason });
         self.record(scope, &name, StepSummary::running());
 
-        let Some(runner) = nodes::runner(step.kind()) else {
+        let Some((kind, runner)) =
+            self.options.kinds.iter().find(|k| k.spec.name == step.kind()).and_then(|k| Some((k, k.run?)))
+        else {
             return Err(self.fail(scope, &name, format!("`{}` steps cannot run", step.kind())));
         };
-        let _permit = self.permit(step).await;
+        let _permit = self.permit(kind, step).await;
         let context = Context {
             step: name.clone(),
             iteration,
@@ -432,7 +436,7 @@ impl Engine {
             workers: self.options.workers,
             finish_partial: decision == Decision::Finish,
             cancel: self.cancel.clone(),
-            events: self.events.clone(),
+            reporter: Arc::new(Forward(self.events.clone())),
         };
         let clock = Instant::now();
         let result = tokio::task::spawn_blocking(move || {
@@ -496,17 +500,18 @@ impl Engine {
 
     /// Waits for the resource the step needs: one decode stream per model, sandbox workers up
     /// to the number of cores, training alone.
-    async fn permit(&self, step: &PlannedStep) -> Option<tokio::sync::OwnedSemaphorePermit> {
-        let semaphore = match nodes::resource(step) {
-            Resource::None => return None,
+    async fn permit(&self, kind: &Kind, step: &PlannedStep) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let semaphore = match kind.holds {
+            Holds::Nothing => return None,
             // An execute step runs programs on every worker, so it takes them all.
-            Resource::Sandbox => {
+            Holds::Sandbox => {
                 return self.sandbox.clone().acquire_many_owned(self.options.workers.max(1) as u32).await.ok();
             }
-            Resource::Training => self.training.clone(),
-            Resource::Model(model) => {
+            Holds::Training => self.training.clone(),
+            Holds::Model => {
+                let Some(Value::Model(model)) = step.declaration.props.get("model") else { return None };
                 let mut models = self.models.lock().ok()?;
-                models.entry(model).or_insert_with(|| Arc::new(Semaphore::new(1))).clone()
+                models.entry(model.clone()).or_insert_with(|| Arc::new(Semaphore::new(1))).clone()
             }
         };
         semaphore.acquire_owned().await.ok()
@@ -558,14 +563,13 @@ fn key_parts(plan: &Plan, step: &PlannedStep, inputs: BTreeMap<String, String>) 
                     model_declaration.props.0.iter().map(|(k, v)| (k.clone(), keyed(plan, v))).collect();
                 params.insert(property.name.to_string(), serde_json::json!({ "name": model, "settings": settings }));
                 if let Some(path) = model_declaration.props.file("path") {
-                    let identity = cache::file_identity(path)
-                        .map_err(|e| format!("cannot read model `{}`: {e}", path.display()))?;
+                    let identity =
+                        file_identity(path).map_err(|e| format!("cannot read model `{}`: {e}", path.display()))?;
                     files.insert(format!("{}.path", property.name), identity);
                 }
             }
             (ValueType::File, Value::File(path)) => {
-                let identity =
-                    cache::file_identity(path).map_err(|e| format!("cannot read `{}`: {e}", path.display()))?;
+                let identity = file_identity(path).map_err(|e| format!("cannot read `{}`: {e}", path.display()))?;
                 files.insert(property.name.to_string(), identity);
                 params.insert(property.name.to_string(), keyed(plan, value));
             }

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use super::cache::Metrics;
+use crate::store::meta::Metrics;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct StepSummary {

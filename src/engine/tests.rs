@@ -18,14 +18,19 @@ fn plan(dir: &Path, workflow: &str, overrides: &[&str]) -> Arc<crate::plan::Plan
     std::fs::write(dir.join("data.jsonl"), DATA).unwrap();
     std::fs::write(dir.join("flow.kdl"), workflow).unwrap();
     let overrides: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
-    match crate::load_plan(&dir.join("flow.kdl"), &overrides) {
+    match load(&dir.join("flow.kdl"), &overrides) {
         Ok(plan) => Arc::new(plan),
         Err(problems) => panic!("{}", crate::dsl::diagnostics::render_plain(&problems, 100)),
     }
 }
 
+/// Plans a workflow file with the test-only step kinds.
+fn load(file: &Path, overrides: &[String]) -> Result<crate::plan::Plan, Vec<crate::dsl::Problem>> {
+    crate::load_plan_with(file, overrides, &crate::nodes::vocabulary_of(&testing::KINDS))
+}
+
 fn options(run_dir: &Path, resume: bool) -> RunOptions {
-    RunOptions { run_dir: run_dir.to_path_buf(), resume, workers: 2 }
+    RunOptions { run_dir: run_dir.to_path_buf(), resume, workers: 2, kinds: &testing::KINDS }
 }
 
 async fn run_to_end(plan: Arc<crate::plan::Plan>, run_dir: &Path, resume: bool) -> (RunOutcome, Vec<Event>) {
@@ -133,7 +138,7 @@ async fn dry_run_names_what_changed() {
     let mut data = DATA.to_string();
     data.push_str("{\"task_id\": \"c\", \"prompt\": \"r\", \"tests\": [\"assert 1\"]}\n");
     std::fs::write(dir.path().join("data.jsonl"), &data).unwrap();
-    let plan = crate::load_plan(&dir.path().join("flow.kdl"), &[]).unwrap();
+    let plan = load(&dir.path().join("flow.kdl"), &[]).unwrap();
     let lines = dry_run(&plan, &run_dir, true);
     assert_eq!((lines[0].action, lines[0].reason.as_str()), ("run", "file of `path` changed"));
     assert_eq!(lines[1].reason, "`tasks` will run first");
@@ -163,7 +168,7 @@ async fn a_moved_checkout_stays_cached() {
 }
 
 fn plan_of(dir: &Path) -> crate::plan::Plan {
-    crate::load_plan(&dir.join("flow.kdl"), &[]).unwrap()
+    load(&dir.join("flow.kdl"), &[]).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -251,6 +256,6 @@ test-batches "after" from="tasks"
     let RunOutcome::Failed(message) = outcome else { panic!("{outcome:?}") };
     assert!(message.starts_with("step `tasks` failed:") && message.contains("bad.jsonl:1"), "{message}");
     assert!(!run_dir.join("after").exists());
-    let meta = super::cache::Meta::read(&run_dir.join("tasks")).unwrap();
-    assert_eq!(meta.status, super::cache::StepStatus::Failed);
+    let meta = crate::store::meta::Meta::read(&run_dir.join("tasks")).unwrap();
+    assert_eq!(meta.status, crate::store::meta::StepStatus::Failed);
 }

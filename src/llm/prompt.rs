@@ -9,27 +9,15 @@ pub const SOLVE_VALUES: &[&str] = &["requirement", "tests", "prompt"];
 /// What `revise` fills a template with.
 pub const REVISE_VALUES: &[&str] = &["requirement", "tests", "code", "feedback", "lines", "reference", "hint"];
 
-/// How a `revise` prompt shows the task's reference solution.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ReferenceMode {
-    /// Not at all: the model fixes its code from the feedback alone.
-    Off,
-    /// As orientation, with the instruction to keep the model's own code (`{{hint}}`).
-    Hint,
-    /// As a correct solution (`{{reference}}`), which a small model mostly copies.
-    Show,
-}
-
-impl ReferenceMode {
-    pub const NAMES: &'static [&'static str] = &["off", "hint", "show"];
-
-    pub fn parse(name: &str) -> Option<ReferenceMode> {
-        match name {
-            "off" => Some(ReferenceMode::Off),
-            "hint" => Some(ReferenceMode::Hint),
-            "show" => Some(ReferenceMode::Show),
-            _ => None,
-        }
+crate::choice! {
+    /// How a `revise` prompt shows the task's reference solution.
+    pub enum ReferenceMode {
+        /// Not at all: the model fixes its code from the feedback alone.
+        Off = "off",
+        /// As orientation, with the instruction to keep the model's own code (`{{hint}}`).
+        Hint = "hint",
+        /// As a correct solution (`{{reference}}`), which a small model mostly copies.
+        Show = "show",
     }
 }
 

@@ -3,7 +3,7 @@ use std::collections::BTreeSet;
 use crate::data::TaskStyle;
 use crate::data::formats::{self, Format};
 use crate::dsl::schema::{Artifact, KindSpec, Role, ValueType, optional, required, unset};
-use crate::engine::context::{Context, Outcome, StepError};
+use crate::nodes::context::{Context, Outcome, StepError};
 
 pub static SPEC: KindSpec = KindSpec {
     name: "dataset",
@@ -40,11 +40,10 @@ pub static SPEC: KindSpec = KindSpec {
 const BATCH: usize = 256;
 
 pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
-    let format =
-        ctx.props.text("format").and_then(Format::parse).ok_or_else(|| StepError::Failed("no format".into()))?;
+    let format = ctx.choice("format")?;
     let path = ctx.props.file("path").ok_or_else(|| StepError::Failed("no path".into()))?.clone();
-    let skip = ctx.props.integer("skip").unwrap_or(0) as usize;
-    let limit = match ctx.props.integer("limit").unwrap_or(0) {
+    let skip = ctx.integer("skip")? as usize;
+    let limit = match ctx.integer("limit")? {
         0 => usize::MAX,
         n => n as usize,
     };

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use crate::data::{Sample, Status, Task, Verdict, pass_at_k};
 use crate::dsl::schema::{Artifact, KindSpec, Role, Value, ValueType, optional, required};
-use crate::engine::context::{Context, Outcome, StepError};
+use crate::nodes::context::{Context, Outcome, StepError};
 use crate::sandbox::{self, Job, Limits, Sandbox};
 
 pub static SPEC: KindSpec = KindSpec {
@@ -51,23 +51,18 @@ execute "references" code="train" timeout="5s" memory="256MiB"
 /// Samples run together before their verdicts are written.
 const BATCH: usize = 32;
 
-fn limits(ctx: &Context) -> Limits {
-    let defaults = Limits::default();
-    Limits {
-        timeout: match ctx.props.get("timeout") {
-            Some(Value::Duration(d)) => *d,
-            _ => defaults.timeout,
-        },
-        memory: match ctx.props.get("memory") {
-            Some(Value::Size(s)) => *s,
-            _ => defaults.memory,
-        },
-        output: match ctx.props.get("output") {
-            Some(Value::Size(s)) => *s as usize,
-            _ => defaults.output,
-        },
-        feedback_chars: ctx.props.integer("feedback-chars").map_or(defaults.feedback_chars, |n| n as usize),
-    }
+fn limits(ctx: &Context) -> Result<Limits, StepError> {
+    let (Value::Duration(timeout), Value::Size(memory), Value::Size(output)) =
+        (ctx.value("timeout")?, ctx.value("memory")?, ctx.value("output")?)
+    else {
+        return Err(StepError::Failed("the sandbox limits are not a duration and sizes".into()));
+    };
+    Ok(Limits {
+        timeout: *timeout,
+        memory: *memory,
+        output: *output as usize,
+        feedback_chars: ctx.integer("feedback-chars")? as usize,
+    })
 }
 
 /// The programs to run: samples as they are, or the tasks' reference solutions.
@@ -80,7 +75,7 @@ fn programs(ctx: &Context) -> Result<Vec<Sample>, StepError> {
 
 pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
     let samples = programs(ctx)?;
-    let limits = limits(ctx);
+    let limits = limits(ctx)?;
     let (mut writer, kept) = ctx.records()?;
     let mut verdicts: Vec<Verdict> = kept
         .iter()

@@ -1,7 +1,7 @@
 use crate::data::{Sample, Status, Task, Verdict};
 use crate::dsl::schema::{Artifact, KindSpec, Role, ValueType, optional, required, unset};
-use crate::engine::context::{Context, Outcome, StepError};
 use crate::llm;
+use crate::nodes::context::{Context, Outcome, StepError};
 use crate::train::{self, Base, Example, Lora, StepRecord, Target};
 
 /// Most epochs: a bound that catches a mistyped value before a training run that would not end.
@@ -62,7 +62,7 @@ pub static SPEC: KindSpec = KindSpec {
         optional("dropout", ValueType::Number { min: 0.0, max: 1.0 }, "0.0", "Dropout on the LoRA input."),
         optional(
             "targets",
-            ValueType::Choices(&["q", "k", "v", "o", "gate", "up", "down"]),
+            ValueType::Choices(Target::NAMES),
             r#""q,k,v,o,gate,up,down""#,
             "Projections that get LoRA matrices.",
         ),
@@ -112,7 +112,7 @@ fn history_pairs(ctx: &Context) -> Result<Vec<(Task, String)>, StepError> {
         return Ok(vec![]);
     };
     let path = history.dir.join(PAIRS_FILE);
-    let pairs: Vec<Pair> = crate::engine::files::read_records(&path)
+    let pairs: Vec<Pair> = crate::store::read_records(&path)
         .map_err(|e| StepError::Failed(format!("cannot read the history `{}`: {e}", path.display())))?;
     Ok(pairs.into_iter().map(|p| (p.task, p.code)).collect())
 }
@@ -201,7 +201,7 @@ pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
         .zip(&training)
         .map(|(message, (_, code, _))| (message, format!("```python\n{}\n```", code.trim_end())))
         .collect();
-    let max_length = ctx.props.integer("max-length").unwrap_or(512) as usize;
+    let max_length = ctx.integer("max-length")? as usize;
     // Examples whose prompt fills max-length are skipped; the rest are cut to it. The pairs kept
     // are what a later step's `history` takes over.
     let (mut examples, mut kept_pairs, mut history_kept) = (vec![], String::new(), 0);
@@ -217,7 +217,7 @@ pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
         kept_pairs.push_str(&pair);
         kept_pairs.push('\n');
     }
-    crate::engine::files::write_atomic(&ctx.dir.join(PAIRS_FILE), kept_pairs.as_bytes())?;
+    crate::store::write_atomic(&ctx.dir.join(PAIRS_FILE), kept_pairs.as_bytes())?;
     if examples.len() < pairs.len() {
         ctx.message(&format!(
             "{} of {} examples have prompts longer than max-length={max_length} and are skipped",
@@ -232,20 +232,20 @@ pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
         Some(init) => Lora::load_gguf(&init.dir.join(ADAPTER_FILE), &base).map_err(failed)?,
         None => {
             let targets: Vec<Target> = match ctx.props.list("targets") {
-                names if names.is_empty() => Target::ALL.to_vec(),
+                names if names.is_empty() => Target::all(),
                 names => names.iter().filter_map(|n| Target::parse(n)).collect(),
             };
-            let rank = ctx.props.integer("rank").unwrap_or(8) as usize;
-            let alpha = ctx.props.number("alpha").unwrap_or(16.0) as f32;
+            let rank = ctx.integer("rank")? as usize;
+            let alpha = ctx.number("alpha")? as f32;
             Lora::new(&base, rank, alpha, &targets, ctx.seed).map_err(failed)?
         }
     };
     let settings = train::Settings {
-        epochs: ctx.props.integer("epochs").unwrap_or(2) as usize,
-        learning_rate: ctx.props.number("learning-rate").unwrap_or(2e-4),
-        warmup: ctx.props.number("warmup").unwrap_or(0.1),
-        batch: ctx.props.integer("batch").unwrap_or(1) as usize,
-        dropout: ctx.props.number("dropout").unwrap_or(0.0) as f32,
+        epochs: ctx.integer("epochs")? as usize,
+        learning_rate: ctx.number("learning-rate")?,
+        warmup: ctx.number("warmup")?,
+        batch: ctx.integer("batch")? as usize,
+        dropout: ctx.number("dropout")? as f32,
         seed: ctx.seed,
     };
     // The loss curve is written afresh: a resumed training replays the steps its checkpoint holds.
@@ -276,7 +276,7 @@ pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
     }
 
     let last_epoch: Vec<f64> = records.iter().filter(|r| r.epoch == settings.epochs).map(|r| r.loss).collect();
-    let mut metrics: crate::engine::cache::Metrics = [
+    let mut metrics: crate::store::meta::Metrics = [
         ("steps".to_string(), records.len() as f64),
         ("examples".to_string(), examples.len() as f64),
         ("history".to_string(), history_kept as f64),

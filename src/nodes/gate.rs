@@ -1,5 +1,5 @@
 use crate::dsl::schema::{Artifact, KindSpec, Role, Value, ValueType, optional, required, unset};
-use crate::engine::context::{Context, Outcome, StepError};
+use crate::nodes::context::{Context, Outcome, StepError};
 
 pub static SPEC: KindSpec = KindSpec {
     name: "gate",
@@ -87,7 +87,7 @@ fn metric(ctx: &Context, property: &str) -> Result<Option<(String, f64)>, StepEr
 
 pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
     let (name, value) = metric(ctx, "metric")?.ok_or_else(|| StepError::Failed("no metric".into()))?;
-    let margin = ctx.props.number("margin").unwrap_or(0.0);
+    let margin = ctx.number("margin")?;
     let bounds = Bounds {
         at_least: ctx.props.number("at-least"),
         at_most: ctx.props.number("at-most"),

@@ -2,9 +2,9 @@ use std::path::PathBuf;
 
 use crate::data::{Sample, Task, TaskStyle, sample_seed};
 use crate::dsl::schema::{Artifact, KindSpec, PropertySpec, Role, ValueType, optional, required, unset};
-use crate::engine::cache::Metrics;
-use crate::engine::context::{Context, Outcome, StepError};
 use crate::llm::{self, Generated, Request, Sampling, extract, prompt};
+use crate::nodes::context::{Context, Outcome, StepError};
+use crate::store::meta::Metrics;
 
 /// Most samples per task (or revisions per error): all of a task's are held in memory together,
 /// and a pass@k estimate needs a few hundred at most.
@@ -79,21 +79,21 @@ generate "answers" model="coder" tasks="test" samples=5 temperature=0.8 top-p=0.
 };
 
 /// The sampling settings of a `generate` or `revise` step.
-pub(super) fn sampling(ctx: &Context) -> Sampling {
-    Sampling {
-        temperature: ctx.props.number("temperature").unwrap_or(0.8) as f32,
-        top_p: ctx.props.number("top-p").unwrap_or(0.95) as f32,
-        top_k: ctx.props.integer("top-k").unwrap_or(40) as i32,
-        max_tokens: ctx.props.integer("max-tokens").unwrap_or(512) as u32,
+pub(super) fn sampling(ctx: &Context) -> Result<Sampling, StepError> {
+    Ok(Sampling {
+        temperature: ctx.number("temperature")? as f32,
+        top_p: ctx.number("top-p")? as f32,
+        top_k: ctx.integer("top-k")? as i32,
+        max_tokens: ctx.integer("max-tokens")? as u32,
         stop: ctx.props.text("stop").map(|s| vec![s.to_string()]).unwrap_or_default(),
-        stop_after_code: ctx.props.boolean("stop-after-code").unwrap_or(true),
-    }
+        stop_after_code: ctx.flag("stop-after-code")?,
+    })
 }
 
 /// The adapter file of the step's `adapter` input, if it has one this iteration.
-pub(super) fn adapter(ctx: &Context) -> Option<(PathBuf, f32)> {
-    let output = ctx.inputs.get("adapter")?;
-    Some((output.dir.join(super::finetune_lora::ADAPTER_FILE), ctx.props.number("adapter-scale").unwrap_or(1.0) as f32))
+pub(super) fn adapter(ctx: &Context) -> Result<Option<(PathBuf, f32)>, StepError> {
+    let Some(output) = ctx.inputs.get("adapter") else { return Ok(None) };
+    Ok(Some((output.dir.join(super::finetune_lora::ADAPTER_FILE), ctx.number("adapter-scale")? as f32)))
 }
 
 /// The step's `template`, checked against the `values` the step fills, or `default`.
@@ -131,7 +131,7 @@ pub(super) fn sample_all(
     let kept_tokens: u64 = kept_samples.iter().filter_map(|s| s.tokens).map(u64::from).sum();
     let mut tokens = kept_tokens;
     let mut count = kept_samples.len();
-    let adapter = adapter(ctx);
+    let adapter = adapter(ctx)?;
     let failure = std::cell::RefCell::new(None);
     let total = requests.len();
     let mut progress = |finished: usize, group: &[Vec<Generated>]| {
@@ -146,7 +146,7 @@ pub(super) fn sample_all(
         }
         ctx.progress((done + finished) as u64, total as u64);
     };
-    let sampling = sampling(ctx);
+    let sampling = sampling(ctx)?;
     // A write that failed stops the sampling: what follows could not be kept in order.
     let cancelled = || failure.borrow().is_some() || ctx.check_cancelled().is_err();
     let generated = llm::generate(
@@ -207,7 +207,7 @@ pub(super) fn solve_messages<'a>(
 
 pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
     let tasks: Vec<Task> = ctx.read("tasks")?;
-    let samples = ctx.props.integer("samples").unwrap_or(1) as usize;
+    let samples = ctx.integer("samples")? as usize;
     let messages = solve_messages(ctx, tasks.iter())?;
     let requests: Vec<Request> = tasks
         .iter()

@@ -1,6 +1,7 @@
 //! One file per node kind. Each holds its kind's [`KindSpec`] (the schema, its documentation and
-//! an example) and, for steps, the function that runs it.
+//! an example) and, for steps, the function that runs it; [`KINDS`] registers them all, once.
 
+pub mod context;
 mod dataset;
 mod execute;
 mod finetune_lora;
@@ -15,72 +16,61 @@ mod select;
 pub(crate) mod testing;
 mod workflow;
 
-use crate::dsl::schema::{KindSpec, Value};
-use crate::engine::context::{Context, Outcome, StepError};
-use crate::plan::PlannedStep;
-
-/// Every kind of the language, in the order the language reference lists them.
-pub static KINDS: &[&KindSpec] = &[
-    &workflow::SPEC,
-    &model::SPEC,
-    &dataset::SPEC,
-    &generate::SPEC,
-    &execute::SPEC,
-    &select::SPEC,
-    &revise::SPEC,
-    &finetune_lora::SPEC,
-    &loop_until::SPEC,
-    &report::SPEC,
-    &gate::SPEC,
-];
-
-pub fn kind(name: &str) -> Option<&'static KindSpec> {
-    let found = KINDS.iter().find(|k| k.name == name).copied();
-    #[cfg(test)]
-    let found = found.or_else(|| testing::KINDS.iter().find(|k| k.name == name).copied());
-    found
-}
+use crate::dsl::schema::{KindSpec, Vocabulary};
+use context::{Context, Outcome, StepError};
 
 pub type Runner = fn(&mut Context) -> Result<Outcome, StepError>;
 
-/// The function that runs a step kind.
-pub fn runner(kind: &str) -> Option<Runner> {
-    Some(match kind {
-        "dataset" => dataset::run,
-        "generate" => generate::run,
-        "execute" => execute::run,
-        "select" => select::run,
-        "revise" => revise::run,
-        "finetune-lora" => finetune_lora::run,
-        "report" => report::run,
-        "gate" => gate::run,
-        #[cfg(test)]
-        other => return testing::runner(other),
-        #[cfg(not(test))]
-        _ => return None,
-    })
+/// One node kind, registered once: what the language knows of it (schema, documentation,
+/// example) and, for steps, how it runs and what it holds while it runs.
+#[derive(Clone, Copy)]
+pub struct Kind {
+    pub spec: &'static KindSpec,
+    /// `None` for declarations and for `loop-until`, whose body the executor walks itself.
+    pub run: Option<Runner>,
+    pub holds: Holds,
 }
 
 /// What a step holds while it runs, so the executor can bound each kind of work.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Resource {
-    None,
-    /// One decode stream per loaded model.
-    Model(String),
-    /// A sandbox worker; as many as the run's `--workers`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Holds {
+    Nothing,
+    /// The decode stream of the model its `model` property names (one per loaded model).
+    Model,
+    /// Sandbox workers: as many as the run's `--workers`.
     Sandbox,
-    /// Training uses every core: one at a time.
+    /// Every core: one training at a time.
     Training,
 }
 
-pub fn resource(step: &PlannedStep) -> Resource {
-    match step.kind() {
-        "generate" | "revise" => match step.declaration.props.get("model") {
-            Some(Value::Model(name)) => Resource::Model(name.clone()),
-            _ => Resource::None,
-        },
-        "execute" => Resource::Sandbox,
-        "finetune-lora" => Resource::Training,
-        _ => Resource::None,
-    }
+const fn declaration(spec: &'static KindSpec) -> Kind {
+    Kind { spec, run: None, holds: Holds::Nothing }
+}
+
+const fn step(spec: &'static KindSpec, run: Runner, holds: Holds) -> Kind {
+    Kind { spec, run: Some(run), holds }
+}
+
+/// Every kind of the language, in the order the language reference lists them.
+pub static KINDS: &[Kind] = &[
+    declaration(&workflow::SPEC),
+    declaration(&model::SPEC),
+    step(&dataset::SPEC, dataset::run, Holds::Nothing),
+    step(&generate::SPEC, generate::run, Holds::Model),
+    step(&execute::SPEC, execute::run, Holds::Sandbox),
+    step(&select::SPEC, select::run, Holds::Nothing),
+    step(&revise::SPEC, revise::run, Holds::Model),
+    step(&finetune_lora::SPEC, finetune_lora::run, Holds::Training),
+    declaration(&loop_until::SPEC),
+    step(&report::SPEC, report::run, Holds::Nothing),
+    step(&gate::SPEC, gate::run, Holds::Nothing),
+];
+
+/// The language's node kinds, for the checker and the planner.
+pub fn vocabulary() -> Vocabulary {
+    vocabulary_of(KINDS)
+}
+
+pub fn vocabulary_of(kinds: &[Kind]) -> Vocabulary {
+    Vocabulary::new(kinds.iter().map(|k| k.spec))
 }

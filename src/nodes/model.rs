@@ -68,13 +68,14 @@ pub fn settings(props: &Props, progress: &dyn Fn(&str)) -> Result<ModelSettings,
         Some(Value::File(path)) => path.clone(),
         _ => assets::ensure(&assets::DEFAULT_MODEL, progress).map_err(|e| e.to_string())?,
     };
-    let int = |name: &str, default: i64| props.integer(name).unwrap_or(default);
+    // The checker gives each a value (its schema default when not written).
+    let int = |name: &str| props.integer(name).ok_or_else(|| format!("the model has no `{name}`"));
     Ok(ModelSettings {
         path,
-        context: int("context", 0) as u32,
-        gpu_layers: int("gpu-layers", 0) as i32,
-        threads: int("threads", 0) as i32,
-        batch: int("batch", 512) as u32,
-        parallel: int("parallel", 8) as u32,
+        context: int("context")? as u32,
+        gpu_layers: int("gpu-layers")? as i32,
+        threads: int("threads")? as i32,
+        batch: int("batch")? as u32,
+        parallel: int("parallel")? as u32,
     })
 }

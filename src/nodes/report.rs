@@ -6,8 +6,8 @@ use serde::Serialize;
 use crate::data::paired::{self, Paired};
 use crate::data::{Status, Verdict, pass_at_k};
 use crate::dsl::schema::{Artifact, KindSpec, Role, ValueType, optional, required, unset};
-use crate::engine::context::{Context, Outcome, StepError};
-use crate::engine::files::write_atomic;
+use crate::nodes::context::{Context, Outcome, StepError};
+use crate::store::write_atomic;
 
 pub static SPEC: KindSpec = KindSpec {
     name: "report",
@@ -141,7 +141,7 @@ pub fn junit(report: &Report, verdicts: &[Verdict]) -> Result<String, String> {
 pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
     let verdicts: Vec<Verdict> = ctx.read("from")?;
     let ks: Vec<usize> = ctx.props.integers("k").into_iter().map(|k| k as usize).collect();
-    let mut report = summarise(ctx.props.text("title").unwrap_or("seedflow report"), &verdicts, &ks);
+    let mut report = summarise(ctx.text("title")?, &verdicts, &ks);
     if ctx.inputs.contains_key("baseline") {
         let baseline: Vec<Verdict> = ctx.read("baseline")?;
         report.baseline = paired::compare(&paired::pass_rates(&baseline), &paired::pass_rates(&verdicts));

@@ -1,8 +1,8 @@
 use crate::data::{Parent, Verdict, sample_seed};
 use crate::dsl::schema::{Artifact, KindSpec, Role, ValueType, optional, required, unset};
-use crate::engine::context::{Context, Outcome, StepError};
 use crate::llm::prompt::{ReferenceMode, RevisionExample};
 use crate::llm::{self, Request, prompt};
+use crate::nodes::context::{Context, Outcome, StepError};
 use crate::nodes::generate::{ADAPTER_SCALE, MOST_SAMPLES, STOP, TEMPERATURE, TOP_K, TOP_P};
 
 pub static SPEC: KindSpec = KindSpec {
@@ -70,8 +70,8 @@ revise "revisions" model="coder" errors="errors" samples=4 reference="off" examp
 
 pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
     let errors: Vec<Verdict> = ctx.read("errors")?;
-    let samples = ctx.props.integer("samples").unwrap_or(4) as usize;
-    let reference = ctx.props.text("reference").and_then(ReferenceMode::parse).unwrap_or(ReferenceMode::Hint);
+    let samples = ctx.integer("samples")? as usize;
+    let reference = ctx.choice("reference")?;
     let default = crate::stdlib::file(prompt::REVISE_TEMPLATE).map_or("", |(_, t)| t);
     let template = super::generate::template(ctx, default, prompt::REVISE_VALUES)?;
     let examples = examples(ctx, &template)?;

@@ -2,7 +2,7 @@ use std::collections::BTreeMap;
 
 use crate::data::Verdict;
 use crate::dsl::schema::{Artifact, KindSpec, Role, StatusFilter, Value, ValueType, optional, required};
-use crate::engine::context::{Context, Outcome, StepError};
+use crate::nodes::context::{Context, Outcome, StepError};
 
 pub static SPEC: KindSpec = KindSpec {
     name: "select",
@@ -24,12 +24,7 @@ pub static SPEC: KindSpec = KindSpec {
         required("from", ValueType::Input(&[Artifact::Verdicts]), "The verdicts to choose from."),
         optional("status", ValueType::Statuses, r#""passed""#, "Which statuses to keep."),
         optional("per-task", ValueType::at_least(0), "1", "Most verdicts kept per task; 0 keeps all."),
-        optional(
-            "prefer",
-            ValueType::Choice(&["first", "highest-logprob", "min-edit-distance"]),
-            r#""first""#,
-            "Which verdicts of a task to keep first.",
-        ),
+        optional("prefer", ValueType::Choice(Prefer::NAMES), r#""first""#, "Which verdicts of a task to keep first."),
         optional(
             "own-code",
             ValueType::Choice(OwnCode::NAMES),
@@ -46,35 +41,25 @@ select "failures" from="verdicts" status="failed,error,timeout" per-task=1 prefe
 "#,
 };
 
-/// What `select` does with revisions that copy their task's reference.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum OwnCode {
-    /// A task's own-code edits first, copies only where none passed.
-    Prefer,
-    /// Copies dropped.
-    Require,
-    /// Copies like any other revision.
-    Ignore,
-}
-
-impl OwnCode {
-    pub const NAMES: &'static [&'static str] = &["prefer", "require", "ignore"];
-
-    fn parse(name: &str) -> Option<OwnCode> {
-        match name {
-            "prefer" => Some(OwnCode::Prefer),
-            "require" => Some(OwnCode::Require),
-            "ignore" => Some(OwnCode::Ignore),
-            _ => None,
-        }
+crate::choice! {
+    /// What `select` does with revisions that copy their task's reference.
+    pub enum OwnCode {
+        /// A task's own-code edits first, copies only where none passed.
+        Prefer = "prefer",
+        /// Copies dropped.
+        Require = "require",
+        /// Copies like any other revision.
+        Ignore = "ignore",
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Prefer {
-    First,
-    HighestLogprob,
-    MinEditDistance,
+crate::choice! {
+    /// Which of a task's verdicts come first.
+    pub enum Prefer {
+        First = "first",
+        HighestLogprob = "highest-logprob",
+        MinEditDistance = "min-edit-distance",
+    }
 }
 
 /// What `select` chose, with the own-code figures it publishes.
@@ -151,19 +136,15 @@ pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
     let Some(Value::Statuses(filter)) = ctx.props.get("status") else {
         return Err(StepError::Failed("no status filter".into()));
     };
-    let prefer = match ctx.props.text("prefer") {
-        Some("highest-logprob") => Prefer::HighestLogprob,
-        Some("min-edit-distance") => Prefer::MinEditDistance,
-        _ => Prefer::First,
-    };
-    let per_task = ctx.props.integer("per-task").unwrap_or(1) as usize;
-    let own_code = ctx.props.text("own-code").and_then(OwnCode::parse).unwrap_or(OwnCode::Prefer);
+    let prefer = ctx.choice("prefer")?;
+    let per_task = ctx.integer("per-task")? as usize;
+    let own_code = ctx.choice("own-code")?;
     let Selection { chosen, copies, judged, own_edits } = select(verdicts, filter, own_code, per_task, prefer);
     let tasks = chosen.iter().map(|v| v.sample.task_id.as_str()).collect::<std::collections::BTreeSet<_>>().len();
     let (mut writer, _) = ctx.records()?;
     writer.append(&chosen)?;
     writer.finish()?;
-    let mut metrics: crate::engine::cache::Metrics = [
+    let mut metrics: crate::store::meta::Metrics = [
         ("count".to_string(), chosen.len() as f64),
         ("tasks".to_string(), tasks as f64),
         ("copies".to_string(), copies as f64),

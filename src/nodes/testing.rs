@@ -2,13 +2,12 @@
 //! concurrency, crashes and resumption without a model.
 
 use std::collections::BTreeMap;
-use std::sync::{Condvar, Mutex};
+use std::sync::{Condvar, LazyLock, Mutex};
 use std::time::Duration;
 
+use super::{Holds, Kind, step};
 use crate::dsl::schema::{Artifact, KindSpec, Role, ValueType, optional, unset};
-use crate::engine::context::{Context, Outcome, StepError};
-
-pub static KINDS: &[&KindSpec] = &[&BATCHES, &BARRIER];
+use crate::nodes::context::{Context, Outcome, StepError};
 
 pub static BATCHES: KindSpec = KindSpec {
     name: "test-batches",
@@ -38,13 +37,11 @@ pub static BARRIER: KindSpec = KindSpec {
     example: "",
 };
 
-pub fn runner(kind: &str) -> Option<super::Runner> {
-    match kind {
-        "test-batches" => Some(batches),
-        "test-barrier" => Some(barrier),
-        _ => None,
-    }
-}
+/// The language's kinds and the test-only ones, for the executor's tests.
+pub static KINDS: LazyLock<Vec<Kind>> = LazyLock::new(|| {
+    let test_kinds = [step(&BATCHES, batches, Holds::Nothing), step(&BARRIER, barrier, Holds::Nothing)];
+    super::KINDS.iter().copied().chain(test_kinds).collect()
+});
 
 /// Steps (by directory) told to stall after writing this many batches, as if the process were
 /// killed there: they signal, then block until released, and write nothing more.

@@ -12,7 +12,7 @@ use petgraph::graph::{DiGraph, NodeIndex};
 
 pub use render::{to_dot, to_mermaid};
 
-use crate::dsl::schema::{Artifact, Role, Value, ValueType};
+use crate::dsl::schema::{Artifact, Role, Value, ValueType, Vocabulary};
 use crate::dsl::{Checked, Code, Declaration, Problems, Sources, Span};
 
 /// Where an input comes from, resolved.
@@ -130,13 +130,19 @@ fn name_from_file(file: &Path) -> String {
 }
 
 /// Builds the plan, or reports every problem found in resolving and ordering it.
-pub fn build(checked: Checked, sources: Sources, file: PathBuf, problems: &mut Problems) -> Option<Plan> {
+pub fn build(
+    checked: Checked,
+    vocabulary: &Vocabulary,
+    sources: Sources,
+    file: PathBuf,
+    problems: &mut Problems,
+) -> Option<Plan> {
     let (name, seed) = match &checked.workflow {
         Some(w) => (w.name.value.clone(), w.props.integer("seed").map_or(0, |s| s as u64)),
         None => (name_from_file(&file), 0),
     };
     let models: BTreeMap<String, Declaration> = checked.models.into_iter().map(|m| (m.name.value.clone(), m)).collect();
-    let scope = Scope { sources: &sources, broken: &checked.broken, models: &models, top: &checked.steps };
+    let scope = Scope { vocabulary, sources: &sources, broken: &checked.broken, models: &models, top: &checked.steps };
 
     let mut top_steps = vec![];
     for declaration in &checked.steps {
@@ -174,6 +180,7 @@ pub fn build(checked: Checked, sources: Sources, file: PathBuf, problems: &mut P
 }
 
 struct Scope<'a> {
+    vocabulary: &'a Vocabulary,
     sources: &'a Sources,
     broken: &'a [String],
     models: &'a BTreeMap<String, Declaration>,
@@ -369,7 +376,9 @@ impl<'a> Scope<'a> {
                     };
                     if !accepted.contains(&artifact) {
                         let wanted: Vec<_> = accepted.iter().map(|a| a.noun()).collect();
-                        let producers: Vec<_> = crate::nodes::KINDS
+                        let producers: Vec<_> = self
+                            .vocabulary
+                            .kinds()
                             .iter()
                             .filter(|k| matches!(k.role, Role::Step(a) if accepted.contains(&a)))
                             .map(|k| format!("`{}`", k.name))

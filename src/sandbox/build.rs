@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use crate::assets::{self, AssetError, COMPONENTIZE_PY, PYTHON_WASM, cache_dir, last_lines};
-use crate::engine::files::sha256_hex;
+use crate::store::sha256_hex;
 
 use super::HARNESS;
 

@@ -78,11 +78,22 @@ def _harness(text):
             if isinstance_(node, ast.Assert) and isinstance_(node.test, ast.Compare):
                 compare = node.test
                 left = ast.get_source_segment(test, compare.left)
-                value = repr_(eval_(left, namespace))
+                actual = eval_(left, namespace)
+                value = repr_(actual)
                 line = "\n" + left + " returned " + (value if len_(value) < 500 else value[:500] + "…")
                 if len_(compare.ops) == 1 and isinstance_(compare.ops[0], ast.Eq):
-                    expected = ast.get_source_segment(test, compare.comparators[0])
+                    right = compare.comparators[0]
+                    expected = ast.get_source_segment(test, right)
                     line += ", but the test expects " + (expected if len_(expected) < 500 else expected[:500] + "…")
+                    # `assert f(x) == wrap(y)` where wrap(what f returned) passes: the logic is right
+                    # and only the form is not (a house envelope, a set for a list). A small model
+                    # does not see that from the two values; say it.
+                    if (isinstance_(right, ast.Call) and isinstance_(right.func, ast.Name)
+                            and len_(right.args) == 1 and not right.keywords
+                            and eval_(right.func.id, namespace)(actual) == eval_(expected, namespace)):
+                        name = right.func.id
+                        line += ("\nThe value is right, but the test expects it passed to `%s`: return %s(...) of it."
+                                 " `%s` is defined where your code runs; do not define it." % (name, name, name))
                 return line
         except BaseExc:
             pass

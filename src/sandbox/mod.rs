@@ -283,13 +283,13 @@ fn load(engine: &Engine, wasm: &Path) -> Result<Interpreter, String> {
     let is_component = wasmparser::Parser::is_component(&bytes);
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     engine.precompile_compatibility_hash().hash(&mut hasher);
-    let key = format!("{}-{:016x}", &crate::engine::files::sha256_hex(&bytes)[..16], hasher.finish());
+    let key = format!("{}-{:016x}", &crate::store::sha256_hex(&bytes)[..16], hasher.finish());
     let cached = crate::assets::cache_dir().join("compiled").join(format!("python-{key}.cwasm"));
     if !cached.exists() {
         let compiled =
             if is_component { engine.precompile_component(&bytes) } else { engine.precompile_module(&bytes) }
                 .map_err(|e| format!("cannot compile `{}`: {e:#}", wasm.display()))?;
-        crate::engine::files::write_atomic(&cached, &compiled).map_err(|e| {
+        crate::store::write_atomic(&cached, &compiled).map_err(|e| {
             format!(
                 "cannot cache the compiled `{}` in `{}`: {e}; set SEEDFLOW_CACHE to a writable directory",
                 wasm.display(),

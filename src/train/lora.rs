@@ -12,32 +12,23 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::model::{Architecture, Base};
-use crate::engine::files::write_atomic;
+use crate::store::write_atomic;
 
-/// A projection that can carry LoRA matrices.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Target {
-    Q,
-    K,
-    V,
-    O,
-    Gate,
-    Up,
-    Down,
+crate::choice! {
+    /// A projection that can carry LoRA matrices, by the name workflows use (`targets="q,v"`).
+    #[derive(PartialOrd, Ord, Hash)]
+    pub enum Target {
+        Q = "q",
+        K = "k",
+        V = "v",
+        O = "o",
+        Gate = "gate",
+        Up = "up",
+        Down = "down",
+    }
 }
 
 impl Target {
-    pub const ALL: [Target; 7] = [Target::Q, Target::K, Target::V, Target::O, Target::Gate, Target::Up, Target::Down];
-
-    /// The name used in workflows (`targets="q,v"`).
-    pub fn parse(name: &str) -> Option<Target> {
-        Target::ALL.into_iter().find(|t| t.short() == name)
-    }
-
-    pub fn short(self) -> &'static str {
-        ["q", "k", "v", "o", "gate", "up", "down"][self as usize]
-    }
-
     /// The weight's name in a GGUF block: `blk.N.<this>.weight`.
     pub fn gguf(self) -> &'static str {
         ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"][self as usize]
@@ -130,7 +121,7 @@ impl Lora {
         let mut pairs = BTreeMap::new();
         let mut rank = 0;
         for layer in 0..base.layers.len() {
-            for target in Target::ALL {
+            for target in Target::all() {
                 let name = format!("blk.{layer}.{}.weight", target.gguf());
                 let (a, b) = (format!("{name}.lora_a"), format!("{name}.lora_b"));
                 if !content.tensor_infos.contains_key(&a) {

@@ -139,8 +139,8 @@ impl Base {
         let embedding_weights = reader.required("token_embd.weight")?;
         let mut layers = Vec::with_capacity(config.layers);
         for i in 0..config.layers {
-            let mut projections = Vec::with_capacity(Target::ALL.len());
-            for target in Target::ALL {
+            let mut projections = Vec::with_capacity(Target::NAMES.len());
+            for target in Target::all() {
                 let weight = reader.required(&format!("blk.{i}.{}.weight", target.gguf()))?;
                 let bias = reader.optional(&format!("blk.{i}.{}.bias", target.gguf()))?;
                 projections.push(Projection { weight, bias });

@@ -7,7 +7,7 @@ use std::path::Path;
 use candle_core::{Result, Tensor, Var};
 
 use super::StepRecord;
-use crate::engine::files::write_atomic;
+use crate::store::write_atomic;
 
 fn bad(message: String) -> candle_core::Error {
     candle_core::Error::Msg(message)

@@ -1,5 +1,6 @@
-//! What a step sees while it runs: its parameters, its inputs, its directory, and the means to
-//! write records, report progress and notice cancellation.
+//! The step contract: what a step sees while it runs (its parameters, its inputs, its directory,
+//! the means to write records, report progress and notice cancellation) and what it returns.
+//! The engine builds a [`Context`] for each step it runs.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -7,10 +8,10 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
-use super::cache::Metrics;
-use super::events::{Event, EventSink};
-use super::files::{self, RecordWriter};
-use crate::dsl::schema::{Artifact, Props};
+use crate::choice::Choice;
+use crate::dsl::schema::{Artifact, Props, Value};
+use crate::store::meta::Metrics;
+use crate::store::{self as files, RecordWriter};
 
 /// A finished step's output, as later steps see it.
 #[derive(Debug, Clone)]
@@ -65,12 +66,50 @@ pub struct Context {
     /// Parallel workers the step may use (sandbox runs).
     pub workers: usize,
     /// Keep the complete records of an unfinished earlier run.
-    pub(super) finish_partial: bool,
-    pub(super) cancel: CancellationToken,
-    pub(super) events: Arc<dyn EventSink>,
+    pub finish_partial: bool,
+    pub cancel: CancellationToken,
+    pub reporter: Arc<dyn Reporter>,
+}
+
+/// Where a running step's progress and messages go; the engine forwards them to the run's
+/// display.
+pub trait Reporter: Send + Sync {
+    fn progress(&self, step: &str, iteration: Option<u32>, done: u64, total: u64, status: Option<String>);
+    fn message(&self, step: &str, iteration: Option<u32>, message: &str);
 }
 
 impl Context {
+    /// A property the checker always gives a value: written in the workflow, or its schema's
+    /// default (the one place a default is written). Missing only if `name` is not one of the
+    /// kind's properties, which `tests/docs.rs` checks for every name a step reads.
+    fn given<T>(&self, name: &str, value: Option<T>) -> Result<T, StepError> {
+        value.ok_or_else(|| StepError::Failed(format!("`{}` has no property `{name}` with a value", self.step)))
+    }
+
+    pub fn value(&self, name: &str) -> Result<&Value, StepError> {
+        self.given(name, self.props.get(name))
+    }
+
+    pub fn integer(&self, name: &str) -> Result<i64, StepError> {
+        self.given(name, self.props.integer(name))
+    }
+
+    pub fn number(&self, name: &str) -> Result<f64, StepError> {
+        self.given(name, self.props.number(name))
+    }
+
+    pub fn flag(&self, name: &str) -> Result<bool, StepError> {
+        self.given(name, self.props.boolean(name))
+    }
+
+    pub fn text(&self, name: &str) -> Result<&str, StepError> {
+        self.given(name, self.props.text(name))
+    }
+
+    pub fn choice<T: Choice>(&self, name: &str) -> Result<T, StepError> {
+        self.given(name, self.props.text(name).and_then(T::parse))
+    }
+
     pub fn input(&self, property: &str) -> Result<&Output, StepError> {
         self.inputs.get(property).ok_or_else(|| StepError::Failed(format!("input `{property}` is missing")))
     }
@@ -99,22 +138,12 @@ impl Context {
 
     /// Progress with a status shown beside the bar, such as the current training loss.
     pub fn progress_with(&self, done: u64, total: u64, status: Option<String>) {
-        self.events.emit(&Event::StepProgress {
-            step: self.step.clone(),
-            iteration: self.iteration,
-            done,
-            total,
-            status,
-        });
+        self.reporter.progress(&self.step, self.iteration, done, total, status);
     }
 
     /// A line for the user about what the step is doing (fetching an asset, loading a model).
     pub fn message(&self, message: &str) {
-        self.events.emit(&Event::StepMessage {
-            step: self.step.clone(),
-            iteration: self.iteration,
-            message: message.to_string(),
-        });
+        self.reporter.message(&self.step, self.iteration, message);
     }
 
     /// Returns `Err(Cancelled)` once the run is being stopped; call between batches.

@@ -1,4 +1,8 @@
-//! Files of a run directory: atomic writes, records appended per batch, content hashes.
+//! The storage layer, under everything else: atomic writes, records appended per batch,
+//! content hashes, and a step's `meta.json` ([`meta`]). Engine, steps, backends and reports
+//! all keep their files through it.
+
+pub mod meta;
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Write};
