@@ -41,6 +41,32 @@ fn honest_programs_in(sandbox: Arc<Sandbox>) {
     assert!(results[4].feedback.starts_with("Timed out"), "{}", results[4].feedback);
 }
 
+/// When the returned value is right and the test expects it passed to a helper (a house
+/// envelope, `ok(value)`) or to a builtin (`set([...])`), the feedback says so.
+#[test]
+fn a_right_value_in_the_wrong_form_is_named() {
+    let sandbox = sandbox();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+    let limits = limits();
+    let mut envelope = task(&["assert f(2) == ok(2)"]);
+    envelope.test_setup = "class Ok:\n    def __init__(self, v):\n        self.v = v\n    def __eq__(self, o):\n        return isinstance(o, Ok) and o.v == self.v\n\ndef ok(v):\n    return Ok(v)\n".into();
+    let bare = runtime.block_on(sandbox.run(&Job::new("def f(x):\n    return x\n", &envelope, &limits), &limits));
+    assert_eq!(bare.status, Status::Failed, "{bare:?}");
+    assert!(
+        bare.feedback.ends_with(
+            "The value is right, but the test expects it passed to `ok`: return ok(...) of it. `ok` is defined where your code runs; do not define it."
+        ),
+        "{}",
+        bare.feedback
+    );
+    let wrong = runtime.block_on(sandbox.run(&Job::new("def f(x):\n    return x + 1\n", &envelope, &limits), &limits));
+    assert!(!wrong.feedback.contains("The value is right"), "{}", wrong.feedback);
+
+    let builtin = task(&["assert f([1, 1]) == set([1])"]);
+    let list = runtime.block_on(sandbox.run(&Job::new("def f(x):\n    return [1]\n", &builtin, &limits), &limits));
+    assert!(list.feedback.ends_with("passed to `set`: return set(...) of it."), "{}", list.feedback);
+}
+
 #[test]
 fn humaneval_style_tests_run_check() {
     let mut task = task(&[]);

@@ -92,8 +92,9 @@ def _harness(text):
                             and len_(right.args) == 1 and not right.keywords
                             and eval_(right.func.id, namespace)(actual) == eval_(expected, namespace)):
                         name = right.func.id
-                        line += ("\nThe value is right, but the test expects it passed to `%s`: return %s(...) of it."
-                                 " `%s` is defined where your code runs; do not define it." % (name, name, name))
+                        line += "\nThe value is right, but the test expects it passed to `%s`: return %s(...) of it." % (name, name)
+                        if name in namespace:  # the tests' own helper, not a builtin
+                            line += " `%s` is defined where your code runs; do not define it." % name
                 return line
         except BaseExc:
             pass
