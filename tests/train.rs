@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
 use candle_core::{Device, Tensor};
-use seedflow::llm::{self, ModelSettings};
+use seedflow::llm::{Llama, ModelSettings};
 use seedflow::train::{self, Architecture, Base, Example, Lora, Target};
 
 const VOCAB: usize = 96;
@@ -90,7 +90,7 @@ fn tokens(count: usize, salt: usize) -> Vec<u32> {
 fn largest_difference(model: &Path, base: &Base, lora: Option<&Lora>, adapter: Option<&Path>, tokens: &[u32]) -> f32 {
     let positions: Vec<u32> = (0..tokens.len() as u32).collect();
     let ours = base.forward(tokens, &positions, lora, None).unwrap().to_vec2::<f32>().unwrap();
-    let theirs = llm::logits(&settings(model), adapter.map(|a| (a, 1.0)), tokens).unwrap();
+    let theirs = Llama::default().logits(&settings(model), adapter.map(|a| (a, 1.0)), tokens).unwrap();
     assert_eq!(ours.len(), theirs.len());
     let mut largest = 0f32;
     for (a, b) in ours.iter().zip(&theirs) {

@@ -178,7 +178,7 @@ fn fetch(asset: AssetName) -> i32 {
             let memory = crate::sandbox::Limits::default().memory;
             match crate::sandbox::Sandbox::new(&path, 1, memory) {
                 Ok(_) => Ok(path),
-                Err(message) => Err(crate::assets::AssetError::SandboxBuild { stderr: message }),
+                Err(error) => Err(crate::assets::AssetError::SandboxBuild { stderr: error.to_string() }),
             }
         }),
         AssetName::PythonWasm => crate::assets::ensure(&crate::assets::PYTHON_WASM, &progress),

@@ -22,6 +22,7 @@ use summary::{StepSummary, Summary};
 
 use crate::dsl::schema::{Artifact, Role, Value, ValueType};
 use crate::nodes::context::{Context, Outcome, Output, StepError};
+use crate::nodes::resources::Resources;
 use crate::nodes::{Holds, Kind};
 use crate::plan::{Graph, Plan, PlannedStep, Source};
 use crate::store as files;
@@ -113,6 +114,8 @@ struct Engine {
     sandbox: Arc<Semaphore>,
     training: Arc<Semaphore>,
     models: Mutex<BTreeMap<String, Arc<Semaphore>>>,
+    /// The run's loaded models, sandbox and sandbox runtime, freed when the run ends.
+    resources: Arc<Resources>,
     summary: Mutex<Summary>,
     gate_failures: Mutex<Vec<String>>,
 }
@@ -133,6 +136,7 @@ pub async fn run(
         sandbox: Arc::new(Semaphore::new(options.workers.max(1))),
         training: Arc::new(Semaphore::new(1)),
         models: Mutex::new(BTreeMap::new()),
+        resources: Arc::new(Resources::default()),
         gate_failures: Mutex::new(vec![]),
         plan,
         options,
@@ -437,6 +441,7 @@ impl Engine {
             finish_partial: decision == Decision::Finish,
             cancel: self.cancel.clone(),
             reporter: Arc::new(Forward(self.events.clone())),
+            resources: self.resources.clone(),
         };
         let clock = Instant::now();
         let result = tokio::task::spawn_blocking(move || {

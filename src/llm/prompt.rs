@@ -25,27 +25,36 @@ crate::choice! {
 /// `{{` closed, every section ended, and some value used (or the model would not see the task).
 /// A template that fails would send the model prompts with the braces in them, and nothing
 /// would say so.
-pub fn check(template: &str, values: &[&str]) -> Result<(), String> {
+pub fn check(template: &str, values: &[&str]) -> Result<(), TemplateError> {
     let known = || values.iter().map(|v| format!("{{{{{v}}}}}")).collect::<Vec<_>>().join(", ");
+    let fail = |message: String| Err(TemplateError(message));
     let mut used = false;
     let mut rest = template;
     while let Some(start) = rest.find("{{") {
         let after = &rest[start + 2..];
-        let end = after.find("}}").ok_or("a `{{` is never closed with `}}`")?;
+        let Some(end) = after.find("}}") else { return fail("a `{{` is never closed with `}}`".into()) };
         let tag = after[..end].trim();
         rest = &after[end + 2..];
         let name = tag.strip_prefix('#').unwrap_or(tag);
         if !values.contains(&name) {
-            return Err(format!("`{{{{{tag}}}}}` is not a value this step fills: it fills {}", known()));
+            return fail(format!("`{{{{{tag}}}}}` is not a value this step fills: it fills {}", known()));
         }
         if tag.starts_with('#') {
             let close = format!("{{{{/{name}}}}}");
-            rest = rest.split_once(close.as_str()).ok_or(format!("`{{{{{tag}}}}}` is never ended with `{close}`"))?.1;
+            let Some((_, after_section)) = rest.split_once(close.as_str()) else {
+                return fail(format!("`{{{{{tag}}}}}` is never ended with `{close}`"));
+            };
+            rest = after_section;
         }
         used = true;
     }
-    if used { Ok(()) } else { Err(format!("it uses none of {}, so the model would not see the task", known())) }
+    if used { Ok(()) } else { fail(format!("it uses none of {}, so the model would not see the task", known())) }
 }
+
+/// Why a prompt template cannot be used.
+#[derive(Debug, PartialEq, thiserror::Error)]
+#[error("{0}")]
+pub struct TemplateError(String);
 
 /// Fills `template` with `values` (`{{ name }}` as `{{name}}`); an unknown `{{name}}` is left as
 /// written.
@@ -198,7 +207,7 @@ mod tests {
         }
         assert_eq!(check("Solve {{ requirement }}", SOLVE_VALUES), Ok(()));
         assert_eq!(render("Solve {{ requirement }}", &[("requirement", "x")]), "Solve x");
-        let error = |template| check(template, SOLVE_VALUES).unwrap_err();
+        let error = |template| check(template, SOLVE_VALUES).unwrap_err().to_string();
         assert!(
             error("Solve {{nope}}").starts_with("`{{nope}}` is not a value this step fills"),
             "{}",

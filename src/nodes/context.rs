@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
+use super::resources::Resources;
 use crate::choice::Choice;
 use crate::dsl::schema::{Artifact, Props, Value};
 use crate::store::meta::Metrics;
@@ -69,6 +70,8 @@ pub struct Context {
     pub finish_partial: bool,
     pub cancel: CancellationToken,
     pub reporter: Arc<dyn Reporter>,
+    /// The run's models, sandbox and sandbox runtime.
+    pub resources: Arc<Resources>,
 }
 
 /// Where a running step's progress and messages go; the engine forwards them to the run's

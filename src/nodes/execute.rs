@@ -1,11 +1,10 @@
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::Duration;
 
 use crate::data::{Sample, Status, Task, Verdict, pass_at_k};
 use crate::dsl::schema::{Artifact, KindSpec, Role, Value, ValueType, optional, required};
 use crate::nodes::context::{Context, Outcome, StepError};
-use crate::sandbox::{self, Job, Limits, Sandbox};
+use crate::sandbox::{self, Job, Limits};
 
 pub static SPEC: KindSpec = KindSpec {
     name: "execute",
@@ -91,12 +90,8 @@ pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
     let workers = ctx.workers.max(1);
     let wasm =
         crate::sandbox::interpreter(&|message| ctx.message(message)).map_err(|e| StepError::Failed(format!("{e}")))?;
-    let sandbox = Arc::new(Sandbox::new(&wasm, workers as u32, limits.memory).map_err(StepError::Failed)?);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers)
-        .enable_time()
-        .build()
-        .map_err(|e| StepError::Failed(format!("cannot start the sandbox workers: {e}")))?;
+    let sandbox = ctx.resources.sandbox(&wasm, workers as u32, limits.memory).map_err(StepError::Failed)?;
+    let runtime = ctx.resources.runtime(workers).map_err(StepError::Failed)?;
     for batch in samples[samples.len() - remaining..].chunks(BATCH) {
         ctx.check_cancelled()?;
         // A stop does not wait for the batch: its programs, which may run until their

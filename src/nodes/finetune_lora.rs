@@ -205,7 +205,7 @@ pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
     // Examples whose prompt fills max-length are skipped; the rest are cut to it. The pairs kept
     // are what a later step's `history` takes over.
     let (mut examples, mut kept_pairs, mut history_kept) = (vec![], String::new(), 0);
-    let tokenized = llm::training_tokens(&model, &pairs).map_err(StepError::Failed)?;
+    let tokenized = llm::training_tokens(&model, &pairs).map_err(|e| StepError::Failed(e.to_string()))?;
     for ((mut tokens, completion_start), (task, code, from_history)) in tokenized.into_iter().zip(training) {
         if completion_start >= max_length {
             continue;

@@ -149,7 +149,7 @@ pub(super) fn sample_all(
     let sampling = sampling(ctx)?;
     // A write that failed stops the sampling: what follows could not be kept in order.
     let cancelled = || failure.borrow().is_some() || ctx.check_cancelled().is_err();
-    let generated = llm::generate(
+    let generated = ctx.resources.inference(&settings).generate(
         &settings,
         adapter.as_ref().map(|(p, s)| (p.as_path(), *s)),
         &requests[done..],
@@ -160,8 +160,9 @@ pub(super) fn sample_all(
     if let Some(failure) = failure.into_inner() {
         return Err(failure);
     }
-    let (_, timing) = generated
-        .map_err(|e| if ctx.check_cancelled().is_err() { StepError::Cancelled } else { StepError::Failed(e) })?;
+    let (_, timing) = generated.map_err(|e| {
+        if ctx.check_cancelled().is_err() { StepError::Cancelled } else { StepError::Failed(e.to_string()) }
+    })?;
     writer.finish()?;
     let mut metrics = Metrics::from([("count".to_string(), count as f64), ("tokens".to_string(), tokens as f64)]);
     if timing.prompt_tokens > 0 {

@@ -10,6 +10,7 @@ mod generate;
 mod loop_until;
 pub mod model;
 mod report;
+pub mod resources;
 mod revise;
 mod select;
 #[cfg(test)]

@@ -17,7 +17,7 @@ mod build;
 pub use build::interpreter;
 
 use std::hash::{Hash, Hasher};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -176,7 +176,7 @@ impl Sandbox {
     /// Loads `wasm` (a plain python.wasm or the sandbox component), compiling it or taking the
     /// compiled code from the cache. `instances` is how many may run at once; `memory` the
     /// largest memory limit they will be given.
-    pub fn new(wasm: &Path, instances: u32, memory: u64) -> Result<Sandbox, String> {
+    pub fn new(wasm: &Path, instances: u32, memory: u64) -> Result<Sandbox, SandboxError> {
         let mut pool = PoolingAllocationConfig::default();
         let slots = instances.max(1) * 2;
         let page = 64 << 10;
@@ -196,7 +196,7 @@ impl Sandbox {
             .epoch_interruption(true)
             .memory_init_cow(true)
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
-        let engine = Engine::new(&config).map_err(|e| format!("cannot start wasmtime: {e:#}"))?;
+        let engine = Engine::new(&config).map_err(|e| SandboxError::Wasmtime(format!("{e:#}")))?;
         let interpreter = load(&engine, wasm)?;
 
         // Epochs make running wasm yield to the async executor regularly, so the wall-clock
@@ -214,7 +214,7 @@ impl Sandbox {
                     }
                 }
             })
-            .map_err(|e| e.to_string())?;
+            .map_err(SandboxError::Ticker)?;
         Ok(Sandbox { engine, slots: tokio::sync::Semaphore::new(instances.max(1) as usize), interpreter, ticker })
     }
 
@@ -278,8 +278,8 @@ impl Sandbox {
 }
 
 /// Compiles `wasm` or takes its compiled code from the cache, and links it to WASI.
-fn load(engine: &Engine, wasm: &Path) -> Result<Interpreter, String> {
-    let bytes = std::fs::read(wasm).map_err(|e| format!("cannot read `{}`: {e}", wasm.display()))?;
+fn load(engine: &Engine, wasm: &Path) -> Result<Interpreter, SandboxError> {
+    let bytes = std::fs::read(wasm).map_err(|e| SandboxError::Read { path: wasm.to_path_buf(), source: e })?;
     let is_component = wasmparser::Parser::is_component(&bytes);
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     engine.precompile_compatibility_hash().hash(&mut hasher);
@@ -288,32 +288,45 @@ fn load(engine: &Engine, wasm: &Path) -> Result<Interpreter, String> {
     if !cached.exists() {
         let compiled =
             if is_component { engine.precompile_component(&bytes) } else { engine.precompile_module(&bytes) }
-                .map_err(|e| format!("cannot compile `{}`: {e:#}", wasm.display()))?;
-        crate::store::write_atomic(&cached, &compiled).map_err(|e| {
-            format!(
-                "cannot cache the compiled `{}` in `{}`: {e}; set SEEDFLOW_CACHE to a writable directory",
-                wasm.display(),
-                cached.display()
-            )
+                .map_err(|e| SandboxError::Compile { path: wasm.to_path_buf(), message: format!("{e:#}") })?;
+        crate::store::write_atomic(&cached, &compiled).map_err(|e| SandboxError::Cache {
+            path: wasm.to_path_buf(),
+            cache: cached.clone(),
+            source: e,
         })?;
     }
-    let not_wasi =
-        |e: wasmtime::Error| format!("`{}` is not a Python for WASI that seedflow can run: {e:#}", wasm.display());
+    let not_wasi = |e: wasmtime::Error| SandboxError::NotWasi { path: wasm.to_path_buf(), message: format!("{e:#}") };
     if is_component {
         // SAFETY: the file was written by `precompile_component` of an engine with the same
         // compatibility hash (it is in the file's name), into the user's own cache directory.
         let component = unsafe { Component::deserialize_file(engine, &cached) }.map_err(not_wasi)?;
         let mut linker = component::Linker::new(engine);
-        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(|e| e.to_string())?;
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(not_wasi)?;
         Ok(Interpreter::Component(linker.instantiate_pre(&component).map_err(not_wasi)?))
     } else {
         // SAFETY: as above, from `precompile_module`.
         let module = unsafe { Module::deserialize_file(engine, &cached) }.map_err(not_wasi)?;
         let mut linker = Linker::new(engine);
         wasmtime_wasi::p1::add_to_linker_async(&mut linker, |s: &mut State<WasiP1Ctx>| &mut s.wasi)
-            .map_err(|e| e.to_string())?;
+            .map_err(not_wasi)?;
         Ok(Interpreter::Command(linker.instantiate_pre(&module).map_err(not_wasi)?))
     }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("cannot start wasmtime: {0}")]
+    Wasmtime(String),
+    #[error("cannot start the sandbox's epoch thread: {0}")]
+    Ticker(std::io::Error),
+    #[error("cannot read `{}`: {source}", path.display())]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("cannot compile `{}`: {message}", path.display())]
+    Compile { path: PathBuf, message: String },
+    #[error("cannot cache the compiled `{}` in `{}`: {source}; set SEEDFLOW_CACHE to a writable directory", path.display(), cache.display())]
+    Cache { path: PathBuf, cache: PathBuf, source: std::io::Error },
+    #[error("`{}` is not a Python for WASI that seedflow can run: {message}", path.display())]
+    NotWasi { path: PathBuf, message: String },
 }
 
 /// `status feedback failed-test exception`, the last three hex-encoded UTF-8 (`-` for none).
