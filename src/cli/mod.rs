@@ -319,10 +319,17 @@ fn run(args: RunArgs) -> i32 {
             return EXIT_INVALID;
         }
     };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return EXIT_FAILED;
+        }
+    };
     if args.dry_run {
         let resume = args.resume || run_dir.exists();
         println!("would run `{}` in `{}`:", plan.name, run_dir.display());
-        for line in engine::dry_run(&plan, &run_dir, resume) {
+        for line in runtime.block_on(engine::dry_run(plan.clone(), &run_dir, resume)) {
             let step = match line.iteration {
                 Some(i) => format!("{} (iteration {i})", line.step),
                 None => line.step.clone(),
@@ -340,13 +347,6 @@ fn run(args: RunArgs) -> i32 {
         Arc::new(display::Progress::new())
     } else {
         Arc::new(display::Plain::new())
-    };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(runtime) => runtime,
-        Err(err) => {
-            eprintln!("error: cannot start the async runtime: {err}");
-            return EXIT_FAILED;
-        }
     };
     let outcome = runtime.block_on(async {
         let cancel = CancellationToken::new();

@@ -73,6 +73,8 @@ enum Produced {
     Step(Output),
     /// A loop: each body step's output in the last iteration.
     Loop(BTreeMap<String, Output>),
+    /// In a dry run: a step that would run, so its output is not known yet.
+    Pending,
 }
 
 /// Why a scope stopped early.
@@ -118,6 +120,9 @@ struct Engine {
     resources: Arc<Resources>,
     summary: Mutex<Summary>,
     gate_failures: Mutex<Vec<String>>,
+    /// Set for `--dry-run`: the walk decides each step as a run would, runs nothing, writes
+    /// nothing, and says here what it would do.
+    dry: Option<Mutex<Vec<DryRunLine>>>,
 }
 
 /// Runs the plan to the end, or until a step fails or `cancel` fires.
@@ -131,26 +136,8 @@ pub async fn run(
         return RunOutcome::Failed(format!("cannot create run directory `{}`: {err}", options.run_dir.display()));
     }
     events.emit(&Event::RunStarted { workflow: plan.name.clone(), run_dir: options.run_dir.display().to_string() });
-    let engine = Arc::new(Engine {
-        summary: Mutex::new(Summary::new(&plan.name)),
-        sandbox: Arc::new(Semaphore::new(options.workers.max(1))),
-        training: Arc::new(Semaphore::new(1)),
-        models: Mutex::new(BTreeMap::new()),
-        resources: Arc::new(Resources::default()),
-        gate_failures: Mutex::new(vec![]),
-        plan,
-        options,
-        events: events.clone(),
-        cancel,
-    });
-    let scope = Scope {
-        graph: GraphRef::Top,
-        iteration: None,
-        previous: BTreeMap::new(),
-        outer: Arc::new(BTreeMap::new()),
-        dir: engine.options.run_dir.clone(),
-    };
-    let result = engine.clone().run_graph(scope).await;
+    let engine = Engine::new(plan, options, events.clone(), cancel, None);
+    let result = engine.clone().run_graph(engine.top_scope()).await;
     let gate_failures = engine.gate_failures.lock().map(|g| g.clone()).unwrap_or_default();
     let outcome = match result {
         Err(Stop::Interrupted) => RunOutcome::Interrupted,
@@ -164,6 +151,47 @@ pub async fn run(
 }
 
 impl Engine {
+    fn new(
+        plan: Arc<Plan>,
+        options: RunOptions,
+        events: Arc<dyn EventSink>,
+        cancel: CancellationToken,
+        dry: Option<Mutex<Vec<DryRunLine>>>,
+    ) -> Arc<Engine> {
+        Arc::new(Engine {
+            summary: Mutex::new(Summary::new(&plan.name)),
+            sandbox: Arc::new(Semaphore::new(options.workers.max(1))),
+            training: Arc::new(Semaphore::new(1)),
+            models: Mutex::new(BTreeMap::new()),
+            resources: Arc::new(Resources::default()),
+            gate_failures: Mutex::new(vec![]),
+            plan,
+            options,
+            events,
+            cancel,
+            dry,
+        })
+    }
+
+    fn top_scope(&self) -> Scope {
+        Scope {
+            graph: GraphRef::Top,
+            iteration: None,
+            previous: BTreeMap::new(),
+            outer: Arc::new(BTreeMap::new()),
+            dir: self.options.run_dir.clone(),
+        }
+    }
+
+    /// In a dry run, notes what would happen to a step; says whether this is a dry run.
+    fn would(&self, step: &str, iteration: Option<u32>, action: &'static str, reason: String) -> bool {
+        let Some(lines) = &self.dry else { return false };
+        if let Ok(mut lines) = lines.lock() {
+            lines.push(DryRunLine { step: step.to_string(), iteration, action, reason });
+        }
+        true
+    }
+
     fn graph(&self, graph: GraphRef) -> &Graph {
         match graph {
             GraphRef::Top => &self.plan.graph,
@@ -173,6 +201,9 @@ impl Engine {
     }
 
     fn write_summary(&self, status: Option<&str>) {
+        if self.dry.is_some() {
+            return;
+        }
         if let Ok(mut summary) = self.summary.lock() {
             if let Some(status) = status {
                 summary.status = status.to_string();
@@ -201,10 +232,10 @@ impl Engine {
             let mut stop: Option<Stop> = None;
             loop {
                 if stop.is_none() && !self.cancel.is_cancelled() {
-                    for i in 0..count {
-                        if started[i] || waiting[i] > 0 {
-                            continue;
-                        }
+                    // A dry run takes one step at a time, in plan order, so it reads in order.
+                    let ready = graph.order.iter().copied().filter(|&i| !started[i] && waiting[i] == 0);
+                    let ready: Vec<usize> = if self.dry.is_some() { ready.take(1).collect() } else { ready.collect() };
+                    for i in ready {
                         started[i] = true;
                         let engine = self.clone();
                         let mut scope = scope.clone();
@@ -265,7 +296,9 @@ impl Engine {
         if step.body.is_some() {
             return self.run_loop(scope, index).await;
         }
+        let iteration = scope.iteration.as_ref().map(|(_, i)| *i);
         let mut inputs = BTreeMap::new();
+        let mut waiting_for = vec![];
         for input in &step.inputs {
             let output = match &input.source {
                 Source::Local(name) => match results.get(name) {
@@ -294,13 +327,19 @@ impl Engine {
                     inputs.insert(input.property.clone(), o);
                 }
                 None if matches!(input.source, Source::Prev(_)) => {}
+                // In a dry run, an input whose step would run first.
+                None if self.dry.is_some() => waiting_for.push(format!("`{}`", input.source)),
                 None => {
                     return Err(Stop::Failed(format!("`{}`: input `{}` has no output", step.name(), input.property)));
                 }
             }
         }
+        if !waiting_for.is_empty() {
+            self.would(step.name(), iteration, "run", format!("{} will run first", waiting_for.join(", ")));
+            return Ok(Produced::Pending);
+        }
         let engine = self.clone();
-        engine.run_step(scope, step, inputs).await.map(Produced::Step)
+        engine.run_step(scope, step, inputs).await
     }
 
     async fn run_loop(self: Arc<Self>, scope: &Scope, index: usize) -> Result<Produced, Stop> {
@@ -321,15 +360,29 @@ impl Engine {
                 dir: scope.dir.join(&name).join(format!("iteration-{iteration}")),
             };
             let outputs = self.clone().run_graph(body_scope).await?;
+            let pending = outputs.values().any(|v| matches!(v, Produced::Pending));
             previous = outputs
                 .into_iter()
                 .filter_map(|(k, v)| match v {
                     Produced::Step(o) => Some((k, o)),
-                    Produced::Loop(_) => None,
+                    Produced::Loop(_) | Produced::Pending => None,
                 })
                 .collect();
+            // A dry run follows a loop through the iterations on disk; after one that would run,
+            // what comes next depends on results not known yet.
+            if pending {
+                if iteration < max {
+                    let reason = format!("up to {} more iterations, until `until` holds", max - iteration);
+                    self.would(&name, None, "then", reason);
+                }
+                break;
+            }
             let stop = match &until {
                 None => false,
+                Some(expr) if self.dry.is_some() => until_holds_after(expr, iteration, &|step, metric| {
+                    previous.get(step).and_then(|o| o.metrics.get(metric).copied())
+                })
+                .unwrap_or(false),
                 Some(expr) => until_holds_after(expr, iteration, &|step, metric| {
                     previous.get(step).and_then(|o| o.metrics.get(metric).copied())
                 })
@@ -368,7 +421,7 @@ impl Engine {
         scope: &Scope,
         step: &PlannedStep,
         inputs: BTreeMap<String, Output>,
-    ) -> Result<Output, Stop> {
+    ) -> Result<Produced, Stop> {
         let name = step.name().to_string();
         let iteration = scope.iteration.as_ref().map(|(_, i)| *i);
         let dir = scope.dir.join(&name);
@@ -377,27 +430,42 @@ impl Engine {
             .iter()
             .map(|i| (i.property.clone(), inputs.get(&i.property).map_or("none".to_string(), |o| o.hash.clone())))
             .collect();
-        let parts = key_parts(&self.plan, step, hashes).map_err(|e| self.fail(scope, &name, e))?;
+        let parts = match key_parts(&self.plan, step, hashes) {
+            Ok(parts) => parts,
+            Err(e) if self.would(&name, iteration, "fail", e.clone()) => return Ok(Produced::Pending),
+            Err(e) => return Err(self.fail(scope, &name, e)),
+        };
         let decision =
             if self.options.resume { inspect(&dir, &parts) } else { Decision::Run(vec!["not run before".into()]) };
         if decision == Decision::Cached
             && let Some(meta) = Meta::read(&dir)
         {
+            self.would(&name, iteration, "cached", "inputs and parameters unchanged".into());
             self.events.emit(&Event::StepCached { step: name.clone(), iteration, metrics: meta.metrics.clone() });
             self.note_gate(&name, meta.gate_failure.as_deref());
             self.record(scope, &name, StepSummary::done(meta.metrics.clone(), true));
-            return Ok(Output {
+            return Ok(Produced::Step(Output {
                 artifact: artifact(step),
                 dir,
                 hash: meta.output_hash.unwrap_or_default(),
                 metrics: meta.metrics,
-            });
+            }));
         }
         let reason = match &decision {
             Decision::Finish => "finishing an unfinished run".to_string(),
             Decision::Run(reasons) => reasons.join("; "),
             Decision::Cached => String::new(),
         };
+        let (action, said) = match &decision {
+            Decision::Finish => {
+                let kept = std::fs::read_to_string(dir.join("output.jsonl.partial")).map_or(0, |t| t.lines().count());
+                ("finish", format!("an unfinished run left {kept} records, which are kept"))
+            }
+            _ => ("run", reason.clone()),
+        };
+        if self.would(&name, iteration, action, said) {
+            return Ok(Produced::Pending);
+        }
         if matches!(decision, Decision::Run(_)) && dir.exists() {
             std::fs::remove_dir_all(&dir)
                 .map_err(|e| self.fail(scope, &name, format!("cannot clear `{}`: {e}", dir.display())))?;
@@ -470,7 +538,7 @@ impl Engine {
                 });
                 self.note_gate(&name, gate_failure.as_deref());
                 self.record(scope, &name, StepSummary::done(metrics.clone(), false));
-                Ok(Output { artifact: artifact(step), dir, hash, metrics })
+                Ok(Produced::Step(Output { artifact: artifact(step), dir, hash, metrics }))
             }
             Err(StepError::Cancelled) => {
                 meta.status = StepStatus::Interrupted;
@@ -607,70 +675,21 @@ pub struct DryRunLine {
     pub reason: String,
 }
 
-/// Says, without running anything, what a run in `run_dir` would do with each step. Loops are
-/// followed through the iterations already on disk, as far as their results are known.
-pub fn dry_run(plan: &Plan, run_dir: &Path, resume: bool) -> Vec<DryRunLine> {
-    let mut lines = vec![];
-    let mut known: BTreeMap<String, Option<String>> = BTreeMap::new();
-    for &i in &plan.graph.order {
-        let step = &plan.graph.steps[i];
-        match &step.body {
-            None => {
-                let hash = dry_run_step(plan, step, run_dir, resume, None, &known, &BTreeMap::new(), &mut lines);
-                known.insert(step.name().to_string(), hash);
-            }
-            Some(body) => {
-                let max = step.declaration.props.integer("max-iterations").unwrap_or(1).max(1) as u32;
-                let mut previous: BTreeMap<String, Option<String>> = BTreeMap::new();
-                let mut last = BTreeMap::new();
-                for iteration in 1..=max {
-                    let dir = run_dir.join(step.name()).join(format!("iteration-{iteration}"));
-                    let mut local = known.clone();
-                    let mut all_known = true;
-                    for &j in &body.order {
-                        let inner = &body.steps[j];
-                        let hash =
-                            dry_run_step(plan, inner, &dir, resume, Some(iteration), &local, &previous, &mut lines);
-                        all_known &= hash.is_some();
-                        local.insert(inner.name().to_string(), hash.clone());
-                        last.insert(inner.name().to_string(), hash);
-                    }
-                    // Later iterations depend on results not known until this one runs.
-                    let finished = all_known && until_holds(step, &dir, iteration);
-                    if !all_known || finished || iteration == max {
-                        if !all_known && iteration < max {
-                            lines.push(DryRunLine {
-                                step: step.name().to_string(),
-                                iteration: None,
-                                action: "then",
-                                reason: format!("up to {} more iterations, until `until` holds", max - iteration),
-                            });
-                        }
-                        break;
-                    }
-                    previous = body
-                        .steps
-                        .iter()
-                        .map(|s| (s.name().to_string(), last.get(s.name()).cloned().flatten()))
-                        .collect();
-                }
-                for (inner, hash) in last {
-                    known.insert(format!("{}.{inner}", step.name()), hash);
-                }
-            }
-        }
-    }
-    lines
-}
-
-fn until_holds(step: &PlannedStep, dir: &Path, iteration: u32) -> bool {
-    let Some(Value::Expression(expr)) = step.declaration.props.get("until") else {
-        return false;
-    };
-    until_holds_after(expr, iteration, &|step, metric| {
-        Meta::read(&dir.join(step)).and_then(|m| m.metrics.get(metric).copied())
-    })
-    .unwrap_or(false)
+/// Says, without running anything, what a run in `run_dir` would do with each step: the
+/// executor's own walk, deciding each step as a run would. Loops are followed through the
+/// iterations already on disk, as far as their results are known.
+pub async fn dry_run(plan: Arc<Plan>, run_dir: &Path, resume: bool) -> Vec<DryRunLine> {
+    let options = RunOptions { run_dir: run_dir.to_path_buf(), resume, workers: 1, kinds: &[] };
+    let engine = Engine::new(
+        plan,
+        options,
+        Arc::new(events::Collect::default()),
+        CancellationToken::new(),
+        Some(Mutex::default()),
+    );
+    // A dry run decides; a step it cannot decide is a line, not a stop.
+    let _ = engine.clone().run_graph(engine.top_scope()).await;
+    engine.dry.as_ref().and_then(|lines| lines.lock().ok().map(|l| l.clone())).unwrap_or_default()
 }
 
 /// Evaluates a loop's `until` after `iteration`, with `metric_of(step, metric)` giving the
@@ -684,70 +703,6 @@ fn until_holds_after(
         None => Some(f64::from(iteration)),
         Some(step) => metric_of(step, &m.metric),
     })
-}
-
-#[allow(clippy::too_many_arguments)]
-fn dry_run_step(
-    plan: &Plan,
-    step: &PlannedStep,
-    scope_dir: &Path,
-    resume: bool,
-    iteration: Option<u32>,
-    known: &BTreeMap<String, Option<String>>,
-    previous: &BTreeMap<String, Option<String>>,
-    lines: &mut Vec<DryRunLine>,
-) -> Option<String> {
-    let mut line = |action: &'static str, reason: String| {
-        lines.push(DryRunLine { step: step.name().to_string(), iteration, action, reason });
-    };
-    let mut hashes = BTreeMap::new();
-    let mut waiting_for = vec![];
-    for input in &step.inputs {
-        let (name, hash) = match &input.source {
-            Source::Local(s) | Source::Outer(s) => (s.clone(), known.get(s).cloned().flatten()),
-            Source::InLoop { loop_name, step } => {
-                let name = format!("{loop_name}.{step}");
-                let hash = known.get(&name).cloned().flatten();
-                (name, hash)
-            }
-            Source::Prev(_) if iteration == Some(1) => (String::new(), Some("none".to_string())),
-            Source::Prev(s) => (format!("prev.{s}"), previous.get(s).cloned().flatten()),
-        };
-        match hash {
-            Some(hash) => {
-                hashes.insert(input.property.clone(), hash);
-            }
-            None => waiting_for.push(format!("`{name}`")),
-        }
-    }
-    if !waiting_for.is_empty() {
-        line("run", format!("{} will run first", waiting_for.join(", ")));
-        return None;
-    }
-    let parts = match key_parts(plan, step, hashes) {
-        Ok(parts) => parts,
-        Err(err) => {
-            line("fail", err);
-            return None;
-        }
-    };
-    let dir = scope_dir.join(step.name());
-    let decision = if resume { inspect(&dir, &parts) } else { Decision::Run(vec!["not run before".into()]) };
-    match decision {
-        Decision::Cached => {
-            line("cached", "inputs and parameters unchanged".into());
-            Meta::read(&dir).and_then(|m| m.output_hash)
-        }
-        Decision::Finish => {
-            let kept = std::fs::read_to_string(dir.join("output.jsonl.partial")).map_or(0, |t| t.lines().count());
-            line("finish", format!("an unfinished run left {kept} records, which are kept"));
-            None
-        }
-        Decision::Run(reasons) => {
-            line("run", reasons.join("; "));
-            None
-        }
-    }
 }
 
 #[cfg(test)]

@@ -104,7 +104,7 @@ async fn a_killed_run_resumes_to_the_same_outputs() {
     assert_eq!(partial.lines().count(), 6, "three batches of two were written before the kill");
 
     // The dry run says what resuming will do, and why.
-    let lines = dry_run(&plan, &killed, true);
+    let lines = dry_run(plan.clone(), &killed, true).await;
     let summary: Vec<_> = lines.iter().map(|l| (l.step.as_str(), l.action)).collect();
     assert_eq!(summary, [("tasks", "cached"), ("first", "finish"), ("second", "run")]);
     assert_eq!(lines[1].reason, "an unfinished run left 6 records, which are kept");
@@ -124,13 +124,13 @@ async fn dry_run_names_what_changed() {
     let run_dir = dir.path().join("run");
     assert_eq!(run_to_end(plan(dir.path(), CHAIN, &[]), &run_dir, false).await.0, RunOutcome::Ok);
 
-    let unchanged = dry_run(&plan(dir.path(), CHAIN, &[]), &run_dir, true);
+    let unchanged = dry_run(plan(dir.path(), CHAIN, &[]), &run_dir, true).await;
     assert!(unchanged.iter().all(|l| l.action == "cached"), "{unchanged:#?}");
 
-    let changed = dry_run(&plan(dir.path(), CHAIN, &["second.records=8"]), &run_dir, true);
+    let changed = dry_run(plan(dir.path(), CHAIN, &["second.records=8"]), &run_dir, true).await;
     assert_eq!(changed[2].reason, "parameter `records` changed: 6 -> 8");
 
-    let reseeded = dry_run(&plan(dir.path(), CHAIN, &["workflow.seed=6"]), &run_dir, true);
+    let reseeded = dry_run(plan(dir.path(), CHAIN, &["workflow.seed=6"]), &run_dir, true).await;
     assert_eq!((reseeded[0].action, reseeded[0].reason.as_str()), ("run", "workflow seed changed: 5 -> 6"));
 
     // A changed input file is named, and what reads it waits for it.
@@ -138,19 +138,19 @@ async fn dry_run_names_what_changed() {
     let mut data = DATA.to_string();
     data.push_str("{\"task_id\": \"c\", \"prompt\": \"r\", \"tests\": [\"assert 1\"]}\n");
     std::fs::write(dir.path().join("data.jsonl"), &data).unwrap();
-    let plan = load(&dir.path().join("flow.kdl"), &[]).unwrap();
-    let lines = dry_run(&plan, &run_dir, true);
+    let plan = Arc::new(load(&dir.path().join("flow.kdl"), &[]).unwrap());
+    let lines = dry_run(plan, &run_dir, true).await;
     assert_eq!((lines[0].action, lines[0].reason.as_str()), ("run", "file of `path` changed"));
     assert_eq!(lines[1].reason, "`tasks` will run first");
 
     // Editing an output by hand makes the step run again.
     std::fs::write(run_dir.join("second/output.jsonl"), "{}\n").unwrap();
-    let lines = dry_run(&plan_of(dir.path()), &run_dir, true);
+    let lines = dry_run(plan_of(dir.path()), &run_dir, true).await;
     assert!(lines.iter().all(|l| l.action == "run"));
 
     // A damaged meta.json is named as the reason, not taken for a step never run.
     std::fs::write(run_dir.join("tasks/meta.json"), "{\"key\": ").unwrap();
-    let lines = dry_run(&plan_of(dir.path()), &run_dir, true);
+    let lines = dry_run(plan_of(dir.path()), &run_dir, true).await;
     assert_eq!(lines[0].reason, "its meta.json cannot be read", "{lines:#?}");
 }
 
@@ -163,12 +163,12 @@ async fn a_moved_checkout_stays_cached() {
     std::fs::create_dir_all(&here).unwrap();
     assert_eq!(run_to_end(plan(&here, CHAIN, &[]), &here.join("run"), false).await.0, RunOutcome::Ok);
     std::fs::rename(&here, &there).unwrap();
-    let lines = dry_run(&plan_of(&there), &there.join("run"), true);
+    let lines = dry_run(plan_of(&there), &there.join("run"), true).await;
     assert!(lines.iter().all(|l| l.action == "cached"), "{lines:#?}");
 }
 
-fn plan_of(dir: &Path) -> crate::plan::Plan {
-    load(&dir.join("flow.kdl"), &[]).unwrap()
+fn plan_of(dir: &Path) -> Arc<crate::plan::Plan> {
+    Arc::new(load(&dir.join("flow.kdl"), &[]).unwrap())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -28,6 +28,17 @@ pub enum Source {
     InLoop { loop_name: String, step: String },
 }
 
+/// As a workflow writes it: `step`, `prev.step`, `loop.step`.
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Source::Local(step) | Source::Outer(step) => write!(f, "{step}"),
+            Source::Prev(step) => write!(f, "prev.{step}"),
+            Source::InLoop { loop_name, step } => write!(f, "{loop_name}.{step}"),
+        }
+    }
+}
+
 impl Source {
     /// The step in the caller's graph that must finish first, if any.
     fn dependency(&self) -> Option<&str> {
