@@ -7,10 +7,22 @@ use std::sync::Arc;
 use std::sync::LazyLock;
 
 use seedflow::data::{Status, Task};
-use seedflow::llm::{Generated, Inference, Llama, ModelSettings, Request, Sampling, extract, prompt};
+use seedflow::llm::{
+    Generated, Generation, Inference, Llama, LlmError, ModelSettings, Request, Sampling, Timing, extract, prompt,
+};
 
 /// The tests' llama.cpp: each model loaded once for them all.
 static LLAMA: LazyLock<Llama> = LazyLock::new(Llama::default);
+
+/// Samples `requests` with the tests' llama.cpp.
+fn sample_with(
+    settings: &ModelSettings,
+    adapter: Option<(&std::path::Path, f32)>,
+    requests: &[Request],
+    sampling: &Sampling,
+) -> Result<(Vec<Vec<Generated>>, Timing), LlmError> {
+    LLAMA.generate(&Generation { settings, adapter, requests, sampling }, &|| false, &mut |_, _| {})
+}
 
 fn settings() -> ModelSettings {
     let path =
@@ -32,7 +44,7 @@ fn sampling(temperature: f32, max_tokens: u32) -> Sampling {
 }
 
 fn run(requests: &[Request], sampling: &Sampling, adapter: Option<(&std::path::Path, f32)>) -> Vec<Vec<Generated>> {
-    LLAMA.generate(&settings(), adapter, requests, sampling, &|| false, &mut |_, _| {}).unwrap().0
+    sample_with(&settings(), adapter, requests, sampling).unwrap().0
 }
 
 fn request(task: &Task, seeds: &[u64]) -> Request {
@@ -47,8 +59,7 @@ fn request(task: &Task, seeds: &[u64]) -> Request {
 fn greedy_answers_are_code_that_runs_in_the_sandbox() {
     let tasks = mbpp(&["2", "3", "4"]);
     let requests: Vec<Request> = tasks.iter().map(|t| request(t, &[0])).collect();
-    let (answers, timing) =
-        LLAMA.generate(&settings(), None, &requests, &sampling(0.0, 384), &|| false, &mut |_, _| {}).unwrap();
+    let (answers, timing) = sample_with(&settings(), None, &requests, &sampling(0.0, 384)).unwrap();
     // Decoding is part of generating, the rest being the sampling around it.
     assert!(timing.decoding_seconds > 0.0 && timing.decoding_seconds < timing.generation_seconds, "{timing:?}");
     let wasm = seedflow::sandbox::interpreter(&|_| {}).unwrap();
@@ -87,7 +98,7 @@ fn samples_repeat_for_a_seed_and_differ_across_seeds() {
     let one = ModelSettings { parallel: 1, ..settings() };
     let other = &mbpp(&["7"])[0];
     let requests = [request(task, &[11, 12, 11]), request(other, &[11])];
-    let narrow = LLAMA.generate(&one, None, &requests, &sampling, &|| false, &mut |_, _| {}).unwrap().0;
+    let narrow = sample_with(&one, None, &requests, &sampling).unwrap().0;
     assert_eq!(narrow[0][0].text, again[0][0].text);
     assert_eq!(narrow[0][2].text, again[0][0].text, "a sample started later");
     assert_ne!(narrow[0][1].text, again[0][0].text);
@@ -186,10 +197,7 @@ fn a_sequence_longer_than_the_context_is_an_error() {
     let requests = [request(&mbpp(&["2"])[0], &[0])];
     let generate = |context: u32, max_tokens: u32| {
         let settings = ModelSettings { context, ..settings() };
-        LLAMA
-            .generate(&settings, None, &requests, &sampling(0.0, max_tokens), &|| false, &mut |_, _| {})
-            .unwrap_err()
-            .to_string()
+        sample_with(&settings, None, &requests, &sampling(0.0, max_tokens)).unwrap_err().to_string()
     };
     let capped = generate(256, 512);
     assert!(capped.contains("raise the model's `context` (now 256)"), "{capped}");
@@ -203,7 +211,7 @@ fn a_sequence_longer_than_the_context_is_an_error() {
 fn a_batch_smaller_than_the_sequences_still_samples() {
     let settings = ModelSettings { batch: 1, ..settings() };
     let requests = [request(&mbpp(&["2"])[0], &[1, 2, 3, 4, 5, 6, 7, 8])];
-    let samples = LLAMA.generate(&settings, None, &requests, &sampling(0.8, 4), &|| false, &mut |_, _| {}).unwrap().0;
+    let samples = sample_with(&settings, None, &requests, &sampling(0.8, 4)).unwrap().0;
     assert_eq!(samples[0].len(), 8);
     assert!(samples[0].iter().all(|s| s.tokens > 0), "{samples:?}");
 }

@@ -98,21 +98,13 @@ fn check_node(
 ) -> Option<Declaration> {
     let kind = node.kind.value.as_str();
     let Some(spec) = vocabulary.kind(kind) else {
-        let mut builder = problems.at(
-            sources,
-            Code::UnknownKind,
-            node.kind.span,
-            format!("unknown node kind `{kind}`"),
-            "not a node kind",
-        );
-        builder = match did_you_mean(kind, vocabulary.kinds().iter().map(|k| k.name)) {
-            Some(best) => builder.help(format!("did you mean `{best}`?")),
-            None => builder.help(format!(
-                "node kinds are: {}",
-                vocabulary.kinds().iter().map(|k| k.name).collect::<Vec<_>>().join(", ")
-            )),
+        let names = vocabulary.kinds().iter().map(|k| k.name);
+        let help = match did_you_mean(kind, names.clone()) {
+            Some(best) => format!("did you mean `{best}`?"),
+            None => format!("node kinds are: {}", names.collect::<Vec<_>>().join(", ")),
         };
-        drop(builder);
+        let message = format!("unknown node kind `{kind}`");
+        problems.at(sources, Code::UnknownKind, node.kind.span, message, "not a node kind").help(help);
         return None;
     };
     if in_loop && !matches!(spec.role, Role::Step(_)) {

@@ -17,7 +17,7 @@ use rayon::prelude::*;
 use super::chat::{chat_prompt, chat_template};
 use super::model::{Llama, Loaded, attach_adapter, backend, load_adapter, threads};
 use super::sampling::{sampleable, sampler, top_candidates};
-use super::{Generated, Inference, LlmError, MOST_PARALLEL, ModelSettings, Request, Sampling, Timing, extract};
+use super::{Generated, Generation, Inference, LlmError, MOST_PARALLEL, ModelSettings, Sampling, Timing, extract};
 
 /// One sequence being sampled.
 struct Sequence {
@@ -73,13 +73,11 @@ impl Llama {
 impl Inference for Llama {
     fn generate(
         &self,
-        settings: &ModelSettings,
-        adapter: Option<(&Path, f32)>,
-        requests: &[Request],
-        sampling: &Sampling,
+        work: &Generation<'_>,
         cancelled: &dyn Fn() -> bool,
         progress: &mut dyn FnMut(usize, &[Vec<Generated>]),
     ) -> Result<(Vec<Vec<Generated>>, Timing), LlmError> {
+        let Generation { settings, adapter, requests, sampling } = *work;
         if requests.is_empty() {
             return Ok((vec![], Timing::default()));
         }

@@ -87,18 +87,25 @@ pub struct Timing {
 /// A backend that samples answers: [`Llama`] (llama.cpp in this process); a server speaking an
 /// OpenAI-compatible API would be another implementation.
 pub trait Inference: Send + Sync {
-    /// Samples every request's seeds. `adapter` is a GGUF LoRA adapter with its scale.
-    /// `progress` hears each run of requests that finished, in request order, with how many are
-    /// done in all. Returns the samples by request, and where the time went.
+    /// Samples every request's seeds. `progress` hears each run of requests that finished, in
+    /// request order, with how many are done in all. Returns the samples by request, and where
+    /// the time went.
     fn generate(
         &self,
-        settings: &ModelSettings,
-        adapter: Option<(&Path, f32)>,
-        requests: &[Request],
-        sampling: &Sampling,
+        work: &Generation<'_>,
         cancelled: &dyn Fn() -> bool,
         progress: &mut dyn FnMut(usize, &[Vec<Generated>]),
     ) -> Result<(Vec<Vec<Generated>>, Timing), LlmError>;
+}
+
+/// What to sample: the requests, with which model (and adapter) and how.
+#[derive(Debug, Clone, Copy)]
+pub struct Generation<'a> {
+    pub settings: &'a ModelSettings,
+    /// A GGUF LoRA adapter and its scale.
+    pub adapter: Option<(&'a Path, f32)>,
+    pub requests: &'a [Request],
+    pub sampling: &'a Sampling,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -2,7 +2,7 @@ use std::path::PathBuf;
 
 use crate::data::{Sample, Task, TaskStyle, sample_seed};
 use crate::dsl::schema::{Artifact, KindSpec, PropertySpec, Role, ValueType, optional, required, unset};
-use crate::llm::{self, Generated, Request, Sampling, extract, prompt};
+use crate::llm::{self, Generated, Generation, Request, Sampling, extract, prompt};
 use crate::nodes::context::{Context, Outcome, StepError};
 use crate::store::meta::Metrics;
 
@@ -149,14 +149,13 @@ pub(super) fn sample_all(
     let sampling = sampling(ctx)?;
     // A write that failed stops the sampling: what follows could not be kept in order.
     let cancelled = || failure.borrow().is_some() || ctx.check_cancelled().is_err();
-    let generated = ctx.resources.inference(&settings).generate(
-        &settings,
-        adapter.as_ref().map(|(p, s)| (p.as_path(), *s)),
-        &requests[done..],
-        &sampling,
-        &cancelled,
-        &mut progress,
-    );
+    let work = Generation {
+        settings: &settings,
+        adapter: adapter.as_ref().map(|(p, s)| (p.as_path(), *s)),
+        requests: &requests[done..],
+        sampling: &sampling,
+    };
+    let generated = ctx.resources.inference(&settings).generate(&work, &cancelled, &mut progress);
     if let Some(failure) = failure.into_inner() {
         return Err(failure);
     }
