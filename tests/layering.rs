@@ -16,7 +16,7 @@ const LAYERS: &[&[&str]] = &[
     &["dsl"],
     &["llm", "sandbox", "train"],
     &["data", "store", "assets"],
-    &["numeric", "stdlib"],
+    &["numeric", "stdlib", "choice"],
 ];
 
 fn layer(module: &str) -> Option<usize> {
