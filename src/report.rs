@@ -12,6 +12,7 @@ use serde::Serialize;
 
 use crate::data::Verdict;
 use crate::data::paired::{self, Paired};
+use crate::nodes::Reported;
 use crate::store::meta::{Meta, Metrics, StepStatus};
 use crate::store::{META, write_atomic};
 
@@ -176,7 +177,7 @@ pub fn read_run(dir: &Path) -> Result<Run, ReportError> {
         if let (Some(start), Some(end)) = (time(&meta.started_at), meta.finished_at.as_deref().and_then(time)) {
             running.push((start, end));
         }
-        if meta.parts.kind == "finetune-lora" {
+        if Reported::of(&meta.parts.kind) == Reported::Training {
             let metric = |name: &str| meta.metrics.get(name).copied().unwrap_or(0.0) as u64;
             let examples = metric("examples");
             // Pairs a step took over from an earlier one (`history`) were counted there.
@@ -189,8 +190,8 @@ pub fn read_run(dir: &Path) -> Result<Run, ReportError> {
     for (name, step) in &summary.steps {
         if step.iterations.is_empty() {
             let Some(meta) = visit(&dir.join(name), name.clone(), &mut run) else { continue };
-            match meta.parts.kind.as_str() {
-                "execute" => run.evaluations.push(Evaluation {
+            match Reported::of(&meta.parts.kind) {
+                Reported::Evaluation => run.evaluations.push(Evaluation {
                     step: name.clone(),
                     samples: meta.metrics.get("count").copied().unwrap_or(0.0) as u64,
                     scores: meta
@@ -203,9 +204,9 @@ pub fn read_run(dir: &Path) -> Result<Run, ReportError> {
                         .map(|verdicts| paired::pass_rates(&verdicts))
                         .unwrap_or_default(),
                 }),
-                "gate" => run.gates.push(gate(name.clone(), &meta)),
-                "report" => run.comparisons.extend(baseline_comparison(name, &meta)),
-                _ => {}
+                Reported::Gate => run.gates.push(gate(name.clone(), &meta)),
+                Reported::Comparison => run.comparisons.extend(baseline_comparison(name, &meta)),
+                Reported::Metrics | Reported::Training => {}
             }
             continue;
         }
@@ -218,7 +219,7 @@ pub fn read_run(dir: &Path) -> Result<Run, ReportError> {
                 let label = format!("{name}.{inner} #{number}");
                 if let Some(meta) = visit(&iteration_dir.join(inner), label.clone(), &mut run) {
                     // A gate has no figure of its own: it is listed with the run's gates.
-                    if meta.parts.kind == "gate" {
+                    if Reported::of(&meta.parts.kind) == Reported::Gate {
                         run.gates.push(gate(label, &meta));
                         continue;
                     }
@@ -328,15 +329,6 @@ fn loss_curve(step_dir: &Path) -> Vec<(u64, f64)> {
         .collect()
 }
 
-/// The metric that says the most about a step of this kind, for its column.
-fn headline(kind: &str) -> &'static str {
-    match kind {
-        "execute" => "pass@1",
-        "finetune-lora" => "loss",
-        _ => "count",
-    }
-}
-
 fn format_value(value: f64) -> String {
     if value.fract() == 0.0 && value.abs() < 1e15 { format!("{value}") } else { format!("{value:.3}") }
 }
@@ -418,8 +410,9 @@ fn iteration_table(lp: &Loop) -> Table {
     for iteration in &lp.iterations {
         for step in &iteration.steps {
             // A `select` of revisions also shows how many of them edit the model's own code.
-            let shown = |metric: &&str| *metric == headline(&step.kind) || step.metrics.contains_key(*metric);
-            for metric in [headline(&step.kind), "own-edit-share"].into_iter().filter(|m| shown(m)) {
+            let headline = Reported::of(&step.kind).headline();
+            let shown = |metric: &&str| *metric == headline || step.metrics.contains_key(*metric);
+            for metric in [headline, "own-edit-share"].into_iter().filter(|m| shown(m)) {
                 let column = (step.step.clone(), metric);
                 if !steps.contains(&column) {
                     steps.push(column);
@@ -688,7 +681,9 @@ fn pass_series(runs: &[Run]) -> Vec<Series> {
     for (run, prefix) in runs.iter().zip(prefixes(runs)) {
         for lp in &run.loops {
             let mut steps: Vec<&str> = vec![];
-            for step in lp.iterations.iter().flat_map(|i| &i.steps).filter(|s| s.kind == "execute") {
+            for step in
+                lp.iterations.iter().flat_map(|i| &i.steps).filter(|s| Reported::of(&s.kind) == Reported::Evaluation)
+            {
                 if !steps.contains(&step.step.as_str()) {
                     steps.push(&step.step);
                 }

@@ -30,6 +30,40 @@ pub struct Kind {
     /// `None` for declarations and for `loop-until`, whose body the executor walks itself.
     pub run: Option<Runner>,
     pub holds: Holds,
+    /// What a finished step of this kind contributes to a run's report.
+    pub reported: Reported,
+}
+
+/// A step's part in a run's report (`seedflow report`, the report step).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reported {
+    /// A row of its metrics, headed by `count`.
+    Metrics,
+    /// Verdicts: pass@k, the pass rates compared task by task; headed by `pass@1`.
+    Evaluation,
+    /// A training: examples, the loss curve; headed by `loss`.
+    Training,
+    /// A quality gate's check.
+    Gate,
+    /// A report step's comparison with its baseline.
+    Comparison,
+}
+
+impl Reported {
+    /// The kind of a step a run directory's `meta.json` names (`Metrics` for one this seedflow
+    /// does not know).
+    pub fn of(kind: &str) -> Reported {
+        KINDS.iter().find(|k| k.spec.name == kind).map_or(Reported::Metrics, |k| k.reported)
+    }
+
+    /// The metric that says the most about such a step, for its column.
+    pub fn headline(self) -> &'static str {
+        match self {
+            Reported::Evaluation => "pass@1",
+            Reported::Training => "loss",
+            _ => "count",
+        }
+    }
 }
 
 /// What a step holds while it runs, so the executor can bound each kind of work.
@@ -45,26 +79,26 @@ pub enum Holds {
 }
 
 const fn declaration(spec: &'static KindSpec) -> Kind {
-    Kind { spec, run: None, holds: Holds::Nothing }
+    Kind { spec, run: None, holds: Holds::Nothing, reported: Reported::Metrics }
 }
 
-const fn step(spec: &'static KindSpec, run: Runner, holds: Holds) -> Kind {
-    Kind { spec, run: Some(run), holds }
+const fn step(spec: &'static KindSpec, run: Runner, holds: Holds, reported: Reported) -> Kind {
+    Kind { spec, run: Some(run), holds, reported }
 }
 
 /// Every kind of the language, in the order the language reference lists them.
 pub static KINDS: &[Kind] = &[
     declaration(&workflow::SPEC),
     declaration(&model::SPEC),
-    step(&dataset::SPEC, dataset::run, Holds::Nothing),
-    step(&generate::SPEC, generate::run, Holds::Model),
-    step(&execute::SPEC, execute::run, Holds::Sandbox),
-    step(&select::SPEC, select::run, Holds::Nothing),
-    step(&revise::SPEC, revise::run, Holds::Model),
-    step(&finetune_lora::SPEC, finetune_lora::run, Holds::Training),
+    step(&dataset::SPEC, dataset::run, Holds::Nothing, Reported::Metrics),
+    step(&generate::SPEC, generate::run, Holds::Model, Reported::Metrics),
+    step(&execute::SPEC, execute::run, Holds::Sandbox, Reported::Evaluation),
+    step(&select::SPEC, select::run, Holds::Nothing, Reported::Metrics),
+    step(&revise::SPEC, revise::run, Holds::Model, Reported::Metrics),
+    step(&finetune_lora::SPEC, finetune_lora::run, Holds::Training, Reported::Training),
     declaration(&loop_until::SPEC),
-    step(&report::SPEC, report::run, Holds::Nothing),
-    step(&gate::SPEC, gate::run, Holds::Nothing),
+    step(&report::SPEC, report::run, Holds::Nothing, Reported::Comparison),
+    step(&gate::SPEC, gate::run, Holds::Nothing, Reported::Gate),
 ];
 
 /// The language's node kinds, for the checker and the planner.

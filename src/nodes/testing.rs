@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::{Condvar, LazyLock, Mutex};
 use std::time::Duration;
 
-use super::{Holds, Kind, step};
+use super::{Holds, Kind, Reported, step};
 use crate::dsl::schema::{Artifact, KindSpec, Role, ValueType, optional, unset};
 use crate::nodes::context::{Context, Outcome, StepError};
 
@@ -39,7 +39,10 @@ pub static BARRIER: KindSpec = KindSpec {
 
 /// The language's kinds and the test-only ones, for the executor's tests.
 pub static KINDS: LazyLock<Vec<Kind>> = LazyLock::new(|| {
-    let test_kinds = [step(&BATCHES, batches, Holds::Nothing), step(&BARRIER, barrier, Holds::Nothing)];
+    let test_kinds = [
+        step(&BATCHES, batches, Holds::Nothing, Reported::Metrics),
+        step(&BARRIER, barrier, Holds::Nothing, Reported::Metrics),
+    ];
     super::KINDS.iter().copied().chain(test_kinds).collect()
 });
 
