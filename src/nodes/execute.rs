@@ -14,8 +14,9 @@ pub static SPEC: KindSpec = KindSpec {
           budget, a wall-clock deadline, a memory cap and capped output. Given tasks instead of \
           samples, it runs the dataset's reference solutions (a way to validate a dataset). Each \
           verdict has a status (`passed`, `failed`, `error`, `syntax`, `timeout`, `memory`) and \
-          feedback for Self-Revise: the failing test and what it returned, or the exception with \
-          a short traceback. Programs run in parallel on all cores. CPython is a pre-initialised \
+          feedback for Self-Revise: the failing test, what it returned against what the test \
+          expects (and, when the value is right but the test expects it passed to a name such as \
+          a house envelope `ok(…)`, that), or the exception with a short traceback. Programs run in parallel on all cores. CPython is a pre-initialised \
           component built on first use (`seedflow fetch python`), or the python.wasm that \
           `SEEDFLOW_PYTHON_WASM` names.",
     properties: &[
