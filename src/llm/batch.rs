@@ -36,9 +36,9 @@ struct Sequence {
     live: bool,
 }
 
-/// The logits llama.cpp computes after each of `tokens` (one sequence, f32 KV cache): what the
-/// trainer's forward pass is checked against.
 impl Llama {
+    /// The logits llama.cpp computes after each of `tokens` (one sequence, f32 KV cache): what
+    /// the trainer's forward pass is checked against.
     pub fn logits(
         &self,
         settings: &ModelSettings,
