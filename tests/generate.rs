@@ -65,7 +65,7 @@ fn greedy_answers_are_code_that_runs_in_the_sandbox() {
     let wasm = seedflow::sandbox::interpreter(&|_| {}).unwrap();
     let sandbox = Arc::new(seedflow::sandbox::Sandbox::new(&wasm, 1, 256 << 20).unwrap());
     let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
-    let limits = seedflow::sandbox::Limits::default();
+    let limits = seedflow::nodes::default_limits().unwrap();
     let mut statuses = vec![];
     for (task, answer) in tasks.iter().zip(&answers) {
         let generated = &answer[0];

@@ -175,7 +175,7 @@ fn fetch(asset: AssetName) -> i32 {
         // Compiled here too, so the first `execute` starts at once.
         AssetName::Python => crate::sandbox::interpreter(&progress).and_then(|path| {
             progress("compiling the sandbox (once)");
-            let memory = crate::sandbox::Limits::default().memory;
+            let memory = crate::nodes::default_limits().map_or(crate::sandbox::LEAST_MEMORY, |l| l.memory);
             match crate::sandbox::Sandbox::new(&path, 1, memory) {
                 Ok(_) => Ok(path),
                 Err(error) => Err(crate::assets::AssetError::SandboxBuild { stderr: error.to_string() }),

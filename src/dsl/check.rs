@@ -271,7 +271,7 @@ fn is_kebab_case(name: &str) -> bool {
 
 /// A default written in a spec, checked like user input (a spec with a bad default is a bug
 /// that the language-reference test catches).
-fn default_value(ty: ValueType, default: &str) -> Option<Value> {
+pub fn default_value(ty: ValueType, default: &str) -> Option<Value> {
     let document = kdl::KdlDocument::parse(&format!("x {default}")).ok()?;
     let entry = document.nodes().first()?.entries().first()?;
     let literal = match entry.value() {

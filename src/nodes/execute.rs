@@ -2,6 +2,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use crate::data::{Sample, Status, Task, Verdict, pass_at_k};
+use crate::dsl::check::default_value;
 use crate::dsl::schema::{Artifact, KindSpec, Role, Value, ValueType, optional, required};
 use crate::nodes::context::{Context, Outcome, StepError};
 use crate::sandbox::{self, Job, Limits};
@@ -50,6 +51,18 @@ execute "references" code="train" timeout="5s" memory="256MiB"
 
 /// Samples run together before their verdicts are written.
 const BATCH: usize = 32;
+
+/// The limits of an `execute` step that sets none: its schema's defaults, for those who run the
+/// sandbox outside a workflow (`seedflow fetch python` compiles it with them).
+pub fn default_limits() -> Option<Limits> {
+    let value = |name| SPEC.property(name).and_then(|p| default_value(p.ty, p.default?));
+    match (value("timeout")?, value("memory")?, value("output")?, value("feedback-chars")?) {
+        (Value::Duration(timeout), Value::Size(memory), Value::Size(output), Value::Integer(chars)) => {
+            Some(Limits { timeout, memory, output: output as usize, feedback_chars: chars as usize })
+        }
+        _ => None,
+    }
+}
 
 fn limits(ctx: &Context) -> Result<Limits, StepError> {
     let (Value::Duration(timeout), Value::Size(memory), Value::Size(output)) =
@@ -158,4 +171,15 @@ pub fn metrics(verdicts: &[Verdict]) -> BTreeMap<String, f64> {
         metrics.insert(format!("pass@{k}"), value);
     }
     metrics
+}
+
+#[cfg(test)]
+mod tests {
+    /// The schema's defaults read back as limits (as `seedflow fetch python` uses them).
+    #[test]
+    fn the_default_limits_are_the_schema_defaults() {
+        let limits = super::default_limits().expect("execute's defaults parse as limits");
+        assert_eq!(limits.timeout, std::time::Duration::from_secs(5));
+        assert_eq!((limits.memory, limits.output, limits.feedback_chars), (256 << 20, 64 << 10, 2000));
+    }
 }

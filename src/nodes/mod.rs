@@ -17,6 +17,8 @@ mod select;
 pub(crate) mod testing;
 mod workflow;
 
+pub use execute::default_limits;
+
 use crate::dsl::schema::{KindSpec, Vocabulary};
 use context::{Context, Outcome, StepError};
 

@@ -59,12 +59,6 @@ pub struct Limits {
     pub feedback_chars: usize,
 }
 
-impl Default for Limits {
-    fn default() -> Self {
-        Limits { timeout: Duration::from_secs(5), memory: 256 << 20, output: 64 << 10, feedback_chars: 2000 }
-    }
-}
-
 /// What to run: a program and the tests of its task.
 #[derive(Debug, Serialize)]
 pub struct Job<'a> {
