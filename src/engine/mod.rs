@@ -379,31 +379,33 @@ impl Engine {
             }
             let stop = match &until {
                 None => false,
-                Some(expr) if self.dry.is_some() => until_holds_after(expr, iteration, &|step, metric| {
+                Some(expr) => match until_holds_after(expr, iteration, &|step, metric| {
                     previous.get(step).and_then(|o| o.metrics.get(metric).copied())
-                })
-                .unwrap_or(false),
-                Some(expr) => until_holds_after(expr, iteration, &|step, metric| {
-                    previous.get(step).and_then(|o| o.metrics.get(metric).copied())
-                })
-                .map_err(|e| {
-                    // What the steps did publish: a step can leave a metric out (training on
-                    // no examples has no loss).
-                    let steps: BTreeSet<&str> = expr.metrics().iter().filter_map(|m| m.step.as_deref()).collect();
-                    let published: Vec<String> = steps
-                        .into_iter()
-                        .map(|step| {
-                            let metrics = previous.get(step).map(|o| o.metrics.keys().cloned().collect::<Vec<_>>());
-                            format!(
-                                "`{step}` published {}",
-                                metrics.filter(|m| !m.is_empty()).map_or("nothing".into(), |m| m.join(", "))
-                            )
-                        })
-                        .collect();
-                    let error =
-                        format!("cannot evaluate `until` after iteration {iteration}: {e} ({})", published.join("; "));
-                    self.fail(scope, &name, error)
-                })?,
+                }) {
+                    Ok(holds) => holds,
+                    // A dry run says what it can; the run itself names the problem.
+                    Err(_) if self.dry.is_some() => false,
+                    Err(e) => {
+                        // What the steps did publish: a step can leave a metric out (training on
+                        // no examples has no loss).
+                        let steps: BTreeSet<&str> = expr.metrics().iter().filter_map(|m| m.step.as_deref()).collect();
+                        let published: Vec<String> = steps
+                            .into_iter()
+                            .map(|step| {
+                                let metrics = previous.get(step).map(|o| o.metrics.keys().cloned().collect::<Vec<_>>());
+                                format!(
+                                    "`{step}` published {}",
+                                    metrics.filter(|m| !m.is_empty()).map_or("nothing".into(), |m| m.join(", "))
+                                )
+                            })
+                            .collect();
+                        let error = format!(
+                            "cannot evaluate `until` after iteration {iteration}: {e} ({})",
+                            published.join("; ")
+                        );
+                        return Err(self.fail(scope, &name, error));
+                    }
+                },
             };
             self.events.emit(&Event::IterationFinished { step: name.clone(), iteration, stop });
             if stop {
@@ -456,14 +458,16 @@ impl Engine {
             Decision::Run(reasons) => reasons.join("; "),
             Decision::Cached => String::new(),
         };
-        let (action, said) = match &decision {
-            Decision::Finish => {
-                let kept = std::fs::read_to_string(dir.join("output.jsonl.partial")).map_or(0, |t| t.lines().count());
-                ("finish", format!("an unfinished run left {kept} records, which are kept"))
-            }
-            _ => ("run", reason.clone()),
-        };
-        if self.would(&name, iteration, action, said) {
+        if self.dry.is_some() {
+            let (action, said) = match &decision {
+                Decision::Finish => {
+                    let kept =
+                        std::fs::read_to_string(dir.join("output.jsonl.partial")).map_or(0, |t| t.lines().count());
+                    ("finish", format!("an unfinished run left {kept} records, which are kept"))
+                }
+                _ => ("run", reason),
+            };
+            self.would(&name, iteration, action, said);
             return Ok(Produced::Pending);
         }
         if matches!(decision, Decision::Run(_)) && dir.exists() {
