@@ -345,7 +345,8 @@ impl Engine {
     async fn run_loop(self: Arc<Self>, scope: &Scope, index: usize) -> Result<Produced, Stop> {
         let step = &self.plan.graph.steps[index];
         let name = step.name().to_string();
-        let max = step.declaration.props.integer("max-iterations").unwrap_or(1).max(1) as u32;
+        // The checker gives `max-iterations` a value (its schema default when unset); at least one.
+        let max = step.declaration.props.integer("max-iterations").unwrap_or_default().max(1) as u32;
         let until = match step.declaration.props.get("until") {
             Some(Value::Expression(expr)) => Some(expr.clone()),
             _ => None,
