@@ -2,8 +2,10 @@
 //! variants, the names the checker accepts and the parser, so the schema's choice list and the
 //! code that acts on it cannot drift apart.
 
-/// A property value chosen by name; what `Context::choice` reads.
+/// A property value chosen by name.
 pub trait Choice: Sized + Copy + 'static {
+    /// The names, in declaration order.
+    const NAMES: &'static [&'static str];
     fn parse(name: &str) -> Option<Self>;
 }
 
@@ -44,6 +46,7 @@ macro_rules! choice {
         }
 
         impl $crate::choice::Choice for $name {
+            const NAMES: &'static [&'static str] = $name::NAMES;
             fn parse(name: &str) -> Option<Self> {
                 Self::parse(name)
             }

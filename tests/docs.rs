@@ -144,44 +144,28 @@ fn the_ci_example_runs_a_valid_workflow_and_uploads_its_outputs() {
     }
 }
 
-/// Every property name a step's code reads is one of its kind's properties: the checker gives
-/// each declared property a value (its default lives in the schema alone), so a misspelt name
-/// here would fail every run of the step, and this finds it first.
 #[test]
 fn steps_read_only_the_properties_their_kind_declares() {
-    const READERS: &[&str] = &[
-        "ctx.integer(",
-        "ctx.number(",
-        "ctx.flag(",
-        "ctx.text(",
-        "ctx.choice(",
-        "ctx.value(",
-        "ctx.read(",
-        "ctx.input(",
-        "props.integer(",
-        "props.number(",
-        "props.boolean(",
-        "props.text(",
-        "props.get(",
-        "props.list(",
-        "props.integers(",
-        "props.file(",
-        "inputs.get(",
-        "inputs.contains_key(",
-        " int(",
-    ];
+    // A property is a typed constant, so a misspelt one does not compile; what the compiler
+    // cannot see is a step reading a constant its kind's spec does not list (it would fail when
+    // the step runs). Every constant a step file reads must be in that kind's list.
+    const READERS: &[&str] = &["get(&", "input(&", "optional_input(&", "read(&", ">(&", "param(&"];
     let mut read = 0;
     for kind in seedflow::nodes::KINDS.iter().map(|k| k.spec) {
         let path = format!("src/nodes/{}.rs", kind.name.replace('-', "_"));
         let code = std::fs::read_to_string(&path).unwrap();
         let code = code.split("#[cfg(test)]\nmod tests").next().unwrap();
+        let spec = &code[code.find("pub static SPEC").unwrap()..];
+        let listed = &spec[spec.find("properties: &[").unwrap()..spec.find("metrics:").unwrap()];
         for reader in READERS {
             for (at, _) in code.match_indices(reader) {
-                let Some(name) = code[at + reader.len()..].strip_prefix('"').and_then(|rest| rest.split('"').next())
-                else {
-                    continue; // a name held in a variable
-                };
-                assert!(kind.property(name).is_some(), "{path} reads `{name}`, which `{}` does not declare", kind.name);
+                let name: String =
+                    code[at + reader.len()..].chars().take_while(|c| c.is_ascii_uppercase() || *c == '_').collect();
+                if name.is_empty() {
+                    continue;
+                }
+                let listed_name = format!("{name}.spec");
+                assert!(listed.contains(&listed_name), "{path} reads `{name}`, which `{}` does not list", kind.name);
                 read += 1;
             }
         }

@@ -6,9 +6,12 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use std::marker::PhantomData;
+
 use serde::Serialize;
 
 use super::expr::Expr;
+use crate::choice::Choice;
 use crate::data::Status;
 
 /// What a step produces, and what a reference to it may be used as.
@@ -198,6 +201,224 @@ pub const fn unset(name: &'static str, ty: ValueType, doc: &'static str) -> Prop
     PropertySpec { name, ty, required: false, default: None, doc }
 }
 
+/// A property as the code that runs a kind reads it: its spec and the Rust type of its value.
+/// Declared once as a `const` beside the kind's [`KindSpec`], listed there with `.spec` and read
+/// with [`Props::get`] (or `Context::get`), so a misspelt property does not compile. The constant
+/// is checked when it is compiled: the Rust type must read the spec's value type (a choice enum
+/// must have the spec's names), and a property read as `Option<T>` must be one that may be
+/// unset, one read as `T` one that always has a value (given or defaulted).
+#[derive(Debug)]
+pub struct Param<T> {
+    pub spec: PropertySpec,
+    value: PhantomData<fn() -> T>,
+}
+
+impl<T> Clone for Param<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<T> Copy for Param<T> {}
+
+impl<T: FromValue> Param<T> {
+    pub const fn new(spec: PropertySpec) -> Self {
+        assert!(T::SHAPE as u8 == Shape::of(&spec.ty) as u8, "the Rust type does not read this value type");
+        assert!(
+            T::OPTIONAL == (!spec.required && spec.default.is_none()),
+            "`Option<T>` is for properties that may be unset"
+        );
+        if let (Some(names), ValueType::Choice(options) | ValueType::Choices(options)) = (T::NAMES, spec.ty) {
+            assert!(same_names(names, options), "the choice enum's names are not the spec's");
+        }
+        Param { spec, value: PhantomData }
+    }
+
+    pub const fn name(&self) -> &'static str {
+        self.spec.name
+    }
+
+    /// The value the checker gives the property when a workflow leaves it out.
+    pub fn default(&self) -> Option<T> {
+        T::from_value(super::check::default_value(self.spec.ty, self.spec.default?).as_ref())
+    }
+}
+
+const fn same_names(a: &[&str], b: &[&str]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let mut i = 0;
+    while i < a.len() {
+        let (x, y) = (a[i].as_bytes(), b[i].as_bytes());
+        if x.len() != y.len() {
+            return false;
+        }
+        let mut j = 0;
+        while j < x.len() {
+            if x[j] != y[j] {
+                return false;
+            }
+            j += 1;
+        }
+        i += 1;
+    }
+    true
+}
+
+/// A [`ValueType`] without its bounds: what a Rust type must match to read it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shape {
+    Text,
+    Integer,
+    Number,
+    Bool,
+    Duration,
+    Size,
+    Choice,
+    Choices,
+    Integers,
+    Input,
+    Model,
+    File,
+    ModelFile,
+    Metric,
+    Expression,
+    Statuses,
+}
+
+impl Shape {
+    pub const fn of(ty: &ValueType) -> Shape {
+        match ty {
+            ValueType::Text => Shape::Text,
+            ValueType::Integer { .. } => Shape::Integer,
+            ValueType::Number { .. } => Shape::Number,
+            ValueType::Bool => Shape::Bool,
+            ValueType::Duration { .. } => Shape::Duration,
+            ValueType::Size { .. } => Shape::Size,
+            ValueType::Choice(_) => Shape::Choice,
+            ValueType::Choices(_) => Shape::Choices,
+            ValueType::Integers => Shape::Integers,
+            ValueType::Input(_) => Shape::Input,
+            ValueType::Model => Shape::Model,
+            ValueType::File => Shape::File,
+            ValueType::ModelFile => Shape::ModelFile,
+            ValueType::Metric => Shape::Metric,
+            ValueType::Expression => Shape::Expression,
+            ValueType::Statuses => Shape::Statuses,
+        }
+    }
+}
+
+/// A Rust type a property's checked [`Value`] reads as.
+pub trait FromValue: Sized {
+    const SHAPE: Shape;
+    /// `Option<T>`: the property may be unset.
+    const OPTIONAL: bool = false;
+    /// A choice enum's names.
+    const NAMES: Option<&'static [&'static str]> = None;
+    /// `None` when the value is missing or of another type.
+    fn from_value(value: Option<&Value>) -> Option<Self>;
+}
+
+impl<T: FromValue> FromValue for Option<T> {
+    const SHAPE: Shape = T::SHAPE;
+    const OPTIONAL: bool = true;
+    const NAMES: Option<&'static [&'static str]> = T::NAMES;
+    fn from_value(value: Option<&Value>) -> Option<Self> {
+        match value {
+            None => Some(None),
+            value => T::from_value(value).map(Some),
+        }
+    }
+}
+
+/// `FromValue` for a type read from one variant of [`Value`].
+macro_rules! from_value {
+    ($($ty:ty: $shape:ident, $pattern:pat => $read:expr;)+) => {$(
+        impl FromValue for $ty {
+            const SHAPE: Shape = Shape::$shape;
+            fn from_value(value: Option<&Value>) -> Option<Self> {
+                match value? {
+                    $pattern => Some($read),
+                    _ => None,
+                }
+            }
+        }
+    )+};
+}
+
+from_value! {
+    String: Text, Value::Text(s) => s.clone();
+    i64: Integer, Value::Integer(i) => *i;
+    f64: Number, Value::Number(n) => *n;
+    bool: Bool, Value::Bool(b) => *b;
+    Duration: Duration, Value::Duration(d) => *d;
+    u64: Size, Value::Size(bytes) => *bytes;
+    Vec<i64>: Integers, Value::Integers(list) => list.clone();
+    Input: Input, Value::Reference(_) => Input;
+    ModelName: Model, Value::Model(name) => ModelName(name.clone());
+    PathBuf: File, Value::File(path) => path.clone();
+    MetricRef: Metric, Value::Metric { step, metric } => MetricRef { step: step.clone(), metric: metric.clone() };
+    Expr: Expression, Value::Expression(expr) => expr.clone();
+    StatusFilter: Statuses, Value::Statuses(filter) => filter.clone();
+}
+
+impl FromValue for ModelPath {
+    const SHAPE: Shape = Shape::ModelFile;
+    fn from_value(value: Option<&Value>) -> Option<Self> {
+        match value? {
+            Value::DefaultModel => Some(ModelPath::Default),
+            Value::File(path) => Some(ModelPath::File(path.clone())),
+            _ => None,
+        }
+    }
+}
+
+impl<T: Choice> FromValue for T {
+    const SHAPE: Shape = Shape::Choice;
+    const NAMES: Option<&'static [&'static str]> = Some(T::NAMES);
+    fn from_value(value: Option<&Value>) -> Option<Self> {
+        match value? {
+            Value::Choice(name) => T::parse(name),
+            _ => None,
+        }
+    }
+}
+
+impl<T: Choice> FromValue for Vec<T> {
+    const SHAPE: Shape = Shape::Choices;
+    const NAMES: Option<&'static [&'static str]> = Some(T::NAMES);
+    fn from_value(value: Option<&Value>) -> Option<Self> {
+        match value? {
+            Value::Choices(names) => names.iter().map(|name| T::parse(name)).collect(),
+            _ => None,
+        }
+    }
+}
+
+/// The value of an input property: the step it names, which the step reads as an input.
+#[derive(Debug, Clone, Copy)]
+pub struct Input;
+
+/// The name of a `model` declaration.
+#[derive(Debug, Clone)]
+pub struct ModelName(pub String);
+
+/// A `model`'s file: the built-in default or a GGUF file.
+#[derive(Debug, Clone)]
+pub enum ModelPath {
+    Default,
+    File(PathBuf),
+}
+
+/// `step.metric`.
+#[derive(Debug, Clone)]
+pub struct MetricRef {
+    pub step: String,
+    pub metric: String,
+}
+
 /// Everything the language knows about one node kind.
 #[derive(Debug)]
 pub struct KindSpec {
@@ -324,39 +545,15 @@ impl Props {
         self.0.get(name)
     }
 
+    /// A declared property's value; `None` only if the node's kind does not declare it.
+    pub fn param<T: FromValue>(&self, param: &Param<T>) -> Option<T> {
+        T::from_value(self.get(param.name()))
+    }
+
     pub fn integer(&self, name: &str) -> Option<i64> {
         match self.get(name) {
             Some(Value::Integer(i)) => Some(*i),
             _ => None,
-        }
-    }
-
-    pub fn number(&self, name: &str) -> Option<f64> {
-        match self.get(name) {
-            Some(Value::Number(n)) => Some(*n),
-            Some(Value::Integer(i)) => Some(*i as f64),
-            _ => None,
-        }
-    }
-
-    pub fn text(&self, name: &str) -> Option<&str> {
-        match self.get(name) {
-            Some(Value::Text(s) | Value::Choice(s) | Value::Reference(s) | Value::Model(s)) => Some(s),
-            _ => None,
-        }
-    }
-
-    pub fn boolean(&self, name: &str) -> Option<bool> {
-        match self.get(name) {
-            Some(Value::Bool(b)) => Some(*b),
-            _ => None,
-        }
-    }
-
-    pub fn list(&self, name: &str) -> Vec<String> {
-        match self.get(name) {
-            Some(Value::Choices(list)) => list.clone(),
-            _ => vec![],
         }
     }
 

@@ -23,7 +23,7 @@ use summary::{StepSummary, Summary};
 use crate::dsl::schema::{Artifact, Role, Value, ValueType};
 use crate::nodes::context::{Context, Outcome, Output, StepError};
 use crate::nodes::resources::Resources;
-use crate::nodes::{Holds, Kind};
+use crate::nodes::{Holds, Kind, loop_until};
 use crate::plan::{Graph, Plan, PlannedStep, Source};
 use crate::store as files;
 use crate::store::meta::{KeyParts, Meta, StepStatus, file_identity};
@@ -227,6 +227,7 @@ impl Engine {
             let count = graph.steps.len();
             let mut waiting: Vec<usize> = (0..count).map(|i| graph.dependencies(i).len()).collect();
             let mut started = vec![false; count];
+            let mut finished = vec![false; count];
             let mut results: BTreeMap<String, Produced> = BTreeMap::new();
             let mut running = JoinSet::new();
             let mut stop: Option<Stop> = None;
@@ -256,6 +257,10 @@ impl Engine {
                     Ok((i, Ok(produced))) => {
                         let name = graph.steps[i].name().to_string();
                         results.insert(name, produced);
+                        finished[i] = true;
+                        if matches!(scope.graph, GraphRef::Top) {
+                            self.release_models(graph, &finished);
+                        }
                         for dependent in graph.dag.neighbors(petgraph::graph::NodeIndex::new(i)) {
                             let j = graph.dag[dependent];
                             waiting[j] = waiting[j].saturating_sub(1);
@@ -284,6 +289,19 @@ impl Engine {
             }
             Ok(results)
         })
+    }
+
+    /// Frees the models that no unfinished step of the run names (a loop names those of its
+    /// body), so a workflow that moves from one model to another does not hold both.
+    fn release_models(&self, graph: &Graph, finished: &[bool]) {
+        let mut needed = BTreeSet::new();
+        for (step, _) in graph.steps.iter().zip(finished).filter(|(_, done)| !**done) {
+            let body = step.body.iter().flat_map(|body| &body.steps);
+            needed.extend(std::iter::once(step).chain(body).filter_map(model_name));
+        }
+        for model in self.plan.models.keys().filter(|m| !needed.contains(m.as_str())) {
+            self.resources.release(model);
+        }
     }
 
     async fn run_one(
@@ -346,11 +364,9 @@ impl Engine {
         let step = &self.plan.graph.steps[index];
         let name = step.name().to_string();
         // The checker gives `max-iterations` a value (its schema default when unset); at least one.
-        let max = step.declaration.props.integer("max-iterations").unwrap_or_default().max(1) as u32;
-        let until = match step.declaration.props.get("until") {
-            Some(Value::Expression(expr)) => Some(expr.clone()),
-            _ => None,
-        };
+        let props = &step.declaration.props;
+        let max = props.param(&loop_until::MAX_ITERATIONS).unwrap_or_default().max(1) as u32;
+        let until = props.param(&loop_until::UNTIL).flatten();
         let mut previous = BTreeMap::new();
         for iteration in 1..=max {
             let body_scope = Scope {
@@ -503,10 +519,8 @@ impl Engine {
             step: name.clone(),
             iteration,
             props: step.declaration.props.clone(),
-            model: match step.declaration.props.get("model") {
-                Some(Value::Model(name)) => self.plan.models.get(name).map(|m| m.props.clone()),
-                _ => None,
-            },
+            model: model_name(step)
+                .and_then(|name| Some((name.to_string(), self.plan.models.get(name)?.props.clone()))),
             seed: self.plan.seed,
             inputs,
             dir: dir.clone(),
@@ -587,9 +601,9 @@ impl Engine {
             }
             Holds::Training => self.training.clone(),
             Holds::Model => {
-                let Some(Value::Model(model)) = step.declaration.props.get("model") else { return None };
+                let model = model_name(step)?;
                 let mut models = self.models.lock().ok()?;
-                models.entry(model.clone()).or_insert_with(|| Arc::new(Semaphore::new(1))).clone()
+                models.entry(model.to_string()).or_insert_with(|| Arc::new(Semaphore::new(1))).clone()
             }
         };
         semaphore.acquire_owned().await.ok()
@@ -615,6 +629,17 @@ fn inspect(dir: &Path, parts: &KeyParts) -> Decision {
     };
     let has_partial = dir.join("output.jsonl.partial").exists();
     cache::decide(previous.as_ref(), parts, output_hash.as_deref(), has_partial)
+}
+
+/// The `model` a step names: the value of its property of type `Model`, if it has one.
+fn model_name(step: &PlannedStep) -> Option<&str> {
+    let declaration = &step.declaration;
+    declaration.spec.properties.iter().filter(|p| p.ty == ValueType::Model).find_map(|p| {
+        match declaration.props.get(p.name) {
+            Some(Value::Model(name)) => Some(name.as_str()),
+            _ => None,
+        }
+    })
 }
 
 /// The parts of a step's cache key, given the output hash of each input by property.

@@ -1,5 +1,6 @@
 //! Models and adapters: llama.cpp started once per process, each model loaded once per run (on
-//! first use, freed with the run), LoRA adapters loaded into the model that serves them.
+//! first use, freed when the run is done with them), LoRA adapters loaded into the model that
+//! serves them.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -29,16 +30,26 @@ pub(super) fn backend() -> Result<&'static LlamaBackend, LlmError> {
         .map_err(|e| LlmError::Start(e.clone()))
 }
 
+/// A loaded model's file and GPU layers.
+type ModelKey = (PathBuf, i32);
+
 /// In-process inference with llama.cpp: the models a run loaded, by file and GPU layers, each
-/// loaded on first use and freed when the run drops this. A model serves one step at a time
-/// (the executor gives each model one decode stream), which is also what lets adapters be added
-/// to it while it is shared.
+/// loaded on first use and freed when unloaded or when the run drops this. A model serves one
+/// step at a time (the executor gives each model one decode stream), which is also what lets
+/// adapters be added to it while it is shared.
 #[derive(Default)]
 pub struct Llama {
-    models: Mutex<HashMap<(PathBuf, i32), Arc<Mutex<Loaded>>>>,
+    models: Mutex<HashMap<ModelKey, Arc<Mutex<Loaded>>>>,
 }
 
 impl Llama {
+    /// Frees a loaded model (once the step that may still hold it lets go).
+    pub fn unload(&self, path: &Path, gpu_layers: i32) {
+        if let Ok(mut models) = self.models.lock() {
+            models.remove(&(path.to_path_buf(), gpu_layers));
+        }
+    }
+
     pub(super) fn load(&self, settings: &ModelSettings) -> Result<Arc<Mutex<Loaded>>, LlmError> {
         let backend = backend()?;
         let key = (settings.path.clone(), settings.gpu_layers);

@@ -9,8 +9,7 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 use super::resources::Resources;
-use crate::choice::Choice;
-use crate::dsl::schema::{Artifact, Props, Value};
+use crate::dsl::schema::{Artifact, FromValue, Input, Param, Props};
 use crate::store::meta::Metrics;
 use crate::store::{self as files, RecordWriter};
 
@@ -27,6 +26,12 @@ pub struct Output {
 impl Output {
     pub fn records_path(&self) -> PathBuf {
         self.dir.join(files::RECORDS)
+    }
+
+    /// The step's records.
+    pub fn read<T: serde::de::DeserializeOwned>(&self) -> Result<Vec<T>, StepError> {
+        let path = self.records_path();
+        files::read_records(&path).map_err(|e| StepError::Failed(format!("cannot read `{}`: {e}", path.display())))
     }
 }
 
@@ -56,8 +61,8 @@ pub struct Context {
     pub step: String,
     pub iteration: Option<u32>,
     pub props: Props,
-    /// The declaration of the model the step names with `model=`, if it does.
-    pub model: Option<Props>,
+    /// The name and declaration of the model the step names with `model=`, if it does.
+    pub model: Option<(String, Props)>,
     pub seed: u64,
     /// Outputs of the steps this one reads, by property. A `prev.` input is absent in a loop's
     /// first iteration.
@@ -82,45 +87,28 @@ pub trait Reporter: Send + Sync {
 }
 
 impl Context {
-    /// A property the checker always gives a value: written in the workflow, or its schema's
-    /// default (the one place a default is written). Missing only if `name` is not one of the
-    /// kind's properties, which `tests/docs.rs` checks for every name a step reads.
-    fn given<T>(&self, name: &str, value: Option<T>) -> Result<T, StepError> {
-        value.ok_or_else(|| StepError::Failed(format!("`{}` has no property `{name}` with a value", self.step)))
+    /// A property's value: as written in the workflow, its schema default, or `None` for an
+    /// `Option` one left unset. Fails only if the kind does not list `param` in its spec.
+    pub fn get<T: FromValue>(&self, param: &Param<T>) -> Result<T, StepError> {
+        self.props
+            .param(param)
+            .ok_or_else(|| StepError::Failed(format!("`{}` has no property `{}`", self.step, param.name())))
     }
 
-    pub fn value(&self, name: &str) -> Result<&Value, StepError> {
-        self.given(name, self.props.get(name))
+    /// The output of the step an input property names.
+    pub fn input(&self, param: &Param<Input>) -> Result<&Output, StepError> {
+        self.inputs.get(param.name()).ok_or_else(|| StepError::Failed(format!("input `{}` is missing", param.name())))
     }
 
-    pub fn integer(&self, name: &str) -> Result<i64, StepError> {
-        self.given(name, self.props.integer(name))
-    }
-
-    pub fn number(&self, name: &str) -> Result<f64, StepError> {
-        self.given(name, self.props.number(name))
-    }
-
-    pub fn flag(&self, name: &str) -> Result<bool, StepError> {
-        self.given(name, self.props.boolean(name))
-    }
-
-    pub fn text(&self, name: &str) -> Result<&str, StepError> {
-        self.given(name, self.props.text(name))
-    }
-
-    pub fn choice<T: Choice>(&self, name: &str) -> Result<T, StepError> {
-        self.given(name, self.props.text(name).and_then(T::parse))
-    }
-
-    pub fn input(&self, property: &str) -> Result<&Output, StepError> {
-        self.inputs.get(property).ok_or_else(|| StepError::Failed(format!("input `{property}` is missing")))
+    /// The output of the step an optional input names, if it names one (and, for `prev.`, this
+    /// is not the loop's first iteration).
+    pub fn optional_input(&self, param: &Param<Option<Input>>) -> Option<&Output> {
+        self.inputs.get(param.name())
     }
 
     /// The records of an input step.
-    pub fn read<T: serde::de::DeserializeOwned>(&self, property: &str) -> Result<Vec<T>, StepError> {
-        let path = self.input(property)?.records_path();
-        files::read_records(&path).map_err(|e| StepError::Failed(format!("cannot read `{}`: {e}", path.display())))
+    pub fn read<T: serde::de::DeserializeOwned>(&self, param: &Param<Input>) -> Result<Vec<T>, StepError> {
+        self.input(param)?.read()
     }
 
     /// Opens this step's record file. Returns the records an unfinished earlier run wrote, so a

@@ -1,8 +1,9 @@
 use std::collections::BTreeSet;
+use std::path::PathBuf;
 
 use crate::data::TaskStyle;
 use crate::data::formats::{self, Format};
-use crate::dsl::schema::{Artifact, KindSpec, Role, ValueType, optional, required, unset};
+use crate::dsl::schema::{Artifact, KindSpec, Param, Role, ValueType, optional, required, unset};
 use crate::nodes::context::{Context, Outcome, StepError};
 
 pub static SPEC: KindSpec = KindSpec {
@@ -19,17 +20,7 @@ pub static SPEC: KindSpec = KindSpec {
           requirement alone (a user's tests are checks, not part of the prompt the model will \
           see at work), a `humaneval` task its signature and docstring; `show-tests` changes that \
           for `mbpp` and `jsonl` tasks with `tests`.",
-    properties: &[
-        required("format", ValueType::Choice(Format::NAMES), "How the file's records are laid out."),
-        required("path", ValueType::File, "The JSON-lines file, relative to the workflow file."),
-        optional("skip", ValueType::at_least(0), "0", "Records to skip from the start."),
-        optional("limit", ValueType::at_least(0), "0", "Most records to read after `skip`; 0 reads all."),
-        unset(
-            "show-tests",
-            ValueType::Bool,
-            "Show a task's `tests` in its prompt: #true by default for `mbpp`, #false for `jsonl`.",
-        ),
-    ],
+    properties: &[FORMAT.spec, PATH.spec, SKIP.spec, LIMIT.spec, SHOW_TESTS.spec],
     metrics: &["count"],
     at_least_one: &[],
     requires: &[],
@@ -37,17 +28,30 @@ pub static SPEC: KindSpec = KindSpec {
 "#,
 };
 
+const FORMAT: Param<Format> =
+    Param::new(required("format", ValueType::Choice(Format::NAMES), "How the file's records are laid out."));
+const PATH: Param<PathBuf> =
+    Param::new(required("path", ValueType::File, "The JSON-lines file, relative to the workflow file."));
+const SKIP: Param<i64> = Param::new(optional("skip", ValueType::at_least(0), "0", "Records to skip from the start."));
+const LIMIT: Param<i64> =
+    Param::new(optional("limit", ValueType::at_least(0), "0", "Most records to read after `skip`; 0 reads all."));
+const SHOW_TESTS: Param<Option<bool>> = Param::new(unset(
+    "show-tests",
+    ValueType::Bool,
+    "Show a task's `tests` in its prompt: #true by default for `mbpp`, #false for `jsonl`.",
+));
+
 const BATCH: usize = 256;
 
 pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
-    let format = ctx.choice("format")?;
-    let path = ctx.props.file("path").ok_or_else(|| StepError::Failed("no path".into()))?.clone();
-    let skip = ctx.integer("skip")? as usize;
-    let limit = match ctx.integer("limit")? {
+    let format = ctx.get(&FORMAT)?;
+    let path = ctx.get(&PATH)?;
+    let skip = ctx.get(&SKIP)? as usize;
+    let limit = match ctx.get(&LIMIT)? {
         0 => usize::MAX,
         n => n as usize,
     };
-    let show_tests = ctx.props.boolean("show-tests");
+    let show_tests = ctx.get(&SHOW_TESTS)?;
     let text = crate::stdlib::read_to_string(&path)
         .map_err(|e| StepError::Failed(format!("cannot read `{}`: {e}", path.display())))?;
 

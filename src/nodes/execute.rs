@@ -2,8 +2,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use crate::data::{Sample, Status, Task, Verdict, pass_at_k};
-use crate::dsl::check::default_value;
-use crate::dsl::schema::{Artifact, KindSpec, Role, Value, ValueType, optional, required};
+use crate::dsl::schema::{Artifact, Input, KindSpec, Param, Role, ValueType, optional, required};
 use crate::nodes::context::{Context, Outcome, StepError};
 use crate::sandbox::{self, Job, Limits};
 
@@ -20,27 +19,7 @@ pub static SPEC: KindSpec = KindSpec {
           a house envelope `ok(…)`, that), or the exception with a short traceback. Programs run in parallel on all cores. CPython is a pre-initialised \
           component built on first use (`seedflow fetch python`), or the python.wasm that \
           `SEEDFLOW_PYTHON_WASM` names.",
-    properties: &[
-        required(
-            "code",
-            ValueType::Input(&[Artifact::Samples, Artifact::Tasks]),
-            "The samples to run, or tasks whose reference solutions to run.",
-        ),
-        optional(
-            "timeout",
-            ValueType::Duration { min: Duration::from_millis(1), max: Duration::from_secs(24 * 60 * 60) },
-            r#""5s""#,
-            "Wall-clock deadline per program; the CPU budget scales with it.",
-        ),
-        optional(
-            "memory",
-            ValueType::Size { min: sandbox::LEAST_MEMORY, max: sandbox::MOST_MEMORY },
-            r#""256MiB""#,
-            "Memory cap per program.",
-        ),
-        optional("output", ValueType::Size { min: 0, max: 1 << 30 }, r#""64KiB""#, "Most output a program may print."),
-        optional("feedback-chars", ValueType::at_least(100), "2000", "Most characters of feedback kept per verdict."),
-    ],
+    properties: &[CODE.spec, TIMEOUT.spec, MEMORY.spec, OUTPUT.spec, FEEDBACK_CHARS.spec],
     metrics: &["count", "passed", "pass-rate", "pass@k"],
     at_least_one: &[],
     requires: &[],
@@ -52,37 +31,61 @@ execute "references" code="train" timeout="5s" memory="256MiB"
 /// Samples run together before their verdicts are written.
 const BATCH: usize = 32;
 
+const CODE: Param<Input> = Param::new(required(
+    "code",
+    ValueType::Input(&[Artifact::Samples, Artifact::Tasks]),
+    "The samples to run, or tasks whose reference solutions to run.",
+));
+const TIMEOUT: Param<Duration> = Param::new(optional(
+    "timeout",
+    ValueType::Duration { min: Duration::from_millis(1), max: Duration::from_secs(24 * 60 * 60) },
+    r#""5s""#,
+    "Wall-clock deadline per program; the CPU budget scales with it.",
+));
+const MEMORY: Param<u64> = Param::new(optional(
+    "memory",
+    ValueType::Size { min: sandbox::LEAST_MEMORY, max: sandbox::MOST_MEMORY },
+    r#""256MiB""#,
+    "Memory cap per program.",
+));
+const OUTPUT: Param<u64> = Param::new(optional(
+    "output",
+    ValueType::Size { min: 0, max: 1 << 30 },
+    r#""64KiB""#,
+    "Most output a program may print.",
+));
+const FEEDBACK_CHARS: Param<i64> = Param::new(optional(
+    "feedback-chars",
+    ValueType::at_least(100),
+    "2000",
+    "Most characters of feedback kept per verdict.",
+));
+
 /// The limits of an `execute` step that sets none: its schema's defaults, for those who run the
 /// sandbox outside a workflow (`seedflow fetch python` compiles it with them).
 pub fn default_limits() -> Option<Limits> {
-    let value = |name| SPEC.property(name).and_then(|p| default_value(p.ty, p.default?));
-    match (value("timeout")?, value("memory")?, value("output")?, value("feedback-chars")?) {
-        (Value::Duration(timeout), Value::Size(memory), Value::Size(output), Value::Integer(chars)) => {
-            Some(Limits { timeout, memory, output: output as usize, feedback_chars: chars as usize })
-        }
-        _ => None,
-    }
+    Some(Limits {
+        timeout: TIMEOUT.default()?,
+        memory: MEMORY.default()?,
+        output: OUTPUT.default()? as usize,
+        feedback_chars: FEEDBACK_CHARS.default()? as usize,
+    })
 }
 
 fn limits(ctx: &Context) -> Result<Limits, StepError> {
-    let (Value::Duration(timeout), Value::Size(memory), Value::Size(output)) =
-        (ctx.value("timeout")?, ctx.value("memory")?, ctx.value("output")?)
-    else {
-        return Err(StepError::Failed("the sandbox limits are not a duration and sizes".into()));
-    };
     Ok(Limits {
-        timeout: *timeout,
-        memory: *memory,
-        output: *output as usize,
-        feedback_chars: ctx.integer("feedback-chars")? as usize,
+        timeout: ctx.get(&TIMEOUT)?,
+        memory: ctx.get(&MEMORY)?,
+        output: ctx.get(&OUTPUT)? as usize,
+        feedback_chars: ctx.get(&FEEDBACK_CHARS)? as usize,
     })
 }
 
 /// The programs to run: samples as they are, or the tasks' reference solutions.
 fn programs(ctx: &Context) -> Result<Vec<Sample>, StepError> {
-    match ctx.input("code")?.artifact {
-        Artifact::Tasks => Ok(ctx.read::<Task>("code")?.iter().filter_map(Sample::reference).collect()),
-        _ => ctx.read::<Sample>("code"),
+    match ctx.input(&CODE)?.artifact {
+        Artifact::Tasks => Ok(ctx.read::<Task>(&CODE)?.iter().filter_map(Sample::reference).collect()),
+        _ => ctx.read::<Sample>(&CODE),
     }
 }
 

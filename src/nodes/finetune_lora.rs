@@ -1,5 +1,7 @@
 use crate::data::{Sample, Status, Task, Verdict};
-use crate::dsl::schema::{Artifact, KindSpec, Role, ValueType, optional, required, unset};
+use std::path::PathBuf;
+
+use crate::dsl::schema::{Artifact, Input, KindSpec, ModelName, Param, Role, ValueType, optional, required, unset};
 use crate::llm;
 use crate::nodes::context::{Context, Outcome, StepError};
 use crate::train::{self, Base, Example, Lora, StepRecord, Target};
@@ -29,58 +31,20 @@ pub static SPEC: KindSpec = KindSpec {
           `near-duplicates`. While it trains, `checkpoint.safetensors` (written every minute and on \
           interruption) lets `--resume` continue where an interrupted training stopped.",
     properties: &[
-        required("model", ValueType::Model, "The base `model`."),
-        required(
-            "data",
-            ValueType::Input(&[Artifact::Verdicts, Artifact::Samples, Artifact::Tasks]),
-            "Training pairs: passing verdicts or samples, or tasks' reference solutions.",
-        ),
-        unset(
-            "init",
-            ValueType::Input(&[Artifact::Adapter]),
-            "An adapter to continue training (for example `prev.tune`).",
-        ),
-        unset(
-            "history",
-            ValueType::Input(&[Artifact::Adapter]),
-            "Also train on every pair that adapter's step trained on (for example `prev.tune`). \
-             Without `init`, each loop iteration then trains afresh from the base model on all \
-             data so far; with it, it continues the adapter on all data so far.",
-        ),
-        optional(
-            "rank",
-            ValueType::at_least(1),
-            "8",
-            "LoRA rank; a projection with both sides smaller than it is an error.",
-        ),
-        optional(
-            "alpha",
-            ValueType::Number { min: 0.0, max: f64::INFINITY },
-            "16",
-            "LoRA alpha; the update is scaled by alpha / rank.",
-        ),
-        optional("dropout", ValueType::Number { min: 0.0, max: 1.0 }, "0.0", "Dropout on the LoRA input."),
-        optional(
-            "targets",
-            ValueType::Choices(Target::NAMES),
-            r#""q,k,v,o,gate,up,down""#,
-            "Projections that get LoRA matrices.",
-        ),
-        optional("epochs", ValueType::Integer { min: 1, max: MOST_EPOCHS }, "2", "Passes over the data."),
-        optional("learning-rate", ValueType::Number { min: 0.0, max: 1.0 }, "0.0002", "Peak AdamW learning rate."),
-        optional("warmup", ValueType::Number { min: 0.0, max: 1.0 }, "0.1", "Fraction of steps spent warming up."),
-        optional("batch", ValueType::at_least(1), "1", "Examples per optimizer step (by gradient accumulation)."),
-        optional(
-            "max-length",
-            ValueType::at_least(16),
-            "512",
-            "Longest training sequence in tokens; longer ones are cut.",
-        ),
-        unset(
-            "template",
-            ValueType::File,
-            "The prompt template, as `generate`'s `template` (the built-in one by default).",
-        ),
+        MODEL.spec,
+        DATA.spec,
+        INIT.spec,
+        HISTORY.spec,
+        RANK.spec,
+        ALPHA.spec,
+        DROPOUT.spec,
+        TARGETS.spec,
+        EPOCHS.spec,
+        LEARNING_RATE.spec,
+        WARMUP.spec,
+        BATCH.spec,
+        MAX_LENGTH.spec,
+        TEMPLATE.spec,
     ],
     metrics: &["loss", "first-loss", "steps", "examples", "history", "tokens", "near-duplicates"],
     at_least_one: &[],
@@ -90,6 +54,76 @@ dataset "train" format="mbpp" path="examples/data/mbpp/train.jsonl" limit=50
 finetune-lora "tune" model="coder" data="train" rank=8 alpha=16 epochs=2 learning-rate=0.0002
 "#,
 };
+
+const MODEL: Param<ModelName> = Param::new(required("model", ValueType::Model, "The base `model`."));
+const DATA: Param<Input> = Param::new(required(
+    "data",
+    ValueType::Input(&[Artifact::Verdicts, Artifact::Samples, Artifact::Tasks]),
+    "Training pairs: passing verdicts or samples, or tasks' reference solutions.",
+));
+const INIT: Param<Option<Input>> = Param::new(unset(
+    "init",
+    ValueType::Input(&[Artifact::Adapter]),
+    "An adapter to continue training (for example `prev.tune`).",
+));
+const HISTORY: Param<Option<Input>> = Param::new(unset(
+    "history",
+    ValueType::Input(&[Artifact::Adapter]),
+    "Also train on every pair that adapter's step trained on (for example `prev.tune`). \
+     Without `init`, each loop iteration then trains afresh from the base model on all \
+     data so far; with it, it continues the adapter on all data so far.",
+));
+const RANK: Param<i64> = Param::new(optional(
+    "rank",
+    ValueType::at_least(1),
+    "8",
+    "LoRA rank; a projection with both sides smaller than it is an error.",
+));
+const ALPHA: Param<f64> = Param::new(optional(
+    "alpha",
+    ValueType::Number { min: 0.0, max: f64::INFINITY },
+    "16",
+    "LoRA alpha; the update is scaled by alpha / rank.",
+));
+const DROPOUT: Param<f64> =
+    Param::new(optional("dropout", ValueType::Number { min: 0.0, max: 1.0 }, "0.0", "Dropout on the LoRA input."));
+const TARGETS: Param<Vec<Target>> = Param::new(optional(
+    "targets",
+    ValueType::Choices(Target::NAMES),
+    r#""q,k,v,o,gate,up,down""#,
+    "Projections that get LoRA matrices.",
+));
+const EPOCHS: Param<i64> =
+    Param::new(optional("epochs", ValueType::Integer { min: 1, max: MOST_EPOCHS }, "2", "Passes over the data."));
+const LEARNING_RATE: Param<f64> = Param::new(optional(
+    "learning-rate",
+    ValueType::Number { min: 0.0, max: 1.0 },
+    "0.0002",
+    "Peak AdamW learning rate.",
+));
+const WARMUP: Param<f64> = Param::new(optional(
+    "warmup",
+    ValueType::Number { min: 0.0, max: 1.0 },
+    "0.1",
+    "Fraction of steps spent warming up.",
+));
+const BATCH: Param<i64> = Param::new(optional(
+    "batch",
+    ValueType::at_least(1),
+    "1",
+    "Examples per optimizer step (by gradient accumulation).",
+));
+const MAX_LENGTH: Param<i64> = Param::new(optional(
+    "max-length",
+    ValueType::at_least(16),
+    "512",
+    "Longest training sequence in tokens; longer ones are cut.",
+));
+const TEMPLATE: Param<Option<PathBuf>> = Param::new(unset(
+    "template",
+    ValueType::File,
+    "The prompt template, as `generate`'s `template` (the built-in one by default).",
+));
 
 /// The adapter file a `finetune-lora` step writes in its directory (what `adapter=` reads).
 pub const ADAPTER_FILE: &str = "adapter.gguf";
@@ -108,7 +142,7 @@ struct Pair {
 
 /// The pairs the `history` input's step trained on.
 fn history_pairs(ctx: &Context) -> Result<Vec<(Task, String)>, StepError> {
-    let Some(history) = ctx.inputs.get("history") else {
+    let Some(history) = ctx.optional_input(&HISTORY) else {
         return Ok(vec![]);
     };
     let path = history.dir.join(PAIRS_FILE);
@@ -119,16 +153,16 @@ fn history_pairs(ctx: &Context) -> Result<Vec<(Task, String)>, StepError> {
 
 /// (task, code) pairs to train on, from the `data` input.
 fn training_pairs(ctx: &Context) -> Result<Vec<(Task, String)>, StepError> {
-    let data = ctx.input("data")?;
+    let data = ctx.input(&DATA)?;
     Ok(match data.artifact {
         Artifact::Verdicts => ctx
-            .read::<Verdict>("data")?
+            .read::<Verdict>(&DATA)?
             .into_iter()
             .filter(|v| v.status == Status::Passed)
             .map(|v| (v.sample.task, v.sample.code))
             .collect(),
-        Artifact::Samples => ctx.read::<Sample>("data")?.into_iter().map(|s| (s.task, s.code)).collect(),
-        _ => ctx.read::<Task>("data")?.into_iter().filter_map(|t| t.reference.clone().map(|code| (t, code))).collect(),
+        Artifact::Samples => ctx.read::<Sample>(&DATA)?.into_iter().map(|s| (s.task, s.code)).collect(),
+        _ => ctx.read::<Task>(&DATA)?.into_iter().filter_map(|t| t.reference.clone().map(|code| (t, code))).collect(),
     })
 }
 
@@ -184,7 +218,7 @@ fn near_duplicates(pairs: &[(Task, String, bool)]) -> Vec<(String, String, f64)>
 }
 
 pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
-    let props = ctx.model.as_ref().ok_or_else(|| StepError::Failed("the step names no model".into()))?;
+    let (_, props) = ctx.model.as_ref().ok_or_else(|| StepError::Failed("the step names no model".into()))?;
     let model = super::model::settings(props, &|m| ctx.message(m)).map_err(StepError::Failed)?;
     let failed = |e: candle_core::Error| {
         if ctx.check_cancelled().is_err() { StepError::Cancelled } else { StepError::Failed(e.to_string()) }
@@ -195,13 +229,13 @@ pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
         let named: Vec<String> = duplicates.iter().map(|(a, b, alike)| format!("{a} ~ {b} ({alike:.2})")).collect();
         ctx.message(&format!("near-duplicate training pairs (different tasks, alike code): {}", named.join(", ")));
     }
-    let messages = super::generate::solve_messages(ctx, training.iter().map(|(task, _, _)| task))?;
+    let messages = super::generate::solve_messages(ctx, &TEMPLATE, training.iter().map(|(task, _, _)| task))?;
     let pairs: Vec<(String, String)> = messages
         .into_iter()
         .zip(&training)
         .map(|(message, (_, code, _))| (message, format!("```python\n{}\n```", code.trim_end())))
         .collect();
-    let max_length = ctx.integer("max-length")? as usize;
+    let max_length = ctx.get(&MAX_LENGTH)? as usize;
     // Examples whose prompt fills max-length are skipped; the rest are cut to it. The pairs kept
     // are what a later step's `history` takes over.
     let (mut examples, mut kept_pairs, mut history_kept) = (vec![], String::new(), 0);
@@ -228,24 +262,21 @@ pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
 
     ctx.message("reading the base model for training");
     let base = Base::load(&model.path).map_err(failed)?;
-    let lora = match ctx.inputs.get("init") {
+    let lora = match ctx.optional_input(&INIT) {
         Some(init) => Lora::load_gguf(&init.dir.join(ADAPTER_FILE), &base).map_err(failed)?,
         None => {
-            let targets: Vec<Target> = match ctx.props.list("targets") {
-                names if names.is_empty() => Target::all(),
-                names => names.iter().filter_map(|n| Target::parse(n)).collect(),
-            };
-            let rank = ctx.integer("rank")? as usize;
-            let alpha = ctx.number("alpha")? as f32;
+            let targets = ctx.get(&TARGETS)?;
+            let rank = ctx.get(&RANK)? as usize;
+            let alpha = ctx.get(&ALPHA)? as f32;
             Lora::new(&base, rank, alpha, &targets, ctx.seed).map_err(failed)?
         }
     };
     let settings = train::Settings {
-        epochs: ctx.integer("epochs")? as usize,
-        learning_rate: ctx.number("learning-rate")?,
-        warmup: ctx.number("warmup")?,
-        batch: ctx.integer("batch")? as usize,
-        dropout: ctx.number("dropout")? as f32,
+        epochs: ctx.get(&EPOCHS)? as usize,
+        learning_rate: ctx.get(&LEARNING_RATE)?,
+        warmup: ctx.get(&WARMUP)?,
+        batch: ctx.get(&BATCH)? as usize,
+        dropout: ctx.get(&DROPOUT)? as f32,
         seed: ctx.seed,
     };
     // The loss curve is written afresh: a resumed training replays the steps its checkpoint holds.

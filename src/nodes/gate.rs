@@ -1,4 +1,4 @@
-use crate::dsl::schema::{Artifact, KindSpec, Role, Value, ValueType, optional, required, unset};
+use crate::dsl::schema::{Artifact, KindSpec, MetricRef, Param, Role, ValueType, optional, required, unset};
 use crate::nodes::context::{Context, Outcome, StepError};
 
 pub static SPEC: KindSpec = KindSpec {
@@ -9,30 +9,7 @@ pub static SPEC: KindSpec = KindSpec {
           `margin`, the run goes on but ends with exit code 3, and the failure is in \
           `summary.json`, the report and the CI events; use it to stop a CI pipeline when an \
           adapted model got worse.",
-    properties: &[
-        required("metric", ValueType::Metric, "The metric to check, as `step.metric` (or `loop.step.metric`)."),
-        unset(
-            "at-least",
-            ValueType::Number { min: f64::NEG_INFINITY, max: f64::INFINITY },
-            "Fail when the metric is below this.",
-        ),
-        unset(
-            "at-most",
-            ValueType::Number { min: f64::NEG_INFINITY, max: f64::INFINITY },
-            "Fail when the metric is above this.",
-        ),
-        unset(
-            "baseline",
-            ValueType::Metric,
-            "Fail when the metric is below this other metric (for example the base model's pass@1).",
-        ),
-        optional(
-            "margin",
-            ValueType::Number { min: 0.0, max: f64::INFINITY },
-            "0.0",
-            "How far below `baseline` the metric may fall before the gate fails.",
-        ),
-    ],
+    properties: &[METRIC.spec, AT_LEAST.spec, AT_MOST.spec, BASELINE.spec, MARGIN.spec],
     metrics: &["value", "passed"],
     at_least_one: &["at-least", "at-most", "baseline"],
     requires: &[("margin", "baseline")],
@@ -44,6 +21,30 @@ gate "references-pass" metric="references.pass-rate" at-least=1.0
 gate "as-good" metric="held-out.pass-rate" baseline="references.pass-rate" margin=0.05
 "#,
 };
+
+const METRIC: Param<MetricRef> =
+    Param::new(required("metric", ValueType::Metric, "The metric to check, as `step.metric` (or `loop.step.metric`)."));
+const AT_LEAST: Param<Option<f64>> = Param::new(unset(
+    "at-least",
+    ValueType::Number { min: f64::NEG_INFINITY, max: f64::INFINITY },
+    "Fail when the metric is below this.",
+));
+const AT_MOST: Param<Option<f64>> = Param::new(unset(
+    "at-most",
+    ValueType::Number { min: f64::NEG_INFINITY, max: f64::INFINITY },
+    "Fail when the metric is above this.",
+));
+const BASELINE: Param<Option<MetricRef>> = Param::new(unset(
+    "baseline",
+    ValueType::Metric,
+    "Fail when the metric is below this other metric (for example the base model's pass@1).",
+));
+const MARGIN: Param<f64> = Param::new(optional(
+    "margin",
+    ValueType::Number { min: 0.0, max: f64::INFINITY },
+    "0.0",
+    "How far below `baseline` the metric may fall before the gate fails.",
+));
 
 /// The bounds a metric must keep.
 #[derive(Debug, Default)]
@@ -72,26 +73,29 @@ pub fn check(name: &str, value: f64, bounds: &Bounds) -> Option<String> {
     None
 }
 
-/// A metric input's value.
-fn metric(ctx: &Context, property: &str) -> Result<Option<(String, f64)>, StepError> {
-    let Some(Value::Metric { step, metric }) = ctx.props.get(property).cloned() else {
-        return Ok(None);
-    };
+/// The value of the metric a property names (the step that publishes it is the property's input).
+fn metric(ctx: &Context, property: &str, MetricRef { step, metric }: MetricRef) -> Result<(String, f64), StepError> {
     let value = *ctx
-        .input(property)?
+        .inputs
+        .get(property)
+        .ok_or_else(|| StepError::Failed(format!("input `{property}` is missing")))?
         .metrics
         .get(&metric)
         .ok_or_else(|| StepError::Failed(format!("`{step}` did not publish `{metric}`")))?;
-    Ok(Some((format!("{step}.{metric}"), value)))
+    Ok((format!("{step}.{metric}"), value))
 }
 
 pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
-    let (name, value) = metric(ctx, "metric")?.ok_or_else(|| StepError::Failed("no metric".into()))?;
-    let margin = ctx.number("margin")?;
+    let (name, value) = metric(ctx, METRIC.name(), ctx.get(&METRIC)?)?;
+    let margin = ctx.get(&MARGIN)?;
+    let baseline = match ctx.get(&BASELINE)? {
+        Some(reference) => Some(metric(ctx, BASELINE.name(), reference)?),
+        None => None,
+    };
     let bounds = Bounds {
-        at_least: ctx.props.number("at-least"),
-        at_most: ctx.props.number("at-most"),
-        baseline: metric(ctx, "baseline")?.map(|(base_name, base)| (base_name, base, margin)),
+        at_least: ctx.get(&AT_LEAST)?,
+        at_most: ctx.get(&AT_MOST)?,
+        baseline: baseline.map(|(base_name, base)| (base_name, base, margin)),
     };
     let failure = check(&name, value, &bounds);
     let metrics = [("value".to_string(), value), ("passed".to_string(), f64::from(u8::from(failure.is_none())))].into();

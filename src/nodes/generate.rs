@@ -1,7 +1,7 @@
 use std::path::PathBuf;
 
 use crate::data::{Sample, Task, TaskStyle, sample_seed};
-use crate::dsl::schema::{Artifact, KindSpec, PropertySpec, Role, ValueType, optional, required, unset};
+use crate::dsl::schema::{Artifact, Input, KindSpec, ModelName, Param, Role, ValueType, optional, required, unset};
 use crate::llm::{self, Generated, Generation, Request, Sampling, extract, prompt};
 use crate::nodes::context::{Context, Outcome, StepError};
 use crate::store::meta::Metrics;
@@ -10,24 +10,59 @@ use crate::store::meta::Metrics;
 /// and a pass@k estimate needs a few hundred at most.
 pub const MOST_SAMPLES: i64 = 10_000;
 
-/// Properties `revise` shares with `generate`.
-pub const ADAPTER_SCALE: PropertySpec =
-    optional("adapter-scale", ValueType::Number { min: 0.0, max: 10.0 }, "1.0", "Scale of the adapter's contribution.");
-pub const TEMPERATURE: PropertySpec =
-    optional("temperature", ValueType::Number { min: 0.0, max: 5.0 }, "0.8", "Sampling temperature; 0 is greedy.");
-pub const TOP_P: PropertySpec =
-    optional("top-p", ValueType::Number { min: 0.0, max: 1.0 }, "0.95", "Nucleus sampling threshold.");
-pub const TOP_K: PropertySpec = optional(
+// Properties `revise` shares with `generate`.
+pub const MODEL: Param<ModelName> = Param::new(required("model", ValueType::Model, "The `model` to sample from."));
+pub const ADAPTER: Param<Option<Input>> = Param::new(unset(
+    "adapter",
+    ValueType::Input(&[Artifact::Adapter]),
+    "A LoRA adapter to attach (for example `prev.tune`).",
+));
+pub const ADAPTER_SCALE: Param<f64> = Param::new(optional(
+    "adapter-scale",
+    ValueType::Number { min: 0.0, max: 10.0 },
+    "1.0",
+    "Scale of the adapter's contribution.",
+));
+pub const TEMPERATURE: Param<f64> = Param::new(optional(
+    "temperature",
+    ValueType::Number { min: 0.0, max: 5.0 },
+    "0.8",
+    "Sampling temperature; 0 is greedy.",
+));
+pub const TOP_P: Param<f64> =
+    Param::new(optional("top-p", ValueType::Number { min: 0.0, max: 1.0 }, "0.95", "Nucleus sampling threshold."));
+pub const TOP_K: Param<i64> = Param::new(optional(
     "top-k",
     ValueType::Integer { min: 0, max: i32::MAX as i64 },
     "40",
     "Keep the k most likely tokens; 0 keeps all.",
-);
-pub const STOP: PropertySpec = unset(
+));
+pub const MAX_TOKENS: Param<i64> = Param::new(optional(
+    "max-tokens",
+    ValueType::Integer { min: 1, max: llm::MOST_TOKENS as i64 },
+    "512",
+    "Most tokens generated per sample.",
+));
+pub const STOP: Param<Option<String>> = Param::new(unset(
     "stop",
     ValueType::Text,
     "An extra string that ends a sample where it first appears (the string itself is left out).",
-);
+));
+pub const STOP_AFTER_CODE: Param<bool> = Param::new(optional(
+    "stop-after-code",
+    ValueType::Bool,
+    "#true",
+    "End a sample when its first fenced code block closes (what follows is prose).",
+));
+
+const TASKS: Param<Input> = Param::new(required("tasks", ValueType::Input(&[Artifact::Tasks]), "The tasks to solve."));
+const SAMPLES: Param<i64> =
+    Param::new(optional("samples", ValueType::Integer { min: 1, max: MOST_SAMPLES }, "1", "Programs per task."));
+pub const TEMPLATE: Param<Option<PathBuf>> = Param::new(unset(
+    "template",
+    ValueType::File,
+    "A prompt template replacing the built-in one (`std/prompts/…` or a file).",
+));
 
 pub static SPEC: KindSpec = KindSpec {
     name: "generate",
@@ -46,28 +81,18 @@ pub static SPEC: KindSpec = KindSpec {
           get the chat template stored in the GGUF; the prompt template can be replaced with \
           `template`.",
     properties: &[
-        required("model", ValueType::Model, "The `model` to sample from."),
-        required("tasks", ValueType::Input(&[Artifact::Tasks]), "The tasks to solve."),
-        unset("adapter", ValueType::Input(&[Artifact::Adapter]), "A LoRA adapter to attach (for example `prev.tune`)."),
-        ADAPTER_SCALE,
-        optional("samples", ValueType::Integer { min: 1, max: MOST_SAMPLES }, "1", "Programs per task."),
-        TEMPERATURE,
-        TOP_P,
-        TOP_K,
-        optional(
-            "max-tokens",
-            ValueType::Integer { min: 1, max: llm::MOST_TOKENS as i64 },
-            "512",
-            "Most tokens generated per sample.",
-        ),
-        STOP,
-        optional(
-            "stop-after-code",
-            ValueType::Bool,
-            "#true",
-            "End a sample when its first fenced code block closes (what follows is prose).",
-        ),
-        unset("template", ValueType::File, "A prompt template replacing the built-in one (`std/prompts/…` or a file)."),
+        MODEL.spec,
+        TASKS.spec,
+        ADAPTER.spec,
+        ADAPTER_SCALE.spec,
+        SAMPLES.spec,
+        TEMPERATURE.spec,
+        TOP_P.spec,
+        TOP_K.spec,
+        MAX_TOKENS.spec,
+        STOP.spec,
+        STOP_AFTER_CODE.spec,
+        TEMPLATE.spec,
     ],
     metrics: &["count", "tokens", "prompt-tokens", "tokens-per-second", "decode-share"],
     at_least_one: &[],
@@ -81,25 +106,30 @@ generate "answers" model="coder" tasks="test" samples=5 temperature=0.8 top-p=0.
 /// The sampling settings of a `generate` or `revise` step.
 pub(super) fn sampling(ctx: &Context) -> Result<Sampling, StepError> {
     Ok(Sampling {
-        temperature: ctx.number("temperature")? as f32,
-        top_p: ctx.number("top-p")? as f32,
-        top_k: ctx.integer("top-k")? as i32,
-        max_tokens: ctx.integer("max-tokens")? as u32,
-        stop: ctx.props.text("stop").map(|s| vec![s.to_string()]).unwrap_or_default(),
-        stop_after_code: ctx.flag("stop-after-code")?,
+        temperature: ctx.get(&TEMPERATURE)? as f32,
+        top_p: ctx.get(&TOP_P)? as f32,
+        top_k: ctx.get(&TOP_K)? as i32,
+        max_tokens: ctx.get(&MAX_TOKENS)? as u32,
+        stop: ctx.get(&STOP)?.into_iter().collect(),
+        stop_after_code: ctx.get(&STOP_AFTER_CODE)?,
     })
 }
 
 /// The adapter file of the step's `adapter` input, if it has one this iteration.
 pub(super) fn adapter(ctx: &Context) -> Result<Option<(PathBuf, f32)>, StepError> {
-    let Some(output) = ctx.inputs.get("adapter") else { return Ok(None) };
-    Ok(Some((output.dir.join(super::finetune_lora::ADAPTER_FILE), ctx.number("adapter-scale")? as f32)))
+    let Some(output) = ctx.optional_input(&ADAPTER) else { return Ok(None) };
+    Ok(Some((output.dir.join(super::finetune_lora::ADAPTER_FILE), ctx.get(&ADAPTER_SCALE)? as f32)))
 }
 
-/// The step's `template`, checked against the `values` the step fills, or `default`.
-pub(super) fn template(ctx: &Context, default: &str, values: &[&str]) -> Result<String, StepError> {
-    let Some(path) = ctx.props.file("template") else { return Ok(default.to_string()) };
-    let text = crate::stdlib::read_to_string(path)
+/// The step's template (its `param`), checked against the `values` the step fills, or `default`.
+pub(super) fn template(
+    ctx: &Context,
+    param: &Param<Option<PathBuf>>,
+    default: &str,
+    values: &[&str],
+) -> Result<String, StepError> {
+    let Some(path) = ctx.get(param)? else { return Ok(default.to_string()) };
+    let text = crate::stdlib::read_to_string(&path)
         .map_err(|e| StepError::Failed(format!("cannot read `{}`: {e}", path.display())))?;
     prompt::check(&text, values)
         .map_err(|e| StepError::Failed(format!("template `{}` cannot be used: {e}", path.display())))?;
@@ -114,7 +144,7 @@ pub(super) fn sample_all(
     requests: &[Request],
     make: &dyn Fn(usize, Vec<Generated>) -> Vec<Sample>,
 ) -> Result<Outcome, StepError> {
-    let props = ctx.model.as_ref().ok_or_else(|| StepError::Failed("the step names no model".into()))?;
+    let (model, props) = ctx.model.as_ref().ok_or_else(|| StepError::Failed("the step names no model".into()))?;
     let settings = super::model::settings(props, &|m| ctx.message(m)).map_err(StepError::Failed)?;
     let (mut writer, kept) = ctx.records()?;
     let mut kept_samples: Vec<Sample> = kept.iter().filter_map(|l| serde_json::from_str(l).ok()).collect();
@@ -155,7 +185,7 @@ pub(super) fn sample_all(
         requests: &requests[done..],
         sampling: &sampling,
     };
-    let generated = ctx.resources.inference(&settings).generate(&work, &cancelled, &mut progress);
+    let generated = ctx.resources.inference(model, &settings).generate(&work, &cancelled, &mut progress);
     if let Some(failure) = failure.into_inner() {
         return Err(failure);
     }
@@ -190,13 +220,14 @@ pub(super) fn sample(task: &Task, sample_id: String, generated: Generated) -> Sa
     }
 }
 
-/// The user messages asking to solve `tasks`: through the step's `template`, or the built-in one
-/// for the task's style. `finetune-lora` trains on the same messages.
+/// The user messages asking to solve `tasks`: through the step's template (its `param`), or the
+/// built-in one for the task's style. `finetune-lora` trains on the same messages.
 pub(super) fn solve_messages<'a>(
     ctx: &Context,
+    param: &Param<Option<PathBuf>>,
     tasks: impl Iterator<Item = &'a Task>,
 ) -> Result<Vec<String>, StepError> {
-    let custom = template(ctx, "", prompt::SOLVE_VALUES)?;
+    let custom = template(ctx, param, "", prompt::SOLVE_VALUES)?;
     Ok(tasks
         .map(|task| {
             let template = if custom.is_empty() { prompt::default_template(task.style) } else { custom.as_str() };
@@ -206,9 +237,9 @@ pub(super) fn solve_messages<'a>(
 }
 
 pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
-    let tasks: Vec<Task> = ctx.read("tasks")?;
-    let samples = ctx.integer("samples")? as usize;
-    let messages = solve_messages(ctx, tasks.iter())?;
+    let tasks: Vec<Task> = ctx.read(&TASKS)?;
+    let samples = ctx.get(&SAMPLES)? as usize;
+    let messages = solve_messages(ctx, &TEMPLATE, tasks.iter())?;
     let requests: Vec<Request> = tasks
         .iter()
         .zip(messages)

@@ -1,7 +1,18 @@
-use crate::dsl::schema::{KindSpec, Role, ValueType, optional, unset};
+use crate::dsl::expr::Expr;
+use crate::dsl::schema::{KindSpec, Param, Role, ValueType, optional, unset};
 
 /// Most iterations: a bound that catches a mistyped value before a loop that would not end.
 const MOST_ITERATIONS: i64 = 10_000;
+
+/// Read by the executor, which runs the loop.
+pub const MAX_ITERATIONS: Param<i64> = Param::new(optional(
+    "max-iterations",
+    ValueType::Integer { min: 1, max: MOST_ITERATIONS },
+    "3",
+    "Most iterations to run.",
+));
+pub const UNTIL: Param<Option<Expr>> =
+    Param::new(unset("until", ValueType::Expression, "Stop after an iteration in which this holds."));
 
 pub static SPEC: KindSpec = KindSpec {
     name: "loop-until",
@@ -12,10 +23,7 @@ pub static SPEC: KindSpec = KindSpec {
           outside, `loop.step` is a step's output in the last iteration. `until` compares metrics \
           of the loop's steps (`step.metric`) and `iteration` with numbers, joined by `&&`, `||` \
           and `!`. Each iteration's outputs are kept under `<loop>/iteration-<n>/`.",
-    properties: &[
-        optional("max-iterations", ValueType::Integer { min: 1, max: MOST_ITERATIONS }, "3", "Most iterations to run."),
-        unset("until", ValueType::Expression, "Stop after an iteration in which this holds."),
-    ],
+    properties: &[MAX_ITERATIONS.spec, UNTIL.spec],
     metrics: &[],
     at_least_one: &[],
     requires: &[],

@@ -7,7 +7,7 @@ mod execute;
 mod finetune_lora;
 mod gate;
 mod generate;
-mod loop_until;
+pub mod loop_until;
 pub mod model;
 mod report;
 pub mod resources;

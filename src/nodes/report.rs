@@ -5,7 +5,7 @@ use serde::Serialize;
 
 use crate::data::paired::{self, Paired};
 use crate::data::{Status, Verdict, pass_at_k};
-use crate::dsl::schema::{Artifact, KindSpec, Role, ValueType, optional, required, unset};
+use crate::dsl::schema::{Artifact, Input, KindSpec, Param, Role, ValueType, optional, required, unset};
 use crate::nodes::context::{Context, Outcome, StepError};
 use crate::store::write_atomic;
 
@@ -21,22 +21,7 @@ pub static SPEC: KindSpec = KindSpec {
           confidence interval of the difference (published as `compared` (the tasks both \
           evaluated), `baseline-pass@1`, `gained`, `lost`, `p-value`, `gain-low`, `gain-high`). Writes `report.json`, `report.md` and \
           `junit.xml` (one test case per sample) as chosen by `formats`.",
-    properties: &[
-        required("from", ValueType::Input(&[Artifact::Verdicts]), "The verdicts to report on."),
-        unset(
-            "baseline",
-            ValueType::Input(&[Artifact::Verdicts]),
-            "Verdicts to compare with, task by task (the model before adaptation).",
-        ),
-        optional("k", ValueType::Integers, r#""1""#, "The k of each pass@k, as a list: \"1,10\"."),
-        optional(
-            "formats",
-            ValueType::Choices(&["json", "markdown", "junit"]),
-            r#""json,markdown,junit""#,
-            "Files to write.",
-        ),
-        optional("title", ValueType::Text, r#""seedflow report""#, "Heading of the report."),
-    ],
+    properties: &[FROM.spec, BASELINE.spec, K.spec, FORMATS.spec, TITLE.spec],
     metrics: &[
         "count",
         "samples",
@@ -138,29 +123,55 @@ pub fn junit(report: &Report, verdicts: &[Verdict]) -> Result<String, String> {
     junit.to_string().map_err(|e| e.to_string())
 }
 
+const FROM: Param<Input> =
+    Param::new(required("from", ValueType::Input(&[Artifact::Verdicts]), "The verdicts to report on."));
+const BASELINE: Param<Option<Input>> = Param::new(unset(
+    "baseline",
+    ValueType::Input(&[Artifact::Verdicts]),
+    "Verdicts to compare with, task by task (the model before adaptation).",
+));
+const K: Param<Vec<i64>> =
+    Param::new(optional("k", ValueType::Integers, r#""1""#, "The k of each pass@k, as a list: \"1,10\"."));
+const FORMATS: Param<Vec<ReportFormat>> = Param::new(optional(
+    "formats",
+    ValueType::Choices(ReportFormat::NAMES),
+    r#""json,markdown,junit""#,
+    "Files to write.",
+));
+const TITLE: Param<String> =
+    Param::new(optional("title", ValueType::Text, r#""seedflow report""#, "Heading of the report."));
+
+crate::choice! {
+    /// A file a report step writes.
+    pub enum ReportFormat {
+        Json = "json",
+        Markdown = "markdown",
+        Junit = "junit",
+    }
+}
+
 pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
-    let verdicts: Vec<Verdict> = ctx.read("from")?;
-    let ks: Vec<usize> = ctx.props.integers("k").into_iter().map(|k| k as usize).collect();
-    let mut report = summarise(ctx.text("title")?, &verdicts, &ks);
-    if ctx.inputs.contains_key("baseline") {
-        let baseline: Vec<Verdict> = ctx.read("baseline")?;
+    let verdicts: Vec<Verdict> = ctx.read(&FROM)?;
+    let ks: Vec<usize> = ctx.get(&K)?.into_iter().map(|k| k as usize).collect();
+    let mut report = summarise(&ctx.get(&TITLE)?, &verdicts, &ks);
+    if let Some(baseline) = ctx.optional_input(&BASELINE) {
+        let baseline: Vec<Verdict> = baseline.read()?;
         report.baseline = paired::compare(&paired::pass_rates(&baseline), &paired::pass_rates(&verdicts));
         if report.baseline.is_none() {
             ctx.message("the baseline evaluated none of these tasks: no comparison");
         }
     }
-    for format in ctx.props.list("formats") {
-        match format.as_str() {
-            "json" => {
+    for format in ctx.get(&FORMATS)? {
+        match format {
+            ReportFormat::Json => {
                 let json = serde_json::to_vec_pretty(&report).map_err(|e| StepError::Failed(e.to_string()))?;
                 write_atomic(&ctx.dir.join("report.json"), &json)?;
             }
-            "markdown" => write_atomic(&ctx.dir.join("report.md"), markdown(&report).as_bytes())?,
-            "junit" => write_atomic(
+            ReportFormat::Markdown => write_atomic(&ctx.dir.join("report.md"), markdown(&report).as_bytes())?,
+            ReportFormat::Junit => write_atomic(
                 &ctx.dir.join("junit.xml"),
                 junit(&report, &verdicts).map_err(StepError::Failed)?.as_bytes(),
             )?,
-            _ => {}
         }
     }
     let mut metrics: BTreeMap<String, f64> = report.pass_at_k.clone();

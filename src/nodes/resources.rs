@@ -1,9 +1,10 @@
-//! What a run holds for its steps and frees when it ends: the models it loaded, the sandbox
-//! (its compiled component and instance pool) and the runtime its programs run on. The engine
-//! makes one per run and hands it to every step.
+//! What a run holds for its steps: the models it loaded (each freed once no step left to run
+//! names it), the sandbox (its compiled component and instance pool) and the runtime its
+//! programs run on (freed when the run ends). The engine makes one per run and hands it to
+//! every step.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use crate::llm::{Inference, Llama, ModelSettings};
@@ -12,6 +13,8 @@ use crate::sandbox::Sandbox;
 #[derive(Default)]
 pub struct Resources {
     llama: Llama,
+    /// The file (and GPU layers) each `model` declaration that a step used is loaded from.
+    models: Mutex<HashMap<String, (PathBuf, i32)>>,
     /// One sandbox per memory cap (a `memory` property sizes the instance pool), shared by every
     /// `execute` step of the run.
     sandboxes: Mutex<HashMap<u64, Arc<Sandbox>>>,
@@ -19,9 +22,23 @@ pub struct Resources {
 }
 
 impl Resources {
-    /// The backend that serves `settings`' model.
-    pub fn inference(&self, _settings: &ModelSettings) -> &dyn Inference {
+    /// The backend that serves the `model` declaration named `model`, read as `settings`.
+    pub fn inference(&self, model: &str, settings: &ModelSettings) -> &dyn Inference {
+        if let Ok(mut models) = self.models.lock() {
+            models.insert(model.to_string(), (settings.path.clone(), settings.gpu_layers));
+        }
         &self.llama
+    }
+
+    /// Frees what the `model` declaration named `model` holds, once no step left in the run
+    /// names it (unless another declaration left to run loads the same file).
+    pub fn release(&self, model: &str) {
+        let Ok(mut models) = self.models.lock() else { return };
+        if let Some(key) = models.remove(model)
+            && !models.values().any(|other| *other == key)
+        {
+            self.llama.unload(&key.0, key.1);
+        }
     }
 
     /// The run's sandbox for programs capped at `memory` bytes, with `workers` instances.
@@ -62,5 +79,32 @@ impl Drop for Resources {
         {
             runtime.shutdown_background();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(path: &str) -> ModelSettings {
+        ModelSettings { path: path.into(), context: 0, gpu_layers: 0, threads: 1, batch: 512, parallel: 1 }
+    }
+
+    #[test]
+    fn a_model_is_released_once_no_declaration_left_loads_its_file() {
+        let resources = Resources::default();
+        resources.inference("coder", &settings("a.gguf"));
+        resources.inference("same-file", &settings("a.gguf"));
+        resources.inference("other", &settings("b.gguf"));
+        let held = |r: &Resources| {
+            let mut names: Vec<String> = r.models.lock().unwrap().keys().cloned().collect();
+            names.sort();
+            names
+        };
+        resources.release("coder");
+        assert_eq!(held(&resources), ["other", "same-file"]);
+        resources.release("never-loaded");
+        resources.release("other");
+        assert_eq!(held(&resources), ["same-file"]);
     }
 }

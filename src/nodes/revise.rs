@@ -1,9 +1,13 @@
 use crate::data::{Parent, Verdict, sample_seed};
-use crate::dsl::schema::{Artifact, KindSpec, Role, ValueType, optional, required, unset};
+use std::path::PathBuf;
+
+use crate::dsl::schema::{Artifact, Input, KindSpec, Param, Role, ValueType, optional, required, unset};
 use crate::llm::prompt::{ReferenceMode, RevisionExample};
-use crate::llm::{self, Request, prompt};
+use crate::llm::{Request, prompt};
 use crate::nodes::context::{Context, Outcome, StepError};
-use crate::nodes::generate::{ADAPTER_SCALE, MOST_SAMPLES, STOP, TEMPERATURE, TOP_K, TOP_P};
+use crate::nodes::generate::{
+    ADAPTER, ADAPTER_SCALE, MAX_TOKENS, MODEL, MOST_SAMPLES, STOP, STOP_AFTER_CODE, TEMPERATURE, TOP_K, TOP_P,
+};
 
 pub static SPEC: KindSpec = KindSpec {
     name: "revise",
@@ -21,40 +25,20 @@ pub static SPEC: KindSpec = KindSpec {
           `own-code` uses to keep edits of the model's own code. `prompt-tokens`, \
           `tokens-per-second` and `decode-share` are as in `generate`.",
     properties: &[
-        required("model", ValueType::Model, "The `model` that revises."),
-        required("errors", ValueType::Input(&[Artifact::Verdicts]), "Verdicts of the programs to revise."),
-        unset("adapter", ValueType::Input(&[Artifact::Adapter]), "A LoRA adapter to attach."),
-        ADAPTER_SCALE,
-        optional("samples", ValueType::Integer { min: 1, max: MOST_SAMPLES }, "4", "Revisions per error."),
-        TEMPERATURE,
-        TOP_P,
-        TOP_K,
-        optional(
-            "max-tokens",
-            ValueType::Integer { min: 1, max: llm::MOST_TOKENS as i64 },
-            "512",
-            "Most tokens generated per revision.",
-        ),
-        STOP,
-        optional(
-            "stop-after-code",
-            ValueType::Bool,
-            "#true",
-            "End a revision when its first fenced code block closes.",
-        ),
-        optional(
-            "reference",
-            ValueType::Choice(ReferenceMode::NAMES),
-            r#""hint""#,
-            "How the prompt shows the dataset's reference solution.",
-        ),
-        optional(
-            "examples",
-            ValueType::File,
-            r#""std/prompts/revise-examples.jsonl""#,
-            "Worked revisions shown first (few-shot), as JSON lines.",
-        ),
-        unset("template", ValueType::File, "A prompt template replacing the built-in one."),
+        MODEL.spec,
+        ERRORS.spec,
+        ADAPTER.spec,
+        ADAPTER_SCALE.spec,
+        SAMPLES.spec,
+        TEMPERATURE.spec,
+        TOP_P.spec,
+        TOP_K.spec,
+        MAX_TOKENS.spec,
+        STOP.spec,
+        STOP_AFTER_CODE.spec,
+        REFERENCE.spec,
+        EXAMPLES.spec,
+        TEMPLATE.spec,
     ],
     metrics: &["count", "tokens", "prompt-tokens", "tokens-per-second", "decode-share"],
     at_least_one: &[],
@@ -68,12 +52,31 @@ revise "revisions" model="coder" errors="errors" samples=4 reference="off" examp
 "#,
 };
 
+const ERRORS: Param<Input> =
+    Param::new(required("errors", ValueType::Input(&[Artifact::Verdicts]), "Verdicts of the programs to revise."));
+const SAMPLES: Param<i64> =
+    Param::new(optional("samples", ValueType::Integer { min: 1, max: MOST_SAMPLES }, "4", "Revisions per error."));
+const REFERENCE: Param<ReferenceMode> = Param::new(optional(
+    "reference",
+    ValueType::Choice(ReferenceMode::NAMES),
+    r#""hint""#,
+    "How the prompt shows the dataset's reference solution.",
+));
+const EXAMPLES: Param<PathBuf> = Param::new(optional(
+    "examples",
+    ValueType::File,
+    r#""std/prompts/revise-examples.jsonl""#,
+    "Worked revisions shown first (few-shot), as JSON lines.",
+));
+const TEMPLATE: Param<Option<PathBuf>> =
+    Param::new(unset("template", ValueType::File, "A prompt template replacing the built-in one."));
+
 pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
-    let errors: Vec<Verdict> = ctx.read("errors")?;
-    let samples = ctx.integer("samples")? as usize;
-    let reference = ctx.choice("reference")?;
+    let errors: Vec<Verdict> = ctx.read(&ERRORS)?;
+    let samples = ctx.get(&SAMPLES)? as usize;
+    let reference = ctx.get(&REFERENCE)?;
     let default = crate::stdlib::file(prompt::REVISE_TEMPLATE).map_or("", |(_, t)| t);
-    let template = super::generate::template(ctx, default, prompt::REVISE_VALUES)?;
+    let template = super::generate::template(ctx, &TEMPLATE, default, prompt::REVISE_VALUES)?;
     let examples = examples(ctx, &template)?;
     let requests: Vec<Request> = errors
         .iter()
@@ -97,10 +100,10 @@ pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
     })
 }
 
-/// The turns of the step's `examples` file, if it names one.
+/// The turns of the step's `examples` file.
 fn examples(ctx: &Context, template: &str) -> Result<Vec<(String, String)>, StepError> {
-    let Some(path) = ctx.props.file("examples") else { return Ok(vec![]) };
-    let text = crate::stdlib::read_to_string(path)
+    let path = ctx.get(&EXAMPLES)?;
+    let text = crate::stdlib::read_to_string(&path)
         .map_err(|e| StepError::Failed(format!("cannot read `{}`: {e}", path.display())))?;
     let mut turns = vec![];
     for (number, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {

@@ -1,7 +1,7 @@
 use std::collections::BTreeMap;
 
 use crate::data::Verdict;
-use crate::dsl::schema::{Artifact, KindSpec, Role, StatusFilter, Value, ValueType, optional, required};
+use crate::dsl::schema::{Artifact, Input, KindSpec, Param, Role, StatusFilter, ValueType, optional, required};
 use crate::nodes::context::{Context, Outcome, StepError};
 
 pub static SPEC: KindSpec = KindSpec {
@@ -20,18 +20,7 @@ pub static SPEC: KindSpec = KindSpec {
           of tasks without a reference, are never copies. `copies` counts the copies among the \
           verdicts the status kept, and `own-edit-share` is the share of the chosen revisions \
           that are edits of their own error code (what SEED means to learn from).",
-    properties: &[
-        required("from", ValueType::Input(&[Artifact::Verdicts]), "The verdicts to choose from."),
-        optional("status", ValueType::Statuses, r#""passed""#, "Which statuses to keep."),
-        optional("per-task", ValueType::at_least(0), "1", "Most verdicts kept per task; 0 keeps all."),
-        optional("prefer", ValueType::Choice(Prefer::NAMES), r#""first""#, "Which verdicts of a task to keep first."),
-        optional(
-            "own-code",
-            ValueType::Choice(OwnCode::NAMES),
-            r#""prefer""#,
-            "What to do with revisions that copy the task's reference rather than edit their own code.",
-        ),
-    ],
+    properties: &[FROM.spec, STATUS.spec, PER_TASK.spec, PREFER.spec, OWN_CODE.spec],
     metrics: &["count", "tasks", "copies", "own-edit-share"],
     at_least_one: &[],
     requires: &[],
@@ -40,6 +29,25 @@ execute "verdicts" code="train"
 select "failures" from="verdicts" status="failed,error,timeout" per-task=1 prefer="first"
 "#,
 };
+
+const FROM: Param<Input> =
+    Param::new(required("from", ValueType::Input(&[Artifact::Verdicts]), "The verdicts to choose from."));
+const STATUS: Param<StatusFilter> =
+    Param::new(optional("status", ValueType::Statuses, r#""passed""#, "Which statuses to keep."));
+const PER_TASK: Param<i64> =
+    Param::new(optional("per-task", ValueType::at_least(0), "1", "Most verdicts kept per task; 0 keeps all."));
+const PREFER: Param<Prefer> = Param::new(optional(
+    "prefer",
+    ValueType::Choice(Prefer::NAMES),
+    r#""first""#,
+    "Which verdicts of a task to keep first.",
+));
+const OWN_CODE: Param<OwnCode> = Param::new(optional(
+    "own-code",
+    ValueType::Choice(OwnCode::NAMES),
+    r#""prefer""#,
+    "What to do with revisions that copy the task's reference rather than edit their own code.",
+));
 
 crate::choice! {
     /// What `select` does with revisions that copy their task's reference.
@@ -132,14 +140,12 @@ pub fn select(
 }
 
 pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
-    let verdicts: Vec<Verdict> = ctx.read("from")?;
-    let Some(Value::Statuses(filter)) = ctx.props.get("status") else {
-        return Err(StepError::Failed("no status filter".into()));
-    };
-    let prefer = ctx.choice("prefer")?;
-    let per_task = ctx.integer("per-task")? as usize;
-    let own_code = ctx.choice("own-code")?;
-    let Selection { chosen, copies, judged, own_edits } = select(verdicts, filter, own_code, per_task, prefer);
+    let verdicts: Vec<Verdict> = ctx.read(&FROM)?;
+    let filter = ctx.get(&STATUS)?;
+    let prefer = ctx.get(&PREFER)?;
+    let per_task = ctx.get(&PER_TASK)? as usize;
+    let own_code = ctx.get(&OWN_CODE)?;
+    let Selection { chosen, copies, judged, own_edits } = select(verdicts, &filter, own_code, per_task, prefer);
     let tasks = chosen.iter().map(|v| v.sample.task_id.as_str()).collect::<std::collections::BTreeSet<_>>().len();
     let (mut writer, _) = ctx.records()?;
     writer.append(&chosen)?;

@@ -6,17 +6,20 @@ use std::sync::{Condvar, LazyLock, Mutex};
 use std::time::Duration;
 
 use super::{Holds, Kind, Reported, step};
-use crate::dsl::schema::{Artifact, KindSpec, Role, ValueType, optional, unset};
+use crate::dsl::schema::{Artifact, Input, KindSpec, Param, Role, ValueType, optional, unset};
 use crate::nodes::context::{Context, Outcome, StepError};
+
+const FROM: Param<Option<Input>> =
+    Param::new(unset("from", ValueType::Input(&[Artifact::Tasks]), "An input whose hash enters the records."));
+const RECORDS: Param<i64> = Param::new(optional("records", ValueType::at_least(0), "10", "How many records."));
+const GROUP: Param<String> = Param::new(optional("group", ValueType::Text, r#""g""#, "Barrier name."));
+const PARTIES: Param<i64> = Param::new(optional("parties", ValueType::at_least(1), "2", "Steps that must meet."));
 
 pub static BATCHES: KindSpec = KindSpec {
     name: "test-batches",
     role: Role::Step(Artifact::Tasks),
     doc: "Writes `records` records in batches of two, derived from the seed and its input.",
-    properties: &[
-        unset("from", ValueType::Input(&[Artifact::Tasks]), "An input whose hash enters the records."),
-        optional("records", ValueType::at_least(0), "10", "How many records."),
-    ],
+    properties: &[FROM.spec, RECORDS.spec],
     metrics: &["count"],
     at_least_one: &[],
     requires: &[],
@@ -27,10 +30,7 @@ pub static BARRIER: KindSpec = KindSpec {
     name: "test-barrier",
     role: Role::Step(Artifact::Tasks),
     doc: "Waits until `parties` steps of the same `group` run at the same time; fails if alone.",
-    properties: &[
-        optional("group", ValueType::Text, r#""g""#, "Barrier name."),
-        optional("parties", ValueType::at_least(1), "2", "Steps that must meet."),
-    ],
+    properties: &[GROUP.spec, PARTIES.spec],
     metrics: &[],
     at_least_one: &[],
     requires: &[],
@@ -68,8 +68,8 @@ pub fn release_stalled(dir: &std::path::Path) {
 }
 
 fn batches(ctx: &mut Context) -> Result<Outcome, StepError> {
-    let total = ctx.props.integer("records").unwrap_or(10) as usize;
-    let input = ctx.inputs.get("from").map_or("none".to_string(), |o| o.hash[..8].to_string());
+    let total = ctx.get(&RECORDS)? as usize;
+    let input = ctx.optional_input(&FROM).map_or("none".to_string(), |o| o.hash[..8].to_string());
     let stall_after = STALL.lock().unwrap().get(&ctx.dir).copied();
     let (mut writer, kept) = ctx.records()?;
     let records: Vec<serde_json::Value> = (0..total)
@@ -98,8 +98,8 @@ fn batches(ctx: &mut Context) -> Result<Outcome, StepError> {
 static MEETINGS: (Mutex<BTreeMap<String, usize>>, Condvar) = (Mutex::new(BTreeMap::new()), Condvar::new());
 
 fn barrier(ctx: &mut Context) -> Result<Outcome, StepError> {
-    let group = ctx.props.text("group").unwrap_or("g").to_string();
-    let parties = ctx.props.integer("parties").unwrap_or(2) as usize;
+    let group = ctx.get(&GROUP)?;
+    let parties = ctx.get(&PARTIES)? as usize;
     let (lock, signal) = &MEETINGS;
     let mut arrived = lock.lock().unwrap();
     *arrived.entry(group.clone()).or_insert(0) += 1;

@@ -1,4 +1,8 @@
-use crate::dsl::schema::{KindSpec, Role, ValueType, optional};
+use crate::dsl::schema::{KindSpec, Param, Role, ValueType, optional};
+
+/// Read by the planner, which gives every step the run's seed.
+const SEED: Param<i64> =
+    Param::new(optional("seed", ValueType::at_least(0), "0", "Root of every random draw in the run."));
 
 pub static SPEC: KindSpec = KindSpec {
     name: "workflow",
@@ -8,7 +12,7 @@ pub static SPEC: KindSpec = KindSpec {
           default parent (`runs/<name>/<timestamp>/`). The seed is the root of every random draw: \
           each sample's seed derives from (seed, step, task, index), so a rerun gives the same \
           artifacts whatever the scheduling.",
-    properties: &[optional("seed", ValueType::at_least(0), "0", "Root of every random draw in the run.")],
+    properties: &[SEED.spec],
     metrics: &[],
     at_least_one: &[],
     requires: &[],
