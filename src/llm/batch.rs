@@ -14,7 +14,7 @@ use llama_cpp_2::token::data::LlamaTokenData;
 use llama_cpp_2::token::data_array::LlamaTokenDataArray;
 use rayon::prelude::*;
 
-use super::chat::{chat_prompt, chat_template};
+use super::chat::{chat_examples, chat_prompt, chat_template};
 use super::model::{Llama, Loaded, attach_adapter, backend, load_adapter, threads};
 use super::sampling::{sampleable, sampler, top_candidates};
 use super::{Generated, Generation, Inference, LlmError, MOST_PARALLEL, ModelSettings, Sampling, Timing, extract};
@@ -91,9 +91,13 @@ impl Inference for Llama {
         let vocab = model.vocab();
         let template = chat_template(model)?;
         let mut prompts = Vec::with_capacity(requests.len());
+        // How many of each prompt's tokens are its worked examples' turns (0 for none).
+        let mut shared = Vec::with_capacity(requests.len());
         for request in requests {
             let text = chat_prompt(model, &template, &request.examples, &request.message)?;
-            prompts.push(vocab.tokenize(text.as_bytes(), true, true));
+            let tokens = vocab.tokenize(text.as_bytes(), true, true);
+            shared.push(examples_length(model, &template, &vocab, request, &tokens)?);
+            prompts.push(tokens);
         }
         let longest = (prompts.iter().map(Vec::len).max().unwrap_or(0) as u32).saturating_add(sampling.max_tokens);
         let limit = if settings.context == 0 { model.n_ctx_train() } else { settings.context };
@@ -104,16 +108,18 @@ impl Inference for Llama {
         // Every sequence has a KV cache of its own (not `kv_unified`), as large as the longest
         // prompt and answer need: a token attends to its own sequence's cells only, as in
         // llama.cpp's batched-bench, instead of to (and masked from) every sequence's.
-        // One sequence more than decode at once holds the prompt being shared (`stash` below).
+        // One sequence more than decode at once holds the prompt being shared (`stash` below),
+        // and one more the worked examples prompts begin with, if they have any (`examples`).
         let per_sequence = longest.next_multiple_of(256);
+        let sequences = parallel + 1 + u32::from(shared.iter().any(|&n| n > 0));
         // Every sequence's next token goes into one decode, however small `batch` is (and llama.cpp
         // asserts room for an output per sequence, the stash's too).
         let decode_batch = settings.batch.max(parallel + 1);
         let params = LlamaContextParams::default()
-            .with_n_ctx(NonZeroU32::new(per_sequence.saturating_mul(parallel + 1)))
+            .with_n_ctx(NonZeroU32::new(per_sequence.saturating_mul(sequences)))
             .with_n_batch(decode_batch)
             .with_n_ubatch(decode_batch)
-            .with_n_seq_max(parallel + 1)
+            .with_n_seq_max(sequences)
             .with_kv_unified(false)
             .with_n_threads(threads)
             .with_n_threads_batch(threads);
@@ -124,8 +130,14 @@ impl Inference for Llama {
         // sequence goes to the next sample instead of waiting for the longest one. Each prompt is
         // decoded once, into the `stash` sequence, and copied to every sequence that takes one of
         // its samples: llama.cpp copies between per-sequence caches only whole sequences, so the
-        // copy comes from one that holds the prompt alone.
+        // copy comes from one that holds the prompt alone. Worked examples shared by consecutive
+        // prompts (`revise`'s few-shot turns, most of its prompt) are decoded once, into the
+        // `examples` sequence, and copied into the stash before the rest of each prompt: the
+        // same tokens at the same positions, decoded in the same chunks whether or not they
+        // were decoded for the request before (so a resumed step samples what it would have).
         let stash = parallel as i32;
+        let examples = stash + 1;
+        let mut examples_held: &[LlamaToken] = &[];
         let mut admitting: Option<Admitting> = None;
         // Prompts are decoded `batch` tokens at a time; a batch larger than the longest prompt
         // would only be allocated, never filled.
@@ -182,7 +194,21 @@ impl Inference for Llama {
                     let tokens = &prompts[admitted];
                     let prompt_started = Instant::now();
                     context.kv_cache_seq_rm(stash, None, None).map_err(|e| LlmError::Cache(e.to_string()))?;
-                    let logits = decode_prompt(&mut context, &mut prompt_batch, batch_size, tokens, stash)?;
+                    let (turns, rest) = tokens.split_at(shared[admitted]);
+                    if !turns.is_empty() {
+                        if examples_held != turns {
+                            context
+                                .kv_cache_seq_rm(examples, None, None)
+                                .map_err(|e| LlmError::Cache(e.to_string()))?;
+                            decode_prompt(&mut context, &mut prompt_batch, batch_size, turns, 0, examples)?;
+                            prompt_tokens += turns.len() as u64;
+                            examples_held = turns;
+                        }
+                        context
+                            .kv_cache_seq_cp(examples, stash, None, None)
+                            .map_err(|e| LlmError::Cache(e.to_string()))?;
+                    }
+                    let logits = decode_prompt(&mut context, &mut prompt_batch, batch_size, rest, turns.len(), stash)?;
                     admitting = Some(Admitting {
                         request: admitted,
                         started: 0,
@@ -192,7 +218,7 @@ impl Inference for Llama {
                         logits,
                     });
                     prompt_time += prompt_started.elapsed();
-                    prompt_tokens += tokens.len() as u64;
+                    prompt_tokens += rest.len() as u64;
                     admitted += 1;
                 }
                 let Some(prompt) = admitting.as_mut().filter(|a| has_samples_left(a)) else {
@@ -287,6 +313,23 @@ impl Inference for Llama {
     }
 }
 
+/// How many of `tokens`, a request's prompt, are its worked examples' turns: those tokens begin
+/// every prompt with the same examples. 0 when it has none, or when the template renders the
+/// turns differently ahead of a message (then nothing is shared) or they are the whole prompt.
+fn examples_length(
+    model: &LlamaModel,
+    template: &llama_cpp_2::model::LlamaChatTemplate,
+    vocab: &llama_cpp_2::vocab::LlamaVocab<'_>,
+    request: &super::Request,
+    tokens: &[LlamaToken],
+) -> Result<usize, LlmError> {
+    if request.examples.is_empty() {
+        return Ok(0);
+    }
+    let turns = vocab.tokenize(chat_examples(model, template, &request.examples)?.as_bytes(), true, true);
+    Ok(if turns.len() < tokens.len() && tokens.starts_with(&turns) { turns.len() } else { 0 })
+}
+
 /// Moves the last live sequences into the free ones below them, so that the live ones are
 /// numbered without a gap. llama.cpp decodes sequences that have caches of their own together
 /// only while their ids run on (`split_equal`, sequential): live sequences 0, 2, 4 and 6 would
@@ -310,22 +353,23 @@ fn close_gaps(
     Ok(())
 }
 
-/// Decodes `tokens` into sequence `seq` from position 0, in chunks of `size` (the batch's), and
-/// returns the logits after the last one.
+/// Decodes `tokens` into sequence `seq` from position `start`, in chunks of `size` (the
+/// batch's), and returns the logits after the last one.
 fn decode_prompt(
     context: &mut llama_cpp_2::context::LlamaContext<'_>,
     batch: &mut LlamaBatch,
     size: usize,
     tokens: &[LlamaToken],
+    start: usize,
     seq: i32,
 ) -> Result<Vec<f32>, LlmError> {
     let mut last = 0;
     for (c, chunk) in tokens.chunks(size).enumerate() {
         batch.clear();
         for (j, &token) in chunk.iter().enumerate() {
-            let position = c * size + j;
+            let at = c * size + j;
             batch
-                .add(token, position as i32, &[seq], position + 1 == tokens.len())
+                .add(token, (start + at) as i32, &[seq], at + 1 == tokens.len())
                 .map_err(|e| LlmError::Batch(e.to_string()))?;
         }
         context.decode(batch).map_err(|e| LlmError::Decode(format!("the prompt: {e}")))?;

@@ -20,7 +20,9 @@ pub static SPEC: KindSpec = KindSpec {
           copies it, and SEED becomes fine-tuning on references). The prompt first shows worked \
           revisions from the JSON-lines file `examples` (`requirement`, `tests`, `code`, \
           `feedback`, `revision`): by default `std/prompts/revise-examples.jsonl`, three minimal \
-          fixes made from MBPP's prompt split; an empty file shows none. Samples `samples` \
+          fixes made from MBPP's prompt split; an empty file shows none. The worked revisions \
+          are the same in every prompt: they are decoded once and copied into each prompt's \
+          cache, and `prompt-tokens` counts them once. Samples `samples` \
           revisions per error, each linked to the sample it revises (`parent`), which `select`'s \
           `own-code` uses to keep edits of the model's own code. `prompt-tokens`, \
           `tokens-per-second` and `decode-share` are as in `generate`.",
