@@ -4,7 +4,8 @@
 bench/sandbox.py measures verdicts per second, where the sandbox wins because an instance starts
 in microseconds; this measures what it costs once a program computes. It takes the COUNT slowest
 MBPP reference solutions natively (each with its tests, all splits), then runs each of them one
-at a time both natively (`python3 -I`, the best of ROUNDS) and in seedflow's sandbox (an
+at a time both natively (in a `python3 -I` process, timed inside it so the interpreter's start is
+left out, the best of ROUNDS) and in seedflow's sandbox (an
 `execute` step with one worker and a 60 s deadline, the best of ROUNDS; its verdicts' own
 durations), in the same run, and prints each program's times and their ratio, and the ratio of
 the totals.
@@ -32,14 +33,24 @@ def program(task):
     return "\n".join([task["code"], task["test_setup_code"], *task["test_list"]])
 
 
+# Times the program inside the interpreter, its start left out (the sandbox's instances start
+# in microseconds; what is compared here is running the program).
+TIMER = """
+import sys, time
+source = open(sys.argv[1]).read()
+start = time.perf_counter()
+exec(compile(source, sys.argv[1], "exec"), {"__name__": "__main__"})
+print(time.perf_counter() - start)
+"""
+
+
 def native_seconds(task):
-    """Wall-clock seconds of one `python3 -I` run of the task's reference and tests."""
+    """Seconds the task's reference and tests take to run in a `python3 -I` process."""
     with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
         f.write(program(task))
     try:
-        start = time.perf_counter()
-        subprocess.run([sys.executable, "-I", f.name], capture_output=True, timeout=120)
-        return time.perf_counter() - start
+        done = subprocess.run([sys.executable, "-I", "-c", TIMER, f.name], capture_output=True, text=True, timeout=120)
+        return float(done.stdout.split()[-1]) if done.returncode == 0 else math.inf
     except subprocess.TimeoutExpired:
         return math.inf
     finally:
@@ -79,7 +90,7 @@ def main():
     # A first pass, all cores, only picks the slowest; they are timed again one at a time below.
     with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
         first = list(pool.map(native_seconds, tasks))
-    slowest = [t for _, t in sorted(zip(first, tasks), key=lambda p: -p[0])[:COUNT]]
+    slowest = [t for _, t in sorted(zip(first, tasks), key=lambda p: -p[0] if math.isfinite(p[0]) else 0)[:COUNT]]
     native = {str(t["task_id"]): min(native_seconds(t) for _ in range(ROUNDS)) for t in slowest}
     with tempfile.TemporaryDirectory() as work:
         sandboxed = sandbox_seconds(binary, slowest, Path(work))
@@ -89,7 +100,7 @@ def main():
     for task in sorted(native, key=lambda t: -native[t]):
         ratio = sandboxed.get(task, math.inf) / native[task]
         ratios.append(ratio)
-        print(f"{task:>6} {native[task]:9.2f} {sandboxed.get(task, math.inf):10.2f} {ratio:5.2f}x")
+        print(f"{task:>6} {native[task]:9.4f} {sandboxed.get(task, math.inf):10.4f} {ratio:5.2f}x")
     finite = [r for r in ratios if math.isfinite(r)]
     total_native = sum(native.values())
     total_sandbox = sum(sandboxed.get(t, math.inf) for t in native)

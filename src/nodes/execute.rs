@@ -10,8 +10,8 @@ pub static SPEC: KindSpec = KindSpec {
     name: "execute",
     role: Role::Step(Artifact::Verdicts),
     doc: "Runs each program against its task's tests in a sandbox: CPython compiled to WASI inside \
-          wasmtime, a fresh instance per program, with no files, no network, no processes, a CPU \
-          budget, a wall-clock deadline, a memory cap and capped output. Given tasks instead of \
+          wasmtime, a fresh instance per program, with no files, no network, no processes, a \
+          wall-clock deadline, a memory cap and capped output. Given tasks instead of \
           samples, it runs the dataset's reference solutions (a way to validate a dataset). Each \
           verdict has a status (`passed`, `failed`, `error`, `syntax`, `timeout`, `memory`) and \
           feedback for Self-Revise: the failing test, what it returned against what the test \
@@ -40,7 +40,7 @@ const TIMEOUT: Param<Duration> = Param::new(optional(
     "timeout",
     ValueType::Duration { min: Duration::from_millis(1), max: Duration::from_secs(24 * 60 * 60) },
     r#""5s""#,
-    "Wall-clock deadline per program; the CPU budget scales with it.",
+    "Wall-clock deadline per program.",
 ));
 const MEMORY: Param<u64> = Param::new(optional(
     "memory",
