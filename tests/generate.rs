@@ -151,26 +151,28 @@ fn few_shot_turns_go_through_the_chat_template() {
     assert_ne!(plain[0][0].mean_logprob, shown[0][0].mean_logprob, "the examples reach the model");
 }
 
-/// Worked examples that consecutive prompts share are decoded once and copied into the next
-/// prompt's cache: a request whose examples were copied samples exactly what the same request
-/// does after decoding them itself, and the examples' tokens are decoded once.
+/// A prompt keeps the cache of what it shares with the prompt before it (the system turn, the
+/// template's opening, worked examples) and decodes only the rest: the same samples, fewer prompt
+/// tokens decoded.
 #[test]
-fn shared_examples_are_decoded_once_and_change_no_sample() {
-    let task = &mbpp(&["2"])[0];
+fn a_prompt_reuses_what_it_shares_with_the_one_before() {
+    let tasks = mbpp(&["2", "3"]);
     let greedy = sampling(0.0, 24);
     let turns =
         vec![("Write a function that returns 1.".to_string(), "```python\ndef one():\n    return 1\n```".to_string())];
-    let shown = Request { examples: turns, ..request(task, &[0, 1]) };
-    // The same request twice: the second starts from the first's decoded examples.
-    let twice = [shown.clone(), shown.clone()];
-    let (samples, timing) = sample_with(&settings(), None, &twice, &greedy).unwrap();
-    let key = |g: &Generated| (g.text.clone(), g.tokens, g.mean_logprob.to_bits());
-    let first: Vec<_> = samples[0].iter().map(key).collect();
-    assert_eq!(first, samples[1].iter().map(key).collect::<Vec<_>>());
-    assert!(samples[0][0].tokens > 0);
-    let (_, alone) = sample_with(&settings(), None, &twice[..1], &greedy).unwrap();
-    let examples_tokens = 2 * alone.prompt_tokens - timing.prompt_tokens;
-    assert!(examples_tokens > 10, "the examples' {examples_tokens} tokens were decoded once, not twice");
+    let shown: Vec<Request> =
+        tasks.iter().map(|t| Request { examples: turns.clone(), ..request(t, &[0, 1]) }).collect();
+    let (together, timing) = sample_with(&settings(), None, &shown, &greedy).unwrap();
+    let (alone, first) = sample_with(&settings(), None, &shown[1..], &greedy).unwrap();
+    let (_, second) = sample_with(&settings(), None, &shown[..1], &greedy).unwrap();
+    for (a, b) in together[1].iter().zip(&alone[0]) {
+        assert_eq!((&a.text, a.tokens), (&b.text, b.tokens));
+        // Not to the last bit: the batches around it differ, and with them llama.cpp's sums.
+        assert!((a.mean_logprob - b.mean_logprob).abs() < 1e-2, "{} against {}", a.mean_logprob, b.mean_logprob);
+    }
+    // The system turn, the template's opening and the example were decoded once, not twice.
+    let saved = (first.prompt_tokens + second.prompt_tokens) - timing.prompt_tokens;
+    assert!(saved > 40, "{saved} prompt tokens saved");
 }
 
 /// A stop string ends a sample where it first appears, inside a token's piece too, and is left

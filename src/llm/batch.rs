@@ -14,7 +14,7 @@ use llama_cpp_2::token::data::LlamaTokenData;
 use llama_cpp_2::token::data_array::LlamaTokenDataArray;
 use rayon::prelude::*;
 
-use super::chat::{chat_examples, chat_prompt, chat_template};
+use super::chat::{chat_prompt, chat_template};
 use super::model::{Llama, Loaded, attach_adapter, backend, load_adapter, threads};
 use super::sampling::{sampleable, sampler, top_candidates};
 use super::{Generated, Generation, Inference, LlmError, MOST_PARALLEL, ModelSettings, Sampling, Timing, extract};
@@ -91,13 +91,9 @@ impl Inference for Llama {
         let vocab = model.vocab();
         let template = chat_template(model)?;
         let mut prompts = Vec::with_capacity(requests.len());
-        // How many of each prompt's tokens are its worked examples' turns (0 for none).
-        let mut shared = Vec::with_capacity(requests.len());
         for request in requests {
             let text = chat_prompt(model, &template, &request.examples, &request.message)?;
-            let tokens = vocab.tokenize(text.as_bytes(), true, true);
-            shared.push(examples_length(model, &template, &vocab, request, &tokens)?);
-            prompts.push(tokens);
+            prompts.push(vocab.tokenize(text.as_bytes(), true, true));
         }
         let longest = (prompts.iter().map(Vec::len).max().unwrap_or(0) as u32).saturating_add(sampling.max_tokens);
         let limit = if settings.context == 0 { model.n_ctx_train() } else { settings.context };
@@ -108,18 +104,16 @@ impl Inference for Llama {
         // Every sequence has a KV cache of its own (not `kv_unified`), as large as the longest
         // prompt and answer need: a token attends to its own sequence's cells only, as in
         // llama.cpp's batched-bench, instead of to (and masked from) every sequence's.
-        // One sequence more than decode at once holds the prompt being shared (`stash` below),
-        // and one more the worked examples prompts begin with, if they have any (`examples`).
+        // One sequence more than decode at once holds the prompt being shared (`stash` below).
         let per_sequence = longest.next_multiple_of(256);
-        let sequences = parallel + 1 + u32::from(shared.iter().any(|&n| n > 0));
         // Every sequence's next token goes into one decode, however small `batch` is (and llama.cpp
         // asserts room for an output per sequence, the stash's too).
         let decode_batch = settings.batch.max(parallel + 1);
         let params = LlamaContextParams::default()
-            .with_n_ctx(NonZeroU32::new(per_sequence.saturating_mul(sequences)))
+            .with_n_ctx(NonZeroU32::new(per_sequence.saturating_mul(parallel + 1)))
             .with_n_batch(decode_batch)
             .with_n_ubatch(decode_batch)
-            .with_n_seq_max(sequences)
+            .with_n_seq_max(parallel + 1)
             .with_kv_unified(false)
             .with_n_threads(threads)
             .with_n_threads_batch(threads);
@@ -130,14 +124,11 @@ impl Inference for Llama {
         // sequence goes to the next sample instead of waiting for the longest one. Each prompt is
         // decoded once, into the `stash` sequence, and copied to every sequence that takes one of
         // its samples: llama.cpp copies between per-sequence caches only whole sequences, so the
-        // copy comes from one that holds the prompt alone. Worked examples shared by consecutive
-        // prompts (`revise`'s few-shot turns, most of its prompt) are decoded once, into the
-        // `examples` sequence, and copied into the stash before the rest of each prompt: the
-        // same tokens at the same positions, decoded in the same chunks whether or not they
-        // were decoded for the request before (so a resumed step samples what it would have).
+        // copy comes from one that holds the prompt alone. A prompt keeps what it shares with the
+        // one before it in the stash (the chat template's system turn, a prompt template's
+        // opening, `revise`'s worked examples: most of its prompt) and decodes the rest.
         let stash = parallel as i32;
-        let examples = stash + 1;
-        let mut examples_held: &[LlamaToken] = &[];
+        let mut stashed: &[LlamaToken] = &[];
         let mut admitting: Option<Admitting> = None;
         // Prompts are decoded `batch` tokens at a time; a batch larger than the longest prompt
         // would only be allocated, never filled.
@@ -193,22 +184,17 @@ impl Inference for Llama {
                 while !admitting.as_ref().is_some_and(has_samples_left) && admitted < requests.len() {
                     let tokens = &prompts[admitted];
                     let prompt_started = Instant::now();
-                    context.kv_cache_seq_rm(stash, None, None).map_err(|e| LlmError::Cache(e.to_string()))?;
-                    let (turns, rest) = tokens.split_at(shared[admitted]);
-                    if !turns.is_empty() {
-                        if examples_held != turns {
-                            context
-                                .kv_cache_seq_rm(examples, None, None)
-                                .map_err(|e| LlmError::Cache(e.to_string()))?;
-                            decode_prompt(&mut context, &mut prompt_batch, batch_size, turns, 0, examples)?;
-                            prompt_tokens += turns.len() as u64;
-                            examples_held = turns;
-                        }
-                        context
-                            .kv_cache_seq_cp(examples, stash, None, None)
-                            .map_err(|e| LlmError::Cache(e.to_string()))?;
-                    }
-                    let logits = decode_prompt(&mut context, &mut prompt_batch, batch_size, rest, turns.len(), stash)?;
+                    // At least the last token is decoded: its logits start the samples. (Sequences
+                    // that copied the stash and have not decoded since still get its old cells:
+                    // llama.cpp copies a cache's data at the next decode, before that decode
+                    // writes any.)
+                    let kept = common_prefix(stashed, tokens).min(tokens.len().saturating_sub(1));
+                    context
+                        .kv_cache_seq_rm(stash, Some(kept as u32), None)
+                        .map_err(|e| LlmError::Cache(e.to_string()))?;
+                    let rest = &tokens[kept..];
+                    let logits = decode_prompt(&mut context, &mut prompt_batch, batch_size, rest, kept, stash)?;
+                    stashed = tokens;
                     admitting = Some(Admitting {
                         request: admitted,
                         started: 0,
@@ -313,21 +299,9 @@ impl Inference for Llama {
     }
 }
 
-/// How many of `tokens`, a request's prompt, are its worked examples' turns: those tokens begin
-/// every prompt with the same examples. 0 when it has none, or when the template renders the
-/// turns differently ahead of a message (then nothing is shared) or they are the whole prompt.
-fn examples_length(
-    model: &LlamaModel,
-    template: &llama_cpp_2::model::LlamaChatTemplate,
-    vocab: &llama_cpp_2::vocab::LlamaVocab<'_>,
-    request: &super::Request,
-    tokens: &[LlamaToken],
-) -> Result<usize, LlmError> {
-    if request.examples.is_empty() {
-        return Ok(0);
-    }
-    let turns = vocab.tokenize(chat_examples(model, template, &request.examples)?.as_bytes(), true, true);
-    Ok(if turns.len() < tokens.len() && tokens.starts_with(&turns) { turns.len() } else { 0 })
+/// How many tokens `a` and `b` begin with alike.
+fn common_prefix(a: &[LlamaToken], b: &[LlamaToken]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
 /// Moves the last live sequences into the free ones below them, so that the live ones are

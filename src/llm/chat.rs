@@ -24,25 +24,6 @@ pub(super) fn chat_prompt(
     examples: &[(String, String)],
     message: &str,
 ) -> Result<String, LlmError> {
-    render(model, template, examples, Some(message))
-}
-
-/// The text of the earlier turns alone, which a prompt with them begins with (as far as the
-/// template renders a conversation's start the same whatever follows: the caller checks).
-pub(super) fn chat_examples(
-    model: &LlamaModel,
-    template: &LlamaChatTemplate,
-    examples: &[(String, String)],
-) -> Result<String, LlmError> {
-    render(model, template, examples, None)
-}
-
-fn render(
-    model: &LlamaModel,
-    template: &LlamaChatTemplate,
-    examples: &[(String, String)],
-    message: Option<&str>,
-) -> Result<String, LlmError> {
     let turn = |role: &str, text: &str| {
         LlamaChatMessage::new(role.into(), text.to_string()).map_err(|e| LlmError::Template(e.to_string()))
     };
@@ -51,11 +32,9 @@ fn render(
         chat.push(turn("user", user)?);
         chat.push(turn("assistant", assistant)?);
     }
-    if let Some(message) = message {
-        chat.push(turn("user", message)?);
-    }
+    chat.push(turn("user", message)?);
     model
-        .apply_chat_template(template, &chat, message.is_some())
+        .apply_chat_template(template, &chat, true)
         .map_err(|e| LlmError::Template(format!("cannot apply the chat template: {e}")))
 }
 
