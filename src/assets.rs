@@ -117,6 +117,15 @@ pub fn cache_dir() -> PathBuf {
         .unwrap_or_else(|| std::env::temp_dir().join("seedflow-cache"))
 }
 
+/// The asset's file if it is at hand (the override, or the cached copy), without fetching it.
+pub fn cached(asset: &Asset) -> Option<PathBuf> {
+    let path = match std::env::var_os(asset.override_env) {
+        Some(path) => PathBuf::from(path),
+        None => cache_dir().join(asset.file_name),
+    };
+    path.exists().then_some(path)
+}
+
 /// The asset's file: the override if set, else the cached copy, fetched first if missing.
 /// `progress` hears what is happening (downloads take a while).
 pub fn ensure(asset: &Asset, progress: &dyn Fn(&str)) -> Result<PathBuf, AssetError> {

@@ -270,3 +270,54 @@ fn a_terminated_run_stops_cleanly_and_resumes() {
     // Run again, or taken from the interrupted run if it finished before the stop reached it.
     assert!(text(&resumed.stderr).contains("count=1 pass-rate=1"), "{}", text(&resumed.stderr));
 }
+
+/// A random rank-4 LoRA on the query projections of a model `width` wide with 24 layers (the
+/// default model's shape at 896), written by the trainer's exporter.
+fn random_adapter(path: &Path, width: usize) {
+    use candle_core::{Device, Tensor, Var};
+    use seedflow::train::{Architecture, Lora, Pair, Target};
+    let random = |rows: usize, cols: usize| {
+        Var::from_tensor(&(Tensor::rand(-0.1f32, 0.1, (rows, cols), &Device::Cpu).unwrap())).unwrap()
+    };
+    let mut lora = Lora { rank: 4, alpha: 4.0, pairs: Default::default() };
+    for layer in 0..24 {
+        lora.pairs.insert((layer, Target::Q), Pair { a: random(4, width), b: random(width, 4) });
+    }
+    lora.save_gguf(path, Architecture::Qwen2).unwrap();
+}
+
+#[test]
+fn an_adapter_file_is_checked_against_the_model_and_used() {
+    let model = seedflow::assets::ensure(&seedflow::assets::DEFAULT_MODEL, &|m| eprintln!("{m}")).unwrap();
+    let dir = project(
+        r#"
+model "coder" path="default"
+dataset "one" format="jsonl" path="tasks.jsonl" limit=1
+generate "plain" model="coder" tasks="one" temperature=0 max-tokens=24
+generate "adapted" model="coder" tasks="one" temperature=0 max-tokens=24 adapter="fits.gguf"
+"#,
+    );
+    random_adapter(&dir.path().join("fits.gguf"), 896);
+    random_adapter(&dir.path().join("other.gguf"), 64);
+    let check = |adapter: &str| {
+        let out = seedflow(&["check", "flow.kdl", "--set", &format!("adapted.adapter={adapter}")], dir.path());
+        (out.status.code(), text(&out.stderr))
+    };
+    assert_eq!(check("fits.gguf").0, Some(0));
+    for (adapter, says) in [
+        ("other.gguf", "does not fit"),
+        (model.to_str().unwrap(), "not a LoRA adapter"),
+        ("missing.gguf", "cannot find `missing.gguf`"),
+    ] {
+        let (code, stderr) = check(adapter);
+        assert_eq!(code, Some(2), "{adapter}: {stderr}");
+        assert!(stderr.contains(says), "{adapter}: {stderr}");
+    }
+    let out = seedflow(&["run", "flow.kdl", "--run-dir", "out"], dir.path());
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let answer = |step: &str| {
+        let records = std::fs::read_to_string(dir.path().join("out").join(step).join("output.jsonl")).unwrap();
+        serde_json::from_str::<serde_json::Value>(records.lines().next().unwrap()).unwrap()["answer"].clone()
+    };
+    assert_ne!(answer("plain"), answer("adapted"), "the adapter file changes the answer");
+}

@@ -450,6 +450,30 @@ fn convert(ty: ValueType, literal: &Literal, at: Option<(&Sources, Span)>) -> Re
             let s = string.ok_or_else(|| wrong_type(literal))?;
             Ok(Value::Reference(s.to_string()))
         }
+        // A file name ends in `.gguf`; anything else names a step.
+        ValueType::Adapter => match string {
+            Some(s) if s.to_ascii_lowercase().ends_with(".gguf") => {
+                let file = convert(ValueType::File, literal, at)?;
+                if let Value::File(path) = &file
+                    && at.is_some()
+                    && let Err(why) = crate::train::Lora::check_file(path, None)
+                {
+                    return Err(ValueError {
+                        code: Code::BadValue,
+                        message: Some(why),
+                        label: "not a LoRA adapter".into(),
+                        help: Some(
+                            "name a LoRA adapter in GGUF, such as the `adapter.gguf` a `finetune-lora` step writes"
+                                .into(),
+                        ),
+                        offset: None,
+                    });
+                }
+                Ok(file)
+            }
+            Some(s) => Ok(Value::Reference(s.to_string())),
+            None => Err(wrong_type(literal)),
+        },
         ValueType::Model => string.map(|s| Value::Model(s.to_string())).ok_or_else(|| wrong_type(literal)),
         ValueType::ModelFile if string == Some("default") => Ok(Value::DefaultModel),
         ValueType::File | ValueType::ModelFile => {

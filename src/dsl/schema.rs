@@ -90,6 +90,9 @@ pub enum ValueType {
     Integers,
     /// The name of a step whose output is one of these artifacts.
     Input(&'static [Artifact]),
+    /// The name of a step producing an adapter, or a GGUF LoRA adapter file (`….gguf`): one
+    /// trained elsewhere, or by an earlier run (a CI artifact).
+    Adapter,
     /// The name of a `model` declaration.
     Model,
     /// A path to an existing file, relative to the workflow file (`std/…` for the stdlib).
@@ -161,6 +164,7 @@ impl ValueType {
                 let nouns: Vec<_> = kinds.iter().map(|k| k.noun()).collect();
                 format!("the name of a step producing {}", nouns.join(" or "))
             }
+            ValueType::Adapter => "the name of a step producing an adapter, or a GGUF LoRA file (`….gguf`)".into(),
             ValueType::Model => "the name of a `model`".into(),
             ValueType::File => "a file path".into(),
             ValueType::ModelFile => "\"default\" or a GGUF file path".into(),
@@ -279,6 +283,7 @@ pub enum Shape {
     Choices,
     Integers,
     Input,
+    Adapter,
     Model,
     File,
     ModelFile,
@@ -300,6 +305,7 @@ impl Shape {
             ValueType::Choices(_) => Shape::Choices,
             ValueType::Integers => Shape::Integers,
             ValueType::Input(_) => Shape::Input,
+            ValueType::Adapter => Shape::Adapter,
             ValueType::Model => Shape::Model,
             ValueType::File => Shape::File,
             ValueType::ModelFile => Shape::ModelFile,
@@ -364,6 +370,17 @@ from_value! {
     StatusFilter: Statuses, Value::Statuses(filter) => filter.clone();
 }
 
+impl FromValue for AdapterSource {
+    const SHAPE: Shape = Shape::Adapter;
+    fn from_value(value: Option<&Value>) -> Option<Self> {
+        match value? {
+            Value::Reference(_) => Some(AdapterSource::Step),
+            Value::File(path) => Some(AdapterSource::File(path.clone())),
+            _ => None,
+        }
+    }
+}
+
 impl FromValue for ModelPath {
     const SHAPE: Shape = Shape::ModelFile;
     fn from_value(value: Option<&Value>) -> Option<Self> {
@@ -400,6 +417,13 @@ impl<T: Choice> FromValue for Vec<T> {
 /// The value of an input property: the step it names, which the step reads as an input.
 #[derive(Debug, Clone, Copy)]
 pub struct Input;
+
+/// Where an adapter comes from: a step of the run (read as an input) or a file.
+#[derive(Debug, Clone)]
+pub enum AdapterSource {
+    Step,
+    File(PathBuf),
+}
 
 /// The name of a `model` declaration.
 #[derive(Debug, Clone)]

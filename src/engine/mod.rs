@@ -652,7 +652,8 @@ fn key_parts(plan: &Plan, step: &PlannedStep, inputs: BTreeMap<String, String>) 
             continue;
         };
         match (property.ty, value) {
-            (ValueType::Input(_), _) => {}
+            // A step's output enters through its hash.
+            (_, Value::Reference(_)) => {}
             // The metric's step enters through its output hash; its name enters here.
             (ValueType::Metric, _) => {
                 params.insert(property.name.to_string(), value.to_json());
@@ -671,7 +672,7 @@ fn key_parts(plan: &Plan, step: &PlannedStep, inputs: BTreeMap<String, String>) 
                     files.insert(format!("{}.path", property.name), identity);
                 }
             }
-            (ValueType::File, Value::File(path)) => {
+            (ValueType::File | ValueType::Adapter, Value::File(path)) => {
                 let identity = file_identity(path).map_err(|e| format!("cannot read `{}`: {e}", path.display()))?;
                 files.insert(property.name.to_string(), identity);
                 params.insert(property.name.to_string(), keyed(plan, value));

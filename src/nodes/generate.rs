@@ -1,7 +1,9 @@
 use std::path::PathBuf;
 
 use crate::data::{Sample, Task, TaskStyle, sample_seed};
-use crate::dsl::schema::{Artifact, Input, KindSpec, ModelName, Param, Role, ValueType, optional, required, unset};
+use crate::dsl::schema::{
+    AdapterSource, Artifact, Input, KindSpec, ModelName, Param, Role, ValueType, optional, required, unset,
+};
 use crate::llm::{self, Generated, Generation, Request, Sampling, extract, prompt};
 use crate::nodes::context::{Context, Outcome, StepError};
 use crate::store::meta::Metrics;
@@ -12,10 +14,12 @@ pub const MOST_SAMPLES: i64 = 10_000;
 
 // Properties `revise` shares with `generate`.
 pub const MODEL: Param<ModelName> = Param::new(required("model", ValueType::Model, "The `model` to sample from."));
-pub const ADAPTER: Param<Option<Input>> = Param::new(unset(
+pub const ADAPTER: Param<Option<AdapterSource>> = Param::new(unset(
     "adapter",
-    ValueType::Input(&[Artifact::Adapter]),
-    "A LoRA adapter to attach (for example `prev.tune`).",
+    ValueType::Adapter,
+    "A LoRA adapter to attach: a `finetune-lora` step (for example `prev.tune`) or a GGUF LoRA \
+     file (`….gguf`), such as one a CI run kept; `seedflow check` reads the file's header and \
+     checks that it fits the step's model.",
 ));
 pub const ADAPTER_SCALE: Param<f64> = Param::new(optional(
     "adapter-scale",
@@ -117,8 +121,16 @@ pub(super) fn sampling(ctx: &Context) -> Result<Sampling, StepError> {
 
 /// The adapter file of the step's `adapter` input, if it has one this iteration.
 pub(super) fn adapter(ctx: &Context) -> Result<Option<(PathBuf, f32)>, StepError> {
-    let Some(output) = ctx.optional_input(&ADAPTER) else { return Ok(None) };
-    Ok(Some((output.dir.join(super::finetune_lora::ADAPTER_FILE), ctx.get(&ADAPTER_SCALE)? as f32)))
+    let path = match ctx.get(&ADAPTER)? {
+        None => return Ok(None),
+        Some(AdapterSource::File(path)) => path,
+        // Absent in a loop's first iteration (`prev.`).
+        Some(AdapterSource::Step) => match ctx.inputs.get(ADAPTER.name()) {
+            Some(output) => output.dir.join(super::finetune_lora::ADAPTER_FILE),
+            None => return Ok(None),
+        },
+    };
+    Ok(Some((path, ctx.get(&ADAPTER_SCALE)? as f32)))
 }
 
 /// The step's template (its `param`), checked against the `values` the step fills, or `default`.

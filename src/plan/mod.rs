@@ -360,8 +360,13 @@ impl<'a> Scope<'a> {
         let mut inputs = vec![];
         for property in declaration.spec.properties {
             let span = declaration.span_of(property.name);
+            let accepted = match property.ty {
+                ValueType::Input(accepted) => accepted,
+                ValueType::Adapter => &[Artifact::Adapter],
+                _ => &[],
+            };
             match (property.ty, declaration.props.get(property.name)) {
-                (ValueType::Input(accepted), Some(Value::Reference(reference))) => {
+                (ValueType::Input(_) | ValueType::Adapter, Some(Value::Reference(reference))) => {
                     let Some(found) = self.find(reference, span, within, problems) else {
                         continue;
                     };
@@ -438,10 +443,31 @@ impl<'a> Scope<'a> {
                         None => builder.help(format!("declare it: `model \"{model}\" path=\"default\"`")),
                     };
                 }
+                (ValueType::Adapter, Some(Value::File(adapter))) => {
+                    let Some(model) = self.model_file(declaration) else { continue };
+                    if let Err(why) = crate::train::Lora::check_file(adapter, Some(&model)) {
+                        problems
+                            .at(sources, Code::BadValue, span, why, "does not fit the step's model")
+                            .help("an adapter works with the model it was trained on only");
+                    }
+                }
                 _ => {}
             }
         }
         inputs
+    }
+
+    /// The GGUF file of the model a step names, if it is at hand (the built-in model once fetched).
+    fn model_file(&self, declaration: &Declaration) -> Option<PathBuf> {
+        let property = declaration.spec.properties.iter().find(|p| p.ty == ValueType::Model)?;
+        let Some(Value::Model(name)) = declaration.props.get(property.name) else { return None };
+        let model = self.models.get(name)?;
+        let file = model.spec.properties.iter().find(|p| p.ty == ValueType::ModelFile)?;
+        match model.props.get(file.name)? {
+            Value::File(path) => Some(path.clone()),
+            Value::DefaultModel => crate::assets::cached(&crate::assets::DEFAULT_MODEL),
+            _ => None,
+        }
     }
 
     /// Whether the step `declaration` publishes `metric`; says why not when it does not. A step

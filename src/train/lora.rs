@@ -112,6 +112,47 @@ impl Lora {
         targets
     }
 
+    /// Checks that `path` is a GGUF LoRA adapter and, given the model it is for, that it was made
+    /// for that model: the same architecture, and every matrix pair the shape of the projection
+    /// it adapts. Reads the files' headers only.
+    pub fn check_file(path: &Path, model: Option<&Path>) -> std::result::Result<(), String> {
+        let header = |path: &Path, what: &str| {
+            let mut file = File::open(path).map_err(|e| format!("cannot open `{}`: {e}", path.display()))?;
+            gguf_file::Content::read(&mut file).map_err(|e| format!("`{}` is not a GGUF {what}: {e}", path.display()))
+        };
+        let text = |content: &gguf_file::Content, key: &str| {
+            content.metadata.get(key).and_then(|v| v.to_string().ok()).cloned().unwrap_or_default()
+        };
+        let adapter = header(path, "adapter")?;
+        if text(&adapter, "general.type") != "adapter" || text(&adapter, "adapter.type") != "lora" {
+            return Err(format!("`{}` is a GGUF file but not a LoRA adapter", path.display()));
+        }
+        let Some(model_path) = model else { return Ok(()) };
+        let model = header(model_path, "model")?;
+        let (made_for, architecture) = (text(&adapter, "general.architecture"), text(&model, "general.architecture"));
+        if made_for != architecture {
+            return Err(format!(
+                "the adapter was made for a `{made_for}` model, and `{}` is a `{architecture}` one",
+                model_path.display()
+            ));
+        }
+        for (name, a) in adapter.tensor_infos.iter().filter_map(|(n, i)| Some((n.strip_suffix(".lora_a")?, i))) {
+            let b = adapter.tensor_infos.get(&format!("{name}.lora_b"));
+            let weight = model.tensor_infos.get(name);
+            let fits = match (a.shape.dims(), b.map(|b| b.shape.dims()), weight.map(|w| w.shape.dims())) {
+                // (rank, in), (out, rank), (out, in)
+                ([rank, inputs], Some([outputs, rank_b]), Some([out, into])) => {
+                    rank == rank_b && inputs == into && outputs == out
+                }
+                _ => false,
+            };
+            if !fits {
+                return Err(format!("the adapter's `{name}` does not fit `{}`", model_path.display()));
+            }
+        }
+        Ok(())
+    }
+
     /// Reads an adapter written by [`Lora::save_gguf`] (or llama.cpp's converter) for `base`.
     pub fn load_gguf(path: &Path, base: &Base) -> Result<Lora> {
         let mut file = File::open(path).map_err(|e| bad(format!("cannot open `{}`: {e}", path.display())))?;
