@@ -295,6 +295,7 @@ model "coder" path="default"
 dataset "one" format="jsonl" path="tasks.jsonl" limit=1
 generate "plain" model="coder" tasks="one" temperature=0 max-tokens=24
 generate "adapted" model="coder" tasks="one" temperature=0 max-tokens=24 adapter="fits.gguf"
+finetune-lora "more" model="coder" data="one" init="fits.gguf" epochs=1
 "#,
     );
     random_adapter(&dir.path().join("fits.gguf"), 896);
@@ -320,4 +321,11 @@ generate "adapted" model="coder" tasks="one" temperature=0 max-tokens=24 adapter
         serde_json::from_str::<serde_json::Value>(records.lines().next().unwrap()).unwrap()["answer"].clone()
     };
     assert_ne!(answer("plain"), answer("adapted"), "the adapter file changes the answer");
+    // Training continued the file's adapter: its rank and its query projections alone.
+    let mut trained = std::fs::File::open(dir.path().join("out/more/adapter.gguf")).unwrap();
+    let content = candle_core::quantized::gguf_file::Content::read(&mut trained).unwrap();
+    let matrices: Vec<&String> = content.tensor_infos.keys().collect();
+    assert_eq!(matrices.len(), 48, "{matrices:?}");
+    assert!(matrices.iter().all(|name| name.contains("attn_q")), "{matrices:?}");
+    assert!(content.tensor_infos.values().any(|info| info.shape.dims() == [4, 896]));
 }

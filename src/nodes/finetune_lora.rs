@@ -1,7 +1,9 @@
 use crate::data::{Sample, Status, Task, Verdict};
 use std::path::PathBuf;
 
-use crate::dsl::schema::{Artifact, Input, KindSpec, ModelName, Param, Role, ValueType, optional, required, unset};
+use crate::dsl::schema::{
+    AdapterSource, Artifact, Input, KindSpec, ModelName, Param, Role, ValueType, optional, required, unset,
+};
 use crate::llm;
 use crate::nodes::context::{Context, Outcome, StepError};
 use crate::train::{self, Base, Example, Lora, StepRecord, Target};
@@ -61,10 +63,11 @@ const DATA: Param<Input> = Param::new(required(
     ValueType::Input(&[Artifact::Verdicts, Artifact::Samples, Artifact::Tasks]),
     "Training pairs: passing verdicts or samples, or tasks' reference solutions.",
 ));
-const INIT: Param<Option<Input>> = Param::new(unset(
+const INIT: Param<Option<AdapterSource>> = Param::new(unset(
     "init",
-    ValueType::Input(&[Artifact::Adapter]),
-    "An adapter to continue training (for example `prev.tune`).",
+    ValueType::Adapter,
+    "An adapter to continue training: a `finetune-lora` step (for example `prev.tune`) or a GGUF \
+     LoRA file (`….gguf`).",
 ));
 const HISTORY: Param<Option<Input>> = Param::new(unset(
     "history",
@@ -262,8 +265,14 @@ pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
 
     ctx.message("reading the base model for training");
     let base = Base::load(&model.path).map_err(failed)?;
-    let lora = match ctx.optional_input(&INIT) {
-        Some(init) => Lora::load_gguf(&init.dir.join(ADAPTER_FILE), &base).map_err(failed)?,
+    let init = match ctx.get(&INIT)? {
+        Some(AdapterSource::File(path)) => Some(path),
+        // Absent in a loop's first iteration (`prev.`).
+        Some(AdapterSource::Step) => ctx.inputs.get(INIT.name()).map(|step| step.dir.join(ADAPTER_FILE)),
+        None => None,
+    };
+    let lora = match init {
+        Some(path) => Lora::load_gguf(&path, &base).map_err(failed)?,
         None => {
             let targets = ctx.get(&TARGETS)?;
             let rank = ctx.get(&RANK)? as usize;
