@@ -143,6 +143,9 @@ def ours(binary, model, work):
     workload = json.loads((work / "run" / "workload" / "meta.json").read_text())["metrics"]
     generation["workload"] = workload["tokens-per-second"]
     tasks = workload["count"] / WORKLOAD_SAMPLES  # the MBPP file may hold fewer than WORKLOAD_TASKS
+    # `prompt-tokens` counts the tokens decoded: a prompt's opening shared with the one before it
+    # is kept, not decoded, so the anchor's prompt is ~20 tokens shorter than the real ones (its
+    # contexts a little shorter, which if anything favours the anchor).
     shape = (round(workload["prompt-tokens"] / tasks), max(1, round(workload["tokens"] / workload["count"])))
     prompt = json.loads((work / "run" / "warm-up" / "meta.json").read_text())["metrics"]["prompt-tokens"]
     return whole, generation, share, int(prompt), shape

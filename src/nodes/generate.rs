@@ -77,8 +77,9 @@ pub static SPEC: KindSpec = KindSpec {
           sequence is free (the model's `parallel`), so a task need not wait for sequences for \
           all its samples. Every sample is seeded from (workflow seed, step, task, \
           index), so reruns are identical; temperature 0 is greedy. Each sample records its mean \
-          token log-probability and token count. `prompt-tokens` counts the prompts' tokens (each \
-          decoded once per task), `tokens-per-second` is the step's generation speed (generated \
+          token log-probability and token count. `prompt-tokens` counts the prompt tokens decoded \
+          (each task's prompt once, less the opening it shares with the prompt before it, whose \
+          cache it keeps), `tokens-per-second` is the step's generation speed (generated \
           tokens over the time spent generating them, prompt decoding left out), and \
           `decode-share` the part of that time spent waiting for llama.cpp to decode (the rest is \
           seedflow's own work per token: sampling, log-probabilities, stop checks). Instruct models \
