@@ -131,6 +131,17 @@ const TEMPLATE: Param<Option<PathBuf>> = Param::new(unset(
 /// The adapter file a `finetune-lora` step writes in its directory (what `adapter=` reads).
 pub const ADAPTER_FILE: &str = "adapter.gguf";
 
+/// The file an adapter property names: a GGUF LoRA file as given, or the [`ADAPTER_FILE`] of
+/// the `finetune-lora` step it names. `None` when unset, or when that step is `prev.` and this is
+/// a loop's first iteration.
+pub(super) fn adapter_file(ctx: &Context, param: &Param<Option<AdapterSource>>) -> Result<Option<PathBuf>, StepError> {
+    Ok(match ctx.get(param)? {
+        None => None,
+        Some(AdapterSource::File(path)) => Some(path),
+        Some(AdapterSource::Step) => ctx.inputs.get(param.name()).map(|step| step.dir.join(ADAPTER_FILE)),
+    })
+}
+
 /// What an interrupted training resumes from (see `train::train`); removed once it is done.
 const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
 
@@ -265,13 +276,7 @@ pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
 
     ctx.message("reading the base model for training");
     let base = Base::load(&model.path).map_err(failed)?;
-    let init = match ctx.get(&INIT)? {
-        Some(AdapterSource::File(path)) => Some(path),
-        // Absent in a loop's first iteration (`prev.`).
-        Some(AdapterSource::Step) => ctx.inputs.get(INIT.name()).map(|step| step.dir.join(ADAPTER_FILE)),
-        None => None,
-    };
-    let lora = match init {
+    let lora = match adapter_file(ctx, &INIT)? {
         Some(path) => Lora::load_gguf(&path, &base).map_err(failed)?,
         None => {
             let targets = ctx.get(&TARGETS)?;

@@ -120,17 +120,9 @@ pub(super) fn sampling(ctx: &Context) -> Result<Sampling, StepError> {
     })
 }
 
-/// The adapter file of the step's `adapter` input, if it has one this iteration.
+/// The step's adapter file and scale, if it has an adapter this iteration.
 pub(super) fn adapter(ctx: &Context) -> Result<Option<(PathBuf, f32)>, StepError> {
-    let path = match ctx.get(&ADAPTER)? {
-        None => return Ok(None),
-        Some(AdapterSource::File(path)) => path,
-        // Absent in a loop's first iteration (`prev.`).
-        Some(AdapterSource::Step) => match ctx.inputs.get(ADAPTER.name()) {
-            Some(output) => output.dir.join(super::finetune_lora::ADAPTER_FILE),
-            None => return Ok(None),
-        },
-    };
+    let Some(path) = super::finetune_lora::adapter_file(ctx, &ADAPTER)? else { return Ok(None) };
     Ok(Some((path, ctx.get(&ADAPTER_SCALE)? as f32)))
 }
 
