@@ -271,13 +271,13 @@ fn a_terminated_run_stops_cleanly_and_resumes() {
     assert!(text(&resumed.stderr).contains("count=1 pass-rate=1"), "{}", text(&resumed.stderr));
 }
 
-/// A random rank-4 LoRA on the query projections of a model `width` wide with 24 layers (the
+/// A random rank-4 LoRA, strong enough to move the output, on the query projections of a model `width` wide with 24 layers (the
 /// default model's shape at 896), written by the trainer's exporter.
 fn random_adapter(path: &Path, width: usize) {
     use candle_core::{Device, Tensor, Var};
     use seedflow::train::{Architecture, Lora, Pair, Target};
     let random = |rows: usize, cols: usize| {
-        Var::from_tensor(&(Tensor::rand(-0.1f32, 0.1, (rows, cols), &Device::Cpu).unwrap())).unwrap()
+        Var::from_tensor(&(Tensor::rand(-0.5f32, 0.5, (rows, cols), &Device::Cpu).unwrap())).unwrap()
     };
     let mut lora = Lora { rank: 4, alpha: 4.0, pairs: Default::default() };
     for layer in 0..24 {
@@ -316,11 +316,14 @@ finetune-lora "more" model="coder" data="one" init="fits.gguf" epochs=1
     }
     let out = seedflow(&["run", "flow.kdl", "--run-dir", "out"], dir.path());
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    // The log-probability of the answer shows the adapter at work even where the greedy text
+    // happens to stay the same.
     let answer = |step: &str| {
         let records = std::fs::read_to_string(dir.path().join("out").join(step).join("output.jsonl")).unwrap();
-        serde_json::from_str::<serde_json::Value>(records.lines().next().unwrap()).unwrap()["answer"].clone()
+        let record: serde_json::Value = serde_json::from_str(records.lines().next().unwrap()).unwrap();
+        (record["answer"].clone(), record["logprob"].clone())
     };
-    assert_ne!(answer("plain"), answer("adapted"), "the adapter file changes the answer");
+    assert_ne!(answer("plain"), answer("adapted"), "the adapter file changes the model's output");
     // Training continued the file's adapter: its rank and its query projections alone.
     let mut trained = std::fs::File::open(dir.path().join("out/more/adapter.gguf")).unwrap();
     let content = candle_core::quantized::gguf_file::Content::read(&mut trained).unwrap();
