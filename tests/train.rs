@@ -79,7 +79,15 @@ fn tiny_model(architecture: Architecture) -> PathBuf {
 }
 
 fn settings(path: &Path) -> ModelSettings {
-    ModelSettings { path: path.to_path_buf(), context: 512, gpu_layers: 0, threads: 2, batch: 512, parallel: 1 }
+    ModelSettings {
+        path: path.to_path_buf(),
+        context: 512,
+        gpu_layers: 0,
+        threads: 2,
+        batch: 512,
+        parallel: 1,
+        server: None,
+    }
 }
 
 fn tokens(count: usize, salt: usize) -> Vec<u32> {

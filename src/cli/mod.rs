@@ -71,6 +71,12 @@ enum AssetName {
     PythonWasm,
     /// The default model, Qwen2.5-Coder-0.5B-Instruct (491 MB)
     Model,
+    /// The larger built-in model, Qwen2.5-Coder-1.5B-Instruct (1.1 GB; `path="qwen2.5-coder-1.5b"`)
+    #[value(name = "model-1.5b")]
+    Model1_5b,
+    /// llama.cpp's OpenAI-compatible server, built from llama.cpp's source (several minutes), for
+    /// trying `model … server=` on this machine and for the server tests
+    LlamaServer,
 }
 
 #[derive(clap::Args)]
@@ -183,6 +189,8 @@ fn fetch(asset: AssetName) -> i32 {
         }),
         AssetName::PythonWasm => crate::assets::ensure(&crate::assets::PYTHON_WASM, &progress),
         AssetName::Model => crate::assets::ensure(&crate::assets::DEFAULT_MODEL, &progress),
+        AssetName::Model1_5b => crate::assets::ensure(&crate::assets::CODER_1_5B, &progress),
+        AssetName::LlamaServer => crate::assets::llama_server(&progress),
     };
     match fetched {
         Ok(path) => {

@@ -475,7 +475,9 @@ fn convert(ty: ValueType, literal: &Literal, at: Option<(&Sources, Span)>) -> Re
             None => Err(wrong_type(literal)),
         },
         ValueType::Model => string.map(|s| Value::Model(s.to_string())).ok_or_else(|| wrong_type(literal)),
-        ValueType::ModelFile if string == Some("default") => Ok(Value::DefaultModel),
+        ValueType::ModelFile if string.is_some_and(|s| crate::assets::builtin_model(s).is_some()) => {
+            Ok(Value::BuiltinModel(string.unwrap_or_default().to_string()))
+        }
         ValueType::File | ValueType::ModelFile => {
             let s = string.ok_or_else(|| wrong_type(literal))?;
             let Some((sources, span)) = at else {

@@ -385,7 +385,7 @@ impl FromValue for ModelPath {
     const SHAPE: Shape = Shape::ModelFile;
     fn from_value(value: Option<&Value>) -> Option<Self> {
         match value? {
-            Value::DefaultModel => Some(ModelPath::Default),
+            Value::BuiltinModel(name) => crate::assets::builtin_model(name).map(ModelPath::Builtin),
             Value::File(path) => Some(ModelPath::File(path.clone())),
             _ => None,
         }
@@ -429,10 +429,10 @@ pub enum AdapterSource {
 #[derive(Debug, Clone)]
 pub struct ModelName(pub String);
 
-/// A `model`'s file: the built-in default or a GGUF file.
+/// A `model`'s file: a built-in model (fetched on first use) or a GGUF file.
 #[derive(Debug, Clone)]
 pub enum ModelPath {
-    Default,
+    Builtin(&'static crate::assets::Asset),
     File(PathBuf),
 }
 
@@ -526,8 +526,8 @@ pub enum Value {
     Reference(String),
     Model(String),
     File(PathBuf),
-    /// The built-in default model.
-    DefaultModel,
+    /// A built-in model, by its name (`"default"`).
+    BuiltinModel(String),
     Metric {
         step: String,
         metric: String,
@@ -542,7 +542,7 @@ impl Value {
     pub fn to_json(&self) -> serde_json::Value {
         use serde_json::json;
         match self {
-            Value::Text(s) | Value::Choice(s) | Value::Model(s) => json!(s),
+            Value::Text(s) | Value::Choice(s) | Value::Model(s) | Value::BuiltinModel(s) => json!(s),
             Value::Integer(i) => json!(i),
             Value::Number(n) => json!(n),
             Value::Bool(b) => json!(b),
@@ -552,7 +552,6 @@ impl Value {
             Value::Integers(list) => json!(list),
             Value::Reference(r) => json!(r),
             Value::File(p) => json!(p.display().to_string()),
-            Value::DefaultModel => json!("default"),
             Value::Metric { step, metric } => json!(format!("{step}.{metric}")),
             Value::Expression(_) => json!(null),
             Value::Statuses(filter) => json!(filter),

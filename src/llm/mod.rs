@@ -10,11 +10,15 @@ pub mod extract;
 mod model;
 pub mod prompt;
 mod sampling;
+mod server;
+mod spawned;
 
 use std::path::{Path, PathBuf};
 
 pub use chat::training_tokens;
 pub use model::Llama;
+pub use server::{Endpoint, Server, ServerError, ServerSettings};
+pub use spawned::Spawned;
 
 /// Most CPU threads llama.cpp takes (`GGML_MAX_N_THREADS`).
 pub const MOST_THREADS: i32 = 512;
@@ -37,8 +41,10 @@ pub struct ModelSettings {
     /// CPU threads; 0 for every core.
     pub threads: i32,
     pub batch: u32,
-    /// Sequences decoded together.
+    /// Sequences decoded together (on a server: requests in flight).
     pub parallel: u32,
+    /// A server that serves the model, instead of llama.cpp in this process.
+    pub server: Option<ServerSettings>,
 }
 
 #[derive(Debug, Clone)]
@@ -84,8 +90,8 @@ pub struct Timing {
     pub decoding_seconds: f64,
 }
 
-/// A backend that samples answers: [`Llama`] (llama.cpp in this process); a server speaking an
-/// OpenAI-compatible API would be another implementation.
+/// A backend that samples answers: [`Llama`] (llama.cpp in this process) or [`Server`] (a
+/// server speaking the OpenAI chat-completions API).
 pub trait Inference: Send + Sync {
     /// Samples every request's seeds. `progress` hears each run of requests that finished, in
     /// request order, with how many are done in all. Returns the samples by request, and where
@@ -144,4 +150,6 @@ pub enum LlmError {
     Poisoned(&'static str),
     #[error("interrupted")]
     Interrupted,
+    #[error(transparent)]
+    Server(#[from] ServerError),
 }

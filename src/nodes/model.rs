@@ -1,12 +1,16 @@
+use std::time::Duration;
+
 use crate::assets;
-use crate::dsl::schema::{FromValue, KindSpec, ModelPath, Param, Props, Role, ValueType, optional};
-use crate::llm::{self, ModelSettings};
+use crate::dsl::schema::{FromValue, KindSpec, ModelPath, Param, Props, Role, ValueType, optional, unset};
+use crate::llm::{self, Endpoint, ModelSettings, ServerSettings};
 
 const PATH: Param<ModelPath> = Param::new(optional(
     "path",
     ValueType::ModelFile,
     r#""default""#,
-    "\"default\" or a GGUF file, relative to the workflow file.",
+    "\"default\" (Qwen2.5-Coder-0.5B-Instruct), \"qwen2.5-coder-1.5b\" (the same family, three \
+     times the size: slower, and able to make fixes the default cannot) or a GGUF file, \
+     relative to the workflow file. The built-in models are fetched on first use.",
 ));
 const CONTEXT: Param<i64> = Param::new(optional(
     "context",
@@ -44,6 +48,36 @@ const PARALLEL: Param<i64> = Param::new(optional(
      keeps 256 sequences and seedflow one more for the prompt they share.",
 ));
 
+const SERVER: Param<Option<String>> = Param::new(unset(
+    "server",
+    ValueType::Text,
+    "The base URL of a server that serves the model through the OpenAI chat-completions API \
+     (llama-server, vLLM, SGLang: `http://host:8080` or `…/v1`); `generate` and `revise` then \
+     sample there, `parallel` requests at a time, and `path` is only what `finetune-lora` \
+     trains (the weights the server must serve). \"spawn\" starts llama-server on `path` \
+     (`seedflow fetch llama-server` builds it) and restarts it with each adapter a step asks \
+     for. Unset: llama.cpp in this process.",
+));
+const SERVER_MODEL: Param<Option<String>> = Param::new(unset(
+    "server-model",
+    ValueType::Text,
+    "The model name requests ask the server for; unset takes the first it lists.",
+));
+const API_KEY_ENV: Param<String> = Param::new(optional(
+    "api-key-env",
+    ValueType::Text,
+    r#""SEEDFLOW_API_KEY""#,
+    "The environment variable holding the server's API key (sent as a bearer token when set); \
+     the key itself never goes in a workflow.",
+));
+const REQUEST_TIMEOUT: Param<Duration> = Param::new(optional(
+    "request-timeout",
+    ValueType::Duration { min: Duration::from_secs(1), max: Duration::from_secs(24 * 60 * 60) },
+    r#""10m""#,
+    "Most time the server may take over one sample. A request that cannot connect, or that the \
+     server answers with 5xx or 429, is sent up to 4 times, 1, 2 and 4 s apart.",
+));
+
 pub static SPEC: KindSpec = KindSpec {
     name: "model",
     role: Role::Model,
@@ -51,7 +85,18 @@ pub static SPEC: KindSpec = KindSpec {
           `path=\"default\"` is the built-in Qwen2.5-Coder-0.5B-Instruct, fetched on first use \
           (or by `seedflow fetch model`). A model is loaded once per run and shared by every step \
           that names it; adapters attach per step without reloading it.",
-    properties: &[PATH.spec, CONTEXT.spec, GPU_LAYERS.spec, THREADS.spec, BATCH.spec, PARALLEL.spec],
+    properties: &[
+        PATH.spec,
+        CONTEXT.spec,
+        GPU_LAYERS.spec,
+        THREADS.spec,
+        BATCH.spec,
+        PARALLEL.spec,
+        SERVER.spec,
+        SERVER_MODEL.spec,
+        API_KEY_ENV.spec,
+        REQUEST_TIMEOUT.spec,
+    ],
     metrics: &[],
     at_least_one: &[],
     requires: &[],
@@ -62,15 +107,12 @@ generate "answers" model="coder" tasks="problems" samples=1 temperature=0
 "#,
 };
 
-/// The declaration's settings, with `path="default"` fetched on first use.
+/// The declaration's settings, with a built-in model fetched on first use.
 pub fn settings(props: &Props, progress: &dyn Fn(&str)) -> Result<ModelSettings, String> {
-    // The checker gives each a value (its schema default when not written).
-    fn get<T: FromValue>(props: &Props, param: &Param<T>) -> Result<T, String> {
-        props.param(param).ok_or_else(|| format!("the model has no `{}`", param.name()))
-    }
+    let server = server(props, progress)?;
     let path = match get(props, &PATH)? {
         ModelPath::File(path) => path,
-        ModelPath::Default => assets::ensure(&assets::DEFAULT_MODEL, progress).map_err(|e| e.to_string())?,
+        ModelPath::Builtin(asset) => assets::ensure(asset, progress).map_err(|e| e.to_string())?,
     };
     Ok(ModelSettings {
         path,
@@ -79,5 +121,30 @@ pub fn settings(props: &Props, progress: &dyn Fn(&str)) -> Result<ModelSettings,
         threads: get(props, &THREADS)? as i32,
         batch: get(props, &BATCH)? as u32,
         parallel: get(props, &PARALLEL)? as u32,
+        server,
     })
+}
+
+/// A property of the declaration: the checker gives each a value (its schema default when not
+/// written).
+fn get<T: FromValue>(props: &Props, param: &Param<T>) -> Result<T, String> {
+    props.param(param).ok_or_else(|| format!("the model has no `{}`", param.name()))
+}
+
+/// Where the declaration's model is served, if on a server.
+fn server(props: &Props, progress: &dyn Fn(&str)) -> Result<Option<ServerSettings>, String> {
+    let Some(url) = get(props, &SERVER)? else { return Ok(None) };
+    let endpoint = if url == "spawn" {
+        Endpoint::Spawn(assets::llama_server(progress).map_err(|e| e.to_string())?)
+    } else if url.starts_with("http://") || url.starts_with("https://") {
+        Endpoint::Url(url)
+    } else {
+        return Err(format!("the model's `server` must be an http:// or https:// URL or \"spawn\", not `{url}`"));
+    };
+    Ok(Some(ServerSettings {
+        endpoint,
+        model: get(props, &SERVER_MODEL)?,
+        api_key_env: get(props, &API_KEY_ENV)?,
+        timeout: get(props, &REQUEST_TIMEOUT)?,
+    }))
 }

@@ -7,12 +7,15 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use crate::llm::{Inference, Llama, ModelSettings};
+use crate::llm::{Endpoint, Inference, Llama, ModelSettings, Server, Spawned};
 use crate::sandbox::Sandbox;
 
 #[derive(Default)]
 pub struct Resources {
-    llama: Llama,
+    llama: Arc<Llama>,
+    /// The server backend of each `model` declaration served by one (a spawned llama-server
+    /// stops when its declaration is released).
+    servers: Mutex<HashMap<String, Arc<dyn Inference>>>,
     /// The file (and GPU layers) each `model` declaration that a step used is loaded from.
     models: Mutex<HashMap<String, (PathBuf, i32)>>,
     /// One sandbox per memory cap (a `memory` property sizes the instance pool), shared by every
@@ -22,17 +25,29 @@ pub struct Resources {
 }
 
 impl Resources {
-    /// The backend that serves the `model` declaration named `model`, read as `settings`.
-    pub fn inference(&self, model: &str, settings: &ModelSettings) -> &dyn Inference {
+    /// The backend that serves the `model` declaration named `model`, read as `settings`: its
+    /// server, or llama.cpp in this process.
+    pub fn inference(&self, model: &str, settings: &ModelSettings) -> Arc<dyn Inference> {
+        if let Some(server) = &settings.server {
+            let mut servers = self.servers.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let backend = servers.entry(model.to_string()).or_insert_with(|| match &server.endpoint {
+                Endpoint::Url(url) => Arc::new(Server::new(url, server.clone())),
+                Endpoint::Spawn(binary) => Arc::new(Spawned::new(binary.clone(), settings.clone(), server.clone())),
+            });
+            return backend.clone();
+        }
         if let Ok(mut models) = self.models.lock() {
             models.insert(model.to_string(), (settings.path.clone(), settings.gpu_layers));
         }
-        &self.llama
+        self.llama.clone()
     }
 
     /// Frees what the `model` declaration named `model` holds, once no step left in the run
     /// names it (unless another declaration left to run loads the same file).
     pub fn release(&self, model: &str) {
+        if let Ok(mut servers) = self.servers.lock() {
+            servers.remove(model);
+        }
         let Ok(mut models) = self.models.lock() else { return };
         if let Some(key) = models.remove(model)
             && !models.values().any(|other| *other == key)
@@ -87,7 +102,15 @@ mod tests {
     use super::*;
 
     fn settings(path: &str) -> ModelSettings {
-        ModelSettings { path: path.into(), context: 0, gpu_layers: 0, threads: 1, batch: 512, parallel: 1 }
+        ModelSettings {
+            path: path.into(),
+            context: 0,
+            gpu_layers: 0,
+            threads: 1,
+            batch: 512,
+            parallel: 1,
+            server: None,
+        }
     }
 
     #[test]

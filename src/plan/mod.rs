@@ -457,7 +457,7 @@ impl<'a> Scope<'a> {
         inputs
     }
 
-    /// The GGUF file of the model a step names, if it is at hand (the built-in model once fetched).
+    /// The GGUF file of the model a step names, if it is at hand (a built-in model once fetched).
     fn model_file(&self, declaration: &Declaration) -> Option<PathBuf> {
         let property = declaration.spec.properties.iter().find(|p| p.ty == ValueType::Model)?;
         let Some(Value::Model(name)) = declaration.props.get(property.name) else { return None };
@@ -465,7 +465,7 @@ impl<'a> Scope<'a> {
         let file = model.spec.properties.iter().find(|p| p.ty == ValueType::ModelFile)?;
         match model.props.get(file.name)? {
             Value::File(path) => Some(path.clone()),
-            Value::DefaultModel => crate::assets::cached(&crate::assets::DEFAULT_MODEL),
+            Value::BuiltinModel(name) => crate::assets::cached(crate::assets::builtin_model(name)?),
             _ => None,
         }
     }
