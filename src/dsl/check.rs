@@ -513,7 +513,12 @@ fn convert(ty: ValueType, literal: &Literal, at: Option<(&Sources, Span)>) -> Re
                         };
                         match ty {
                             ValueType::ModelFile => {
-                                format!("use \"default\" for the built-in model, or a path relative to {relative_to}")
+                                let names: Vec<String> =
+                                    crate::assets::BUILTIN_MODELS.iter().map(|(name, _)| format!("\"{name}\"")).collect();
+                                format!(
+                                    "use a built-in model ({}), or a path relative to {relative_to}",
+                                    names.join(" or ")
+                                )
                             }
                             _ => format!("paths are relative to {relative_to}"),
                         }

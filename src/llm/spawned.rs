@@ -53,7 +53,10 @@ impl Spawned {
             .port();
         let s = &self.settings;
         let mut command = Command::new(&self.binary);
-        command.arg("--model").arg(&s.path).args(["--host", "127.0.0.1", "--port", &port.to_string()]);
+        command.arg("--model").arg(&s.path).args(["--host", "127.0.0.1", "--port", &port.to_string(), "--no-webui"]);
+        // llama.cpp's built-in chat templates, which render the turns as seedflow's trainer and
+        // in-process backend do (the model's Jinja template may add a default system turn).
+        command.arg("--no-jinja");
         let parallel = s.parallel.max(1);
         // `context` is per sequence here as in-process; llama-server splits its context over its slots.
         command.args(["--parallel", &parallel.to_string(), "--ctx-size", &(s.context * parallel).to_string()]);
