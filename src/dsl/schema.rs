@@ -167,7 +167,7 @@ impl ValueType {
             ValueType::Adapter => "the name of a step producing an adapter, or a GGUF LoRA file (`….gguf`)".into(),
             ValueType::Model => "the name of a `model`".into(),
             ValueType::File => "a file path".into(),
-            ValueType::ModelFile => "\"default\" or a GGUF file path".into(),
+            ValueType::ModelFile => "a built-in model's name or a GGUF file path".into(),
             ValueType::Metric => "a metric such as \"scores.pass@1\"".into(),
             ValueType::Expression => "an expression such as \"revised.count == 0\"".into(),
             ValueType::Statuses => "statuses such as \"passed\", \"!passed\" or \"failed,error\"".into(),
