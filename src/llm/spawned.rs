@@ -115,8 +115,11 @@ impl Inference for Spawned {
     ) -> Result<(Vec<Vec<Generated>>, Timing), LlmError> {
         let adapter = work.adapter.map(|(path, _)| path);
         let mut running = self.running.lock().map_err(|_| LlmError::Poisoned("llama-server"))?;
-        let serves = |r: &Running| adapter.is_none_or(|a| r.adapter.as_deref() == Some(a));
-        if !running.as_ref().is_some_and(serves) {
+        // A server that exited (killed, out of memory) is started again.
+        let serves = |r: &mut Running| {
+            matches!(r.child.try_wait(), Ok(None)) && adapter.is_none_or(|a| r.adapter.as_deref() == Some(a))
+        };
+        if !running.as_mut().is_some_and(serves) {
             // The old server goes first: two would hold the model twice.
             *running = None;
             *running = Some(self.start(adapter)?);
