@@ -369,6 +369,16 @@ fn convert(ty: ValueType, literal: &Literal, at: Option<(&Sources, Span)>) -> Re
     };
     match ty {
         ValueType::Text => string.map(|s| Value::Text(s.to_string())).ok_or_else(|| wrong_type(literal)),
+        ValueType::Server => match string {
+            Some(s) if s == "spawn" || s.starts_with("http://") || s.starts_with("https://") => {
+                Ok(Value::Text(s.to_string()))
+            }
+            Some(_) => Err(bad_value(
+                "not a server",
+                "give the server's base URL (`http://host:8080` or `…/v1`), or \"spawn\" to have seedflow start llama-server",
+            )),
+            None => Err(wrong_type(literal)),
+        },
         ValueType::Integer { min, max } => match literal {
             Literal::Integer(i) if (min as i128..=max as i128).contains(i) => Ok(Value::Integer(*i as i64)),
             Literal::Integer(_) => Err(out_of_range()),
@@ -513,8 +523,10 @@ fn convert(ty: ValueType, literal: &Literal, at: Option<(&Sources, Span)>) -> Re
                         };
                         match ty {
                             ValueType::ModelFile => {
-                                let names: Vec<String> =
-                                    crate::assets::BUILTIN_MODELS.iter().map(|(name, _)| format!("\"{name}\"")).collect();
+                                let names: Vec<String> = crate::assets::BUILTIN_MODELS
+                                    .iter()
+                                    .map(|(name, _)| format!("\"{name}\""))
+                                    .collect();
                                 format!(
                                     "use a built-in model ({}), or a path relative to {relative_to}",
                                     names.join(" or ")

@@ -62,6 +62,8 @@ pub enum Role {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum ValueType {
     Text,
+    /// An http:// or https:// URL, or "spawn" (a `model`'s `server`).
+    Server,
     /// From `min` to `max`, both included; `max` is where a larger value would no longer fit
     /// what it sets (a 32-bit count, llama.cpp's limit) or is `i64::MAX` for none.
     Integer {
@@ -141,6 +143,7 @@ impl ValueType {
     pub fn describe(&self) -> String {
         match self {
             ValueType::Text => "a string".into(),
+            ValueType::Server => "an http:// or https:// URL, or \"spawn\"".into(),
             ValueType::Integer { min, max: i64::MAX } => format!("an integer ≥ {}", thousands(*min)),
             ValueType::Integer { min, max } => format!("an integer from {} to {}", thousands(*min), thousands(*max)),
             ValueType::Number { min, max } if max.is_finite() => {
@@ -295,7 +298,7 @@ pub enum Shape {
 impl Shape {
     pub const fn of(ty: &ValueType) -> Shape {
         match ty {
-            ValueType::Text => Shape::Text,
+            ValueType::Text | ValueType::Server => Shape::Text,
             ValueType::Integer { .. } => Shape::Integer,
             ValueType::Number { .. } => Shape::Number,
             ValueType::Bool => Shape::Bool,

@@ -49,7 +49,7 @@ const PARALLEL: Param<i64> = Param::new(optional(
 
 const SERVER: Param<Option<String>> = Param::new(unset(
     "server",
-    ValueType::Text,
+    ValueType::Server,
     "The base URL of a server that serves the model through the OpenAI chat-completions API \
      (llama-server, vLLM, SGLang: `http://host:8080` or `…/v1`); `generate` and `revise` then \
      sample there, `parallel` requests at a time, and `path` is only what `finetune-lora` \
@@ -133,12 +133,11 @@ fn get<T: FromValue>(props: &Props, param: &Param<T>) -> Result<T, String> {
 /// Where the declaration's model is served, if on a server.
 fn server(props: &Props, progress: &dyn Fn(&str)) -> Result<Option<ServerSettings>, String> {
     let Some(url) = get(props, &SERVER)? else { return Ok(None) };
+    // The checker let through a URL or "spawn" only.
     let endpoint = if url == "spawn" {
         Endpoint::Spawn(assets::llama_server(progress).map_err(|e| e.to_string())?)
-    } else if url.starts_with("http://") || url.starts_with("https://") {
-        Endpoint::Url(url)
     } else {
-        return Err(format!("the model's `server` must be an http:// or https:// URL or \"spawn\", not `{url}`"));
+        Endpoint::Url(url)
     };
     Ok(Some(ServerSettings {
         endpoint,
