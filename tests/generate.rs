@@ -1,6 +1,8 @@
 //! Generation with llama.cpp and the real default model (fetched on first use with pip,
 //! `seedflow fetch model`): code that runs, reproducible sampling, and adapters.
 
+mod common;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -30,15 +32,6 @@ fn settings() -> ModelSettings {
     ModelSettings { path, context: 2048, gpu_layers: 0, threads: 0, batch: 512, parallel: 8, server: None }
 }
 
-fn mbpp(ids: &[&str]) -> Vec<Task> {
-    let text = std::fs::read_to_string("examples/data/mbpp/prompt.jsonl").unwrap();
-    let tasks: Vec<Task> = text
-        .lines()
-        .map(|l| seedflow::data::formats::parse_line(seedflow::data::formats::Format::Mbpp, l).unwrap())
-        .collect();
-    ids.iter().map(|id| tasks.iter().find(|t| t.task_id == *id).unwrap().clone()).collect()
-}
-
 fn sampling(temperature: f32, max_tokens: u32) -> Sampling {
     Sampling { temperature, top_p: 0.95, top_k: 40, max_tokens, stop: vec![], stop_after_code: true }
 }
@@ -57,7 +50,7 @@ fn request(task: &Task, seeds: &[u64]) -> Request {
 
 #[test]
 fn greedy_answers_are_code_that_runs_in_the_sandbox() {
-    let tasks = mbpp(&["2", "3", "4"]);
+    let tasks = common::mbpp(&["2", "3", "4"]);
     let requests: Vec<Request> = tasks.iter().map(|t| request(t, &[0])).collect();
     let (answers, timing) = sample_with(&settings(), None, &requests, &sampling(0.0, 384)).unwrap();
     // Decoding is part of generating, the rest being the sampling around it.
@@ -84,7 +77,7 @@ fn greedy_answers_are_code_that_runs_in_the_sandbox() {
 
 #[test]
 fn samples_repeat_for_a_seed_and_differ_across_seeds() {
-    let task = &mbpp(&["6"])[0];
+    let task = &common::mbpp(&["6"])[0];
     let sampling = sampling(0.9, 96);
     let first = run(&[request(task, &[11, 12, 11])], &sampling, None);
     let again = run(&[request(task, &[11])], &sampling, None);
@@ -96,7 +89,7 @@ fn samples_repeat_for_a_seed_and_differ_across_seeds() {
     // single-seed run above was, a sample is the same text (sequences of unequal lengths in one
     // batch can shift the last bits of each other's logits, and with them a near tie).
     let one = ModelSettings { parallel: 1, ..settings() };
-    let other = &mbpp(&["7"])[0];
+    let other = &common::mbpp(&["7"])[0];
     let requests = [request(task, &[11, 12, 11]), request(other, &[11])];
     let narrow = sample_with(&one, None, &requests, &sampling).unwrap().0;
     assert_eq!(narrow[0][0].text, again[0][0].text);
@@ -130,7 +123,7 @@ fn random_adapter() -> PathBuf {
 
 #[test]
 fn an_adapter_changes_the_output_and_detaches() {
-    let task = &mbpp(&["7"])[0];
+    let task = &common::mbpp(&["7"])[0];
     let greedy = sampling(0.0, 64);
     let adapter = random_adapter();
     let base = run(&[request(task, &[0])], &greedy, None);
@@ -143,7 +136,7 @@ fn an_adapter_changes_the_output_and_detaches() {
 
 #[test]
 fn few_shot_turns_go_through_the_chat_template() {
-    let task = &mbpp(&["7"])[0];
+    let task = &common::mbpp(&["7"])[0];
     let greedy = sampling(0.0, 16);
     let plain = run(&[request(task, &[0])], &greedy, None);
     let mut with_examples = request(task, &[0]);
@@ -159,7 +152,7 @@ fn few_shot_turns_go_through_the_chat_template() {
 /// tokens decoded.
 #[test]
 fn a_prompt_reuses_what_it_shares_with_the_one_before() {
-    let tasks = mbpp(&["2", "3"]);
+    let tasks = common::mbpp(&["2", "3"]);
     let greedy = sampling(0.0, 24);
     let turns =
         vec![("Write a function that returns 1.".to_string(), "```python\ndef one():\n    return 1\n```".to_string())];
@@ -182,7 +175,7 @@ fn a_prompt_reuses_what_it_shares_with_the_one_before() {
 /// out of the text; what comes before it is the same as without it.
 #[test]
 fn a_stop_string_ends_the_sample_where_it_first_appears() {
-    let task = &mbpp(&["2"])[0];
+    let task = &common::mbpp(&["2"])[0];
     let greedy = sampling(0.0, 48);
     let plain = run(&[request(task, &[0])], &greedy, None).remove(0).remove(0);
     // Five characters from the middle of the answer: seldom where a token starts.
@@ -199,7 +192,7 @@ fn a_stop_string_ends_the_sample_where_it_first_appears() {
 /// by a mean over no tokens (0, which `select prefer="highest-logprob"` would pick first).
 #[test]
 fn an_empty_answer_is_scored_by_its_end() {
-    let mut silent = request(&mbpp(&["2"])[0], &[0]);
+    let mut silent = request(&common::mbpp(&["2"])[0], &[0]);
     let turn = |n: u32| (format!("Say nothing at all ({n})."), String::new());
     silent.examples = vec![turn(1), turn(2), turn(3)];
     silent.message = "Say nothing at all (4).".into();
@@ -221,7 +214,7 @@ fn asking_for_gpu_layers_without_a_gpu_is_an_error() {
 /// `context=0` is the model's training context (32,768 tokens for the default model).
 #[test]
 fn a_sequence_longer_than_the_context_is_an_error() {
-    let requests = [request(&mbpp(&["2"])[0], &[0])];
+    let requests = [request(&common::mbpp(&["2"])[0], &[0])];
     let generate = |context: u32, max_tokens: u32| {
         let settings = ModelSettings { context, ..settings() };
         sample_with(&settings, None, &requests, &sampling(0.0, max_tokens)).unwrap_err().to_string()
@@ -237,7 +230,7 @@ fn a_sequence_longer_than_the_context_is_an_error() {
 #[test]
 fn a_batch_smaller_than_the_sequences_still_samples() {
     let settings = ModelSettings { batch: 1, ..settings() };
-    let requests = [request(&mbpp(&["2"])[0], &[1, 2, 3, 4, 5, 6, 7, 8])];
+    let requests = [request(&common::mbpp(&["2"])[0], &[1, 2, 3, 4, 5, 6, 7, 8])];
     let samples = sample_with(&settings, None, &requests, &sampling(0.8, 4)).unwrap().0;
     assert_eq!(samples[0].len(), 8);
     assert!(samples[0].iter().all(|s| s.tokens > 0), "{samples:?}");

@@ -4,6 +4,8 @@
 //! the answer, a server killed mid-step leaves a run that resumes with every sample once, and a
 //! spawned server serves the adapter the run just trained.
 
+mod common;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -83,15 +85,6 @@ fn settings(parallel: u32, server: Option<&str>) -> ModelSettings {
     }
 }
 
-fn mbpp(ids: &[&str]) -> Vec<Task> {
-    let text = std::fs::read_to_string("examples/data/mbpp/prompt.jsonl").unwrap();
-    let tasks: Vec<Task> = text
-        .lines()
-        .map(|l| seedflow::data::formats::parse_line(seedflow::data::formats::Format::Mbpp, l).unwrap())
-        .collect();
-    ids.iter().map(|id| tasks.iter().find(|t| t.task_id == *id).unwrap().clone()).collect()
-}
-
 fn requests(tasks: &[Task], seeds: &[u64]) -> Vec<Request> {
     tasks
         .iter()
@@ -124,7 +117,7 @@ fn greedy_answers_through_llama_server_start_as_in_process_and_seeded_samples_re
     // in-process with one sequence.
     let server = LlamaServer::start(free_port(), &["--parallel", "1", "--no-cache-prompt"]);
     let remote = settings(1, Some(&server.url));
-    let tasks = mbpp(&["2", "3", "4"]);
+    let tasks = common::mbpp(&["2", "3", "4"]);
     let greedy = requests(&tasks, &[0]);
     let through_server = sample(&client(&server.url), &remote, None, &greedy, &sampling(0.0, 24));
     let in_process = sample(&Llama::default(), &settings(1, None), None, &greedy, &sampling(0.0, 24));
@@ -170,7 +163,7 @@ fn an_adapter_llama_server_was_started_with_changes_the_answer_and_another_is_re
     let lora = adapter.to_str().unwrap();
     let server = LlamaServer::start(free_port(), &["--lora", lora, "--lora-init-without-apply"]);
     let remote = settings(2, Some(&server.url));
-    let greedy = requests(&mbpp(&["2"]), &[0]);
+    let greedy = requests(&common::mbpp(&["2"]), &[0]);
     let backend = client(&server.url);
     let plain = sample(&backend, &remote, None, &greedy, &sampling(0.0, 16));
     let adapted = sample(&backend, &remote, Some((&adapter, 1.0)), &greedy, &sampling(0.0, 16));
@@ -211,7 +204,7 @@ fn a_server_killed_mid_step_leaves_a_run_that_resumes_with_every_sample_once() {
         dir.path().join("flow.kdl"),
         format!(
             r#"workflow "served" seed=5
-model "coder" path="default" server="{}" parallel=2 request-timeout="20s"
+model "coder" path="default" server="{}" parallel=2
 dataset "tasks" format="mbpp" path="{}" limit=6
 generate "answers" model="coder" tasks="tasks" samples=2 temperature=0.8 max-tokens=40
 "#,

