@@ -290,7 +290,7 @@ impl Server {
             if !(200..300).contains(&status) {
                 return Err(ServerError::Refused { url: self.url.clone(), status, message: error_message(response) });
             }
-            match self.read_stream(response, sampling) {
+            match self.read_stream(response, sampling, stop) {
                 // A stream cut short by the connection: the same request again (same seed).
                 Err(StreamError::Cut(reason)) => {
                     if tries >= TRIES || !wait(FIRST_BACKOFF, stop) {
@@ -306,16 +306,21 @@ impl Server {
         }
     }
 
-    /// Reads a streamed completion: its text, token log-probabilities and usage.
+    /// Reads a streamed completion: its text, token log-probabilities and usage. Stops reading
+    /// (which ends the server's work on it) once the generation stops.
     fn read_stream(
         &self,
         response: ureq::http::Response<ureq::Body>,
         sampling: &Sampling,
+        stop: &AtomicBool,
     ) -> Result<(Generated, u64), StreamError> {
         let reader = BufReader::new(response.into_body().into_reader());
         let (mut text, mut logprobs, mut usage) = (String::new(), Vec::<f64>::new(), None);
         let mut finished = false;
         for line in reader.lines() {
+            if stop.load(Ordering::Relaxed) {
+                return Err(StreamError::Cut("stopped".into()));
+            }
             let line = line.map_err(|e| StreamError::Cut(e.to_string()))?;
             let Some(data) = line.strip_prefix("data:") else { continue };
             let data = data.trim();
@@ -462,11 +467,11 @@ impl Inference for Server {
                 }
             }
         });
-        if let Some(error) = failure {
-            return Err(error.into());
-        }
         if cancelled() {
             return Err(LlmError::Interrupted);
+        }
+        if let Some(error) = failure {
+            return Err(error.into());
         }
         let seconds = start.elapsed().as_secs_f64();
         Ok((done, Timing { prompt_tokens, generation_seconds: seconds, decoding_seconds: seconds }))
