@@ -10,7 +10,7 @@
 //! directory at run time (`POST /v1/load_lora_adapter`) and serves it under its own model name.
 //! seedflow asks the server which of the two it is by that listing.
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -18,6 +18,7 @@ use std::sync::{Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
 
 use super::{Generated, Generation, Inference, LlmError, Request, Sampling, Timing, extract};
 
@@ -69,8 +70,8 @@ pub struct Server {
     api: String,
     root: String,
     served: Mutex<Option<String>>,
-    /// vLLM's names of the PEFT directories loaded into it, by directory.
-    loaded: Mutex<HashMap<PathBuf, String>>,
+    /// The names of the PEFT adapters loaded into vLLM.
+    loaded: Mutex<HashSet<String>>,
 }
 
 /// How a request names the adapter to apply.
@@ -105,7 +106,7 @@ impl Server {
             url: url.to_string(),
             settings,
             served: Mutex::new(None),
-            loaded: Mutex::new(HashMap::new()),
+            loaded: Mutex::new(HashSet::new()),
         }
     }
 
@@ -223,11 +224,14 @@ impl Server {
             )));
         }
         let peft = peft.canonicalize().unwrap_or(peft);
+        // Named by its weights: an adapter trained again in the same place is another adapter,
+        // which a name by its path would leave vLLM serving the old one under.
+        let weights = std::fs::read(peft.join("adapter_model.safetensors")).unwrap_or_default();
+        let name = format!("seedflow-{}", &format!("{:x}", Sha256::digest(&weights))[..16]);
         let mut loaded = self.loaded.lock().map_err(|_| self.unreachable("poisoned"))?;
-        if let Some(name) = loaded.get(&peft) {
-            return Ok(Adapter::Named(name.clone()));
+        if loaded.contains(&name) {
+            return Ok(Adapter::Named(name));
         }
-        let name = format!("seedflow-{:016x}", fnv(peft.to_string_lossy().as_bytes()));
         let body = json!({"lora_name": name, "lora_path": peft.to_string_lossy()});
         let response = self.send(&format!("{}/load_lora_adapter", self.api), Some(&body), stop)?;
         let status = response.status().as_u16();
@@ -241,7 +245,7 @@ impl Server {
                 peft.display()
             )));
         }
-        loaded.insert(peft, name.clone());
+        loaded.insert(name.clone());
         Ok(Adapter::Named(name))
     }
 
@@ -393,11 +397,6 @@ fn error_message(response: ureq::http::Response<ureq::Body>) -> String {
             error.get("message").and_then(Value::as_str).map(str::to_string)
         })
         .unwrap_or_else(|| text.chars().take(500).collect())
-}
-
-/// FNV-1a: a short, stable name for an adapter directory.
-fn fnv(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| (hash ^ u64::from(*byte)).wrapping_mul(0x100_0000_01b3))
 }
 
 impl Inference for Server {
