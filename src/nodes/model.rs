@@ -83,7 +83,9 @@ pub static SPEC: KindSpec = KindSpec {
     doc: "Declares a GGUF model that `generate`, `revise` and `finetune-lora` use by name. \
           `path=\"default\"` is the built-in Qwen2.5-Coder-0.5B-Instruct, fetched on first use \
           (or by `seedflow fetch model`). A model is loaded once per run and shared by every step \
-          that names it; adapters attach per step without reloading it.",
+          that names it; adapters attach per step without reloading it. With `server`, the \
+          steps sample on an OpenAI-compatible server instead (README, \"On an inference \
+          server\").",
     properties: &[
         PATH.spec,
         CONTEXT.spec,
