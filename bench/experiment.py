@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""SEED against its baselines with the default model, as the SEED paper compares them: direct
+"""SEED against its baselines with the default model (or `MODEL`), as the SEED paper compares them: direct
 generation (no training), direct fine-tuning (LoRA on the dataset's reference code for the
 training problems) and SEED (LoRA on the model's own revised error code for the same problems).
 The arms run the shipped workflows unchanged except for the sizes and data below, and are
@@ -162,7 +162,7 @@ def main():
     gain = lambda value, base: f"{value - base:+.3f} ({(value - base) / base:+.0%})" if base > 0 else "n/a"
     data = f"{DATA.name} scenario" if DATA else "MBPP"
     lines = [
-        f"{data}, default model, {TRAIN} training problems, first {TEST} test problems, greedy pass@1; "
+        f"{data}, {MODEL or 'default model'}, {TRAIN} training problems, first {TEST} test problems, greedy pass@1; "
         f"SEED up to {ITERATIONS} iterations.",
         "",
         "| method | training samples | pass@1 | vs direct generation | vs direct fine-tuning | wall time |",
