@@ -1,5 +1,7 @@
 //! The `seedflow` binary as users run it: exit codes, stdout and stderr.
 
+mod common;
+
 use std::path::Path;
 use std::process::{Command, Output};
 
@@ -271,21 +273,6 @@ fn a_terminated_run_stops_cleanly_and_resumes() {
     assert!(text(&resumed.stderr).contains("count=1 pass-rate=1"), "{}", text(&resumed.stderr));
 }
 
-/// A random rank-4 LoRA, strong enough to move the output, on the query projections of a model `width` wide with 24 layers (the
-/// default model's shape at 896), written by the trainer's exporter.
-fn random_adapter(path: &Path, width: usize) {
-    use candle_core::{Device, Tensor, Var};
-    use seedflow::train::{Architecture, Lora, Pair, Target};
-    let random = |rows: usize, cols: usize| {
-        Var::from_tensor(&(Tensor::rand(-0.5f32, 0.5, (rows, cols), &Device::Cpu).unwrap())).unwrap()
-    };
-    let mut lora = Lora { rank: 4, alpha: 4.0, pairs: Default::default() };
-    for layer in 0..24 {
-        lora.pairs.insert((layer, Target::Q), Pair { a: random(4, width), b: random(width, 4) });
-    }
-    lora.save_gguf(path, Architecture::Qwen2).unwrap();
-}
-
 #[test]
 fn an_adapter_file_is_checked_against_the_model_and_used() {
     let model = seedflow::assets::ensure(&seedflow::assets::DEFAULT_MODEL, &|m| eprintln!("{m}")).unwrap();
@@ -298,8 +285,8 @@ generate "adapted" model="coder" tasks="one" temperature=0 max-tokens=24 adapter
 finetune-lora "more" model="coder" data="one" init="fits.gguf" epochs=1
 "#,
     );
-    random_adapter(&dir.path().join("fits.gguf"), 896);
-    random_adapter(&dir.path().join("other.gguf"), 64);
+    common::random_adapter(&dir.path().join("fits.gguf"), 896);
+    common::random_adapter(&dir.path().join("other.gguf"), 64);
     let check = |adapter: &str| {
         let out = seedflow(&["check", "flow.kdl", "--set", &format!("adapted.adapter={adapter}")], dir.path());
         (out.status.code(), text(&out.stderr))

@@ -139,27 +139,12 @@ fn greedy_answers_through_llama_server_start_as_in_process_and_seeded_samples_re
     assert_ne!(first[0][0].text, first[0][1].text, "two seeds, two samples");
 }
 
-/// A random rank-4 LoRA on the query projections of the default model, strong enough to move
-/// its output.
-fn random_adapter(path: &Path) {
-    use candle_core::{Device, Tensor, Var};
-    use seedflow::train::{Architecture, Lora, Pair, Target};
-    let random = |rows: usize, cols: usize| {
-        Var::from_tensor(&(Tensor::rand(-0.5f32, 0.5, (rows, cols), &Device::Cpu).unwrap())).unwrap()
-    };
-    let mut lora = Lora { rank: 4, alpha: 4.0, pairs: Default::default() };
-    for layer in 0..24 {
-        lora.pairs.insert((layer, Target::Q), Pair { a: random(4, 896), b: random(896, 4) });
-    }
-    lora.save_gguf(path, Architecture::Qwen2).unwrap();
-}
-
 #[test]
 fn an_adapter_llama_server_was_started_with_changes_the_answer_and_another_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let (adapter, other) = (dir.path().join("adapter.gguf"), dir.path().join("other.gguf"));
-    random_adapter(&adapter);
-    random_adapter(&other);
+    common::random_adapter(&adapter, 896);
+    common::random_adapter(&other, 896);
     let lora = adapter.to_str().unwrap();
     let server = LlamaServer::start(free_port(), &["--lora", lora, "--lora-init-without-apply"]);
     let remote = settings(2, Some(&server.url));

@@ -85,3 +85,19 @@ pub fn mbpp(ids: &[&str]) -> Vec<Task> {
         .collect();
     ids.iter().map(|id| tasks.iter().find(|t| t.task_id == *id).unwrap().clone()).collect()
 }
+
+/// A random rank-4 LoRA on the query projections of a Qwen2 model `width` wide with 24 layers
+/// (the default model's shape at 896), written by the trainer's exporter; its values (±0.5) are
+/// large enough to move the model's output.
+pub fn random_adapter(path: &std::path::Path, width: usize) {
+    use candle_core::{Device, Tensor, Var};
+    use seedflow::train::{Architecture, Lora, Pair, Target};
+    let random = |rows: usize, cols: usize| {
+        Var::from_tensor(&(Tensor::rand(-0.5f32, 0.5, (rows, cols), &Device::Cpu).unwrap())).unwrap()
+    };
+    let mut lora = Lora { rank: 4, alpha: 4.0, pairs: Default::default() };
+    for layer in 0..24 {
+        lora.pairs.insert((layer, Target::Q), Pair { a: random(4, width), b: random(width, 4) });
+    }
+    lora.save_gguf(path, Architecture::Qwen2).unwrap();
+}
