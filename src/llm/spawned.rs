@@ -59,7 +59,12 @@ impl Spawned {
         command.arg("--no-jinja");
         let parallel = s.parallel.max(1);
         // `context` is per sequence here as in-process; llama-server splits its context over its slots.
-        command.args(["--parallel", &parallel.to_string(), "--ctx-size", &(s.context * parallel).to_string()]);
+        command.args([
+            "--parallel",
+            &parallel.to_string(),
+            "--ctx-size",
+            &s.context.saturating_mul(parallel).to_string(),
+        ]);
         command.args(["--batch-size", &s.batch.to_string(), "--gpu-layers", &gpu_layers(s.gpu_layers)]);
         if s.threads > 0 {
             command.args(["--threads", &s.threads.to_string()]);
