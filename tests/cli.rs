@@ -282,18 +282,31 @@ model "coder" path="default"
 dataset "one" format="jsonl" path="tasks.jsonl" limit=1
 generate "plain" model="coder" tasks="one" temperature=0 max-tokens=24
 generate "adapted" model="coder" tasks="one" temperature=0 max-tokens=24 adapter="fits.gguf"
+generate "from-peft" model="coder" tasks="one" temperature=0 max-tokens=24 adapter="./fits-peft"
 finetune-lora "more" model="coder" data="one" init="fits.gguf" epochs=1
 "#,
     );
-    common::random_adapter(&dir.path().join("fits.gguf"), 896);
-    common::random_adapter(&dir.path().join("other.gguf"), 64);
+    // The same adapters as PEFT directories too.
+    let config = seedflow::train::Config::read(&model).unwrap();
+    let fits = common::random_adapter(&dir.path().join("fits.gguf"), 896);
+    fits.save_peft(&dir.path().join("fits-peft"), &config).unwrap();
+    let other = common::random_adapter(&dir.path().join("other.gguf"), 64);
+    other.save_peft(&dir.path().join("other-peft"), &config).unwrap();
+    fits.save_peft(&dir.path().join("dora-peft"), &config).unwrap();
+    let dora = dir.path().join("dora-peft/adapter_config.json");
+    let config_text = std::fs::read_to_string(&dora).unwrap();
+    std::fs::write(&dora, config_text.replace(r#""use_dora": false"#, r#""use_dora": true"#)).unwrap();
     let check = |adapter: &str| {
         let out = seedflow(&["check", "flow.kdl", "--set", &format!("adapted.adapter={adapter}")], dir.path());
         (out.status.code(), text(&out.stderr))
     };
     assert_eq!(check("fits.gguf").0, Some(0));
+    assert_eq!(check("./fits-peft").0, Some(0));
     for (adapter, says) in [
         ("other.gguf", "does not fit"),
+        ("./other-peft", "does not fit"),
+        ("./dora-peft", "DoRA"),
+        ("./missing-peft", "cannot find `./missing-peft`"),
         (model.to_str().unwrap(), "not a LoRA adapter"),
         ("missing.gguf", "cannot find `missing.gguf`"),
     ] {
@@ -311,6 +324,7 @@ finetune-lora "more" model="coder" data="one" init="fits.gguf" epochs=1
         (record["answer"].clone(), record["logprob"].clone())
     };
     assert_ne!(answer("plain"), answer("adapted"), "the adapter file changes the model's output");
+    assert_eq!(answer("from-peft"), answer("adapted"), "the PEFT directory is the same adapter");
     // Training continued the file's adapter: its rank and its query projections alone.
     let mut trained = std::fs::File::open(dir.path().join("out/more/adapter.gguf")).unwrap();
     let content = candle_core::quantized::gguf_file::Content::read(&mut trained).unwrap();

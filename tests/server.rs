@@ -62,7 +62,7 @@ fn free_port() -> u16 {
 
 fn server_settings(url: &str) -> ServerSettings {
     ServerSettings {
-        endpoint: Endpoint::Url(url.to_string()),
+        endpoint: Endpoint::Urls(vec![url.to_string()]),
         model: None,
         api_key_env: "SEEDFLOW_TEST_NO_KEY".into(),
         timeout: Duration::from_secs(300),

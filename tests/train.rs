@@ -1,6 +1,6 @@
 //! LoRA training: the trainer's forward pass against llama.cpp's logits on tiny random-weight
 //! GGUF models this test writes (qwen2 and llama), with and without an adapter the trainer
-//! exported; gradients reaching every LoRA matrix; and the PEFT export's layout.
+//! exported; gradients reaching every LoRA matrix; and the PEFT export's layout, read back.
 
 use std::path::{Path, PathBuf};
 
@@ -249,7 +249,7 @@ fn an_interrupted_training_resumes_from_its_checkpoint_and_ends_as_an_uninterrup
 }
 
 #[test]
-fn peft_export_uses_hugging_face_names_and_unpermutes_llama_queries() {
+fn peft_export_uses_hugging_face_names_and_unpermutes_llama_queries_and_reads_back() {
     let model = tiny_model(Architecture::Llama);
     let base = Base::load(&model).unwrap();
     let lora = Lora::new(&base, 4, 8.0, &[Target::Q, Target::Down], 4).unwrap();
@@ -260,7 +260,7 @@ fn peft_export_uses_hugging_face_names_and_unpermutes_llama_queries() {
         pair.b.set(&numbered.unsqueeze(1).unwrap().broadcast_as((rows, rank)).unwrap().contiguous().unwrap()).unwrap();
     }
     let dir = model.with_extension("peft");
-    lora.save_peft(&dir, &base).unwrap();
+    lora.save_peft(&dir, &base.config).unwrap();
     let config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap()).unwrap();
     assert_eq!(config["r"], 4);
@@ -275,6 +275,26 @@ fn peft_export_uses_hugging_face_names_and_unpermutes_llama_queries() {
     assert_eq!(rows[head_dim / 2], 1.0);
     let down_a = &tensors["base_model.model.model.layers.0.mlp.down_proj.lora_A.weight"];
     assert_eq!(down_a.dims(), &[4, FFN]);
+    // Read back, the matrices are the trainer's again (queries permuted back to GGUF's order),
+    // and from bf16 weights as PEFT often saves them, the same to bf16's precision.
+    let same = |a: &Lora, b: &Lora, tolerance: f32| {
+        assert_eq!((a.rank, a.alpha, a.pairs.len()), (b.rank, b.alpha, b.pairs.len()));
+        for (key, pair) in &a.pairs {
+            let other = &b.pairs[key];
+            for (x, y) in [(pair.a.as_tensor(), other.a.as_tensor()), (pair.b.as_tensor(), other.b.as_tensor())] {
+                let difference: f32 = (x - y).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+                assert!(
+                    difference <= tolerance * (1.0 + x.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap())
+                );
+            }
+        }
+    };
+    same(&lora, &Lora::load_peft(&dir, &base.config).unwrap(), 0.0);
+    let halved: std::collections::HashMap<String, Tensor> =
+        tensors.iter().map(|(k, v)| (k.clone(), v.to_dtype(candle_core::DType::BF16).unwrap())).collect();
+    candle_core::safetensors::save(&halved, dir.join("adapter_model.safetensors")).unwrap();
+    same(&lora, &Lora::load_peft(&dir, &base.config).unwrap(), 1.0 / 128.0);
+    Lora::check_file(&dir, Some(&model)).unwrap();
     let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::remove_file(&model);
 }

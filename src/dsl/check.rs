@@ -370,12 +370,16 @@ fn convert(ty: ValueType, literal: &Literal, at: Option<(&Sources, Span)>) -> Re
     match ty {
         ValueType::Text => string.map(|s| Value::Text(s.to_string())).ok_or_else(|| wrong_type(literal)),
         ValueType::Server => match string {
-            Some(s) if s == "spawn" || s.starts_with("http://") || s.starts_with("https://") => {
+            Some(s)
+                if s == "spawn"
+                    || s.split(',').all(|url| url.starts_with("http://") || url.starts_with("https://")) =>
+            {
                 Ok(Value::Text(s.to_string()))
             }
             Some(_) => Err(bad_value(
                 "not a server",
-                "give the server's base URL (`http://host:8080` or `…/v1`), or \"spawn\" to have seedflow start llama-server",
+                "give the server's base URL (`http://host:8080` or `…/v1`; several separated by commas), or \"spawn\" \
+                 to have seedflow start llama-server",
             )),
             None => Err(wrong_type(literal)),
         },
@@ -460,20 +464,29 @@ fn convert(ty: ValueType, literal: &Literal, at: Option<(&Sources, Span)>) -> Re
             let s = string.ok_or_else(|| wrong_type(literal))?;
             Ok(Value::Reference(s.to_string()))
         }
-        // A file name ends in `.gguf`; anything else names a step.
+        // A file name ends in `.gguf` and a PEFT directory's path has a `/`; anything else names
+        // a step.
         ValueType::Adapter => match string {
-            Some(s) if s.to_ascii_lowercase().ends_with(".gguf") => {
-                let file = convert(ValueType::File, literal, at)?;
+            Some(s) if s.to_ascii_lowercase().ends_with(".gguf") || s.contains('/') => {
+                let peft = at.and_then(|(sources, span)| match resolve(sources, span.file, s) {
+                    Some(Location::File(path)) if path.is_dir() => Some(Value::File(path)),
+                    _ => None,
+                });
+                let file = match peft {
+                    Some(dir) => dir,
+                    None => convert(ValueType::File, literal, at)?,
+                };
                 if let Value::File(path) = &file
                     && at.is_some()
                     && let Err(why) = crate::train::Lora::check_file(path, None)
                 {
                     return Err(ValueError {
                         code: Code::BadValue,
-                        message: Some(why),
+                        message: Some(why.to_string()),
                         label: "not a LoRA adapter".into(),
                         help: Some(
-                            "name a LoRA adapter in GGUF, such as the `adapter.gguf` a `finetune-lora` step writes"
+                            "name a LoRA adapter: a GGUF file, such as the `adapter.gguf` a `finetune-lora` step \
+                             writes, or a PEFT directory (`adapter_config.json`, `adapter_model.safetensors`)"
                                 .into(),
                         ),
                         offset: None,

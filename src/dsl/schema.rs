@@ -92,8 +92,8 @@ pub enum ValueType {
     Integers,
     /// The name of a step whose output is one of these artifacts.
     Input(&'static [Artifact]),
-    /// The name of a step producing an adapter, or a GGUF LoRA adapter file (`….gguf`): one
-    /// trained elsewhere, or by an earlier run (a CI artifact).
+    /// The name of a step producing an adapter, a GGUF LoRA adapter file (`….gguf`) or a PEFT
+    /// adapter directory: one trained elsewhere, or by an earlier run (a CI artifact).
     Adapter,
     /// The name of a `model` declaration.
     Model,
@@ -143,7 +143,7 @@ impl ValueType {
     pub fn describe(&self) -> String {
         match self {
             ValueType::Text => "a string".into(),
-            ValueType::Server => "an http:// or https:// URL, or \"spawn\"".into(),
+            ValueType::Server => "http:// or https:// URLs, comma-separated, or \"spawn\"".into(),
             ValueType::Integer { min, max: i64::MAX } => format!("an integer ≥ {}", thousands(*min)),
             ValueType::Integer { min, max } => format!("an integer from {} to {}", thousands(*min), thousands(*max)),
             ValueType::Number { min, max } if max.is_finite() => {
@@ -167,7 +167,10 @@ impl ValueType {
                 let nouns: Vec<_> = kinds.iter().map(|k| k.noun()).collect();
                 format!("the name of a step producing {}", nouns.join(" or "))
             }
-            ValueType::Adapter => "the name of a step producing an adapter, or a GGUF LoRA file (`….gguf`)".into(),
+            ValueType::Adapter => {
+                "the name of a step producing an adapter, a GGUF LoRA file (`….gguf`) or a PEFT directory (a path with a `/`)"
+                    .into()
+            }
             ValueType::Model => "the name of a `model`".into(),
             ValueType::File => "a file path".into(),
             ValueType::ModelFile => "a built-in model's name or a GGUF file path".into(),

@@ -17,7 +17,10 @@ use rayon::prelude::*;
 use super::chat::{chat_prompt, chat_template};
 use super::model::{Llama, Loaded, attach_adapter, backend, load_adapter, threads};
 use super::sampling::{sampleable, sampler, top_candidates};
-use super::{Generated, Generation, Inference, LlmError, MOST_PARALLEL, ModelSettings, Sampling, Timing, extract};
+use super::{
+    Cancelled, Generated, Generation, Inference, LlmError, MOST_PARALLEL, ModelSettings, Progress, Sampled, Sampling,
+    Timing, extract,
+};
 
 /// One sequence being sampled.
 struct Sequence {
@@ -71,12 +74,7 @@ impl Llama {
 }
 
 impl Inference for Llama {
-    fn generate(
-        &self,
-        work: &Generation<'_>,
-        cancelled: &dyn Fn() -> bool,
-        progress: &mut dyn FnMut(usize, &[Vec<Generated>]),
-    ) -> Result<(Vec<Vec<Generated>>, Timing), LlmError> {
+    fn generate(&self, work: &Generation<'_>, cancelled: &Cancelled, progress: &mut Progress) -> Sampled {
         let Generation { settings, adapter, requests, sampling } = *work;
         if requests.is_empty() {
             return Ok((vec![], Timing::default()));

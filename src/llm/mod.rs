@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 
 pub use chat::training_tokens;
 pub use model::Llama;
-pub use server::{Endpoint, Server, ServerError, ServerSettings};
+pub use server::{Endpoint, Fleet, Server, ServerError, ServerSettings};
 pub use spawned::Spawned;
 
 /// Most CPU threads llama.cpp takes (`GGML_MAX_N_THREADS`).
@@ -93,16 +93,16 @@ pub struct Timing {
 /// A backend that samples answers: [`Llama`] (llama.cpp in this process) or [`Server`] (a
 /// server speaking the OpenAI chat-completions API).
 pub trait Inference: Send + Sync {
-    /// Samples every request's seeds. `progress` hears each run of requests that finished, in
-    /// request order, with how many are done in all. Returns the samples by request, and where
-    /// the time went.
-    fn generate(
-        &self,
-        work: &Generation<'_>,
-        cancelled: &dyn Fn() -> bool,
-        progress: &mut dyn FnMut(usize, &[Vec<Generated>]),
-    ) -> Result<(Vec<Vec<Generated>>, Timing), LlmError>;
+    /// Samples every request's seeds.
+    fn generate(&self, work: &Generation<'_>, cancelled: &Cancelled, progress: &mut Progress) -> Sampled;
 }
+
+/// Whether the step was stopped (Ctrl-C, a failed write): generation ends as soon as it can.
+pub type Cancelled<'a> = dyn Fn() -> bool + 'a;
+/// Hears each run of requests that finished, in request order, with how many are done in all.
+pub type Progress<'a> = dyn FnMut(usize, &[Vec<Generated>]) + 'a;
+/// The samples by request, and where the time went.
+pub type Sampled = Result<(Vec<Vec<Generated>>, Timing), LlmError>;
 
 /// What to sample: the requests, with which model (and adapter) and how.
 #[derive(Debug, Clone, Copy)]

@@ -20,14 +20,14 @@ pub(super) struct Loaded {
 
 /// llama.cpp's backend, started once per process (it may be started only once).
 pub(super) fn backend() -> Result<&'static LlamaBackend, LlmError> {
-    static BACKEND: OnceLock<Result<LlamaBackend, String>> = OnceLock::new();
+    static BACKEND: OnceLock<Result<LlamaBackend, llama_cpp_2::LlamaCppError>> = OnceLock::new();
     BACKEND
         .get_or_init(|| {
             llama_cpp_2::send_logs_to_tracing(llama_cpp_2::LogOptions::default().with_logs_enabled(false));
-            LlamaBackend::init().map_err(|e| e.to_string())
+            LlamaBackend::init()
         })
         .as_ref()
-        .map_err(|e| LlmError::Start(e.clone()))
+        .map_err(|e| LlmError::Start(e.to_string()))
 }
 
 /// A loaded model's file and GPU layers.

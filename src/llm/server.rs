@@ -20,7 +20,9 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-use super::{Generated, Generation, Inference, LlmError, Request, Sampling, Timing, extract};
+use super::{
+    Cancelled, Generated, Generation, Inference, LlmError, Progress, Request, Sampled, Sampling, Timing, extract,
+};
 
 /// Tries of one request before its step fails: the first and three retries, 1, 2 and 4 s apart,
 /// on a connection that fails or an answer of 5xx or 429 (the server busy or restarting).
@@ -43,8 +45,9 @@ pub struct ServerSettings {
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Endpoint {
-    /// The API's base URL as the user wrote it (`http://host:8080` or `…/v1`).
-    Url(String),
+    /// The API's base URLs as the user wrote them (`http://host:8080` or `…/v1`): servers of
+    /// the same model, each sent `parallel` requests at a time.
+    Urls(Vec<String>),
     /// llama-server, this binary, started by seedflow on the model's file.
     Spawn(PathBuf),
 }
@@ -400,81 +403,103 @@ fn error_message(response: ureq::http::Response<ureq::Body>) -> String {
 }
 
 impl Inference for Server {
-    fn generate(
-        &self,
-        work: &Generation<'_>,
-        cancelled: &dyn Fn() -> bool,
-        progress: &mut dyn FnMut(usize, &[Vec<Generated>]),
-    ) -> Result<(Vec<Vec<Generated>>, Timing), LlmError> {
-        let start = Instant::now();
-        let stop = AtomicBool::new(false);
-        let model = self.served_model(&stop)?;
-        let adapter = self.adapter(work.adapter, &stop)?;
-        // Every sample is a job; `parallel` of them are in flight at once.
-        let jobs: Vec<(usize, usize)> =
-            work.requests.iter().enumerate().flat_map(|(r, req)| (0..req.seeds.len()).map(move |s| (r, s))).collect();
-        let next = AtomicUsize::new(0);
-        let mut slots: Vec<Vec<Option<Generated>>> = work.requests.iter().map(|r| vec![None; r.seeds.len()]).collect();
-        let mut done: Vec<Vec<Generated>> = Vec::with_capacity(work.requests.len());
-        let mut prompt_tokens = 0;
-        let mut failure = None;
-        let workers = (work.settings.parallel as usize).clamp(1, jobs.len().max(1));
-        std::thread::scope(|scope| {
-            let (sender, results) = mpsc::channel();
-            for _ in 0..workers {
+    fn generate(&self, work: &Generation<'_>, cancelled: &Cancelled, progress: &mut Progress) -> Sampled {
+        generate_on(std::slice::from_ref(self), work, cancelled, progress)
+    }
+}
+
+/// Servers of the same model: requests are spread over them, `parallel` in flight on each.
+pub struct Fleet {
+    servers: Vec<Server>,
+}
+
+impl Fleet {
+    pub fn new(urls: &[String], settings: &ServerSettings) -> Fleet {
+        Fleet { servers: urls.iter().map(|url| Server::new(url, settings.clone())).collect() }
+    }
+}
+
+impl Inference for Fleet {
+    fn generate(&self, work: &Generation<'_>, cancelled: &Cancelled, progress: &mut Progress) -> Sampled {
+        generate_on(&self.servers, work, cancelled, progress)
+    }
+}
+
+/// Samples `work` on `servers`: every sample is a job, and each server has `parallel` workers
+/// taking the next job, so a faster server takes more of them.
+fn generate_on(servers: &[Server], work: &Generation<'_>, cancelled: &Cancelled, progress: &mut Progress) -> Sampled {
+    let start = Instant::now();
+    let stop = AtomicBool::new(false);
+    // How each server names the model and the adapter, asked before any sample is sent.
+    let mut named = Vec::with_capacity(servers.len());
+    for server in servers {
+        named.push((server, server.served_model(&stop)?, server.adapter(work.adapter, &stop)?));
+    }
+    let jobs: Vec<(usize, usize)> =
+        work.requests.iter().enumerate().flat_map(|(r, req)| (0..req.seeds.len()).map(move |s| (r, s))).collect();
+    let next = AtomicUsize::new(0);
+    let mut slots: Vec<Vec<Option<Generated>>> = work.requests.iter().map(|r| vec![None; r.seeds.len()]).collect();
+    let mut done: Vec<Vec<Generated>> = Vec::with_capacity(work.requests.len());
+    let mut prompt_tokens = 0;
+    let mut failure = None;
+    let per_server = (work.settings.parallel as usize).clamp(1, jobs.len().max(1));
+    std::thread::scope(|scope| {
+        let (sender, results) = mpsc::channel();
+        for (server, model, adapter) in &named {
+            for _ in 0..per_server {
                 let sender = sender.clone();
-                let (jobs, next, stop, adapter, model) = (&jobs, &next, &stop, &adapter, &model);
+                let (jobs, next, stop) = (&jobs, &next, &stop);
                 scope.spawn(move || {
                     while !stop.load(Ordering::Relaxed) {
                         let Some(&(r, s)) = jobs.get(next.fetch_add(1, Ordering::Relaxed)) else { break };
                         let request = &work.requests[r];
-                        let body = self.body(model, adapter, request, request.seeds[s], work.sampling);
-                        if sender.send((r, s, self.sample(&body, work.sampling, stop))).is_err() {
+                        let body = server.body(model, adapter, request, request.seeds[s], work.sampling);
+                        if sender.send((r, s, server.sample(&body, work.sampling, stop))).is_err() {
                             break;
                         }
                     }
                 });
             }
-            drop(sender);
-            loop {
-                if cancelled() {
+        }
+        drop(sender);
+        loop {
+            if cancelled() {
+                stop.store(true, Ordering::Relaxed);
+            }
+            let (r, s, sample) = match results.recv_timeout(Duration::from_millis(100)) {
+                Ok(result) => result,
+                Err(mpsc::RecvTimeoutError::Timeout) => continue,
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            };
+            match sample {
+                Ok((generated, prompt)) => {
+                    prompt_tokens += prompt;
+                    slots[r][s] = Some(generated);
+                }
+                Err(error) => {
                     stop.store(true, Ordering::Relaxed);
-                }
-                let (r, s, sample) = match results.recv_timeout(Duration::from_millis(100)) {
-                    Ok(result) => result,
-                    Err(mpsc::RecvTimeoutError::Timeout) => continue,
-                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
-                };
-                match sample {
-                    Ok((generated, prompt)) => {
-                        prompt_tokens += prompt;
-                        slots[r][s] = Some(generated);
-                    }
-                    Err(error) => {
-                        stop.store(true, Ordering::Relaxed);
-                        failure.get_or_insert(error);
-                    }
-                }
-                // Requests finished in order are handed on, as the local backend does.
-                let before = done.len();
-                while done.len() < slots.len() && slots[done.len()].iter().all(Option::is_some) {
-                    let finished = std::mem::take(&mut slots[done.len()]).into_iter().flatten().collect();
-                    done.push(finished);
-                }
-                if done.len() > before {
-                    progress(done.len(), &done[before..]);
+                    failure.get_or_insert(error);
                 }
             }
-        });
-        if cancelled() {
-            return Err(LlmError::Interrupted);
+            // Requests finished in order are handed on, as the local backend does.
+            let before = done.len();
+            while done.len() < slots.len() && slots[done.len()].iter().all(Option::is_some) {
+                let finished = std::mem::take(&mut slots[done.len()]).into_iter().flatten().collect();
+                done.push(finished);
+            }
+            if done.len() > before {
+                progress(done.len(), &done[before..]);
+            }
         }
-        if let Some(error) = failure {
-            return Err(error.into());
-        }
-        let seconds = start.elapsed().as_secs_f64();
-        Ok((done, Timing { prompt_tokens, generation_seconds: seconds, decoding_seconds: seconds }))
+    });
+    if cancelled() {
+        return Err(LlmError::Interrupted);
     }
+    if let Some(error) = failure {
+        return Err(error.into());
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    Ok((done, Timing { prompt_tokens, generation_seconds: seconds, decoding_seconds: seconds }))
 }
 
 #[cfg(test)]
@@ -574,7 +599,7 @@ mod tests {
             batch: 512,
             parallel: 1,
             server: Some(ServerSettings {
-                endpoint: Endpoint::Url(url.to_string()),
+                endpoint: Endpoint::Urls(vec![url.to_string()]),
                 model: model.map(str::to_string),
                 api_key_env: "SEEDFLOW_TEST_NO_KEY".into(),
                 timeout,
@@ -589,7 +614,7 @@ mod tests {
         seeds: &[u64],
     ) -> Result<Vec<Generated>, LlmError> {
         let server = settings.server.clone().unwrap();
-        let Endpoint::Url(url) = server.endpoint.clone() else { unreachable!() };
+        let Endpoint::Urls(urls) = server.endpoint.clone() else { unreachable!() };
         let requests = [Request {
             examples: vec![("an example".into(), "its answer".into())],
             message: "the task".into(),
@@ -604,7 +629,7 @@ mod tests {
             stop_after_code,
         };
         let work = Generation { settings, adapter, requests: &requests, sampling: &sampling };
-        Server::new(&url, server).generate(&work, &|| false, &mut |_, _| {}).map(|(mut out, _)| out.remove(0))
+        Fleet::new(&urls, &server).generate(&work, &|| false, &mut |_, _| {}).map(|(mut out, _)| out.remove(0))
     }
 
     #[test]
@@ -640,6 +665,46 @@ mod tests {
         let generated = sample(&settings(&url, Some("m"), Duration::from_secs(5)), None, true, &[1]).unwrap();
         assert_eq!(generated[0].text, "```python\nx = 1\n```");
         assert_eq!(generated[0].tokens, 3);
+    }
+
+    #[test]
+    fn samples_are_spread_over_several_servers_in_request_order() {
+        let answers = || (0..4).map(|i| stream(&[("answer", -0.1 * f64::from(i + 1))], 5)).collect();
+        let ((first, asked_first), (second, asked_second)) = (fake(answers()), fake(answers()));
+        let mut settings = settings(&first, Some("m"), Duration::from_secs(5));
+        let urls = vec![first, second];
+        settings.server.as_mut().unwrap().endpoint = Endpoint::Urls(urls.clone());
+        let requests: Vec<Request> = (0..2)
+            .map(|r| Request { examples: vec![], message: format!("task {r}"), seeds: vec![2 * r, 2 * r + 1] })
+            .collect();
+        let sampling =
+            Sampling { temperature: 0.8, top_p: 0.95, top_k: 40, max_tokens: 8, stop: vec![], stop_after_code: false };
+        let work = Generation { settings: &settings, adapter: None, requests: &requests, sampling: &sampling };
+        let fleet = Fleet::new(&urls, settings.server.as_ref().unwrap());
+        let (mut heard, mut finished) = (vec![], 0);
+        let (samples, _) = fleet
+            .generate(&work, &|| false, &mut |done, group| {
+                heard.extend(group.iter().map(Vec::len));
+                finished = done;
+            })
+            .unwrap();
+        assert_eq!(samples.iter().map(Vec::len).collect::<Vec<_>>(), [2, 2]);
+        assert_eq!((heard, finished), (vec![2, 2], 2));
+        let (a, b) = (asked_first.lock().unwrap().len(), asked_second.lock().unwrap().len());
+        assert!(a >= 1 && b >= 1 && a + b == 4, "{a} and {b} of the 4 samples");
+        // Every sample drawn once, on one server or the other.
+        let seeds: Vec<u64> = [&asked_first, &asked_second]
+            .iter()
+            .flat_map(|asked| {
+                asked
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .map(|(_, b)| serde_json::from_str::<Value>(b).unwrap()["seed"].as_u64().unwrap())
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        assert_eq!(seeds.iter().collect::<HashSet<_>>().len(), 4);
     }
 
     #[test]

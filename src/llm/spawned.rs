@@ -11,7 +11,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use super::server::{Server, ServerSettings};
-use super::{Generated, Generation, Inference, LlmError, ModelSettings, Timing};
+use super::{Cancelled, Generation, Inference, LlmError, ModelSettings, Progress, Sampled};
 
 /// How long llama-server may take to load the model and answer `/health`.
 const START_TIMEOUT: Duration = Duration::from_secs(300);
@@ -112,12 +112,7 @@ fn gpu_layers(layers: i32) -> String {
 }
 
 impl Inference for Spawned {
-    fn generate(
-        &self,
-        work: &Generation<'_>,
-        cancelled: &dyn Fn() -> bool,
-        progress: &mut dyn FnMut(usize, &[Vec<Generated>]),
-    ) -> Result<(Vec<Vec<Generated>>, Timing), LlmError> {
+    fn generate(&self, work: &Generation<'_>, cancelled: &Cancelled, progress: &mut Progress) -> Sampled {
         let adapter = work.adapter.map(|(path, _)| path);
         let mut running = self.running.lock().map_err(|_| LlmError::Poisoned("llama-server"))?;
         // A server that exited (killed, out of memory) is started again.

@@ -1,12 +1,12 @@
 use crate::data::{Sample, Status, Task, Verdict};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::dsl::schema::{
     AdapterSource, Artifact, Input, KindSpec, ModelName, Param, Role, ValueType, optional, required, unset,
 };
 use crate::llm;
 use crate::nodes::context::{Context, Outcome, StepError};
-use crate::train::{self, Base, Example, Lora, StepRecord, Target};
+use crate::train::{self, Base, Config, Example, Lora, StepRecord, Target};
 
 /// Most epochs: a bound that catches a mistyped value before a training run that would not end.
 const MOST_EPOCHS: i64 = 10_000;
@@ -66,8 +66,8 @@ const DATA: Param<Input> = Param::new(required(
 const INIT: Param<Option<AdapterSource>> = Param::new(unset(
     "init",
     ValueType::Adapter,
-    "An adapter to continue training: a `finetune-lora` step (for example `prev.tune`) or a GGUF \
-     LoRA file (`….gguf`).",
+    "An adapter to continue training: a `finetune-lora` step (for example `prev.tune`), a GGUF \
+     LoRA file (`….gguf`) or a PEFT directory (a path with a `/`).",
 ));
 const HISTORY: Param<Option<Input>> = Param::new(unset(
     "history",
@@ -131,15 +131,37 @@ const TEMPLATE: Param<Option<PathBuf>> = Param::new(unset(
 /// The adapter file a `finetune-lora` step writes in its directory (what `adapter=` reads).
 pub const ADAPTER_FILE: &str = "adapter.gguf";
 
-/// The file an adapter property names: a GGUF LoRA file as given, or the [`ADAPTER_FILE`] of
-/// the `finetune-lora` step it names. `None` when unset, or when that step is `prev.` and this is
-/// a loop's first iteration.
+/// Where a step writes the PEFT export of its adapter, beside its [`ADAPTER_FILE`].
+pub const PEFT_DIR: &str = "peft";
+
+/// The GGUF file an adapter property names: a GGUF LoRA file as given, a PEFT directory
+/// converted into the step's directory, or the [`ADAPTER_FILE`] of the `finetune-lora` step it
+/// names.
 pub(super) fn adapter_file(ctx: &Context, param: &Param<Option<AdapterSource>>) -> Result<Option<PathBuf>, StepError> {
     Ok(match ctx.get(param)? {
         None => None,
+        Some(AdapterSource::File(path)) if path.is_dir() => Some(from_peft(ctx, &path)?),
         Some(AdapterSource::File(path)) => Some(path),
         Some(AdapterSource::Step) => ctx.inputs.get(param.name()).map(|step| step.dir.join(ADAPTER_FILE)),
     })
+}
+
+/// A PEFT adapter directory as llama.cpp reads adapters: in GGUF, written to `from-peft/` in the
+/// step's directory with a PEFT export beside it (what a vLLM server is given), as a
+/// `finetune-lora` step writes its own.
+fn from_peft(ctx: &Context, dir: &Path) -> Result<PathBuf, StepError> {
+    let (_, props) = ctx.model.as_ref().ok_or_else(|| StepError::Failed("the step names no model".into()))?;
+    let model = super::model::settings(props, &|m| ctx.message(m)).map_err(StepError::Failed)?;
+    let failed =
+        |e: candle_core::Error| StepError::Failed(format!("cannot use the PEFT adapter `{}`: {e}", dir.display()));
+    let config = Config::read(&model.path).map_err(failed)?;
+    let lora = Lora::load_peft(dir, &config).map_err(failed)?;
+    let converted = ctx.dir.join("from-peft");
+    std::fs::create_dir_all(&converted).map_err(StepError::from)?;
+    let file = converted.join(ADAPTER_FILE);
+    lora.save_gguf(&file, config.architecture).map_err(failed)?;
+    lora.save_peft(&converted.join(PEFT_DIR), &config).map_err(failed)?;
+    Ok(file)
 }
 
 /// What an interrupted training resumes from (see `train::train`); removed once it is done.
@@ -313,7 +335,7 @@ pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
         return Err(e.into());
     }
     lora.save_gguf(&ctx.dir.join(ADAPTER_FILE), base.config.architecture).map_err(failed)?;
-    lora.save_peft(&ctx.dir.join("peft"), &base).map_err(failed)?;
+    lora.save_peft(&ctx.dir.join(PEFT_DIR), &base.config).map_err(failed)?;
     writer.finish()?;
     // Not part of the output: the step's output hash covers every file in its directory.
     if checkpoint.exists() {

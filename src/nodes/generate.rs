@@ -17,9 +17,10 @@ pub const MODEL: Param<ModelName> = Param::new(required("model", ValueType::Mode
 pub const ADAPTER: Param<Option<AdapterSource>> = Param::new(unset(
     "adapter",
     ValueType::Adapter,
-    "A LoRA adapter to attach: a `finetune-lora` step (for example `prev.tune`) or a GGUF LoRA \
-     file (`….gguf`), such as one a CI run kept; `seedflow check` reads the file's header and \
-     checks that it fits the step's model.",
+    "A LoRA adapter to attach: a `finetune-lora` step (for example `prev.tune`), a GGUF LoRA \
+     file (`….gguf`) such as one a CI run kept, or a PEFT directory (a path with a `/`, such as \
+     `./my-adapter`) trained elsewhere; `seedflow check` reads the file headers and checks that \
+     the adapter fits the step's model.",
 ));
 pub const ADAPTER_SCALE: Param<f64> = Param::new(optional(
     "adapter-scale",

@@ -53,7 +53,9 @@ const SERVER: Param<Option<String>> = Param::new(unset(
     "The base URL of a server that serves the model through the OpenAI chat-completions API \
      (llama-server, vLLM, SGLang: `http://host:8080` or `…/v1`); `generate` and `revise` then \
      sample there, `parallel` requests at a time, and `path` is only what `finetune-lora` \
-     trains (the weights the server must serve). \"spawn\" starts llama-server on `path` \
+     trains (the weights the server must serve). Several URLs, comma-separated, spread the \
+     requests over as many servers of the same model, `parallel` at a time on each. \
+     \"spawn\" starts llama-server on `path` \
      (`seedflow fetch llama-server` builds it) and restarts it with each adapter a step asks \
      for. Unset: llama.cpp in this process.",
 ));
@@ -139,7 +141,7 @@ fn server(props: &Props, progress: &dyn Fn(&str)) -> Result<Option<ServerSetting
     let endpoint = if url == "spawn" {
         Endpoint::Spawn(assets::llama_server(progress).map_err(|e| e.to_string())?)
     } else {
-        Endpoint::Url(url)
+        Endpoint::Urls(url.split(',').map(str::to_string).collect())
     };
     Ok(Some(ServerSettings {
         endpoint,

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use crate::llm::{Endpoint, Inference, Llama, ModelSettings, Server, Spawned};
+use crate::llm::{Endpoint, Fleet, Inference, Llama, ModelSettings, Spawned};
 use crate::sandbox::Sandbox;
 
 #[derive(Default)]
@@ -31,7 +31,7 @@ impl Resources {
         if let Some(server) = &settings.server {
             let mut servers = self.servers.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             let backend = servers.entry(model.to_string()).or_insert_with(|| match &server.endpoint {
-                Endpoint::Url(url) => Arc::new(Server::new(url, server.clone())),
+                Endpoint::Urls(urls) => Arc::new(Fleet::new(urls, server)),
                 Endpoint::Spawn(binary) => Arc::new(Spawned::new(binary.clone(), settings.clone(), server.clone())),
             });
             return backend.clone();

@@ -447,7 +447,7 @@ impl<'a> Scope<'a> {
                     let Some(model) = self.model_file(declaration) else { continue };
                     if let Err(why) = crate::train::Lora::check_file(adapter, Some(&model)) {
                         problems
-                            .at(sources, Code::BadValue, span, why, "does not fit the step's model")
+                            .at(sources, Code::BadValue, span, why.to_string(), "does not fit the step's model")
                             .help("an adapter works with the model it was trained on only");
                     }
                 }

@@ -75,6 +75,17 @@ pub fn file_identity(path: &Path) -> std::io::Result<String> {
         return Ok(sha256_hex(text.as_bytes()));
     }
     let metadata = std::fs::metadata(path)?;
+    if metadata.is_dir() {
+        // A directory (a PEFT adapter): its files' identities, by name.
+        let mut names: Vec<_> = std::fs::read_dir(path)?.filter_map(|e| e.ok()).map(|e| e.path()).collect();
+        names.sort();
+        let mut identities = String::new();
+        for file in names.iter().filter(|p| p.is_file()) {
+            let name = file.file_name().unwrap_or_default().to_string_lossy();
+            identities += &format!("{name} {}\n", file_identity(file)?);
+        }
+        return Ok(sha256_hex(identities.as_bytes()));
+    }
     if metadata.len() > 64 << 20 {
         let modified = metadata.modified()?.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
         return Ok(format!("size {} modified {}", metadata.len(), modified.as_secs()));

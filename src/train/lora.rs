@@ -4,14 +4,14 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::Cursor;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
-use candle_core::{Device, Result, Tensor, Var};
+use candle_core::{DType, Device, Result, Tensor, Var};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::model::{Architecture, Base};
+use super::model::{Architecture, Base, Config};
 use crate::store::write_atomic;
 
 crate::choice! {
@@ -58,6 +58,21 @@ pub struct Lora {
     pub rank: usize,
     pub alpha: f32,
     pub pairs: BTreeMap<(usize, Target), Pair>,
+}
+
+/// Why a GGUF file cannot be used as an adapter (for a given model).
+#[derive(Debug, thiserror::Error)]
+pub enum AdapterFileError {
+    #[error("`{}` is not a readable GGUF {what}: {why}", path.display())]
+    Unreadable { path: PathBuf, what: &'static str, why: String },
+    #[error("`{}` is a GGUF file but not a LoRA adapter", .0.display())]
+    NotLora(PathBuf),
+    #[error("the adapter was made for a `{made_for}` model, and `{}` is a `{architecture}` one", model.display())]
+    Architecture { made_for: String, architecture: String, model: PathBuf },
+    #[error("`{}` is an adapter seedflow cannot apply: {what}", path.display())]
+    Unsupported { path: PathBuf, what: String },
+    #[error("the adapter's `{tensor}` does not fit `{}`", model.display())]
+    Shape { tensor: String, model: PathBuf },
 }
 
 fn bad(message: String) -> candle_core::Error {
@@ -112,34 +127,55 @@ impl Lora {
         targets
     }
 
-    /// Checks that `path` is a GGUF LoRA adapter and, given the model it is for, that it was made
-    /// for that model: the same architecture, and every matrix pair the shape of the projection
-    /// it adapts. Reads the files' headers only.
-    pub fn check_file(path: &Path, model: Option<&Path>) -> std::result::Result<(), String> {
-        let header = |path: &Path, what: &str| {
-            let mut file = File::open(path).map_err(|e| format!("cannot open `{}`: {e}", path.display()))?;
-            gguf_file::Content::read(&mut file).map_err(|e| format!("`{}` is not a GGUF {what}: {e}", path.display()))
+    /// Checks that `path` is a LoRA adapter — a GGUF file, or a PEFT directory — and, given the
+    /// model it is for, that it was made for that model: the same architecture (GGUF adapters
+    /// name theirs), and every matrix pair the shape of the projection it adapts. Reads the
+    /// files' headers only.
+    pub fn check_file(path: &Path, model: Option<&Path>) -> std::result::Result<(), AdapterFileError> {
+        let header = |path: &Path, what: &'static str| {
+            let unreadable = |why: String| AdapterFileError::Unreadable { path: path.to_path_buf(), what, why };
+            let mut file = File::open(path).map_err(|e| unreadable(e.to_string()))?;
+            gguf_file::Content::read(&mut file).map_err(|e| unreadable(e.to_string()))
         };
         let text = |content: &gguf_file::Content, key: &str| {
             content.metadata.get(key).and_then(|v| v.to_string().ok()).cloned().unwrap_or_default()
         };
-        let adapter = header(path, "adapter")?;
-        if text(&adapter, "general.type") != "adapter" || text(&adapter, "adapter.type") != "lora" {
-            return Err(format!("`{}` is a GGUF file but not a LoRA adapter", path.display()));
+        // Each adapted weight's GGUF name with its A (rank, in) and B (out, rank) shapes.
+        let mut shapes: Vec<(String, Vec<usize>, Option<Vec<usize>>)> = Vec::new();
+        let mut made_for = None;
+        if path.is_dir() {
+            PeftConfig::read(path)?;
+            let weights = path.join(PEFT_WEIGHTS);
+            let tensors = safetensors_shapes(&weights).map_err(|e| AdapterFileError::Unreadable {
+                path: weights,
+                what: "PEFT adapter",
+                why: e.to_string(),
+            })?;
+            for (name, a) in &tensors {
+                let Some((layer, target)) = peft_module(name, ".lora_A.weight") else { continue };
+                let b = tensors.get(&name.replace(".lora_A.weight", ".lora_B.weight")).cloned();
+                shapes.push((format!("blk.{layer}.{}.weight", target.gguf()), a.clone(), b));
+            }
+        } else {
+            let adapter = header(path, "adapter")?;
+            if text(&adapter, "general.type") != "adapter" || text(&adapter, "adapter.type") != "lora" {
+                return Err(AdapterFileError::NotLora(path.to_path_buf()));
+            }
+            made_for = Some(text(&adapter, "general.architecture"));
+            for (name, a) in adapter.tensor_infos.iter().filter_map(|(n, i)| Some((n.strip_suffix(".lora_a")?, i))) {
+                let b = adapter.tensor_infos.get(&format!("{name}.lora_b")).map(|b| b.shape.dims().to_vec());
+                shapes.push((name.to_string(), a.shape.dims().to_vec(), b));
+            }
         }
         let Some(model_path) = model else { return Ok(()) };
         let model = header(model_path, "model")?;
-        let (made_for, architecture) = (text(&adapter, "general.architecture"), text(&model, "general.architecture"));
-        if made_for != architecture {
-            return Err(format!(
-                "the adapter was made for a `{made_for}` model, and `{}` is a `{architecture}` one",
-                model_path.display()
-            ));
+        let architecture = text(&model, "general.architecture");
+        if let Some(made_for) = made_for.filter(|made_for| *made_for != architecture) {
+            return Err(AdapterFileError::Architecture { made_for, architecture, model: model_path.to_path_buf() });
         }
-        for (name, a) in adapter.tensor_infos.iter().filter_map(|(n, i)| Some((n.strip_suffix(".lora_a")?, i))) {
-            let b = adapter.tensor_infos.get(&format!("{name}.lora_b"));
-            let weight = model.tensor_infos.get(name);
-            let fits = match (a.shape.dims(), b.map(|b| b.shape.dims()), weight.map(|w| w.shape.dims())) {
+        for (name, a, b) in shapes {
+            let weight = model.tensor_infos.get(&name).map(|w| w.shape.dims());
+            let fits = match (a.as_slice(), b.as_deref(), weight) {
                 // (rank, in), (out, rank), (out, in)
                 ([rank, inputs], Some([outputs, rank_b]), Some([out, into])) => {
                     rank == rank_b && inputs == into && outputs == out
@@ -147,7 +183,7 @@ impl Lora {
                 _ => false,
             };
             if !fits {
-                return Err(format!("the adapter's `{name}` does not fit `{}`", model_path.display()));
+                return Err(AdapterFileError::Shape { tensor: name, model: model_path.to_path_buf() });
             }
         }
         Ok(())
@@ -188,6 +224,26 @@ impl Lora {
         Ok(Lora { rank, alpha, pairs })
     }
 
+    /// Reads a PEFT LoRA directory (`adapter_config.json`, `adapter_model.safetensors`; f32, f16
+    /// or bf16) for a model of `config`, as [`Lora::save_peft`] or PEFT itself writes it.
+    pub fn load_peft(dir: &Path, config: &Config) -> Result<Lora> {
+        let settings = PeftConfig::read(dir).map_err(|e| bad(e.to_string()))?;
+        let tensors = candle_core::safetensors::load(dir.join(PEFT_WEIGHTS), &Device::Cpu)?;
+        let mut pairs = BTreeMap::new();
+        for (name, a) in &tensors {
+            let Some((layer, target)) = peft_module(name, ".lora_A.weight") else { continue };
+            let b_name = name.replace(".lora_A.weight", ".lora_B.weight");
+            let b = tensors.get(&b_name).ok_or_else(|| bad(format!("the adapter has `{name}` but no `{b_name}`")))?;
+            let a = a.to_dtype(DType::F32)?;
+            let b = rope_rows(&b.to_dtype(DType::F32)?, config, target, Direction::ToGguf)?;
+            pairs.insert((layer, target), Pair { a: Var::from_tensor(&a)?, b: Var::from_tensor(&b)? });
+        }
+        if pairs.is_empty() {
+            return Err(bad(format!("`{}` holds no LoRA matrices of a qwen2 or llama layer", dir.display())));
+        }
+        Ok(Lora { rank: settings.rank, alpha: settings.alpha, pairs })
+    }
+
     /// llama.cpp's GGUF LoRA format: `blk.N.<weight>.lora_a` with ggml dims [n_in, rank] and
     /// `.lora_b` [rank, n_out] — candle's (rank, n_in) and (n_out, rank), as stored here.
     pub fn save_gguf(&self, path: &Path, architecture: Architecture) -> Result<()> {
@@ -211,30 +267,19 @@ impl Lora {
     }
 
     /// A PEFT adapter directory: `adapter_config.json` and `adapter_model.safetensors` with the
-    /// Hugging Face module names. llama's GGUF stores q and k rows permuted for its rope layout;
-    /// their B matrices are permuted back.
-    pub fn save_peft(&self, dir: &Path, base: &Base) -> Result<()> {
-        let config = &base.config;
+    /// Hugging Face module names.
+    pub fn save_peft(&self, dir: &Path, config: &Config) -> Result<()> {
         let io = |e: std::io::Error| bad(format!("cannot write `{}`: {e}", dir.display()));
         std::fs::create_dir_all(dir).map_err(io)?;
         let mut tensors: HashMap<String, Tensor> = HashMap::new();
         for (&(layer, target), pair) in &self.pairs {
-            let mut b = pair.b.as_tensor().clone();
-            if config.architecture == Architecture::Llama && matches!(target, Target::Q | Target::K) {
-                let heads = if target == Target::Q { config.heads } else { config.kv_heads };
-                let (n_out, rank) = b.dims2()?;
-                b = b
-                    .reshape((heads, config.head_dim / 2, 2, rank))?
-                    .transpose(1, 2)?
-                    .contiguous()?
-                    .reshape((n_out, rank))?;
-            }
+            let b = rope_rows(pair.b.as_tensor(), config, target, Direction::ToHuggingFace)?;
             let module = format!("base_model.model.model.layers.{layer}.{}", target.peft());
             tensors.insert(format!("{module}.lora_A.weight"), pair.a.as_tensor().clone());
             tensors.insert(format!("{module}.lora_B.weight"), b);
         }
         let bytes = safetensors::serialize(&tensors, None).map_err(|e| bad(e.to_string()))?;
-        write_atomic(&dir.join("adapter_model.safetensors"), &bytes).map_err(io)?;
+        write_atomic(&dir.join(PEFT_WEIGHTS), &bytes).map_err(io)?;
         let modules: Vec<String> =
             self.targets().iter().map(|t| t.peft().rsplit('.').next().unwrap_or_default().to_string()).collect();
         let adapter_config = serde_json::json!({
@@ -252,6 +297,96 @@ impl Lora {
             "use_dora": false,
         });
         let text = serde_json::to_string_pretty(&adapter_config).map_err(|e| bad(e.to_string()))?;
-        write_atomic(&dir.join("adapter_config.json"), text.as_bytes()).map_err(io)
+        write_atomic(&dir.join(PEFT_CONFIG), text.as_bytes()).map_err(io)
     }
+}
+
+/// The files of a PEFT adapter directory.
+const PEFT_CONFIG: &str = "adapter_config.json";
+const PEFT_WEIGHTS: &str = "adapter_model.safetensors";
+
+/// What seedflow reads of a PEFT `adapter_config.json`.
+struct PeftConfig {
+    rank: usize,
+    /// As llama.cpp scales (alpha / rank): rsLoRA's alpha / sqrt(rank) folded in.
+    alpha: f32,
+}
+
+impl PeftConfig {
+    fn read(dir: &Path) -> std::result::Result<PeftConfig, AdapterFileError> {
+        let path = dir.join(PEFT_CONFIG);
+        let unreadable = |why: String| AdapterFileError::Unreadable { path: path.clone(), what: "PEFT adapter", why };
+        let text = std::fs::read_to_string(&path).map_err(|e| unreadable(e.to_string()))?;
+        let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| unreadable(e.to_string()))?;
+        let unsupported = |what: &str| AdapterFileError::Unsupported { path: path.clone(), what: what.to_string() };
+        if json["peft_type"].as_str() != Some("LORA") {
+            return Err(unsupported("an adapter other than LoRA (`peft_type` is not \"LORA\")"));
+        }
+        if json["use_dora"].as_bool() == Some(true) {
+            return Err(unsupported("DoRA (`use_dora`)"));
+        }
+        if json["fan_in_fan_out"].as_bool() == Some(true) {
+            return Err(unsupported("transposed matrices (`fan_in_fan_out`)"));
+        }
+        if json["modules_to_save"].as_array().is_some_and(|m| !m.is_empty()) {
+            return Err(unsupported("fully trained modules besides LoRA's (`modules_to_save`)"));
+        }
+        let rank = json["r"].as_u64().filter(|r| *r > 0).ok_or_else(|| unreadable("no rank `r`".into()))? as usize;
+        let alpha = json["lora_alpha"].as_f64().unwrap_or(rank as f64);
+        let alpha = if json["use_rslora"].as_bool() == Some(true) { alpha * (rank as f64).sqrt() } else { alpha };
+        Ok(PeftConfig { rank, alpha: alpha as f32 })
+    }
+}
+
+/// The layer and projection of a PEFT tensor name (`…layers.N.self_attn.q_proj<suffix>`).
+fn peft_module(name: &str, suffix: &str) -> Option<(usize, Target)> {
+    let module = name.strip_suffix(suffix)?;
+    let (_, after) = module.rsplit_once("layers.")?;
+    let (layer, path) = after.split_once('.')?;
+    Some((layer.parse().ok()?, Target::all().into_iter().find(|t| t.peft() == path)?))
+}
+
+enum Direction {
+    ToGguf,
+    ToHuggingFace,
+}
+
+/// llama's GGUF stores the q and k projections' rows permuted for llama.cpp's rope layout
+/// (each head's two halves interleaved); a B matrix of those projections moves between the
+/// layouts as the weights do. Other projections and architectures are the same in both.
+fn rope_rows(b: &Tensor, config: &Config, target: Target, direction: Direction) -> Result<Tensor> {
+    if config.architecture != Architecture::Llama || !matches!(target, Target::Q | Target::K) {
+        return Ok(b.clone());
+    }
+    let heads = if target == Target::Q { config.heads } else { config.kv_heads };
+    let (n_out, rank) = b.dims2()?;
+    let split = match direction {
+        Direction::ToHuggingFace => (heads, config.head_dim / 2, 2, rank),
+        Direction::ToGguf => (heads, 2, config.head_dim / 2, rank),
+    };
+    b.reshape(split)?.transpose(1, 2)?.contiguous()?.reshape((n_out, rank))
+}
+
+/// The shapes of a safetensors file's tensors, from its header alone (an 8-byte length, then
+/// JSON).
+fn safetensors_shapes(path: &Path) -> std::io::Result<HashMap<String, Vec<usize>>> {
+    use std::io::Read;
+    let mut file = File::open(path)?;
+    let mut length = [0u8; 8];
+    file.read_exact(&mut length)?;
+    let length = u64::from_le_bytes(length);
+    if length > 100 << 20 {
+        return Err(std::io::Error::other("not a safetensors file (its header length is implausible)"));
+    }
+    let mut header = vec![0u8; length as usize];
+    file.read_exact(&mut header)?;
+    let header: HashMap<String, serde_json::Value> = serde_json::from_slice(&header)?;
+    Ok(header
+        .into_iter()
+        .filter_map(|(name, info)| {
+            let shape =
+                info["shape"].as_array()?.iter().map(|d| d.as_u64().map(|d| d as usize)).collect::<Option<_>>()?;
+            Some((name, shape))
+        })
+        .collect())
 }

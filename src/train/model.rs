@@ -42,6 +42,50 @@ pub struct Config {
     pub rope_base: f32,
 }
 
+impl Config {
+    /// A GGUF model's configuration, from its header alone.
+    pub fn read(path: &Path) -> Result<Config> {
+        let mut file = File::open(path).map_err(|e| bad(format!("cannot open `{}`: {e}", path.display())))?;
+        let content = gguf_file::Content::read(&mut file)
+            .map_err(|e| bad(format!("`{}` is not a GGUF model: {e}", path.display())))?;
+        Config::of(&content, path)
+    }
+
+    fn of(content: &gguf_file::Content, path: &Path) -> Result<Config> {
+        let meta = |key: &str| content.metadata.get(key);
+        let architecture = match meta("general.architecture").and_then(|v| v.to_string().ok()).map(String::as_str) {
+            Some("qwen2") => Architecture::Qwen2,
+            Some("llama") => Architecture::Llama,
+            other => {
+                return Err(bad(format!(
+                    "`{}` is a `{}` model; `finetune-lora` trains `qwen2` and `llama` models: point the `model` at one of those",
+                    path.display(),
+                    other.unwrap_or("unknown")
+                )));
+            }
+        };
+        let arch = architecture.name();
+        let number = |key: &str| -> Result<usize> {
+            let key = format!("{arch}.{key}");
+            meta(&key).ok_or_else(|| bad(format!("the model has no `{key}`")))?.to_u32().map(|v| v as usize)
+        };
+        let float =
+            |key: &str, default: f32| meta(&format!("{arch}.{key}")).and_then(|v| v.to_f32().ok()).unwrap_or(default);
+        let (embedding, heads) = (number("embedding_length")?, number("attention.head_count")?);
+        Ok(Config {
+            architecture,
+            name: meta("general.name").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default(),
+            layers: number("block_count")?,
+            embedding,
+            heads,
+            kv_heads: number("attention.head_count_kv").unwrap_or(heads),
+            head_dim: number("attention.key_length").unwrap_or(embedding / heads),
+            rms_eps: f64::from(float("attention.layer_norm_rms_epsilon", 1e-6)),
+            rope_base: float("rope.freq_base", 10_000.0),
+        })
+    }
+}
+
 /// A projection's frozen weight (n_out, n_in) and bias.
 pub struct Projection {
     pub weight: Tensor,
@@ -104,37 +148,7 @@ impl Base {
         let mut file = File::open(path).map_err(|e| bad(format!("cannot open `{}`: {e}", path.display())))?;
         let content = gguf_file::Content::read(&mut file)
             .map_err(|e| bad(format!("`{}` is not a GGUF model: {e}", path.display())))?;
-        let meta = |key: &str| content.metadata.get(key);
-        let architecture = match meta("general.architecture").and_then(|v| v.to_string().ok()).map(String::as_str) {
-            Some("qwen2") => Architecture::Qwen2,
-            Some("llama") => Architecture::Llama,
-            other => {
-                return Err(bad(format!(
-                    "`{}` is a `{}` model; `finetune-lora` trains `qwen2` and `llama` models: point the `model` at one of those",
-                    path.display(),
-                    other.unwrap_or("unknown")
-                )));
-            }
-        };
-        let arch = architecture.name();
-        let number = |key: &str| -> Result<usize> {
-            let key = format!("{arch}.{key}");
-            meta(&key).ok_or_else(|| bad(format!("the model has no `{key}`")))?.to_u32().map(|v| v as usize)
-        };
-        let float =
-            |key: &str, default: f32| meta(&format!("{arch}.{key}")).and_then(|v| v.to_f32().ok()).unwrap_or(default);
-        let (embedding, heads) = (number("embedding_length")?, number("attention.head_count")?);
-        let config = Config {
-            architecture,
-            name: meta("general.name").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default(),
-            layers: number("block_count")?,
-            embedding,
-            heads,
-            kv_heads: number("attention.head_count_kv").unwrap_or(heads),
-            head_dim: number("attention.key_length").unwrap_or(embedding / heads),
-            rms_eps: f64::from(float("attention.layer_norm_rms_epsilon", 1e-6)),
-            rope_base: float("rope.freq_base", 10_000.0),
-        };
+        let config = Config::of(&content, path)?;
         let mut reader = Reader { content: &content, file: &mut file };
         let embedding_weights = reader.required("token_embd.weight")?;
         let mut layers = Vec::with_capacity(config.layers);

@@ -89,7 +89,7 @@ pub fn mbpp(ids: &[&str]) -> Vec<Task> {
 /// A random rank-4 LoRA on the query projections of a Qwen2 model `width` wide with 24 layers
 /// (the default model's shape at 896), written by the trainer's exporter; its values (±0.5) are
 /// large enough to move the model's output.
-pub fn random_adapter(path: &std::path::Path, width: usize) {
+pub fn random_adapter(path: &std::path::Path, width: usize) -> seedflow::train::Lora {
     use candle_core::{Device, Tensor, Var};
     use seedflow::train::{Architecture, Lora, Pair, Target};
     let random = |rows: usize, cols: usize| {
@@ -100,4 +100,5 @@ pub fn random_adapter(path: &std::path::Path, width: usize) {
         lora.pairs.insert((layer, Target::Q), Pair { a: random(4, width), b: random(width, 4) });
     }
     lora.save_gguf(path, Architecture::Qwen2).unwrap();
+    lora
 }
