@@ -298,3 +298,195 @@ fn peft_export_uses_hugging_face_names_and_unpermutes_llama_queries_and_reads_ba
     let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::remove_file(&model);
 }
+
+/// The tiny GGUF model's tensors as a Hugging Face directory would hold them: Hugging Face names,
+/// llama's q and k rows in Hugging Face's order (undoing llama.cpp's converter), `config.json`.
+fn as_hugging_face(model: &Path, architecture: Architecture, dtype: candle_core::DType) -> PathBuf {
+    let mut file = std::fs::File::open(model).unwrap();
+    let content = gguf_file::Content::read(&mut file).unwrap();
+    let head_dim = WIDTH / HEADS;
+    let mut tensors = std::collections::HashMap::new();
+    for name in content.tensor_infos.keys() {
+        let mut tensor = content.tensor(&mut file, name, &Device::Cpu).unwrap().dequantize(&Device::Cpu).unwrap();
+        let heads = if name.contains("attn_q") { HEADS } else { KV_HEADS };
+        if architecture == Architecture::Llama && (name.contains("attn_q") || name.contains("attn_k")) {
+            let (rows, columns) = tensor.dims2().unwrap();
+            tensor = tensor
+                .reshape((heads, head_dim / 2, 2, columns))
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .contiguous()
+                .unwrap()
+                .reshape((rows, columns))
+                .unwrap();
+        }
+        let hf = match name.as_str() {
+            "token_embd.weight" => "model.embed_tokens.weight".to_string(),
+            "output_norm.weight" => "model.norm.weight".to_string(),
+            "output.weight" => "lm_head.weight".to_string(),
+            _ => {
+                let (layer, rest) = name.strip_prefix("blk.").unwrap().split_once('.').unwrap();
+                let (module, kind) = rest.rsplit_once('.').unwrap();
+                let module = match module {
+                    "attn_norm" => "input_layernorm",
+                    "ffn_norm" => "post_attention_layernorm",
+                    "attn_q" => "self_attn.q_proj",
+                    "attn_k" => "self_attn.k_proj",
+                    "attn_v" => "self_attn.v_proj",
+                    "attn_output" => "self_attn.o_proj",
+                    "ffn_gate" => "mlp.gate_proj",
+                    "ffn_up" => "mlp.up_proj",
+                    "ffn_down" => "mlp.down_proj",
+                    other => panic!("unexpected tensor {other}"),
+                };
+                format!("model.layers.{layer}.{module}.{kind}")
+            }
+        };
+        tensors.insert(hf, tensor.to_dtype(dtype).unwrap());
+    }
+    let dir = model.with_extension(format!("hf-{dtype:?}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
+    let config = serde_json::json!({
+        "model_type": architecture.name(),
+        "hidden_size": WIDTH,
+        "num_hidden_layers": LAYERS,
+        "num_attention_heads": HEADS,
+        "num_key_value_heads": KV_HEADS,
+        "intermediate_size": FFN,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "rope_scaling": null,
+        "vocab_size": VOCAB,
+        "tie_word_embeddings": architecture == Architecture::Qwen2,
+    });
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    dir
+}
+
+/// The largest difference between two models' logits over a sequence, relative to the largest
+/// logit.
+fn logits_difference(a: &Base, b: &Base) -> f32 {
+    let sequence = tokens(40, 2);
+    let positions: Vec<u32> = (0..sequence.len() as u32).collect();
+    let logits = |base: &Base| base.forward(&sequence, &positions, None, None).unwrap().flatten_all().unwrap();
+    let largest = |t: candle_core::Tensor| t.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    largest((logits(a) - logits(b)).unwrap()) / largest(logits(a))
+}
+
+#[test]
+fn a_hugging_face_directory_trains_as_its_gguf_conversion_does() {
+    for architecture in [Architecture::Qwen2, Architecture::Llama] {
+        let model = tiny_model(architecture);
+        let gguf = Base::load(&model).unwrap();
+        let directory = as_hugging_face(&model, architecture, candle_core::DType::F32);
+        let hf = Base::load(&directory).unwrap();
+        assert_eq!(logits_difference(&gguf, &hf), 0.0, "{architecture:?}: the same logits from both forms");
+        // The same loss, step after step, and the same adapter.
+        let run = |base: &Base| {
+            let lora = Lora::new(base, 4, 8.0, &Target::all(), 3).unwrap();
+            let records =
+                train::train(base, &lora, &examples(), &settings_for(1, 0.01), None, &|| false, &mut |_, _| {})
+                    .unwrap();
+            (records.iter().map(|r| r.loss).collect::<Vec<_>>(), lora)
+        };
+        let ((gguf_losses, _), (hf_losses, hf_lora)) = (run(&gguf), run(&hf));
+        assert_eq!(gguf_losses, hf_losses, "{architecture:?}");
+        // Its PEFT export fits the directory it was trained on.
+        hf_lora.save_peft(&directory.join("adapter"), &hf.config).unwrap();
+        Lora::check_file(&directory.join("adapter"), Some(&directory)).unwrap();
+        // bf16 weights, as Hugging Face models are usually saved, read to bf16's precision.
+        let halved = as_hugging_face(&model, architecture, candle_core::DType::BF16);
+        let difference = logits_difference(&gguf, &Base::load(&halved).unwrap());
+        assert!(difference > 0.0 && difference < 0.05, "{architecture:?}: bf16 logits differ by {difference}");
+        for dir in [&directory, &halved] {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+        let _ = std::fs::remove_file(&model);
+    }
+}
+
+#[test]
+fn a_hugging_face_directory_s_training_text_is_its_jinja_chat_template_and_tokenizer() {
+    // Qwen2.5-Coder's own Jinja template (the GGUF keeps a copy), which adds a default system
+    // turn; a word-level tokenizer whose ids are easy to follow.
+    let qwen = seedflow::assets::ensure(&seedflow::assets::DEFAULT_MODEL, &|m| eprintln!("{m}")).unwrap();
+    let mut file = std::fs::File::open(&qwen).unwrap();
+    let content = gguf_file::Content::read(&mut file).unwrap();
+    let template = content.metadata["tokenizer.chat_template"].to_string().unwrap().clone();
+    let words = "<|im_start|> <|im_end|> system You are Qwen , created by Alibaba Cloud . a helpful assistant user \
+                 Write the function f def ( ) : return 1 [UNK]";
+    let dir = std::env::temp_dir().join(format!("seedflow-hf-tokenizer-{}", std::process::id()));
+    let vocabulary = word_tokenizer(&dir, words, &template);
+
+    let pairs = [("Write the function f".to_string(), "def f ( ) : return 1".to_string())];
+    let sequences = seedflow::llm::training_tokens(&settings(&dir), &pairs).unwrap();
+    let id = |w: &str| vocabulary[w].as_u64().unwrap() as u32;
+    let ids = |text: &str| text.split(' ').map(id).collect::<Vec<_>>();
+    let prompt = ids("<|im_start|> system You are Qwen , created by Alibaba Cloud . You are a helpful assistant . \
+                      <|im_end|> <|im_start|> user Write the function f <|im_end|> <|im_start|> assistant");
+    let (tokens, start) = &sequences[0];
+    assert_eq!(&tokens[..*start], prompt.as_slice(), "the prompt as Hugging Face renders it");
+    assert_eq!(&tokens[*start..], [ids("def f ( ) : return 1"), vec![id("<|im_end|>")]].concat().as_slice());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A word-level `tokenizer.json` of `words` (the first two the chat's special tokens) and a
+/// `tokenizer_config.json` with the chat `template`, in `dir`; returns the vocabulary.
+fn word_tokenizer(dir: &Path, words: &str, template: &str) -> serde_json::Map<String, serde_json::Value> {
+    let vocabulary: serde_json::Map<String, serde_json::Value> =
+        words.split(' ').filter(|w| !w.is_empty()).enumerate().map(|(i, w)| (w.to_string(), i.into())).collect();
+    let special = |id: usize, content: &str| {
+        serde_json::json!({"id": id, "content": content, "single_word": false, "lstrip": false, "rstrip": false,
+                           "normalized": false, "special": true})
+    };
+    let tokenizer = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null,
+        "added_tokens": [special(0, "<|im_start|>"), special(1, "<|im_end|>")],
+        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null, "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocabulary, "unk_token": "[UNK]"},
+    });
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("tokenizer.json"), tokenizer.to_string()).unwrap();
+    let config = serde_json::json!({"eos_token": "<|im_end|>", "chat_template": template});
+    std::fs::write(dir.join("tokenizer_config.json"), config.to_string()).unwrap();
+    vocabulary
+}
+
+/// ChatML, as Jinja.
+const CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] \
+                      + '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+
+#[test]
+fn a_workflow_trains_on_a_hugging_face_directory_and_says_why_it_cannot_sample_from_one_in_process() {
+    let model = tiny_model(Architecture::Qwen2);
+    let directory = as_hugging_face(&model, Architecture::Qwen2, candle_core::DType::BF16);
+    word_tokenizer(&directory, "<|im_start|> <|im_end|> user assistant def return [UNK]", CHATML);
+    let work = tempfile::tempdir().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    std::fs::copy(root.join("examples/data/house-api.jsonl"), work.path().join("tasks.jsonl")).unwrap();
+    let run = |steps: &str, run_dir: &str| {
+        let flow = format!(
+            "model \"tiny\" path=\"{}\"\ndataset \"tasks\" format=\"jsonl\" path=\"tasks.jsonl\" limit=3\n{steps}\n",
+            directory.display()
+        );
+        std::fs::write(work.path().join("flow.kdl"), flow).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_seedflow"))
+            .args(["run", "flow.kdl", "--run-dir", run_dir])
+            .current_dir(work.path())
+            .output()
+            .unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (code, stderr) = run(r#"finetune-lora "tune" model="tiny" data="tasks" rank=4 epochs=1"#, "trained");
+    assert_eq!(code, Some(0), "{stderr}");
+    let tune = work.path().join("trained/tune");
+    Lora::check_file(&tune.join("adapter.gguf"), Some(&model)).unwrap();
+    Lora::check_file(&tune.join("peft"), Some(&directory)).unwrap();
+    let (code, stderr) = run(r#"generate "answers" model="tiny" tasks="tasks""#, "sampled");
+    assert_ne!(code, Some(0));
+    assert!(stderr.contains("is a Hugging Face model directory") && stderr.contains("server="), "{stderr}");
+    let _ = std::fs::remove_dir_all(&directory);
+    let _ = std::fs::remove_file(&model);
+}

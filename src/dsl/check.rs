@@ -507,6 +507,9 @@ fn convert(ty: ValueType, literal: &Literal, at: Option<(&Sources, Span)>) -> Re
                 return Ok(Value::File(PathBuf::from(s)));
             };
             match resolve(sources, span.file, s) {
+                Some(Location::File(path)) if ty == ValueType::ModelFile && crate::train::is_model_dir(&path) => {
+                    Ok(Value::File(path))
+                }
                 Some(Location::File(path)) if path.is_dir() => Err(ValueError {
                     code: Code::MissingFile,
                     message: Some(format!("`{s}` is a directory, not a file")),

@@ -99,7 +99,7 @@ pub enum ValueType {
     Model,
     /// A path to an existing file, relative to the workflow file (`std/…` for the stdlib).
     File,
-    /// `"default"` (the built-in model) or a path to a GGUF file.
+    /// A built-in model's name, a path to a GGUF file, or a Hugging Face model directory.
     ModelFile,
     /// `step.metric`, for example `scores.pass@1`.
     Metric,
@@ -173,7 +173,7 @@ impl ValueType {
             }
             ValueType::Model => "the name of a `model`".into(),
             ValueType::File => "a file path".into(),
-            ValueType::ModelFile => "a built-in model's name or a GGUF file path".into(),
+            ValueType::ModelFile => "a built-in model's name, a GGUF file or a Hugging Face model directory".into(),
             ValueType::Metric => "a metric such as \"scores.pass@1\"".into(),
             ValueType::Expression => "an expression such as \"revised.count == 0\"".into(),
             ValueType::Statuses => "statuses such as \"passed\", \"!passed\" or \"failed,error\"".into(),

@@ -1,9 +1,12 @@
 //! Chat templates: a request's turns as the prompt text the model was trained on, and training
-//! sequences tokenized exactly as generation sees them.
+//! sequences tokenized exactly as generation sees them — by llama.cpp for a GGUF model, by the
+//! model's `tokenizer.json` and Jinja chat template for a Hugging Face directory (as the servers
+//! of such a directory render them).
 
 use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel};
 use llama_cpp_2::token::LlamaToken;
+use std::path::Path;
 
 use super::model::backend;
 use super::{LlmError, ModelSettings};
@@ -45,6 +48,9 @@ pub fn training_tokens(
     settings: &ModelSettings,
     pairs: &[(String, String)],
 ) -> Result<Vec<(Vec<u32>, usize)>, LlmError> {
+    if settings.path.is_dir() {
+        return hugging_face_training_tokens(&settings.path, pairs);
+    }
     // The vocabulary alone: training does not need llama.cpp's copy of the weights in memory.
     let params = LlamaModelParams::default().with_vocab_only(true);
     let model = LlamaModel::load_from_file(backend()?, &settings.path, &params)
@@ -61,6 +67,66 @@ pub fn training_tokens(
             let start = tokens.len();
             tokens.extend(ids(vocab.tokenize(answer.as_bytes(), false, false)));
             tokens.push(end.0 as u32);
+            Ok((tokens, start))
+        })
+        .collect()
+}
+
+/// Training sequences for a Hugging Face model directory: the chat template in its
+/// `tokenizer_config.json` rendered as Hugging Face renders it (Jinja, `trim_blocks` and
+/// `lstrip_blocks`, as vLLM does for the same directory), tokenized by its `tokenizer.json`, the
+/// answer ended by its `eos_token`.
+fn hugging_face_training_tokens(dir: &Path, pairs: &[(String, String)]) -> Result<Vec<(Vec<u32>, usize)>, LlmError> {
+    let vocabulary = |message: String| LlmError::Vocabulary { path: dir.to_path_buf(), message };
+    let tokenizer = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json"))
+        .map_err(|e| vocabulary(format!("tokenizer.json: {e}")))?;
+    let config_path = dir.join("tokenizer_config.json");
+    let config: serde_json::Value = std::fs::read_to_string(&config_path)
+        .map_err(|e| e.to_string())
+        .and_then(|text| serde_json::from_str(&text).map_err(|e| e.to_string()))
+        .map_err(|e| vocabulary(format!("tokenizer_config.json: {e}")))?;
+    let special = |key: &str| match &config[key] {
+        serde_json::Value::String(text) => Some(text.clone()),
+        value => value["content"].as_str().map(str::to_string),
+    };
+    let template = match &config["chat_template"] {
+        serde_json::Value::String(template) => Some(template.as_str()),
+        serde_json::Value::Array(named) => {
+            named.iter().find(|t| t["name"] == "default").and_then(|t| t["template"].as_str())
+        }
+        _ => None,
+    }
+    .ok_or_else(|| vocabulary("tokenizer_config.json has no `chat_template`".into()))?;
+    let eos = special("eos_token").ok_or_else(|| vocabulary("tokenizer_config.json has no `eos_token`".into()))?;
+    let end = tokenizer.token_to_id(&eos).ok_or_else(|| vocabulary(format!("`{eos}` is not in the vocabulary")))?;
+    let mut environment = minijinja::Environment::new();
+    environment.set_trim_blocks(true);
+    environment.set_lstrip_blocks(true);
+    environment.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    environment.add_function("raise_exception", |message: String| -> Result<String, minijinja::Error> {
+        Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, message))
+    });
+    let template_error =
+        |e: minijinja::Error| LlmError::Template(format!("the chat template of `{}`: {e}", dir.display()));
+    environment.add_template("chat", template).map_err(template_error)?;
+    let chat = environment.get_template("chat").map_err(template_error)?;
+    let encode =
+        |text: &str| tokenizer.encode(text, false).map(|e| e.get_ids().to_vec()).map_err(|e| vocabulary(e.to_string()));
+    pairs
+        .iter()
+        .map(|(message, answer)| {
+            let prompt = chat
+                .render(minijinja::context! {
+                    messages => [minijinja::context! { role => "user", content => message }],
+                    add_generation_prompt => true,
+                    bos_token => special("bos_token").unwrap_or_default(),
+                    eos_token => eos,
+                })
+                .map_err(template_error)?;
+            let mut tokens = encode(&prompt)?;
+            let start = tokens.len();
+            tokens.extend(encode(answer)?);
+            tokens.push(end);
             Ok((tokens, start))
         })
         .collect()

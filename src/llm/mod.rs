@@ -124,6 +124,13 @@ pub enum LlmError {
         "`gpu-layers={layers}` asks for a GPU, but llama.cpp has none to offload to: {why}; set `gpu-layers=0` to run on the CPU"
     )]
     NoGpu { layers: i32, why: &'static str },
+    #[error(
+        "`{}` is a Hugging Face model directory, and llama.cpp (in this process, or a spawned llama-server) reads \
+         GGUF files: serve the directory (vLLM, SGLang) and name the server with `server=URL`, or convert it to GGUF \
+         with llama.cpp's convert_hf_to_gguf.py",
+        .0.display()
+    )]
+    NotGguf(PathBuf),
     #[error("cannot load `{}` as a GGUF model: {message}", path.display())]
     Load { path: PathBuf, message: String },
     #[error("cannot read the vocabulary of `{}`: {message}", path.display())]

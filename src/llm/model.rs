@@ -70,6 +70,9 @@ impl Llama {
             return Err(LlmError::NoGpu { layers: settings.gpu_layers, why });
         }
         let layers = if settings.gpu_layers < 0 { u32::MAX } else { settings.gpu_layers as u32 };
+        if settings.path.is_dir() {
+            return Err(LlmError::NotGguf(settings.path.clone()));
+        }
         let params = LlamaModelParams::default().with_n_gpu_layers(layers);
         let model = LlamaModel::load_from_file(backend, &settings.path, &params)
             .map_err(|e| LlmError::Load { path: settings.path.clone(), message: e.to_string() })?;

@@ -52,6 +52,9 @@ impl Spawned {
             .map_err(|e| failed(e.to_string()))?
             .port();
         let s = &self.settings;
+        if s.path.is_dir() {
+            return Err(LlmError::NotGguf(s.path.clone()));
+        }
         let mut command = Command::new(&self.binary);
         command.arg("--model").arg(&s.path).args(["--host", "127.0.0.1", "--port", &port.to_string(), "--no-webui"]);
         // llama.cpp's built-in chat templates, which render the turns as seedflow's trainer and

@@ -9,7 +9,10 @@ const PATH: Param<ModelPath> = Param::new(optional(
     ValueType::ModelFile,
     r#""default""#,
     "\"default\" (Qwen2.5-Coder-0.5B-Instruct), \"qwen2.5-coder-1.5b\" (the same family, three \
-     times the size) or a GGUF file, relative to the workflow file. The built-in models are fetched on first use.",
+     times the size), a GGUF file, or a Hugging Face model directory (`config.json`, \
+     `*.safetensors`, `tokenizer.json`: what a vLLM or SGLang `server` serves, which \
+     `finetune-lora` then trains on), relative to the workflow file. The built-in models are \
+     fetched on first use.",
 ));
 const CONTEXT: Param<i64> = Param::new(optional(
     "context",

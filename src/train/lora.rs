@@ -11,7 +11,7 @@ use candle_core::{DType, Device, Result, Tensor, Var};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::model::{Architecture, Base, Config};
+use super::model::{Architecture, Base, Config, Direction, rope_rows};
 use crate::store::write_atomic;
 
 crate::choice! {
@@ -35,7 +35,7 @@ impl Target {
     }
 
     /// The module's path in a Hugging Face layer: `model.layers.N.<this>`.
-    fn peft(self) -> &'static str {
+    pub(super) fn peft(self) -> &'static str {
         [
             "self_attn.q_proj",
             "self_attn.k_proj",
@@ -168,13 +168,27 @@ impl Lora {
             }
         }
         let Some(model_path) = model else { return Ok(()) };
-        let model = header(model_path, "model")?;
-        let architecture = text(&model, "general.architecture");
+        let (architecture, weights) = if super::hf::is_model_dir(model_path) {
+            let unreadable = |why: String| AdapterFileError::Unreadable {
+                path: model_path.to_path_buf(),
+                what: "Hugging Face model",
+                why,
+            };
+            let config = super::hf::config(model_path).map_err(|e| unreadable(e.to_string()))?;
+            (
+                config.architecture.name().to_string(),
+                super::hf::shapes(model_path).map_err(|e| unreadable(e.to_string()))?,
+            )
+        } else {
+            let model = header(model_path, "model")?;
+            let weights = model.tensor_infos.iter().map(|(name, info)| (name.clone(), info.shape.dims().to_vec()));
+            (text(&model, "general.architecture"), weights.collect())
+        };
         if let Some(made_for) = made_for.filter(|made_for| *made_for != architecture) {
             return Err(AdapterFileError::Architecture { made_for, architecture, model: model_path.to_path_buf() });
         }
         for (name, a, b) in shapes {
-            let weight = model.tensor_infos.get(&name).map(|w| w.shape.dims());
+            let weight = weights.get(&name).map(Vec::as_slice);
             let fits = match (a.as_slice(), b.as_deref(), weight) {
                 // (rank, in), (out, rank), (out, in)
                 ([rank, inputs], Some([outputs, rank_b]), Some([out, into])) => {
@@ -346,30 +360,9 @@ fn peft_module(name: &str, suffix: &str) -> Option<(usize, Target)> {
     Some((layer.parse().ok()?, Target::all().into_iter().find(|t| t.peft() == path)?))
 }
 
-enum Direction {
-    ToGguf,
-    ToHuggingFace,
-}
-
-/// llama's GGUF stores the q and k projections' rows permuted for llama.cpp's rope layout
-/// (each head's two halves interleaved); a B matrix of those projections moves between the
-/// layouts as the weights do. Other projections and architectures are the same in both.
-fn rope_rows(b: &Tensor, config: &Config, target: Target, direction: Direction) -> Result<Tensor> {
-    if config.architecture != Architecture::Llama || !matches!(target, Target::Q | Target::K) {
-        return Ok(b.clone());
-    }
-    let heads = if target == Target::Q { config.heads } else { config.kv_heads };
-    let (n_out, rank) = b.dims2()?;
-    let split = match direction {
-        Direction::ToHuggingFace => (heads, config.head_dim / 2, 2, rank),
-        Direction::ToGguf => (heads, 2, config.head_dim / 2, rank),
-    };
-    b.reshape(split)?.transpose(1, 2)?.contiguous()?.reshape((n_out, rank))
-}
-
 /// The shapes of a safetensors file's tensors, from its header alone (an 8-byte length, then
 /// JSON).
-fn safetensors_shapes(path: &Path) -> std::io::Result<HashMap<String, Vec<usize>>> {
+pub(super) fn safetensors_shapes(path: &Path) -> std::io::Result<HashMap<String, Vec<usize>>> {
     use std::io::Read;
     let mut file = File::open(path)?;
     let mut length = [0u8; 8];

@@ -2,11 +2,13 @@
 //! ([`model::Base`]), LoRA matrices ([`lora::Lora`]), and the loop — AdamW with linear warmup
 //! and decay, gradient accumulation, loss on the completion tokens only, seeded throughout.
 
+mod hf;
 mod lora;
 mod model;
 mod ops;
 mod optimizer;
 
+pub use hf::is_model_dir;
 pub use lora::{Lora, Pair, Target};
 pub use model::{Architecture, Base, Config};
 

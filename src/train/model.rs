@@ -2,6 +2,7 @@
 //! and its forward pass with LoRA — computed as llama.cpp computes it (`qwen2` and `llama`), so
 //! an adapter behaves in llama.cpp as it did in training.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::path::Path;
 
@@ -11,7 +12,7 @@ use rand::Rng;
 use rand::rngs::StdRng;
 
 use super::lora::{Lora, Target};
-use super::ops;
+use super::{hf, ops};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Architecture {
@@ -43,8 +44,12 @@ pub struct Config {
 }
 
 impl Config {
-    /// A GGUF model's configuration, from its header alone.
+    /// A model's configuration, from a GGUF file's header or a Hugging Face directory's
+    /// `config.json`.
     pub fn read(path: &Path) -> Result<Config> {
+        if hf::is_model_dir(path) {
+            return hf::config(path);
+        }
         let mut file = File::open(path).map_err(|e| bad(format!("cannot open `{}`: {e}", path.display())))?;
         let content = gguf_file::Content::read(&mut file)
             .map_err(|e| bad(format!("`{}` is not a GGUF model: {e}", path.display())))?;
@@ -123,18 +128,25 @@ fn bad(message: String) -> candle_core::Error {
     candle_core::Error::Msg(message)
 }
 
-/// Tensors of a GGUF file, dequantized to f32 as they are read.
-struct Reader<'a> {
-    content: &'a gguf_file::Content,
-    file: &'a mut File,
+/// Where the weights are read from, by GGUF name, in f32.
+enum Reader<'a> {
+    /// A GGUF file, dequantized as its tensors are read.
+    Gguf { content: &'a gguf_file::Content, file: &'a mut File },
+    /// A Hugging Face directory's tensors, renamed (`hf::tensors`).
+    Named(HashMap<String, Tensor>),
 }
 
 impl Reader<'_> {
     fn optional(&mut self, name: &str) -> Result<Option<Tensor>> {
-        if !self.content.tensor_infos.contains_key(name) {
-            return Ok(None);
+        match self {
+            Reader::Gguf { content, file } => {
+                if !content.tensor_infos.contains_key(name) {
+                    return Ok(None);
+                }
+                Ok(Some(content.tensor(*file, name, &Device::Cpu)?.dequantize(&Device::Cpu)?))
+            }
+            Reader::Named(tensors) => Ok(tensors.remove(name)),
         }
-        Ok(Some(self.content.tensor(self.file, name, &Device::Cpu)?.dequantize(&Device::Cpu)?))
     }
 
     fn required(&mut self, name: &str) -> Result<Tensor> {
@@ -143,13 +155,21 @@ impl Reader<'_> {
 }
 
 impl Base {
-    /// Reads and dequantizes a GGUF model.
+    /// Reads a GGUF model (dequantized) or a Hugging Face model directory.
     pub fn load(path: &Path) -> Result<Base> {
+        if hf::is_model_dir(path) {
+            let config = hf::config(path)?;
+            let tensors = hf::tensors(path, &config)?;
+            return Base::read(config, Reader::Named(tensors));
+        }
         let mut file = File::open(path).map_err(|e| bad(format!("cannot open `{}`: {e}", path.display())))?;
         let content = gguf_file::Content::read(&mut file)
             .map_err(|e| bad(format!("`{}` is not a GGUF model: {e}", path.display())))?;
         let config = Config::of(&content, path)?;
-        let mut reader = Reader { content: &content, file: &mut file };
+        Base::read(config, Reader::Gguf { content: &content, file: &mut file })
+    }
+
+    fn read(config: Config, mut reader: Reader<'_>) -> Result<Base> {
         let embedding_weights = reader.required("token_embd.weight")?;
         let mut layers = Vec::with_capacity(config.layers);
         for i in 0..config.layers {
@@ -263,4 +283,25 @@ impl Base {
         let logits = self.forward(tokens, &positions, lora, dropout)?;
         ops::cross_entropy(&logits, &targets)
     }
+}
+
+pub enum Direction {
+    ToGguf,
+    ToHuggingFace,
+}
+
+/// llama's GGUF stores the q and k projections' rows permuted for llama.cpp's rope layout
+/// (each head's two halves interleaved); a weight (or a LoRA B matrix) of those projections moves
+/// between the layouts row-wise. Other projections and architectures are the same in both.
+pub fn rope_rows(rows: &Tensor, config: &Config, target: Target, direction: Direction) -> Result<Tensor> {
+    if config.architecture != Architecture::Llama || !matches!(target, Target::Q | Target::K) {
+        return Ok(rows.clone());
+    }
+    let heads = if target == Target::Q { config.heads } else { config.kv_heads };
+    let (n_out, columns) = rows.dims2()?;
+    let split = match direction {
+        Direction::ToHuggingFace => (heads, config.head_dim / 2, 2, columns),
+        Direction::ToGguf => (heads, 2, config.head_dim / 2, columns),
+    };
+    rows.reshape(split)?.transpose(1, 2)?.contiguous()?.reshape((n_out, columns))
 }
