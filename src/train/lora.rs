@@ -60,10 +60,10 @@ pub struct Lora {
     pub pairs: BTreeMap<(usize, Target), Pair>,
 }
 
-/// Why a GGUF file cannot be used as an adapter (for a given model).
+/// Why a file or directory cannot be used as an adapter (for a given model).
 #[derive(Debug, thiserror::Error)]
 pub enum AdapterFileError {
-    #[error("`{}` is not a readable GGUF {what}: {why}", path.display())]
+    #[error("`{}` cannot be read as a {what}: {why}", path.display())]
     Unreadable { path: PathBuf, what: &'static str, why: String },
     #[error("`{}` is a GGUF file but not a LoRA adapter", .0.display())]
     NotLora(PathBuf),
@@ -128,68 +128,18 @@ impl Lora {
     }
 
     /// Checks that `path` is a LoRA adapter — a GGUF file, or a PEFT directory — and, given the
-    /// model it is for, that it was made for that model: the same architecture (GGUF adapters
-    /// name theirs), and every matrix pair the shape of the projection it adapts. Reads the
-    /// files' headers only.
+    /// model it is for (a GGUF file or a Hugging Face directory), that it was made for that
+    /// model: the same architecture (GGUF adapters name theirs), and every matrix pair the shape
+    /// of the projection it adapts. Reads the files' headers only.
     pub fn check_file(path: &Path, model: Option<&Path>) -> std::result::Result<(), AdapterFileError> {
-        let header = |path: &Path, what: &'static str| {
-            let unreadable = |why: String| AdapterFileError::Unreadable { path: path.to_path_buf(), what, why };
-            let mut file = File::open(path).map_err(|e| unreadable(e.to_string()))?;
-            gguf_file::Content::read(&mut file).map_err(|e| unreadable(e.to_string()))
-        };
-        let text = |content: &gguf_file::Content, key: &str| {
-            content.metadata.get(key).and_then(|v| v.to_string().ok()).cloned().unwrap_or_default()
-        };
-        // Each adapted weight's GGUF name with its A (rank, in) and B (out, rank) shapes.
-        let mut shapes: Vec<(String, Vec<usize>, Option<Vec<usize>>)> = Vec::new();
-        let mut made_for = None;
-        if path.is_dir() {
-            PeftConfig::read(path)?;
-            let weights = path.join(PEFT_WEIGHTS);
-            let tensors = safetensors_shapes(&weights).map_err(|e| AdapterFileError::Unreadable {
-                path: weights,
-                what: "PEFT adapter",
-                why: e.to_string(),
-            })?;
-            for (name, a) in &tensors {
-                let Some((layer, target)) = peft_module(name, ".lora_A.weight") else { continue };
-                let b = tensors.get(&name.replace(".lora_A.weight", ".lora_B.weight")).cloned();
-                shapes.push((format!("blk.{layer}.{}.weight", target.gguf()), a.clone(), b));
-            }
-        } else {
-            let adapter = header(path, "adapter")?;
-            if text(&adapter, "general.type") != "adapter" || text(&adapter, "adapter.type") != "lora" {
-                return Err(AdapterFileError::NotLora(path.to_path_buf()));
-            }
-            made_for = Some(text(&adapter, "general.architecture"));
-            for (name, a) in adapter.tensor_infos.iter().filter_map(|(n, i)| Some((n.strip_suffix(".lora_a")?, i))) {
-                let b = adapter.tensor_infos.get(&format!("{name}.lora_b")).map(|b| b.shape.dims().to_vec());
-                shapes.push((name.to_string(), a.shape.dims().to_vec(), b));
-            }
-        }
+        let (made_for, matrices) = adapter_shapes(path)?;
         let Some(model_path) = model else { return Ok(()) };
-        let (architecture, weights) = if super::hf::is_model_dir(model_path) {
-            let unreadable = |why: String| AdapterFileError::Unreadable {
-                path: model_path.to_path_buf(),
-                what: "Hugging Face model",
-                why,
-            };
-            let config = super::hf::config(model_path).map_err(|e| unreadable(e.to_string()))?;
-            (
-                config.architecture.name().to_string(),
-                super::hf::shapes(model_path).map_err(|e| unreadable(e.to_string()))?,
-            )
-        } else {
-            let model = header(model_path, "model")?;
-            let weights = model.tensor_infos.iter().map(|(name, info)| (name.clone(), info.shape.dims().to_vec()));
-            (text(&model, "general.architecture"), weights.collect())
-        };
+        let (architecture, weights) = model_shapes(model_path)?;
         if let Some(made_for) = made_for.filter(|made_for| *made_for != architecture) {
             return Err(AdapterFileError::Architecture { made_for, architecture, model: model_path.to_path_buf() });
         }
-        for (name, a, b) in shapes {
-            let weight = weights.get(&name).map(Vec::as_slice);
-            let fits = match (a.as_slice(), b.as_deref(), weight) {
+        for (name, a, b) in matrices {
+            let fits = match (a.as_slice(), b.as_deref(), weights.get(&name).map(Vec::as_slice)) {
                 // (rank, in), (out, rank), (out, in)
                 ([rank, inputs], Some([outputs, rank_b]), Some([out, into])) => {
                     rank == rank_b && inputs == into && outputs == out
@@ -382,4 +332,61 @@ pub(super) fn safetensors_shapes(path: &Path) -> std::io::Result<HashMap<String,
             Some((name, shape))
         })
         .collect())
+}
+
+/// A GGUF file's header.
+fn gguf_header(path: &Path, what: &'static str) -> std::result::Result<gguf_file::Content, AdapterFileError> {
+    let unreadable = |why: String| AdapterFileError::Unreadable { path: path.to_path_buf(), what, why };
+    let mut file = File::open(path).map_err(|e| unreadable(e.to_string()))?;
+    gguf_file::Content::read(&mut file).map_err(|e| unreadable(e.to_string()))
+}
+
+fn gguf_text(content: &gguf_file::Content, key: &str) -> String {
+    content.metadata.get(key).and_then(|v| v.to_string().ok()).cloned().unwrap_or_default()
+}
+
+/// The matrix pairs of one adapted weight: its GGUF name, A's shape (rank, in), B's (out, rank).
+type Matrices = Vec<(String, Vec<usize>, Option<Vec<usize>>)>;
+
+/// An adapter's architecture (GGUF files name it; PEFT directories do not) and matrix shapes.
+fn adapter_shapes(path: &Path) -> std::result::Result<(Option<String>, Matrices), AdapterFileError> {
+    if path.is_dir() {
+        PeftConfig::read(path)?;
+        let weights = path.join(PEFT_WEIGHTS);
+        let tensors = safetensors_shapes(&weights).map_err(|e| AdapterFileError::Unreadable {
+            path: weights,
+            what: "PEFT adapter",
+            why: e.to_string(),
+        })?;
+        let matrices = tensors.iter().filter_map(|(name, a)| {
+            let (layer, target) = peft_module(name, ".lora_A.weight")?;
+            let b = tensors.get(&name.replace(".lora_A.weight", ".lora_B.weight")).cloned();
+            Some((format!("blk.{layer}.{}.weight", target.gguf()), a.clone(), b))
+        });
+        return Ok((None, matrices.collect()));
+    }
+    let adapter = gguf_header(path, "GGUF adapter")?;
+    if gguf_text(&adapter, "general.type") != "adapter" || gguf_text(&adapter, "adapter.type") != "lora" {
+        return Err(AdapterFileError::NotLora(path.to_path_buf()));
+    }
+    let matrices = adapter.tensor_infos.iter().filter_map(|(name, a)| {
+        let name = name.strip_suffix(".lora_a")?;
+        let b = adapter.tensor_infos.get(&format!("{name}.lora_b")).map(|b| b.shape.dims().to_vec());
+        Some((name.to_string(), a.shape.dims().to_vec(), b))
+    });
+    Ok((Some(gguf_text(&adapter, "general.architecture")), matrices.collect()))
+}
+
+/// A model's architecture and weight shapes by GGUF name.
+fn model_shapes(path: &Path) -> std::result::Result<(String, HashMap<String, Vec<usize>>), AdapterFileError> {
+    if super::hf::is_model_dir(path) {
+        let unreadable =
+            |why: String| AdapterFileError::Unreadable { path: path.to_path_buf(), what: "Hugging Face model", why };
+        let config = super::hf::config(path).map_err(|e| unreadable(e.to_string()))?;
+        let shapes = super::hf::shapes(path).map_err(|e| unreadable(e.to_string()))?;
+        return Ok((config.architecture.name().to_string(), shapes));
+    }
+    let model = gguf_header(path, "GGUF model")?;
+    let shapes = model.tensor_infos.iter().map(|(name, info)| (name.clone(), info.shape.dims().to_vec())).collect();
+    Ok((gguf_text(&model, "general.architecture"), shapes))
 }
