@@ -15,12 +15,14 @@ pub static SPEC: KindSpec = KindSpec {
     name: "finetune-lora",
     role: Role::Step(Artifact::Adapter),
     doc: "Trains a LoRA adapter on (requirement -> code) pairs: passing samples or verdicts, or a \
-          dataset's reference solutions. The base model is the model's own GGUF file, frozen; only \
-          the LoRA matrices train, with the loss on the completion tokens only. The adapter is \
+          dataset's reference solutions. The base model is the model's own weights (its GGUF file, \
+          or its Hugging Face directory), frozen; only the LoRA matrices train, with the loss on the completion tokens only. The adapter is \
           written in llama.cpp's GGUF LoRA format (for `adapter=`) and as a PEFT directory. \
           `init` continues training an earlier adapter (keeping its rank, alpha and targets). \
           Training text is the prompt `generate` sends for the task (same template) followed by \
-          the code in a fenced block, tokenized by the model's own tokenizer. The step directory \
+          the code in a fenced block, tokenized by the model's own tokenizer (a Hugging Face \
+          directory's prompt is its Jinja chat template, as the server of that directory renders \
+          it). The step directory \
           holds `adapter.gguf`, `peft/` (`adapter_config.json`, `adapter_model.safetensors`) and \
           the loss curve (one record per optimizer step: `step`, `epoch`, `loss`, \
           `learning_rate`, `tokens`, `seconds`), and `training-pairs.jsonl`, every (task, code) \
