@@ -302,6 +302,12 @@ finetune-lora "more" model="coder" data="one" init="fits.gguf" epochs=1
     };
     assert_eq!(check("fits.gguf").0, Some(0));
     assert_eq!(check("./fits-peft").0, Some(0));
+    // A server's URL given on the command line, as the README says to (its `//` is not a KDL
+    // comment there), and several, with or without spaces after the commas.
+    for servers in ["http://gpu-box:8000", "http://10.0.0.1:8000, http://10.0.0.2:8000/v1"] {
+        let out = seedflow(&["check", "flow.kdl", "--set", &format!("coder.server={servers}")], dir.path());
+        assert_eq!(out.status.code(), Some(0), "{servers}: {}", text(&out.stderr));
+    }
     for (adapter, says) in [
         ("other.gguf", "does not fit"),
         ("./other-peft", "does not fit"),

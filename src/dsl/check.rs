@@ -369,20 +369,20 @@ fn convert(ty: ValueType, literal: &Literal, at: Option<(&Sources, Span)>) -> Re
     };
     match ty {
         ValueType::Text => string.map(|s| Value::Text(s.to_string())).ok_or_else(|| wrong_type(literal)),
-        ValueType::Server => match string {
-            Some(s)
-                if s == "spawn"
-                    || s.split(',').all(|url| url.starts_with("http://") || url.starts_with("https://")) =>
-            {
-                Ok(Value::Text(s.to_string()))
+        ValueType::Server => {
+            let s = string.ok_or_else(|| wrong_type(literal))?;
+            let not_url =
+                s.split(',').map(str::trim).find(|url| !url.starts_with("http://") && !url.starts_with("https://"));
+            match not_url {
+                Some(_) if s == "spawn" => Ok(Value::Text(s.to_string())),
+                None => Ok(Value::Text(s.to_string())),
+                Some(bad) => Err(bad_value(
+                    if bad == s { "not a server".to_string() } else { format!("`{bad}` is not a server's URL") },
+                    "give the server's base URL (`http://host:8080` or `…/v1`; several separated by commas), or \"spawn\" \
+                     to have seedflow start llama-server",
+                )),
             }
-            Some(_) => Err(bad_value(
-                "not a server",
-                "give the server's base URL (`http://host:8080` or `…/v1`; several separated by commas), or \"spawn\" \
-                 to have seedflow start llama-server",
-            )),
-            None => Err(wrong_type(literal)),
-        },
+        }
         ValueType::Integer { min, max } => match literal {
             Literal::Integer(i) if (min as i128..=max as i128).contains(i) => Ok(Value::Integer(*i as i64)),
             Literal::Integer(_) => Err(out_of_range()),

@@ -316,10 +316,16 @@ pub fn apply_overrides(nodes: &mut [Node], overrides: &[String], sources: &mut S
                 .help("for example `--set adapt.max-iterations=5`");
             continue;
         };
-        // The value reads as KDL (numbers, #true, quoted strings); anything else is a string.
-        let value = KdlDocument::parse(&format!("x {rhs}"))
+        // The value reads as KDL (numbers, #true, quoted strings) when it is one KDL value and
+        // nothing else; anything else is a string (a URL's `//` would read as a comment).
+        let line = format!("x {rhs}");
+        let value = KdlDocument::parse(&line)
             .ok()
-            .and_then(|d| d.nodes().first().and_then(|n| n.entries().first().map(|e| literal(e.value()))))
+            .and_then(|d| {
+                let entries = d.nodes().first()?.entries();
+                let whole = entries.len() == 1 && entries[0].span().offset() + entries[0].span().len() == line.len();
+                whole.then(|| literal(entries[0].value()))
+            })
             .unwrap_or_else(|| Literal::String(rhs.to_string()));
         let Some(node) = find_node_mut(nodes, target) else {
             let names = node_names(nodes);

@@ -15,15 +15,14 @@ pub static SPEC: KindSpec = KindSpec {
     name: "finetune-lora",
     role: Role::Step(Artifact::Adapter),
     doc: "Trains a LoRA adapter on (requirement -> code) pairs: passing samples or verdicts, or a \
-          dataset's reference solutions. The base model is the model's own weights (its GGUF file, \
-          or its Hugging Face directory), frozen; only the LoRA matrices train, with the loss on the completion tokens only. The adapter is \
-          written in llama.cpp's GGUF LoRA format (for `adapter=`) and as a PEFT directory. \
+          dataset's reference solutions. The base model is the model's own weights (its GGUF \
+          file, or its Hugging Face directory), frozen; only the LoRA matrices train, with the \
+          loss on the completion tokens only. The adapter is written in llama.cpp's GGUF LoRA format (for `adapter=`) and as a PEFT directory. \
           `init` continues training an earlier adapter (keeping its rank, alpha and targets). \
           Training text is the prompt `generate` sends for the task (same template) followed by \
           the code in a fenced block, tokenized by the model's own tokenizer (a Hugging Face \
           directory's prompt is its Jinja chat template, as the server of that directory renders \
-          it). The step directory \
-          holds `adapter.gguf`, `peft/` (`adapter_config.json`, `adapter_model.safetensors`) and \
+          it). The step directory holds `adapter.gguf`, `peft/` (`adapter_config.json`, `adapter_model.safetensors`) and \
           the loss curve (one record per optimizer step: `step`, `epoch`, `loss`, \
           `learning_rate`, `tokens`, `seconds`), and `training-pairs.jsonl`, every (task, code) \
           pair it trained on, which a later step's `history` reads. Verdicts that did not pass \
@@ -138,7 +137,7 @@ pub const PEFT_DIR: &str = "peft";
 
 /// The GGUF file an adapter property names: a GGUF LoRA file as given, a PEFT directory
 /// converted into the step's directory, or the [`ADAPTER_FILE`] of the `finetune-lora` step it
-/// names.
+/// names. `None` when unset, or when that step is `prev.` and this is a loop's first iteration.
 pub(super) fn adapter_file(ctx: &Context, param: &Param<Option<AdapterSource>>) -> Result<Option<PathBuf>, StepError> {
     Ok(match ctx.get(param)? {
         None => None,

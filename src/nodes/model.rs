@@ -144,7 +144,7 @@ fn server(props: &Props, progress: &dyn Fn(&str)) -> Result<Option<ServerSetting
     let endpoint = if url == "spawn" {
         Endpoint::Spawn(assets::llama_server(progress).map_err(|e| e.to_string())?)
     } else {
-        Endpoint::Urls(url.split(',').map(str::to_string).collect())
+        Endpoint::Urls(url.split(',').map(|url| url.trim().to_string()).collect())
     };
     Ok(Some(ServerSettings {
         endpoint,
