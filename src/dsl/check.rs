@@ -373,8 +373,7 @@ fn convert(ty: ValueType, literal: &Literal, at: Option<(&Sources, Span)>) -> Re
             let s = string.ok_or_else(|| wrong_type(literal))?;
             let not_url =
                 s.split(',').map(str::trim).find(|url| !url.starts_with("http://") && !url.starts_with("https://"));
-            match not_url {
-                Some(_) if s == "spawn" => Ok(Value::Text(s.to_string())),
+            match not_url.filter(|_| s != "spawn") {
                 None => Ok(Value::Text(s.to_string())),
                 Some(bad) => Err(bad_value(
                     if bad == s { "not a server".to_string() } else { format!("`{bad}` is not a server's URL") },

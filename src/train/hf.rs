@@ -8,12 +8,9 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Result, Tensor};
 
+use super::bad;
 use super::lora::Target;
 use super::model::{Architecture, Config, Direction, rope_rows};
-
-fn bad(message: String) -> candle_core::Error {
-    candle_core::Error::Msg(message)
-}
 
 /// Whether `path` is a Hugging Face model directory (it holds a `config.json`).
 pub fn is_model_dir(path: &Path) -> bool {

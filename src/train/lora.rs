@@ -11,6 +11,7 @@ use candle_core::{DType, Device, Result, Tensor, Var};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use super::bad;
 use super::model::{Architecture, Base, Config, Direction, rope_rows};
 use crate::store::write_atomic;
 
@@ -73,10 +74,6 @@ pub enum AdapterFileError {
     Unsupported { path: PathBuf, what: String },
     #[error("the adapter's `{tensor}` does not fit `{}`", model.display())]
     Shape { tensor: String, model: PathBuf },
-}
-
-fn bad(message: String) -> candle_core::Error {
-    candle_core::Error::Msg(message)
 }
 
 impl Lora {
@@ -195,8 +192,7 @@ impl Lora {
         let tensors = candle_core::safetensors::load(dir.join(PEFT_WEIGHTS), &Device::Cpu)?;
         let mut pairs = BTreeMap::new();
         for (name, a) in &tensors {
-            let Some((layer, target)) = peft_module(name, ".lora_A.weight") else { continue };
-            let b_name = name.replace(".lora_A.weight", ".lora_B.weight");
+            let Some((layer, target, b_name)) = peft_pair(name) else { continue };
             let b = tensors.get(&b_name).ok_or_else(|| bad(format!("the adapter has `{name}` but no `{b_name}`")))?;
             let a = a.to_dtype(DType::F32)?;
             let b = rope_rows(&b.to_dtype(DType::F32)?, config, target, Direction::ToGguf)?;
@@ -302,12 +298,14 @@ impl PeftConfig {
     }
 }
 
-/// The layer and projection of a PEFT tensor name (`…layers.N.self_attn.q_proj<suffix>`).
-fn peft_module(name: &str, suffix: &str) -> Option<(usize, Target)> {
-    let module = name.strip_suffix(suffix)?;
+/// For a PEFT A matrix's name (`…layers.N.self_attn.q_proj.lora_A.weight`): its layer and
+/// projection, and its B matrix's name.
+fn peft_pair(name: &str) -> Option<(usize, Target, String)> {
+    let module = name.strip_suffix(".lora_A.weight")?;
     let (_, after) = module.rsplit_once("layers.")?;
     let (layer, path) = after.split_once('.')?;
-    Some((layer.parse().ok()?, Target::all().into_iter().find(|t| t.peft() == path)?))
+    let target = Target::all().into_iter().find(|t| t.peft() == path)?;
+    Some((layer.parse().ok()?, target, format!("{module}.lora_B.weight")))
 }
 
 /// The shapes of a safetensors file's tensors, from its header alone (an 8-byte length, then
@@ -359,8 +357,8 @@ fn adapter_shapes(path: &Path) -> std::result::Result<(Option<String>, Matrices)
             why: e.to_string(),
         })?;
         let matrices = tensors.iter().filter_map(|(name, a)| {
-            let (layer, target) = peft_module(name, ".lora_A.weight")?;
-            let b = tensors.get(&name.replace(".lora_A.weight", ".lora_B.weight")).cloned();
+            let (layer, target, b_name) = peft_pair(name)?;
+            let b = tensors.get(&b_name).cloned();
             Some((format!("blk.{layer}.{}.weight", target.gguf()), a.clone(), b))
         });
         return Ok((None, matrices.collect()));

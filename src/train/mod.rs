@@ -1,5 +1,5 @@
-//! LoRA training with candle: the frozen base read from the model's GGUF file
-//! ([`model::Base`]), LoRA matrices ([`lora::Lora`]), and the loop — AdamW with linear warmup
+//! LoRA training with candle: the frozen base read from the model's GGUF file or Hugging Face
+//! directory ([`model::Base`]), LoRA matrices ([`lora::Lora`]), and the loop — AdamW with linear warmup
 //! and decay, gradient accumulation, loss on the completion tokens only, seeded throughout.
 
 mod hf;
@@ -15,6 +15,11 @@ pub use model::{Architecture, Base, Config};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
+
+/// A training error with seedflow's own message (candle's error type carries it).
+fn bad(message: String) -> candle_core::Error {
+    candle_core::Error::Msg(message)
+}
 
 /// One training sequence: the prompt's tokens, then the completion's from `completion_start`.
 /// The loss covers the completion only.

@@ -12,7 +12,7 @@ use rand::Rng;
 use rand::rngs::StdRng;
 
 use super::lora::{Lora, Target};
-use super::{hf, ops};
+use super::{bad, hf, ops};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Architecture {
@@ -123,10 +123,6 @@ pub struct Base {
 
 /// Where LoRA dropout draws from during training; `None` evaluates.
 pub type Dropout<'a> = Option<(f32, &'a mut StdRng)>;
-
-fn bad(message: String) -> candle_core::Error {
-    candle_core::Error::Msg(message)
-}
 
 /// Where the weights are read from, by GGUF name, in f32.
 enum Reader<'a> {

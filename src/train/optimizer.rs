@@ -6,12 +6,8 @@ use std::path::Path;
 
 use candle_core::{Result, Tensor, Var};
 
-use super::StepRecord;
+use super::{StepRecord, bad};
 use crate::store::write_atomic;
-
-fn bad(message: String) -> candle_core::Error {
-    candle_core::Error::Msg(message)
-}
 
 /// AdamW without weight decay, as candle_nn's `AdamW` computes it (same operations in the same
 /// order, so the results are bit for bit the same), with its moments open to checkpoints:
