@@ -474,19 +474,23 @@ fn a_workflow_trains_on_a_hugging_face_directory_and_says_why_it_cannot_sample_f
         std::fs::write(work.path().join("flow.kdl"), flow).unwrap();
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_seedflow"))
             .args(["run", "flow.kdl", "--run-dir", run_dir])
+            .env_remove("CI") // under CI the run's events and errors go to stdout as JSON lines
             .current_dir(work.path())
             .output()
             .unwrap();
-        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+        let said = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+        (out.status, said(&out.stdout), said(&out.stderr))
     };
-    let (code, stderr) = run(r#"finetune-lora "tune" model="tiny" data="tasks" rank=4 epochs=1"#, "trained");
-    assert_eq!(code, Some(0), "{stderr}");
+    let (status, stdout, stderr) = run(r#"finetune-lora "tune" model="tiny" data="tasks" rank=4 epochs=1"#, "trained");
+    assert!(status.success(), "{status}\n{stdout}\n{stderr}");
     let tune = work.path().join("trained/tune");
     Lora::check_file(&tune.join("adapter.gguf"), Some(&model)).unwrap();
     Lora::check_file(&tune.join("peft"), Some(&directory)).unwrap();
-    let (code, stderr) = run(r#"generate "answers" model="tiny" tasks="tasks""#, "sampled");
-    assert_ne!(code, Some(0));
-    assert!(stderr.contains("is a Hugging Face model directory") && stderr.contains("server="), "{stderr}");
+    let (status, stdout, stderr) = run(r#"generate "answers" model="tiny" tasks="tasks""#, "sampled");
+    assert!(
+        status.code() == Some(1) && stderr.contains("is a Hugging Face model directory") && stderr.contains("server="),
+        "{status}\n{stdout}\n{stderr}"
+    );
     let _ = std::fs::remove_dir_all(&directory);
     let _ = std::fs::remove_file(&model);
 }
