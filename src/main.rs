@@ -8,5 +8,7 @@ fn main() {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
     seedflow::train::keep_freed_memory();
+    // SAFETY: no thread has started yet.
+    unsafe { seedflow::train::share_cores_with_gemm() };
     std::process::exit(seedflow::cli::main());
 }

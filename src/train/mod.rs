@@ -87,6 +87,29 @@ pub fn keep_freed_memory() {
     }
 }
 
+/// Keeps candle's pool for elementwise ops from taking cores from its matrix multiplies; call
+/// first thing in `main`, before threads start (candle reads these variables once). The two run
+/// on different pools (candle's own, and rayon's for gemm), and an idle worker of candle's spins
+/// for a while before it sleeps, so after every elementwise op it competes with the multiply
+/// that follows. Workers here sleep at once, and where there are only two cores there is no
+/// elementwise pool at all (the calling thread does that work): the quickstart's `tune` on 2
+/// cores took 34.9–37.8 s with candle's defaults, 32.5–33.9 s with sleeping workers and 30.8–32.7
+/// s with no pool, with the same losses. A variable the user set is left as it is.
+///
+/// # Safety
+/// No other thread may be running (the environment is changed).
+pub unsafe fn share_cores_with_gemm() {
+    let unset = |name: &str| std::env::var_os(name).is_none();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // SAFETY (both): the caller guarantees that no other thread reads the environment.
+    if unset("CANDLE_BARRIER_POOL_SPIN_LIMIT") {
+        unsafe { std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "0") };
+    }
+    if unset("CANDLE_NUM_THREADS") && cores <= 2 {
+        unsafe { std::env::set_var("CANDLE_NUM_THREADS", "1") };
+    }
+}
+
 /// Returns the memory training freed to the system.
 fn release_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
