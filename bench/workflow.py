@@ -26,7 +26,7 @@ PyTorch's process). The table's last line sums the steps' seconds.
     SEEDFLOW_BIN=target/debug/seedflow python3 bench/workflow.py
     KEEP=runs/bench python3 bench/workflow.py     # keeps both run directories there
 
-About 20 minutes on 2 cores (two quickstarts and a PyTorch training).
+About 30 minutes on 2 cores (two quickstarts, a retraining and a PyTorch training).
 """
 import json
 import os

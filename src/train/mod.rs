@@ -92,9 +92,10 @@ pub fn keep_freed_memory() {
 /// on different pools (candle's own, and rayon's for gemm), and an idle worker of candle's spins
 /// for a while before it sleeps, so after every elementwise op it competes with the multiply
 /// that follows. Workers here sleep at once, and where there are only two cores there is no
-/// elementwise pool at all (the calling thread does that work): the quickstart's `tune` on 2
-/// cores took 34.9–37.8 s with candle's defaults, 32.5–33.9 s with sleeping workers and 30.8–32.7
-/// s with no pool, with the same losses. A variable the user set is left as it is.
+/// elementwise pool at all (the calling thread does that work): training on the quickstart's
+/// pairs on 2 cores took 34.9–37.8 s with candle's defaults, 32.5–33.9 s with sleeping workers
+/// and 30.8–33.8 s with no pool, with the same losses (README, Training). A variable the user
+/// set is left as it is.
 ///
 /// # Safety
 /// No other thread may be running (the environment is changed).
