@@ -158,11 +158,11 @@ def main():
     sequence_tokens = sum(torch_run["tokens"])
     print(f"tune: {len(records)} optimizer steps ({len(torch_run['seconds'])} in PyTorch), {tune['metrics']['examples']:.0f} "
           f"examples, {sequence_tokens} sequence tokens in all")
-    print(f"  seedflow        {ours_seconds:>7.1f} s {sequence_tokens / ours_seconds:>7.1f} tokens/s  peak {ours_peak / 2**30:.2f} GiB (the resumed run: training alone)")
+    print(f"  seedflow        {ours_seconds:>7.1f} s {sequence_tokens / ours_seconds:>7.1f} tokens/s  peak {ours_peak / 2**30:.2f} GiB (the resumed run: tune, then final)")
     print(f"  PyTorch + PEFT  {theirs_seconds:>7.1f} s {sequence_tokens / theirs_seconds:>7.1f} tokens/s  peak {theirs_peak / 2**30:.2f} GiB")
     print(f"  ratio: speed {theirs_seconds / ours_seconds:.2f}x (target >= 1.5), peak memory {ours_peak / theirs_peak:.2f}x (target <= 0.7)")
     print(f"all steps: {total[local]:.0f} s in-process, {total[served]:.0f} s through llama-server "
-          f"(training and the sandbox local in both)")
+          f"(sampling steps and tune; training local in both)")
 
 
 if __name__ == "__main__":

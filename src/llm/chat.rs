@@ -99,6 +99,7 @@ fn hugging_face_training_tokens(dir: &Path, pairs: &[(String, String)]) -> Resul
     .ok_or_else(|| vocabulary("tokenizer_config.json has no `chat_template`".into()))?;
     let eos = special("eos_token").ok_or_else(|| vocabulary("tokenizer_config.json has no `eos_token`".into()))?;
     let end = tokenizer.token_to_id(&eos).ok_or_else(|| vocabulary(format!("`{eos}` is not in the vocabulary")))?;
+    let bos = special("bos_token").unwrap_or_default();
     let mut environment = minijinja::Environment::new();
     environment.set_trim_blocks(true);
     environment.set_lstrip_blocks(true);
@@ -119,7 +120,7 @@ fn hugging_face_training_tokens(dir: &Path, pairs: &[(String, String)]) -> Resul
                 .render(minijinja::context! {
                     messages => [minijinja::context! { role => "user", content => message }],
                     add_generation_prompt => true,
-                    bos_token => special("bos_token").unwrap_or_default(),
+                    bos_token => bos,
                     eos_token => eos,
                 })
                 .map_err(template_error)?;
