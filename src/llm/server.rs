@@ -13,7 +13,7 @@
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, mpsc};
 use std::time::{Duration, Instant};
 
@@ -435,23 +435,24 @@ fn generate_on(servers: &[Server], work: &Generation<'_>, cancelled: &Cancelled,
     for server in servers {
         named.push((server, server.served_model(&stop)?, server.adapter(work.adapter, &stop)?));
     }
-    let jobs: Vec<(usize, usize)> =
-        work.requests.iter().enumerate().flat_map(|(r, req)| (0..req.seeds.len()).map(move |s| (r, s))).collect();
-    let next = AtomicUsize::new(0);
+    let jobs = Mutex::new(Jobs::new(work.requests));
     let mut slots: Vec<Vec<Option<Generated>>> = work.requests.iter().map(|r| vec![None; r.seeds.len()]).collect();
     let mut done: Vec<Vec<Generated>> = Vec::with_capacity(work.requests.len());
     let mut prompt_tokens = 0;
     let mut failure = None;
-    let per_server = (work.settings.parallel as usize).clamp(1, jobs.len().max(1));
+    let samples = work.requests.iter().map(|r| r.seeds.len()).sum::<usize>();
+    let per_server = (work.settings.parallel as usize).clamp(1, samples.max(1));
     std::thread::scope(|scope| {
         let (sender, results) = mpsc::channel();
         for (server, model, adapter) in &named {
             for _ in 0..per_server {
                 let sender = sender.clone();
-                let (jobs, next, stop) = (&jobs, &next, &stop);
+                let (jobs, stop) = (&jobs, &stop);
                 scope.spawn(move || {
+                    let mut previous = None;
                     while !stop.load(Ordering::Relaxed) {
-                        let Some(&(r, s)) = jobs.get(next.fetch_add(1, Ordering::Relaxed)) else { break };
+                        let Some((r, s)) = jobs.lock().unwrap_or_else(|e| e.into_inner()).next(previous) else { break };
+                        previous = Some(r);
                         let request = &work.requests[r];
                         let body = server.body(model, adapter, request, request.seeds[s], work.sampling);
                         if sender.send((r, s, server.sample(&body, work.sampling, stop))).is_err() {
@@ -500,6 +501,34 @@ fn generate_on(servers: &[Server], work: &Generation<'_>, cancelled: &Cancelled,
     }
     let seconds = start.elapsed().as_secs_f64();
     Ok((done, Timing { prompt_tokens, generation_seconds: seconds, decoding_seconds: seconds }))
+}
+
+/// The samples still to send, handed out so that each worker stays with one task while it has
+/// samples left. A server that keeps a slot's last prompt (llama-server's prompt cache) then
+/// decodes a task's prompt once per worker that samples it rather than once per sample (the
+/// local backend decodes it once per task).
+struct Jobs {
+    samples: Vec<usize>,
+    started: Vec<usize>,
+}
+
+impl Jobs {
+    fn new(requests: &[Request]) -> Jobs {
+        Jobs { samples: requests.iter().map(|r| r.seeds.len()).collect(), started: vec![0; requests.len()] }
+    }
+
+    /// The next (request, sample) for a worker whose last sample was of request `previous`:
+    /// another of that request if any is left, else the first request nobody has started
+    /// (so the workers already on a request finish it), else the first with samples left.
+    fn next(&mut self, previous: Option<usize>) -> Option<(usize, usize)> {
+        let open = |r: &usize| self.started[*r] < self.samples[*r];
+        let r = previous
+            .filter(open)
+            .or_else(|| (0..self.samples.len()).find(|&r| self.started[r] == 0 && self.samples[r] > 0))
+            .or_else(|| (0..self.samples.len()).find(open))?;
+        self.started[r] += 1;
+        Some((r, self.started[r] - 1))
+    }
 }
 
 #[cfg(test)]
@@ -705,6 +734,24 @@ mod tests {
             })
             .collect();
         assert_eq!(seeds.iter().collect::<HashSet<_>>().len(), 4);
+    }
+
+    #[test]
+    fn a_worker_stays_with_its_task_and_a_free_worker_starts_a_task_nobody_has() {
+        let request = |n: u64| Request { examples: vec![], message: String::new(), seeds: (0..n).collect() };
+        let mut jobs = Jobs::new(&[request(3), request(2), request(0), request(2)]);
+        // Two workers start on two tasks.
+        assert_eq!(jobs.next(None), Some((0, 0)));
+        assert_eq!(jobs.next(None), Some((1, 0)));
+        // Each goes on with its own task…
+        assert_eq!(jobs.next(Some(0)), Some((0, 1)));
+        assert_eq!(jobs.next(Some(1)), Some((1, 1)));
+        // …and, its task handed out, starts one nobody has started (the empty one skipped).
+        assert_eq!(jobs.next(Some(1)), Some((3, 0)));
+        // With no task left unstarted, a worker joins the first that has samples left.
+        assert_eq!(jobs.next(None), Some((0, 2)));
+        assert_eq!(jobs.next(Some(0)), Some((3, 1)));
+        assert_eq!(jobs.next(Some(3)), None);
     }
 
     #[test]
