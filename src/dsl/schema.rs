@@ -211,6 +211,27 @@ pub const fn unset(name: &'static str, ty: ValueType, doc: &'static str) -> Prop
     PropertySpec { name, ty, required: false, default: None, doc }
 }
 
+/// Declares a kind's properties as [`Param`] constants, each documented by its doc comment,
+/// which is the property's documentation in the language reference and in diagnostics:
+///
+/// ```ignore
+/// params! {
+///     /// Programs per task.
+///     pub SAMPLES: i64 = optional("samples", ValueType::at_least(1), "1");
+/// }
+/// ```
+///
+/// `required(name, type)`, `optional(name, type, default)` or `unset(name, type)` as in the
+/// functions of those names; the doc comment's lines are joined into one paragraph.
+macro_rules! params {
+    ($($(#[doc = $doc:literal])+ $vis:vis $name:ident: $ty:ty = $kind:ident($($arg:expr),+ $(,)?);)*) => {
+        $($(#[doc = $doc])+ $vis const $name: $crate::dsl::schema::Param<$ty> = $crate::dsl::schema::Param::new(
+            $crate::dsl::schema::$kind($($arg),+, concat!($($doc),+).trim_ascii_start()),
+        );)*
+    };
+}
+pub(crate) use params;
+
 /// A property as the code that runs a kind reads it: its spec and the Rust type of its value.
 /// Declared once as a `const` beside the kind's [`KindSpec`], listed there with `.spec` and read
 /// with [`Props::get`] (or `Context::get`), so a misspelt property does not compile. The constant

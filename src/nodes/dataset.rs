@@ -3,7 +3,7 @@ use std::path::PathBuf;
 
 use crate::data::TaskStyle;
 use crate::data::formats::{self, Format};
-use crate::dsl::schema::{Artifact, KindSpec, Param, Role, ValueType, optional, required, unset};
+use crate::dsl::schema::{Artifact, KindSpec, Role, ValueType, params};
 use crate::nodes::context::{Context, Outcome, StepError};
 
 pub static SPEC: KindSpec = KindSpec {
@@ -28,18 +28,18 @@ pub static SPEC: KindSpec = KindSpec {
 "#,
 };
 
-const FORMAT: Param<Format> =
-    Param::new(required("format", ValueType::Choice(Format::NAMES), "How the file's records are laid out."));
-const PATH: Param<PathBuf> =
-    Param::new(required("path", ValueType::File, "The JSON-lines file, relative to the workflow file."));
-const SKIP: Param<i64> = Param::new(optional("skip", ValueType::at_least(0), "0", "Records to skip from the start."));
-const LIMIT: Param<i64> =
-    Param::new(optional("limit", ValueType::at_least(0), "0", "Most records to read after `skip`; 0 reads all."));
-const SHOW_TESTS: Param<Option<bool>> = Param::new(unset(
-    "show-tests",
-    ValueType::Bool,
-    "Show a task's `tests` in its prompt: #true by default for `mbpp`, #false for `jsonl`.",
-));
+params! {
+    /// How the file's records are laid out.
+    FORMAT: Format = required("format", ValueType::Choice(Format::NAMES));
+    /// The JSON-lines file, relative to the workflow file.
+    PATH: PathBuf = required("path", ValueType::File);
+    /// Records to skip from the start.
+    SKIP: i64 = optional("skip", ValueType::at_least(0), "0");
+    /// Most records to read after `skip`; 0 reads all.
+    LIMIT: i64 = optional("limit", ValueType::at_least(0), "0");
+    /// Show a task's `tests` in its prompt: #true by default for `mbpp`, #false for `jsonl`.
+    SHOW_TESTS: Option<bool> = unset("show-tests", ValueType::Bool);
+}
 
 const BATCH: usize = 256;
 

@@ -2,7 +2,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use crate::data::{Sample, Status, Task, Verdict, pass_at_k};
-use crate::dsl::schema::{Artifact, Input, KindSpec, Param, Role, ValueType, optional, required};
+use crate::dsl::schema::{Artifact, Input, KindSpec, Role, ValueType, params};
 use crate::nodes::context::{Context, Outcome, StepError};
 use crate::sandbox::{self, Job, Limits};
 
@@ -31,35 +31,26 @@ execute "references" code="train" timeout="5s" memory="256MiB"
 /// Samples run together before their verdicts are written.
 const BATCH: usize = 32;
 
-const CODE: Param<Input> = Param::new(required(
-    "code",
-    ValueType::Input(&[Artifact::Samples, Artifact::Tasks]),
-    "The samples to run, or tasks whose reference solutions to run.",
-));
-const TIMEOUT: Param<Duration> = Param::new(optional(
-    "timeout",
-    ValueType::Duration { min: Duration::from_millis(1), max: Duration::from_secs(24 * 60 * 60) },
-    r#""5s""#,
-    "Wall-clock deadline per program.",
-));
-const MEMORY: Param<u64> = Param::new(optional(
-    "memory",
-    ValueType::Size { min: sandbox::LEAST_MEMORY, max: sandbox::MOST_MEMORY },
-    r#""256MiB""#,
-    "Memory cap per program.",
-));
-const OUTPUT: Param<u64> = Param::new(optional(
-    "output",
-    ValueType::Size { min: 0, max: 1 << 30 },
-    r#""64KiB""#,
-    "Most output a program may print.",
-));
-const FEEDBACK_CHARS: Param<i64> = Param::new(optional(
-    "feedback-chars",
-    ValueType::at_least(100),
-    "2000",
-    "Most characters of feedback kept per verdict.",
-));
+params! {
+    /// The samples to run, or tasks whose reference solutions to run.
+    CODE: Input = required("code", ValueType::Input(&[Artifact::Samples, Artifact::Tasks]));
+    /// Wall-clock deadline per program.
+    TIMEOUT: Duration = optional(
+        "timeout",
+        ValueType::Duration { min: Duration::from_millis(1), max: Duration::from_secs(24 * 60 * 60) },
+        r#""5s""#,
+    );
+    /// Memory cap per program.
+    MEMORY: u64 = optional(
+        "memory",
+        ValueType::Size { min: sandbox::LEAST_MEMORY, max: sandbox::MOST_MEMORY },
+        r#""256MiB""#,
+    );
+    /// Most output a program may print.
+    OUTPUT: u64 = optional("output", ValueType::Size { min: 0, max: 1 << 30 }, r#""64KiB""#);
+    /// Most characters of feedback kept per verdict.
+    FEEDBACK_CHARS: i64 = optional("feedback-chars", ValueType::at_least(100), "2000");
+}
 
 /// The limits of an `execute` step that sets none: its schema's defaults, for those who run the
 /// sandbox outside a workflow (`seedflow fetch python` compiles it with them).

@@ -1,9 +1,7 @@
 use crate::data::{Sample, Status, Task, Verdict};
 use std::path::{Path, PathBuf};
 
-use crate::dsl::schema::{
-    AdapterSource, Artifact, Input, KindSpec, ModelName, Param, Role, ValueType, optional, required, unset,
-};
+use crate::dsl::schema::{AdapterSource, Artifact, Input, KindSpec, ModelName, Param, Role, ValueType, params};
 use crate::llm;
 use crate::nodes::context::{Context, Outcome, StepError};
 use crate::train::{self, Base, Config, Example, Lora, StepRecord, Target};
@@ -58,76 +56,39 @@ finetune-lora "tune" model="coder" data="train" rank=8 alpha=16 epochs=2 learnin
 "#,
 };
 
-const MODEL: Param<ModelName> = Param::new(required("model", ValueType::Model, "The base `model`."));
-const DATA: Param<Input> = Param::new(required(
-    "data",
-    ValueType::Input(&[Artifact::Verdicts, Artifact::Samples, Artifact::Tasks]),
-    "Training pairs: passing verdicts or samples, or tasks' reference solutions.",
-));
-const INIT: Param<Option<AdapterSource>> = Param::new(unset(
-    "init",
-    ValueType::Adapter,
-    "An adapter to continue training: a `finetune-lora` step (for example `prev.tune`), a GGUF \
-     LoRA file (`….gguf`) or a PEFT directory (a path with a `/`).",
-));
-const HISTORY: Param<Option<Input>> = Param::new(unset(
-    "history",
-    ValueType::Input(&[Artifact::Adapter]),
-    "Also train on every pair that adapter's step trained on (for example `prev.tune`). \
-     Without `init`, each loop iteration then trains afresh from the base model on all \
-     data so far; with it, it continues the adapter on all data so far.",
-));
-const RANK: Param<i64> = Param::new(optional(
-    "rank",
-    ValueType::at_least(1),
-    "8",
-    "LoRA rank; a projection with both sides smaller than it is an error.",
-));
-const ALPHA: Param<f64> = Param::new(optional(
-    "alpha",
-    ValueType::Number { min: 0.0, max: f64::INFINITY },
-    "16",
-    "LoRA alpha; the update is scaled by alpha / rank.",
-));
-const DROPOUT: Param<f64> =
-    Param::new(optional("dropout", ValueType::Number { min: 0.0, max: 1.0 }, "0.0", "Dropout on the LoRA input."));
-const TARGETS: Param<Vec<Target>> = Param::new(optional(
-    "targets",
-    ValueType::Choices(Target::NAMES),
-    r#""q,k,v,o,gate,up,down""#,
-    "Projections that get LoRA matrices.",
-));
-const EPOCHS: Param<i64> =
-    Param::new(optional("epochs", ValueType::Integer { min: 1, max: MOST_EPOCHS }, "2", "Passes over the data."));
-const LEARNING_RATE: Param<f64> = Param::new(optional(
-    "learning-rate",
-    ValueType::Number { min: 0.0, max: 1.0 },
-    "0.0002",
-    "Peak AdamW learning rate.",
-));
-const WARMUP: Param<f64> = Param::new(optional(
-    "warmup",
-    ValueType::Number { min: 0.0, max: 1.0 },
-    "0.1",
-    "Fraction of steps spent warming up.",
-));
-const BATCH: Param<i64> = Param::new(optional(
-    "batch",
-    ValueType::at_least(1),
-    "1",
-    "Examples per optimizer step (by gradient accumulation).",
-));
-const MAX_LENGTH: Param<i64> = Param::new(optional(
-    "max-length",
-    ValueType::at_least(16),
-    "512",
-    "Longest training sequence in tokens; longer ones are cut.",
-));
-const TEMPLATE: Param<Option<PathBuf>> = Param::new(unset(
-    "template",
-    ValueType::File,
-    "The prompt template, as `generate`'s `template` (the built-in one by default).",
-));
+params! {
+    /// The base `model`.
+    MODEL: ModelName = required("model", ValueType::Model);
+    /// Training pairs: passing verdicts or samples, or tasks' reference solutions.
+    DATA: Input = required("data", ValueType::Input(&[Artifact::Verdicts, Artifact::Samples, Artifact::Tasks]));
+    /// An adapter to continue training: a `finetune-lora` step (for example `prev.tune`), a GGUF LoRA file
+    /// (`….gguf`) or a PEFT directory (a path with a `/`).
+    INIT: Option<AdapterSource> = unset("init", ValueType::Adapter);
+    /// Also train on every pair that adapter's step trained on (for example `prev.tune`). Without `init`, each
+    /// loop iteration then trains afresh from the base model on all data so far; with it, it continues the
+    /// adapter on all data so far.
+    HISTORY: Option<Input> = unset("history", ValueType::Input(&[Artifact::Adapter]));
+    /// LoRA rank; a projection with both sides smaller than it is an error.
+    RANK: i64 = optional("rank", ValueType::at_least(1), "8");
+    /// LoRA alpha; the update is scaled by alpha / rank.
+    ALPHA: f64 = optional("alpha", ValueType::Number { min: 0.0, max: f64::INFINITY }, "16");
+    /// Dropout on the LoRA input.
+    DROPOUT: f64 = optional("dropout", ValueType::Number { min: 0.0, max: 1.0 }, "0.0");
+    /// Projections that get LoRA matrices.
+    TARGETS: Vec<Target> = optional("targets", ValueType::Choices(Target::NAMES), r#""q,k,v,o,gate,up,down""#);
+    /// Passes over the data.
+    EPOCHS: i64 = optional("epochs", ValueType::Integer { min: 1, max: MOST_EPOCHS }, "2");
+    /// Peak AdamW learning rate.
+    LEARNING_RATE: f64 = optional("learning-rate", ValueType::Number { min: 0.0, max: 1.0 }, "0.0002");
+    /// Fraction of steps spent warming up.
+    WARMUP: f64 = optional("warmup", ValueType::Number { min: 0.0, max: 1.0 }, "0.1");
+    /// Examples per optimizer step (by gradient accumulation).
+    BATCH: i64 = optional("batch", ValueType::at_least(1), "1");
+    /// Longest training sequence in tokens; longer ones are cut.
+    MAX_LENGTH: i64 = optional("max-length", ValueType::at_least(16), "512");
+    /// The prompt template, as `generate`'s `template` (the built-in one by default).
+    TEMPLATE: Option<PathBuf> = unset("template", ValueType::File);
+}
 
 /// The adapter file a `finetune-lora` step writes in its directory (what `adapter=` reads).
 pub const ADAPTER_FILE: &str = "adapter.gguf";

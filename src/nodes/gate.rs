@@ -1,4 +1,4 @@
-use crate::dsl::schema::{Artifact, KindSpec, MetricRef, Param, Role, ValueType, optional, required, unset};
+use crate::dsl::schema::{Artifact, KindSpec, MetricRef, Role, ValueType, params};
 use crate::nodes::context::{Context, Outcome, StepError};
 
 pub static SPEC: KindSpec = KindSpec {
@@ -22,29 +22,18 @@ gate "as-good" metric="held-out.pass-rate" baseline="references.pass-rate" margi
 "#,
 };
 
-const METRIC: Param<MetricRef> =
-    Param::new(required("metric", ValueType::Metric, "The metric to check, as `step.metric` (or `loop.step.metric`)."));
-const AT_LEAST: Param<Option<f64>> = Param::new(unset(
-    "at-least",
-    ValueType::Number { min: f64::NEG_INFINITY, max: f64::INFINITY },
-    "Fail when the metric is below this.",
-));
-const AT_MOST: Param<Option<f64>> = Param::new(unset(
-    "at-most",
-    ValueType::Number { min: f64::NEG_INFINITY, max: f64::INFINITY },
-    "Fail when the metric is above this.",
-));
-const BASELINE: Param<Option<MetricRef>> = Param::new(unset(
-    "baseline",
-    ValueType::Metric,
-    "Fail when the metric is below this other metric (for example the base model's pass@1).",
-));
-const MARGIN: Param<f64> = Param::new(optional(
-    "margin",
-    ValueType::Number { min: 0.0, max: f64::INFINITY },
-    "0.0",
-    "How far below `baseline` the metric may fall before the gate fails.",
-));
+params! {
+    /// The metric to check, as `step.metric` (or `loop.step.metric`).
+    METRIC: MetricRef = required("metric", ValueType::Metric);
+    /// Fail when the metric is below this.
+    AT_LEAST: Option<f64> = unset("at-least", ValueType::Number { min: f64::NEG_INFINITY, max: f64::INFINITY });
+    /// Fail when the metric is above this.
+    AT_MOST: Option<f64> = unset("at-most", ValueType::Number { min: f64::NEG_INFINITY, max: f64::INFINITY });
+    /// Fail when the metric is below this other metric (for example the base model's pass@1).
+    BASELINE: Option<MetricRef> = unset("baseline", ValueType::Metric);
+    /// How far below `baseline` the metric may fall before the gate fails.
+    MARGIN: f64 = optional("margin", ValueType::Number { min: 0.0, max: f64::INFINITY }, "0.0");
+}
 
 /// The bounds a metric must keep.
 #[derive(Debug, Default)]

@@ -1,9 +1,7 @@
 use std::path::PathBuf;
 
 use crate::data::{Sample, Task, TaskStyle, sample_seed};
-use crate::dsl::schema::{
-    AdapterSource, Artifact, Input, KindSpec, ModelName, Param, Role, ValueType, optional, required, unset,
-};
+use crate::dsl::schema::{AdapterSource, Artifact, Input, KindSpec, ModelName, Param, Role, ValueType, params};
 use crate::llm::{self, Generated, Generation, Request, Sampling, extract, prompt};
 use crate::nodes::context::{Context, Outcome, StepError};
 use crate::store::meta::Metrics;
@@ -13,61 +11,34 @@ use crate::store::meta::Metrics;
 pub const MOST_SAMPLES: i64 = 10_000;
 
 // Properties `revise` shares with `generate`.
-pub const MODEL: Param<ModelName> = Param::new(required("model", ValueType::Model, "The `model` to sample from."));
-pub const ADAPTER: Param<Option<AdapterSource>> = Param::new(unset(
-    "adapter",
-    ValueType::Adapter,
-    "A LoRA adapter to attach: a `finetune-lora` step (for example `prev.tune`), a GGUF LoRA \
-     file (`….gguf`) such as one a CI run kept, or a PEFT directory (a path with a `/`, such as \
-     `./my-adapter`) trained elsewhere; `seedflow check` reads the file headers and checks that \
-     the adapter fits the step's model.",
-));
-pub const ADAPTER_SCALE: Param<f64> = Param::new(optional(
-    "adapter-scale",
-    ValueType::Number { min: 0.0, max: 10.0 },
-    "1.0",
-    "Scale of the adapter's contribution.",
-));
-pub const TEMPERATURE: Param<f64> = Param::new(optional(
-    "temperature",
-    ValueType::Number { min: 0.0, max: 5.0 },
-    "0.8",
-    "Sampling temperature; 0 is greedy.",
-));
-pub const TOP_P: Param<f64> =
-    Param::new(optional("top-p", ValueType::Number { min: 0.0, max: 1.0 }, "0.95", "Nucleus sampling threshold."));
-pub const TOP_K: Param<i64> = Param::new(optional(
-    "top-k",
-    ValueType::Integer { min: 0, max: i32::MAX as i64 },
-    "40",
-    "Keep the k most likely tokens; 0 keeps all.",
-));
-pub const MAX_TOKENS: Param<i64> = Param::new(optional(
-    "max-tokens",
-    ValueType::Integer { min: 1, max: llm::MOST_TOKENS as i64 },
-    "512",
-    "Most tokens generated per sample.",
-));
-pub const STOP: Param<Option<String>> = Param::new(unset(
-    "stop",
-    ValueType::Text,
-    "An extra string that ends a sample where it first appears (the string itself is left out).",
-));
-pub const STOP_AFTER_CODE: Param<bool> = Param::new(optional(
-    "stop-after-code",
-    ValueType::Bool,
-    "#true",
-    "End a sample when its first fenced code block closes (what follows is prose).",
-));
-
-const TASKS: Param<Input> = Param::new(required("tasks", ValueType::Input(&[Artifact::Tasks]), "The tasks to solve."));
-const SAMPLES: Param<i64> =
-    Param::new(optional("samples", ValueType::Integer { min: 1, max: MOST_SAMPLES }, "1", "Programs per task."));
-pub const TEMPLATE: Param<Option<PathBuf>> = Param::new(unset(
-    "template",
-    ValueType::File,
-    "A prompt template replacing the built-in one (`std/prompts/…` or a file).",
-));
+params! {
+    /// The `model` to sample from.
+    pub MODEL: ModelName = required("model", ValueType::Model);
+    /// A LoRA adapter to attach: a `finetune-lora` step (for example `prev.tune`), a GGUF LoRA file (`….gguf`)
+    /// such as one a CI run kept, or a PEFT directory (a path with a `/`, such as `./my-adapter`) trained
+    /// elsewhere; `seedflow check` reads the file headers and checks that the adapter fits the step's model.
+    pub ADAPTER: Option<AdapterSource> = unset("adapter", ValueType::Adapter);
+    /// Scale of the adapter's contribution.
+    pub ADAPTER_SCALE: f64 = optional("adapter-scale", ValueType::Number { min: 0.0, max: 10.0 }, "1.0");
+    /// Sampling temperature; 0 is greedy.
+    pub TEMPERATURE: f64 = optional("temperature", ValueType::Number { min: 0.0, max: 5.0 }, "0.8");
+    /// Nucleus sampling threshold.
+    pub TOP_P: f64 = optional("top-p", ValueType::Number { min: 0.0, max: 1.0 }, "0.95");
+    /// Keep the k most likely tokens; 0 keeps all.
+    pub TOP_K: i64 = optional("top-k", ValueType::Integer { min: 0, max: i32::MAX as i64 }, "40");
+    /// Most tokens generated per sample.
+    pub MAX_TOKENS: i64 = optional("max-tokens", ValueType::Integer { min: 1, max: llm::MOST_TOKENS as i64 }, "512");
+    /// An extra string that ends a sample where it first appears (the string itself is left out).
+    pub STOP: Option<String> = unset("stop", ValueType::Text);
+    /// End a sample when its first fenced code block closes (what follows is prose).
+    pub STOP_AFTER_CODE: bool = optional("stop-after-code", ValueType::Bool, "#true");
+    /// The tasks to solve.
+    TASKS: Input = required("tasks", ValueType::Input(&[Artifact::Tasks]));
+    /// Programs per task.
+    SAMPLES: i64 = optional("samples", ValueType::Integer { min: 1, max: MOST_SAMPLES }, "1");
+    /// A prompt template replacing the built-in one (`std/prompts/…` or a file).
+    pub TEMPLATE: Option<PathBuf> = unset("template", ValueType::File);
+}
 
 pub static SPEC: KindSpec = KindSpec {
     name: "generate",

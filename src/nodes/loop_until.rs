@@ -1,18 +1,16 @@
 use crate::dsl::expr::Expr;
-use crate::dsl::schema::{KindSpec, Param, Role, ValueType, optional, unset};
+use crate::dsl::schema::{KindSpec, Role, ValueType, params};
 
 /// Most iterations: a bound that catches a mistyped value before a loop that would not end.
 const MOST_ITERATIONS: i64 = 10_000;
 
-/// Read by the executor, which runs the loop.
-pub const MAX_ITERATIONS: Param<i64> = Param::new(optional(
-    "max-iterations",
-    ValueType::Integer { min: 1, max: MOST_ITERATIONS },
-    "3",
-    "Most iterations to run.",
-));
-pub const UNTIL: Param<Option<Expr>> =
-    Param::new(unset("until", ValueType::Expression, "Stop after an iteration in which this holds."));
+// Read by the executor, which runs the loop.
+params! {
+    /// Most iterations to run.
+    pub MAX_ITERATIONS: i64 = optional("max-iterations", ValueType::Integer { min: 1, max: MOST_ITERATIONS }, "3");
+    /// Stop after an iteration in which this holds.
+    pub UNTIL: Option<Expr> = unset("until", ValueType::Expression);
+}
 
 pub static SPEC: KindSpec = KindSpec {
     name: "loop-until",

@@ -1,86 +1,50 @@
 use std::time::Duration;
 
 use crate::assets;
-use crate::dsl::schema::{FromValue, KindSpec, ModelPath, Param, Props, Role, ValueType, optional, unset};
+use crate::dsl::schema::{FromValue, KindSpec, ModelPath, Param, Props, Role, ValueType, params};
 use crate::llm::{self, Endpoint, ModelSettings, ServerSettings};
 
-const PATH: Param<ModelPath> = Param::new(optional(
-    "path",
-    ValueType::ModelFile,
-    r#""default""#,
-    "\"default\" (Qwen2.5-Coder-0.5B-Instruct), \"qwen2.5-coder-1.5b\" (the same family, three \
-     times the size), a GGUF file, or a Hugging Face model directory (`config.json`, \
-     `*.safetensors`, `tokenizer.json`: what a vLLM or SGLang `server` serves, which \
-     `finetune-lora` then trains on), relative to the workflow file. The built-in models are \
-     fetched on first use.",
-));
-const CONTEXT: Param<i64> = Param::new(optional(
-    "context",
-    ValueType::Integer { min: 0, max: llm::MOST_TOKENS as i64 },
-    "0",
-    "Most tokens of one sequence (prompt and answer); 0 allows what the model was trained \
-     for (32,768 tokens for the default model). Each sequence gets the cache its step's \
-     longest prompt and answer need, not this much.",
-));
-const GPU_LAYERS: Param<i64> = Param::new(optional(
-    "gpu-layers",
-    ValueType::Integer { min: -1, max: i32::MAX as i64 },
-    "0",
-    "Layers to offload to the GPU; -1 offloads all, 0 runs on the CPU. Other values need a \
-     seedflow built with `--features cuda` and a CUDA device; without them the step fails.",
-));
-const THREADS: Param<i64> = Param::new(optional(
-    "threads",
-    ValueType::Integer { min: 0, max: llm::MOST_THREADS as i64 },
-    "0",
-    "CPU threads; 0 uses every core (at most 512, llama.cpp's limit).",
-));
-const BATCH: Param<i64> = Param::new(optional(
-    "batch",
-    ValueType::Integer { min: 1, max: llm::MOST_TOKENS as i64 },
-    "512",
-    "Prompt tokens per llama.cpp decode (the sequences' next tokens go into one decode \
-     however many there are).",
-));
-const PARALLEL: Param<i64> = Param::new(optional(
-    "parallel",
-    ValueType::Integer { min: 1, max: llm::MOST_PARALLEL as i64 },
-    "8",
-    "Sequences decoded together (the samples of several tasks); at most 255, as llama.cpp \
-     keeps 256 sequences and seedflow one more for the prompt they share.",
-));
-
-const SERVER: Param<Option<String>> = Param::new(unset(
-    "server",
-    ValueType::Server,
-    "The base URL of a server that serves the model through the OpenAI chat-completions API \
-     (llama-server, vLLM, SGLang: `http://host:8080` or `…/v1`); `generate` and `revise` then \
-     sample there, `parallel` requests at a time, and `path` is only what `finetune-lora` \
-     trains (the weights the server must serve). Several URLs, comma-separated, spread the \
-     requests over as many servers of the same model, `parallel` at a time on each. \
-     \"spawn\" starts llama-server on `path` \
-     (`seedflow fetch llama-server` builds it) and restarts it with each adapter a step asks \
-     for. Unset: llama.cpp in this process.",
-));
-const SERVER_MODEL: Param<Option<String>> = Param::new(unset(
-    "server-model",
-    ValueType::Text,
-    "The model name requests ask the server for; unset takes the first it lists.",
-));
-const API_KEY_ENV: Param<String> = Param::new(optional(
-    "api-key-env",
-    ValueType::Text,
-    r#""SEEDFLOW_API_KEY""#,
-    "The environment variable holding the server's API key (sent as a bearer token when set); \
-     the key itself never goes in a workflow.",
-));
-const REQUEST_TIMEOUT: Param<Duration> = Param::new(optional(
-    "request-timeout",
-    ValueType::Duration { min: Duration::from_secs(1), max: Duration::from_secs(24 * 60 * 60) },
-    r#""10m""#,
-    "Most time the server may take over one sample. A request that cannot connect, or that the \
-     server answers with 5xx or 429, is sent up to 4 times, 1, 2 and 4 s apart.",
-));
+params! {
+    /// "default" (Qwen2.5-Coder-0.5B-Instruct), "qwen2.5-coder-1.5b" (the same family, three times the size), a
+    /// GGUF file, or a Hugging Face model directory (`config.json`, `*.safetensors`, `tokenizer.json`: what a
+    /// vLLM or SGLang `server` serves, which `finetune-lora` then trains on), relative to the workflow file.
+    /// The built-in models are fetched on first use.
+    PATH: ModelPath = optional("path", ValueType::ModelFile, r#""default""#);
+    /// Most tokens of one sequence (prompt and answer); 0 allows what the model was trained for (32,768 tokens
+    /// for the default model). Each sequence gets the cache its step's longest prompt and answer need, not this
+    /// much.
+    CONTEXT: i64 = optional("context", ValueType::Integer { min: 0, max: llm::MOST_TOKENS as i64 }, "0");
+    /// Layers to offload to the GPU; -1 offloads all, 0 runs on the CPU. Other values need a seedflow built
+    /// with `--features cuda` and a CUDA device; without them the step fails.
+    GPU_LAYERS: i64 = optional("gpu-layers", ValueType::Integer { min: -1, max: i32::MAX as i64 }, "0");
+    /// CPU threads; 0 uses every core (at most 512, llama.cpp's limit).
+    THREADS: i64 = optional("threads", ValueType::Integer { min: 0, max: llm::MOST_THREADS as i64 }, "0");
+    /// Prompt tokens per llama.cpp decode (the sequences' next tokens go into one decode however many there
+    /// are).
+    BATCH: i64 = optional("batch", ValueType::Integer { min: 1, max: llm::MOST_TOKENS as i64 }, "512");
+    /// Sequences decoded together (the samples of several tasks); at most 255, as llama.cpp keeps 256 sequences
+    /// and seedflow one more for the prompt they share.
+    PARALLEL: i64 = optional("parallel", ValueType::Integer { min: 1, max: llm::MOST_PARALLEL as i64 }, "8");
+    /// The base URL of a server that serves the model through the OpenAI chat-completions API (llama-server,
+    /// vLLM, SGLang: `http://host:8080` or `…/v1`); `generate` and `revise` then sample there, `parallel`
+    /// requests at a time, and `path` is only what `finetune-lora` trains (the weights the server must serve).
+    /// Several URLs, comma-separated, spread the requests over as many servers of the same model, `parallel` at
+    /// a time on each. "spawn" starts llama-server on `path` (`seedflow fetch llama-server` builds it) and
+    /// restarts it with each adapter a step asks for. Unset: llama.cpp in this process.
+    SERVER: Option<String> = unset("server", ValueType::Server);
+    /// The model name requests ask the server for; unset takes the first it lists.
+    SERVER_MODEL: Option<String> = unset("server-model", ValueType::Text);
+    /// The environment variable holding the server's API key (sent as a bearer token when set); the key itself
+    /// never goes in a workflow.
+    API_KEY_ENV: String = optional("api-key-env", ValueType::Text, r#""SEEDFLOW_API_KEY""#);
+    /// Most time the server may take over one sample. A request that cannot connect, or that the server answers
+    /// with 5xx or 429, is sent up to 4 times, 1, 2 and 4 s apart.
+    REQUEST_TIMEOUT: Duration = optional(
+        "request-timeout",
+        ValueType::Duration { min: Duration::from_secs(1), max: Duration::from_secs(24 * 60 * 60) },
+        r#""10m""#,
+    );
+}
 
 pub static SPEC: KindSpec = KindSpec {
     name: "model",

@@ -5,7 +5,7 @@ use serde::Serialize;
 
 use crate::data::paired::{self, Paired};
 use crate::data::{Status, Verdict, pass_at_k};
-use crate::dsl::schema::{Artifact, Input, KindSpec, Param, Role, ValueType, optional, required, unset};
+use crate::dsl::schema::{Artifact, Input, KindSpec, Role, ValueType, params};
 use crate::nodes::context::{Context, Outcome, StepError};
 use crate::store::write_atomic;
 
@@ -123,23 +123,18 @@ pub fn junit(report: &Report, verdicts: &[Verdict]) -> Result<String, String> {
     junit.to_string().map_err(|e| e.to_string())
 }
 
-const FROM: Param<Input> =
-    Param::new(required("from", ValueType::Input(&[Artifact::Verdicts]), "The verdicts to report on."));
-const BASELINE: Param<Option<Input>> = Param::new(unset(
-    "baseline",
-    ValueType::Input(&[Artifact::Verdicts]),
-    "Verdicts to compare with, task by task (the model before adaptation).",
-));
-const K: Param<Vec<i64>> =
-    Param::new(optional("k", ValueType::Integers, r#""1""#, "The k of each pass@k, as a list: \"1,10\"."));
-const FORMATS: Param<Vec<ReportFormat>> = Param::new(optional(
-    "formats",
-    ValueType::Choices(ReportFormat::NAMES),
-    r#""json,markdown,junit""#,
-    "Files to write.",
-));
-const TITLE: Param<String> =
-    Param::new(optional("title", ValueType::Text, r#""seedflow report""#, "Heading of the report."));
+params! {
+    /// The verdicts to report on.
+    FROM: Input = required("from", ValueType::Input(&[Artifact::Verdicts]));
+    /// Verdicts to compare with, task by task (the model before adaptation).
+    BASELINE: Option<Input> = unset("baseline", ValueType::Input(&[Artifact::Verdicts]));
+    /// The k of each pass@k, as a list: "1,10".
+    K: Vec<i64> = optional("k", ValueType::Integers, r#""1""#);
+    /// Files to write.
+    FORMATS: Vec<ReportFormat> = optional("formats", ValueType::Choices(ReportFormat::NAMES), r#""json,markdown,junit""#);
+    /// Heading of the report.
+    TITLE: String = optional("title", ValueType::Text, r#""seedflow report""#);
+}
 
 crate::choice! {
     /// A file a report step writes.

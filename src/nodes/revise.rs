@@ -1,7 +1,7 @@
 use crate::data::{Parent, Verdict, sample_seed};
 use std::path::PathBuf;
 
-use crate::dsl::schema::{Artifact, Input, KindSpec, Param, Role, ValueType, optional, required, unset};
+use crate::dsl::schema::{Artifact, Input, KindSpec, Role, ValueType, params};
 use crate::llm::prompt::{ReferenceMode, RevisionExample};
 use crate::llm::{Request, prompt};
 use crate::nodes::context::{Context, Outcome, StepError};
@@ -54,24 +54,18 @@ revise "revisions" model="coder" errors="errors" samples=4 reference="off" examp
 "#,
 };
 
-const ERRORS: Param<Input> =
-    Param::new(required("errors", ValueType::Input(&[Artifact::Verdicts]), "Verdicts of the programs to revise."));
-const SAMPLES: Param<i64> =
-    Param::new(optional("samples", ValueType::Integer { min: 1, max: MOST_SAMPLES }, "4", "Revisions per error."));
-const REFERENCE: Param<ReferenceMode> = Param::new(optional(
-    "reference",
-    ValueType::Choice(ReferenceMode::NAMES),
-    r#""hint""#,
-    "How the prompt shows the dataset's reference solution.",
-));
-const EXAMPLES: Param<PathBuf> = Param::new(optional(
-    "examples",
-    ValueType::File,
-    r#""std/prompts/revise-examples.jsonl""#,
-    "Worked revisions shown first (few-shot), as JSON lines.",
-));
-const TEMPLATE: Param<Option<PathBuf>> =
-    Param::new(unset("template", ValueType::File, "A prompt template replacing the built-in one."));
+params! {
+    /// Verdicts of the programs to revise.
+    ERRORS: Input = required("errors", ValueType::Input(&[Artifact::Verdicts]));
+    /// Revisions per error.
+    SAMPLES: i64 = optional("samples", ValueType::Integer { min: 1, max: MOST_SAMPLES }, "4");
+    /// How the prompt shows the dataset's reference solution.
+    REFERENCE: ReferenceMode = optional("reference", ValueType::Choice(ReferenceMode::NAMES), r#""hint""#);
+    /// Worked revisions shown first (few-shot), as JSON lines.
+    EXAMPLES: PathBuf = optional("examples", ValueType::File, r#""std/prompts/revise-examples.jsonl""#);
+    /// A prompt template replacing the built-in one.
+    TEMPLATE: Option<PathBuf> = unset("template", ValueType::File);
+}
 
 pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
     let errors: Vec<Verdict> = ctx.read(&ERRORS)?;

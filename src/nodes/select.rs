@@ -1,7 +1,7 @@
 use std::collections::BTreeMap;
 
 use crate::data::Verdict;
-use crate::dsl::schema::{Artifact, Input, KindSpec, Param, Role, StatusFilter, ValueType, optional, required};
+use crate::dsl::schema::{Artifact, Input, KindSpec, Role, StatusFilter, ValueType, params};
 use crate::nodes::context::{Context, Outcome, StepError};
 
 pub static SPEC: KindSpec = KindSpec {
@@ -30,24 +30,18 @@ select "failures" from="verdicts" status="failed,error,timeout" per-task=1 prefe
 "#,
 };
 
-const FROM: Param<Input> =
-    Param::new(required("from", ValueType::Input(&[Artifact::Verdicts]), "The verdicts to choose from."));
-const STATUS: Param<StatusFilter> =
-    Param::new(optional("status", ValueType::Statuses, r#""passed""#, "Which statuses to keep."));
-const PER_TASK: Param<i64> =
-    Param::new(optional("per-task", ValueType::at_least(0), "1", "Most verdicts kept per task; 0 keeps all."));
-const PREFER: Param<Prefer> = Param::new(optional(
-    "prefer",
-    ValueType::Choice(Prefer::NAMES),
-    r#""first""#,
-    "Which verdicts of a task to keep first.",
-));
-const OWN_CODE: Param<OwnCode> = Param::new(optional(
-    "own-code",
-    ValueType::Choice(OwnCode::NAMES),
-    r#""prefer""#,
-    "What to do with revisions that copy the task's reference rather than edit their own code.",
-));
+params! {
+    /// The verdicts to choose from.
+    FROM: Input = required("from", ValueType::Input(&[Artifact::Verdicts]));
+    /// Which statuses to keep.
+    STATUS: StatusFilter = optional("status", ValueType::Statuses, r#""passed""#);
+    /// Most verdicts kept per task; 0 keeps all.
+    PER_TASK: i64 = optional("per-task", ValueType::at_least(0), "1");
+    /// Which verdicts of a task to keep first.
+    PREFER: Prefer = optional("prefer", ValueType::Choice(Prefer::NAMES), r#""first""#);
+    /// What to do with revisions that copy the task's reference rather than edit their own code.
+    OWN_CODE: OwnCode = optional("own-code", ValueType::Choice(OwnCode::NAMES), r#""prefer""#);
+}
 
 crate::choice! {
     /// What `select` does with revisions that copy their task's reference.

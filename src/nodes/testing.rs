@@ -6,14 +6,19 @@ use std::sync::{Condvar, LazyLock, Mutex};
 use std::time::Duration;
 
 use super::{Holds, Kind, Reported, step};
-use crate::dsl::schema::{Artifact, Input, KindSpec, Param, Role, ValueType, optional, unset};
+use crate::dsl::schema::{Artifact, Input, KindSpec, Role, ValueType, params};
 use crate::nodes::context::{Context, Outcome, StepError};
 
-const FROM: Param<Option<Input>> =
-    Param::new(unset("from", ValueType::Input(&[Artifact::Tasks]), "An input whose hash enters the records."));
-const RECORDS: Param<i64> = Param::new(optional("records", ValueType::at_least(0), "10", "How many records."));
-const GROUP: Param<String> = Param::new(optional("group", ValueType::Text, r#""g""#, "Barrier name."));
-const PARTIES: Param<i64> = Param::new(optional("parties", ValueType::at_least(1), "2", "Steps that must meet."));
+params! {
+    /// An input whose hash enters the records.
+    FROM: Option<Input> = unset("from", ValueType::Input(&[Artifact::Tasks]));
+    /// How many records.
+    RECORDS: i64 = optional("records", ValueType::at_least(0), "10");
+    /// Barrier name.
+    GROUP: String = optional("group", ValueType::Text, r#""g""#);
+    /// Steps that must meet.
+    PARTIES: i64 = optional("parties", ValueType::at_least(1), "2");
+}
 
 pub static BATCHES: KindSpec = KindSpec {
     name: "test-batches",

@@ -1,8 +1,10 @@
-use crate::dsl::schema::{KindSpec, Param, Role, ValueType, optional};
+use crate::dsl::schema::{KindSpec, Role, ValueType, params};
 
-/// Read by the planner, which gives every step the run's seed.
-const SEED: Param<i64> =
-    Param::new(optional("seed", ValueType::at_least(0), "0", "Root of every random draw in the run."));
+// Read by the planner, which gives every step the run's seed.
+params! {
+    /// Root of every random draw in the run.
+    SEED: i64 = optional("seed", ValueType::at_least(0), "0");
+}
 
 pub static SPEC: KindSpec = KindSpec {
     name: "workflow",
