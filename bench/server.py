@@ -6,6 +6,8 @@ llama.cpp in seedflow's process and once with `model … server=URL` against a l
 with as many slots (`--parallel`), the same threads and the same chat template rendering
 (`--no-jinja`). The figure is the step's generated tokens over its wall time, prompt decoding and
 HTTP included; the ratio is server / in-process. Rounds alternate the two, medians are reported.
+It also prints the CPU time seedflow's own process took in the server arm: the HTTP client's
+cost, which on one machine comes out of the cores the server computes on.
 
 llama-server is what `seedflow fetch llama-server` builds: llama-cpp-python 0.3.36's llama.cpp,
 not the tree seedflow links (whose vendored copy has no server), so the ratio holds the two
@@ -16,6 +18,7 @@ llama.cpp versions' difference as well as the HTTP layer's cost.
 """
 import json
 import os
+import resource
 import socket
 import subprocess
 import tempfile
@@ -26,7 +29,7 @@ from statistics import median
 
 from generate import MBPP, PARALLEL, ROUNDS, THREADS, seedflow_binary
 
-TASKS = int(os.environ.get("TASKS", "4"))
+TASKS = int(os.environ.get("TASKS", "8"))  # as bench/generate.py's workload
 SAMPLES = 5  # per task, as in SEED's error collection
 
 
@@ -55,7 +58,8 @@ def start_server(binary, model, parallel):
 
 
 def workload(binary, work, parallel, server=None):
-    """Generated tokens per second of the workload step, and its tokens."""
+    """Generated tokens per second of the workload step, its tokens, and the CPU seconds
+    seedflow's own process took (through a server: the client's, the HTTP layer's cost)."""
     where = f' server="{server}"' if server else ""
     flow = [
         'workflow "bench" seed=1',
@@ -68,11 +72,14 @@ def workload(binary, work, parallel, server=None):
     (work / "bench.kdl").write_text("\n".join(flow) + "\n")
     run = work / f"run-{parallel}-{'server' if server else 'local'}"
     subprocess.run(["rm", "-rf", run], check=True)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     done = subprocess.run([binary, "run", work / "bench.kdl", "--run-dir", run, "--ci"], capture_output=True, text=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
     if done.returncode != 0:
         raise SystemExit(f"seedflow failed:\n{done.stdout}{done.stderr}")
     meta = json.loads((run / "workload" / "meta.json").read_text())
-    return meta["metrics"]["tokens"] / meta["seconds"], meta["metrics"]["tokens"]
+    return meta["metrics"]["tokens"] / meta["seconds"], meta["metrics"]["tokens"], cpu
 
 
 def main():
@@ -95,10 +102,12 @@ def main():
           f"temperature 0.8, stopped after the code), generated tokens per second of the whole step, median of {ROUNDS} rounds")
     print(f"{'sequences':>9} {'in-process':>10} {'llama-server':>12} {'ratio':>6}   rounds (tokens/s, tokens)")
     for n in PARALLEL:
-        ours, theirs = median(s for s, _ in local[n]), median(s for s, _ in remote[n])
-        rounds = "; ".join(f"{a:.1f} ({at}) / {b:.1f} ({bt})" for (a, at), (b, bt) in zip(local[n], remote[n]))
+        ours, theirs = median(s for s, _, _ in local[n]), median(s for s, _, _ in remote[n])
+        rounds = "; ".join(f"{a:.1f} ({at:.0f}) / {b:.1f} ({bt:.0f})" for (a, at, _), (b, bt, _) in zip(local[n], remote[n]))
         print(f"{n:>9} {ours:>10.1f} {theirs:>12.1f} {theirs / ours:>6.2f}   {rounds}")
     print("ratio = through llama-server / in process")
+    client = [cpu for n in PARALLEL for _, _, cpu in remote[n]]
+    print(f"seedflow's own CPU time through llama-server (the HTTP client, planning, records): {min(client):.1f}-{max(client):.1f} s a run")
 
 
 if __name__ == "__main__":

@@ -266,6 +266,9 @@ impl Server {
             "temperature": sampling.temperature,
             "top_p": sampling.top_p,
             "top_k": sampling.top_k,
+            // llama-server also drops tokens below 5% of the likeliest's probability unless told
+            // not to; the local backend samples from top-k and top-p alone.
+            "min_p": 0.0,
             "max_tokens": sampling.max_tokens,
             "seed": seed,
             "logprobs": true,
@@ -676,6 +679,7 @@ mod tests {
         assert_eq!(body["model"], "served");
         assert_eq!(body["seed"], 7);
         assert_eq!(body["top_k"], 40);
+        assert_eq!(body["min_p"], 0.0);
         assert_eq!(body["max_tokens"], 64);
         assert_eq!(body["stop"], json!(["<END>"]));
         assert_eq!(body["logprobs"], true);
