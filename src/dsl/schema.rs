@@ -212,7 +212,7 @@ pub const fn unset(name: &'static str, ty: ValueType, doc: &'static str) -> Prop
 }
 
 /// Declares a kind's properties as [`Param`] constants, each documented by its doc comment,
-/// which is the property's documentation in the language reference and in diagnostics:
+/// which is the property's documentation in the language reference (`seedflow docs`):
 ///
 /// ```ignore
 /// params! {
@@ -233,7 +233,7 @@ macro_rules! params {
 pub(crate) use params;
 
 /// A property as the code that runs a kind reads it: its spec and the Rust type of its value.
-/// Declared once as a `const` beside the kind's [`KindSpec`], listed there with `.spec` and read
+/// Declared once with [`params!`] beside the kind's [`KindSpec`], listed there with `.spec` and read
 /// with [`Props::get`] (or `Context::get`), so a misspelt property does not compile. The constant
 /// is checked when it is compiled: the Rust type must read the spec's value type (a choice enum
 /// must have the spec's names), and a property read as `Option<T>` must be one that may be
