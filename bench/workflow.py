@@ -20,8 +20,9 @@ itself (seed 42, its prompts, its answers' own lengths, its training examples):
 For a sampling step the figure is its wall time and tokens (prompt tokens decoded, answer tokens
 generated) and answer tokens per second of the whole step; ratio = seedflow's speed / the anchor's
 (above 1: seedflow faster). For `tune`: sequence tokens (prompt + answer) per second over the
-optimizer steps after the first, and the peak resident memory (seedflow's whole run against
-PyTorch's process). The table's last line sums the steps' seconds.
+whole training, first step included on both sides, and the peak resident memory (seedflow's on a
+copy of the run resumed without `tune`, so that llama.cpp's memory is not in it: `tune` and then
+`final`; PyTorch's process). The table's last line sums the steps' seconds.
 
     SEEDFLOW_BIN=target/debug/seedflow python3 bench/workflow.py
     KEEP=runs/bench python3 bench/workflow.py     # keeps both run directories there
