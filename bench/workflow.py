@@ -26,6 +26,7 @@ copy of the run resumed without `tune`, so that llama.cpp's memory is not in it:
 
     SEEDFLOW_BIN=target/debug/seedflow python3 bench/workflow.py
     KEEP=runs/bench python3 bench/workflow.py     # keeps both run directories there
+    KEEP=runs/bench ONLY=tune python3 bench/workflow.py   # the training alone, on a kept run's pairs
 
 About 30 minutes on 2 cores (two quickstarts, a retraining and a PyTorch training).
 """
@@ -122,13 +123,19 @@ def main():
     model = Path(subprocess.run([binary, "fetch", "model"], check=True, capture_output=True, text=True).stdout.strip())
     subprocess.run([binary, "fetch", "llama-server"], check=True, capture_output=True)
     keep = os.environ.get("KEEP")
+    # ONLY=tune: seedflow's training against PyTorch's alone (three minutes), on the pairs of the
+    # in-process run kept in KEEP (run first if there is none).
+    tune_only = os.environ.get("ONLY") == "tune"
     work = Path(keep).resolve() if keep else Path(tempfile.mkdtemp())
     try:
         local, served = work / "in-process", work / "llama-server"
-        for run_dir in (local, served, work / "tune-only"):
+        reuse = tune_only and (local / TUNE / "training-pairs.jsonl").exists()
+        for run_dir in ([] if reuse else [local, served]) + [work / "tune-only"]:
             shutil.rmtree(run_dir, ignore_errors=True)
-        run_quickstart(binary, local)
-        run_quickstart(binary, served, "--set", "coder.server=spawn")
+        if not reuse:
+            run_quickstart(binary, local)
+        if not tune_only:
+            run_quickstart(binary, served, "--set", "coder.server=spawn")
         # The training again, for its memory apart from llama.cpp's: a copy of the run without its
         # `tune` resumes with it (and `final`, whose adapter is new; it needs less memory).
         retrained = work / "tune-only"
@@ -141,18 +148,20 @@ def main():
                                       local / TUNE / "meta.json", ROOT / "stdlib" / "prompts", str(THREADS)], env=quiet)
         torch_run = json.loads(out.strip().splitlines()[-1])
         records = [json.loads(l) for l in (retrained / TUNE / "output.jsonl").read_text().splitlines()]
-        rows = [sampling_line(step, meta(local, step), meta(served, step)) for step in SAMPLING]
-        total = {d: sum(meta(d, s)["seconds"] for s in SAMPLING + [TUNE]) for d in (local, served)}
+        if not tune_only:
+            rows = [sampling_line(step, meta(local, step), meta(served, step)) for step in SAMPLING]
+            total = {d: sum(meta(d, s)["seconds"] for s in SAMPLING + [TUNE]) for d in (local, served)}
     finally:
         if not keep:
             shutil.rmtree(work, ignore_errors=True)
 
     print(f"The quickstart ({WORKFLOW.relative_to(ROOT)}, seed 42), {model.name}, {THREADS} threads, one run of each")
-    print(f"{'':<11}{'seedflow in-process':^32}  |{'llama-server (spawn)':^32}  |")
-    print(f"{'step':<11}{'s':>8}{'prompt':>8}{'tokens':>8}{'tok/s':>8}  |{'s':>8}{'prompt':>8}{'tokens':>8}{'tok/s':>8}  |"
-          f"{'ratio':>6}{'decode':>8}")
-    for row in rows:
-        print(row)
+    if not tune_only:
+        print(f"{'':<11}{'seedflow in-process':^32}  |{'llama-server (spawn)':^32}  |")
+        print(f"{'step':<11}{'s':>8}{'prompt':>8}{'tokens':>8}{'tok/s':>8}  |{'s':>8}{'prompt':>8}{'tokens':>8}{'tok/s':>8}  |"
+              f"{'ratio':>6}{'decode':>8}")
+        for row in rows:
+            print(row)
     # The same examples, epochs and batch both ways (in another order): whole trainings compared,
     # first step included on both sides; tokens as PyTorch's tokenizer counts the sequences.
     ours_seconds, theirs_seconds = records[-1]["seconds"], sum(torch_run["seconds"])
@@ -162,8 +171,9 @@ def main():
     print(f"  seedflow        {ours_seconds:>7.1f} s {sequence_tokens / ours_seconds:>7.1f} tokens/s  peak {ours_peak / 2**30:.2f} GiB (the resumed run: tune, then final)")
     print(f"  PyTorch + PEFT  {theirs_seconds:>7.1f} s {sequence_tokens / theirs_seconds:>7.1f} tokens/s  peak {theirs_peak / 2**30:.2f} GiB")
     print(f"  ratio: speed {theirs_seconds / ours_seconds:.2f}x (target >= 1.5), peak memory {ours_peak / theirs_peak:.2f}x (target <= 0.7)")
-    print(f"all steps: {total[local]:.0f} s in-process, {total[served]:.0f} s through llama-server "
-          f"(sampling steps and tune; training local in both)")
+    if not tune_only:
+        print(f"all steps: {total[local]:.0f} s in-process, {total[served]:.0f} s through llama-server "
+              f"(sampling steps and tune; training local in both)")
 
 
 if __name__ == "__main__":

@@ -244,24 +244,35 @@ impl Base {
         let neox = c.architecture == Architecture::Qwen2;
         let scale = 1.0 / (c.head_dim as f64).sqrt();
         let mask = ops::causal_mask(n)?;
+        // After the last layer only the rows at `positions` are read. When they are consecutive
+        // (a training example's answer), the last layer computes queries, its output projection
+        // and its MLP for those rows alone (keys and values still for every row): the prompt's
+        // rows skip about a twentieth of their work, forward and backward.
+        let answer = positions.first().map(|&p| p as usize).filter(|&first| {
+            positions.iter().enumerate().all(|(i, &p)| p as usize == first + i) && first + positions.len() <= n
+        });
         let mut x = self.embedding.index_select(&Tensor::new(tokens, &device)?, 0)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let h = ops::rms_norm(&x, &layer.attn_norm, c.rms_eps)?;
-            let heads = |t: Tensor, count: usize| t.reshape((n, count, c.head_dim))?.transpose(0, 1);
-            let q = heads(self.project(&h, i, Target::Q, lora, &mut dropout)?, c.heads)?;
-            let k = heads(self.project(&h, i, Target::K, lora, &mut dropout)?, c.kv_heads)?;
-            let v = heads(self.project(&h, i, Target::V, lora, &mut dropout)?, c.kv_heads)?;
-            let q = ops::rope(&q, &cos, &sin, neox)?;
-            let k = ops::rope(&k, &cos, &sin, neox)?;
-            let attended = ops::causal_attention(&q, &k, &v, scale, &mask)?;
-            let attended = attended.transpose(0, 1)?.reshape((n, c.heads * c.head_dim))?;
-            x = (x + self.project(&attended, i, Target::O, lora, &mut dropout)?)?;
+            let rows = |t: &Tensor| match answer.filter(|_| i + 1 == self.layers.len()) {
+                Some(first) => t.narrow(0, first, positions.len()),
+                None => Ok(t.clone()),
+            };
+            let q = self.project(&rows(&h)?, i, Target::Q, lora, &mut dropout)?;
+            let q = ops::rope(&q, c.head_dim, &rows(&cos)?, &rows(&sin)?, neox)?;
+            let k = ops::rope(&self.project(&h, i, Target::K, lora, &mut dropout)?, c.head_dim, &cos, &sin, neox)?;
+            let v = self.project(&h, i, Target::V, lora, &mut dropout)?;
+            let attended = ops::causal_attention(&q, &k, &v, c.head_dim, scale, &rows(&mask)?)?;
+            x = (rows(&x)? + self.project(&attended, i, Target::O, lora, &mut dropout)?)?;
             let h = ops::rms_norm(&x, &layer.ffn_norm, c.rms_eps)?;
             let gate = self.project(&h, i, Target::Gate, lora, &mut dropout)?;
             let up = self.project(&h, i, Target::Up, lora, &mut dropout)?;
             x = (x + self.project(&ops::swiglu(&gate, &up)?, i, Target::Down, lora, &mut dropout)?)?;
         }
-        let picked = x.index_select(&Tensor::new(positions, &device)?, 0)?;
+        let picked = match answer {
+            Some(_) if !self.layers.is_empty() => x,
+            _ => x.index_select(&Tensor::new(positions, &device)?, 0)?,
+        };
         let normed = ops::rms_norm(&picked, &self.output_norm, c.rms_eps)?;
         ops::frozen_linear(&normed, &self.output, None)
     }
@@ -276,7 +287,8 @@ impl Base {
     ) -> Result<Tensor> {
         let positions: Vec<u32> = (completion_start.max(1) - 1..tokens.len() - 1).map(|p| p as u32).collect();
         let targets: Vec<u32> = positions.iter().map(|&p| tokens[p as usize + 1]).collect();
-        let logits = self.forward(tokens, &positions, lora, dropout)?;
+        // The last token is only a target: no logit is read after it.
+        let logits = self.forward(&tokens[..tokens.len().max(2) - 1], &positions, lora, dropout)?;
         ops::cross_entropy(&logits, &targets)
     }
 }

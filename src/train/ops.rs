@@ -8,20 +8,69 @@ use std::sync::Mutex;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, D, Device, Layout, Result, Shape, Storage, Tensor};
+use rayon::prelude::*;
 
 use crate::numeric::{exp_nonpositive, log_sum_exp};
 
-/// `storage` under `layout` as a tensor outside any graph (a copy).
-fn detached(storage: &CpuStorage, layout: &Layout) -> Result<Tensor> {
+/// The values of an op's input: contiguous f32.
+fn values<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
     let (Some((start, end)), CpuStorage::F32(values)) = (layout.contiguous_offsets(), storage) else {
         candle_core::bail!("training ops take contiguous f32 tensors")
     };
-    Tensor::from_slice(&values[start..end], layout.shape(), &Device::Cpu)
+    Ok(&values[start..end])
+}
+
+/// `storage` under `layout` as a tensor outside any graph (a copy).
+fn detached(storage: &CpuStorage, layout: &Layout) -> Result<Tensor> {
+    Tensor::from_slice(values(storage, layout)?, layout.shape(), &Device::Cpu)
+}
+
+/// Calls `f` with the values of `t`, a tensor of the backward pass (made contiguous if it is not).
+fn with_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(storage) = &*storage else { candle_core::bail!("training runs on the CPU") };
+    f(values(storage, layout)?)
+}
+
+/// The owned values of a result just computed (its storage, not a copy).
+fn into_values(storage: CpuStorage) -> Result<Vec<f32>> {
+    match storage {
+        CpuStorage::F32(values) => Ok(values),
+        _ => candle_core::bail!("training computes in f32"),
+    }
+}
+
+/// Fewest elements a thread takes in an elementwise loop. The loops run on rayon's threads,
+/// which are the matrix multiplies' and idle between them: a single-threaded pass over a
+/// (tokens, 4,864) tensor costs about what the multiply that made it does.
+const CHUNK: usize = 1 << 14;
+
+/// `f` of `a` and `b`, element by element, on rayon's threads.
+fn zip_map(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
+    a.par_iter().zip(b).with_min_len(CHUNK).map(|(&a, &b)| f(a, b)).collect()
+}
+
+/// `into[i] += from[i]`, on rayon's threads.
+fn add_into(into: &mut [f32], from: &[f32]) {
+    into.par_iter_mut().zip(from).with_min_len(CHUNK).for_each(|(v, &u)| *v += u);
 }
 
 /// A tensor's values as an op's output.
 fn output(t: &Tensor) -> Result<(CpuStorage, Shape)> {
     Ok((CpuStorage::F32(t.flatten_all()?.to_vec1::<f32>()?), t.shape().clone()))
+}
+
+/// (tokens, heads · d) as (heads, tokens, d), contiguous.
+fn split_heads(t: &Tensor, d: usize) -> Result<Tensor> {
+    let (n, width) = t.dims2()?;
+    t.reshape((n, width / d, d))?.transpose(0, 1)?.contiguous()
+}
+
+/// (heads, tokens, d) as (tokens, heads · d), contiguous.
+fn merge_heads(t: &Tensor) -> Result<Tensor> {
+    let (heads, n, d) = t.dims3()?;
+    t.transpose(0, 1)?.contiguous()?.reshape((n, heads * d))
 }
 
 /// `x @ Wᵀ + b` for a frozen `W` (n_out, n_in) and bias `b`. Through `Tensor::matmul` the
@@ -38,23 +87,38 @@ impl CustomOp1 for Frozen {
     }
 
     fn cpu_fwd(&self, x: &CpuStorage, x_layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (m, k) = x_layout.shape().dims2()?;
-        let n = self.weight.dim(0)?;
-        let transposed = self.weight.t()?;
-        let (storage, w_layout) = transposed.storage_and_layout();
-        let Storage::Cpu(w) = &*storage else { candle_core::bail!("frozen weights live on the CPU") };
-        let mut out = x.matmul(w, (1, m, n, k), x_layout, w_layout)?;
-        if let (Some(bias), CpuStorage::F32(values)) = (&self.bias, &mut out) {
-            for row in values.chunks_mut(n) {
+        let (m, n) = (x_layout.shape().dims2()?.0, self.weight.dim(0)?);
+        let mut out = times_transposed(x, x_layout, &self.weight)?;
+        if let Some(bias) = &self.bias {
+            for row in out.chunks_mut(n) {
                 row.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
             }
         }
-        Ok((out, Shape::from((m, n))))
+        Ok((CpuStorage::F32(out), Shape::from((m, n))))
     }
 
-    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(grad.matmul(&self.weight)?))
+    fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(Tensor::from_vec(frozen_input_gradient(grad, &self.weight)?, x.shape(), &Device::Cpu)?))
     }
+}
+
+/// `x @ Wᵀ` for an op's input `x` (m, k) and a weight `W` (n, k), as values the caller owns.
+fn times_transposed(x: &CpuStorage, x_layout: &Layout, weight: &Tensor) -> Result<Vec<f32>> {
+    let (m, k) = x_layout.shape().dims2()?;
+    let transposed = weight.t()?;
+    let (w, w_layout) = transposed.storage_and_layout();
+    let Storage::Cpu(w) = &*w else { candle_core::bail!("training runs on the CPU") };
+    into_values(x.matmul(w, (1, m, weight.dim(0)?, k), x_layout, w_layout)?)
+}
+
+/// `grad @ W`, the input's gradient through a frozen `W` (n_out, n_in), as values the caller owns.
+fn frozen_input_gradient(grad: &Tensor, weight: &Tensor) -> Result<Vec<f32>> {
+    let grad = grad.contiguous()?;
+    let ((m, n_out), n_in) = (grad.dims2()?, weight.dim(1)?);
+    let (g, g_layout) = grad.storage_and_layout();
+    let (w, w_layout) = weight.storage_and_layout();
+    let (Storage::Cpu(g), Storage::Cpu(w)) = (&*g, &*w) else { candle_core::bail!("training runs on the CPU") };
+    into_values(g.matmul(w, (1, m, n_in, n_out), g_layout, w_layout)?)
 }
 
 impl Frozen {
@@ -101,14 +165,21 @@ impl CustomOp3 for LoraLinear {
         b: &CpuStorage,
         b_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (mut out, shape) = self.frozen.cpu_fwd(x, x_layout)?;
+        let (out, shape) = self.frozen.cpu_fwd(x, x_layout)?;
+        let mut out = into_values(out)?;
         let (a, b) = (detached(a, a_layout)?, detached(b, b_layout)?);
-        let low = self.masked(&detached(x, x_layout)?)?.matmul(&a.t()?)?;
-        let update = low.matmul(&(b * self.scale)?.t()?)?.flatten_all()?.to_vec1::<f32>()?;
-        if let CpuStorage::F32(values) = &mut out {
-            values.iter_mut().zip(&update).for_each(|(v, u)| *v += u);
-        }
-        Ok((out, shape))
+        let low = match &self.mask {
+            Some(mask) => (detached(x, x_layout)? * mask)?.matmul(&a.t()?)?,
+            None => {
+                let m = x_layout.shape().dims2()?.0;
+                Tensor::from_vec(times_transposed(x, x_layout, &a)?, (m, a.dim(0)?), &Device::Cpu)?
+            }
+        };
+        with_values(&low.matmul(&(b * self.scale)?.t()?)?, |update| {
+            add_into(&mut out, update);
+            Ok(())
+        })?;
+        Ok((CpuStorage::F32(out), shape))
     }
 
     fn bwd(
@@ -123,7 +194,12 @@ impl CustomOp3 for LoraLinear {
         let input = self.masked(&x.detach())?;
         let low = input.matmul(&a.t()?)?;
         let grad_low = (grad.matmul(&b)? * self.scale)?;
-        let dx = (grad.matmul(&self.frozen.weight)? + self.masked(&grad_low.matmul(&a)?)?)?;
+        let mut dx = frozen_input_gradient(&grad, &self.frozen.weight)?;
+        with_values(&self.masked(&grad_low.matmul(&a)?)?, |update| {
+            add_into(&mut dx, update);
+            Ok(())
+        })?;
+        let dx = Tensor::from_vec(dx, x.shape(), &Device::Cpu)?;
         let da = grad_low.t()?.matmul(&input)?;
         let db = (grad.t()?.matmul(&low)? * self.scale)?;
         Ok((Some(dx), Some(da), Some(db)))
@@ -181,13 +257,17 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     x.contiguous()?.apply_op1(RmsNorm { weight: weight.clone(), eps })
 }
 
-/// Causal self-attention `softmax(q kᵀ · scale + causal mask) v` for q (heads, n, d) and k, v
-/// (kv_heads, n, d), each key/value head serving heads / kv_heads query heads. The backward
-/// pass computes the attention weights again rather than keeping four (heads, n, n) tensors
-/// per layer (60 MB at n = 512) until it runs.
+/// Causal self-attention `softmax(q kᵀ · scale + causal mask) v` for q (m, heads · d) and k, v
+/// (n, kv_heads · d), each key/value head serving heads / kv_heads query heads; the output is
+/// (m, heads · d), as the projections give and take it. The queries are m of the n positions,
+/// which the mask's m rows say (all n, or a run of them). The backward pass computes the
+/// attention weights again rather than keeping four (heads, n, n) tensors per layer (60 MB at
+/// n = 512) until it runs. The heads are split and merged inside the op: as graph nodes, each
+/// reshape and copy would cost the backward pass two more passes over its gradient.
 struct Attention {
+    head_dim: usize,
     scale: f64,
-    /// (n, n): 0 on and below the diagonal, -inf above.
+    /// (m, n): 0 where a query sees a key, -inf where it does not.
     mask: Tensor,
 }
 
@@ -222,9 +302,10 @@ impl CustomOp3 for Attention {
         v: &CpuStorage,
         v_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (q, k, v) = (detached(q, q_layout)?, detached(k, k_layout)?, detached(v, v_layout)?);
+        let split = |storage, layout| split_heads(&detached(storage, layout)?, self.head_dim);
+        let (q, k, v) = (split(q, q_layout)?, split(k, k_layout)?, split(v, v_layout)?);
         let heads = q.dim(0)?;
-        output(&self.weights(&q, &Self::expand(&k, heads)?)?.matmul(&Self::expand(&v, heads)?)?)
+        output(&merge_heads(&self.weights(&q, &Self::expand(&k, heads)?)?.matmul(&Self::expand(&v, heads)?)?)?)
     }
 
     fn bwd(
@@ -235,14 +316,34 @@ impl CustomOp3 for Attention {
         _out: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (q, grad) = (q.detach(), grad.detach());
+        let split = |t: &Tensor| split_heads(&t.detach(), self.head_dim);
+        let (q, grad, k, v) = (split(q)?, split(grad)?, split(k)?, split(v)?);
         let (heads, kv_heads) = (q.dim(0)?, k.dim(0)?);
-        let (k, v) = (Self::expand(&k.detach(), heads)?, Self::expand(&v.detach(), heads)?);
+        let (k, v) = (Self::expand(&k, heads)?, Self::expand(&v, heads)?);
         let p = self.weights(&q, &k)?;
         let dv = p.t()?.matmul(&grad)?;
         let dp = grad.matmul(&v.t()?)?;
         // Softmax: ds = p · (dp − Σ dp · p), then the scale.
-        let ds = ((&p * dp.broadcast_sub(&(&dp * &p)?.sum_keepdim(D::Minus1)?)?)? * self.scale)?;
+        let sums = (&dp * &p)?.sum_keepdim(D::Minus1)?;
+        let n = p.dim(2)?;
+        let scale = self.scale as f32;
+        let ds = with_values(&p, |p| {
+            with_values(&dp, |dp| {
+                with_values(&sums, |sums| {
+                    let mut ds = vec![0f32; p.len()];
+                    ds.par_chunks_mut(n).zip(p.par_chunks(n)).zip(dp.par_chunks(n)).zip(sums).for_each(
+                        |(((ds, p), dp), &sum)| {
+                            for ((d, &p), &dp) in ds.iter_mut().zip(p).zip(dp) {
+                                // `+ 0.0` as candle's scaling by `affine` adds it: the same bits.
+                                *d = p * (dp - sum) * scale + 0.0;
+                            }
+                        },
+                    );
+                    Ok(ds)
+                })
+            })
+        })?;
+        let ds = Tensor::from_vec(ds, p.shape(), &Device::Cpu)?;
         let dq = ds.matmul(&k)?;
         let dk = ds.t()?.matmul(&q)?;
         // A key/value head's gradient sums those of the query heads it served.
@@ -250,7 +351,7 @@ impl CustomOp3 for Attention {
             let (_, n, d) = t.dims3()?;
             t.reshape((kv_heads, heads / kv_heads, n, d))?.sum(1)
         };
-        Ok((Some(dq), Some(fold(dk)?), Some(fold(dv)?)))
+        Ok((Some(merge_heads(&dq)?), Some(merge_heads(&fold(dk)?)?), Some(merge_heads(&fold(dv)?)?)))
     }
 }
 
@@ -260,10 +361,18 @@ pub fn causal_mask(n: usize) -> Result<Tensor> {
     Tensor::from_vec(mask, (n, n), &Device::Cpu)
 }
 
-/// Causal self-attention of q (heads, n, d) over k, v (kv_heads, n, d), scaled by `scale`;
-/// `mask` is [`causal_mask`] for n tokens.
-pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: &Tensor) -> Result<Tensor> {
-    let op = Attention { scale, mask: mask.clone() };
+/// Causal self-attention of q (m, heads · head_dim) over k, v (n, kv_heads · head_dim), scaled
+/// by `scale`; `mask` is the rows of [`causal_mask`] for n tokens at the m queries' positions.
+/// Returns (m, heads · head_dim).
+pub fn causal_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    head_dim: usize,
+    scale: f64,
+    mask: &Tensor,
+) -> Result<Tensor> {
+    let op = Attention { head_dim, scale, mask: mask.clone() };
     q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)
 }
 
@@ -276,16 +385,34 @@ impl CustomOp2 for SwiGlu {
         "swiglu"
     }
 
+    // Both passes compute what candle's `silu`, `sigmoid` and elementwise ops would, in the
+    // same order (so to the bit), in one loop over the elements.
     fn cpu_fwd(&self, gate: &CpuStorage, g: &Layout, up: &CpuStorage, u: &Layout) -> Result<(CpuStorage, Shape)> {
-        output(&(detached(gate, g)?.silu()? * detached(up, u)?)?)
+        let out = zip_map(values(gate, g)?, values(up, u)?, |g, u| g / (1.0 + (-g).exp()) * u);
+        Ok((CpuStorage::F32(out), g.shape().clone()))
     }
 
     fn bwd(&self, gate: &Tensor, up: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (gate, up, grad) = (gate.detach(), up.detach(), grad.detach());
-        let sigmoid = candle_nn::ops::sigmoid(&gate)?;
-        let d_up = (&grad * (&gate * &sigmoid)?)?;
-        let slope = (&sigmoid * ((&gate * (1.0 - &sigmoid)?)? + 1.0)?)?;
-        Ok((Some(((grad * up)? * slope)?), Some(d_up)))
+        let (mut d_gate, mut d_up) = (vec![], vec![]);
+        with_values(gate, |g| {
+            with_values(up, |u| {
+                with_values(grad, |dy| {
+                    g.par_iter()
+                        .zip(u)
+                        .zip(dy)
+                        .with_min_len(CHUNK)
+                        .map(|((&g, &u), &dy)| {
+                            let sigmoid = ((-g).exp() + 1.0).recip();
+                            let slope = sigmoid * ((g * (1.0 - sigmoid)) + 1.0);
+                            (dy * u * slope, dy * (g * sigmoid))
+                        })
+                        .unzip_into_vecs(&mut d_gate, &mut d_up);
+                    Ok(())
+                })
+            })
+        })?;
+        let tensor = |values| Tensor::from_vec(values, gate.shape(), &Device::Cpu);
+        Ok((Some(tensor(d_gate)?), Some(tensor(d_up)?)))
     }
 }
 
@@ -370,8 +497,9 @@ fn rotate(x: &Tensor, cos: &Tensor, sin: &Tensor, neox: bool) -> Result<Tensor> 
 }
 
 /// Rotary position embedding, as one op: a rotation, whose backward pass is the rotation by
-/// the opposite angles.
+/// the opposite angles. It takes and gives (tokens, heads · head_dim), the projections' layout.
 struct Rope {
+    head_dim: usize,
     cos: Tensor,
     sin: Tensor,
     neox: bool,
@@ -383,18 +511,20 @@ impl CustomOp1 for Rope {
     }
 
     fn cpu_fwd(&self, x: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        output(&rotate(&detached(x, layout)?, &self.cos, &self.sin, self.neox)?)
+        let x = split_heads(&detached(x, layout)?, self.head_dim)?;
+        output(&merge_heads(&rotate(&x, &self.cos, &self.sin, self.neox)?)?)
     }
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(rotate(&grad.detach(), &self.cos, &self.sin.neg()?, self.neox)?))
+        let grad = split_heads(&grad.detach(), self.head_dim)?;
+        Ok(Some(merge_heads(&rotate(&grad, &self.cos, &self.sin.neg()?, self.neox)?)?))
     }
 }
 
-/// Rotary position embedding of `x` (heads, tokens, head_dim) with the angles' `cos`/`sin`
+/// Rotary position embedding of `x` (tokens, heads · head_dim) with the angles' `cos`/`sin`
 /// (tokens, head_dim / 2); `neox` as in [`rotate`].
-pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, neox: bool) -> Result<Tensor> {
-    x.contiguous()?.apply_op1(Rope { cos: cos.clone(), sin: sin.clone(), neox })
+pub fn rope(x: &Tensor, head_dim: usize, cos: &Tensor, sin: &Tensor, neox: bool) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(Rope { head_dim, cos: cos.clone(), sin: sin.clone(), neox })
 }
 
 #[cfg(test)]
@@ -450,19 +580,25 @@ mod tests {
 
     #[test]
     fn rope_matches_candle_and_the_composed_gradient() {
-        let x = random(&[2, 4, 8]);
+        // Two heads of 8 over 4 tokens, in the projections' layout (tokens, heads · 8).
+        let x = random(&[4, 16]);
         let cos = Tensor::randn(0f32, 1., (4, 4), &Device::Cpu).unwrap();
         let sin = Tensor::randn(0f32, 1., (4, 4), &Device::Cpu).unwrap();
-        let batch = x.as_tensor().unsqueeze(0).unwrap();
+        let batch = split_heads(x.as_tensor(), 8).unwrap().unsqueeze(0).unwrap();
+        let ours = |neox| split_heads(&rope(x.as_tensor(), 8, &cos, &sin, neox).unwrap(), 8).unwrap();
         let neox = candle_nn::rotary_emb::rope(&batch, &cos, &sin).unwrap().squeeze(0).unwrap();
-        assert!(close(&rope(x.as_tensor(), &cos, &sin, true).unwrap(), &neox) < 1e-5);
+        assert!(close(&ours(true), &neox) < 1e-5);
         let pairs = candle_nn::rotary_emb::rope_i(&batch, &cos, &sin).unwrap().squeeze(0).unwrap();
-        assert!(close(&rope(x.as_tensor(), &cos, &sin, false).unwrap(), &pairs) < 1e-5);
+        assert!(close(&ours(false), &pairs) < 1e-5);
         // A rotation: the gradient check needs real angles.
         let angles = Tensor::randn(0f32, 1., (4, 4), &Device::Cpu).unwrap();
         let (cos, sin) = (angles.cos().unwrap(), angles.sin().unwrap());
         for neox in [true, false] {
-            agree(std::slice::from_ref(&x), |t| rope(&t[0], &cos, &sin, neox), |t| rotate(&t[0], &cos, &sin, neox));
+            agree(
+                std::slice::from_ref(&x),
+                |t| rope(&t[0], 8, &cos, &sin, neox),
+                |t| merge_heads(&rotate(&split_heads(&t[0], 8)?, &cos, &sin, neox)?),
+            );
         }
     }
 
@@ -470,17 +606,24 @@ mod tests {
     fn attention_matches_the_composed_form_with_grouped_heads() {
         let (heads, kv_heads, n, d) = (4, 2, 5, 8);
         let scale = 1.0 / (d as f64).sqrt();
-        let composed = |t: &[Tensor]| -> Result<Tensor> {
-            let repeat =
-                |x: &Tensor| x.unsqueeze(1)?.broadcast_as((kv_heads, heads / kv_heads, n, d))?.reshape((heads, n, d));
-            let scores = (t[0].matmul(&repeat(&t[1])?.t()?)? * scale)?.broadcast_add(&causal_mask(n)?)?;
-            let max = scores.max_keepdim(D::Minus1)?.detach();
-            let e = scores.broadcast_sub(&max)?.exp()?;
-            e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?.matmul(&repeat(&t[2])?)
-        };
-        let inputs = [random(&[heads, n, d]), random(&[kv_heads, n, d]), random(&[kv_heads, n, d])];
-        let mask = causal_mask(n).unwrap();
-        agree(&inputs, |t| causal_attention(&t[0], &t[1], &t[2], scale, &mask), composed);
+        // All n positions as queries, and the last two alone.
+        for queries in [n, 2] {
+            let mask = causal_mask(n).unwrap().narrow(0, n - queries, queries).unwrap();
+            // Composed on (heads, tokens, d), as the attention is usually written.
+            let composed = |t: &[Tensor]| -> Result<Tensor> {
+                let split = |x: &Tensor| x.reshape((x.dim(0)?, x.dim(1)? / d, d))?.transpose(0, 1);
+                let repeat = |x: &Tensor| {
+                    split(x)?.unsqueeze(1)?.broadcast_as((kv_heads, heads / kv_heads, n, d))?.reshape((heads, n, d))
+                };
+                let scores = (split(&t[0])?.matmul(&repeat(&t[1])?.t()?)? * scale)?.broadcast_add(&mask)?;
+                let max = scores.max_keepdim(D::Minus1)?.detach();
+                let e = scores.broadcast_sub(&max)?.exp()?;
+                let out = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?.matmul(&repeat(&t[2])?)?;
+                out.transpose(0, 1)?.reshape((queries, heads * d))
+            };
+            let inputs = [random(&[queries, heads * d]), random(&[n, kv_heads * d]), random(&[n, kv_heads * d])];
+            agree(&inputs, |t| causal_attention(&t[0], &t[1], &t[2], d, scale, &mask), composed);
+        }
     }
 
     #[test]
