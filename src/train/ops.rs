@@ -25,12 +25,19 @@ fn detached(storage: &CpuStorage, layout: &Layout) -> Result<Tensor> {
     Tensor::from_slice(values(storage, layout)?, layout.shape(), &Device::Cpu)
 }
 
-/// Calls `f` with the values of `t`, a tensor of the backward pass (made contiguous if it is not).
-fn with_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
-    let t = t.contiguous()?;
-    let (storage, layout) = t.storage_and_layout();
-    let Storage::Cpu(storage) = &*storage else { candle_core::bail!("training runs on the CPU") };
-    f(values(storage, layout)?)
+/// Calls `f` with the values of `tensors`, tensors of the backward pass (made contiguous where
+/// they are not).
+fn with_values<const N: usize, R>(tensors: [&Tensor; N], f: impl FnOnce([&[f32]; N]) -> Result<R>) -> Result<R> {
+    let contiguous = tensors.iter().map(|t| t.contiguous()).collect::<Result<Vec<_>>>()?;
+    let guards: Vec<_> = contiguous.iter().map(Tensor::storage_and_layout).collect();
+    let slices = guards
+        .iter()
+        .map(|(storage, layout)| match &**storage {
+            Storage::Cpu(storage) => values(storage, layout),
+            _ => candle_core::bail!("training runs on the CPU"),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    f(slices.try_into().map_err(|_| candle_core::Error::Msg("one slice per tensor".into()))?)
 }
 
 /// The owned values of a result just computed (its storage, not a copy).
@@ -52,8 +59,11 @@ fn zip_map(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32>
 }
 
 /// `into[i] += from[i]`, on rayon's threads.
-fn add_into(into: &mut [f32], from: &[f32]) {
-    into.par_iter_mut().zip(from).with_min_len(CHUNK).for_each(|(v, &u)| *v += u);
+fn add_into(into: &mut [f32], from: &Tensor) -> Result<()> {
+    with_values([from], |[from]| {
+        into.par_iter_mut().zip(from).with_min_len(CHUNK).for_each(|(v, &u)| *v += u);
+        Ok(())
+    })
 }
 
 /// A tensor's values as an op's output.
@@ -175,10 +185,7 @@ impl CustomOp3 for LoraLinear {
                 Tensor::from_vec(times_transposed(x, x_layout, &a)?, (m, a.dim(0)?), &Device::Cpu)?
             }
         };
-        with_values(&low.matmul(&(b * self.scale)?.t()?)?, |update| {
-            add_into(&mut out, update);
-            Ok(())
-        })?;
+        add_into(&mut out, &low.matmul(&(b * self.scale)?.t()?)?)?;
         Ok((CpuStorage::F32(out), shape))
     }
 
@@ -195,10 +202,7 @@ impl CustomOp3 for LoraLinear {
         let low = input.matmul(&a.t()?)?;
         let grad_low = (grad.matmul(&b)? * self.scale)?;
         let mut dx = frozen_input_gradient(&grad, &self.frozen.weight)?;
-        with_values(&self.masked(&grad_low.matmul(&a)?)?, |update| {
-            add_into(&mut dx, update);
-            Ok(())
-        })?;
+        add_into(&mut dx, &self.masked(&grad_low.matmul(&a)?)?)?;
         let dx = Tensor::from_vec(dx, x.shape(), &Device::Cpu)?;
         let da = grad_low.t()?.matmul(&input)?;
         let db = (grad.t()?.matmul(&low)? * self.scale)?;
@@ -327,21 +331,17 @@ impl CustomOp3 for Attention {
         let sums = (&dp * &p)?.sum_keepdim(D::Minus1)?;
         let n = p.dim(2)?;
         let scale = self.scale as f32;
-        let ds = with_values(&p, |p| {
-            with_values(&dp, |dp| {
-                with_values(&sums, |sums| {
-                    let mut ds = vec![0f32; p.len()];
-                    ds.par_chunks_mut(n).zip(p.par_chunks(n)).zip(dp.par_chunks(n)).zip(sums).for_each(
-                        |(((ds, p), dp), &sum)| {
-                            for ((d, &p), &dp) in ds.iter_mut().zip(p).zip(dp) {
-                                // `+ 0.0` as candle's scaling by `affine` adds it: the same bits.
-                                *d = p * (dp - sum) * scale + 0.0;
-                            }
-                        },
-                    );
-                    Ok(ds)
-                })
-            })
+        let ds = with_values([&p, &dp, &sums], |[p, dp, sums]| {
+            let mut ds = vec![0f32; p.len()];
+            ds.par_chunks_mut(n).zip(p.par_chunks(n)).zip(dp.par_chunks(n)).zip(sums).for_each(
+                |(((ds, p), dp), &sum)| {
+                    for ((d, &p), &dp) in ds.iter_mut().zip(p).zip(dp) {
+                        // `+ 0.0` as candle's scaling by `affine` adds it: the same bits.
+                        *d = p * (dp - sum) * scale + 0.0;
+                    }
+                },
+            );
+            Ok(ds)
         })?;
         let ds = Tensor::from_vec(ds, p.shape(), &Device::Cpu)?;
         let dq = ds.matmul(&k)?;
@@ -394,22 +394,18 @@ impl CustomOp2 for SwiGlu {
 
     fn bwd(&self, gate: &Tensor, up: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (mut d_gate, mut d_up) = (vec![], vec![]);
-        with_values(gate, |g| {
-            with_values(up, |u| {
-                with_values(grad, |dy| {
-                    g.par_iter()
-                        .zip(u)
-                        .zip(dy)
-                        .with_min_len(CHUNK)
-                        .map(|((&g, &u), &dy)| {
-                            let sigmoid = ((-g).exp() + 1.0).recip();
-                            let slope = sigmoid * ((g * (1.0 - sigmoid)) + 1.0);
-                            (dy * u * slope, dy * (g * sigmoid))
-                        })
-                        .unzip_into_vecs(&mut d_gate, &mut d_up);
-                    Ok(())
+        with_values([gate, up, grad], |[g, u, dy]| {
+            g.par_iter()
+                .zip(u)
+                .zip(dy)
+                .with_min_len(CHUNK)
+                .map(|((&g, &u), &dy)| {
+                    let sigmoid = ((-g).exp() + 1.0).recip();
+                    let slope = sigmoid * ((g * (1.0 - sigmoid)) + 1.0);
+                    (dy * u * slope, dy * (g * sigmoid))
                 })
-            })
+                .unzip_into_vecs(&mut d_gate, &mut d_up);
+            Ok(())
         })?;
         let tensor = |values| Tensor::from_vec(values, gate.shape(), &Device::Cpu);
         Ok((Some(tensor(d_gate)?), Some(tensor(d_up)?)))
