@@ -8,6 +8,8 @@ the model with `--no-jinja` (its built-in ChatML, as seedflow renders prompts) o
     python3 prefix.py ERRORS.jsonl hint-none 4     # the shipped prompt (hint), no prefix
     python3 prefix.py ERRORS.jsonl hint-anchor 2   # the same, the answer prefilled
 
+VARIANT is MODE-PREFIX: MODE off, hint or show (the step's `reference`), PREFIX none or anchor.
+
 ERRORS.jsonl: a SEED run's `adapt/iteration-1/errors/output.jsonl`. Revisions are checked with the
 native python3 (setup, program, tests); "own" = more similar (normalised Levenshtein, comments,
 docstrings and module-level demo code stripped) to the error code than to the reference.
@@ -67,22 +69,16 @@ def chat(turns):
     s=SYS
     for u,a in turns: s+='<|im_start|>user\n%s<|im_end|>\n<|im_start|>assistant\n%s<|im_end|>\n'%(u,a)
     return s
-def prefix_lines(code, fb, variant, i):
+def prefix_lines(code, fb, variant):
+    """The error code's lines the answer is prefilled with: none, or up to its failing line
+    (up to its first `return` for a wrong value)."""
     ls=code.rstrip().split('\n')
     if variant.endswith('none'): return []
-    if variant.endswith('frac'):
-        f=[0,0.34,0.67,0.9][i%4]; return ls[:int(len(ls)*f)]
-    if variant.endswith('anchor'):
-        n=failing_line(code.rstrip(),fb)
-        if n: return ls[:n-1]
-        # wrong value: up to the first return in the code
-        for j,l in enumerate(ls):
-            if l.strip().startswith('return'): return ls[:j]
-        return ls
-    if variant.endswith('def'):
-        for j,l in enumerate(ls):
-            if l.startswith('def '): return ls[:j+1]
-        return []
+    n=failing_line(code.rstrip(),fb)
+    if n: return ls[:n-1]
+    for j,l in enumerate(ls):
+        if l.strip().startswith('return'): return ls[:j]
+    return ls
 def complete(prompt, seed):
     body=json.dumps({'prompt':prompt,'n_predict':512,'temperature':0.8,'top_p':0.95,'top_k':40,'min_p':0.0,'seed':seed,'stop':['<|im_end|>'],'cache_prompt':True}).encode()
     r=urllib.request.urlopen(urllib.request.Request('http://localhost:%d/completion'%PORT,body,{'Content-Type':'application/json'}))
@@ -104,7 +100,7 @@ for e in errs:
     t=e['task']; tests='\n'.join(t['tests'])
     m=msg(t['prompt'],tests,e['code'],e['feedback'],mode,t.get('reference') or '')
     for i in range(N):
-        pre=prefix_lines(e['code'],e['feedback'],VARIANT,i)
+        pre=prefix_lines(e['code'],e['feedback'],VARIANT)
         head='```python\n'+''.join(l+'\n' for l in pre)
         jobs.append((e,i,chat(fewshot)+'<|im_start|>user\n%s<|im_end|>\n<|im_start|>assistant\n'%m+head,head))
 def work(j):
