@@ -123,9 +123,12 @@ def main():
     model = Path(subprocess.run([binary, "fetch", "model"], check=True, capture_output=True, text=True).stdout.strip())
     subprocess.run([binary, "fetch", "llama-server"], check=True, capture_output=True)
     keep = os.environ.get("KEEP")
-    # ONLY=tune: seedflow's training against PyTorch's alone (three minutes), on the pairs of the
-    # in-process run kept in KEEP (run first if there is none).
-    tune_only = os.environ.get("ONLY") == "tune"
+    # ONLY=tune: seedflow's training against PyTorch's alone (about four minutes), on the pairs of
+    # the in-process run kept in KEEP (run first if there is none).
+    only = os.environ.get("ONLY")
+    if only not in (None, "tune"):
+        sys.exit(f"ONLY={only}: the one part that runs alone is `tune`")
+    tune_only = only == "tune"
     work = Path(keep).resolve() if keep else Path(tempfile.mkdtemp())
     try:
         local, served = work / "in-process", work / "llama-server"
