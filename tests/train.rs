@@ -218,11 +218,8 @@ fn an_interrupted_training_resumes_from_its_checkpoint_and_ends_as_an_uninterrup
     // Interrupted in step 4 (after 3 steps of 6, in the second epoch), then resumed into fresh
     // matrices, as a new process would.
     let checkpoint = model.with_extension("checkpoint.safetensors");
-    let examples_seen = std::cell::Cell::new(0);
-    let stop = || {
-        examples_seen.set(examples_seen.get() + 1);
-        examples_seen.get() > 7
-    };
+    let examples_seen = std::sync::atomic::AtomicUsize::new(0);
+    let stop = || examples_seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1 > 7;
     let interrupted = train::train(&base, &fresh(), &examples(), &settings, Some(&checkpoint), &stop, &mut |_, _| {});
     assert!(interrupted.is_err_and(|e| e.to_string().contains("interrupted")));
     let resumed = fresh();

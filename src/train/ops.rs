@@ -113,12 +113,59 @@ impl CustomOp1 for Frozen {
 }
 
 /// `x @ Wᵀ` for an op's input `x` (m, k) and a weight `W` (n, k), as values the caller owns.
+///
+/// gemm copies its left operand into its kernel's layout on every call, and for a row-major
+/// result it takes `W` as that operand: a projection with more outputs than the sequence has
+/// tokens would copy its whole weight matrix for a product of a few rows. There the product is
+/// computed column by column instead (`x` copied, `W` read where it lies) and transposed back:
+/// the MLP's down projection at 220 tokens 10.7 → 6.7 ms on an Intel Xeon (README, Training).
 fn times_transposed(x: &CpuStorage, x_layout: &Layout, weight: &Tensor) -> Result<Vec<f32>> {
-    let (m, k) = x_layout.shape().dims2()?;
-    let transposed = weight.t()?;
-    let (w, w_layout) = transposed.storage_and_layout();
-    let Storage::Cpu(w) = &*w else { candle_core::bail!("training runs on the CPU") };
-    into_values(x.matmul(w, (1, m, weight.dim(0)?, k), x_layout, w_layout)?)
+    let ((m, k), n) = (x_layout.shape().dims2()?, weight.dim(0)?);
+    if n <= m {
+        let transposed = weight.t()?;
+        let (w, w_layout) = transposed.storage_and_layout();
+        let Storage::Cpu(w) = &*w else { candle_core::bail!("training runs on the CPU") };
+        return into_values(x.matmul(w, (1, m, n, k), x_layout, w_layout)?);
+    }
+    let x = values(x, x_layout)?;
+    with_values([weight], |[w]| {
+        if x.len() != m * k || w.len() != n * k {
+            candle_core::bail!("times_transposed: ({m}, {k}) @ ({n}, {k})ᵀ with {} and {} values", x.len(), w.len())
+        }
+        let mut columns = vec![0f32; m * n];
+        let threads = candle_core::utils::get_num_threads();
+        let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+        // SAFETY: the lengths were checked above against the shapes the strides describe:
+        // `columns` (m, n) column-major, `x` (m, k) row-major, `Wᵀ` (k, n) column-major.
+        unsafe {
+            #[rustfmt::skip]
+            gemm::gemm(
+                m, n, k,
+                columns.as_mut_ptr(), m as isize, 1, false,
+                x.as_ptr(), 1, k as isize,
+                w.as_ptr(), k as isize, 1,
+                0.0, 1.0, false, false, false, parallelism,
+            );
+        }
+        Ok(transpose(&columns, n, m))
+    })
+}
+
+/// `t` (rows, cols), row-major, transposed, in square blocks on rayon's threads.
+fn transpose(t: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    const BLOCK: usize = 16;
+    let mut out = vec![0f32; t.len()];
+    out.par_chunks_mut(rows * BLOCK).enumerate().for_each(|(block, chunk)| {
+        let first = block * BLOCK;
+        for r0 in (0..rows).step_by(BLOCK) {
+            for (c, row) in chunk.chunks_mut(rows).enumerate() {
+                for r in r0..(r0 + BLOCK).min(rows) {
+                    row[r] = t[r * cols + first + c];
+                }
+            }
+        }
+    });
+    out
 }
 
 /// `grad @ W`, the input's gradient through a frozen `W` (n_out, n_in), as values the caller owns.
@@ -553,9 +600,17 @@ mod tests {
 
     #[test]
     fn frozen_linear_matches_matmul_and_passes_the_input_gradient() {
-        let w = Tensor::randn(0f32, 1., (3, 7), &Device::Cpu).unwrap();
-        let b = Tensor::randn(0f32, 1., 3, &Device::Cpu).unwrap();
-        agree(&[random(&[5, 7])], |t| frozen_linear(&t[0], &w, Some(&b)), |t| t[0].matmul(&w.t()?)?.broadcast_add(&b));
+        // Fewer outputs than rows, and more (computed column by column, over several blocks of
+        // the transposition).
+        for outputs in [3, 37] {
+            let w = Tensor::randn(0f32, 1., (outputs, 7), &Device::Cpu).unwrap();
+            let b = Tensor::randn(0f32, 1., outputs, &Device::Cpu).unwrap();
+            agree(
+                &[random(&[21, 7])],
+                |t| frozen_linear(&t[0], &w, Some(&b)),
+                |t| t[0].matmul(&w.t()?)?.broadcast_add(&b),
+            );
+        }
     }
 
     #[test]
