@@ -142,7 +142,7 @@ pub fn train(
     // On one of rayon's threads, where the matrix multiplies and elementwise loops run: from a
     // thread outside the pool each of them would be handed over to the pool while the caller
     // sleeps, thread switches thousands of times a step (the quickstart's training on 2 cores:
-    // 45.1 → 40.9 s; README, Training).
+    // 45.1 → 39.2–42.7 s with gemm's AVX-512 kernels; README, Training).
     rayon::scope(|_| train_in_pool(base, lora, examples, settings, checkpoint, cancelled, on_step))
 }
 
