@@ -15,7 +15,9 @@ itself (seed 42, its prompts, its answers' own lengths, its training examples):
    `revisions` gets each run's own errors, so its prompts differ in detail though not in kind;
 3. the anchor for `tune`: PyTorch + PEFT (throw-away virtualenv, as bench/train.py) on exactly the
    pairs the in-process `tune` trained on (its `training-pairs.jsonl`), rendered through the same
-   prompt template and ChatML turns, with the same rank, alpha, targets, optimizer, batch and epochs.
+   prompt template and ChatML turns, with the same rank, alpha, targets, optimizer, batch and epochs,
+   in f32 (`TORCH_PRECISION=bf16`: its forward pass under `torch.autocast` to bfloat16, which runs
+   on AMX through oneDNN where the CPU has it: the anchor for seedflow's `precision="bf16"`).
 
 For a sampling step the figure is its wall time and tokens (prompt tokens decoded, answer tokens
 generated) and answer tokens per second of the whole step; ratio = seedflow's speed / the anchor's
@@ -47,10 +49,11 @@ TUNE = "adapt/iteration-1/tune"
 
 # PyTorch + PEFT on seedflow's training pairs; prints one JSON line.
 TORCH = r"""
-import json, resource, sys, time, torch
+import contextlib, json, resource, sys, time, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from peft import LoraConfig, get_peft_model
-model_dir, model_file, pairs_file, meta_file, prompts_dir, threads = sys.argv[1:7]
+model_dir, model_file, pairs_file, meta_file, prompts_dir, threads, precision = sys.argv[1:8]
+precision_context = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
 params = json.load(open(meta_file))["params"]
 torch.set_num_threads(int(threads))
 torch.manual_seed(0)
@@ -82,7 +85,8 @@ for epoch in range(params["epochs"]):
         batch = [examples[i] for i in order[start:start + params["batch"]]]
         began = time.perf_counter()
         for ids, labels in batch:  # one graph per example, gradients summed, as seedflow does
-            loss = model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels])).loss / len(batch)
+            with precision_context():
+                loss = model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels])).loss / len(batch)
             loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -129,6 +133,9 @@ def main():
     if only not in (None, "tune"):
         sys.exit(f"ONLY={only}: the one part that runs alone is `tune`")
     tune_only = only == "tune"
+    torch_precision = os.environ.get("TORCH_PRECISION", "f32")
+    if torch_precision not in ("f32", "bf16"):
+        sys.exit(f"TORCH_PRECISION={torch_precision}: f32 or bf16")
     work = Path(keep).resolve() if keep else Path(tempfile.mkdtemp())
     try:
         local, served = work / "in-process", work / "llama-server"
@@ -148,7 +155,8 @@ def main():
         tune = meta(retrained, TUNE)
         quiet = {**os.environ, "TQDM_DISABLE": "1", "TRANSFORMERS_VERBOSITY": "error", "PYTHONWARNINGS": "ignore"}
         out, theirs_peak = run_child([virtualenv(), "-c", TORCH, model.parent, model.name, local / TUNE / "training-pairs.jsonl",
-                                      local / TUNE / "meta.json", ROOT / "stdlib" / "prompts", str(THREADS)], env=quiet)
+                                      local / TUNE / "meta.json", ROOT / "stdlib" / "prompts", str(THREADS), torch_precision],
+                                     env=quiet)
         torch_run = json.loads(out.strip().splitlines()[-1])
         records = [json.loads(l) for l in (retrained / TUNE / "output.jsonl").read_text().splitlines()]
         if not tune_only:
@@ -171,8 +179,12 @@ def main():
     sequence_tokens = sum(torch_run["tokens"])
     print(f"tune: {len(records)} optimizer steps ({len(torch_run['seconds'])} in PyTorch), {tune['metrics']['examples']:.0f} "
           f"examples, {sequence_tokens} sequence tokens in all")
-    print(f"  seedflow        {ours_seconds:>7.1f} s {sequence_tokens / ours_seconds:>7.1f} tokens/s  peak {ours_peak / 2**30:.2f} GiB (the resumed run: tune, then final)")
-    print(f"  PyTorch + PEFT  {theirs_seconds:>7.1f} s {sequence_tokens / theirs_seconds:>7.1f} tokens/s  peak {theirs_peak / 2**30:.2f} GiB")
+    amx = "amx_bf16" in Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else False
+    print(f"  seedflow        {ours_seconds:>7.1f} s {sequence_tokens / ours_seconds:>7.1f} tokens/s  peak {ours_peak / 2**30:.2f} GiB "
+          f"(the resumed run: tune, then final; precision=\"{tune['params'].get('precision', 'f32')}\", "
+          f"{'AMX' if amx else 'no AMX'})")
+    print(f"  PyTorch + PEFT  {theirs_seconds:>7.1f} s {sequence_tokens / theirs_seconds:>7.1f} tokens/s  peak {theirs_peak / 2**30:.2f} GiB "
+          f"({torch_precision})")
     print(f"  ratio: speed {theirs_seconds / ours_seconds:.2f}x (target >= 1.5), peak memory {ours_peak / theirs_peak:.2f}x (target <= 0.7)")
     if not tune_only:
         print(f"all steps: {total[local]:.0f} s in-process, {total[served]:.0f} s through llama-server "

@@ -127,7 +127,7 @@ fn settings_for(epochs: usize, learning_rate: f64) -> train::Settings {
 
 fn check_parity(architecture: Architecture) {
     let model = tiny_model(architecture);
-    let base = Base::load(&model).unwrap();
+    let base = Base::load(&model, false).unwrap();
     let sequence = tokens(48, 3);
     let plain = largest_difference(&model, &base, None, None, &sequence);
     assert!(plain < 1e-4, "{architecture:?} without adapter: logits differ by {plain}");
@@ -166,7 +166,7 @@ fn llama_forward_matches_llama_cpp_with_and_without_an_adapter() {
 #[test]
 fn every_lora_matrix_of_every_layer_gets_a_gradient_and_the_loss_falls() {
     let model = tiny_model(Architecture::Qwen2);
-    let base = Base::load(&model).unwrap();
+    let base = Base::load(&model, false).unwrap();
     let lora = Lora::new(&base, 4, 8.0, &Target::all(), 2).unwrap();
     assert_eq!(lora.pairs.len(), LAYERS * Target::NAMES.len());
     // One step first: with B zero, A's gradient is zero by construction (PEFT's start).
@@ -189,7 +189,7 @@ fn every_lora_matrix_of_every_layer_gets_a_gradient_and_the_loss_falls() {
 #[test]
 fn training_is_reproducible_for_a_seed() {
     let model = tiny_model(Architecture::Llama);
-    let base = Base::load(&model).unwrap();
+    let base = Base::load(&model, false).unwrap();
     let run = || {
         let lora = Lora::new(&base, 4, 8.0, &[Target::Q, Target::V], 3).unwrap();
         let mut settings = settings_for(2, 0.01);
@@ -204,7 +204,7 @@ fn training_is_reproducible_for_a_seed() {
 #[test]
 fn an_interrupted_training_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_one() {
     let model = tiny_model(Architecture::Qwen2);
-    let base = Base::load(&model).unwrap();
+    let base = Base::load(&model, false).unwrap();
     let mut settings = settings_for(3, 0.01);
     settings.dropout = 0.1;
     let fresh = || Lora::new(&base, 4, 8.0, &Target::all(), 5).unwrap();
@@ -255,7 +255,7 @@ fn an_interrupted_training_resumes_from_its_checkpoint_and_ends_as_an_uninterrup
 #[test]
 fn peft_export_uses_hugging_face_names_and_unpermutes_llama_queries_and_reads_back() {
     let model = tiny_model(Architecture::Llama);
-    let base = Base::load(&model).unwrap();
+    let base = Base::load(&model, false).unwrap();
     let lora = Lora::new(&base, 4, 8.0, &[Target::Q, Target::Down], 4).unwrap();
     // B rows numbered, to follow the permutation.
     for pair in lora.pairs.values() {
@@ -383,9 +383,9 @@ fn logits_difference(a: &Base, b: &Base) -> f32 {
 fn a_hugging_face_directory_trains_as_its_gguf_conversion_does() {
     for architecture in [Architecture::Qwen2, Architecture::Llama] {
         let model = tiny_model(architecture);
-        let gguf = Base::load(&model).unwrap();
+        let gguf = Base::load(&model, false).unwrap();
         let directory = as_hugging_face(&model, architecture, candle_core::DType::F32);
-        let hf = Base::load(&directory).unwrap();
+        let hf = Base::load(&directory, false).unwrap();
         assert_eq!(logits_difference(&gguf, &hf), 0.0, "{architecture:?}: the same logits from both forms");
         // The same loss, step after step, and the same adapter.
         let run = |base: &Base| {
@@ -402,7 +402,7 @@ fn a_hugging_face_directory_trains_as_its_gguf_conversion_does() {
         Lora::check_file(&directory.join("adapter"), Some(&directory)).unwrap();
         // bf16 weights, as Hugging Face models are usually saved, read to bf16's precision.
         let halved = as_hugging_face(&model, architecture, candle_core::DType::BF16);
-        let difference = logits_difference(&gguf, &Base::load(&halved).unwrap());
+        let difference = logits_difference(&gguf, &Base::load(&halved, false).unwrap());
         assert!(difference > 0.0 && difference < 0.05, "{architecture:?}: bf16 logits differ by {difference}");
         for dir in [&directory, &halved] {
             let _ = std::fs::remove_dir_all(dir);

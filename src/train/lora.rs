@@ -84,7 +84,7 @@ impl Lora {
         let mut pairs = BTreeMap::new();
         for (layer, weights) in base.layers.iter().enumerate() {
             for &target in targets {
-                let (n_out, n_in) = weights.projection(target).weight.dims2()?;
+                let (n_out, n_in) = weights.projection(target).weight.dims()?;
                 // Past the smaller side a rank adds parameters but no directions; past both it is
                 // a mistake (and the matrices might not fit in memory).
                 if rank > n_in.max(n_out) {
@@ -167,7 +167,7 @@ impl Lora {
                 }
                 let a = content.tensor(&mut file, &a, &Device::Cpu)?.dequantize(&Device::Cpu)?;
                 let b = content.tensor(&mut file, &b, &Device::Cpu)?.dequantize(&Device::Cpu)?;
-                let expected = base.layers[layer].projection(target).weight.dims2()?;
+                let expected = base.layers[layer].projection(target).weight.dims()?;
                 if a.dim(1)? != expected.1 || b.dim(0)? != expected.0 || a.dim(0)? != b.dim(1)? {
                     return Err(bad(format!(
                         "the adapter's `{name}` does not fit the model: `init` must be an adapter trained on this model"

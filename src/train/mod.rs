@@ -2,6 +2,7 @@
 //! directory ([`model::Base`]), LoRA matrices ([`lora::Lora`]), and the loop — AdamW with linear warmup
 //! and decay, gradient accumulation, loss on the completion tokens only, seeded throughout.
 
+mod amx;
 mod hf;
 mod lora;
 mod model;
@@ -15,6 +16,33 @@ pub use model::{Architecture, Base, Config};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
+
+crate::choice! {
+    /// How the frozen weights' products are computed (`finetune-lora`'s `precision`). LoRA
+    /// matrices, gradients and the optimizer are f32 in every case.
+    pub enum Precision {
+        /// bf16 where the CPU has AMX, f32 elsewhere.
+        Auto = "auto",
+        F32 = "f32",
+        /// The weights and the products' other operand rounded to bf16, accumulated in f32, on
+        /// AMX's tile units (an error where the CPU has none).
+        Bf16 = "bf16",
+    }
+}
+
+impl Precision {
+    /// Whether the products run in bf16 on this machine; an error for `bf16` without AMX.
+    pub fn bf16(self) -> Result<bool, String> {
+        match self {
+            Precision::Auto => Ok(amx::available()),
+            Precision::F32 => Ok(false),
+            Precision::Bf16 if amx::available() => Ok(true),
+            Precision::Bf16 => Err("precision=\"bf16\" needs a CPU with AMX (Intel Xeon, Sapphire Rapids or later) \
+                                    and this one has none; use \"auto\" or \"f32\""
+                .into()),
+        }
+    }
+}
 
 /// A training error with seedflow's own message (candle's error type carries it).
 fn bad(message: String) -> candle_core::Error {
@@ -258,5 +286,15 @@ mod tests {
         assert_eq!(rates[1], 1.0);
         assert!(rates.windows(2).skip(2).all(|w| w[1] < w[0]));
         assert!(rates[9] > 0.0 && rates[9] <= 0.125);
+    }
+
+    #[test]
+    fn precision_is_bf16_only_where_the_cpu_runs_it_and_says_so_where_it_cannot_be() {
+        assert_eq!(Precision::F32.bf16(), Ok(false));
+        assert_eq!(Precision::Auto.bf16(), Ok(amx::available()));
+        match Precision::Bf16.bf16() {
+            Ok(bf16) => assert!(bf16 && amx::available()),
+            Err(message) => assert!(!amx::available() && message.contains("AMX") && message.contains("\"f32\"")),
+        }
     }
 }

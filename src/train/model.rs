@@ -13,7 +13,8 @@ use rand::rngs::StdRng;
 use rayon::prelude::*;
 
 use super::lora::{Lora, Target};
-use super::{bad, hf, ops};
+use super::ops::{self, Weight};
+use super::{bad, hf};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Architecture {
@@ -94,7 +95,7 @@ impl Config {
 
 /// A projection's frozen weight (n_out, n_in) and bias.
 pub struct Projection {
-    pub weight: Tensor,
+    pub weight: Weight,
     pub bias: Option<Tensor>,
 }
 
@@ -116,8 +117,8 @@ pub struct Base {
     embedding: Tensor,
     pub layers: Vec<Layer>,
     output_norm: Tensor,
-    /// The vocabulary projection; the embedding itself when the model ties them.
-    output: Tensor,
+    /// The vocabulary projection; the embedding's values when the model ties them.
+    output: Weight,
     /// llama's per-dimension rope frequency divisors (`rope_freqs.weight`), if any.
     rope_factors: Option<Vec<f32>>,
 }
@@ -139,12 +140,13 @@ impl Reader {
 }
 
 impl Base {
-    /// Reads a GGUF model (dequantized) or a Hugging Face model directory.
-    pub fn load(path: &Path) -> Result<Base> {
+    /// Reads a GGUF model (dequantized) or a Hugging Face model directory; with `bf16`, the
+    /// projections' weights are kept in bf16 for AMX's tiles (see [`Weight`]).
+    pub fn load(path: &Path, bf16: bool) -> Result<Base> {
         if hf::is_model_dir(path) {
             let config = hf::config(path)?;
             let tensors = hf::tensors(path, &config)?;
-            return Base::read(config, Reader(tensors));
+            return Base::read(config, Reader(tensors), bf16);
         }
         let mut file = File::open(path).map_err(|e| bad(format!("cannot open `{}`: {e}", path.display())))?;
         let content = gguf_file::Content::read(&mut file)
@@ -163,16 +165,16 @@ impl Base {
             .into_par_iter()
             .map(|(name, tensor)| Ok((name, tensor.dequantize(&Device::Cpu)?)))
             .collect::<Result<HashMap<_, _>>>()?;
-        Base::read(config, Reader(tensors))
+        Base::read(config, Reader(tensors), bf16)
     }
 
-    fn read(config: Config, mut reader: Reader) -> Result<Base> {
+    fn read(config: Config, mut reader: Reader, bf16: bool) -> Result<Base> {
         let embedding_weights = reader.required("token_embd.weight")?;
         let mut layers = Vec::with_capacity(config.layers);
         for i in 0..config.layers {
             let mut projections = Vec::with_capacity(Target::NAMES.len());
             for target in Target::all() {
-                let weight = reader.required(&format!("blk.{i}.{}.weight", target.gguf()))?;
+                let weight = Weight::new(reader.required(&format!("blk.{i}.{}.weight", target.gguf()))?, bf16)?;
                 let bias = reader.optional(&format!("blk.{i}.{}.bias", target.gguf()));
                 projections.push(Projection { weight, bias });
             }
@@ -183,7 +185,7 @@ impl Base {
             });
         }
         let output_norm = reader.required("output_norm.weight")?;
-        let output = reader.optional("output.weight").unwrap_or_else(|| embedding_weights.clone());
+        let output = Weight::new(reader.optional("output.weight").unwrap_or_else(|| embedding_weights.clone()), bf16)?;
         let rope_factors = reader.optional("rope_freqs.weight").map(|t| t.to_vec1::<f32>()).transpose()?;
         Ok(Base { config, embedding: embedding_weights, layers, output_norm, output, rope_factors })
     }

@@ -4,12 +4,13 @@
 //! every intermediate tensor alive until the backward pass (several times the activations'
 //! memory), where one op keeps its inputs and output and computes what else it needs again.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, D, Device, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
+use super::amx;
 use crate::numeric::{exp_nonpositive, log_sum_exp};
 
 /// The values of an op's input: contiguous f32.
@@ -83,11 +84,67 @@ fn merge_heads(t: &Tensor) -> Result<Tensor> {
     t.transpose(0, 1)?.contiguous()?.reshape((n, heads * d))
 }
 
+/// A frozen weight `W` (n_out, n_in): in f32, or rounded to bf16 and laid out for AMX's tiles
+/// ([`amx`]), once for each product training takes (`x @ Wᵀ` forward, `grad @ W` backward: the
+/// same memory as the f32 weight).
+#[derive(Clone)]
+pub enum Weight {
+    F32(Tensor),
+    Bf16(Arc<Bf16Weight>),
+}
+
+pub struct Bf16Weight {
+    forward: amx::Packed,
+    backward: amx::Packed,
+}
+
+impl Weight {
+    /// `w` (n_out, n_in) in bf16 where asked and its sides fit AMX's tiles whole (every
+    /// projection of the Qwen2.5 and Llama models); in f32 otherwise.
+    pub fn new(w: Tensor, bf16: bool) -> Result<Weight> {
+        if !bf16 {
+            return Ok(Weight::F32(w));
+        }
+        let (n_out, n_in) = w.dims2()?;
+        let packed = with_values([&w], |[values]| {
+            Ok(amx::Packed::transposed(values, n_out, n_in).zip(amx::Packed::plain(values, n_out, n_in)))
+        })?;
+        Ok(match packed {
+            Some((forward, backward)) => Weight::Bf16(Arc::new(Bf16Weight { forward, backward })),
+            None => Weight::F32(w),
+        })
+    }
+
+    /// (n_out, n_in).
+    pub fn dims(&self) -> Result<(usize, usize)> {
+        match self {
+            Weight::F32(w) => w.dims2(),
+            Weight::Bf16(w) => Ok((w.backward.depth(), w.backward.columns())),
+        }
+    }
+
+    /// `x @ Wᵀ` for an op's input `x` (m, n_in), as values the caller owns.
+    fn times_transposed(&self, x: &CpuStorage, x_layout: &Layout) -> Result<Vec<f32>> {
+        match self {
+            Weight::F32(w) => times_transposed(x, x_layout, w),
+            Weight::Bf16(w) => amx::matmul(values(x, x_layout)?, x_layout.shape().dims2()?.0, &w.forward),
+        }
+    }
+
+    /// `grad @ W`, the input's gradient, as values the caller owns.
+    fn input_gradient(&self, grad: &Tensor) -> Result<Vec<f32>> {
+        match self {
+            Weight::F32(w) => frozen_input_gradient(grad, w),
+            Weight::Bf16(w) => with_values([grad], |[g]| amx::matmul(g, grad.dim(0)?, &w.backward)),
+        }
+    }
+}
+
 /// `x @ Wᵀ + b` for a frozen `W` (n_out, n_in) and bias `b`. Through `Tensor::matmul` the
 /// backward pass would also compute `W`'s gradient, a full matmul per projection that nothing
 /// uses; this op returns the input's gradient only.
 struct Frozen {
-    weight: Tensor,
+    weight: Weight,
     bias: Option<Vec<f32>>,
 }
 
@@ -97,8 +154,8 @@ impl CustomOp1 for Frozen {
     }
 
     fn cpu_fwd(&self, x: &CpuStorage, x_layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (m, n) = (x_layout.shape().dims2()?.0, self.weight.dim(0)?);
-        let mut out = times_transposed(x, x_layout, &self.weight)?;
+        let (m, n) = (x_layout.shape().dims2()?.0, self.weight.dims()?.0);
+        let mut out = self.weight.times_transposed(x, x_layout)?;
         if let Some(bias) = &self.bias {
             for row in out.chunks_mut(n) {
                 row.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
@@ -108,7 +165,7 @@ impl CustomOp1 for Frozen {
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(Tensor::from_vec(frozen_input_gradient(grad, &self.weight)?, x.shape(), &Device::Cpu)?))
+        Ok(Some(Tensor::from_vec(self.weight.input_gradient(grad)?, x.shape(), &Device::Cpu)?))
     }
 }
 
@@ -179,13 +236,13 @@ fn frozen_input_gradient(grad: &Tensor, weight: &Tensor) -> Result<Vec<f32>> {
 }
 
 impl Frozen {
-    fn new(weight: &Tensor, bias: Option<&Tensor>) -> Result<Frozen> {
+    fn new(weight: &Weight, bias: Option<&Tensor>) -> Result<Frozen> {
         Ok(Frozen { weight: weight.clone(), bias: bias.map(|b| b.to_vec1::<f32>()).transpose()? })
     }
 }
 
 /// `x @ Wᵀ + b` where `W` and `b` never train; `x` is (tokens, n_in).
-pub fn frozen_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+pub fn frozen_linear(x: &Tensor, weight: &Weight, bias: Option<&Tensor>) -> Result<Tensor> {
     x.contiguous()?.apply_op1(Frozen::new(weight, bias)?)
 }
 
@@ -248,7 +305,7 @@ impl CustomOp3 for LoraLinear {
         let input = self.masked(&x.detach())?;
         let low = input.matmul(&a.t()?)?;
         let grad_low = (grad.matmul(&b)? * self.scale)?;
-        let mut dx = frozen_input_gradient(&grad, &self.frozen.weight)?;
+        let mut dx = self.frozen.weight.input_gradient(&grad)?;
         add_into(&mut dx, &self.masked(&grad_low.matmul(&a)?)?)?;
         let dx = Tensor::from_vec(dx, x.shape(), &Device::Cpu)?;
         let da = grad_low.t()?.matmul(&input)?;
@@ -261,7 +318,7 @@ impl CustomOp3 for LoraLinear {
 /// A (rank, n_in), B (n_out, rank).
 pub fn lora_linear(
     x: &Tensor,
-    weight: &Tensor,
+    weight: &Weight,
     bias: Option<&Tensor>,
     (a, b): (&Tensor, &Tensor),
     scale: f64,
@@ -607,7 +664,7 @@ mod tests {
             let b = Tensor::randn(0f32, 1., outputs, &Device::Cpu).unwrap();
             agree(
                 &[random(&[21, 7])],
-                |t| frozen_linear(&t[0], &w, Some(&b)),
+                |t| frozen_linear(&t[0], &Weight::F32(w.clone()), Some(&b)),
                 |t| t[0].matmul(&w.t()?)?.broadcast_add(&b),
             );
         }
@@ -708,7 +765,33 @@ mod tests {
                 let update = (input.matmul(&t[1].t()?)?.matmul(&t[2].t()?)? * 2.0)?;
                 t[0].matmul(&w.t()?)?.broadcast_add(&bias)? + update
             };
-            agree(&inputs, |t| lora_linear(&t[0], &w, Some(&bias), (&t[1], &t[2]), 2.0, mask.clone()), composed);
+            let weight = Weight::F32(w.clone());
+            agree(&inputs, |t| lora_linear(&t[0], &weight, Some(&bias), (&t[1], &t[2]), 2.0, mask.clone()), composed);
+        }
+    }
+
+    #[test]
+    fn bf16_weights_give_the_f32_outputs_and_gradients_within_rounding() {
+        if !amx::available() {
+            eprintln!("skipped: this CPU has no AMX");
+            return;
+        }
+        let w = Tensor::randn(0f32, 1., (64, 96), &Device::Cpu).unwrap();
+        let bf16 = Weight::new(w.clone(), true).unwrap();
+        assert!(matches!(bf16, Weight::Bf16(_)) && bf16.dims().unwrap() == (64, 96));
+        // Sides that are not whole tiles stay in f32.
+        let odd = Tensor::randn(0f32, 1., (6, 7), &Device::Cpu).unwrap();
+        assert!(matches!(Weight::new(odd, true).unwrap(), Weight::F32(_)));
+        let (x, a, b) = (random(&[21, 96]), random(&[4, 96]), random(&[64, 4]));
+        let outputs = |weight: &Weight| {
+            let y = lora_linear(x.as_tensor(), weight, None, (a.as_tensor(), b.as_tensor()), 2.0, None).unwrap();
+            let y = frozen_linear(&y.matmul(&w).unwrap(), weight, None).unwrap();
+            let grads = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+            [y, grads.get(&x).unwrap().clone(), grads.get(&a).unwrap().clone()]
+        };
+        for (ours, exact) in outputs(&bf16).iter().zip(outputs(&Weight::F32(w.clone()))) {
+            let scale = exact.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(close(ours, &exact) < 0.02 * scale, "differs by {} at a scale of {scale}", close(ours, &exact));
         }
     }
 }
