@@ -15,6 +15,8 @@ use candle_core::Result;
 
 use rayon::prelude::*;
 
+use super::ops::CHUNK;
+
 /// Rows and columns of a result tile; a left operand's tile is 16 rows × 32 bf16.
 const TILE: usize = 16;
 /// The reduction length of one tile product (32 bf16 = one 64-byte tile row).
@@ -141,9 +143,7 @@ pub fn matmul(a: &[f32], rows: usize, b: &Packed) -> Result<Vec<f32>> {
     }
     let padded = rows.div_ceil(2 * TILE) * 2 * TILE;
     let mut left = vec![0u16; padded * depth];
-    left[..rows * depth].par_chunks_mut(1 << 14).zip(a.par_chunks(1 << 14)).for_each(|(to, from)| {
-        to.iter_mut().zip(from).for_each(|(t, &f)| *t = bf16(f));
-    });
+    left.par_iter_mut().zip(a).with_min_len(CHUNK).for_each(|(to, &from)| *to = bf16(from));
     let mut out = vec![0f32; padded * columns];
     let out_ptr = Out(out.as_mut_ptr());
     let blocks = columns / (2 * TILE);

@@ -52,7 +52,7 @@ fn into_values(storage: CpuStorage) -> Result<Vec<f32>> {
 /// Fewest elements a thread takes in an elementwise loop. The loops run on rayon's threads,
 /// which are the matrix multiplies' and idle between them: a single-threaded pass over a
 /// (tokens, 4,864) tensor costs about what the multiply that made it does.
-const CHUNK: usize = 1 << 14;
+pub(super) const CHUNK: usize = 1 << 14;
 
 /// `f` of `a` and `b`, element by element, on rayon's threads.
 fn zip_map(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
