@@ -4,7 +4,7 @@ llama.cpp's own `llama-batched-bench` on the same model, CPU flags and sizes, in
 
 llama-batched-bench is built from the llama.cpp tree seedflow itself is built from (the one
 vendored in the `llama-cpp-sys-2` crate that Cargo.lock pins), with the same CMake options its
-build script uses. That tree leaves out the tools' sources, so batched-bench's own two files come
+build script uses and the C/C++ flags `.cargo/config.toml` gives it (for this CPU). That tree leaves out the tools' sources, so batched-bench's own two files come
 from the `llama-cpp-python` source package, which vendors a whole llama.cpp. Both decode a shared
 prompt and then `NTG` tokens per sequence.
 
@@ -31,12 +31,14 @@ SEEDFLOW_MODEL replaces the default model, LLAMA_BATCHED_BENCH names an anchor b
 PARALLEL the sequence counts ("1,4,8" unless set), THREADS the CPU threads of both programs
 (every core unless set).
 """
+import hashlib
 import json
 import os
 import shutil
 import subprocess
 import tarfile
 import tempfile
+import tomllib
 from pathlib import Path
 from statistics import median
 
@@ -67,6 +69,14 @@ def llama_cpp_tree():
     return Path(crate["manifest_path"]).parent / "llama.cpp", crate["version"]
 
 
+def llama_cpp_flags():
+    """The C and C++ flags seedflow's llama.cpp is compiled with: .cargo/config.toml's, unless the
+    environment sets them (as Cargo does)."""
+    name = "CXXFLAGS_x86_64_unknown_linux_gnu"
+    config = tomllib.loads((ROOT / ".cargo" / "config.toml").read_text()).get("env", {})
+    return os.environ.get(name, config.get(name, ""))
+
+
 def batched_bench(shared=False):
     """llama-batched-bench, linked statically, or against llama.cpp's shared libraries when
     `shared` (bench/gpu/bundle.sh runs it on seedflow's CUDA build of them)."""
@@ -74,7 +84,11 @@ def batched_bench(shared=False):
         return Path(os.environ["LLAMA_BATCHED_BENCH"]).resolve()
     tree, version = llama_cpp_tree()
     work = CACHE / "bench" / f"llama.cpp-sys-2-{version}"
-    build = work / ("build-shared" if shared else "build")
+    flags = llama_cpp_flags()
+    # A build for one kind of CPU is kept apart from the others (as seedflow's llama-server is).
+    cpu = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "") if flags else ""
+    key = hashlib.sha256(f"{flags}\n{cpu}".encode()).hexdigest()[:12] if flags else "portable"
+    build = work / (("build-shared-" if shared else "build-") + key)
     binary = build / "bin" / "llama-batched-bench"
     if binary.exists():
         return binary
@@ -91,8 +105,9 @@ def batched_bench(shared=False):
         for source in ("CMakeLists.txt", "batched-bench.cpp", "main.cpp"):
             shutil.copy(sources / source, tool / source)
         (work / "tools" / "CMakeLists.txt").write_text("llama_add_compile_flags()\nadd_subdirectory(batched-bench)\n")
-    # What llama-cpp-sys-2's build script sets for a CPU build without target-cpu=native.
-    options = ["-DCMAKE_BUILD_TYPE=Release", f"-DBUILD_SHARED_LIBS={'ON' if shared else 'OFF'}", "-DGGML_NATIVE=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
+    # What llama-cpp-sys-2's build script sets for a CPU build without target-cpu=native, with the
+    # C and C++ flags seedflow's build gives it.
+    options = [f"-DCMAKE_C_FLAGS={flags}", f"-DCMAKE_CXX_FLAGS={flags}", "-DCMAKE_BUILD_TYPE=Release", f"-DBUILD_SHARED_LIBS={'ON' if shared else 'OFF'}", "-DGGML_NATIVE=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
                "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_BUILD_COMMON=ON", "-DLLAMA_BUILD_TOOLS=ON"]
     subprocess.run(["cmake", "-S", work, "-B", build, *options], check=True, capture_output=True)
     subprocess.run(["cmake", "--build", build, "--target", "llama-batched-bench", "-j", str(THREADS)], check=True, capture_output=True)

@@ -241,6 +241,25 @@ fn fetch(asset: &Asset, dir: &Path, target: &Path, progress: &dyn Fn(&str)) -> R
 const LLAMA_CPP_SOURCE: Part = Part { package: "llama-cpp-python", version: "0.3.36", path: "vendor/llama.cpp" };
 const LLAMA_CPP_SOURCE_SHA256: &str = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e";
 const LLAMA_SERVER_ENV: &str = "SEEDFLOW_LLAMA_SERVER";
+/// The C and C++ flags seedflow's own llama.cpp was compiled with (`.cargo/config.toml`: for the
+/// CPU it was built on), so that llama-server runs the same kernels as the in-process path.
+const LLAMA_CPP_FLAGS: &str = match option_env!("CXXFLAGS_x86_64_unknown_linux_gnu") {
+    Some(flags) => flags,
+    None => "",
+};
+
+/// The cached llama-server's directory name: the source's version, and where the build is for one
+/// kind of CPU (`-march=native`), that CPU's feature flags, so that a cache carried to another
+/// machine builds anew rather than running instructions its CPU lacks.
+fn llama_server_dir_name(flags: &str, cpuinfo: &str) -> String {
+    let version = LLAMA_CPP_SOURCE.version;
+    if flags.is_empty() {
+        return format!("llama-server-{version}");
+    }
+    let features = cpuinfo.lines().find(|line| line.starts_with("flags")).unwrap_or_default();
+    let key = Sha256::digest(format!("{flags}\n{features}"));
+    format!("llama-server-{version}-{}", &format!("{key:x}")[..12])
+}
 
 /// llama.cpp's OpenAI-compatible server, for `model … server=`: `SEEDFLOW_LLAMA_SERVER` if set,
 /// else the cached build, else built (for the CPU; several minutes) from the pinned source.
@@ -249,7 +268,8 @@ pub fn llama_server(progress: &dyn Fn(&str)) -> Result<PathBuf, AssetError> {
         return overridden;
     }
     let dir = cache_dir();
-    let target = dir.join(format!("llama-server-{}", LLAMA_CPP_SOURCE.version)).join("llama-server");
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let target = dir.join(llama_server_dir_name(LLAMA_CPP_FLAGS, &cpuinfo)).join("llama-server");
     if target.exists() {
         return Ok(target);
     }
@@ -280,7 +300,8 @@ pub fn llama_server(progress: &dyn Fn(&str)) -> Result<PathBuf, AssetError> {
     let build = work.path().join("build");
     progress("building llama-server for this CPU (several minutes)");
     // What llama-cpp-sys-2's build sets for a CPU build, plus the server without its web UI.
-    run(Command::new("cmake").arg("-S").arg(&source).arg("-B").arg(&build).args([
+    let flags = |language| format!("-DCMAKE_{language}_FLAGS={LLAMA_CPP_FLAGS}");
+    run(Command::new("cmake").arg("-S").arg(&source).arg("-B").arg(&build).args([flags("C"), flags("CXX")]).args([
         "-DCMAKE_BUILD_TYPE=Release",
         "-DBUILD_SHARED_LIBS=OFF",
         "-DGGML_NATIVE=OFF",
@@ -343,4 +364,23 @@ pub fn last_lines(output: &[u8], count: usize) -> String {
     let text = String::from_utf8_lossy(output);
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(count)..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::llama_server_dir_name;
+
+    #[test]
+    fn a_build_for_one_cpu_is_cached_apart_from_builds_for_others() {
+        let intel = "processor\t: 0\nflags\t\t: fpu avx2 avx512f amx_tile\n";
+        let amd = "processor\t: 0\nflags\t\t: fpu avx2\n";
+        assert_eq!(llama_server_dir_name("", intel), "llama-server-0.3.36");
+        assert_eq!(llama_server_dir_name("", amd), "llama-server-0.3.36");
+        let native = "-march=native";
+        let on_intel = llama_server_dir_name(native, intel);
+        assert!(on_intel.starts_with("llama-server-0.3.36-"), "{on_intel}");
+        assert_eq!(on_intel, llama_server_dir_name(native, intel));
+        assert_ne!(on_intel, llama_server_dir_name(native, amd));
+        assert_ne!(on_intel, llama_server_dir_name("-march=native -mno-avx512fp16", intel));
+    }
 }
