@@ -4,9 +4,10 @@ llama.cpp's own `llama-batched-bench` on the same model, CPU flags and sizes, in
 
 llama-batched-bench is built from the llama.cpp tree seedflow itself is built from (the one
 vendored in the `llama-cpp-sys-2` crate that Cargo.lock pins), with the same CMake options its
-build script uses and the C/C++ flags `.cargo/config.toml` gives it (for this CPU). That tree leaves out the tools' sources, so batched-bench's own two files come
-from the `llama-cpp-python` source package, which vendors a whole llama.cpp. Both decode a shared
-prompt and then `NTG` tokens per sequence.
+build script uses and the C/C++ flags `.cargo/config.toml` gives it (for this CPU). That tree
+leaves out the tools' sources, so batched-bench's own two files come from the `llama-cpp-python`
+source package, which vendors a whole llama.cpp. Both decode a shared prompt and then `NTG` tokens
+per sequence.
 
 The figure compared is generated tokens per second over all sequences, prompt decoding left out:
 llama-batched-bench's `S_TG`, and the `tokens-per-second` metric of seedflow's step (which, unlike
@@ -85,9 +86,11 @@ def batched_bench(shared=False):
     tree, version = llama_cpp_tree()
     work = CACHE / "bench" / f"llama.cpp-sys-2-{version}"
     flags = llama_cpp_flags()
-    # A build for one kind of CPU is kept apart from the others (as seedflow's llama-server is).
-    cpu = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "") if flags else ""
-    key = hashlib.sha256(f"{flags}\n{cpu}".encode()).hexdigest()[:12] if flags else "portable"
+    key = "portable"
+    if flags:
+        # A build for one kind of CPU is kept apart from the others (as seedflow's llama-server is).
+        cpu = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+        key = hashlib.sha256(f"{flags}\n{cpu}".encode()).hexdigest()[:12]
     build = work / (("build-shared-" if shared else "build-") + key)
     binary = build / "bin" / "llama-batched-bench"
     if binary.exists():
