@@ -186,6 +186,10 @@ impl Sandbox {
         config
             .epoch_interruption(true)
             .memory_init_cow(true)
+            // CPython calls through function pointers everywhere, and a lazily filled table
+            // checks each such call for an entry not yet filled. Filling it at instantiation
+            // costs microseconds per instance (verdicts/s unchanged) and made MBPP 123 ~3% faster.
+            .table_lazy_init(false)
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         let engine = Engine::new(&config).map_err(|e| SandboxError::Wasmtime(format!("{e:#}")))?;
         let interpreter = load(&engine, wasm)?;
