@@ -19,7 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from generate import THREADS, batched_bench, seedflow_binary
+from generate import anchor, batched_bench, seedflow_binary
 
 PARALLEL = int(os.environ.get("PARALLEL", "8"))
 PROMPT = int(os.environ.get("PROMPT", "115"))
@@ -37,22 +37,6 @@ def schedule(lengths, parallel):
     return steps
 
 
-def step_seconds(binary, model, parallel):
-    """llama-batched-bench's seconds per generation step at 1 to `parallel` sequences."""
-    out = subprocess.run(
-        [binary, "-m", model, "-c", str(max(4096, (PROMPT + ANSWER + 1) * parallel)), "-b", "512", "-ub", "512", "-t", str(THREADS),
-         "-pps", "-npp", str(PROMPT), "-ntg", str(ANSWER), "-npl", ",".join(map(str, range(1, parallel + 1)))],
-        check=True, capture_output=True, text=True,
-    ).stdout
-    seconds = {}
-    for line in out.splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) >= 10 and cells[0].isdigit():
-            # PP | TG | B | N_KV | T_PP s | S_PP t/s | T_TG s | ...
-            seconds[int(cells[2])] = float(cells[6]) / int(cells[1])
-    return seconds
-
-
 def main():
     if len(sys.argv) != 2:
         raise SystemExit(__doc__)
@@ -61,7 +45,9 @@ def main():
     metrics = json.loads((step / "meta.json").read_text())["metrics"]
     ours = metrics["tokens"] / metrics["tokens-per-second"]
     model = subprocess.run([seedflow_binary(), "fetch", "model"], check=True, capture_output=True, text=True).stdout.strip()
-    seconds = step_seconds(batched_bench(), model, PARALLEL)
+    # llama-batched-bench's generated tokens/s over n sequences, as seconds a step.
+    speeds = anchor(batched_bench(), model, PROMPT, ANSWER, list(range(1, PARALLEL + 1)))
+    seconds = {n: n / speed for n, speed in speeds.items()}
     steps = schedule(lengths, PARALLEL)
     theirs = sum(count * seconds[n] for n, count in steps.items())
     busy = sum(lengths) / PARALLEL * seconds[PARALLEL]
