@@ -12,9 +12,12 @@ twice.
     ONLY=seed TRAIN=100 TEST=500 ITERATIONS=3 python3 bench/experiment.py   # one arm (by run name)
     DATA=examples/data/result-envelope TRAIN=40 TEST=200 ITERATIONS=1 python3 bench/experiment.py
     MODEL=qwen2.5-coder-1.5b DATA=… python3 bench/experiment.py     # another model for every arm
+    SEED_SET="adapt.revisions.examples=empty.jsonl" DATA=… python3 bench/experiment.py   # SEED's arm changed
 
 `DATA` names a directory of seedflow jsonl tasks (`train.jsonl`, `test.jsonl`), such as the
 result-envelope scenario, which the arms read through `--set train.path=…` as a user would.
+`SEED_SET` adds `--set` overrides (space-separated `name.property=value`) to the SEED arm alone,
+to compare a variant of it against the same baselines; the default `OUT` then names them.
 
 Prints a table (training samples used, pass@1, relative gain over each baseline, wall time), the
 paired comparisons of SEED with each baseline on the same test problems (flips, exact McNemar p,
@@ -40,8 +43,11 @@ ITERATIONS = int(os.environ.get("ITERATIONS", 2))
 DATA = Path(os.environ["DATA"]) if os.environ.get("DATA") else None
 # A model for every arm instead of the default: a built-in name or a GGUF file (`coder.path`).
 MODEL = os.environ.get("MODEL")
+# Overrides for the SEED arm alone (a variant of Self-Revise, say), as `--set` takes them.
+SEED_SET = os.environ.get("SEED_SET", "").split()
 SIZES = f"train{TRAIN}-test{TEST}-it{ITERATIONS}"
-NAME = "-".join(part for part in (DATA.name if DATA else None, MODEL and Path(MODEL).name.removesuffix(".gguf"), SIZES) if part)
+VARIANT = SEED_SET and "set-" + "-".join(o.replace("/", "_") for o in SEED_SET)
+NAME = "-".join(part for part in (DATA.name if DATA else None, MODEL and Path(MODEL).name.removesuffix(".gguf"), SIZES, VARIANT) if part)
 OUT = Path(os.environ.get("OUT", CACHE / "bench" / "experiment" / NAME))
 
 # A user's own tasks, the way the README tells users to give them (paths as given, relative to
@@ -51,7 +57,7 @@ DATA_SETS = (
      (("path", DATA / f"{split}.jsonl"), ("format", "jsonl"))]
     if DATA else []
 ) + ([f"coder.path={MODEL}"] if MODEL else [])
-SEED = [f"train.limit={TRAIN}", f"adapt.max-iterations={ITERATIONS}", *DATA_SETS]
+SEED = [f"train.limit={TRAIN}", f"adapt.max-iterations={ITERATIONS}", *DATA_SETS, *SEED_SET]
 # (label, run name, workflow, overrides beyond the test size)
 DIRECT = ("direct generation", "baseline-direct", "baseline-direct", DATA_SETS)
 ARMS = [
@@ -163,7 +169,7 @@ def main():
     data = f"{DATA.name} scenario" if DATA else "MBPP"
     lines = [
         f"{data}, {MODEL or 'default model'}, {TRAIN} training problems, first {TEST} test problems, greedy pass@1; "
-        f"SEED up to {ITERATIONS} iterations.",
+        f"SEED up to {ITERATIONS} iterations" + (f", with --set {' '.join(SEED_SET)}." if SEED_SET else "."),
         "",
         "| method | training samples | pass@1 | vs direct generation | vs direct fine-tuning | wall time |",
         "|---|---|---|---|---|---|",
