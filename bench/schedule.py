@@ -12,6 +12,7 @@ spend generating on that schedule beside the step's own generation time (`tokens
 
     python3 bench/schedule.py runs/quickstart/<time>/adapt/iteration-1/attempts
     PARALLEL=8 PROMPT=115 ANSWER=200 python3 bench/schedule.py RUN_DIR/STEP
+    SEEDFLOW_MODEL=model.gguf python3 bench/schedule.py RUN_DIR/STEP   # a run on another model
 """
 import json
 import os
@@ -44,7 +45,8 @@ def main():
     lengths = [json.loads(line)["tokens"] for line in (step / "output.jsonl").read_text().splitlines()]
     metrics = json.loads((step / "meta.json").read_text())["metrics"]
     ours = metrics["tokens"] / metrics["tokens-per-second"]
-    model = subprocess.run([seedflow_binary(), "fetch", "model"], check=True, capture_output=True, text=True).stdout.strip()
+    # The run's model: the default unless SEEDFLOW_MODEL names another (as in bench/generate.py).
+    model = os.environ.get("SEEDFLOW_MODEL") or subprocess.run([seedflow_binary(), "fetch", "model"], check=True, capture_output=True, text=True).stdout.strip()
     # llama-batched-bench's generated tokens/s over n sequences, as seconds a step.
     speeds = anchor(batched_bench(), model, PROMPT, ANSWER, list(range(1, PARALLEL + 1)))
     seconds = {n: n / speed for n, speed in speeds.items()}
