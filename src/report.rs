@@ -365,17 +365,32 @@ fn gain(value: f64, base: f64) -> String {
 /// A table as rows of cells; the first row is the header.
 type Table = Vec<Vec<String>>;
 
-/// A name for each run: its workflow, with its directory's name where workflows repeat.
+/// A name for each run: its workflow, with as much of its directory's path as tells it apart
+/// where workflows repeat (`seed (A/seed)` and `seed (B/seed)` for two experiments' SEED arms).
 fn labels(runs: &[Run]) -> Vec<String> {
     runs.iter()
         .map(|run| {
-            if runs.iter().filter(|r| r.workflow == run.workflow).count() == 1 {
+            let same: Vec<&Path> =
+                runs.iter().filter(|r| r.workflow == run.workflow).map(|r| r.dir.as_path()).collect();
+            if same.len() == 1 {
                 return run.workflow.clone();
             }
-            let dir = run.dir.file_name().map_or_else(|| run.dir.display().to_string(), |n| n.to_string_lossy().into());
-            format!("{} ({dir})", run.workflow)
+            format!("{} ({})", run.workflow, distinct_tail(&run.dir, &same))
         })
         .collect()
+}
+
+/// The fewest last components of `dir` that no other path of `all` ends with (all of it if none
+/// do).
+fn distinct_tail(dir: &Path, all: &[&Path]) -> String {
+    fn tail(path: &Path, n: usize) -> Vec<std::path::Component<'_>> {
+        let components: Vec<_> = path.components().collect();
+        components[components.len().saturating_sub(n)..].to_vec()
+    }
+    let parts = dir.components().count();
+    let n =
+        (1..parts).find(|&n| all.iter().filter(|&&other| tail(other, n) == tail(dir, n)).count() == 1).unwrap_or(parts);
+    tail(dir, n).iter().collect::<PathBuf>().display().to_string()
 }
 
 /// The runs side by side: one row per run.
@@ -795,7 +810,18 @@ pub fn write(runs: &[Run], dir: &Path) -> std::io::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::{Series, SystemTime, busy_seconds, line_chart, tick_step};
+    use super::{Series, SystemTime, busy_seconds, distinct_tail, line_chart, tick_step};
+    use std::path::Path;
+
+    #[test]
+    fn runs_of_one_workflow_are_named_by_as_much_of_their_path_as_differs() {
+        let (a, b, c) = (Path::new("/x/A/seed"), Path::new("/x/B/seed"), Path::new("/x/B/seed-2"));
+        assert_eq!(distinct_tail(a, &[a, b]), "A/seed");
+        assert_eq!(distinct_tail(b, &[a, b, c]), "B/seed");
+        assert_eq!(distinct_tail(c, &[a, b, c]), "seed-2");
+        // The same directory twice: nothing tells them apart, so the whole path.
+        assert_eq!(distinct_tail(a, &[a, a]), "/x/A/seed");
+    }
 
     #[test]
     fn busy_time_counts_overlapping_steps_once_and_leaves_out_pauses() {
