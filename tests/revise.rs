@@ -32,13 +32,20 @@ fn revisions_edit_the_models_own_failing_code_and_copies_are_told_apart() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     std::fs::copy(root.join("examples/data/result-envelope/train.jsonl"), dir.path().join("train.jsonl")).unwrap();
     std::fs::write(dir.path().join("flow.kdl"), WORKFLOW).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_seedflow"))
-        .args(["run", "flow.kdl", "--run-dir", "run"])
-        .current_dir(dir.path())
-        .env_remove("CI")
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let seedflow = |extra: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_seedflow"))
+            .args(["run", "flow.kdl", "--run-dir", "run"])
+            .args(extra)
+            .current_dir(dir.path())
+            .env_remove("CI")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+        let summary: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.path().join("run/summary.json")).unwrap()).unwrap();
+        summary
+    };
+    let summary = seedflow(&[]);
     let run = dir.path().join("run");
 
     // The prompt is the requirement alone: the base model never meets the convention.
@@ -64,8 +71,6 @@ fn revisions_edit_the_models_own_failing_code_and_copies_are_told_apart() {
     };
     assert_eq!(ids("all-passing").len(), passing.len());
     assert_eq!(ids("own-only"), own.iter().map(|v| v.sample.sample_id.clone()).collect::<Vec<_>>());
-    let summary: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap();
     let metrics = &summary["steps"]["all-passing"]["metrics"];
     assert_eq!(metrics["copies"].as_f64(), Some((passing.len() - own.len()) as f64));
     let revised = ids("revised");
@@ -77,4 +82,15 @@ fn revisions_edit_the_models_own_failing_code_and_copies_are_told_apart() {
         let share = summary["steps"]["revised"]["metrics"]["own-edit-share"].as_f64().unwrap();
         assert_eq!(share, tasks_own.len() as f64 / tasks_passing.len() as f64);
     }
+
+    // No worked revisions by default; the shipped ones are one property away and reach the
+    // prompt (a token of each revision is enough to see them decoded).
+    let prompt_tokens =
+        |summary: &serde_json::Value| summary["steps"]["revisions"]["metrics"]["prompt-tokens"].as_f64();
+    let plain = prompt_tokens(&summary).unwrap();
+    let examples = "revisions.examples=std/prompts/revise-examples.jsonl";
+    let shown =
+        seedflow(&["--resume", "--set", examples, "--set", "revisions.samples=1", "--set", "revisions.max-tokens=1"]);
+    let shown = prompt_tokens(&shown).unwrap();
+    assert!(shown > plain + 300.0, "{plain} prompt tokens without the worked revisions, {shown} with them");
 }

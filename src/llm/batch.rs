@@ -124,7 +124,7 @@ impl Inference for Llama {
         // its samples: llama.cpp copies between per-sequence caches only whole sequences, so the
         // copy comes from one that holds the prompt alone. A prompt keeps what it shares with the
         // one before it in the stash (the chat template's system turn, a prompt template's
-        // opening, `revise`'s worked examples: most of its prompt) and decodes the rest.
+        // opening, `revise`'s worked examples where it shows them) and decodes the rest.
         let stash = parallel as i32;
         let mut stashed: &[LlamaToken] = &[];
         let mut admitting: Option<Admitting> = None;

@@ -17,12 +17,14 @@ pub static SPEC: KindSpec = KindSpec {
           the error was raised at, and the dataset's reference solution as `reference` says: \
           `hint` shows it for orientation with the instruction to keep the model's own code, \
           `off` leaves it out, `show` presents it as the solution (a small model then mostly \
-          copies it, and SEED becomes fine-tuning on references). The prompt first shows worked \
-          revisions from the JSON-lines file `examples` (`requirement`, `tests`, `code`, \
-          `feedback`, `revision`): by default `std/prompts/revise-examples.jsonl`, three minimal \
-          fixes made from MBPP's prompt split; an empty file shows none. The worked revisions \
-          are the same in every prompt: they are decoded once and copied into each prompt's \
-          cache, and `prompt-tokens` counts them once. Samples `samples` \
+          copies it, and SEED becomes fine-tuning on references). With `examples`, a JSON-lines \
+          file (`requirement`, `tests`, `code`, `feedback`, `revision`), the prompt first shows \
+          worked revisions; `std/prompts/revise-examples.jsonl` holds three minimal fixes made \
+          from MBPP's prompt split. None are shown by default: with them a small model's \
+          revisions follow their terse lead onto the reference, and on the README's scenario \
+          and five quickstart seeds it learnt as well or better without them. The worked revisions are the \
+          same in every prompt: they are decoded once and copied into each prompt's cache, and \
+          `prompt-tokens` counts them once. Samples `samples` \
           revisions per error, each linked to the sample it revises (`parent`), which `select`'s \
           `own-code` uses to keep edits of the model's own code. `prompt-tokens`, \
           `tokens-per-second` and `decode-share` are as in `generate`.",
@@ -62,7 +64,7 @@ params! {
     /// How the prompt shows the dataset's reference solution.
     REFERENCE: ReferenceMode = optional("reference", ValueType::Choice(ReferenceMode::NAMES), r#""hint""#);
     /// Worked revisions shown first (few-shot), as JSON lines.
-    EXAMPLES: PathBuf = optional("examples", ValueType::File, r#""std/prompts/revise-examples.jsonl""#);
+    EXAMPLES: Option<PathBuf> = unset("examples", ValueType::File);
     /// A prompt template replacing the built-in one.
     TEMPLATE: Option<PathBuf> = unset("template", ValueType::File);
 }
@@ -96,9 +98,11 @@ pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
     })
 }
 
-/// The turns of the step's `examples` file.
+/// The turns of the step's `examples` file (none without one).
 fn examples(ctx: &Context, template: &str) -> Result<Vec<(String, String)>, StepError> {
-    let path = ctx.get(&EXAMPLES)?;
+    let Some(path) = ctx.get(&EXAMPLES)? else {
+        return Ok(vec![]);
+    };
     let text = crate::stdlib::read_to_string(&path)
         .map_err(|e| StepError::Failed(format!("cannot read `{}`: {e}", path.display())))?;
     let mut turns = vec![];
