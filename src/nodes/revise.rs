@@ -22,10 +22,10 @@ pub static SPEC: KindSpec = KindSpec {
           worked revisions; `std/prompts/revise-examples.jsonl` holds three minimal fixes made \
           from MBPP's prompt split. None are shown by default: with them a small model's \
           revisions follow their terse lead onto the reference, and on the README's scenario \
-          and five quickstart seeds it learnt as well or better without them. The worked revisions are the \
-          same in every prompt: they are decoded once and copied into each prompt's cache, and \
-          `prompt-tokens` counts them once. Samples `samples` \
-          revisions per error, each linked to the sample it revises (`parent`), which `select`'s \
+          and five quickstart seeds it learnt as well or better without them. The worked \
+          revisions are the same in every prompt: they are decoded once and copied into each \
+          prompt's cache, and `prompt-tokens` counts them once. Samples `samples` revisions per \
+          error, each linked to the sample it revises (`parent`), which `select`'s \
           `own-code` uses to keep edits of the model's own code. `prompt-tokens`, \
           `tokens-per-second` and `decode-share` are as in `generate`.",
     properties: &[
