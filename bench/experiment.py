@@ -12,7 +12,7 @@ twice.
     ONLY=seed TRAIN=100 TEST=500 ITERATIONS=3 python3 bench/experiment.py   # one arm (by run name)
     DATA=examples/data/result-envelope TRAIN=40 TEST=200 ITERATIONS=1 python3 bench/experiment.py
     MODEL=qwen2.5-coder-1.5b DATA=… python3 bench/experiment.py     # another model for every arm
-    SEED_SET="adapt.revisions.examples=empty.jsonl" DATA=… python3 bench/experiment.py   # SEED's arm changed
+    SEED_SET="adapt.revisions.examples=std/prompts/revise-examples.jsonl" DATA=… python3 bench/experiment.py   # SEED's arm changed
 
 `DATA` names a directory of seedflow jsonl tasks (`train.jsonl`, `test.jsonl`), such as the
 result-envelope scenario, which the arms read through `--set train.path=…` as a user would.
