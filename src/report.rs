@@ -383,14 +383,12 @@ fn labels(runs: &[Run]) -> Vec<String> {
 /// The fewest last components of `dir` that no other path of `all` ends with (all of it if none
 /// do).
 fn distinct_tail(dir: &Path, all: &[&Path]) -> String {
-    fn tail(path: &Path, n: usize) -> Vec<std::path::Component<'_>> {
-        let components: Vec<_> = path.components().collect();
-        components[components.len().saturating_sub(n)..].to_vec()
-    }
-    let parts = dir.components().count();
-    let n =
-        (1..parts).find(|&n| all.iter().filter(|&&other| tail(other, n) == tail(dir, n)).count() == 1).unwrap_or(parts);
-    tail(dir, n).iter().collect::<PathBuf>().display().to_string()
+    let components: Vec<_> = dir.components().collect();
+    let tail = |n: usize| components[components.len() - n..].iter().collect::<PathBuf>();
+    let n = (1..components.len())
+        .find(|&n| all.iter().filter(|other| other.ends_with(tail(n))).count() == 1)
+        .unwrap_or(components.len());
+    tail(n).display().to_string()
 }
 
 /// The runs side by side: one row per run.
