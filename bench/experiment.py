@@ -180,13 +180,15 @@ def main():
     lines += ["", "Paired, task by task on the same test problems (from `seedflow report`):", ""]
     lines += paired_rows(binary, [(label, run_dir) for label, run_dir, _ in arms])
     lines += ["", "SEED's revisions by iteration (`revised`: one passing revision per problem, an own-code edit where one passed):", "",
-              "| iteration | errors | revisions kept | passing copies of the reference | own-edit share of those kept |", "|---|---|---|---|---|"]
+              "| iteration | errors | revisions (the error code unchanged) | revisions kept | passing copies of the reference | own-edit share of those kept |",
+              "|---|---|---|---|---|---|"]
     for loop in seed_run["loops"]:
         for iteration in loop["iterations"]:
             steps = {s["step"]: s["metrics"] for s in iteration["steps"]}
-            errors, revised = steps.get("errors", {}), steps.get("revised", {})
-            share = revised.get("own-edit-share")
-            lines.append(f"| {iteration['number']} | {errors.get('count', 0):.0f} | {revised.get('count', 0):.0f} | "
+            errors, revisions, revised = steps.get("errors", {}), steps.get("revisions", {}), steps.get("revised", {})
+            share, unchanged = revised.get("own-edit-share"), revisions.get("unchanged")
+            lines.append(f"| {iteration['number']} | {errors.get('count', 0):.0f} | {revisions.get('count', 0):.0f} "
+                         f"({'–' if unchanged is None else f'{unchanged:.0f}'}) | {revised.get('count', 0):.0f} | "
                          f"{revised.get('copies', 0):.0f} | {'–' if share is None else f'{share:.2f}'} |")
     table = "\n".join(lines)
     print(table)

@@ -422,10 +422,11 @@ fn iteration_table(lp: &Loop) -> Table {
     let mut steps: Vec<(String, &'static str)> = vec![];
     for iteration in &lp.iterations {
         for step in &iteration.steps {
-            // A `select` of revisions also shows how many of them edit the model's own code.
+            // A `select` of revisions also shows how many of them edit the model's own code, a
+            // `revise` how many revisions left the code as it was.
             let headline = Reported::of(&step.kind).headline();
             let shown = |metric: &&str| *metric == headline || step.metrics.contains_key(*metric);
-            for metric in [headline, "own-edit-share"].into_iter().filter(|m| shown(m)) {
+            for metric in [headline, "own-edit-share", "unchanged"].into_iter().filter(|m| shown(m)) {
                 let column = (step.step.clone(), metric);
                 if !steps.contains(&column) {
                     steps.push(column);

@@ -62,6 +62,9 @@ fn revisions_edit_the_models_own_failing_code_and_copies_are_told_apart() {
         assert_eq!(parent.code, error.sample.code);
         assert!(revision.sample.own_edit().is_some());
     }
+    // `revise` counts the revisions that left their error code as it was.
+    let unchanged = checked.iter().filter(|v| v.sample.unchanged() == Some(true)).count();
+    assert_eq!(summary["steps"]["revisions"]["metrics"]["unchanged"].as_f64(), Some(unchanged as f64));
 
     // `select`'s own-code choices agree with the revisions' own measure.
     let passing: Vec<&Verdict> = checked.iter().filter(|v| v.status == Status::Passed).collect();

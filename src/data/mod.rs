@@ -103,6 +103,15 @@ impl Sample {
         let reference = self.task.reference.as_deref()?;
         Some(similarity(&self.code, &parent.code) > similarity(&self.code, reference))
     }
+
+    /// For a revision: whether it is the code it revises again, but for blank lines and
+    /// whitespace at line ends — a model that did not act on the feedback.
+    pub fn unchanged(&self) -> Option<bool> {
+        fn lines(code: &str) -> impl Iterator<Item = &str> {
+            code.lines().map(str::trim_end).filter(|l| !l.is_empty())
+        }
+        Some(lines(&self.code).eq(lines(&self.parent.as_ref()?.code)))
+    }
 }
 
 /// The seed of one sample, from the workflow's seed, the step, the task (or the sample revised)
@@ -182,4 +191,32 @@ pub struct Verdict {
     pub failed_test: Option<String>,
     #[serde(default)]
     pub duration_ms: f64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn revision(code: &str, parent: Option<&str>) -> Sample {
+        Sample {
+            task_id: "a".into(),
+            task: Task::example("a"),
+            sample_id: "a/0/r0".into(),
+            code: code.into(),
+            logprob: None,
+            tokens: None,
+            answer: None,
+            parent: parent.map(|code| Parent { sample_id: "a/0".into(), code: code.into() }),
+        }
+    }
+
+    #[test]
+    fn a_revision_that_changes_only_blank_lines_and_line_ends_is_unchanged() {
+        let error = "def f(x):\n    return x + 1\n";
+        assert_eq!(revision("def f(x):  \r\n\n    return x + 1", Some(error)).unchanged(), Some(true));
+        assert_eq!(revision("def f(x):\n    return x + 2\n", Some(error)).unchanged(), Some(false));
+        // Indentation is Python's syntax, so it counts.
+        assert_eq!(revision("def f(x):\n  return x + 1\n", Some(error)).unchanged(), Some(false));
+        assert_eq!(revision(error, None).unchanged(), None);
+    }
 }

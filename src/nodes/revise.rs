@@ -1,10 +1,11 @@
-use crate::data::{Parent, Verdict, sample_seed};
+use crate::data::{Parent, Sample, Verdict, sample_seed};
 use std::path::PathBuf;
 
 use crate::dsl::schema::{Artifact, Input, KindSpec, Role, ValueType, params};
 use crate::llm::prompt::{ReferenceMode, RevisionExample};
 use crate::llm::{Request, prompt};
 use crate::nodes::context::{Context, Outcome, StepError};
+use crate::store;
 use crate::nodes::generate::{
     ADAPTER, ADAPTER_SCALE, MAX_TOKENS, MODEL, MOST_SAMPLES, STOP, STOP_AFTER_CODE, TEMPERATURE, TOP_K, TOP_P,
 };
@@ -26,8 +27,11 @@ pub static SPEC: KindSpec = KindSpec {
           revisions are the same in every prompt: they are decoded once and copied into each \
           prompt's cache, and `prompt-tokens` counts them once. Samples `samples` revisions per \
           error, each linked to the sample it revises (`parent`), which `select`'s \
-          `own-code` uses to keep edits of the model's own code. `prompt-tokens`, \
-          `tokens-per-second` and `decode-share` are as in `generate`.",
+          `own-code` uses to keep edits of the model's own code. `unchanged` counts the \
+          revisions that are their error code again (but for blank lines and trailing \
+          whitespace): a model that did not act on the feedback, which the run also says when \
+          it is most of them. `prompt-tokens`, `tokens-per-second` and `decode-share` are as \
+          in `generate`.",
     properties: &[
         MODEL.spec,
         ERRORS.spec,
@@ -44,7 +48,7 @@ pub static SPEC: KindSpec = KindSpec {
         EXAMPLES.spec,
         TEMPLATE.spec,
     ],
-    metrics: &["count", "tokens", "prompt-tokens", "tokens-per-second", "decode-share"],
+    metrics: &["count", "tokens", "prompt-tokens", "tokens-per-second", "decode-share", "unchanged"],
     at_least_one: &[],
     requires: &[],
     example: r#"model "coder" path="default"
@@ -84,7 +88,7 @@ pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
             seeds: (0..samples).map(|i| sample_seed(ctx.seed, &ctx.step, &verdict.sample.sample_id, i)).collect(),
         })
         .collect();
-    super::generate::sample_all(ctx, &requests, &|r, answers| {
+    let mut outcome = super::generate::sample_all(ctx, &requests, &|r, answers| {
         let parent = &errors[r].sample;
         answers
             .into_iter()
@@ -95,7 +99,19 @@ pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
                 revision
             })
             .collect()
-    })
+    })?;
+    // Read back rather than counted as they come, so a resumed step counts the kept ones too.
+    let revisions: Vec<Sample> = store::read_records(&ctx.dir.join(store::RECORDS))
+        .map_err(|e| StepError::Failed(format!("cannot read the revisions back: {e}")))?;
+    let unchanged = revisions.iter().filter(|r| r.unchanged() == Some(true)).count();
+    outcome.metrics.insert("unchanged".to_string(), unchanged as f64);
+    if unchanged * 2 > revisions.len() {
+        ctx.message(&format!(
+            "{unchanged} of {} revisions are the failing code unchanged: the model did not act on the feedback",
+            revisions.len()
+        ));
+    }
+    Ok(outcome)
 }
 
 /// The turns of the step's `examples` file (none without one).
