@@ -5,10 +5,10 @@ use crate::dsl::schema::{Artifact, Input, KindSpec, Role, ValueType, params};
 use crate::llm::prompt::{ReferenceMode, RevisionExample};
 use crate::llm::{Request, prompt};
 use crate::nodes::context::{Context, Outcome, StepError};
-use crate::store;
 use crate::nodes::generate::{
     ADAPTER, ADAPTER_SCALE, MAX_TOKENS, MODEL, MOST_SAMPLES, STOP, STOP_AFTER_CODE, TEMPERATURE, TOP_K, TOP_P,
 };
+use crate::store;
 
 pub static SPEC: KindSpec = KindSpec {
     name: "revise",
