@@ -1,5 +1,5 @@
 //! An adversarial corpus: each program must end with the right status, within its limits, with
-//! the host untouched and no threads left behind. One test in this binary, so the thread count
+//! the host untouched and no threads or processes left behind. One test in this binary, so the thread count
 //! is its own.
 
 mod common;
@@ -108,16 +108,33 @@ fn adversarial_programs_end_with_the_right_status_and_leave_the_host_alone() {
     check(&cases);
     assert!(!marker.exists(), "a sandboxed program wrote a host file");
     assert!(!std::path::Path::new("/tmp/pwned").exists());
-    // The sandbox's threads (epoch ticker, workers) are gone once it is dropped.
+    // The sandbox's threads and worker processes (killed at each timeout, and the rest when it is
+    // dropped) are gone.
     let mut threads_after = thread_count();
+    let mut workers = live_children();
     for _ in 0..50 {
-        if threads_after <= threads_before {
+        if threads_after <= threads_before && workers == 0 {
             break;
         }
         std::thread::sleep(Duration::from_millis(20));
-        threads_after = thread_count();
+        (threads_after, workers) = (thread_count(), live_children());
     }
     assert!(threads_after <= threads_before, "threads before {threads_before}, after {threads_after}");
+    assert_eq!(workers, 0, "worker processes left running");
+}
+
+/// Child processes of this one that have not ended (zombies, ended but not yet reaped, aside).
+fn live_children() -> usize {
+    let me = std::process::id().to_string();
+    let Ok(entries) = std::fs::read_dir("/proc") else { return 0 };
+    entries
+        .filter_map(|entry| std::fs::read_to_string(entry.ok()?.path().join("stat")).ok())
+        .filter(|stat| {
+            // `pid (name) state ppid ...`: the name may hold spaces, so read after its `)`.
+            let fields: Vec<&str> = stat.rsplit_once(')').map_or(vec![], |(_, rest)| rest.split_whitespace().collect());
+            fields.len() > 1 && fields[1] == me && fields[0] != "Z"
+        })
+        .count()
 }
 
 fn thread_count() -> usize {

@@ -41,6 +41,18 @@ fn help_lists_the_commands() {
     insta::assert_snapshot!("help", text(&out.stdout));
 }
 
+/// The sandbox's worker command (hidden; `seedflow run` starts it) loads only what seedflow
+/// compiled into its own cache.
+#[test]
+fn the_sandbox_worker_refuses_a_file_it_did_not_compile() {
+    for key in ["nonsense", "../../../../etc/passwd", "0123456789abcdef-0123456789abcdef"] {
+        let out = seedflow(&["sandbox-worker", key, "268435456"], Path::new("."));
+        assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+        assert!(text(&out.stderr).contains("no compiled interpreter"), "{}", text(&out.stderr));
+        assert!(out.stdout.is_empty(), "{}", text(&out.stdout));
+    }
+}
+
 #[test]
 fn output_into_a_closed_pipe_ends_quietly() {
     // The reading end closes before seedflow has started, so its first write finds no reader

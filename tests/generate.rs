@@ -57,7 +57,7 @@ fn greedy_answers_are_code_that_runs_in_the_sandbox() {
     assert!(timing.decoding_seconds > 0.0 && timing.decoding_seconds < timing.generation_seconds, "{timing:?}");
     let wasm = seedflow::sandbox::interpreter(&|_| {}).unwrap();
     let sandbox = Arc::new(seedflow::sandbox::Sandbox::new(&wasm, 1, 256 << 20).unwrap());
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let limits = seedflow::nodes::default_limits().unwrap();
     let mut statuses = vec![];
     for (task, answer) in tasks.iter().zip(&answers) {
@@ -68,7 +68,7 @@ fn greedy_answers_are_code_that_runs_in_the_sandbox() {
         assert!(generated.tokens > 0 && (floor..0.0).contains(&generated.mean_logprob), "{generated:?}");
         let code = extract::extract_code(&generated.text, None, None);
         let job = seedflow::sandbox::Job::new(&code, task, &limits);
-        let result = runtime.block_on(sandbox.run(&job, &limits));
+        let result = runtime.block_on(sandbox.run(&job, &limits)).unwrap();
         assert_ne!(result.status, Status::Syntax, "{}\n{code}\n{}", generated.text, result.feedback);
         statuses.push(result.status);
     }

@@ -46,11 +46,12 @@ fn honest_programs_in(sandbox: Arc<Sandbox>) {
 #[test]
 fn a_right_value_in_the_wrong_form_is_named() {
     let sandbox = sandbox();
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let limits = limits();
     let mut envelope = task(&["assert f(2) == ok(2)"]);
     envelope.test_setup = "class Ok:\n    def __init__(self, v):\n        self.v = v\n    def __eq__(self, o):\n        return isinstance(o, Ok) and o.v == self.v\n\ndef ok(v):\n    return Ok(v)\n".into();
-    let bare = runtime.block_on(sandbox.run(&Job::new("def f(x):\n    return x\n", &envelope, &limits), &limits));
+    let bare =
+        runtime.block_on(sandbox.run(&Job::new("def f(x):\n    return x\n", &envelope, &limits), &limits)).unwrap();
     assert_eq!(bare.status, Status::Failed, "{bare:?}");
     assert!(
         bare.feedback.ends_with(
@@ -59,11 +60,13 @@ fn a_right_value_in_the_wrong_form_is_named() {
         "{}",
         bare.feedback
     );
-    let wrong = runtime.block_on(sandbox.run(&Job::new("def f(x):\n    return x + 1\n", &envelope, &limits), &limits));
+    let wrong =
+        runtime.block_on(sandbox.run(&Job::new("def f(x):\n    return x + 1\n", &envelope, &limits), &limits)).unwrap();
     assert!(!wrong.feedback.contains("The value is right"), "{}", wrong.feedback);
 
     let builtin = task(&["assert f([1, 1]) == set([1])"]);
-    let list = runtime.block_on(sandbox.run(&Job::new("def f(x):\n    return [1]\n", &builtin, &limits), &limits));
+    let list =
+        runtime.block_on(sandbox.run(&Job::new("def f(x):\n    return [1]\n", &builtin, &limits), &limits)).unwrap();
     assert!(list.feedback.ends_with("passed to `set`: return set(...) of it."), "{}", list.feedback);
 }
 
@@ -73,10 +76,10 @@ fn humaneval_style_tests_run_check() {
     task.test_program = Some("def check(candidate):\n    assert candidate(3) == 3\n".into());
     task.entry_point = Some("f".into());
     let sandbox = sandbox();
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let limits = limits();
-    let good = runtime.block_on(sandbox.run(&Job::new("def f(x):\n    return x\n", &task, &limits), &limits));
+    let good = runtime.block_on(sandbox.run(&Job::new("def f(x):\n    return x\n", &task, &limits), &limits)).unwrap();
     assert_eq!(good.status, Status::Passed, "{good:?}");
-    let bad = runtime.block_on(sandbox.run(&Job::new("def f(x):\n    return 0\n", &task, &limits), &limits));
+    let bad = runtime.block_on(sandbox.run(&Job::new("def f(x):\n    return 0\n", &task, &limits), &limits)).unwrap();
     assert_eq!(bad.status, Status::Failed, "{bad:?}");
 }

@@ -60,6 +60,9 @@ enum Command {
         #[arg(value_enum)]
         asset: AssetName,
     },
+    /// Runs sandboxed programs for `seedflow run`, which starts it (see src/sandbox/worker.rs)
+    #[command(hide = true)]
+    SandboxWorker { key: String, memory: u64 },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -110,6 +113,7 @@ enum GraphFormat {
 }
 
 pub fn main() -> i32 {
+    crate::sandbox::run_workers_from_this_program();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(err) => {
@@ -123,6 +127,13 @@ pub fn main() -> i32 {
         Command::Graph { file, format, set } => graph(&file, format, &set),
         Command::Fetch { asset } => fetch(asset),
         Command::Report { runs, out } => report_runs(&runs, out.as_deref()),
+        Command::SandboxWorker { key, memory } => match crate::sandbox::serve_worker(&key, memory) {
+            Ok(()) => EXIT_OK,
+            Err(error) => {
+                eprintln!("seedflow: {error}");
+                EXIT_FAILED
+            }
+        },
         Command::Docs => {
             print!("{}", crate::reference::language_reference());
             EXIT_OK

@@ -16,7 +16,9 @@ pub static SPEC: KindSpec = KindSpec {
           verdict has a status (`passed`, `failed`, `error`, `syntax`, `timeout`, `memory`) and \
           feedback for Self-Revise: the failing test, what it returned against what the test \
           expects (and, when the value is right but the test expects it passed to a name such as \
-          a house envelope `ok(…)`, that), or the exception with a short traceback. Programs run in parallel on all cores. CPython is a pre-initialised \
+          a house envelope `ok(…)`, that), or the exception with a short traceback. Programs run \
+          in parallel in worker processes, as many as `--workers` (the cores, by default); one \
+          past its `timeout` is killed with its worker. CPython is a pre-initialised \
           component built on first use (`seedflow fetch python`), or the python.wasm that \
           `SEEDFLOW_PYTHON_WASM` names.",
     properties: &[CODE.spec, TIMEOUT.spec, MEMORY.spec, OUTPUT.spec, FEEDBACK_CHARS.spec],
@@ -103,7 +105,7 @@ pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
     for batch in samples[samples.len() - remaining..].chunks(BATCH) {
         ctx.check_cancelled()?;
         // A stop does not wait for the batch: its programs, which may run until their
-        // `timeout`, are dropped at their next epoch tick (the sandbox yields at every one).
+        // `timeout`, are dropped, and their worker processes killed.
         let batch_results = async {
             let mut running = tokio::task::JoinSet::new();
             for (index, sample) in batch.iter().cloned().enumerate() {
@@ -113,7 +115,7 @@ pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
                     (index, sandbox.run(&job, &limits).await)
                 });
             }
-            let mut results = vec![None; batch.len()];
+            let mut results: Vec<Option<_>> = (0..batch.len()).map(|_| None).collect();
             while let Some(joined) = running.join_next().await {
                 if let Ok((index, result)) = joined {
                     results[index] = Some(result);
@@ -129,7 +131,9 @@ pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
         })?;
         let mut new = Vec::with_capacity(batch.len());
         for (sample, result) in batch.iter().zip(results) {
-            let result = result.ok_or_else(|| StepError::Failed(format!("the sandbox lost `{}`", sample.sample_id)))?;
+            let result = result
+                .ok_or_else(|| StepError::Failed(format!("the sandbox lost `{}`", sample.sample_id)))?
+                .map_err(|e| StepError::Failed(e.to_string()))?;
             new.push(Verdict {
                 sample: sample.clone(),
                 status: result.status,

@@ -67,8 +67,8 @@ impl Resources {
         Ok(sandbox)
     }
 
-    /// The runtime sandboxed programs run on, with `workers` threads: apart from the engine's,
-    /// so programs that compute do not hold up its scheduling and signals.
+    /// The runtime `execute` waits for the sandbox's worker processes on, with `workers` threads,
+    /// apart from the engine's: a step blocks on it from its own thread.
     pub fn runtime(&self, workers: usize) -> Result<Arc<tokio::runtime::Runtime>, String> {
         let mut runtime = self.runtime.lock().map_err(|_| "the runtime is poisoned".to_string())?;
         if let Some(runtime) = runtime.as_ref() {
@@ -77,7 +77,7 @@ impl Resources {
         let built = Arc::new(
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(workers.max(1))
-                .enable_time()
+                .enable_all()
                 .build()
                 .map_err(|e| format!("cannot start the sandbox workers: {e}"))?,
         );

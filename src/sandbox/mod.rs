@@ -2,10 +2,10 @@
 //!
 //! An instance sees no files, no network, no environment and no processes: the only things it
 //! is given are its job and two bounded output pipes. Each run has a memory cap (a store
-//! limiter) and a wall-clock deadline, which ends a program that computes forever (running wasm
-//! yields at every epoch tick, so the deadline is noticed) and one that sleeps in a host call.
-//! No fuel metering: counting instructions made compute-bound programs ~15% slower
-//! (bench/sandbox_compute.py) and never decided a verdict the deadline did not.
+//! limiter) and a wall-clock deadline. Instances run in worker processes (`worker.rs`), and the
+//! deadline is kept by killing the worker: a check inside the compiled code that lets wasmtime
+//! end a program that computes forever (epoch interruption) made compute-bound programs ~20%
+//! slower, and fuel metering ~15% more (bench/sandbox_compute.py).
 //!
 //! By default the interpreter is the sandbox component (`build.rs`): CPython snapshotted after
 //! it started and imported the harness and the standard library, so a fresh instance is ready
@@ -15,20 +15,20 @@
 //! than copying it.
 
 mod build;
+mod worker;
 
 pub use build::interpreter;
+pub use worker::{Sandbox, run_workers_from_this_program, serve_worker};
 
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use wasmtime::component::{self, Component, ResourceTable};
 use wasmtime::{
-    Config, Engine, InstanceAllocationStrategy, InstancePre, Linker, Module, PoolingAllocationConfig, ResourceLimiter,
-    Store, Trap,
+    Config, Engine, InstanceAllocationStrategy, InstancePre, Linker, Module, PoolingAllocationConfig, Precompiled,
+    ResourceLimiter, Store, Trap,
 };
 use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p2::pipe::{MemoryInputPipe, MemoryOutputPipe};
@@ -47,7 +47,7 @@ pub const LEAST_MEMORY: u64 = 32 << 20;
 pub const MOST_MEMORY: u64 = 4 << 30;
 
 /// Limits of one run.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Limits {
     pub timeout: Duration,
     pub memory: u64,
@@ -94,7 +94,7 @@ fn nonce() -> String {
 }
 
 /// The result of one run.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RunResult {
     pub status: Status,
     pub feedback: String,
@@ -136,16 +136,13 @@ impl<W: Send> ResourceLimiter for State<W> {
     }
 }
 
-/// A compiled CPython, ready to instantiate. Cheap to share between threads.
-pub struct Sandbox {
+/// A compiled CPython linked to WASI, ready to instantiate: what a worker process runs jobs in.
+struct Interpreter {
     engine: Engine,
-    /// Bounds runs at once to what the instance pool holds.
-    slots: tokio::sync::Semaphore,
-    interpreter: Interpreter,
-    ticker: Arc<AtomicBool>,
+    kind: Kind,
 }
 
-enum Interpreter {
+enum Kind {
     /// A plain python.wasm: a WASI command that runs the harness with `-c`.
     Command(InstancePre<State<WasiP1Ctx>>),
     /// The pre-initialised sandbox component, exporting `run(job)`.
@@ -158,67 +155,102 @@ const CORE_INSTANCES_PER_COMPONENT: u32 = 32;
 const MEMORIES_PER_COMPONENT: u32 = 4;
 const TABLES_PER_COMPONENT: u32 = 8;
 
-impl Drop for Sandbox {
-    fn drop(&mut self) {
-        self.ticker.store(true, Ordering::Relaxed);
-    }
+/// The engine the sandbox compiles and runs with: a worker's, with room for the instance it
+/// runs (and one being freed) of up to `memory` bytes.
+fn engine(memory: u64) -> Result<Engine, SandboxError> {
+    let mut pool = PoolingAllocationConfig::default();
+    let slots = 2;
+    let page = 64 << 10;
+    pool.total_component_instances(slots)
+        .total_core_instances(slots * CORE_INSTANCES_PER_COMPONENT)
+        .total_memories(slots * MEMORIES_PER_COMPONENT)
+        .total_tables(slots * TABLES_PER_COMPONENT)
+        .total_stacks(slots)
+        .max_core_instances_per_component(CORE_INSTANCES_PER_COMPONENT)
+        .max_memories_per_component(MEMORIES_PER_COMPONENT)
+        .max_tables_per_component(TABLES_PER_COMPONENT)
+        .max_memory_size(memory.div_ceil(page) as usize * page as usize)
+        .table_elements(1 << 16);
+    let mut config = Config::new();
+    config
+        .memory_init_cow(true)
+        // CPython calls through function pointers everywhere, and a lazily filled table
+        // checks each such call for an entry not yet filled. Filling it at instantiation
+        // costs microseconds per instance (verdicts/s unchanged) and made MBPP 123 ~3% faster.
+        .table_lazy_init(false)
+        .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    Engine::new(&config).map_err(|e| SandboxError::Wasmtime(format!("{e:#}")))
 }
 
-impl Sandbox {
-    /// Loads `wasm` (a plain python.wasm or the sandbox component), compiling it or taking the
-    /// compiled code from the cache. `instances` is how many may run at once; `memory` the
-    /// largest memory limit they will be given.
-    pub fn new(wasm: &Path, instances: u32, memory: u64) -> Result<Sandbox, SandboxError> {
-        let mut pool = PoolingAllocationConfig::default();
-        let slots = instances.max(1) * 2;
-        let page = 64 << 10;
-        pool.total_component_instances(slots)
-            .total_core_instances(slots * CORE_INSTANCES_PER_COMPONENT)
-            .total_memories(slots * MEMORIES_PER_COMPONENT)
-            .total_tables(slots * TABLES_PER_COMPONENT)
-            .total_stacks(slots)
-            .max_core_instances_per_component(CORE_INSTANCES_PER_COMPONENT)
-            .max_memories_per_component(MEMORIES_PER_COMPONENT)
-            .max_tables_per_component(TABLES_PER_COMPONENT)
-            .max_memory_size(memory.div_ceil(page) as usize * page as usize)
-            .table_elements(1 << 16);
-        let mut config = Config::new();
-        config
-            .epoch_interruption(true)
-            .memory_init_cow(true)
-            // CPython calls through function pointers everywhere, and a lazily filled table
-            // checks each such call for an entry not yet filled. Filling it at instantiation
-            // costs microseconds per instance (verdicts/s unchanged) and made MBPP 123 ~3% faster.
-            .table_lazy_init(false)
-            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
-        let engine = Engine::new(&config).map_err(|e| SandboxError::Wasmtime(format!("{e:#}")))?;
-        let interpreter = load(&engine, wasm)?;
+/// Where the compiled interpreter named `key` (see `compile`) is cached.
+fn compiled_path(key: &str) -> PathBuf {
+    crate::assets::cache_dir().join("compiled").join(format!("python-{key}.cwasm"))
+}
 
-        // Epochs make running wasm yield to the async executor regularly, so the wall-clock
-        // deadline can end it.
-        let ticker = Arc::new(AtomicBool::new(false));
-        let (stop, weak) = (ticker.clone(), engine.weak());
-        std::thread::Builder::new()
-            .name("sandbox-epoch".into())
-            .spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    std::thread::sleep(Duration::from_millis(10));
-                    match weak.upgrade() {
-                        Some(engine) => engine.increment_epoch(),
-                        None => break,
-                    }
-                }
-            })
-            .map_err(SandboxError::Ticker)?;
-        Ok(Sandbox { engine, slots: tokio::sync::Semaphore::new(instances.max(1) as usize), interpreter, ticker })
+/// `engine`'s part of a compiled interpreter's key: code compiled by another engine cannot run.
+fn engine_key(engine: &Engine) -> String {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    engine.precompile_compatibility_hash().hash(&mut hasher);
+    format!("{:016x}", hasher.finish())
+}
+
+/// Compiles `wasm` (a plain python.wasm or the sandbox component) into the cache unless it is
+/// there already, and returns its key there.
+fn compile(engine: &Engine, wasm: &Path) -> Result<String, SandboxError> {
+    let bytes = std::fs::read(wasm).map_err(|e| SandboxError::Read { path: wasm.to_path_buf(), source: e })?;
+    let key = format!("{}-{}", &crate::store::sha256_hex(&bytes)[..16], engine_key(engine));
+    let cached = compiled_path(&key);
+    if !cached.exists() {
+        let compiled = if wasmparser::Parser::is_component(&bytes) {
+            engine.precompile_component(&bytes)
+        } else {
+            engine.precompile_module(&bytes)
+        }
+        .map_err(|e| SandboxError::Compile { path: wasm.to_path_buf(), message: format!("{e:#}") })?;
+        crate::store::write_atomic(&cached, &compiled).map_err(|e| SandboxError::Cache {
+            path: wasm.to_path_buf(),
+            cache: cached.clone(),
+            source: e,
+        })?;
+    }
+    Ok(key)
+}
+
+impl Interpreter {
+    /// Takes the interpreter `compile` cached under `key` and links it to WASI; `wasm` names it
+    /// in errors.
+    fn link(engine: Engine, key: &str, wasm: &Path) -> Result<Interpreter, SandboxError> {
+        // Only a key of `engine`'s own making names a file to load: the code in it runs as is.
+        let well_formed = key.len() == 33 && key.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-');
+        let cached = compiled_path(key);
+        if !well_formed || !key.ends_with(&engine_key(&engine)) || !cached.exists() {
+            return Err(SandboxError::NotCompiled { key: key.to_string() });
+        }
+        let not_wasi =
+            |e: wasmtime::Error| SandboxError::NotWasi { path: wasm.to_path_buf(), message: format!("{e:#}") };
+        let is_component = matches!(Engine::detect_precompiled_file(&cached), Ok(Some(Precompiled::Component)));
+        let kind = if is_component {
+            // SAFETY: the file was written by `precompile_component` of an engine with the same
+            // compatibility hash (it is in the file's name), into the user's own cache directory.
+            let component = unsafe { Component::deserialize_file(&engine, &cached) }.map_err(not_wasi)?;
+            let mut linker = component::Linker::new(&engine);
+            wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(not_wasi)?;
+            Kind::Component(linker.instantiate_pre(&component).map_err(not_wasi)?)
+        } else {
+            // SAFETY: as above, from `precompile_module`.
+            let module = unsafe { Module::deserialize_file(&engine, &cached) }.map_err(not_wasi)?;
+            let mut linker = Linker::new(&engine);
+            wasmtime_wasi::p1::add_to_linker_async(&mut linker, |s: &mut State<WasiP1Ctx>| &mut s.wasi)
+                .map_err(not_wasi)?;
+            Kind::Command(linker.instantiate_pre(&module).map_err(not_wasi)?)
+        };
+        Ok(Interpreter { engine, kind })
     }
 
-    /// Runs one job in a fresh instance.
-    pub async fn run(&self, job: &Job<'_>, limits: &Limits) -> RunResult {
-        // The semaphore is never closed, so acquiring cannot fail.
-        let _slot = self.slots.acquire().await.ok();
+    /// Runs one job (`input`, its JSON) in a fresh instance, to its end: the deadline is kept
+    /// by the process this runs in being killed.
+    async fn run(&self, input: &str, nonce: &str, limits: &Limits) -> RunResult {
         let started = Instant::now();
-        let input = serde_json::to_string(job).unwrap_or_default();
         let stdout = MemoryOutputPipe::new(limits.output);
         // The verdict line comes on top of what the program may write.
         let stderr = MemoryOutputPipe::new(limits.output + limits.feedback_chars * 4 + 4096);
@@ -230,10 +262,10 @@ impl Sandbox {
             .insecure_random_seed(7)
             .allow_tcp(false)
             .allow_udp(false);
-        let (outcome, memory_denied) = match &self.interpreter {
-            Interpreter::Command(pre) => {
+        let (outcome, memory_denied) = match &self.kind {
+            Kind::Command(pre) => {
                 let wasi = wasi
-                    .stdin(MemoryInputPipe::new(input))
+                    .stdin(MemoryInputPipe::new(input.to_string()))
                     .args(&["python", "-I", "-S", "-B", "-c", COMMAND_HARNESS])
                     .build_p1();
                 let mut store = self.store(wasi, limits);
@@ -242,66 +274,29 @@ impl Sandbox {
                     let start = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
                     start.call_async(&mut store, ()).await
                 };
-                (tokio::time::timeout(limits.timeout, run).await, store.data().memory_denied)
+                (run.await, store.data().memory_denied)
             }
-            Interpreter::Component(pre) => {
+            Kind::Component(pre) => {
                 let mut store = self.store(Wasi { ctx: wasi.build(), table: ResourceTable::new() }, limits);
                 let run = async {
                     let instance = pre.instantiate_async(&mut store).await?;
                     let run = instance.get_typed_func::<(&str,), ()>(&mut store, "run")?;
-                    run.call_async(&mut store, (&input,)).await
+                    run.call_async(&mut store, (input,)).await
                 };
-                (tokio::time::timeout(limits.timeout, run).await, store.data().memory_denied)
+                (run.await, store.data().memory_denied)
             }
         };
         let duration = started.elapsed();
         let stderr = stderr.contents();
         let out_of_output = stdout.contents().len() >= limits.output || stderr.len() >= limits.output;
-        classify(outcome, &job.nonce, &stderr, memory_denied, out_of_output, limits, duration)
+        classify(outcome, nonce, &stderr, memory_denied, out_of_output, limits, duration)
     }
 
     fn store<W: Send>(&self, wasi: W, limits: &Limits) -> Store<State<W>> {
         let state = State { wasi, memory_limit: limits.memory as usize, memory_denied: false };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| s);
-        store.epoch_deadline_async_yield_and_update(1);
         store
-    }
-}
-
-/// Compiles `wasm` or takes its compiled code from the cache, and links it to WASI.
-fn load(engine: &Engine, wasm: &Path) -> Result<Interpreter, SandboxError> {
-    let bytes = std::fs::read(wasm).map_err(|e| SandboxError::Read { path: wasm.to_path_buf(), source: e })?;
-    let is_component = wasmparser::Parser::is_component(&bytes);
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    engine.precompile_compatibility_hash().hash(&mut hasher);
-    let key = format!("{}-{:016x}", &crate::store::sha256_hex(&bytes)[..16], hasher.finish());
-    let cached = crate::assets::cache_dir().join("compiled").join(format!("python-{key}.cwasm"));
-    if !cached.exists() {
-        let compiled =
-            if is_component { engine.precompile_component(&bytes) } else { engine.precompile_module(&bytes) }
-                .map_err(|e| SandboxError::Compile { path: wasm.to_path_buf(), message: format!("{e:#}") })?;
-        crate::store::write_atomic(&cached, &compiled).map_err(|e| SandboxError::Cache {
-            path: wasm.to_path_buf(),
-            cache: cached.clone(),
-            source: e,
-        })?;
-    }
-    let not_wasi = |e: wasmtime::Error| SandboxError::NotWasi { path: wasm.to_path_buf(), message: format!("{e:#}") };
-    if is_component {
-        // SAFETY: the file was written by `precompile_component` of an engine with the same
-        // compatibility hash (it is in the file's name), into the user's own cache directory.
-        let component = unsafe { Component::deserialize_file(engine, &cached) }.map_err(not_wasi)?;
-        let mut linker = component::Linker::new(engine);
-        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(not_wasi)?;
-        Ok(Interpreter::Component(linker.instantiate_pre(&component).map_err(not_wasi)?))
-    } else {
-        // SAFETY: as above, from `precompile_module`.
-        let module = unsafe { Module::deserialize_file(engine, &cached) }.map_err(not_wasi)?;
-        let mut linker = Linker::new(engine);
-        wasmtime_wasi::p1::add_to_linker_async(&mut linker, |s: &mut State<WasiP1Ctx>| &mut s.wasi)
-            .map_err(not_wasi)?;
-        Ok(Interpreter::Command(linker.instantiate_pre(&module).map_err(not_wasi)?))
     }
 }
 
@@ -309,8 +304,16 @@ fn load(engine: &Engine, wasm: &Path) -> Result<Interpreter, SandboxError> {
 pub enum SandboxError {
     #[error("cannot start wasmtime: {0}")]
     Wasmtime(String),
-    #[error("cannot start the sandbox's epoch thread: {0}")]
-    Ticker(std::io::Error),
+    #[error("cannot find the `seedflow` program the sandbox's worker processes run (looked beside `{}`)", .0.display())]
+    NoWorkerProgram(PathBuf),
+    #[error("cannot start a sandbox worker process (`{} sandbox-worker`): {message}", program.display())]
+    Worker { program: PathBuf, message: String },
+    #[error(
+        "no compiled interpreter `{key}` in seedflow's cache (`seedflow sandbox-worker` is started by `seedflow run`)"
+    )]
+    NotCompiled { key: String },
+    #[error("sandbox worker: {0}")]
+    Serve(String),
     #[error("cannot read `{}`: {source}", path.display())]
     Read { path: PathBuf, source: std::io::Error },
     #[error("cannot compile `{}`: {message}", path.display())]
@@ -336,8 +339,22 @@ fn parse_verdict(line: &str) -> Option<(Status, String, Option<String>, Option<S
     Some((Status::parse(status)?, text(feedback)?.unwrap_or_default(), text(failed_test)?, text(exception)?))
 }
 
+/// The verdict on a program that ran past its deadline.
+fn timed_out(limits: &Limits, duration: Duration) -> RunResult {
+    RunResult {
+        status: Status::Timeout,
+        feedback: format!(
+            "Timed out: the program ran longer than {} (an endless loop?)",
+            humantime::format_duration(limits.timeout)
+        ),
+        failed_test: None,
+        exception: None,
+        duration,
+    }
+}
+
 fn classify(
-    outcome: Result<wasmtime::Result<()>, tokio::time::error::Elapsed>,
+    outcome: wasmtime::Result<()>,
     nonce: &str,
     stderr: &[u8],
     memory_denied: bool,
@@ -347,15 +364,6 @@ fn classify(
 ) -> RunResult {
     let result =
         |status, feedback: String| RunResult { status, feedback, failed_test: None, exception: None, duration };
-    let timeout = || {
-        result(
-            Status::Timeout,
-            format!(
-                "Timed out: the program ran longer than {} (an endless loop?)",
-                humantime::format_duration(limits.timeout)
-            ),
-        )
-    };
     let memory = || {
         result(
             Status::Memory,
@@ -363,9 +371,8 @@ fn classify(
         )
     };
     let exited_normally = match outcome {
-        Err(_elapsed) => return timeout(),
-        Ok(Ok(())) => true,
-        Ok(Err(error)) => {
+        Ok(()) => true,
+        Err(error) => {
             if let Some(exit) = error.downcast_ref::<wasmtime_wasi::I32Exit>() {
                 exit.0 == 0
             } else {

@@ -43,14 +43,14 @@ pub fn run_all(cases: &[(&str, Status)]) -> Vec<seedflow::sandbox::RunResult> {
 
 pub fn run_all_in(sandbox: Arc<Sandbox>, cases: &[(&str, Status)]) -> Vec<seedflow::sandbox::RunResult> {
     let task = Arc::new(task(&["assert f(1) == 1", "assert f(2) == 2"]));
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_time().build().unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let results = runtime.block_on(async {
         let mut handles = vec![];
         for (program, _) in cases {
             let (sandbox, task, program) = (sandbox.clone(), task.clone(), program.to_string());
             handles.push(tokio::spawn(async move {
                 let limits = limits();
-                sandbox.run(&Job::new(&program, &task, &limits), &limits).await
+                sandbox.run(&Job::new(&program, &task, &limits), &limits).await.expect("a sandbox worker")
             }));
         }
         let mut results = vec![];
