@@ -125,16 +125,7 @@ fn adversarial_programs_end_with_the_right_status_and_leave_the_host_alone() {
 
 /// Child processes of this one that have not ended (zombies, ended but not yet reaped, aside).
 fn live_children() -> usize {
-    let me = std::process::id().to_string();
-    let Ok(entries) = std::fs::read_dir("/proc") else { return 0 };
-    entries
-        .filter_map(|entry| std::fs::read_to_string(entry.ok()?.path().join("stat")).ok())
-        .filter(|stat| {
-            // `pid (name) state ppid ...`: the name may hold spaces, so read after its `)`.
-            let fields: Vec<&str> = stat.rsplit_once(')').map_or(vec![], |(_, rest)| rest.split_whitespace().collect());
-            fields.len() > 1 && fields[1] == me && fields[0] != "Z"
-        })
-        .count()
+    common::child_processes().iter().filter(|child| child.state != "Z").count()
 }
 
 fn thread_count() -> usize {

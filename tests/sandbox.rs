@@ -83,3 +83,42 @@ fn humaneval_style_tests_run_check() {
     let bad = runtime.block_on(sandbox.run(&Job::new("def f(x):\n    return 0\n", &task, &limits), &limits)).unwrap();
     assert_eq!(bad.status, Status::Failed, "{bad:?}");
 }
+
+/// A worker process that dies under a program (killed from outside here; a crash of wasmtime
+/// would look the same) gives that program an `error` verdict at once, not a wait for its
+/// deadline, and the next program gets a new worker.
+#[test]
+#[cfg(target_os = "linux")]
+fn a_worker_that_dies_gives_an_error_and_is_replaced() {
+    // A memory cap no other test's sandbox has, so that its worker is told apart from theirs
+    // (`sandbox-worker KEY MEMORY`).
+    const MEMORY: &str = "1610612736";
+    let wasm = seedflow::sandbox::interpreter(&|_| {}).unwrap();
+    let sandbox = Sandbox::new(&wasm, 1, MEMORY.parse().unwrap()).unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let mut limits = limits();
+    limits.timeout = std::time::Duration::from_secs(60);
+    let task = task(&["assert f(1) == 1"]);
+    let passing = "def f(x):\n    return x\n";
+    let first = runtime.block_on(sandbox.run(&Job::new(passing, &task, &limits), &limits)).unwrap();
+    assert_eq!(first.status, Status::Passed, "{first:?}");
+    // The worker that ran it, now idle: this process's child running `sandbox-worker … MEMORY`.
+    let worker = common::child_processes()
+        .into_iter()
+        .find(|child| child.args.last().map(String::as_str) == Some(MEMORY))
+        .expect("the worker process")
+        .pid;
+    let killer = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        assert_eq!(unsafe { libc::kill(worker, libc::SIGKILL) }, 0);
+    });
+    let looping = "def f(x):\n    while True:\n        pass\n";
+    let started = std::time::Instant::now();
+    let died = runtime.block_on(sandbox.run(&Job::new(looping, &task, &limits), &limits)).unwrap();
+    killer.join().unwrap();
+    assert_eq!(died.status, Status::Error, "{died:?}");
+    assert!(died.feedback.contains("the interpreter stopped: its process ended (signal: 9"), "{}", died.feedback);
+    assert!(started.elapsed() < std::time::Duration::from_secs(30), "waited for the deadline");
+    let next = runtime.block_on(sandbox.run(&Job::new(passing, &task, &limits), &limits)).unwrap();
+    assert_eq!(next.status, Status::Passed, "{next:?}");
+}

@@ -102,3 +102,30 @@ pub fn random_adapter(path: &std::path::Path, width: usize) -> seedflow::train::
     lora.save_gguf(path, Architecture::Qwen2).unwrap();
     lora
 }
+
+/// A child process of this one, as /proc has it.
+pub struct ChildProcess {
+    pub pid: i32,
+    /// `R`, `S`, ..., `Z` for one that ended and is not yet reaped.
+    pub state: String,
+    /// Its command line's arguments.
+    pub args: Vec<String>,
+}
+
+pub fn child_processes() -> Vec<ChildProcess> {
+    let me = std::process::id().to_string();
+    let Ok(entries) = std::fs::read_dir("/proc") else { return vec![] };
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
+            // `pid (name) state ppid ...`: the name may hold spaces, so read after its `)`.
+            let mut fields = stat.rsplit_once(')')?.1.split_whitespace();
+            let (state, parent) = (fields.next()?.to_string(), fields.next()?);
+            (parent == me).then_some(())?;
+            let args = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            let args = String::from_utf8_lossy(&args).split_terminator('\0').map(String::from).collect();
+            Some(ChildProcess { pid: entry.file_name().to_str()?.parse().ok()?, state, args })
+        })
+        .collect()
+}
