@@ -1,5 +1,5 @@
 //! An adversarial corpus: each program must end with the right status, within its limits, with
-//! the host untouched and no threads or processes left behind. One test in this binary, so the thread count
+//! the host untouched and no threads left behind. One test in this binary, so the thread count
 //! is its own.
 
 mod common;
@@ -108,24 +108,16 @@ fn adversarial_programs_end_with_the_right_status_and_leave_the_host_alone() {
     check(&cases);
     assert!(!marker.exists(), "a sandboxed program wrote a host file");
     assert!(!std::path::Path::new("/tmp/pwned").exists());
-    // The sandbox's threads and worker processes (killed at each timeout, and the rest when it is
-    // dropped) are gone.
+    // The sandbox's threads are gone once it is dropped (its worker processes: tests/sandbox.rs).
     let mut threads_after = thread_count();
-    let mut workers = live_children();
     for _ in 0..50 {
-        if threads_after <= threads_before && workers == 0 {
+        if threads_after <= threads_before {
             break;
         }
         std::thread::sleep(Duration::from_millis(20));
-        (threads_after, workers) = (thread_count(), live_children());
+        threads_after = thread_count();
     }
     assert!(threads_after <= threads_before, "threads before {threads_before}, after {threads_after}");
-    assert_eq!(workers, 0, "worker processes left running");
-}
-
-/// Child processes of this one that have not ended (zombies, ended but not yet reaped, aside).
-fn live_children() -> usize {
-    common::child_processes().iter().filter(|child| child.state != "Z").count()
 }
 
 fn thread_count() -> usize {

@@ -45,12 +45,16 @@ fn help_lists_the_commands() {
 /// compiled into its own cache.
 #[test]
 fn the_sandbox_worker_refuses_a_file_it_did_not_compile() {
+    let parent = std::process::id().to_string();
     for key in ["nonsense", "../../../../etc/passwd", "0123456789abcdef-0123456789abcdef"] {
-        let out = seedflow(&["sandbox-worker", key, "268435456"], Path::new("."));
+        let out = seedflow(&["sandbox-worker", key, "268435456", &parent], Path::new("."));
         assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
         assert!(text(&out.stderr).contains("no compiled interpreter"), "{}", text(&out.stderr));
         assert!(out.stdout.is_empty(), "{}", text(&out.stdout));
     }
+    // Nor does it run for a seedflow that is not its parent.
+    let out = seedflow(&["sandbox-worker", "nonsense", "268435456", "1"], Path::new("."));
+    assert!(text(&out.stderr).contains("the seedflow that started it has ended"), "{}", text(&out.stderr));
 }
 
 #[test]

@@ -3,6 +3,7 @@
 mod common;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use common::{limits, plain_sandbox, run_all_in, sandbox, task};
 use seedflow::data::Status;
@@ -84,41 +85,125 @@ fn humaneval_style_tests_run_check() {
     assert_eq!(bad.status, Status::Failed, "{bad:?}");
 }
 
-/// A worker process that dies under a program (killed from outside here; a crash of wasmtime
-/// would look the same) gives that program an `error` verdict at once, not a wait for its
-/// deadline, and the next program gets a new worker.
+/// The sandbox's worker processes: this process's children `sandbox-worker KEY MEMORY PARENT`
+/// that have not ended, for a memory cap no other test's sandbox has (tests run side by side).
+fn live_workers(memory: &str) -> Vec<i32> {
+    common::child_processes()
+        .into_iter()
+        .filter(|child| child.state != "Z" && child.args.get(3).map(String::as_str) == Some(memory))
+        .map(|child| child.pid)
+        .collect()
+}
+
+/// CPU time a process has used, in clock ticks.
+fn cpu_ticks(pid: i32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat.rsplit_once(')').map_or(vec![], |(_, rest)| rest.split_whitespace().collect());
+    // utime and stime, the 14th and 15th fields of the line (11th and 12th after the name).
+    fields.get(11..13).map_or(0, |times| times.iter().filter_map(|t| t.parse::<u64>().ok()).sum())
+}
+
+/// Waits until `pid` has computed for a while (a program is running in it), then kills it.
+fn kill_once_busy(pid: i32) {
+    let start = cpu_ticks(pid);
+    for _ in 0..1000 {
+        if cpu_ticks(pid) >= start + 20 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+}
+
+fn sandbox_with(memory: &str) -> Sandbox {
+    let wasm = seedflow::sandbox::interpreter(&|_| {}).unwrap();
+    Sandbox::new(&wasm, 1, memory.parse().unwrap()).unwrap()
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+}
+
+const PASSING: &str = "def f(x):\n    return x\n";
+const LOOPING: &str = "def f(x):\n    while True:\n        pass\n";
+
+/// A worker that dies while idle (killed from outside here) is nobody's verdict: the next program
+/// gets a new one.
 #[test]
 #[cfg(target_os = "linux")]
-fn a_worker_that_dies_gives_an_error_and_is_replaced() {
-    // A memory cap no other test's sandbox has, so that its worker is told apart from theirs
-    // (`sandbox-worker KEY MEMORY`).
+fn a_worker_that_died_idle_is_replaced() {
     const MEMORY: &str = "1610612736";
-    let wasm = seedflow::sandbox::interpreter(&|_| {}).unwrap();
-    let sandbox = Sandbox::new(&wasm, 1, MEMORY.parse().unwrap()).unwrap();
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let mut limits = limits();
-    limits.timeout = std::time::Duration::from_secs(60);
-    let task = task(&["assert f(1) == 1"]);
-    let passing = "def f(x):\n    return x\n";
-    let first = runtime.block_on(sandbox.run(&Job::new(passing, &task, &limits), &limits)).unwrap();
+    let (sandbox, runtime, limits, task) = (sandbox_with(MEMORY), runtime(), limits(), task(&["assert f(1) == 1"]));
+    let first = runtime.block_on(sandbox.run(&Job::new(PASSING, &task, &limits), &limits)).unwrap();
     assert_eq!(first.status, Status::Passed, "{first:?}");
-    // The worker that ran it, now idle: this process's child running `sandbox-worker … MEMORY`.
-    let worker = common::child_processes()
-        .into_iter()
-        .find(|child| child.args.last().map(String::as_str) == Some(MEMORY))
-        .expect("the worker process")
-        .pid;
-    let killer = std::thread::spawn(move || {
-        std::thread::sleep(std::time::Duration::from_millis(500));
-        assert_eq!(unsafe { libc::kill(worker, libc::SIGKILL) }, 0);
+    let [idle] = live_workers(MEMORY)[..] else { panic!("one worker: {:?}", live_workers(MEMORY)) };
+    assert_eq!(unsafe { libc::kill(idle, libc::SIGKILL) }, 0);
+    while live_workers(MEMORY).contains(&idle) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let next = runtime.block_on(sandbox.run(&Job::new(PASSING, &task, &limits), &limits)).unwrap();
+    assert_eq!(next.status, Status::Passed, "{next:?}");
+}
+
+/// A worker that dies under a program gets the program a second worker; a second death is the
+/// program's `error` verdict, at once rather than at its deadline.
+#[test]
+#[cfg(target_os = "linux")]
+fn a_program_whose_workers_die_twice_gets_an_error() {
+    const MEMORY: &str = "1610678272";
+    let (sandbox, runtime, task) = (sandbox_with(MEMORY), runtime(), task(&["assert f(1) == 1"]));
+    let mut limits = limits();
+    limits.timeout = Duration::from_secs(60);
+    let killer = std::thread::spawn(|| {
+        let mut killed = vec![];
+        while killed.len() < 2 {
+            if let Some(&worker) = live_workers(MEMORY).iter().find(|pid| !killed.contains(*pid)) {
+                kill_once_busy(worker);
+                killed.push(worker);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     });
-    let looping = "def f(x):\n    while True:\n        pass\n";
     let started = std::time::Instant::now();
-    let died = runtime.block_on(sandbox.run(&Job::new(looping, &task, &limits), &limits)).unwrap();
+    let died = runtime.block_on(sandbox.run(&Job::new(LOOPING, &task, &limits), &limits)).unwrap();
     killer.join().unwrap();
     assert_eq!(died.status, Status::Error, "{died:?}");
-    assert!(died.feedback.contains("the interpreter stopped: its process ended (signal: 9"), "{}", died.feedback);
-    assert!(started.elapsed() < std::time::Duration::from_secs(30), "waited for the deadline");
-    let next = runtime.block_on(sandbox.run(&Job::new(passing, &task, &limits), &limits)).unwrap();
+    assert!(died.feedback.contains("its process ended twice under this program"), "{}", died.feedback);
+    assert!(died.feedback.contains("signal: 9"), "{}", died.feedback);
+    assert!(started.elapsed() < Duration::from_secs(30), "waited for the deadline");
+    let next = runtime.block_on(sandbox.run(&Job::new(PASSING, &task, &limits), &limits)).unwrap();
     assert_eq!(next.status, Status::Passed, "{next:?}");
+}
+
+/// A program past its deadline ends with its worker, and so does one whose run is dropped (a
+/// stop): no process goes on computing.
+#[test]
+#[cfg(target_os = "linux")]
+fn programs_past_their_deadline_or_stopped_take_their_workers_with_them() {
+    const MEMORY: &str = "1610743808";
+    let (sandbox, runtime, task) = (sandbox_with(MEMORY), runtime(), task(&["assert f(1) == 1"]));
+    let gone = |pid: i32| {
+        (0..500).any(|_| {
+            std::thread::sleep(Duration::from_millis(10));
+            !live_workers(MEMORY).contains(&pid)
+        })
+    };
+    let mut limits = limits();
+    limits.timeout = Duration::from_millis(500);
+    let warm = runtime.block_on(sandbox.run(&Job::new(PASSING, &task, &limits), &limits)).unwrap();
+    assert_eq!(warm.status, Status::Passed, "{warm:?}");
+    let [worker] = live_workers(MEMORY)[..] else { panic!("one worker: {:?}", live_workers(MEMORY)) };
+    let late = runtime.block_on(sandbox.run(&Job::new(LOOPING, &task, &limits), &limits)).unwrap();
+    assert_eq!(late.status, Status::Timeout, "{late:?}");
+    assert!(gone(worker), "the worker of a program past its deadline is still running");
+
+    limits.timeout = Duration::from_secs(60);
+    let warm = runtime.block_on(sandbox.run(&Job::new(PASSING, &task, &limits), &limits)).unwrap();
+    assert_eq!(warm.status, Status::Passed, "{warm:?}");
+    let [worker] = live_workers(MEMORY)[..] else { panic!("one worker: {:?}", live_workers(MEMORY)) };
+    let stopped = runtime.block_on(async {
+        tokio::time::timeout(Duration::from_millis(500), sandbox.run(&Job::new(LOOPING, &task, &limits), &limits)).await
+    });
+    assert!(stopped.is_err(), "{stopped:?}");
+    assert!(gone(worker), "the worker of a stopped program is still running");
 }

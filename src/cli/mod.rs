@@ -62,7 +62,7 @@ enum Command {
     },
     /// Runs sandboxed programs for `seedflow run`, which starts it (see src/sandbox/worker.rs)
     #[command(hide = true)]
-    SandboxWorker { key: String, memory: u64 },
+    SandboxWorker { key: String, memory: u64, parent: u32 },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -127,7 +127,7 @@ pub fn main() -> i32 {
         Command::Graph { file, format, set } => graph(&file, format, &set),
         Command::Fetch { asset } => fetch(asset),
         Command::Report { runs, out } => report_runs(&runs, out.as_deref()),
-        Command::SandboxWorker { key, memory } => match crate::sandbox::serve_worker(&key, memory) {
+        Command::SandboxWorker { key, memory, parent } => match crate::sandbox::serve_worker(&key, memory, parent) {
             Ok(()) => EXIT_OK,
             Err(error) => {
                 eprintln!("seedflow: {error}");

@@ -1,6 +1,6 @@
 //! What a run holds for its steps: the models it loaded (each freed once no step left to run
-//! names it), the sandbox (its compiled component and instance pool) and the runtime its
-//! programs run on (freed when the run ends). The engine makes one per run and hands it to
+//! names it), the sandbox (its compiled component and worker processes) and the runtime that
+//! drives them (freed when the run ends). The engine makes one per run and hands it to
 //! every step.
 
 use std::collections::HashMap;
@@ -18,8 +18,8 @@ pub struct Resources {
     servers: Mutex<HashMap<String, Arc<dyn Inference>>>,
     /// The file (and GPU layers) each `model` declaration that a step used is loaded from.
     models: Mutex<HashMap<String, (PathBuf, i32)>>,
-    /// One sandbox per memory cap (a `memory` property sizes the instance pool), shared by every
-    /// `execute` step of the run.
+    /// One sandbox per memory cap (a `memory` property sizes its workers' instances), shared by
+    /// every `execute` step of the run.
     sandboxes: Mutex<HashMap<u64, Arc<Sandbox>>>,
     runtime: Mutex<Option<Arc<tokio::runtime::Runtime>>>,
 }
@@ -79,7 +79,7 @@ impl Resources {
                 .worker_threads(workers.max(1))
                 .enable_all()
                 .build()
-                .map_err(|e| format!("cannot start the sandbox workers: {e}"))?,
+                .map_err(|e| format!("cannot start the sandbox's runtime: {e}"))?,
         );
         *runtime = Some(built.clone());
         Ok(built)

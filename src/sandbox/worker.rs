@@ -4,19 +4,25 @@
 //! Killing the process is what ends a program that computes forever, so the compiled code needs
 //! no deadline checks of its own (see mod.rs).
 //!
-//! The worker is this program again, `seedflow sandbox-worker KEY MEMORY`: it loads the
+//! The worker is this program again, `seedflow sandbox-worker KEY MEMORY PARENT`: it loads the
 //! interpreter the parent compiled into the cache, says `ready`, then takes one JSON job a line on
-//! stdin and answers each with one JSON verdict a line on stdout. The programs it runs write only
-//! into the instance's own pipes, never to the worker's stdout.
+//! stdin (a socket, so that writing to a worker that has died is an error, not a SIGPIPE that
+//! ends seedflow) and answers each with one JSON verdict a line on stdout. The programs it runs
+//! write only into the instance's own pipes, never to the worker's stdout. It dies with the
+//! thread that started it (`PR_SET_PDEATHSIG`), and ends itself should a job outlast its deadline
+//! and seedflow not have killed it.
 
 use std::io::{BufRead, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::process::{Child, ChildStdin, ChildStdout};
+use tokio::io::{AsyncBufReadExt, BufReader, Interest};
+use tokio::net::UnixStream;
+use tokio::process::{Child, ChildStdout};
 
 use super::{Interpreter, Job, Limits, RunResult, SandboxError, compile, engine, timed_out};
 use crate::data::Status;
@@ -25,14 +31,16 @@ use crate::data::Status;
 const START_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// The sandbox: compiled CPython and the worker processes that run programs in it. Cheap to
-/// share between threads; its `run` needs a tokio runtime with I/O and time enabled.
+/// share between threads; its `run` needs a tokio runtime with I/O and time enabled. A worker
+/// dies with the thread that started it: one found dead is replaced, but a runtime whose threads
+/// outlive the sandbox (as a run's does) keeps its workers.
 pub struct Sandbox {
     program: PathBuf,
     key: String,
     memory: u64,
     /// Bounds the programs running at once to `instances`.
     slots: tokio::sync::Semaphore,
-    idle: std::sync::Mutex<Vec<Worker>>,
+    idle: Mutex<Vec<Worker>>,
 }
 
 /// One job, as a worker reads it.
@@ -59,7 +67,7 @@ impl Sandbox {
             key,
             memory,
             slots: tokio::sync::Semaphore::new(instances.max(1) as usize),
-            idle: std::sync::Mutex::new(Vec::new()),
+            idle: Mutex::new(Vec::new()),
         })
     }
 
@@ -68,79 +76,109 @@ impl Sandbox {
     pub async fn run(&self, job: &Job<'_>, limits: &Limits) -> Result<RunResult, SandboxError> {
         // The semaphore is never closed, so acquiring cannot fail.
         let _slot = self.slots.acquire().await.ok();
-        let idle = self.idle.lock().ok().and_then(|mut idle| idle.pop());
-        let mut worker = match idle {
-            Some(worker) => worker,
-            None => Worker::start(&self.program, &self.key, self.memory).await?,
-        };
         let request = Request {
             input: serde_json::to_string(job).unwrap_or_default(),
             nonce: job.nonce.clone(),
             limits: limits.clone(),
         };
-        let started = Instant::now();
-        // A worker not put back is dropped, which kills it.
-        Ok(match tokio::time::timeout(limits.timeout, worker.exchange(&request)).await {
-            Ok(Ok(result)) => {
-                if let Ok(mut idle) = self.idle.lock() {
-                    idle.push(worker);
+        // A worker that dies under a program is almost never the program's doing (it cannot
+        // reach outside its instance), so the program gets a second worker before a verdict
+        // blames it.
+        let first_started = Instant::now();
+        let mut deaths = vec![];
+        for _ in 0..3 {
+            let mut worker = self.worker().await?;
+            let started = Instant::now();
+            // A worker not put back is dropped, which kills it.
+            match tokio::time::timeout(limits.timeout, worker.exchange(&request)).await {
+                Ok(Ok(result)) => {
+                    if let Ok(mut idle) = self.idle.lock() {
+                        idle.push(worker);
+                    }
+                    return Ok(result);
                 }
-                result
+                // It died before the job reached it: no one's verdict.
+                Ok(Err(Died::BeforeTheJob)) => {}
+                Ok(Err(Died::UnderTheJob(how))) => {
+                    deaths.push(how);
+                    if deaths.len() == 2 {
+                        return Ok(RunResult {
+                            status: Status::Error,
+                            feedback: format!(
+                                "the interpreter stopped: its process ended twice under this program ({})",
+                                deaths.join("; ")
+                            ),
+                            failed_test: None,
+                            exception: None,
+                            duration: first_started.elapsed(),
+                        });
+                    }
+                }
+                Err(_elapsed) => return Ok(timed_out(limits, started.elapsed())),
             }
-            Ok(Err(error)) => RunResult {
-                status: Status::Error,
-                feedback: format!("the interpreter stopped: {error}"),
-                failed_test: None,
-                exception: None,
-                duration: started.elapsed(),
-            },
-            Err(_elapsed) => timed_out(limits, started.elapsed()),
+        }
+        Err(SandboxError::Worker {
+            program: self.program.clone(),
+            message: "its processes kept ending before a program reached them".into(),
         })
     }
+
+    /// An idle worker that is still alive, or a new one.
+    async fn worker(&self) -> Result<Worker, SandboxError> {
+        while let Some(mut worker) = self.idle.lock().ok().and_then(|mut idle| idle.pop()) {
+            if matches!(worker.child.try_wait(), Ok(None)) {
+                return Ok(worker);
+            }
+        }
+        Worker::start(&self.program, &self.key, self.memory).await
+    }
+}
+
+/// How a worker failed a job.
+enum Died {
+    /// Its process had ended before it was sent the job.
+    BeforeTheJob,
+    /// Its process ended while it had the job (how, in words), or answered nonsense.
+    UnderTheJob(String),
 }
 
 /// A worker process, ready for a job.
 struct Worker {
     child: Child,
-    stdin: ChildStdin,
+    /// The socket that is its stdin, where jobs go.
+    jobs: UnixStream,
     stdout: BufReader<ChildStdout>,
 }
 
 impl Worker {
     async fn start(program: &Path, key: &str, memory: u64) -> Result<Worker, SandboxError> {
         let failed = |message: String| SandboxError::Worker { program: program.to_path_buf(), message };
+        let (jobs, stdin) = std::os::unix::net::UnixStream::pair().map_err(|e| failed(e.to_string()))?;
+        jobs.set_nonblocking(true).map_err(|e| failed(e.to_string()))?;
+        let jobs = UnixStream::from_std(jobs).map_err(|e| failed(e.to_string()))?;
         let mut command = tokio::process::Command::new(program);
         command
             .arg("sandbox-worker")
             .arg(key)
             .arg(memory.to_string())
+            .arg(std::process::id().to_string())
             // Nothing of seedflow's environment (a server's API key, say) for the process that
-            // runs untrusted code: only where the compiled interpreter is.
+            // runs untrusted code: where the compiled interpreter is, and where its libraries are.
             .env_clear()
             .env("SEEDFLOW_CACHE", crate::assets::cache_dir())
-            .stdin(Stdio::piped())
+            .envs(std::env::var_os("LD_LIBRARY_PATH").map(|path| ("LD_LIBRARY_PATH", path)))
+            .stdin(Stdio::from(OwnedFd::from(stdin)))
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
-            .kill_on_drop(true);
-        // Out of the terminal's process group, so that Ctrl-C reaches seedflow alone (which then
-        // stops its workers) rather than ending a worker mid-program, which would read as the
-        // program's crash.
-        #[cfg(unix)]
-        command.process_group(0);
-        // And killed with the thread that started it, should seedflow itself be killed.
-        #[cfg(target_os = "linux")]
-        // SAFETY: between fork and exec only `prctl`, which is async-signal-safe, runs.
-        unsafe {
-            command.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
+            .kill_on_drop(true)
+            // Out of the terminal's process group, so that Ctrl-C reaches seedflow alone (which
+            // then stops its workers) rather than ending a worker mid-program.
+            .process_group(0);
         let mut child = command.spawn().map_err(|e| failed(e.to_string()))?;
-        let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
-            return Err(failed("its pipes are missing".into()));
+        let Some(stdout) = child.stdout.take() else {
+            return Err(failed("its stdout is missing".into()));
         };
-        let mut worker = Worker { child, stdin, stdout: BufReader::new(stdout) };
+        let mut worker = Worker { child, jobs, stdout: BufReader::new(stdout) };
         let mut line = String::new();
         match tokio::time::timeout(START_TIMEOUT, worker.stdout.read_line(&mut line)).await {
             Ok(Ok(_)) if line == "ready\n" => Ok(worker),
@@ -151,18 +189,17 @@ impl Worker {
     }
 
     /// Sends one job and reads its verdict.
-    async fn exchange(&mut self, request: &Request) -> Result<RunResult, String> {
-        let mut line = serde_json::to_vec(request).map_err(|e| e.to_string())?;
+    async fn exchange(&mut self, request: &Request) -> Result<RunResult, Died> {
+        let mut line = serde_json::to_vec(request).map_err(|e| Died::UnderTheJob(e.to_string()))?;
         line.push(b'\n');
+        if send_all(&self.jobs, &line).await.is_err() {
+            return Err(Died::BeforeTheJob);
+        }
         let mut reply = String::new();
-        let sent = async {
-            self.stdin.write_all(&line).await?;
-            self.stdin.flush().await?;
-            self.stdout.read_line(&mut reply).await
-        };
-        match sent.await {
-            Ok(0) | Err(_) => Err(format!("its process ended ({})", self.exit_status().await)),
-            Ok(_) => serde_json::from_str(&reply).map_err(|e| format!("unreadable verdict from its process: {e}")),
+        match self.stdout.read_line(&mut reply).await {
+            Ok(0) | Err(_) => Err(Died::UnderTheJob(format!("its process ended: {}", self.exit_status().await))),
+            Ok(_) => serde_json::from_str(&reply)
+                .map_err(|e| Died::UnderTheJob(format!("unreadable verdict from its process: {e}"))),
         }
     }
 
@@ -176,13 +213,36 @@ impl Worker {
     }
 }
 
+/// Writes all of `bytes` to `socket` with `MSG_NOSIGNAL`: when the worker at the other end has
+/// died this is an error (EPIPE), where a plain write would raise SIGPIPE, whose default action
+/// (seedflow's, so that printing into a closed pipe ends it quietly) ends the process.
+async fn send_all(socket: &UnixStream, mut bytes: &[u8]) -> std::io::Result<()> {
+    while !bytes.is_empty() {
+        socket.writable().await?;
+        let sent = socket.try_io(Interest::WRITABLE, || {
+            // SAFETY: `bytes` is valid for its length, and the socket is open while borrowed.
+            let sent =
+                unsafe { libc::send(socket.as_raw_fd(), bytes.as_ptr().cast(), bytes.len(), libc::MSG_NOSIGNAL) };
+            usize::try_from(sent).map_err(|_| std::io::Error::last_os_error())
+        });
+        match sent {
+            Ok(sent) => bytes = &bytes[sent..],
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(error) => return Err(error),
+        }
+    }
+    Ok(())
+}
+
 /// The program workers are started from, when it is this one: see `run_workers_from_this_program`.
 static WORKER_PROGRAM: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
 
 /// Makes the sandbox start its workers from this process's own program, which must then run
-/// `serve_worker` for `sandbox-worker KEY MEMORY`: the command line does both.
+/// `serve_worker` for `sandbox-worker KEY MEMORY PARENT`: the command line does both.
 pub fn run_workers_from_this_program() {
-    if let Ok(exe) = std::env::current_exe() {
+    // On Linux, this program even if its file has since been replaced (a rebuild during a run).
+    let exe = if cfg!(target_os = "linux") { Ok(PathBuf::from("/proc/self/exe")) } else { std::env::current_exe() };
+    if let Ok(exe) = exe {
         let _ = WORKER_PROGRAM.set(exe);
     }
 }
@@ -204,24 +264,97 @@ fn worker_program() -> Result<PathBuf, SandboxError> {
         .ok_or(SandboxError::NoWorkerProgram(exe))
 }
 
-/// The worker's side (`seedflow sandbox-worker KEY MEMORY`): runs the jobs on stdin in the
-/// interpreter cached under `key`, with up to `memory` bytes each, until stdin ends.
-pub fn serve_worker(key: &str, memory: u64) -> Result<(), SandboxError> {
+/// The worker's side (`seedflow sandbox-worker KEY MEMORY PARENT`): runs the jobs on stdin in
+/// the interpreter cached under `key`, with up to `memory` bytes each, until stdin ends; `parent`
+/// is the process id of the seedflow that started it.
+pub fn serve_worker(key: &str, memory: u64, parent: u32) -> Result<(), SandboxError> {
+    // Die with the thread that started this process; unless it is gone already.
+    #[cfg(target_os = "linux")]
+    // SAFETY: `prctl` with these arguments only sets this process's parent-death signal.
+    unsafe {
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+    }
+    if std::os::unix::process::parent_id() != parent {
+        return Err(SandboxError::Serve("the seedflow that started it has ended".into()));
+    }
     let interpreter = Interpreter::link(engine(memory)?, key, Path::new(key))?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| SandboxError::Serve(format!("cannot start its runtime: {e}")))?;
+    let deadline = watchdog()?;
     let io = |e: std::io::Error| SandboxError::Serve(format!("its pipe to seedflow: {e}"));
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "ready").and_then(|()| stdout.flush()).map_err(io)?;
     for line in std::io::stdin().lock().lines() {
         let request: Request = serde_json::from_str(&line.map_err(io)?)
             .map_err(|e| SandboxError::Serve(format!("unreadable job: {e}")))?;
+        // Seedflow kills this process at the job's deadline; this is for when it cannot.
+        *deadline.lock().map_err(|_| SandboxError::Serve("its watchdog failed".into()))? =
+            Some(Instant::now() + request.limits.timeout + WATCHDOG_GRACE);
         let result = runtime.block_on(interpreter.run(&request.input, &request.nonce, &request.limits));
+        *deadline.lock().map_err(|_| SandboxError::Serve("its watchdog failed".into()))? = None;
         let mut reply = serde_json::to_vec(&result).map_err(|e| SandboxError::Serve(e.to_string()))?;
         reply.push(b'\n');
         stdout.write_all(&reply).and_then(|()| stdout.flush()).map_err(io)?;
     }
     Ok(())
+}
+
+/// How long past a job's deadline a worker waits to be killed before it ends itself.
+const WATCHDOG_GRACE: Duration = Duration::from_secs(5);
+
+/// A thread that ends the process once the deadline it is given has passed.
+fn watchdog() -> Result<Arc<Mutex<Option<Instant>>>, SandboxError> {
+    let deadline: Arc<Mutex<Option<Instant>>> = Arc::default();
+    let watched = deadline.clone();
+    std::thread::Builder::new()
+        .name("sandbox-watchdog".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(Duration::from_millis(100));
+                let passed = watched.lock().map_or(true, |deadline| deadline.is_some_and(|d| Instant::now() > d));
+                if passed {
+                    std::process::exit(EXIT_PAST_DEADLINE);
+                }
+            }
+        })
+        .map_err(|e| SandboxError::Serve(format!("cannot start its watchdog: {e}")))?;
+    Ok(deadline)
+}
+
+/// A worker's exit code when its watchdog ended it.
+const EXIT_PAST_DEADLINE: i32 = 124;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// With SIGPIPE at its default action, as in seedflow, a job sent to a worker that has died
+    /// is an error and the process lives on; a large one arrives whole at a live worker.
+    #[test]
+    fn a_job_sent_to_a_dead_worker_is_an_error_not_a_signal() {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async {
+            let (ours, theirs) = UnixStream::pair().unwrap();
+            let job = vec![b'x'; 1 << 20];
+            let reader = tokio::spawn(async move {
+                let mut received = vec![];
+                tokio::io::AsyncReadExt::read_to_end(&mut { theirs }, &mut received).await.unwrap();
+                received.len()
+            });
+            send_all(&ours, &job).await.unwrap();
+            drop(ours);
+            assert_eq!(reader.await.unwrap(), job.len());
+
+            let (ours, theirs) = UnixStream::pair().unwrap();
+            drop(theirs);
+            // SAFETY: restores the default action of one signal; no other test writes to a
+            // closed pipe or socket.
+            unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+            let error = send_all(&ours, b"job\n").await.unwrap_err();
+            unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+            assert_eq!(error.kind(), std::io::ErrorKind::BrokenPipe);
+        });
+    }
 }
