@@ -304,7 +304,7 @@ impl Interpreter {
 pub enum SandboxError {
     #[error("cannot start wasmtime: {0}")]
     Wasmtime(String),
-    #[error("cannot find the `seedflow` program the sandbox's worker processes run (looked beside `{}`)", .0.display())]
+    #[error("cannot find the `seedflow` program the sandbox's worker processes run (looked beside `{}`); build it with `cargo build`", .0.display())]
     NoWorkerProgram(PathBuf),
     #[error("cannot start a sandbox worker process (`{} sandbox-worker`): {message}", program.display())]
     Worker { program: PathBuf, message: String },

@@ -81,6 +81,9 @@ impl Sandbox {
             nonce: job.nonce.clone(),
             limits: limits.clone(),
         };
+        // Strings and numbers: serializing cannot fail.
+        let mut line = serde_json::to_vec(&request).unwrap_or_default();
+        line.push(b'\n');
         // A worker that dies under a program is almost never the program's doing (it cannot
         // reach outside its instance), so the program gets a second worker before a verdict
         // blames it.
@@ -90,7 +93,7 @@ impl Sandbox {
             let mut worker = self.worker().await?;
             let started = Instant::now();
             // A worker not put back is dropped, which kills it.
-            match tokio::time::timeout(limits.timeout, worker.exchange(&request)).await {
+            match tokio::time::timeout(limits.timeout, worker.exchange(&line)).await {
                 Ok(Ok(result)) => {
                     if let Ok(mut idle) = self.idle.lock() {
                         idle.push(worker);
@@ -188,11 +191,9 @@ impl Worker {
         }
     }
 
-    /// Sends one job and reads its verdict.
-    async fn exchange(&mut self, request: &Request) -> Result<RunResult, Died> {
-        let mut line = serde_json::to_vec(request).map_err(|e| Died::UnderTheJob(e.to_string()))?;
-        line.push(b'\n');
-        if send_all(&self.jobs, &line).await.is_err() {
+    /// Sends one job (its request's line) and reads its verdict.
+    async fn exchange(&mut self, line: &[u8]) -> Result<RunResult, Died> {
+        if send_all(&self.jobs, line).await.is_err() {
             return Err(Died::BeforeTheJob);
         }
         let mut reply = String::new();
@@ -283,6 +284,10 @@ pub fn serve_worker(key: &str, memory: u64, parent: u32) -> Result<(), SandboxEr
         .build()
         .map_err(|e| SandboxError::Serve(format!("cannot start its runtime: {e}")))?;
     let deadline = watchdog()?;
+    let set_deadline = |at: Option<Instant>| {
+        *deadline.lock().map_err(|_| SandboxError::Serve("its watchdog failed".into()))? = at;
+        Ok::<(), SandboxError>(())
+    };
     let io = |e: std::io::Error| SandboxError::Serve(format!("its pipe to seedflow: {e}"));
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "ready").and_then(|()| stdout.flush()).map_err(io)?;
@@ -290,10 +295,9 @@ pub fn serve_worker(key: &str, memory: u64, parent: u32) -> Result<(), SandboxEr
         let request: Request = serde_json::from_str(&line.map_err(io)?)
             .map_err(|e| SandboxError::Serve(format!("unreadable job: {e}")))?;
         // Seedflow kills this process at the job's deadline; this is for when it cannot.
-        *deadline.lock().map_err(|_| SandboxError::Serve("its watchdog failed".into()))? =
-            Some(Instant::now() + request.limits.timeout + WATCHDOG_GRACE);
+        set_deadline(Some(Instant::now() + request.limits.timeout + WATCHDOG_GRACE))?;
         let result = runtime.block_on(interpreter.run(&request.input, &request.nonce, &request.limits));
-        *deadline.lock().map_err(|_| SandboxError::Serve("its watchdog failed".into()))? = None;
+        set_deadline(None)?;
         let mut reply = serde_json::to_vec(&result).map_err(|e| SandboxError::Serve(e.to_string()))?;
         reply.push(b'\n');
         stdout.write_all(&reply).and_then(|()| stdout.flush()).map_err(io)?;
