@@ -11,7 +11,9 @@ use seedflow::sandbox::{Job, Sandbox};
 
 #[test]
 fn honest_programs_get_each_status_with_useful_feedback() {
-    honest_programs_in(sandbox());
+    let results = honest_programs_in(sandbox());
+    // The component's interpreter lives on after the write it refused, and names the test.
+    assert_eq!(results[6].failed_test.as_deref(), Some("assert f(1) == 1"));
 }
 
 /// The plain python.wasm (CPython 3.12, started per program) runs the same harness.
@@ -20,7 +22,7 @@ fn a_plain_python_wasm_gives_the_same_verdicts() {
     honest_programs_in(plain_sandbox());
 }
 
-fn honest_programs_in(sandbox: Arc<Sandbox>) {
+fn honest_programs_in(sandbox: Arc<Sandbox>) -> Vec<seedflow::sandbox::RunResult> {
     let cases = [
         ("def f(x):\n    return x\n", Status::Passed),
         ("def f(x):\n    return x + 1\n", Status::Failed),
@@ -28,6 +30,7 @@ fn honest_programs_in(sandbox: Arc<Sandbox>) {
         ("def f(x)\n    return x\n", Status::Syntax),
         ("def f(x):\n    while True:\n        pass\n", Status::Timeout),
         ("def f(x):\n    return [0] * (10 ** 8)\n", Status::Memory),
+        ("def f(x):\n    while True:\n        print('x' * 1000)\n", Status::Error),
     ];
     let results = run_all_in(sandbox, &cases);
     for ((_, expected), result) in cases.iter().zip(&results) {
@@ -40,6 +43,9 @@ fn honest_programs_in(sandbox: Arc<Sandbox>) {
     assert!(!results[2].feedback.contains("_harness"), "the harness's frames are hidden: {}", results[2].feedback);
     assert!(results[3].feedback.contains("SyntaxError"), "{}", results[3].feedback);
     assert!(results[4].feedback.starts_with("Timed out"), "{}", results[4].feedback);
+    // Not the BrokenPipeError the write past the limit raised: why it was raised.
+    assert!(results[6].feedback.starts_with("the program wrote more than 16.0 KiB"), "{}", results[6].feedback);
+    results
 }
 
 /// When the returned value is right and the test expects it passed to a helper (a house
