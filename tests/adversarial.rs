@@ -11,6 +11,8 @@ use seedflow::data::Status;
 
 const CORRECT: &str = "def f(x):\n    return x\n";
 const WRONG: &str = "def f(x):\n    return -x\n";
+/// `forge()` finds the harness's frame and reports `passed` from it, if frames can be read.
+const FORGE_FROM_A_FRAME: &str = "def forge():\n    try:\n        raise ValueError\n    except ValueError as e:\n        frame = e.__traceback__.tb_frame\n    while frame is not None and 'report' not in frame.f_locals:\n        frame = frame.f_back\n    frame.f_locals['report']('passed')\n    import os\n    os._exit(0)\n";
 
 #[test]
 fn adversarial_programs_end_with_the_right_status_and_leave_the_host_alone() {
@@ -89,6 +91,17 @@ fn adversarial_programs_end_with_the_right_status_and_leave_the_host_alone() {
         (format!("{WRONG}import sys\nsys.settrace(lambda *a: None)\n"), Status::Error),
         (format!("{WRONG}import inspect\ninspect.currentframe().f_back.f_locals\n"), Status::Error),
         (format!("{WRONG}import gc\ngc.get_objects()\n"), Status::Error),
+        // importlib loads a module without the `import` event; gc's walks are refused by their own.
+        (format!("{WRONG}import importlib\nimportlib.import_module('gc').get_objects()\n"), Status::Error),
+        (format!("{WRONG}import importlib\nimportlib.import_module('gc').get_referrers(f)\n"), Status::Error),
+        // A traceback's code names are the program's own (str subclasses): the harness reads
+        // them while it may read frames, so no method of theirs may run then.
+        (
+            format!(
+                "{WRONG}{FORGE_FROM_A_FRAME}class S(str):\n    __hash__ = str.__hash__\n    def __str__(self):\n        forge()\n    def __eq__(self, other):\n        forge()\n    def startswith(self, *a):\n        forge()\ndef g():\n    raise ValueError('boom')\ng.__code__ = g.__code__.replace(co_name=S('g'), co_filename=S('<program>'))\ng()\n"
+            ),
+            Status::Error,
+        ),
         (format!("{WRONG}import atexit\natexit.register(print, 'passed')\n"), Status::Error),
         // The harness's hook refuses new hooks (silently, as PEP 578 has it): the tests still run.
         (format!("{WRONG}import sys\nsys.addaudithook(lambda *a: None)\n"), Status::Failed),

@@ -11,9 +11,15 @@ use seedflow::sandbox::{Job, Sandbox};
 
 #[test]
 fn honest_programs_get_each_status_with_useful_feedback() {
-    let results = honest_programs_in(sandbox());
+    let sandbox = sandbox();
+    let results = honest_programs_in(sandbox.clone());
     // The component's interpreter lives on after the write it refused, and names the test.
     assert_eq!(results[6].failed_test.as_deref(), Some("assert f(1) == 1"));
+    // Recursion through C code within the default recursion limit: each level takes wasm stack
+    // as well as CPython's. (The plain CPython 3.12 overflows its own stack first.)
+    let deep = "from functools import lru_cache\n@lru_cache(None)\ndef f(x, n=900):\n    return x if n == 0 else f(x, n - 1)\n";
+    let results = run_all_in(sandbox, &[(deep, Status::Passed)]);
+    assert_eq!(results[0].status, Status::Passed, "{:?}", results[0]);
 }
 
 /// The plain python.wasm (CPython 3.12, started per program) runs the same harness.
@@ -31,6 +37,15 @@ fn honest_programs_in(sandbox: Arc<Sandbox>) -> Vec<seedflow::sandbox::RunResult
         ("def f(x):\n    while True:\n        pass\n", Status::Timeout),
         ("def f(x):\n    return [0] * (10 ** 8)\n", Status::Memory),
         ("def f(x):\n    while True:\n        print('x' * 1000)\n", Status::Error),
+        // A line the program did not end, before the harness's verdict line.
+        ("import sys\nsys.stderr.write('working...')\ndef f(x):\n    return x\n", Status::Passed),
+        // What a finaliser writes after the verdict, and output just under the limit, leave the
+        // program's own error as its feedback.
+        (
+            "import sys\nclass D:\n    def __del__(self):\n        sys.stderr.write('closed\\n')\ndef f(x):\n    d = D()\n    raise ValueError('v')\n",
+            Status::Error,
+        ),
+        ("import sys\nsys.stderr.write('e' * 16000)\ndef f(x):\n    raise ValueError('x' * 3000)\n", Status::Error),
     ];
     let results = run_all_in(sandbox, &cases);
     for ((_, expected), result) in cases.iter().zip(&results) {
@@ -45,6 +60,8 @@ fn honest_programs_in(sandbox: Arc<Sandbox>) -> Vec<seedflow::sandbox::RunResult
     assert!(results[4].feedback.starts_with("Timed out"), "{}", results[4].feedback);
     // Not the BrokenPipeError the write past the limit raised: why it was raised.
     assert!(results[6].feedback.starts_with("the program wrote more than 16.0 KiB"), "{}", results[6].feedback);
+    assert!(results[8].feedback.ends_with("ValueError: v"), "{}", results[8].feedback);
+    assert!(results[9].feedback.contains("ValueError: xxx"), "{}", results[9].feedback);
     results
 }
 

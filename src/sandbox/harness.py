@@ -15,8 +15,11 @@
 import os as _os
 import sys as _sys
 
+# `gc`'s object walks are refused by event as well as by import: importlib loads a module without
+# the interpreter's `import` event, and they reach every object, the harness's closures included.
 _BLOCKED_EVENTS = frozenset({"sys._getframe", "sys._current_frames", "sys.settrace", "sys.setprofile",
-                             "sys.addaudithook", "sys.monitoring.register_callback"})
+                             "sys.addaudithook", "sys.monitoring.register_callback",
+                             "gc.get_objects", "gc.get_referrers", "gc.get_referents"})
 _BLOCKED_MODULES = frozenset({"gc", "atexit", "ctypes", "_ctypes", "_testcapi", "_testinternalcapi", "faulthandler"})
 # Attributes that hand out frames (audited as `object.__getattr__`): since Python 3.13 a frame's
 # f_locals writes through to the harness's own variables.
@@ -28,6 +31,7 @@ def _harness(text):
     del text
     write, limit, prefix = _os.write, job["feedback_chars"], "\x1eseedflow-verdict " + job["nonce"] + " "
     exec_, compile_, eval_, repr_, str_, len_, type_, isinstance_ = exec, compile, eval, repr, str, len, type, isinstance
+    plain_str = str.__str__
     BaseExc, AssertionErr, MemoryErr, SyntaxErr, RuntimeErr = BaseException, AssertionError, MemoryError, SyntaxError, RuntimeError
     import_ = __import__
     # `types` reads a traceback's frame when imported, so it must load before the audit hook.
@@ -50,22 +54,26 @@ def _harness(text):
     blocked_events, blocked_modules, frame_attributes = _BLOCKED_EVENTS, _BLOCKED_MODULES, _FRAME_ATTRIBUTES
     harness_reads_frames = [False]
     collector = import_("gc")
-    del _sys.modules["gc"]
+    pause_collector, resume_collector = collector.disable, collector.enable
+    del _sys.modules["gc"], collector
 
     def describe(error):
-        # Keep the frames of the program and the tests, not the harness's.
+        # Keep the frames of the program and the tests, not the harness's. No program code may
+        # run while frames can be read: a code object's name and file name can be str subclasses
+        # of the program's (`code.replace`), so only their plain str copies are compared.
         where, tb = [], error.__traceback__
-        collector.disable()
+        pause_collector()
         harness_reads_frames[0] = True
         try:
             while type_(tb) is TracebackType:
                 code = tb.tb_frame.f_code
-                if code.co_filename == "<program>" or code.co_filename.startswith("<test"):
-                    where.append('  File "%s", line %s, in %s\n' % (code.co_filename, tb.tb_lineno, code.co_name))
+                filename, name = plain_str(code.co_filename), plain_str(code.co_name)
+                if filename == "<program>" or filename.startswith("<test"):
+                    where.append('  File "%s", line %s, in %s\n' % (filename, tb.tb_lineno, name))
                 tb = tb.tb_next
         finally:
             harness_reads_frames[0] = False
-            collector.enable()
+            resume_collector()
         last = import_("traceback").format_exception_only(type_(error), error)
         return ("Traceback (most recent call last):\n" + "".join(where) + "".join(last)).rstrip()
 

@@ -178,10 +178,15 @@ fn engine(memory: u64) -> Result<Engine, SandboxError> {
         // checks each such call for an entry not yet filled. Filling it at instantiation
         // costs microseconds per instance (verdicts/s unchanged) and made MBPP 123 ~3% faster.
         .table_lazy_init(false)
-        // Cranelift inlines small wasm functions into their callers (off by default): MBPP 123
-        // 4.46 → 4.30 s and ~8% more verdicts/s, for a compiled file of 80 MB instead of 50 and
-        // ~20 s more to compile it once (bench/sandbox_compute.py, bench/sandbox.py).
-        .compiler_inlining(wasmtime::Inlining::Yes)
+        // Recursion through C code (`functools.lru_cache`, freeing a long linked list) takes
+        // wasm stack at every level: at wasmtime's default 512 KiB, 500 levels of a cached
+        // function overflowed it where native CPython passes. At 8 MiB CPython's own guard
+        // (on its 1 MiB stack in linear memory: a RecursionError) comes first; the fiber the
+        // program runs on keeps wasmtime's default 1.5 MiB for host calls on top.
+        .max_wasm_stack(8 << 20)
+        .async_stack_size((8 << 20) + (3 << 19))
+        // Cranelift's inlining stays off (wasmtime's default): compute-bound programs 4% faster
+        // for 31 s instead of 7 to compile the interpreter on first use (README, Sandbox).
         .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
     Engine::new(&config).map_err(|e| SandboxError::Wasmtime(format!("{e:#}")))
 }
@@ -256,8 +261,9 @@ impl Interpreter {
     async fn run(&self, input: &str, nonce: &str, limits: &Limits) -> RunResult {
         let started = Instant::now();
         let stdout = MemoryOutputPipe::new(limits.output);
-        // The verdict line comes on top of what the program may write.
-        let stderr = MemoryOutputPipe::new(limits.output + limits.feedback_chars * 4 + 4096);
+        // The verdict line comes on top of what the program may write: its feedback (up to 4
+        // UTF-8 bytes a character) and its failed test (from the job) are hex-encoded.
+        let stderr = MemoryOutputPipe::new(limits.output + limits.feedback_chars * 8 + input.len() * 2 + 4096);
         let mut wasi = WasiCtxBuilder::new();
         wasi.stdout(stdout.clone())
             .stderr(stderr.clone())
@@ -291,9 +297,8 @@ impl Interpreter {
             }
         };
         let duration = started.elapsed();
-        let stderr = stderr.contents();
-        let out_of_output = stdout.contents().len() >= limits.output || stderr.len() >= limits.output;
-        classify(outcome, nonce, &stderr, memory_denied, out_of_output, limits, duration)
+        let stdout_full = stdout.contents().len() >= limits.output;
+        classify(outcome, nonce, &stderr.contents(), memory_denied, stdout_full, limits, duration)
     }
 
     fn store<W: Send>(&self, wasi: W, limits: &Limits) -> Store<State<W>> {
@@ -362,10 +367,22 @@ fn classify(
     nonce: &str,
     stderr: &[u8],
     memory_denied: bool,
-    out_of_output: bool,
+    stdout_full: bool,
     limits: &Limits,
     duration: Duration,
 ) -> RunResult {
+    // The harness's line, wherever the program's output left it: after a line the program did
+    // not end, or before what a finaliser wrote once the harness had returned.
+    let tag = format!("\x1eseedflow-verdict {nonce} ");
+    let text = String::from_utf8_lossy(stderr);
+    let (verdict, program_stderr) = match text.rfind(&tag) {
+        Some(at) => {
+            let line = text[at + tag.len()..].split('\n').next().unwrap_or_default();
+            (parse_verdict(line), stderr.len().saturating_sub(tag.len() + line.len() + 1))
+        }
+        None => (None, stderr.len()),
+    };
+    let out_of_output = stdout_full || program_stderr >= limits.output;
     let result =
         |status, feedback: String| RunResult { status, feedback, failed_test: None, exception: None, duration };
     let too_much_output = || {
@@ -388,7 +405,9 @@ fn classify(
             } else {
                 return match error.downcast_ref::<Trap>() {
                     _ if memory_denied => memory(),
-                    Some(Trap::StackOverflow) => {
+                    // A CPython without a guard on its stack in linear memory (the plain 3.12)
+                    // runs past it: the stack lies first, so that wraps to out of bounds.
+                    Some(Trap::StackOverflow | Trap::MemoryOutOfBounds) => {
                         result(Status::Error, "RecursionError: the call stack overflowed".into())
                     }
                     _ if out_of_output => too_much_output(),
@@ -397,9 +416,6 @@ fn classify(
             }
         }
     };
-    let tag = format!("\x1eseedflow-verdict {nonce} ");
-    let text = String::from_utf8_lossy(stderr);
-    let verdict = text.lines().last().and_then(|l| l.strip_prefix(&tag)).and_then(parse_verdict);
     match verdict {
         // A write past the limit raised in the program (BrokenPipeError, usually uncaught): say
         // why, which is what a revision needs to know.
