@@ -219,6 +219,45 @@ fn a_failing_step_exits_1_with_the_reason() {
     assert!(stderr.contains("--resume --run-dir out"), "{stderr}");
 }
 
+/// A run writes a folder per step, replacing folders of the same names: it never takes a
+/// folder of the user's, and `--resume` looks only at runs.
+#[test]
+fn a_run_keeps_out_of_folders_that_are_not_runs() {
+    let dir = project(TASKS);
+    std::fs::create_dir_all(dir.path().join("mine/tasks")).unwrap();
+    std::fs::write(dir.path().join("mine/tasks/notes.txt"), "keep").unwrap();
+    let out = seedflow(&["run", "flow.kdl", "--run-dir", "mine"], dir.path());
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("`mine` is not empty and holds no seedflow run"), "{}", text(&out.stderr));
+    assert_eq!(std::fs::read_to_string(dir.path().join("mine/tasks/notes.txt")).unwrap(), "keep");
+
+    assert_eq!(seedflow(&["run", "flow.kdl"], dir.path()).status.code(), Some(0));
+    // A newer folder beside the run, and one that sorts after its timestamp: not runs.
+    std::fs::create_dir_all(dir.path().join("runs/tasks-only/zzz/tasks")).unwrap();
+    std::fs::write(dir.path().join("runs/tasks-only/zzz/tasks/notes.txt"), "keep").unwrap();
+    let resumed = seedflow(&["run", "flow.kdl", "--resume"], dir.path());
+    assert_eq!(resumed.status.code(), Some(0));
+    assert!(text(&resumed.stderr).contains("cached  tasks"), "{}", text(&resumed.stderr));
+    assert_eq!(std::fs::read_to_string(dir.path().join("runs/tasks-only/zzz/tasks/notes.txt")).unwrap(), "keep");
+
+    // `workflow`'s properties can be set where the file has no `workflow` node.
+    std::fs::write(dir.path().join("bare.kdl"), "dataset \"tasks\" format=\"jsonl\" path=\"tasks.jsonl\"\n").unwrap();
+    let out = seedflow(&["check", "bare.kdl", "--set", "workflow.seed=1"], dir.path());
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+}
+
+/// Two runs in one run directory would interleave their records: the second is refused.
+#[test]
+#[cfg(unix)]
+fn a_run_directory_in_use_is_refused() {
+    let (dir, mut child, _stderr, _) = running_one_program("while True:\n    pass\n", "1h");
+    let second = seedflow(&["run", "flow.kdl", "--run-dir", "out", "--resume"], dir.path());
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    assert_eq!(child.wait().unwrap().code(), Some(130));
+    assert_eq!(second.status.code(), Some(2));
+    assert!(text(&second.stderr).contains("`out` is in use by another seedflow run"), "{}", text(&second.stderr));
+}
+
 /// A run of one program's reference solution, `solution`, with `timeout`: returned once the
 /// sandbox step has started, with what seedflow printed so far.
 #[cfg(unix)]

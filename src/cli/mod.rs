@@ -269,13 +269,34 @@ fn run_directory(args: &RunArgs, workflow: &str) -> Result<PathBuf, Problem> {
             )
             .with_help("pass `--resume` to continue it, or choose another `--run-dir`"));
         }
+        // A step's folder replaces any of the same name: a folder of the user's is no place for a run.
+        (Some(dir), _)
+            if !args.dry_run
+                && !dir.join("summary.json").exists()
+                && std::fs::read_dir(dir).is_ok_and(|mut entries| entries.next().is_some()) =>
+        {
+            return Err(Problem::new(
+                Code::RunDirectory,
+                format!("run directory `{}` is not empty and holds no seedflow run", dir.display()),
+            )
+            .with_help("a run writes a folder per step there, replacing folders of the same names: choose an empty or new `--run-dir`"));
+        }
         (Some(dir), _) => dir.clone(),
         (None, false) if args.dry_run => base.join(timestamp()),
         (None, false) => return new_run_directory(&base),
         (None, true) => {
-            let newest = std::fs::read_dir(&base)
-                .ok()
-                .and_then(|entries| entries.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.is_dir()).max());
+            // The run of this workflow whose summary was written last; other folders are not runs.
+            let newest = std::fs::read_dir(&base).ok().and_then(|entries| {
+                entries
+                    .filter_map(|e| e.ok())
+                    .filter_map(|e| {
+                        let summary = e.path().join("summary.json");
+                        let written = summary.metadata().and_then(|m| m.modified()).ok()?;
+                        (summary_workflow(&summary).as_deref() == Some(workflow)).then(|| (written, e.path()))
+                    })
+                    .max()
+                    .map(|(_, dir)| dir)
+            });
             newest.ok_or_else(|| {
                 Problem::new(
                     Code::RunDirectory,
@@ -287,10 +308,7 @@ fn run_directory(args: &RunArgs, workflow: &str) -> Result<PathBuf, Problem> {
     };
     // Resuming another workflow's run would mix its steps with this one's.
     if args.resume
-        && let Ok(text) = std::fs::read_to_string(dir.join("summary.json"))
-        && let Some(other) = serde_json::from_str::<serde_json::Value>(&text)
-            .ok()
-            .and_then(|summary| summary.get("workflow")?.as_str().map(str::to_string))
+        && let Some(other) = summary_workflow(&dir.join("summary.json"))
         && other != workflow
     {
         return Err(Problem::new(
@@ -300,6 +318,34 @@ fn run_directory(args: &RunArgs, workflow: &str) -> Result<PathBuf, Problem> {
         .with_help("resume it with the workflow that made it, or choose another `--run-dir`"));
     }
     Ok(dir)
+}
+
+/// The workflow whose run wrote the summary at `path`, if it is one.
+fn summary_workflow(path: &Path) -> Option<String> {
+    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()?;
+    Some(summary.get("workflow")?.as_str()?.to_string())
+}
+
+/// Creates the run directory if need be and locks it for this process (released when the
+/// returned file is dropped, or the process ends): two runs in one directory would interleave
+/// their steps' records.
+#[allow(clippy::result_large_err)]
+fn lock_run_directory(dir: &Path) -> Result<std::fs::File, Problem> {
+    let failed = |err: std::io::Error| {
+        Problem::new(Code::RunDirectory, format!("cannot use run directory `{}`: {err}", dir.display()))
+            .with_help("check that the directory is writable, or choose another with `--run-dir`")
+    };
+    std::fs::create_dir_all(dir).map_err(failed)?;
+    let lock = std::fs::File::create(dir.join(".seedflow.lock")).map_err(failed)?;
+    match lock.try_lock() {
+        Ok(()) => Ok(lock),
+        Err(std::fs::TryLockError::WouldBlock) => Err(Problem::new(
+            Code::RunDirectory,
+            format!("run directory `{}` is in use by another seedflow run", dir.display()),
+        )
+        .with_help("wait for that run to end, then `--resume` it; or choose another `--run-dir`")),
+        Err(std::fs::TryLockError::Error(err)) => Err(failed(err)),
+    }
 }
 
 /// Creates `base/<time>`, or `base/<time>-2` and so on when a run started in the same second.
@@ -357,6 +403,13 @@ fn run(args: RunArgs) -> i32 {
         }
         return EXIT_OK;
     }
+    let _lock = match lock_run_directory(&run_dir) {
+        Ok(lock) => lock,
+        Err(problem) => {
+            report(&[problem]);
+            return EXIT_INVALID;
+        }
+    };
     let workers =
         args.workers.map_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get().min(256)), usize::from);
     let options = RunOptions { run_dir: run_dir.clone(), resume: args.resume, workers, kinds: crate::nodes::KINDS };

@@ -137,6 +137,8 @@ pub async fn run(
     }
     events.emit(&Event::RunStarted { workflow: plan.name.clone(), run_dir: options.run_dir.display().to_string() });
     let engine = Engine::new(plan, options, events.clone(), cancel, None);
+    // From its start the directory holds a run (`running`), which `--resume` looks for.
+    engine.write_summary(None);
     let result = engine.clone().run_graph(engine.top_scope()).await;
     let gate_failures = engine.gate_failures.lock().map(|g| g.clone()).unwrap_or_default();
     let outcome = match result {
