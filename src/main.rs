@@ -7,6 +7,12 @@ fn main() {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
+    // Libraries' errors that capture a backtrace when `RUST_BACKTRACE` is set (candle's) print
+    // it in their message, which would land in a diagnostic. Panics still honour `RUST_BACKTRACE`.
+    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
+        // SAFETY: no thread has started yet.
+        unsafe { std::env::set_var("RUST_LIB_BACKTRACE", "0") };
+    }
     seedflow::train::keep_freed_memory();
     // SAFETY: no thread has started yet.
     unsafe { seedflow::train::share_cores_with_gemm() };

@@ -68,12 +68,36 @@ fn normalise(code: String) -> String {
     if code.contains('\r') { code.replace("\r\n", "\n").replace('\r', "\n") } else { code }
 }
 
+/// The fields a record of `format` has, for a message about one that lacks them.
+fn fields(format: Format) -> &'static str {
+    match format {
+        Format::Mbpp => "`task_id`, `text`, `code`, `test_list`",
+        Format::Humaneval => "`task_id`, `prompt`, `canonical_solution`, `test`, `entry_point`",
+        Format::Jsonl => "`task_id`, `prompt`, and `tests` or `test`",
+    }
+}
+
 /// Parses one line of a dataset file.
 pub fn parse_line(format: Format, line: &str) -> Result<Task, String> {
-    let error = |e: serde_json::Error| e.to_string();
+    if !line.trim_start().starts_with('{') {
+        return Err("expected one JSON object on each line".into());
+    }
+    let error = |e: serde_json::Error| {
+        // One line is parsed at a time: serde's position is always on its "line 1".
+        let message = e.to_string();
+        let message = message.rsplit_once(" at line ").map_or(message.as_str(), |(m, _)| m);
+        let hint = match message.starts_with("missing field") {
+            true => format!(" (a `{}` record has {}; is `format` right?)", format.name(), fields(format)),
+            false => String::new(),
+        };
+        format!("{message}, at column {}{hint}", e.column())
+    };
     match format {
         Format::Mbpp => {
             let r: Mbpp = serde_json::from_str(line).map_err(error)?;
+            if r.test_list.is_empty() {
+                return Err("a task needs at least one test in `test_list`".into());
+            }
             Ok(Task {
                 task_id: id(&r.task_id)?,
                 prompt: r.text,
@@ -101,8 +125,10 @@ pub fn parse_line(format: Format, line: &str) -> Result<Task, String> {
         }
         Format::Jsonl => {
             let r: Plain = serde_json::from_str(line).map_err(error)?;
-            if r.tests.is_empty() && r.test.is_none() {
-                return Err("a task needs `tests` (a list of statements) or `test` (a program)".into());
+            if r.tests.is_empty() == r.test.is_none() {
+                return Err(
+                    "a task needs either `tests` (a list of statements) or `test` (a program), one of them".into()
+                );
             }
             if r.test.is_some() && r.entry_point.is_none() {
                 return Err("a task with a `test` program needs `entry_point`".into());
@@ -143,8 +169,18 @@ mod tests {
 
     #[test]
     fn explains_bad_lines() {
-        assert!(parse_line(Format::Jsonl, r#"{"task_id": "a", "prompt": "p"}"#).unwrap_err().contains("needs `tests`"));
-        assert!(parse_line(Format::Mbpp, r#"{"task_id": 1}"#).unwrap_err().contains("missing field `text`"));
+        let error = |format, line| parse_line(format, line).unwrap_err();
+        assert!(error(Format::Jsonl, r#"{"task_id": "a", "prompt": "p"}"#).contains("needs either `tests`"));
+        let both = r#"{"task_id": "a", "prompt": "p", "tests": ["assert f(1)"], "test": "def check(c): pass", "entry_point": "f"}"#;
+        assert!(error(Format::Jsonl, both).contains("needs either `tests`"));
+        assert!(error(Format::Mbpp, r#"{"task_id": 1, "text": "t", "test_list": []}"#).contains("at least one test"));
+        // Which format has which fields, where a record lacks one; the line's own column.
+        assert_eq!(
+            error(Format::Mbpp, r#"{"task_id": 1}"#),
+            "missing field `text`, at column 14 (a `mbpp` record has `task_id`, `text`, `code`, `test_list`; is `format` right?)"
+        );
+        assert_eq!(error(Format::Jsonl, r#"{"task_id": "a", "pro"#), "EOF while parsing a string, at column 21");
+        assert_eq!(error(Format::Jsonl, r#"[{"task_id": "a"}]"#), "expected one JSON object on each line");
         assert!(
             parse_line(Format::Jsonl, r#"{"task_id": null, "prompt": "p", "tests": ["x"]}"#)
                 .unwrap_err()

@@ -97,6 +97,13 @@ fn check_node(
     in_loop: bool,
 ) -> Option<Declaration> {
     let kind = node.kind.value.as_str();
+    // Imports are read at the top level only (lower.rs); one in a loop reaches here.
+    if kind == "import" {
+        problems
+            .at(sources, Code::MisplacedNode, node.kind.span, "`import` cannot be inside a loop", "not allowed here")
+            .help("put `import` at the top level of the file");
+        return None;
+    }
     let Some(spec) = vocabulary.kind(kind) else {
         let names = vocabulary.kinds().iter().map(|k| k.name);
         let help = match did_you_mean(kind, names.clone()) {
@@ -142,7 +149,8 @@ fn check_node(
             );
             return None;
         }
-        None if spec.role == Role::Workflow => Spanned::new("workflow".to_string(), node.kind.span),
+        // Named after its file by the plan, as a workflow without a `workflow` node is.
+        None if spec.role == Role::Workflow => Spanned::new(String::new(), node.kind.span),
         None => {
             problems
                 .at(sources, Code::MissingName, node.kind.span, format!("`{kind}` needs a name"), "unnamed")
@@ -514,6 +522,14 @@ fn convert(ty: ValueType, literal: &Literal, at: Option<(&Sources, Span)>) -> Re
                     message: Some(format!("`{s}` is a directory, not a file")),
                     label: "a directory".into(),
                     help: Some("name a file in it".into()),
+                    offset: None,
+                }),
+                // A device or a pipe (`/dev/zero`) would be read, or hashed, forever.
+                Some(Location::File(path)) if path.metadata().is_ok_and(|m| !m.is_file()) => Err(ValueError {
+                    code: Code::MissingFile,
+                    message: Some(format!("`{s}` is not a regular file")),
+                    label: "not a file".into(),
+                    help: Some("name a file".into()),
                     offset: None,
                 }),
                 Some(Location::File(path)) if ty == ValueType::ModelFile && !is_gguf(&path) => Err(ValueError {

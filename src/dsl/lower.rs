@@ -187,6 +187,20 @@ fn lower_node(file: FileId, node: &KdlNode, sources: &Sources, problems: &mut Pr
                     .help("write further settings as properties: `key=value`");
             }
             Some(key) => {
+                // KDL lets the last of two equal keys win; in a workflow that hides a mistake.
+                if let Some(first) = properties.iter().find(|p: &&Property| p.key.value == key.value()) {
+                    problems
+                        .at(
+                            sources,
+                            Code::DuplicateName,
+                            at(key.span()),
+                            format!("`{}` is set twice", key.value()),
+                            "again here",
+                        )
+                        .also(first.key.span, "first here")
+                        .help("keep one of them");
+                    continue;
+                }
                 let value_span = value_span(text, key.span(), entry.span());
                 properties.push(Property {
                     key: Spanned::new(key.value().to_string(), at(key.span())),
@@ -290,7 +304,7 @@ fn value_span(text: &str, key: SourceSpan, entry: SourceSpan) -> SourceSpan {
 
 /// Applies `--set target.property=value` overrides. Each override is added to `sources` so a
 /// problem with it can point at the argument itself.
-pub fn apply_overrides(nodes: &mut [Node], overrides: &[String], sources: &mut Sources, problems: &mut Problems) {
+pub fn apply_overrides(nodes: &mut Vec<Node>, overrides: &[String], sources: &mut Sources, problems: &mut Problems) {
     for text in overrides {
         let file = sources.add("--set", None, text.clone());
         let whole = Span { file, range: SourceSpan::new(0.into(), text.len()) };
@@ -327,6 +341,11 @@ pub fn apply_overrides(nodes: &mut [Node], overrides: &[String], sources: &mut S
                 whole.then(|| literal(entries[0].value()))
             })
             .unwrap_or_else(|| Literal::String(rhs.to_string()));
+        // `workflow`'s properties (`seed`) can be set in a file that has no `workflow` node.
+        if target == "workflow" && !nodes.iter().any(|n| n.kind.value == "workflow") {
+            let kind = Spanned::new("workflow".to_string(), whole);
+            nodes.push(Node { kind, name: None, properties: vec![], children: vec![], span: whole });
+        }
         let Some(node) = find_node_mut(nodes, target) else {
             let names = node_names(nodes);
             let mut builder = problems.at(

@@ -495,7 +495,7 @@ impl KindSpec {
 
     pub fn publishes(&self, metric: &str) -> bool {
         self.metrics.iter().any(|m| {
-            *m == metric
+            (*m == metric && metric != "pass@k")
                 || (*m == "pass@k"
                     && metric.strip_prefix("pass@").is_some_and(|k| k.parse::<u32>().is_ok_and(|k| k > 0)))
         })

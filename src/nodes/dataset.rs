@@ -54,6 +54,8 @@ pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
     let show_tests = ctx.get(&SHOW_TESTS)?;
     let text = crate::stdlib::read_to_string(&path)
         .map_err(|e| StepError::Failed(format!("cannot read `{}`: {e}", path.display())))?;
+    // Editors on Windows start a UTF-8 file with a byte-order mark.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
 
     let mut tasks = vec![];
     let mut seen = BTreeSet::new();
@@ -73,6 +75,13 @@ pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
             )));
         }
         tasks.push(task);
+    }
+    if tasks.is_empty() {
+        let records = text.lines().filter(|l| !l.trim().is_empty()).count();
+        return Err(StepError::Failed(match records {
+            0 => format!("`{}` holds no tasks", path.display()),
+            n => format!("`{}` holds {n} tasks, and `skip={skip}` leaves none", path.display()),
+        }));
     }
 
     let (mut writer, kept) = ctx.records()?;

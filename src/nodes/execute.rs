@@ -77,7 +77,17 @@ fn limits(ctx: &Context) -> Result<Limits, StepError> {
 /// The programs to run: samples as they are, or the tasks' reference solutions.
 fn programs(ctx: &Context) -> Result<Vec<Sample>, StepError> {
     match ctx.input(&CODE)?.artifact {
-        Artifact::Tasks => Ok(ctx.read::<Task>(&CODE)?.iter().filter_map(Sample::reference).collect()),
+        Artifact::Tasks => {
+            let tasks = ctx.read::<Task>(&CODE)?;
+            let references: Vec<Sample> = tasks.iter().filter_map(Sample::reference).collect();
+            if references.is_empty() {
+                return Err(StepError::Failed(format!(
+                    "none of the {} tasks has a reference solution to run (`solution`, `code` or `canonical_solution`)",
+                    tasks.len()
+                )));
+            }
+            Ok(references)
+        }
         _ => ctx.read::<Sample>(&CODE),
     }
 }

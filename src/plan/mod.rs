@@ -149,7 +149,10 @@ pub fn build(
     problems: &mut Problems,
 ) -> Option<Plan> {
     let (name, seed) = match &checked.workflow {
-        Some(w) => (w.name.value.clone(), w.props.integer("seed").map_or(0, |s| s as u64)),
+        Some(w) => {
+            let name = if w.name.value.is_empty() { name_from_file(&file) } else { w.name.value.clone() };
+            (name, w.props.integer("seed").map_or(0, |s| s as u64))
+        }
         None => (name_from_file(&file), 0),
     };
     let models: BTreeMap<String, Declaration> = checked.models.into_iter().map(|m| (m.name.value.clone(), m)).collect();
@@ -479,10 +482,22 @@ impl<'a> Scope<'a> {
         }
         let ks = declaration.props.integers("k");
         let Some(k) = metric.strip_prefix("pass@").and_then(|k| k.parse::<i64>().ok()) else { return true };
-        if declaration.spec.property("k").is_none_or(|p| p.ty != ValueType::Integers) || ks.contains(&k) {
+        let step = &declaration.name.value;
+        if declaration.spec.property("k").is_none_or(|p| p.ty != ValueType::Integers) {
+            // Without a `k` list (`execute`): pass@1 and the powers of ten up to its samples per task.
+            if (0..19).any(|e| 10i64.pow(e) == k) {
+                return true;
+            }
+            problems
+                .at(self.sources, Code::UnknownMetric, span, format!("`{step}` reports no `{metric}`"), "not reported")
+                .help(format!(
+                    "`{step}` reports pass@1, pass@10, pass@100, … up to its samples per task; a `report` step with k=\"{k}\" reports `pass@{k}`"
+                ));
+            return false;
+        }
+        if ks.contains(&k) {
             return true;
         }
-        let step = &declaration.name.value;
         let listed: Vec<String> = ks.iter().map(|k| format!("pass@{k}")).collect();
         let written: Vec<String> = ks.iter().map(i64::to_string).collect();
         problems
@@ -510,7 +525,10 @@ impl<'a> Scope<'a> {
         if spec.metrics.is_empty() {
             builder.help(format!("`{}` steps publish no metrics", spec.name));
         } else {
-            builder.help(format!("it publishes: {}", spec.metrics.join(", ")));
+            // `pass@k` in a kind's list stands for the numbered ones.
+            let metrics: Vec<&str> =
+                spec.metrics.iter().map(|m| if *m == "pass@k" { "pass@1 (and other k)" } else { m }).collect();
+            builder.help(format!("it publishes: {}", metrics.join(", ")));
         }
     }
 
