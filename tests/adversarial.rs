@@ -94,6 +94,24 @@ fn adversarial_programs_end_with_the_right_status_and_leave_the_host_alone() {
         // importlib loads a module without the `import` event; gc's walks are refused by their own.
         (format!("{WRONG}import importlib\nimportlib.import_module('gc').get_objects()\n"), Status::Error),
         (format!("{WRONG}import importlib\nimportlib.import_module('gc').get_referrers(f)\n"), Status::Error),
+        // importlib creates builtin modules without the `import` event; gc's DEBUG_SAVEALL puts
+        // frames in gc.garbage.
+        (
+            format!("{WRONG}import importlib\ngc = importlib.import_module('gc')\ngc.set_debug(gc.DEBUG_SAVEALL)\n"),
+            Status::Error,
+        ),
+        (
+            format!("{WRONG}import _imp, importlib.util\n_imp.create_builtin(importlib.util.find_spec('gc'))\n"),
+            Status::Error,
+        ),
+        // A finaliser freed while the harness reads a traceback (one only a program's
+        // `__traceback__` property held) would run with frames readable.
+        (
+            format!(
+                "{WRONG}{FORGE_FROM_A_FRAME}import sys\nclass D:\n    def __del__(self):\n        forge()\ndef held():\n    d = D()\n    try:\n        raise ValueError\n    except ValueError:\n        return sys.exception().__traceback__\nclass E(Exception):\n    @property\n    def __traceback__(self):\n        return held()\nraise E()\n"
+            ),
+            Status::Error,
+        ),
         // A traceback's code names are the program's own (str subclasses): the harness reads
         // them while it may read frames, so no method of theirs may run then.
         (

@@ -46,6 +46,12 @@ fn honest_programs_in(sandbox: Arc<Sandbox>) -> Vec<seedflow::sandbox::RunResult
             Status::Error,
         ),
         ("import sys\nsys.stderr.write('e' * 16000)\ndef f(x):\n    raise ValueError('x' * 3000)\n", Status::Error),
+        // What a failed test's call returned is the value it gave, not a second call's: a
+        // function with state, and one whose second call would pass the 2 s deadline.
+        ("calls = []\ndef f(x):\n    calls.append(x)\n    return len(calls) + 1\n", Status::Failed),
+        ("import time\ndef f(x):\n    time.sleep(1.2)\n    return x + 1\n", Status::Failed),
+        // A chained exception: its cause's traceback is not the harness's to read.
+        ("def f(x):\n    try:\n        {}[x]\n    except KeyError:\n        return 1 / 0\n", Status::Error),
     ];
     let results = run_all_in(sandbox, &cases);
     for ((_, expected), result) in cases.iter().zip(&results) {
@@ -62,6 +68,9 @@ fn honest_programs_in(sandbox: Arc<Sandbox>) -> Vec<seedflow::sandbox::RunResult
     assert!(results[6].feedback.starts_with("the program wrote more than 16.0 KiB"), "{}", results[6].feedback);
     assert!(results[8].feedback.ends_with("ValueError: v"), "{}", results[8].feedback);
     assert!(results[9].feedback.contains("ValueError: xxx"), "{}", results[9].feedback);
+    assert_eq!(results[10].feedback, "Test failed: assert f(1) == 1\nf(1) returned 2, but the test expects 1");
+    assert!(results[12].feedback.ends_with("ZeroDivisionError: division by zero"), "{}", results[12].feedback);
+    assert_eq!(results[12].failed_test.as_deref(), Some("assert f(1) == 1"));
     results
 }
 

@@ -4,8 +4,8 @@
 #
 # The verdict is the last line of stderr, tagged with the job's nonce, and counts only if the
 # interpreter then returns or exits normally. A plain interpreter starts for every verdict, so the
-# harness imports only `types` and `gc` at start: the job is JSON read as a Python literal, text goes back
-# hex-encoded, and `traceback` and `ast` load only to explain a failure.
+# harness imports only `types`, `gc` and `ast` (to compile the tests) at start: the job is JSON read
+# as a Python literal, text goes back hex-encoded, and `traceback` loads only to explain a failure.
 #
 # The program under test runs in this same interpreter, so before it runs the harness parses its
 # job and drops the text, keeps its own references to what it needs, freezes the tests into a
@@ -32,6 +32,7 @@ def _harness(text):
     write, limit, prefix = _os.write, job["feedback_chars"], "\x1eseedflow-verdict " + job["nonce"] + " "
     exec_, compile_, eval_, repr_, str_, len_, type_, isinstance_ = exec, compile, eval, repr, str, len, type, isinstance
     plain_str = str.__str__
+    get_traceback = BaseException.__dict__["__traceback__"].__get__
     BaseExc, AssertionErr, MemoryErr, SyntaxErr, RuntimeErr = BaseException, AssertionError, MemoryError, SyntaxError, RuntimeError
     import_ = __import__
     # `types` reads a traceback's frame when imported, so it must load before the audit hook.
@@ -59,13 +60,17 @@ def _harness(text):
 
     def describe(error):
         # Keep the frames of the program and the tests, not the harness's. No program code may
-        # run while frames can be read: a code object's name and file name can be str subclasses
-        # of the program's (`code.replace`), so only their plain str copies are compared.
-        where, tb = [], error.__traceback__
+        # run while frames can be read: the traceback is read through BaseException's own
+        # descriptor (a program's class may define a `__traceback__` property); every traceback
+        # visited is held until the reading ends, so nothing is freed (no finaliser runs) meanwhile;
+        # a code object's name and file name can be str subclasses of the program's
+        # (`code.replace`), so only their plain str copies are compared.
+        where, held, tb = [], [], get_traceback(error)
         pause_collector()
         harness_reads_frames[0] = True
         try:
             while type_(tb) is TracebackType:
+                held.append(tb)
                 code = tb.tb_frame.f_code
                 filename, name = plain_str(code.co_filename), plain_str(code.co_name)
                 if filename == "<program>" or filename.startswith("<test"):
@@ -74,39 +79,75 @@ def _harness(text):
         finally:
             harness_reads_frames[0] = False
             resume_collector()
-        last = import_("traceback").format_exception_only(type_(error), error)
-        return ("Traceback (most recent call last):\n" + "".join(where) + "".join(last)).rstrip()
+        del held, tb
+        # `format_exception_only` also walks the tracebacks of a chained exception's cause and
+        # context (and of a group's members), which the audit hook refuses: it must not raise.
+        try:
+            last = "".join(import_("traceback").format_exception_only(type_(error), error))
+        except BaseExc:
+            try:
+                last = "%s: %s" % (type_(error).__name__, str_(error))
+            except BaseExc:
+                last = "an exception whose message cannot be shown"
+        return ("Traceback (most recent call last):\n" + "".join(where) + last).rstrip()
 
-    def actual_value(test, namespace):
+    def actual_value(shape, namespace):
         # For `assert f(x) == y`, what f(x) gave against what was expected: the most useful line
         # for Self-Revise (a small model overlooks the difference when it only sees the assert).
+        # The value is the one the test's own run gave (`record`), not a second call.
+        if shape is None or not left_value:
+            return ""
+        left, expected, wrap = shape
+        actual = left_value[-1]
         try:
-            ast = import_("ast")
-            node = ast.parse(test).body[0]
-            if isinstance_(node, ast.Assert) and isinstance_(node.test, ast.Compare):
-                compare = node.test
-                left = ast.get_source_segment(test, compare.left)
-                actual = eval_(left, namespace)
-                value = repr_(actual)
-                line = "\n" + left + " returned " + (value if len_(value) < 500 else value[:500] + "…")
-                if len_(compare.ops) == 1 and isinstance_(compare.ops[0], ast.Eq):
-                    right = compare.comparators[0]
-                    expected = ast.get_source_segment(test, right)
-                    line += ", but the test expects " + (expected if len_(expected) < 500 else expected[:500] + "…")
-                    # `assert f(x) == wrap(y)` where wrap(what f returned) passes: the logic is right
-                    # and only the form is not (a house envelope, a set for a list). A small model
-                    # does not see that from the two values; say it.
-                    if (isinstance_(right, ast.Call) and isinstance_(right.func, ast.Name)
-                            and len_(right.args) == 1 and not right.keywords
-                            and eval_(right.func.id, namespace)(actual) == eval_(expected, namespace)):
-                        name = right.func.id
-                        line += "\nThe value is right, but the test expects it passed to `%s`: return %s(...) of it." % (name, name)
-                        if name in namespace:  # the tests' own helper, not a builtin
-                            line += " `%s` is defined where your code runs; do not define it." % name
-                return line
+            value = repr_(actual)
+            line = "\n" + left + " returned " + (value if len_(value) < 500 else value[:500] + "…")
+            if expected is not None:
+                line += ", but the test expects " + (expected if len_(expected) < 500 else expected[:500] + "…")
+                # `assert f(x) == wrap(y)` where wrap(what f returned) passes: the logic is right
+                # and only the form is not (a house envelope, a set for a list). A small model
+                # does not see that from the two values; say it.
+                if wrap is not None and eval_(wrap, namespace)(actual) == eval_(expected, namespace):
+                    line += "\nThe value is right, but the test expects it passed to `%s`: return %s(...) of it." % (wrap, wrap)
+                    if wrap in namespace:  # the tests' own helper, not a builtin
+                        line += " `%s` is defined where your code runs; do not define it." % wrap
+            return line
         except BaseExc:
-            pass
-        return ""
+            return ""
+
+    # The tests are compiled before the program runs (it may replace `ast`, or `compile`). A test
+    # `assert left op right` is compiled with `left` passed through `record` (as
+    # `__seedflow_record__`), which keeps its value for `actual_value`; `shape` holds the sources
+    # that feedback quotes.
+    ast = import_("ast")
+    left_value = []
+
+    def record(value):
+        left_value.append(value)
+        return value
+
+    def prepare(test, name):
+        try:
+            tree = ast.parse(test, name)
+            shape = None
+            node = tree.body[0] if len_(tree.body) == 1 else None
+            # (A constant on the left, `assert 0 < f(x) < 2`, says nothing of what f returned.)
+            if (isinstance_(node, ast.Assert) and isinstance_(node.test, ast.Compare)
+                    and not isinstance_(node.test.left, ast.Constant)):
+                compare = node.test
+                right = compare.comparators[0]
+                single_eq = len_(compare.ops) == 1 and isinstance_(compare.ops[0], ast.Eq)
+                helper = (isinstance_(right, ast.Call) and isinstance_(right.func, ast.Name)
+                          and len_(right.args) == 1 and not right.keywords)
+                shape = (ast.get_source_segment(test, compare.left),
+                         ast.get_source_segment(test, right) if single_eq else None,
+                         right.func.id if single_eq and helper else None)
+                call = ast.Call(func=ast.Name(id="__seedflow_record__", ctx=ast.Load()), args=[compare.left], keywords=[])
+                compare.left = ast.copy_location(call, compare.left)
+                ast.fix_missing_locations(tree)
+            return compile_(tree, name, "exec"), shape
+        except BaseExc as error:  # raised in the test's turn, as compiling it then would have
+            return error, None
 
     source = job["program"]
     # Test setup builds the tests' inputs, often with the program's own definitions.
@@ -114,30 +155,66 @@ def _harness(text):
     tests += tuple((test, "<test %d>" % (i + 1)) for i, test in enumerate(job["tests"]))
     if job["test_program"] is not None:
         tests += ((job["test_program"], "<test program>"), ("check(%s)" % job["entry_point"], "<test check>"))
-    del job
+    tests = tuple((test,) + prepare(test, name) for test, name in tests)
+    del job, ast
+
+    # importlib creates a builtin module without the `import` event: `gc` so (whose DEBUG_SAVEALL
+    # puts cyclic garbage, frames included, in gc.garbage), and `atexit` and `faulthandler`. Every
+    # creation goes through the audit hook, the only holder of the real `_imp.create_builtin`
+    # (a wrapper's closure could be read), with a spec of the hook's own making.
+    imp = import_("_imp")
+    create_builtin, audit_, Spec = imp.create_builtin, _sys.audit, import_("types").SimpleNamespace
+
+    def create_builtin_checked(spec):
+        box = [spec]
+        audit_("seedflow.create_builtin", box)
+        return box[1]
 
     def audit(event, args):
+        if event == "seedflow.create_builtin":
+            box = args[0]
+            if type_(box) is not list or len_(box) != 1:
+                raise RuntimeErr("not allowed in the sandbox: " + event)
+            name = plain_str(box[0].name)
+            if name in blocked_modules or name == "_imp":
+                raise RuntimeErr("not allowed in the sandbox: import " + name)
+            box.append(create_builtin(Spec(name=name)))
+            return
+        # A name may be a str subclass of the program's, with an `__eq__` that lies: compared as
+        # its plain str copy.
         if event == "object.__getattr__":
-            if args[1] in frame_attributes and not harness_reads_frames[0]:
-                raise RuntimeErr("not allowed in the sandbox: reading " + str_(args[1]))
-        elif event in blocked_events or (event == "import" and args[0] in blocked_modules):
-            raise RuntimeErr("not allowed in the sandbox: " + event + ("" if event != "import" else " " + str_(args[0])))
+            if plain_str(args[1]) in frame_attributes and not harness_reads_frames[0]:
+                raise RuntimeErr("not allowed in the sandbox: reading " + plain_str(args[1]))
+        elif event in blocked_events or (event == "import" and plain_str(args[0]) in blocked_modules):
+            raise RuntimeErr("not allowed in the sandbox: " + event + ("" if event != "import" else " " + plain_str(args[0])))
 
     _sys.addaudithook(audit)
+    imp.create_builtin = create_builtin_checked
+    del imp
     # Not "__main__": a `if __name__ == "__main__":` demo in an answer (often reading input) stays out.
     namespace = {"__name__": "solution", "__builtins__": __builtins__}
     try:
         code = compile_(source, "<program>", "exec")
     except SyntaxErr as error:
         return report("syntax", describe(error), exception=type_(error).__name__)
-    current = None
+    current, shape = None, None
     try:
         exec_(code, namespace)
-        for current, name in tests:
-            exec_(compile_(current, name, "exec"), namespace)
+        for current, compiled, shape in tests:
+            if isinstance_(compiled, BaseExc):
+                raise compiled
+            del left_value[:]
+            if shape is None:
+                exec_(compiled, namespace)
+            else:
+                # Only while the test runs (the program could call it, and mislead only its
+                # own feedback).
+                namespace["__seedflow_record__"] = record
+                exec_(compiled, namespace)
+                namespace.pop("__seedflow_record__", None)
     except AssertionErr as error:
         message = str_(error)
-        feedback = "Test failed: " + (current or "") + actual_value(current or "", namespace) + ("\n" + message if message else "")
+        feedback = "Test failed: " + (current or "") + actual_value(shape, namespace) + ("\n" + message if message else "")
         return report("failed", feedback, failed_test=current, exception="AssertionError")
     except MemoryErr:
         return report("memory", "MemoryError: the program ran out of memory", failed_test=current, exception="MemoryError")
