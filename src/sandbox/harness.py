@@ -2,10 +2,10 @@
 # JSON job: in the pre-initialised sandbox component it is the argument of the exported `run`
 # (component.py); a plain python.wasm runs `python -I -S -B -c <this + _harness(stdin)>`.
 #
-# The verdict is the last line of stderr, tagged with the job's nonce, and counts only if the
-# interpreter then returns or exits normally. A plain interpreter starts for every verdict, so the
-# harness imports only `types`, `gc` and `ast` (to compile the tests) at start: the job is JSON read
-# as a Python literal, text goes back hex-encoded, and `traceback` loads only to explain a failure.
+# The verdict is a line of stderr tagged with the job's nonce (the last such line), and counts
+# only if the interpreter then returns or exits normally. A plain interpreter starts for every verdict, so the
+# harness imports only `types` and the built-in `gc` and `_ast` at start: the job is JSON read as a
+# Python literal, text goes back hex-encoded, and `traceback` loads only to explain a failure.
 #
 # The program under test runs in this same interpreter, so before it runs the harness parses its
 # job and drops the text, keeps its own references to what it needs, freezes the tests into a
@@ -115,20 +115,35 @@ def _harness(text):
         except BaseExc:
             return ""
 
-    # The tests are compiled before the program runs (it may replace `ast`, or `compile`). A test
-    # `assert left op right` is compiled with `left` passed through `record` (as
+    # The tests are compiled before the program runs (it may replace modules, or `compile`). A
+    # test `assert left op right` is compiled with `left` passed through `record` (as
     # `__seedflow_record__`), which keeps its value for `actual_value`; `shape` holds the sources
-    # that feedback quotes.
-    ast = import_("ast")
+    # that feedback quotes. The syntax tree is `_ast`'s (built in): importing `ast` would cost a
+    # plain interpreter a third of its start.
+    ast = import_("_ast")
     left_value = []
 
     def record(value):
         left_value.append(value)
         return value
 
+    def segment(source, node):
+        # The node's source text (its offsets count UTF-8 bytes).
+        lines = source.encode().splitlines(True)
+        first, last = node.lineno - 1, node.end_lineno - 1
+        if first == last:
+            text = lines[first][node.col_offset : node.end_col_offset]
+        else:
+            text = lines[first][node.col_offset :] + b"".join(lines[first + 1 : last]) + lines[last][: node.end_col_offset]
+        return text.decode()
+
+    def at(new, old):
+        new.lineno, new.col_offset, new.end_lineno, new.end_col_offset = old.lineno, old.col_offset, old.end_lineno, old.end_col_offset
+        return new
+
     def prepare(test, name):
         try:
-            tree = ast.parse(test, name)
+            tree = compile_(test, name, "exec", ast.PyCF_ONLY_AST)
             shape = None
             node = tree.body[0] if len_(tree.body) == 1 else None
             # (A constant on the left, `assert 0 < f(x) < 2`, says nothing of what f returned.)
@@ -139,12 +154,11 @@ def _harness(text):
                 single_eq = len_(compare.ops) == 1 and isinstance_(compare.ops[0], ast.Eq)
                 helper = (isinstance_(right, ast.Call) and isinstance_(right.func, ast.Name)
                           and len_(right.args) == 1 and not right.keywords)
-                shape = (ast.get_source_segment(test, compare.left),
-                         ast.get_source_segment(test, right) if single_eq else None,
+                shape = (segment(test, compare.left),
+                         segment(test, right) if single_eq else None,
                          right.func.id if single_eq and helper else None)
-                call = ast.Call(func=ast.Name(id="__seedflow_record__", ctx=ast.Load()), args=[compare.left], keywords=[])
-                compare.left = ast.copy_location(call, compare.left)
-                ast.fix_missing_locations(tree)
+                recorder = at(ast.Name(id="__seedflow_record__", ctx=ast.Load()), compare.left)
+                compare.left = at(ast.Call(func=recorder, args=[compare.left], keywords=[]), compare.left)
             return compile_(tree, name, "exec"), shape
         except BaseExc as error:  # raised in the test's turn, as compiling it then would have
             return error, None
