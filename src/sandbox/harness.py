@@ -3,9 +3,10 @@
 # (component.py); a plain python.wasm runs `python -I -S -B -c <this + _harness(stdin)>`.
 #
 # The verdict is a line of stderr tagged with the job's nonce (the last such line), and counts
-# only if the interpreter then returns or exits normally. A plain interpreter starts for every verdict, so the
-# harness imports only `types` and the built-in `gc` and `_ast` at start: the job is JSON read as a
-# Python literal, text goes back hex-encoded, and `traceback` loads only to explain a failure.
+# only if the interpreter then returns or exits normally. A plain interpreter starts for every
+# verdict, so the harness imports only `types` and the built-in `gc` and `_ast` at start: the job
+# is JSON read as a Python literal, text goes back hex-encoded, and `traceback` loads only to
+# explain a failure.
 #
 # The program under test runs in this same interpreter, so before it runs the harness parses its
 # job and drops the text, keeps its own references to what it needs, freezes the tests into a
@@ -15,8 +16,8 @@
 import os as _os
 import sys as _sys
 
-# `gc`'s object walks are refused by event as well as by import: importlib loads a module without
-# the interpreter's `import` event, and they reach every object, the harness's closures included.
+# `gc`'s object walks, which reach every object (the harness's closures included), are refused by
+# their events as well as `gc` by import (both ways to import it, below): belt and braces.
 _BLOCKED_EVENTS = frozenset({"sys._getframe", "sys._current_frames", "sys.settrace", "sys.setprofile",
                              "sys.addaudithook", "sys.monitoring.register_callback",
                              "gc.get_objects", "gc.get_referrers", "gc.get_referents"})
