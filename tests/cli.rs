@@ -246,6 +246,29 @@ fn a_run_keeps_out_of_folders_that_are_not_runs() {
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
 }
 
+/// A partial record file is trusted only as far as its records are, in order, the step's own:
+/// a duplicated or foreign line (a file edited, or two writers) is dropped and the rest rerun.
+#[test]
+fn resume_keeps_only_partial_records_that_match() {
+    let dir =
+        project("dataset \"tasks\" format=\"jsonl\" path=\"tasks.jsonl\"\nexecute \"references\" code=\"tasks\"\n");
+    assert_eq!(seedflow(&["run", "flow.kdl", "--run-dir", "out"], dir.path()).status.code(), Some(0));
+    let step = dir.path().join("out/references");
+    let first = std::fs::read_to_string(step.join("output.jsonl")).unwrap().lines().next().unwrap().to_string();
+    let foreign = first.replace("ledger-1", "foreign-1");
+    std::fs::write(step.join("output.jsonl.partial"), format!("{first}\n{first}\n{foreign}\n")).unwrap();
+    std::fs::remove_file(step.join("output.jsonl")).unwrap();
+    std::fs::remove_file(step.join("meta.json")).unwrap();
+    let out = seedflow(&["run", "flow.kdl", "--run-dir", "out", "--resume"], dir.path());
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let ids: Vec<String> = std::fs::read_to_string(step.join("output.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["sample_id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids, ["ledger-1/reference", "ledger-2/reference", "ledger-3/reference"]);
+}
+
 /// Two runs in one run directory would interleave their records: the second is refused.
 #[test]
 #[cfg(unix)]

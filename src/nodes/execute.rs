@@ -102,7 +102,18 @@ pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
             serde_json::from_str(line).map_err(|e| StepError::Failed(format!("unreadable earlier verdict: {e}")))
         })
         .collect::<Result<_, _>>()?;
-    let remaining = samples.len().saturating_sub(verdicts.len());
+    // Kept verdicts count only as far as they are, in order, of the samples to run (and of the
+    // same programs): a partial file an interruption left is not trusted by its length alone.
+    let matching = verdicts
+        .iter()
+        .zip(&samples)
+        .take_while(|(verdict, sample)| {
+            verdict.sample.sample_id == sample.sample_id && verdict.sample.code == sample.code
+        })
+        .count();
+    verdicts.truncate(matching);
+    writer.keep_first(matching)?;
+    let remaining = samples.len() - verdicts.len();
     if remaining == 0 {
         writer.finish()?;
         return Ok(Outcome { metrics: metrics(&verdicts), gate_failure: None });
