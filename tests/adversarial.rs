@@ -104,6 +104,11 @@ fn adversarial_programs_end_with_the_right_status_and_leave_the_host_alone() {
             format!("{WRONG}import _imp, importlib.util\n_imp.create_builtin(importlib.util.find_spec('gc'))\n"),
             Status::Error,
         ),
+        // Bytecode built by hand reads any frame slot; a signal handler is handed the frame.
+        (format!("{WRONG}f.__code__ = f.__code__.replace(co_code=f.__code__.co_code)\n"), Status::Error),
+        (format!("{WRONG}import marshal\nmarshal.loads(marshal.dumps(f.__code__))\n"), Status::Error),
+        (format!("{WRONG}import signal\nsignal.signal(signal.SIGUSR1, lambda number, frame: None)\n"), Status::Error),
+        (format!("{WRONG}import signal\nsignal.raise_signal(signal.SIGINT)\n"), Status::Error),
         // A finaliser freed while the harness reads a traceback (one only a program's
         // `__traceback__` property held) would run with frames readable.
         (

@@ -18,16 +18,21 @@ import sys as _sys
 
 # `gc`'s object walks, which reach every object (the harness's closures included), are refused by
 # their events as well as `gc` by import (both ways to import it, below): belt and braces.
+# A code object built by hand (`code.replace`, `types.CodeType`, `marshal`) runs unchecked bytecode,
+# which can read any slot of a frame, the audit hook's own included.
 _BLOCKED_EVENTS = frozenset({"sys._getframe", "sys._current_frames", "sys.settrace", "sys.setprofile",
                              "sys.addaudithook", "sys.monitoring.register_callback",
-                             "gc.get_objects", "gc.get_referrers", "gc.get_referents"})
+                             "gc.get_objects", "gc.get_referrers", "gc.get_referents", "code.__new__"})
 _BLOCKED_MODULES = frozenset({"gc", "atexit", "ctypes", "_ctypes", "_testcapi", "_testinternalcapi", "faulthandler"})
+# Loaded (the standard library imports `signal` throughout) with what sets a handler replaced, in
+# `_harness`; a fresh copy (a reload) is refused like the blocked modules.
+_REPLACED_MODULES = frozenset({"_signal"})
 # Attributes that hand out frames (audited as `object.__getattr__`): since Python 3.13 a frame's
 # f_locals writes through to the harness's own variables.
 _FRAME_ATTRIBUTES = frozenset({"tb_frame", "gi_frame", "cr_frame", "ag_frame"})
 
 
-def _harness(text):
+def _harness(text, modules_preloaded=True):
     job = eval(text, {"__builtins__": {}}, {"null": None, "true": True, "false": False})
     del text
     write, limit, prefix = _os.write, job["feedback_chars"], "\x1eseedflow-verdict " + job["nonce"] + " "
@@ -53,7 +58,8 @@ def _harness(text):
     # change. `harness_reads_frames` lets `describe` walk a traceback, running no program code
     # (with the cyclic collector paused, so no finaliser of the program's runs meanwhile); `gc`
     # leaves sys.modules again, so the program's own `import gc` still meets the hook.
-    blocked_events, blocked_modules, frame_attributes = _BLOCKED_EVENTS, _BLOCKED_MODULES, _FRAME_ATTRIBUTES
+    blocked_events, frame_attributes = _BLOCKED_EVENTS, _FRAME_ATTRIBUTES
+    blocked_modules = _BLOCKED_MODULES | _REPLACED_MODULES
     harness_reads_frames = [False]
     collector = import_("gc")
     pause_collector, resume_collector = collector.disable, collector.enable
@@ -203,6 +209,21 @@ def _harness(text):
         elif event in blocked_events or (event == "import" and plain_str(args[0]) in blocked_modules):
             raise RuntimeErr("not allowed in the sandbox: " + event + ("" if event != "import" else " " + plain_str(args[0])))
 
+    # A Python signal handler is called with the program's running frame, whose `f_back` leads
+    # to the harness's: no handler may be set, nor a signal raised (WASI emulates them in-process).
+    def no_signals(*args):
+        raise RuntimeErr("not allowed in the sandbox: signal handlers")
+
+    signals = import_("_signal")
+    signals.signal = signals.raise_signal = no_signals
+    if "signal" in _sys.modules:
+        _sys.modules["signal"].raise_signal = no_signals
+    del signals
+    # Reading bytecode from bytes (`marshal.loads`) builds code objects too. The component has
+    # every module it can import loaded already; a plain interpreter reads the standard library's
+    # `.pyc` files with it, so there it stays open.
+    if modules_preloaded:
+        blocked_events = blocked_events | {"marshal.loads", "marshal.load"}
     _sys.addaudithook(audit)
     imp.create_builtin = create_builtin_checked
     del imp

@@ -38,7 +38,8 @@ use crate::data::{Status, Task};
 
 const HARNESS: &str = include_str!("harness.py");
 /// What a plain python.wasm runs with `-c`: the harness, on the job its stdin holds.
-const COMMAND_HARNESS: &str = concat!(include_str!("harness.py"), "\n_harness(_sys.stdin.read())\n");
+const COMMAND_HARNESS: &str =
+    concat!(include_str!("harness.py"), "\n_harness(_sys.stdin.read(), modules_preloaded=False)\n");
 
 /// The smallest `memory` a program may be given: the interpreter's own memory at start (the
 /// pre-initialised CPython's heap) takes most of it.
@@ -85,12 +86,9 @@ impl<'a> Job<'a> {
 
 /// A fresh unguessable tag for a verdict line.
 fn nonce() -> String {
-    let mut bytes = [0u8; 16];
-    // getrandom through the standard library's hasher keys would not be enough; use the OS.
-    if let Ok(mut file) = std::fs::File::open("/dev/urandom") {
-        let _ = std::io::Read::read_exact(&mut file, &mut bytes);
-    }
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    // rand's thread generator, seeded from the OS (a failed read of /dev/urandom had left the
+    // tag all zeros, and guessable).
+    format!("{:032x}", rand::random::<u128>())
 }
 
 /// The result of one run.
