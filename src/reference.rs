@@ -56,6 +56,9 @@ pub fn language_reference() -> String {
         for (property, needed) in kind.requires {
             let _ = writeln!(out, "`{property}` needs `{needed}`.\n");
         }
+        for (low, high) in kind.ordered {
+            let _ = writeln!(out, "`{low}` may not be above `{high}`.\n");
+        }
         if !kind.metrics.is_empty() {
             let list: Vec<_> = kind.metrics.iter().map(|m| format!("`{m}`")).collect();
             let _ = writeln!(out, "Metrics: {}.\n", list.join(", "));
@@ -64,8 +67,9 @@ pub fn language_reference() -> String {
     }
     out.push_str(
         "\n## `until` expressions\n\n\
-         `until` compares metrics with numbers: `step.metric` names a metric of a step in the \
-         loop, `iteration` is the iteration just finished (from 1). Comparisons are `==`, `!=`, \
+         `until` compares metrics with numbers (`2`, `0.5`, `-0.01`, `1e-3`): `step.metric` names \
+         a metric of a step in the loop, `iteration` is the iteration just finished (from 1). \
+         Comparisons are `==`, `!=`, \
          `<`, `<=`, `>`, `>=`; combine them with `&&`, `||`, `!` and parentheses: \
          `until=\"fixed.count == 0 || (iteration >= 2 && scores.pass@1 > 0.5)\"`.\n",
     );

@@ -256,17 +256,30 @@ fn resume_keeps_only_partial_records_that_match() {
     let step = dir.path().join("out/references");
     let first = std::fs::read_to_string(step.join("output.jsonl")).unwrap().lines().next().unwrap().to_string();
     let foreign = first.replace("ledger-1", "foreign-1");
-    std::fs::write(step.join("output.jsonl.partial"), format!("{first}\n{first}\n{foreign}\n")).unwrap();
-    std::fs::remove_file(step.join("output.jsonl")).unwrap();
-    std::fs::remove_file(step.join("meta.json")).unwrap();
+    interrupt(&step, &format!("{first}\n{first}\n{foreign}\n"));
     let out = seedflow(&["run", "flow.kdl", "--run-dir", "out", "--resume"], dir.path());
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    let ids: Vec<String> = std::fs::read_to_string(step.join("output.jsonl"))
+    assert!(text(&out.stderr).contains("finishing an unfinished run"), "{}", text(&out.stderr));
+    assert_eq!(sample_ids(&step), ["ledger-1/reference", "ledger-2/reference", "ledger-3/reference"]);
+}
+
+/// Makes a finished step look interrupted, with `partial` as the records it had written.
+fn interrupt(step: &Path, partial: &str) {
+    std::fs::write(step.join("output.jsonl.partial"), partial).unwrap();
+    std::fs::remove_file(step.join("output.jsonl")).unwrap();
+    let meta = step.join("meta.json");
+    let mut value: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&meta).unwrap()).unwrap();
+    value["status"] = "interrupted".into();
+    std::fs::write(&meta, value.to_string()).unwrap();
+}
+
+/// Each record's `sample_id` in a step's finished output.
+fn sample_ids(step: &Path) -> Vec<String> {
+    std::fs::read_to_string(step.join("output.jsonl"))
         .unwrap()
         .lines()
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["sample_id"].as_str().unwrap().to_string())
-        .collect();
-    assert_eq!(ids, ["ledger-1/reference", "ledger-2/reference", "ledger-3/reference"]);
+        .collect()
 }
 
 /// Two runs in one run directory would interleave their records: the second is refused.
@@ -409,6 +422,14 @@ finetune-lora "more" model="coder" data="one" init="fits.gguf" epochs=1
     };
     assert_ne!(answer("plain"), answer("adapted"), "the adapter file changes the model's output");
     assert_eq!(answer("from-peft"), answer("adapted"), "the PEFT directory is the same adapter");
+    // A resumed `generate` keeps a partial sample only if it is its own: a foreign one is sampled again.
+    let plain = dir.path().join("out/plain");
+    let record = std::fs::read_to_string(plain.join("output.jsonl")).unwrap();
+    interrupt(&plain, &record.replace("\"ledger-1/0\"", "\"foreign/0\""));
+    let out = seedflow(&["run", "flow.kdl", "--run-dir", "out", "--resume"], dir.path());
+    assert!(text(&out.stderr).contains("finishing an unfinished run"), "{}", text(&out.stderr));
+    assert_eq!(sample_ids(&plain), ["ledger-1/0"]);
+    assert_eq!(std::fs::read_to_string(plain.join("output.jsonl")).unwrap(), record);
     // Training continued the file's adapter: its rank and its query projections alone.
     let mut trained = std::fs::File::open(dir.path().join("out/more/adapter.gguf")).unwrap();
     let content = candle_core::quantized::gguf_file::Content::read(&mut trained).unwrap();

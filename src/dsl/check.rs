@@ -49,6 +49,18 @@ pub fn check(nodes: &[Node], vocabulary: &Vocabulary, sources: &Sources, problem
             continue;
         };
         match declaration.spec.role {
+            // It would name and seed whichever file imported it.
+            Role::Workflow if sources.get(node.span.file).imported_at.is_some() => {
+                problems
+                    .at(
+                        sources,
+                        Code::MisplacedNode,
+                        node.kind.span,
+                        "a `workflow` node in an imported file",
+                        "imported",
+                    )
+                    .help("the `workflow` node belongs to the file you run: move it there, or remove it");
+            }
             Role::Workflow => {
                 if let Some(first) = &checked.workflow {
                     problems
@@ -235,6 +247,28 @@ fn check_node(
                     format!("no `{needed}` to apply it to"),
                 )
                 .help(format!("add `{needed}=…`, or remove `{property}`"));
+        }
+    }
+    for (low, high) in spec.ordered {
+        let number = |name: &str| match props.get(name) {
+            Some(Value::Number(n)) => Some(*n),
+            Some(Value::Integer(i)) => Some(*i as f64),
+            _ => None,
+        };
+        if let (Some(low_value), Some(high_value), Some(low_span), Some(high_span)) =
+            (number(low), number(high), spans.get(*low), spans.get(*high))
+            && low_value > high_value
+        {
+            problems
+                .at(
+                    sources,
+                    Code::BadValue,
+                    *low_span,
+                    format!("`{low}` is above `{high}`: no value is both"),
+                    format!("{low_value} here"),
+                )
+                .also(*high_span, format!("{high_value} here"))
+                .help(format!("`{low}` is the lowest value allowed and `{high}` the highest; swap them?"));
         }
     }
 

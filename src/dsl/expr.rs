@@ -76,9 +76,20 @@ fn tokenize(text: &str) -> Result<Vec<(Token, usize, usize)>, ExprError> {
             i += 1;
             continue;
         }
-        if c.is_ascii_digit() {
+        let digit_at = |j: usize| bytes.get(j).is_some_and(u8::is_ascii_digit);
+        let number_at = |j: usize| digit_at(j) || (bytes.get(j) == Some(&b'.') && digit_at(j + 1));
+        // A number: `3`, `0.5`, `.5`, `-0.01`, `1e-3` (no arithmetic, so `-` is only a sign).
+        if number_at(i) || (c == b'-' && number_at(i + 1)) {
+            i += 1;
             while i < bytes.len() && (bytes[i].is_ascii_digit() || bytes[i] == b'.') {
                 i += 1;
+            }
+            let sign = usize::from(matches!(bytes.get(i + 1), Some(b'-' | b'+')));
+            if matches!(bytes.get(i), Some(b'e' | b'E')) && digit_at(i + 1 + sign) {
+                i += 1 + sign;
+                while digit_at(i) {
+                    i += 1;
+                }
             }
             let number = text[start..i].parse::<f64>().map_err(|_| ExprError {
                 message: format!("`{}` is not a number", &text[start..i]),
@@ -328,6 +339,17 @@ mod tests {
         assert!(eval("scores.pass@1 >= 0.5 && iteration < 3", &[("scores.pass@1", 0.5), ("iteration", 2.0)]));
         assert!(eval("!(a.x > 1) || b.pass-rate != 0", &[("a.x", 5.0), ("b.pass-rate", 0.2)]));
         assert!(!eval("!(a.x > 1) || b.pass-rate != 0", &[("a.x", 5.0), ("b.pass-rate", 0.0)]));
+    }
+
+    #[test]
+    fn numbers_take_a_sign_an_exponent_and_a_bare_fraction() {
+        assert!(eval("gain.delta > -0.01", &[("gain.delta", 0.0)]));
+        assert!(!eval("gain.delta>-0.01", &[("gain.delta", -0.5)]));
+        assert!(eval("tune.loss < 1e-3", &[("tune.loss", 0.0005)]));
+        assert!(!eval("tune.loss < 1E-3", &[("tune.loss", 0.005)]));
+        assert!(eval("a.x <= .5 && a.x >= -.5 && a.x == 2.5e-1", &[("a.x", 0.25)]));
+        assert_eq!(Expr::parse("a.x > -b.y").unwrap_err().message, "unexpected `-`");
+        assert_eq!(Expr::parse("a.x > 1.2.3").unwrap_err().message, "`1.2.3` is not a number");
     }
 
     #[test]

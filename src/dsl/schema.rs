@@ -484,6 +484,8 @@ pub struct KindSpec {
     pub at_least_one: &'static [&'static str],
     /// Properties that mean nothing without another: (property, the property it needs).
     pub requires: &'static [(&'static str, &'static str)],
+    /// Numeric bounds that contradict each other when the first is above the second: (low, high).
+    pub ordered: &'static [(&'static str, &'static str)],
     /// A complete workflow that shows the kind in use; checked by a test.
     pub example: &'static str,
 }

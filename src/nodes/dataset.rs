@@ -24,6 +24,7 @@ pub static SPEC: KindSpec = KindSpec {
     metrics: &["count"],
     at_least_one: &[],
     requires: &[],
+    ordered: &[],
     example: r#"dataset "train" format="mbpp" path="examples/data/mbpp/train.jsonl" limit=20
 "#,
 };

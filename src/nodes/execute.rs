@@ -25,6 +25,7 @@ pub static SPEC: KindSpec = KindSpec {
     metrics: &["count", "passed", "pass-rate", "pass@k"],
     at_least_one: &[],
     requires: &[],
+    ordered: &[],
     example: r#"dataset "train" format="mbpp" path="examples/data/mbpp/train.jsonl"
 execute "references" code="train" timeout="5s" memory="256MiB"
 "#,

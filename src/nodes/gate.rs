@@ -13,6 +13,7 @@ pub static SPEC: KindSpec = KindSpec {
     metrics: &["value", "passed"],
     at_least_one: &["at-least", "at-most", "baseline"],
     requires: &[("margin", "baseline")],
+    ordered: &[("at-least", "at-most")],
     example: r#"dataset "train" format="mbpp" path="examples/data/mbpp/train.jsonl" limit=10
 dataset "test" format="mbpp" path="examples/data/mbpp/test.jsonl" limit=10
 execute "references" code="train"

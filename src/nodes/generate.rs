@@ -74,6 +74,7 @@ pub static SPEC: KindSpec = KindSpec {
     metrics: &["count", "tokens", "prompt-tokens", "tokens-per-second", "decode-share"],
     at_least_one: &[],
     requires: &[],
+    ordered: &[],
     example: r#"model "coder" path="default"
 dataset "test" format="mbpp" path="examples/data/mbpp/test.jsonl" limit=10
 generate "answers" model="coder" tasks="test" samples=5 temperature=0.8 top-p=0.95 max-tokens=384
@@ -113,24 +114,28 @@ pub(super) fn template(
     Ok(text)
 }
 
-/// Samples `requests` with the step's model, writing the samples `make` builds from each
-/// request's answers as each group of requests finishes; skips the requests an unfinished
-/// earlier run completed.
+/// Samples `requests` with the step's model, writing the samples `make` builds from each answer
+/// (request, the answer's `sample_id`, the answer) as each group of requests finishes; skips the
+/// requests an unfinished earlier run completed.
 pub(super) fn sample_all(
     ctx: &Context,
     requests: &[Request],
-    make: &dyn Fn(usize, Vec<Generated>) -> Vec<Sample>,
+    sample_id: &dyn Fn(usize, usize) -> String,
+    make: &dyn Fn(usize, String, Generated) -> Sample,
 ) -> Result<Outcome, StepError> {
     let (model, props) = ctx.model.as_ref().ok_or_else(|| StepError::Failed("the step names no model".into()))?;
     let settings = super::model::settings(props, &|m| ctx.message(m)).map_err(StepError::Failed)?;
     let (mut writer, kept) = ctx.records()?;
-    let mut kept_samples: Vec<Sample> = kept.iter().filter_map(|l| serde_json::from_str(l).ok()).collect();
-    // Whole requests only: each group is appended at once.
-    let per_request: Vec<usize> = requests.iter().map(|r| r.seeds.len()).collect();
+    let mut kept_samples: Vec<Sample> = kept.iter().map_while(|l| serde_json::from_str(l).ok()).collect();
+    // Whole requests only (each group is appended at once), and only while the kept samples are,
+    // in order, the requests' own: a file edited or written twice is not counted by its length.
     let mut done = 0;
     let mut covered = 0;
-    while done < requests.len() && covered + per_request[done] <= kept_samples.len() {
-        covered += per_request[done];
+    while done < requests.len()
+        && (0..requests[done].seeds.len())
+            .all(|i| kept_samples.get(covered + i).is_some_and(|s| s.sample_id == sample_id(done, i)))
+    {
+        covered += requests[done].seeds.len();
         done += 1;
     }
     kept_samples.truncate(covered);
@@ -143,7 +148,14 @@ pub(super) fn sample_all(
     let total = requests.len();
     let mut progress = |finished: usize, group: &[Vec<Generated>]| {
         let first = done + finished - group.len();
-        let samples: Vec<Sample> = group.iter().enumerate().flat_map(|(i, g)| make(first + i, g.clone())).collect();
+        let samples: Vec<Sample> = group
+            .iter()
+            .enumerate()
+            .flat_map(|(i, answers)| {
+                let r = first + i;
+                answers.iter().enumerate().map(move |(j, g)| make(r, sample_id(r, j), g.clone()))
+            })
+            .collect();
         tokens += samples.iter().filter_map(|s| s.tokens).map(u64::from).sum::<u64>();
         count += samples.len();
         if failure.borrow().is_none()
@@ -226,8 +238,5 @@ pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
             seeds: (0..samples).map(|i| sample_seed(ctx.seed, &ctx.step, &task.task_id, i)).collect(),
         })
         .collect();
-    sample_all(ctx, &requests, &|r, answers| {
-        let task = &tasks[r];
-        answers.into_iter().enumerate().map(|(i, g)| sample(task, format!("{}/{i}", task.task_id), g)).collect()
-    })
+    sample_all(ctx, &requests, &|r, i| format!("{}/{i}", tasks[r].task_id), &|r, id, g| sample(&tasks[r], id, g))
 }

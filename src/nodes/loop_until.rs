@@ -25,6 +25,7 @@ pub static SPEC: KindSpec = KindSpec {
     metrics: &[],
     at_least_one: &[],
     requires: &[],
+    ordered: &[],
     example: r#"model "coder" path="default"
 dataset "train" format="mbpp" path="examples/data/mbpp/prompt.jsonl"
 

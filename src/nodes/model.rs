@@ -70,6 +70,7 @@ pub static SPEC: KindSpec = KindSpec {
     metrics: &[],
     at_least_one: &[],
     requires: &[],
+    ordered: &[],
     example: r#"model "coder" path="default" context=8192 gpu-layers=0
 
 dataset "problems" format="mbpp" path="examples/data/mbpp/prompt.jsonl"

@@ -51,6 +51,7 @@ pub static SPEC: KindSpec = KindSpec {
     metrics: &["count", "tokens", "prompt-tokens", "tokens-per-second", "decode-share", "unchanged"],
     at_least_one: &[],
     requires: &[],
+    ordered: &[],
     example: r#"model "coder" path="default"
 dataset "train" format="mbpp" path="examples/data/mbpp/train.jsonl" limit=10
 generate "attempts" model="coder" tasks="train" samples=4
@@ -88,17 +89,12 @@ pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
             seeds: (0..samples).map(|i| sample_seed(ctx.seed, &ctx.step, &verdict.sample.sample_id, i)).collect(),
         })
         .collect();
-    let mut outcome = super::generate::sample_all(ctx, &requests, &|r, answers| {
+    let sample_id = |r: usize, i: usize| format!("{}/r{i}", errors[r].sample.sample_id);
+    let mut outcome = super::generate::sample_all(ctx, &requests, &sample_id, &|r, id, g| {
         let parent = &errors[r].sample;
-        answers
-            .into_iter()
-            .enumerate()
-            .map(|(i, g)| {
-                let mut revision = super::generate::sample(&parent.task, format!("{}/r{i}", parent.sample_id), g);
-                revision.parent = Some(Parent { sample_id: parent.sample_id.clone(), code: parent.code.clone() });
-                revision
-            })
-            .collect()
+        let mut revision = super::generate::sample(&parent.task, id, g);
+        revision.parent = Some(Parent { sample_id: parent.sample_id.clone(), code: parent.code.clone() });
+        revision
     })?;
     // Read back rather than counted as they come, so a resumed step counts the kept ones too.
     let revisions: Vec<Sample> = store::read_records(&ctx.dir.join(store::RECORDS))

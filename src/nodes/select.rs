@@ -24,6 +24,7 @@ pub static SPEC: KindSpec = KindSpec {
     metrics: &["count", "tasks", "copies", "own-edit-share"],
     at_least_one: &[],
     requires: &[],
+    ordered: &[],
     example: r#"dataset "train" format="mbpp" path="examples/data/mbpp/train.jsonl" limit=10
 execute "verdicts" code="train"
 select "failures" from="verdicts" status="failed,error,timeout" per-task=1 prefer="first"

@@ -28,6 +28,7 @@ pub static BATCHES: KindSpec = KindSpec {
     metrics: &["count"],
     at_least_one: &[],
     requires: &[],
+    ordered: &[],
     example: "",
 };
 
@@ -39,6 +40,7 @@ pub static BARRIER: KindSpec = KindSpec {
     metrics: &[],
     at_least_one: &[],
     requires: &[],
+    ordered: &[],
     example: "",
 };
 

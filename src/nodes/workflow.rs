@@ -18,6 +18,7 @@ pub static SPEC: KindSpec = KindSpec {
     metrics: &[],
     at_least_one: &[],
     requires: &[],
+    ordered: &[],
     example: r#"workflow "reference-check" seed=7
 
 dataset "problems" format="mbpp" path="examples/data/mbpp/prompt.jsonl"
