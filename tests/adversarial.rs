@@ -109,6 +109,16 @@ fn adversarial_programs_end_with_the_right_status_and_leave_the_host_alone() {
         (format!("{WRONG}import marshal\nmarshal.loads(marshal.dumps(f.__code__))\n"), Status::Error),
         (format!("{WRONG}import signal\nsignal.signal(signal.SIGUSR1, lambda number, frame: None)\n"), Status::Error),
         (format!("{WRONG}import signal\nsignal.raise_signal(signal.SIGINT)\n"), Status::Error),
+        // componentize-py's runtime module calls any function pointer it is handed (freeing an
+        // object the program still holds gave it all of the interpreter's memory); test-only C
+        // modules.
+        (format!("{WRONG}import componentize_py_runtime\ncomponentize_py_runtime.drop_resource\n"), Status::Error),
+        (format!("{WRONG}import sys\nsys.modules['componentize_py_runtime'].drop_resource\n"), Status::Error),
+        (
+            format!("{WRONG}import importlib\nimportlib.import_module('componentize_py_runtime').drop_resource\n"),
+            Status::Error,
+        ),
+        (format!("{WRONG}import _testbuffer\n"), Status::Error),
         // A finaliser freed while the harness reads a traceback (one only a program's
         // `__traceback__` property held) would run with frames readable.
         (

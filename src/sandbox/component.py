@@ -22,7 +22,7 @@ _NOT_BUNDLED = _BLOCKED_MODULES | {
 
 def _bundle_standard_library():
     def wanted(name):
-        return not ((set(name.split(".")) | {name}) & _NOT_BUNDLED or name.startswith(("_test", "_xx")))
+        return not ((set(name.split(".")) | {name}) & _NOT_BUNDLED or name.startswith(_TEST_MODULE_PREFIXES))
 
     for name in sorted(_sys.stdlib_module_names):
         if not wanted(name):
@@ -37,9 +37,14 @@ def _bundle_standard_library():
                     __import__(info.name)
                 except BaseException:
                     pass
-    reachable = _BLOCKED_MODULES & set(_sys.modules)
+    reachable = {name for name in _sys.modules if name in _BLOCKED_MODULES or name.startswith(_TEST_MODULE_PREFIXES)}
     if reachable:
         raise RuntimeError("the sandbox must not preload " + ", ".join(sorted(reachable)))
+    # A built-in module that is not CPython's own came with componentize-py; the harness must know
+    # what it can do (its runtime module's functions call raw function pointers).
+    unknown = set(_sys.builtin_module_names) - set(_sys.stdlib_module_names) - _REPLACED_MODULES
+    if unknown:
+        raise RuntimeError("the sandbox does not know the built-in modules " + ", ".join(sorted(unknown)))
 
 
 _bundle_standard_library()

@@ -23,10 +23,13 @@ import sys as _sys
 _BLOCKED_EVENTS = frozenset({"sys._getframe", "sys._current_frames", "sys.settrace", "sys.setprofile",
                              "sys.addaudithook", "sys.monitoring.register_callback",
                              "gc.get_objects", "gc.get_referrers", "gc.get_referents", "code.__new__"})
-_BLOCKED_MODULES = frozenset({"gc", "atexit", "ctypes", "_ctypes", "_testcapi", "_testinternalcapi", "faulthandler"})
-# Loaded (the standard library imports `signal` throughout) with what sets a handler replaced, in
-# `_harness`; a fresh copy (a reload) is refused like the blocked modules.
-_REPLACED_MODULES = frozenset({"_signal"})
+# CPython's test-only C modules (`_testcapi`, `_testbuffer`, `xxsubtype`, ...) are refused by prefix.
+_BLOCKED_MODULES = frozenset({"gc", "atexit", "ctypes", "_ctypes", "faulthandler"})
+_TEST_MODULE_PREFIXES = ("_test", "_xx", "xx")
+# Loaded, and made harmless in `_harness`: `_signal` (the standard library imports `signal`
+# throughout) loses what sets a handler; componentize-py's runtime module, in the component only,
+# is emptied. A fresh copy (a reload) is refused like the blocked modules.
+_REPLACED_MODULES = frozenset({"_signal", "componentize_py_runtime"})
 # Attributes that hand out frames (audited as `object.__getattr__`): since Python 3.13 a frame's
 # f_locals writes through to the harness's own variables.
 _FRAME_ATTRIBUTES = frozenset({"tb_frame", "gi_frame", "cr_frame", "ag_frame"})
@@ -59,7 +62,10 @@ def _harness(text, modules_preloaded=True):
     # (with the cyclic collector paused, so no finaliser of the program's runs meanwhile); `gc`
     # leaves sys.modules again, so the program's own `import gc` still meets the hook.
     blocked_events, frame_attributes = _BLOCKED_EVENTS, _FRAME_ATTRIBUTES
-    blocked_modules = _BLOCKED_MODULES | _REPLACED_MODULES
+    blocked_modules, test_modules = _BLOCKED_MODULES | _REPLACED_MODULES, _TEST_MODULE_PREFIXES
+
+    def refused(module_name):
+        return module_name in blocked_modules or module_name.startswith(test_modules)
     harness_reads_frames = [False]
     collector = import_("gc")
     pause_collector, resume_collector = collector.disable, collector.enable
@@ -197,7 +203,7 @@ def _harness(text, modules_preloaded=True):
             if type_(box) is not list or len_(box) != 1:
                 raise RuntimeErr("not allowed in the sandbox: " + event)
             name = plain_str(box[0].name)
-            if name in blocked_modules or name == "_imp":
+            if refused(name) or name == "_imp":
                 raise RuntimeErr("not allowed in the sandbox: import " + name)
             box.append(create_builtin(Spec(name=name)))
             return
@@ -206,7 +212,7 @@ def _harness(text, modules_preloaded=True):
         if event == "object.__getattr__":
             if plain_str(args[1]) in frame_attributes and not harness_reads_frames[0]:
                 raise RuntimeErr("not allowed in the sandbox: reading " + plain_str(args[1]))
-        elif event in blocked_events or (event == "import" and plain_str(args[0]) in blocked_modules):
+        elif event in blocked_events or (event == "import" and refused(plain_str(args[0]))):
             raise RuntimeErr("not allowed in the sandbox: " + event + ("" if event != "import" else " " + plain_str(args[0])))
 
     # A Python signal handler is called with the program's running frame, whose `f_back` leads
@@ -219,6 +225,14 @@ def _harness(text, modules_preloaded=True):
     if "signal" in _sys.modules:
         _sys.modules["signal"].raise_signal = no_signals
     del signals
+    # componentize-py's runtime module calls whatever function pointer it is handed
+    # (`drop_resource(index, handle)`): with it a program reads and writes all of the interpreter's
+    # memory. The running component never calls it from Python.
+    runtime = _sys.modules.pop("componentize_py_runtime", None)
+    if runtime is not None:
+        for name in [name for name in runtime.__dict__ if not name.startswith("__")]:
+            delattr(runtime, name)
+    del runtime
     # Reading bytecode from bytes (`marshal.loads`) builds code objects too. The component has
     # every module it can import loaded already; a plain interpreter reads the standard library's
     # `.pyc` files with it, so there it stays open.
