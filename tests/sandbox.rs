@@ -106,15 +106,29 @@ fn a_right_value_in_the_wrong_form_is_named() {
 #[test]
 fn humaneval_style_tests_run_check() {
     let mut task = task(&[]);
-    task.test_program = Some("def check(candidate):\n    assert candidate(3) == 3\n".into());
+    task.test_program = Some(
+        "def check(candidate):\n    assert candidate(0) == 0\n    for x in [1, 2]:\n        assert candidate(x) == x, 'x'\n    assert candidate(3) > 2\n".into(),
+    );
     task.entry_point = Some("f".into());
     let sandbox = sandbox();
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let limits = limits();
-    let good = runtime.block_on(sandbox.run(&Job::new("def f(x):\n    return x\n", &task, &limits), &limits)).unwrap();
+    let run = |program: &str| runtime.block_on(sandbox.run(&Job::new(program, &task, &limits), &limits)).unwrap();
+    let good = run("def f(x):\n    return x\n");
     assert_eq!(good.status, Status::Passed, "{good:?}");
-    let bad = runtime.block_on(sandbox.run(&Job::new("def f(x):\n    return 0\n", &task, &limits), &limits)).unwrap();
-    assert_eq!(bad.status, Status::Failed, "{bad:?}");
+    // The feedback names the assert inside `check` that failed, with the function's own name and
+    // what it returned there, as for a plain test.
+    for (program, test, value) in [
+        ("def f(x):\n    return 0\n", "assert f(x) == x, 'x'", "\nf(x) returned 0, but the test expects x\nx"),
+        ("def f(x):\n    return min(x, 2)\n", "assert f(3) > 2", "\nf(3) returned 2"),
+        // An assert of the program's own fails: the test that ran is named, with no value.
+        ("def f(x):\n    assert x != 0\n    return x\n", "check(f)", ""),
+    ] {
+        let bad = run(program);
+        assert_eq!(bad.status, Status::Failed, "{bad:?}");
+        assert_eq!(bad.failed_test.as_deref(), Some(test), "{bad:?}");
+        assert_eq!(bad.feedback, format!("Test failed: {test}{value}"), "{bad:?}");
+    }
 }
 
 /// The sandbox's worker processes: this process's children `sandbox-worker KEY MEMORY PARENT`

@@ -71,13 +71,14 @@ def _harness(text, modules_preloaded=True):
     pause_collector, resume_collector = collector.disable, collector.enable
     del _sys.modules["gc"], collector
 
-    def describe(error):
-        # Keep the frames of the program and the tests, not the harness's. No program code may
-        # run while frames can be read: the traceback is read through BaseException's own
-        # descriptor (a program's class may define a `__traceback__` property); every traceback
-        # visited is held until the reading ends, so nothing is freed (no finaliser runs) meanwhile;
-        # a code object's name and file name can be str subclasses of the program's
-        # (`code.replace`), so only their plain str copies are compared.
+    def places(error):
+        # (file, line, function) of the program's and the tests' frames in the error's traceback,
+        # innermost last; not the harness's. No program code may run while frames can be read:
+        # the traceback is read through BaseException's own descriptor (a program's class may
+        # define a `__traceback__` property); every traceback visited is held until the reading
+        # ends, so nothing is freed (no finaliser runs) meanwhile; a code object's name and file
+        # name can be str subclasses of the program's (`code.replace`), so only their plain str
+        # copies are compared.
         where, held, tb = [], [], get_traceback(error)
         pause_collector()
         harness_reads_frames[0] = True
@@ -87,12 +88,15 @@ def _harness(text, modules_preloaded=True):
                 code = tb.tb_frame.f_code
                 filename, name = plain_str(code.co_filename), plain_str(code.co_name)
                 if filename == "<program>" or filename.startswith("<test"):
-                    where.append('  File "%s", line %s, in %s\n' % (filename, tb.tb_lineno, name))
+                    where.append((filename, tb.tb_lineno, name))
                 tb = tb.tb_next
         finally:
             harness_reads_frames[0] = False
             resume_collector()
-        del held, tb
+        return where
+
+    def describe(error):
+        where = "".join('  File "%s", line %s, in %s\n' % place for place in places(error))
         # `format_exception_only` also walks the tracebacks of a chained exception's cause and
         # context (and of a group's members), which the audit hook refuses: it must not raise.
         try:
@@ -102,42 +106,47 @@ def _harness(text, modules_preloaded=True):
                 last = "%s: %s" % (type_(error).__name__, str_(error))
             except BaseExc:
                 last = "an exception whose message cannot be shown"
-        return ("Traceback (most recent call last):\n" + "".join(where) + last).rstrip()
+        return ("Traceback (most recent call last):\n" + where + last).rstrip()
 
     def actual_value(shape, namespace):
         # For `assert f(x) == y`, what f(x) gave against what was expected: the most useful line
         # for Self-Revise (a small model overlooks the difference when it only sees the assert).
-        # The value is the one the test's own run gave (`record`), not a second call.
-        if shape is None or not left_value:
+        # The value is the one the failing assert's own run gave (`record`), not a second call.
+        if shape is None or not left_value or left_value[-1][0] != shape[0]:
             return ""
-        left, expected, wrap = shape
-        actual = left_value[-1]
+        _, left, expected, wrap, _ = shape
+        actual = left_value[-1][1]
         try:
             value = repr_(actual)
             line = "\n" + left + " returned " + (value if len_(value) < 500 else value[:500] + "…")
             if expected is not None:
                 line += ", but the test expects " + (expected if len_(expected) < 500 else expected[:500] + "…")
-                # `assert f(x) == wrap(y)` where wrap(what f returned) passes: the logic is right
-                # and only the form is not (a house envelope, a set for a list). A small model
-                # does not see that from the two values; say it.
-                if wrap is not None and eval_(wrap, namespace)(actual) == eval_(expected, namespace):
-                    line += "\nThe value is right, but the test expects it passed to `%s`: return %s(...) of it." % (wrap, wrap)
-                    if wrap in namespace:  # the tests' own helper, not a builtin
-                        line += " `%s` is defined where your code runs; do not define it." % wrap
-            return line
         except BaseExc:
             return ""
+        # `assert f(x) == wrap(y)` where wrap(what f returned) passes: the logic is right and only
+        # the form is not (a house envelope, a set for a list). A small model does not see that
+        # from the two values; say it. (`expected` may name a test's local variable: no hint then.)
+        try:
+            if wrap is not None and eval_(wrap, namespace)(actual) == eval_(expected, namespace):
+                line += "\nThe value is right, but the test expects it passed to `%s`: return %s(...) of it." % (wrap, wrap)
+                if wrap in namespace:  # the tests' own helper, not a builtin
+                    line += " `%s` is defined where your code runs; do not define it." % wrap
+        except BaseExc:
+            pass
+        return line
 
     # The tests are compiled before the program runs (it may replace modules, or `compile`). A
     # test `assert left op right` is compiled with `left` passed through `record` (as
-    # `__seedflow_record__`), which keeps its value for `actual_value`; `shape` holds the sources
-    # that feedback quotes. The syntax tree is `_ast`'s (built in): importing `ast` would cost a
-    # plain interpreter a third of its start.
+    # `__seedflow_record__`, with the assert's line), which keeps its value for `actual_value`; a
+    # shape, by the assert's line, holds the sources that feedback quotes. A HumanEval test
+    # program's asserts are all instrumented so (inside `check`, in its loops), its parameter
+    # shown as the function under test. The syntax tree is `_ast`'s (built in): importing `ast`
+    # would cost a plain interpreter a third of its start.
     ast = import_("_ast")
     left_value = []
 
-    def record(value):
-        left_value.append(value)
+    def record(value, line):
+        left_value.append((line, value))
         return value
 
     def segment(source, node):
@@ -154,35 +163,66 @@ def _harness(text, modules_preloaded=True):
         new.lineno, new.col_offset, new.end_lineno, new.end_col_offset = old.lineno, old.col_offset, old.end_lineno, old.end_col_offset
         return new
 
-    def prepare(test, name):
+    def instrumented(node):
+        # (A constant on the left, `assert 0 < f(x) < 2`, says nothing of what f returned.)
+        return (isinstance_(node, ast.Assert) and isinstance_(node.test, ast.Compare)
+                and not isinstance_(node.test.left, ast.Constant))
+
+    def every_assert(tree):
+        found, stack = [], [tree]
+        while stack:
+            node = stack.pop()
+            if instrumented(node):
+                found.append(node)
+            for field in node._fields:
+                value = getattr(node, field, None)
+                stack.extend(v for v in (value if isinstance_(value, list) else [value]) if isinstance_(v, ast.AST))
+        return found
+
+    def instrument(node, source, show):
+        compare = node.test
+        right = compare.comparators[0]
+        single_eq = len_(compare.ops) == 1 and isinstance_(compare.ops[0], ast.Eq)
+        helper = (isinstance_(right, ast.Call) and isinstance_(right.func, ast.Name)
+                  and len_(right.args) == 1 and not right.keywords)
+        recorder = at(ast.Name(id="__seedflow_record__", ctx=ast.Load()), compare.left)
+        line = at(ast.Constant(value=node.lineno), compare.left)
+        shape = (node.lineno, show(segment(source, compare.left)), show(segment(source, right)) if single_eq else None,
+                 right.func.id if single_eq and helper else None, show(segment(source, node)))
+        compare.left = at(ast.Call(func=recorder, args=[compare.left, line], keywords=[]), compare.left)
+        return shape
+
+    def prepare(test, name, entry_point=None):
+        # The compiled test and its asserts' shapes by line; a test that does not compile is
+        # raised in its turn, as compiling it then would have.
         try:
             tree = compile_(test, name, "exec", ast.PyCF_ONLY_AST)
-            shape = None
-            node = tree.body[0] if len_(tree.body) == 1 else None
-            # (A constant on the left, `assert 0 < f(x) < 2`, says nothing of what f returned.)
-            if (isinstance_(node, ast.Assert) and isinstance_(node.test, ast.Compare)
-                    and not isinstance_(node.test.left, ast.Constant)):
-                compare = node.test
-                right = compare.comparators[0]
-                single_eq = len_(compare.ops) == 1 and isinstance_(compare.ops[0], ast.Eq)
-                helper = (isinstance_(right, ast.Call) and isinstance_(right.func, ast.Name)
-                          and len_(right.args) == 1 and not right.keywords)
-                shape = (segment(test, compare.left),
-                         segment(test, right) if single_eq else None,
-                         right.func.id if single_eq and helper else None)
-                recorder = at(ast.Name(id="__seedflow_record__", ctx=ast.Load()), compare.left)
-                compare.left = at(ast.Call(func=recorder, args=[compare.left], keywords=[]), compare.left)
-            return compile_(tree, name, "exec"), shape
-        except BaseExc as error:  # raised in the test's turn, as compiling it then would have
-            return error, None
+            if entry_point is None:
+                nodes = tree.body if len_(tree.body) == 1 and instrumented(tree.body[0]) else []
+                show = str_
+            else:
+                nodes = every_assert(tree)
+                check = [n for n in tree.body if isinstance_(n, ast.FunctionDef) and n.name == "check" and n.args.args]
+                parameter = check[0].args.args[0].arg + "(" if check else None
+                show = (lambda text: text.replace(parameter, entry_point + "(")) if parameter else str_
+            shapes = {}
+            for node in nodes:
+                shapes[node.lineno] = instrument(node, test, show)
+            return compile_(tree, name, "exec"), shapes
+        except BaseExc as error:
+            return error, {}
 
     source = job["program"]
-    # Test setup builds the tests' inputs, often with the program's own definitions.
+    # Test setup builds the tests' inputs, often with the program's own definitions. Each test:
+    # its text, compiled, its asserts' shapes and the file they are in.
     tests = ((job["setup"], "<test setup>"),) if job["setup"] else ()
-    tests += tuple((test, "<test %d>" % (i + 1)) for i, test in enumerate(job["tests"]))
+    tests = tuple((test,) + prepare(test, name) + (name,)
+                  for test, name in tests + tuple((test, "<test %d>" % (i + 1)) for i, test in enumerate(job["tests"])))
     if job["test_program"] is not None:
-        tests += ((job["test_program"], "<test program>"), ("check(%s)" % job["entry_point"], "<test check>"))
-    tests = tuple((test,) + prepare(test, name) for test, name in tests)
+        program, shapes = prepare(job["test_program"], "<test program>", job["entry_point"])
+        check = "check(%s)" % job["entry_point"]
+        tests += ((job["test_program"], program, {}, "<test program>"),
+                  (check, prepare(check, "<test check>")[0], shapes, "<test program>"))
     del job, ast
 
     # importlib creates a builtin module without the `import` event: `gc` so (whose DEBUG_SAVEALL
@@ -247,14 +287,14 @@ def _harness(text, modules_preloaded=True):
         code = compile_(source, "<program>", "exec")
     except SyntaxErr as error:
         return report("syntax", describe(error), exception=type_(error).__name__)
-    current, shape = None, None
+    current, shapes, file = None, {}, None
     try:
         exec_(code, namespace)
-        for current, compiled, shape in tests:
+        for current, compiled, shapes, file in tests:
             if isinstance_(compiled, BaseExc):
                 raise compiled
             del left_value[:]
-            if shape is None:
+            if not shapes:
                 exec_(compiled, namespace)
             else:
                 # Only while the test runs (the program could call it, and mislead only its
@@ -263,9 +303,15 @@ def _harness(text, modules_preloaded=True):
                 exec_(compiled, namespace)
                 namespace.pop("__seedflow_record__", None)
     except AssertionErr as error:
+        # The assert that failed: the innermost frame's, if it is one of the test's (not an
+        # assert of the program's own). A HumanEval test names it rather than `check(f)`.
+        shape, where = None, places(error) if shapes else []
+        if where and where[-1][0] == file:
+            shape = shapes.get(where[-1][1])
+        failed = shape[4] if shape is not None and file == "<test program>" else current
         message = str_(error)
-        feedback = "Test failed: " + (current or "") + actual_value(shape, namespace) + ("\n" + message if message else "")
-        return report("failed", feedback, failed_test=current, exception="AssertionError")
+        feedback = "Test failed: " + (failed or "") + actual_value(shape, namespace) + ("\n" + message if message else "")
+        return report("failed", feedback, failed_test=failed, exception="AssertionError")
     except MemoryErr:
         return report("memory", "MemoryError: the program ran out of memory", failed_test=current, exception="MemoryError")
     except BaseExc as error:
