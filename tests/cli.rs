@@ -193,7 +193,7 @@ fn resume_refuses_another_workflow_s_run_and_a_file() {
     let out = seedflow(&["run", "other.kdl", "--run-dir", "out", "--resume"], dir.path());
     assert_eq!(out.status.code(), Some(2));
     assert!(
-        text(&out.stderr).contains("`out` holds a run of workflow `tasks-only`, not `other`"),
+        text(&out.stderr).contains("`out` holds a run of workflow `tasks-only` from `flow.kdl`, not of `other.kdl`"),
         "{}",
         text(&out.stderr)
     );
@@ -244,6 +244,56 @@ fn a_run_keeps_out_of_folders_that_are_not_runs() {
     std::fs::write(dir.path().join("bare.kdl"), "dataset \"tasks\" format=\"jsonl\" path=\"tasks.jsonl\"\n").unwrap();
     let out = seedflow(&["check", "bare.kdl", "--set", "workflow.seed=1"], dir.path());
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+}
+
+/// Two copies of a workflow share its name: `--resume` takes only the runs of its own file.
+#[test]
+fn resume_takes_only_runs_of_the_same_workflow_file() {
+    let dir = project(TASKS);
+    std::fs::create_dir(dir.path().join("copy")).unwrap();
+    std::fs::copy(dir.path().join("tasks.jsonl"), dir.path().join("copy/tasks.jsonl")).unwrap();
+    std::fs::copy(dir.path().join("flow.kdl"), dir.path().join("copy/flow.kdl")).unwrap();
+    assert_eq!(seedflow(&["run", "flow.kdl", "--run-dir", "runs/tasks-only/mine"], dir.path()).status.code(), Some(0));
+    let other = seedflow(&["run", "copy/flow.kdl", "--resume"], dir.path());
+    assert_eq!(other.status.code(), Some(2), "{}", text(&other.stderr));
+    assert!(text(&other.stderr).contains("no earlier run of `tasks-only`"), "{}", text(&other.stderr));
+    let named = seedflow(&["run", "copy/flow.kdl", "--resume", "--run-dir", "runs/tasks-only/mine"], dir.path());
+    assert_eq!(named.status.code(), Some(2));
+    assert!(text(&named.stderr).contains("holds a run of workflow `tasks-only` from"), "{}", text(&named.stderr));
+    // The run is found again after the project moves as a whole.
+    let moved = dir.path().join("moved");
+    std::fs::create_dir(&moved).unwrap();
+    for name in ["flow.kdl", "tasks.jsonl", "runs"] {
+        std::fs::rename(dir.path().join(name), moved.join(name)).unwrap();
+    }
+    let resumed = seedflow(&["run", "flow.kdl", "--resume"], &moved);
+    assert_eq!(resumed.status.code(), Some(0), "{}", text(&resumed.stderr));
+    assert!(text(&resumed.stderr).contains("cached  tasks"), "{}", text(&resumed.stderr));
+}
+
+/// A workflow in a folder named `std` reads its own files, not the stdlib's of the same name.
+#[test]
+fn a_local_std_folder_is_not_the_stdlib() {
+    let dir = project("");
+    std::fs::create_dir_all(dir.path().join("std/prompts")).unwrap();
+    std::fs::copy(dir.path().join("tasks.jsonl"), dir.path().join("std/prompts/revise-examples.jsonl")).unwrap();
+    let flow = "dataset \"tasks\" format=\"jsonl\" path=\"prompts/revise-examples.jsonl\"\n";
+    std::fs::write(dir.path().join("std/flow.kdl"), flow).unwrap();
+    let out = seedflow(&["run", "std/flow.kdl", "--run-dir", "out"], dir.path());
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("count=3"), "{}", text(&out.stderr));
+}
+
+/// Past 50 problems a file is not a workflow with mistakes: the first 50 are shown.
+#[test]
+fn many_problems_are_cut_short() {
+    let properties: String = (0..60).map(|i| format!(" unknown-{i}=1")).collect();
+    let dir = project(&format!("dataset \"tasks\" format=\"jsonl\" path=\"tasks.jsonl\"{properties}\n"));
+    let out = seedflow(&["check", "flow.kdl"], dir.path());
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("60 problems found; the first 50 are shown"), "{stderr}");
+    assert_eq!(stderr.matches("has no property").count(), 50, "{stderr}");
 }
 
 /// A partial record file is trusted only as far as its records are, in order, the step's own:

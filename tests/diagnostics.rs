@@ -68,10 +68,32 @@ fn nesting_too_deep_for_the_parser_and_text_that_is_not_utf8_are_diagnostics() {
     std::fs::write(&quoted, text).unwrap();
     let problems = seedflow::load_plan(&quoted, &[]).unwrap_err();
     assert!(problems.iter().all(|p| p.code != Code::Syntax), "{problems:?}");
+    // Block comments nest, and the parser recurses into them too.
+    let comments = dir.path().join("comments.kdl");
+    std::fs::write(&comments, format!("{}{}", "/*".repeat(5_000), "*/".repeat(5_000))).unwrap();
+    let problems = seedflow::load_plan(&comments, &[]).unwrap_err();
+    assert!(problems[0].message.contains("more than 64 levels deep"), "{}", problems[0].message);
 
     let latin1 = dir.path().join("latin1.kdl");
     std::fs::write(&latin1, b"workflow \"caf\xe9\"\n").unwrap();
     let problems = seedflow::load_plan(&latin1, &[]).unwrap_err();
     assert_eq!(problems[0].code, Code::Syntax);
     assert!(problems[0].message.contains("not UTF-8 text (byte 13"), "{}", problems[0].message);
+}
+
+/// A device or a FIFO would be read forever, or block; a path that comes back to a file already
+/// being imported is a cycle however it is spelt.
+#[test]
+#[cfg(unix)]
+fn devices_and_cycles_by_another_path_are_diagnostics() {
+    let problems = seedflow::load_plan(Path::new("/dev/zero"), &[]).unwrap_err();
+    assert!(problems[0].message.contains("is not a regular file"), "{}", problems[0].message);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("sub")).unwrap();
+    let flow = dir.path().join("flow.kdl");
+    std::fs::write(&flow, "import \"/dev/zero\"\nimport \"sub/../flow.kdl\"\n").unwrap();
+    let problems = seedflow::load_plan(&flow, &[]).unwrap_err();
+    let codes: Vec<Code> = problems.iter().map(|p| p.code).collect();
+    assert_eq!(codes, [Code::MissingFile, Code::ImportCycle], "{problems:?}");
+    assert!(problems[0].message.contains("is not a regular file"), "{}", problems[0].message);
 }

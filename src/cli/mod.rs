@@ -142,11 +142,17 @@ pub fn main() -> i32 {
 }
 
 /// Prints problems to stderr, coloured on a terminal unless `NO_COLOR` is set.
+/// The most problems shown: past them a file is not a workflow with mistakes, and each one shown
+/// costs a pass over its line.
+const MOST_PROBLEMS_SHOWN: usize = 50;
+
 fn report(problems: &[Problem]) {
-    for problem in problems {
+    for problem in problems.iter().take(MOST_PROBLEMS_SHOWN) {
         print_diagnostic(problem);
     }
-    if problems.len() > 1 {
+    if problems.len() > MOST_PROBLEMS_SHOWN {
+        eprintln!("{} problems found; the first {MOST_PROBLEMS_SHOWN} are shown", problems.len());
+    } else if problems.len() > 1 {
         eprintln!("{} problems found", problems.len());
     }
 }
@@ -290,9 +296,8 @@ fn run_directory(args: &RunArgs, workflow: &str) -> Result<PathBuf, Problem> {
                 entries
                     .filter_map(|e| e.ok())
                     .filter_map(|e| {
-                        let summary = e.path().join("summary.json");
-                        let written = summary.metadata().and_then(|m| m.modified()).ok()?;
-                        (summary_workflow(&summary).as_deref() == Some(workflow)).then(|| (written, e.path()))
+                        let written = e.path().join("summary.json").metadata().and_then(|m| m.modified()).ok()?;
+                        run_of(&e.path(), workflow, &args.file).then(|| (written, e.path()))
                     })
                     .max()
                     .map(|(_, dir)| dir)
@@ -306,24 +311,56 @@ fn run_directory(args: &RunArgs, workflow: &str) -> Result<PathBuf, Problem> {
             })?
         }
     };
-    // Resuming another workflow's run would mix its steps with this one's.
+    // Resuming another workflow's run would mix its steps with this one's (and replace them).
     if args.resume
-        && let Some(other) = summary_workflow(&dir.join("summary.json"))
-        && other != workflow
+        && let Some((other, other_file)) = run_in(&dir)
+        && !run_of(&dir, workflow, &args.file)
     {
+        let from = other_file.map(|f| format!(" from `{}`", tidy(&dir.join(f)).display())).unwrap_or_default();
         return Err(Problem::new(
             Code::RunDirectory,
-            format!("run directory `{}` holds a run of workflow `{other}`, not `{workflow}`", dir.display()),
+            format!(
+                "run directory `{}` holds a run of workflow `{other}`{from}, not of `{}`",
+                dir.display(),
+                args.file.display()
+            ),
         )
-        .with_help("resume it with the workflow that made it, or choose another `--run-dir`"));
+        .with_help("resume it with the workflow file that made it, or choose another `--run-dir`"));
     }
     Ok(dir)
 }
 
-/// The workflow whose run wrote the summary at `path`, if it is one.
-fn summary_workflow(path: &Path) -> Option<String> {
-    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()?;
-    Some(summary.get("workflow")?.as_str()?.to_string())
+/// `path` with `folder/..` taken out, to show (`out/../flow.kdl` is `flow.kdl`).
+fn tidy(path: &Path) -> PathBuf {
+    let mut tidy = PathBuf::new();
+    for component in path.components() {
+        match component {
+            std::path::Component::ParentDir
+                if matches!(tidy.components().next_back(), Some(std::path::Component::Normal(_))) =>
+            {
+                tidy.pop();
+            }
+            other => tidy.push(other),
+        }
+    }
+    tidy
+}
+
+/// Whose run the folder `dir` holds, if it holds one: the workflow's name and its file as a path
+/// from `dir` (absent from runs made before it was recorded).
+fn run_in(dir: &Path) -> Option<(String, Option<PathBuf>)> {
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json")).ok()?).ok()?;
+    let file = summary.get("file").and_then(|f| f.as_str()).map(PathBuf::from);
+    Some((summary.get("workflow")?.as_str()?.to_string(), file))
+}
+
+/// Whether `dir` holds a run of the workflow named `workflow` in `file` (another copy of the
+/// workflow has the same name).
+fn run_of(dir: &Path, workflow: &str, file: &Path) -> bool {
+    run_in(dir).is_some_and(|(name, recorded)| {
+        name == workflow && recorded.is_none_or(|recorded| Some(recorded) == crate::engine::path_from(dir, file))
+    })
 }
 
 /// Creates the run directory if need be and locks it for this process (released when the

@@ -5,6 +5,9 @@ use std::collections::BTreeMap;
 
 use super::{Status, Verdict};
 
+/// The k an `execute` step reports pass@k for (those its samples per task reach).
+pub const EXECUTE_KS: [usize; 4] = [1, 5, 10, 100];
+
 /// pass@k for one task; `None` when fewer than k samples were drawn.
 pub fn estimate(n: usize, c: usize, k: usize) -> Option<f64> {
     if k == 0 || n < k || c > n {

@@ -148,6 +148,10 @@ fn check_node(
                 problems.at(sources, Code::BadValue, *span, "`prev` is reserved", "reserved name").help(
                     "`prev.<step>` reads a step's output from the loop's previous iteration; choose another name",
                 );
+            } else if name == "workflow" && spec.role != Role::Workflow {
+                problems
+                    .at(sources, Code::BadValue, *span, "`workflow` is reserved", "reserved name")
+                    .help("`--set workflow.<property>` sets the `workflow` node's properties; choose another name");
             }
             Spanned::new(name.clone(), *span)
         }
@@ -453,7 +457,12 @@ fn convert(ty: ValueType, literal: &Literal, at: Option<(&Sources, Span)>) -> Re
                 ..wrong_type(literal)
             })?;
             let duration = humantime::parse_duration(s).map_err(|e| {
-                bad_value(format!("not a duration: {e}"), "write a number with a unit: \"5s\", \"500ms\", \"2m\"")
+                let problem = if s.trim_start().starts_with('-') {
+                    "a negative duration".into()
+                } else {
+                    format!("not a duration: {e}")
+                };
+                bad_value(problem, "write a number with a unit: \"5s\", \"500ms\", \"2m\"")
             })?;
             if (min..=max).contains(&duration) { Ok(Value::Duration(duration)) } else { Err(out_of_range()) }
         }

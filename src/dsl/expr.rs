@@ -136,8 +136,9 @@ fn tokenize(text: &str) -> Result<Vec<(Token, usize, usize)>, ExprError> {
     Ok(tokens)
 }
 
-/// How deep `!` and parentheses may nest: far beyond any real condition, and well within the
-/// stack the recursive parser and evaluator need.
+/// How deep `!` and parentheses may nest, and how many `&&` and `||` may join conditions: far
+/// beyond any real condition, and well within the stack the recursive parser and evaluator need
+/// (a chain of `&&` is a tree as deep as it is long).
 const MAX_DEPTH: usize = 64;
 
 struct Parser {
@@ -145,6 +146,7 @@ struct Parser {
     position: usize,
     end: usize,
     depth: usize,
+    joins: usize,
 }
 
 impl Parser {
@@ -164,7 +166,7 @@ impl Parser {
     fn or(&mut self) -> Result<Expr, ExprError> {
         let mut left = self.and()?;
         while self.peek() == Some(&Token::Op("||")) {
-            self.position += 1;
+            self.join()?;
             left = Expr::Or(Box::new(left), Box::new(self.and()?));
         }
         Ok(left)
@@ -173,10 +175,20 @@ impl Parser {
     fn and(&mut self) -> Result<Expr, ExprError> {
         let mut left = self.unary()?;
         while self.peek() == Some(&Token::Op("&&")) {
-            self.position += 1;
+            self.join()?;
             left = Expr::And(Box::new(left), Box::new(self.unary()?));
         }
         Ok(left)
+    }
+
+    /// Steps over an `&&` or `||`, counting it.
+    fn join(&mut self) -> Result<(), ExprError> {
+        if self.joins == MAX_DEPTH {
+            return self.error(format!("more than {MAX_DEPTH} `&&` and `||` join conditions here"));
+        }
+        self.joins += 1;
+        self.position += 1;
+        Ok(())
     }
 
     fn unary(&mut self) -> Result<Expr, ExprError> {
@@ -266,7 +278,7 @@ impl Expr {
                 help: None,
             });
         }
-        let mut parser = Parser { tokens, position: 0, end: text.len(), depth: 0 };
+        let mut parser = Parser { tokens, position: 0, end: text.len(), depth: 0, joins: 0 };
         let expr = parser.or()?;
         if parser.position < parser.tokens.len() {
             return parser.error("unexpected text after the expression");
@@ -362,6 +374,7 @@ mod tests {
     #[test]
     fn errors_point_at_the_problem() {
         let (deep, negations) = (format!("{}a.x > 1{}", "(".repeat(65), ")".repeat(65)), "!".repeat(20_000));
+        let chain = vec!["a.x > 1"; 50_000].join(" && ");
         let cases = [
             ("", 0, "the expression is empty"),
             ("a.count", 7, "expected a comparison"),
@@ -372,6 +385,8 @@ mod tests {
             // Nesting beyond the limit, which would otherwise overflow the stack.
             (deep.as_str(), 64, "`!` and parentheses nest more than 64"),
             (negations.as_str(), 64, "`!` and parentheses nest more than 64"),
+            // A chain would be a tree as deep as it is long.
+            (chain.as_str(), 64 * 11 + 8, "more than 64 `&&` and `||`"),
         ];
         for (text, offset, message) in cases {
             let err = Expr::parse(text).unwrap_err();

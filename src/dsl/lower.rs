@@ -24,6 +24,8 @@ pub fn resolve(sources: &Sources, from: FileId, reference: &str) -> Option<Locat
     }
     let base = sources.get(from).path.as_deref().and_then(Path::parent).unwrap_or(Path::new("."));
     let path = base.join(reference);
+    // A relative path that starts with a folder `std` would read as a stdlib file's name.
+    let path = if path.is_relative() && path.starts_with("std") { Path::new(".").join(path) } else { path };
     path.exists().then_some(Location::File(path))
 }
 
@@ -50,6 +52,11 @@ pub fn load_file(path: &Path, sources: &mut Sources, problems: &mut Problems) ->
 /// A workflow file's text; a file that cannot be read is a missing file, one that is not UTF-8
 /// a syntax error.
 fn read_text(path: &Path) -> Result<String, (Code, String)> {
+    // A directory is an error to read; a device or a FIFO could be read forever, or block.
+    let metadata = std::fs::metadata(path).map_err(|err| (Code::MissingFile, err.to_string()))?;
+    if !metadata.is_file() {
+        return Err((Code::MissingFile, "it is not a regular file".into()));
+    }
     let bytes = std::fs::read(path).map_err(|err| (Code::MissingFile, err.to_string()))?;
     String::from_utf8(bytes).map_err(|err| {
         let at = err.utf8_error().valid_up_to();
@@ -62,8 +69,14 @@ fn load_text(file: FileId, sources: &mut Sources, problems: &mut Problems, stack
     if let Some(offset) = too_deep(&text) {
         let span = Span { file, range: SourceSpan::new(offset.into(), 1) };
         problems
-            .at(sources, Code::Syntax, span, format!("children nest more than {MAX_NESTING} levels deep"), "too deep")
-            .help("a workflow nests a few levels: steps in a loop in the workflow");
+            .at(
+                sources,
+                Code::Syntax,
+                span,
+                format!("blocks or comments nest more than {MAX_NESTING} levels deep"),
+                "too deep",
+            )
+            .help("a workflow nests a few levels: steps in a loop in the workflow, a comment in a comment");
         return vec![];
     }
     let document = match KdlDocument::parse(&text) {
@@ -106,6 +119,11 @@ fn load_import(node: &Node, sources: &mut Sources, problems: &mut Problems, stac
             )
             .help("`import` takes the file alone");
     }
+    if let Some(child) = node.children.first() {
+        problems
+            .at(sources, Code::MisplacedNode, child.kind.span, "`import` cannot hold other nodes", "unexpected child")
+            .help("the imported file's nodes join this file's; write other nodes at the top level");
+    }
     let (target, span) = match node.name.clone() {
         Some(Spanned { value: Literal::String(target), span }) => (target, span),
         Some(other) => {
@@ -132,7 +150,12 @@ fn load_import(node: &Node, sources: &mut Sources, problems: &mut Problems, stac
         drop(builder);
         return vec![];
     };
-    if stack.contains(&location) {
+    // `sub/../flow.kdl` or a linked folder is the same file by another path.
+    let same_file = |location: &Location| match location {
+        Location::File(path) => Location::File(path.canonicalize().unwrap_or_else(|_| path.clone())),
+        stdlib => stdlib.clone(),
+    };
+    if stack.iter().any(|on_stack| same_file(on_stack) == same_file(&location)) {
         problems
             .at(sources, Code::ImportCycle, span, format!("`{target}` imports itself"), "imported again here")
             .help("remove one of the imports");
@@ -171,7 +194,9 @@ fn lower_node(file: FileId, node: &KdlNode, sources: &Sources, problems: &mut Pr
     let at = |range: SourceSpan| Span { file, range };
     let text = &sources.get(file).text;
     let mut name = None;
-    let mut properties = vec![];
+    let mut properties: Vec<Property> = vec![];
+    // Each key's first property, by index (a search per key would make a long line quadratic).
+    let mut first_of: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
     for entry in node.entries() {
         match entry.name() {
             None if name.is_none() => name = Some(Spanned::new(literal(entry.value()), at(entry.span()))),
@@ -188,7 +213,7 @@ fn lower_node(file: FileId, node: &KdlNode, sources: &Sources, problems: &mut Pr
             }
             Some(key) => {
                 // KDL lets the last of two equal keys win; in a workflow that hides a mistake.
-                if let Some(first) = properties.iter().find(|p: &&Property| p.key.value == key.value()) {
+                if let Some(first) = first_of.get(key.value()).map(|&index| &properties[index]) {
                     problems
                         .at(
                             sources,
@@ -202,6 +227,7 @@ fn lower_node(file: FileId, node: &KdlNode, sources: &Sources, problems: &mut Pr
                     continue;
                 }
                 let value_span = value_span(text, key.span(), entry.span());
+                first_of.insert(key.value().to_string(), properties.len());
                 properties.push(Property {
                     key: Spanned::new(key.value().to_string(), at(key.span())),
                     value: Spanned::new(literal(entry.value()), at(value_span)),
@@ -226,8 +252,8 @@ fn lower_node(file: FileId, node: &KdlNode, sources: &Sources, problems: &mut Pr
 /// parser needs, which recurses once per level (1,500 levels overflow it).
 const MAX_NESTING: usize = 64;
 
-/// Where a `{` opens a block deeper than [`MAX_NESTING`], if one does. Braces in strings and
-/// comments do not count.
+/// Where a `{` opens a block, or a `/*` a comment, deeper than [`MAX_NESTING`], if one does.
+/// Braces in strings and comments do not count.
 fn too_deep(text: &str) -> Option<usize> {
     let bytes = text.as_bytes();
     let (mut depth, mut i) = (0usize, 0);
@@ -263,10 +289,13 @@ fn too_deep(text: &str) -> Option<usize> {
                 i = text[i..].find('\n').map_or(bytes.len(), |at| i + at);
             }
             b'/' if bytes.get(i + 1) == Some(&b'*') => {
-                // Block comments nest in KDL.
+                // Block comments nest in KDL, and its parser recurses into them as into blocks.
                 let mut open = 0usize;
                 while i < bytes.len() {
                     if bytes[i..].starts_with(b"/*") {
+                        if open == MAX_NESTING {
+                            return Some(i);
+                        }
                         (open, i) = (open + 1, i + 2);
                     } else if bytes[i..].starts_with(b"*/") {
                         (open, i) = (open - 1, i + 2);

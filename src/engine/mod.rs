@@ -6,6 +6,7 @@
 pub mod cache;
 pub mod events;
 mod summary;
+pub use summary::path_from;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -161,7 +162,7 @@ impl Engine {
         dry: Option<Mutex<Vec<DryRunLine>>>,
     ) -> Arc<Engine> {
         Arc::new(Engine {
-            summary: Mutex::new(Summary::new(&plan.name)),
+            summary: Mutex::new(Summary::new(&plan.name, &plan.file, &options.run_dir)),
             sandbox: Arc::new(Semaphore::new(options.workers.max(1))),
             training: Arc::new(Semaphore::new(1)),
             models: Mutex::new(BTreeMap::new()),
@@ -378,7 +379,18 @@ impl Engine {
                 outer: scope.outer.clone(),
                 dir: scope.dir.join(&name).join(format!("iteration-{iteration}")),
             };
-            let outputs = self.clone().run_graph(body_scope).await?;
+            let outputs = match self.clone().run_graph(body_scope).await {
+                Ok(outputs) => outputs,
+                // The loop ends with its iteration, and says so (its summary said `running`).
+                Err(stop) => {
+                    let entry = match &stop {
+                        Stop::Interrupted => StepSummary::interrupted(),
+                        Stop::Failed(error) => StepSummary::failed(format!("iteration {iteration}: {error}")),
+                    };
+                    self.record(scope, &name, entry);
+                    return Err(stop);
+                }
+            };
             let pending = outputs.values().any(|v| matches!(v, Produced::Pending));
             previous = outputs
                 .into_iter()

@@ -1,6 +1,7 @@
 //! `summary.json`: every step's status and metrics; for loops, per iteration plus the last.
 
 use std::collections::BTreeMap;
+use std::path::{Component, Path, PathBuf};
 
 use serde::Serialize;
 
@@ -45,13 +46,22 @@ impl StepSummary {
 #[derive(Debug, Serialize)]
 pub struct Summary {
     pub workflow: String,
+    /// The workflow file, as a path from the run directory: two copies of a workflow share its
+    /// name, and `--resume` must not take one's run for the other's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub file: Option<PathBuf>,
     pub status: String,
     pub steps: BTreeMap<String, StepSummary>,
 }
 
 impl Summary {
-    pub fn new(workflow: &str) -> Self {
-        Summary { workflow: workflow.to_string(), status: "running".into(), steps: BTreeMap::new() }
+    pub fn new(workflow: &str, file: &Path, run_dir: &Path) -> Self {
+        Summary {
+            workflow: workflow.to_string(),
+            file: path_from(run_dir, file),
+            status: "running".into(),
+            steps: BTreeMap::new(),
+        }
     }
 
     /// Records a step's state; `within` is the loop and iteration it ran in.
@@ -78,4 +88,14 @@ impl Summary {
             }
         }
     }
+}
+
+/// `file` as a path from the folder `dir` (`../../flows/seed.kdl`), both resolved first: it stays
+/// the same when a checkout moves together with its runs.
+pub fn path_from(dir: &Path, file: &Path) -> Option<PathBuf> {
+    let (dir, file) = (dir.canonicalize().ok()?, file.canonicalize().ok()?);
+    let common = dir.components().zip(file.components()).take_while(|(a, b)| a == b).count();
+    let mut path: PathBuf = dir.components().skip(common).map(|_| Component::ParentDir).collect();
+    path.extend(file.components().skip(common));
+    Some(path)
 }

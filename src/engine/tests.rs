@@ -258,4 +258,18 @@ test-batches "after" from="tasks"
     assert!(!run_dir.join("after").exists());
     let meta = crate::store::meta::Meta::read(&run_dir.join("tasks")).unwrap();
     assert_eq!(meta.status, crate::store::meta::StepStatus::Failed);
+
+    // A loop whose iteration failed says so too (its summary said `running`).
+    let in_loop =
+        "loop-until \"again\" max-iterations=2 {\n    dataset \"tasks\" format=\"jsonl\" path=\"bad.jsonl\"\n}\n";
+    let run_dir = dir.path().join("loop-run");
+    let (outcome, _) = run_to_end(plan(dir.path(), in_loop, &[]), &run_dir, false).await;
+    assert!(matches!(outcome, RunOutcome::Failed(_)), "{outcome:?}");
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run_dir.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["steps"]["again"]["status"], "failed", "{summary}");
+    assert!(
+        summary["steps"]["again"]["error"].as_str().unwrap().starts_with("iteration 1: step `tasks` failed"),
+        "{summary}"
+    );
 }

@@ -14,13 +14,14 @@ pub static SPEC: KindSpec = KindSpec {
           wall-clock deadline, a memory cap and capped output. Given tasks instead of \
           samples, it runs the dataset's reference solutions (a way to validate a dataset). Each \
           verdict has a status (`passed`, `failed`, `error`, `syntax`, `timeout`, `memory`) and \
-          feedback for Self-Revise: the failing test, what it returned against what the test \
-          expects (and, when the value is right but the test expects it passed to a name such as \
+          feedback for Self-Revise: the failing test (the assert inside a HumanEval `check`), \
+          what it returned against what the test expects (and, when the value is right but the test expects it passed to a name such as \
           a house envelope `ok(…)`, that), or the exception with a short traceback. Programs run \
           in parallel in worker processes, as many as `--workers` (the cores, by default); one \
           past its `timeout` is killed with its worker. CPython is a pre-initialised \
           component built on first use (`seedflow fetch python`), or the python.wasm that \
-          `SEEDFLOW_PYTHON_WASM` names.",
+          `SEEDFLOW_PYTHON_WASM` names. pass@k is published for k = 1, 5, 10 and 100, those \
+          that every task's number of programs reaches.",
     properties: &[CODE.spec, TIMEOUT.spec, MEMORY.spec, OUTPUT.spec, FEEDBACK_CHARS.spec],
     metrics: &["count", "passed", "pass-rate", "pass@k"],
     at_least_one: &[],
@@ -172,7 +173,7 @@ pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
     Ok(Outcome { metrics: metrics(&verdicts), gate_failure: None })
 }
 
-/// count, passed, pass-rate, and pass@k for k = 1 and every power of ten up to the samples per
+/// count, passed, pass-rate, and pass@k for k = 1, 5, 10 and 100, those up to the samples per
 /// task.
 pub fn metrics(verdicts: &[Verdict]) -> BTreeMap<String, f64> {
     let passed = verdicts.iter().filter(|v| v.status == Status::Passed).count();
@@ -186,7 +187,7 @@ pub fn metrics(verdicts: &[Verdict]) -> BTreeMap<String, f64> {
         *per_task.entry(&v.sample.task_id).or_default() += 1;
     }
     let fewest = per_task.values().copied().min().unwrap_or(0);
-    let ks: Vec<usize> = [1, 5, 10, 100].into_iter().filter(|k| *k <= fewest).collect();
+    let ks: Vec<usize> = pass_at_k::EXECUTE_KS.into_iter().filter(|k| *k <= fewest).collect();
     for (k, value) in pass_at_k::over_tasks(verdicts, &ks) {
         metrics.insert(format!("pass@{k}"), value);
     }

@@ -73,7 +73,7 @@ pub static SPEC: KindSpec = KindSpec {
     ],
     metrics: &["count", "tokens", "prompt-tokens", "tokens-per-second", "decode-share"],
     at_least_one: &[],
-    requires: &[],
+    requires: &[("adapter-scale", "adapter")],
     ordered: &[],
     example: r#"model "coder" path="default"
 dataset "test" format="mbpp" path="examples/data/mbpp/test.jsonl" limit=10

@@ -69,7 +69,7 @@ pub static SPEC: KindSpec = KindSpec {
     ],
     metrics: &[],
     at_least_one: &[],
-    requires: &[],
+    requires: &[("server-model", "server"), ("api-key-env", "server")],
     ordered: &[],
     example: r#"model "coder" path="default" context=8192 gpu-layers=0
 

@@ -50,7 +50,7 @@ pub static SPEC: KindSpec = KindSpec {
     ],
     metrics: &["count", "tokens", "prompt-tokens", "tokens-per-second", "decode-share", "unchanged"],
     at_least_one: &[],
-    requires: &[],
+    requires: &[("adapter-scale", "adapter")],
     ordered: &[],
     example: r#"model "coder" path="default"
 dataset "train" format="mbpp" path="examples/data/mbpp/train.jsonl" limit=10

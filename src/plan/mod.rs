@@ -12,6 +12,7 @@ use petgraph::graph::{DiGraph, NodeIndex};
 
 pub use render::{to_dot, to_mermaid};
 
+use crate::data::pass_at_k;
 use crate::dsl::schema::{Artifact, Role, Value, ValueType, Vocabulary};
 use crate::dsl::{Checked, Code, Declaration, Problems, Sources, Span};
 
@@ -425,6 +426,22 @@ impl<'a> Scope<'a> {
                     let Some(found) = self.find(step, span, within, problems) else {
                         continue;
                     };
+                    // A gate runs every iteration, the first included, which has no previous one.
+                    if let Source::Prev(previous) = &found.source {
+                        problems
+                            .at(
+                                sources,
+                                Code::WrongInput,
+                                span,
+                                format!(
+                                    "`{}` reads `{step}`, which is nothing in the loop's first iteration",
+                                    property.name
+                                ),
+                                "empty in iteration 1",
+                            )
+                            .help(format!("check this iteration's metric: `{previous}.{metric}`"));
+                        continue;
+                    }
                     let Role::Step(artifact) = found.declaration.spec.role else {
                         continue;
                     };
@@ -473,6 +490,18 @@ impl<'a> Scope<'a> {
         }
     }
 
+    /// How many programs per task an `execute` runs, where its `code` says: one for a dataset's
+    /// references, a `generate`'s `samples`.
+    fn samples_per_task(&self, execute: &Declaration) -> Option<i64> {
+        let Some(Value::Reference(code)) = execute.props.get("code") else { return None };
+        let source = self.top_step(code).or_else(|| self.loop_holding(code).map(|(_, step)| step))?;
+        match source.spec.name {
+            "dataset" => Some(1),
+            "generate" => source.props.integer("samples"),
+            _ => None,
+        }
+    }
+
     /// Whether the step `declaration` publishes `metric`; says why not when it does not. A step
     /// with a `k` list (a `report`) publishes the pass@k of that list only.
     fn check_metric(&self, declaration: &Declaration, metric: &str, span: Span, problems: &mut Problems) -> bool {
@@ -484,14 +513,21 @@ impl<'a> Scope<'a> {
         let Some(k) = metric.strip_prefix("pass@").and_then(|k| k.parse::<i64>().ok()) else { return true };
         let step = &declaration.name.value;
         if declaration.spec.property("k").is_none_or(|p| p.ty != ValueType::Integers) {
-            // Without a `k` list (`execute`): pass@1 and the powers of ten up to its samples per task.
-            if (0..19).any(|e| 10i64.pow(e) == k) {
+            // Without a `k` list (`execute`): pass@1, 5, 10 and 100, those up to its samples per task.
+            let samples = self.samples_per_task(declaration);
+            if pass_at_k::EXECUTE_KS.iter().any(|&n| n as i64 == k) && samples.is_none_or(|samples| k <= samples) {
                 return true;
             }
+            let reach = match samples {
+                Some(samples) => {
+                    format!(" (it runs {samples} program{} per task)", if samples == 1 { "" } else { "s" })
+                }
+                None => String::new(),
+            };
             problems
                 .at(self.sources, Code::UnknownMetric, span, format!("`{step}` reports no `{metric}`"), "not reported")
                 .help(format!(
-                    "`{step}` reports pass@1, pass@10, pass@100, … up to its samples per task; a `report` step with k=\"{k}\" reports `pass@{k}`"
+                    "`{step}` reports pass@1, pass@5, pass@10 and pass@100, those up to its samples per task{reach}; a `report` step with k=\"{k}\" reports `pass@{k}`"
                 ));
             return false;
         }

@@ -14,7 +14,12 @@ use sha2::{Digest, Sha256};
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     fs::create_dir_all(dir)?;
-    let mut file = tempfile::NamedTempFile::new_in(dir)?;
+    // Made as `File::create` makes a file (0o666 less the umask), not owner-only as temporary
+    // files are: a run's files are read by other users (a CI uploader) as its records are.
+    let mut builder = tempfile::Builder::new();
+    #[cfg(unix)]
+    builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666));
+    let mut file = builder.tempfile_in(dir)?;
     file.write_all(bytes)?;
     file.as_file().sync_all()?;
     file.persist(path).map_err(|e| e.error)?;
@@ -173,6 +178,17 @@ pub fn read_records<T: serde::de::DeserializeOwned>(path: &Path) -> io::Result<V
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    #[cfg(unix)]
+    fn an_atomic_write_makes_a_file_as_create_does() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        write_atomic(&dir.path().join("summary.json"), b"{}").unwrap();
+        File::create(dir.path().join("output.jsonl")).unwrap();
+        let mode = |name: &str| fs::metadata(dir.path().join(name)).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode("summary.json"), mode("output.jsonl"));
+    }
 
     #[test]
     fn partial_records_survive_and_torn_lines_are_dropped() {
