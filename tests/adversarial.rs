@@ -70,6 +70,15 @@ fn adversarial_programs_end_with_the_right_status_and_leave_the_host_alone() {
         (format!("{WRONG}import sys\nsys.exit(0)\n"), Status::Error),
         (format!("{WRONG}raise SystemExit(0)\n"), Status::Error),
         (format!("{WRONG}import os\nos._exit(0)\n"), Status::Error),
+        // In the component a verdict counts only if the harness's `run` returns: a program that
+        // ends the interpreter after the line gets `error`, as a program that read the nonce out
+        // of memory and wrote the line itself does (found with a use-after-free of CPython
+        // 3.14.0; README, "The sandbox"). Here the value the last test recorded ends it when the
+        // harness lets it go, after its `passed` line.
+        (
+            "import os\nclass I(int):\n    def __del__(self):\n        if self == 2:\n            os._exit(0)\ndef f(x):\n    return I(x)\n".into(),
+            Status::Error,
+        ),
         ("def f(x):\n    import os\n    os._exit(0)\n".into(), Status::Error),
         ("def f(x):\n    raise KeyboardInterrupt\n".into(), Status::Error),
         // Faking the verdict or tampering with the harness.

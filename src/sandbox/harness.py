@@ -3,7 +3,8 @@
 # (component.py); a plain python.wasm runs `python -I -S -B -c <this + _harness(stdin)>`.
 #
 # The verdict is a line of stderr tagged with the job's nonce (the last such line), and counts
-# only if the interpreter then returns or exits normally. A plain interpreter starts for every
+# only if `run` then returns (in the component; a plain interpreter must exit with 0). A plain
+# interpreter starts for every
 # verdict, so the harness imports only `types` and the built-in `gc` and `_ast` at start: the job
 # is JSON read as a Python literal, text goes back hex-encoded, and `traceback` loads only to
 # explain a failure.

@@ -296,7 +296,11 @@ impl Interpreter {
         };
         let duration = started.elapsed();
         let stdout_full = stdout.contents().len() >= limits.output;
-        classify(outcome, nonce, &stderr.contents(), memory_denied, stdout_full, limits, duration)
+        // The component's harness returns from `run`: an exit there is the program's own
+        // (`os._exit(0)`), whatever line it left. A plain python.wasm ends every run with one.
+        let exit_ends_the_harness = matches!(self.kind, Kind::Command(_));
+        let run = Run { nonce, stderr: &stderr.contents(), memory_denied, stdout_full, exit_ends_the_harness };
+        classify(outcome, &run, limits, duration)
     }
 
     fn store<W: Send>(&self, wasi: W, limits: &Limits) -> Store<State<W>> {
@@ -360,15 +364,19 @@ fn timed_out(limits: &Limits, duration: Duration) -> RunResult {
     }
 }
 
-fn classify(
-    outcome: wasmtime::Result<()>,
-    nonce: &str,
-    stderr: &[u8],
+/// How an instance ended, besides its outcome.
+struct Run<'a> {
+    nonce: &'a str,
+    stderr: &'a [u8],
     memory_denied: bool,
     stdout_full: bool,
-    limits: &Limits,
-    duration: Duration,
-) -> RunResult {
+    /// Whether exiting with 0 is how the harness ends (a plain python.wasm), or the program's
+    /// doing (the component, whose `run` returns).
+    exit_ends_the_harness: bool,
+}
+
+fn classify(outcome: wasmtime::Result<()>, run: &Run, limits: &Limits, duration: Duration) -> RunResult {
+    let Run { nonce, stderr, memory_denied, stdout_full, exit_ends_the_harness } = *run;
     // The harness's line, wherever the program's output left it: after a line the program did
     // not end, or before what a finaliser wrote once the harness had returned.
     let tag = format!("\x1eseedflow-verdict {nonce} ");
@@ -399,7 +407,7 @@ fn classify(
         Ok(()) => true,
         Err(error) => {
             if let Some(exit) = error.downcast_ref::<wasmtime_wasi::I32Exit>() {
-                exit.0 == 0
+                exit.0 == 0 && exit_ends_the_harness
             } else {
                 return match error.downcast_ref::<Trap>() {
                     _ if memory_denied => memory(),
