@@ -122,8 +122,21 @@ pub struct Training {
 pub struct Gate {
     pub step: String,
     pub passed: bool,
+    /// Whether the check was made: not when the gate's step failed or the run stopped first.
+    pub checked: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub failure: Option<String>,
+}
+
+impl Gate {
+    /// How the report words it: passed, failed (why), or not checked (why).
+    fn outcome(&self) -> String {
+        match (&self.failure, self.checked) {
+            (None, _) => "passed".into(),
+            (Some(failure), true) => format!("failed: {failure}"),
+            (Some(why), false) => format!("not checked: {why}"),
+        }
+    }
 }
 
 /// The parts of `summary.json` a report needs.
@@ -308,10 +321,11 @@ fn gate(step: String, meta: &Meta) -> Gate {
     Gate {
         step,
         passed: meta.status == StepStatus::Done && meta.gate_failure.is_none(),
+        checked: meta.status == StepStatus::Done,
         failure: match meta.status {
             StepStatus::Done => meta.gate_failure.clone(),
-            StepStatus::Failed => meta.error.clone().or(Some("the gate step failed".into())),
-            StepStatus::Running | StepStatus::Interrupted => Some("not checked: the run stopped".into()),
+            StepStatus::Failed => Some(meta.error.clone().unwrap_or_else(|| "the gate step failed".into())),
+            StepStatus::Running | StepStatus::Interrupted => Some("the run stopped".into()),
         },
     }
 }
@@ -497,12 +511,9 @@ pub fn markdown(runs: &[Run]) -> String {
             markdown_table(&mut out, &training_table(run));
         }
         for gate in &run.gates {
-            let _ = writeln!(
-                out,
-                "- gate `{}`: {}",
-                gate.step,
-                gate.failure.as_deref().map_or("passed".to_string(), |f| format!("**failed**: {f}"))
-            );
+            let outcome = gate.outcome();
+            let emphasis = if gate.passed { outcome } else { format!("**{outcome}**") };
+            let _ = writeln!(out, "- gate `{}`: {emphasis}", gate.step);
         }
         for step in &run.unreadable {
             let _ = writeln!(out, "- step `{step}`: **left out**, its `{META}` cannot be read");
@@ -776,15 +787,9 @@ pub fn html(runs: &[Run]) -> String {
             html_table(&mut out, &training_table(run));
         }
         for gate in &run.gates {
-            let _ = match &gate.failure {
-                None => writeln!(out, "<p>gate <code>{}</code>: passed</p>", escape(&gate.step)),
-                Some(f) => writeln!(
-                    out,
-                    "<p class=\"failed\">gate <code>{}</code> failed: {}</p>",
-                    escape(&gate.step),
-                    escape(f)
-                ),
-            };
+            let class = if gate.passed { "" } else { " class=\"failed\"" };
+            let _ =
+                writeln!(out, "<p{class}>gate <code>{}</code>: {}</p>", escape(&gate.step), escape(&gate.outcome()));
         }
         for step in &run.unreadable {
             let _ = writeln!(
@@ -809,7 +814,7 @@ pub fn write(runs: &[Run], dir: &Path) -> std::io::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::{Series, SystemTime, busy_seconds, distinct_tail, line_chart, tick_step};
+    use super::{Gate, Series, SystemTime, busy_seconds, distinct_tail, line_chart, tick_step};
     use std::path::Path;
 
     #[test]
@@ -820,6 +825,19 @@ mod tests {
         assert_eq!(distinct_tail(c, &[a, b, c]), "seed-2");
         // The same directory twice: nothing tells them apart, so the whole path.
         assert_eq!(distinct_tail(a, &[a, a]), "/x/A/seed");
+    }
+
+    #[test]
+    fn a_gate_that_was_not_checked_is_not_called_failed() {
+        let gate = |checked, failure: Option<&str>| Gate {
+            step: "g".into(),
+            passed: failure.is_none(),
+            checked,
+            failure: failure.map(str::to_string),
+        };
+        assert_eq!(gate(true, None).outcome(), "passed");
+        assert_eq!(gate(true, Some("x = 1 is below 2")).outcome(), "failed: x = 1 is below 2");
+        assert_eq!(gate(false, Some("the run stopped")).outcome(), "not checked: the run stopped");
     }
 
     #[test]

@@ -284,6 +284,20 @@ fn a_local_std_folder_is_not_the_stdlib() {
     assert!(text(&out.stderr).contains("count=3"), "{}", text(&out.stderr));
 }
 
+/// A gzipped dataset (HumanEval ships as `HumanEval.jsonl.gz`) is read decompressed.
+#[test]
+fn a_gzipped_dataset_is_read() {
+    use std::io::Write;
+    let dir =
+        project("dataset \"tasks\" format=\"jsonl\" path=\"tasks.jsonl.gz\"\nexecute \"references\" code=\"tasks\"\n");
+    let mut gzip = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gzip.write_all(&std::fs::read(dir.path().join("tasks.jsonl")).unwrap()).unwrap();
+    std::fs::write(dir.path().join("tasks.jsonl.gz"), gzip.finish().unwrap()).unwrap();
+    let out = seedflow(&["run", "flow.kdl", "--run-dir", "out"], dir.path());
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("count=3 pass-rate=1"), "{}", text(&out.stderr));
+}
+
 /// Past 50 problems a file is not a workflow with mistakes: the first 50 are shown.
 #[test]
 fn many_problems_are_cut_short() {

@@ -74,7 +74,9 @@ fn a_run_reports_its_iterations_evaluations_and_gates() {
     assert_eq!(gate("as-many")["failure"], "two.count = 2 is below the baseline tasks.count = 3 by more than 0.5");
     assert_eq!(gate("perfect")["passed"], false);
     assert_eq!(gate("perfect")["failure"], "scores.pass@1 = 1 is below 1.5");
+    assert_eq!(gate("perfect")["checked"], true);
     let markdown = std::fs::read_to_string(dir.path().join("run/report.md")).unwrap();
+    assert!(markdown.contains("- gate `perfect`: **failed: scores.pass@1 = 1 is below 1.5**"), "{markdown}");
     assert!(markdown.contains("| iteration | checked pass@1 | kept count |"), "{markdown}");
     // The report step's comparison with its baseline leads the run's report.
     assert!(

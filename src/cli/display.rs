@@ -106,7 +106,9 @@ impl Plain {
                 running.remove(&label(step, *iteration));
                 format!("  failed  {}: {error}", label(step, *iteration))
             }
-            Event::GateFailed { step, message } => format!("  gate    {step} failed: {message}"),
+            Event::GateFailed { step, iteration, message } => {
+                format!("  gate    {} failed: {message}", label(step, *iteration))
+            }
             Event::IterationFinished { step, iteration, stop: true } => {
                 format!("  loop    {step} stops after iteration {iteration}")
             }
@@ -184,8 +186,8 @@ impl EventSink for Progress {
             Event::StepCached { step, iteration, metrics } => {
                 let _ = self.bars.println(format!("  cached {} {}", label(step, *iteration), show_metrics(metrics)));
             }
-            Event::GateFailed { step, message } => {
-                let _ = self.bars.println(format!("  gate {step} failed: {message}"));
+            Event::GateFailed { step, iteration, message } => {
+                let _ = self.bars.println(format!("  gate {} failed: {message}", label(step, *iteration)));
             }
             _ => {}
         }

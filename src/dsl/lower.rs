@@ -86,8 +86,9 @@ fn load_text(file: FileId, sources: &mut Sources, problems: &mut Problems, stack
                 let message = d.message.unwrap_or_else(|| "invalid KDL".to_string());
                 let span = Span { file, range: d.span };
                 let label = d.label.unwrap_or_else(|| "here".to_string());
+                let written = text.get(d.span.offset()..d.span.offset() + d.span.len()).unwrap_or_default();
                 let builder = problems.at(sources, Code::Syntax, span, format!("invalid KDL: {message}"), label);
-                if let Some(help) = d.help {
+                if let Some(help) = kdl_1_habit(written).or(d.help) {
                     builder.help(help);
                 }
             }
@@ -104,6 +105,18 @@ fn load_text(file: FileId, sources: &mut Sources, problems: &mut Problems, stack
         }
     }
     nodes
+}
+
+/// What to write instead of a value KDL 1 took and KDL 2 does not (the parser says only that it
+/// expected something else).
+fn kdl_1_habit(written: &str) -> Option<String> {
+    match written {
+        "true" | "false" | "null" => Some(format!("KDL 2 writes `#{written}` (a bare `{written}` was KDL 1)")),
+        raw if raw.starts_with("r\"") || raw.starts_with("r#") => {
+            Some("KDL 2 writes a raw string as `#\"…\"#` (`r\"…\"` was KDL 1)".into())
+        }
+        _ => None,
+    }
 }
 
 fn load_import(node: &Node, sources: &mut Sources, problems: &mut Problems, stack: &mut Vec<Location>) -> Vec<Node> {
@@ -384,7 +397,10 @@ pub fn apply_overrides(nodes: &mut Vec<Node>, overrides: &[String], sources: &mu
                 format!("no node named `{target}` to override"),
                 "unknown node",
             );
-            if let Some(best) = super::diagnostics::did_you_mean(target, names.iter().map(String::as_str)) {
+            let the_workflow = nodes.iter().any(|n| n.kind.value == "workflow" && n.name_str() == Some(target));
+            if the_workflow {
+                builder = builder.help(format!("the `workflow` node is set as `workflow`: `--set workflow.{key}=…`"));
+            } else if let Some(best) = super::diagnostics::did_you_mean(target, names.iter().map(String::as_str)) {
                 builder = builder.help(format!("did you mean `{best}`?"));
             }
             drop(builder);
@@ -412,7 +428,8 @@ fn find_node_mut<'a>(nodes: &'a mut [Node], target: &str) -> Option<&'a mut Node
 
 fn node_names(nodes: &[Node]) -> Vec<String> {
     let mut names = vec!["workflow".to_string()];
-    for node in nodes {
+    // The workflow node is `workflow` to `--set`, whatever its name.
+    for node in nodes.iter().filter(|n| n.kind.value != "workflow") {
         if let Some(name) = node.name_str() {
             names.push(name.to_string());
             for child in &node.children {

@@ -56,6 +56,8 @@ pub enum Event {
     },
     GateFailed {
         step: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        iteration: Option<u32>,
         message: String,
     },
     IterationFinished {

@@ -475,7 +475,7 @@ impl Engine {
         {
             self.would(&name, iteration, "cached", "inputs and parameters unchanged".into());
             self.events.emit(&Event::StepCached { step: name.clone(), iteration, metrics: meta.metrics.clone() });
-            self.note_gate(&name, meta.gate_failure.as_deref());
+            self.note_gate(&name, iteration, meta.gate_failure.as_deref());
             self.record(scope, &name, StepSummary::done(meta.metrics.clone(), true));
             return Ok(Produced::Step(Output {
                 artifact: artifact(step),
@@ -569,7 +569,7 @@ impl Engine {
                     metrics: metrics.clone(),
                     seconds: meta.seconds,
                 });
-                self.note_gate(&name, gate_failure.as_deref());
+                self.note_gate(&name, iteration, gate_failure.as_deref());
                 self.record(scope, &name, StepSummary::done(metrics.clone(), false));
                 Ok(Produced::Step(Output { artifact: artifact(step), dir, hash, metrics }))
             }
@@ -595,11 +595,13 @@ impl Engine {
         Stop::Failed(format!("step `{step}` failed: {error}"))
     }
 
-    fn note_gate(&self, step: &str, failure: Option<&str>) {
+    fn note_gate(&self, step: &str, iteration: Option<u32>, failure: Option<&str>) {
         if let Some(message) = failure {
-            self.events.emit(&Event::GateFailed { step: step.to_string(), message: message.to_string() });
+            self.events.emit(&Event::GateFailed { step: step.to_string(), iteration, message: message.to_string() });
+            // A gate in a loop may fail in several iterations: each says which.
+            let at = iteration.map(|i| format!(" (iteration {i})")).unwrap_or_default();
             if let Ok(mut failures) = self.gate_failures.lock() {
-                failures.push(format!("{step}: {message}"));
+                failures.push(format!("{step}{at}: {message}"));
             }
         }
     }

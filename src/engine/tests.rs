@@ -205,13 +205,18 @@ async fn loops_carry_outputs_and_stop_on_until() {
 dataset "tasks" format="jsonl" path="data.jsonl"
 loop-until "grow" max-iterations=5 until="iteration >= 3" {
     test-batches "step" from="prev.step" records=4
+    gate "small" metric="step.count" at-most=3
 }
 test-batches "after" from="grow.step" records=2
 gate "enough" metric="grow.step.count" at-least=5
 "#;
     let run_dir = dir.path().join("run");
     let (outcome, events) = run_to_end(plan(dir.path(), workflow, &[]), &run_dir, false).await;
-    assert_eq!(outcome, RunOutcome::GateFailed(vec!["enough: grow.step.count = 4 is below 5".into()]));
+    // A gate in a loop fails in each iteration, and each failure says which.
+    let mut expected: Vec<String> =
+        (1..=3).map(|i| format!("small (iteration {i}): step.count = 4 is above 3")).collect();
+    expected.push("enough: grow.step.count = 4 is below 5".into());
+    assert_eq!(outcome, RunOutcome::GateFailed(expected));
     assert_eq!(outcome.exit_code(), 3);
     let iterations: Vec<_> = events
         .iter()
@@ -240,7 +245,7 @@ gate "enough" metric="grow.step.count" at-least=5
     // Resuming reuses all three iterations.
     let (_, events) = run_to_end(plan(dir.path(), workflow, &[]), &run_dir, true).await;
     let cached = events.iter().filter(|e| matches!(e, Event::StepCached { .. })).count();
-    assert_eq!(cached, 6, "{events:#?}");
+    assert_eq!(cached, 9, "{events:#?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

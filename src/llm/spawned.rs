@@ -3,7 +3,7 @@
 //! only the adapters it was started with, so a step whose adapter it was not started with
 //! (the next iteration's, once `finetune-lora` wrote it) restarts it with that one.
 
-use std::io::Read;
+use std::io::{ErrorKind, Read};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -77,12 +77,17 @@ impl Spawned {
         }
         let log = tempfile::NamedTempFile::new().map_err(|e| failed(e.to_string()))?;
         let output = log.reopen().map_err(|e| failed(e.to_string()))?;
-        let child = command
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(output)
-            .spawn()
-            .map_err(|e| failed(e.to_string()))?;
+        command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(output);
+        // A start that failed for a reason other than the program (seen once: "Bad address"
+        // while the run's training threads were busy, and fine at once after) is tried again.
+        let child = match command.spawn() {
+            Err(e) if !matches!(e.kind(), ErrorKind::NotFound | ErrorKind::PermissionDenied) => {
+                std::thread::sleep(Duration::from_millis(200));
+                command.spawn()
+            }
+            result => result,
+        }
+        .map_err(|e| failed(e.to_string()))?;
         let server = Server::new(&format!("http://127.0.0.1:{port}"), self.server.clone());
         let mut running = Running { child, adapter: adapter.map(Path::to_path_buf), server, log };
         let start = Instant::now();

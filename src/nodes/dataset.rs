@@ -1,5 +1,6 @@
 use std::collections::BTreeSet;
-use std::path::PathBuf;
+use std::io::Read;
+use std::path::{Path, PathBuf};
 
 use crate::data::TaskStyle;
 use crate::data::formats::{self, Format};
@@ -32,7 +33,7 @@ pub static SPEC: KindSpec = KindSpec {
 params! {
     /// How the file's records are laid out.
     FORMAT: Format = required("format", ValueType::Choice(Format::NAMES));
-    /// The JSON-lines file, relative to the workflow file.
+    /// The JSON-lines file, relative to the workflow file; gzipped if its name ends in `.gz`.
     PATH: PathBuf = required("path", ValueType::File);
     /// Records to skip from the start.
     SKIP: i64 = optional("skip", ValueType::at_least(0), "0");
@@ -44,6 +45,16 @@ params! {
 
 const BATCH: usize = 256;
 
+/// The file's text: decompressed if it is gzipped (`.gz`; HumanEval ships as `HumanEval.jsonl.gz`).
+fn read_text(path: &Path) -> std::io::Result<String> {
+    if path.extension().is_none_or(|extension| extension != "gz") {
+        return crate::stdlib::read_to_string(path);
+    }
+    let mut text = String::new();
+    flate2::read::GzDecoder::new(std::fs::File::open(path)?).read_to_string(&mut text)?;
+    Ok(text)
+}
+
 pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
     let format = ctx.get(&FORMAT)?;
     let path = ctx.get(&PATH)?;
@@ -53,8 +64,7 @@ pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
         n => n as usize,
     };
     let show_tests = ctx.get(&SHOW_TESTS)?;
-    let text = crate::stdlib::read_to_string(&path)
-        .map_err(|e| StepError::Failed(format!("cannot read `{}`: {e}", path.display())))?;
+    let text = read_text(&path).map_err(|e| StepError::Failed(format!("cannot read `{}`: {e}", path.display())))?;
     // Editors on Windows start a UTF-8 file with a byte-order mark.
     let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
 

@@ -4,10 +4,9 @@
 #
 # The verdict is a line of stderr tagged with the job's nonce (the last such line), and counts
 # only if `run` then returns (in the component; a plain interpreter must exit with 0). A plain
-# interpreter starts for every
-# verdict, so the harness imports only `types` and the built-in `gc` and `_ast` at start: the job
-# is JSON read as a Python literal, text goes back hex-encoded, and `traceback` loads only to
-# explain a failure.
+# interpreter starts for every verdict, so the harness imports only `types` and the built-in `gc`
+# and `_ast` at start: the job is JSON read as a Python literal, text goes back hex-encoded, and
+# `traceback` loads only to explain a failure.
 #
 # The program under test runs in this same interpreter, so before it runs the harness parses its
 # job and drops the text, keeps its own references to what it needs, freezes the tests into a
