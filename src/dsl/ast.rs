@@ -44,7 +44,7 @@ impl Literal {
         match self {
             Literal::String(s) => format!("the string {s:?}"),
             Literal::Integer(i) => format!("the integer {i}"),
-            Literal::Float(f) => format!("the number {f}"),
+            Literal::Float(f) => format!("the number {f:?}"),
             Literal::Bool(b) => format!("#{b}"),
             Literal::Null => "#null".to_string(),
         }
