@@ -141,11 +141,11 @@ pub fn main() -> i32 {
     }
 }
 
-/// Prints problems to stderr, coloured on a terminal unless `NO_COLOR` is set.
 /// The most problems shown: past them a file is not a workflow with mistakes, and each one shown
 /// costs a pass over its line.
 const MOST_PROBLEMS_SHOWN: usize = 50;
 
+/// Prints problems to stderr, coloured on a terminal unless `NO_COLOR` is set.
 fn report(problems: &[Problem]) {
     for problem in problems.iter().take(MOST_PROBLEMS_SHOWN) {
         print_diagnostic(problem);

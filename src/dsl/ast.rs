@@ -120,6 +120,20 @@ impl Sources {
         NamedSource::new(&file.name, file.text.clone()).with_language("kdl")
     }
 
+    /// Where the characters of the string value written at `span` start, when they stand there
+    /// as written: at once for a bare word (an override's value), after the opening quote of
+    /// `"…"` without escapes, or of a raw `#"…"#`, on one line. `None` when escapes or a
+    /// multi-line string moved them.
+    pub fn string_start(&self, span: Span) -> Option<usize> {
+        let (written, offset) = (self.text(span), span.range.offset());
+        let hashes = written.bytes().take_while(|&b| b == b'#').count();
+        let Some(body) = written[hashes..].strip_prefix('"') else {
+            return (hashes == 0).then_some(offset);
+        };
+        let as_written = (hashes > 0 || !body.contains('\\')) && !body.starts_with("\"\"") && !written.contains('\n');
+        as_written.then_some(offset + hashes + 1)
+    }
+
     /// The text a span covers.
     pub fn text(&self, span: Span) -> &str {
         let text = &self.files[span.file].text;

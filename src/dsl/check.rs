@@ -330,20 +330,11 @@ pub fn default_value(ty: ValueType, default: &str) -> Option<Value> {
     convert(ty, &literal, None).ok()
 }
 
-/// Where a string value's characters start in its source, when they stand there as written:
-/// at once for a bare word or an override's value, after the opening quote of `"…"` or `#"…"#`.
-/// With it, the string's length. `None` when escapes or a multi-line string moved its characters;
-/// then the whole value is shown.
+/// Where a string value's characters start in its source, with its length; `None` when they do
+/// not stand there as written (then the whole value is shown).
 fn string_start(sources: &Sources, span: Span, value: &Literal) -> Option<(usize, usize)> {
     let Literal::String(value) = value else { return None };
-    let offset = span.range.offset();
-    let written = sources.get(span.file).text.get(offset..offset + span.range.len())?;
-    if written == value.as_str() {
-        return Some((offset, value.len()));
-    }
-    let hashes = written.bytes().take_while(|&b| b == b'#').count();
-    let body = written[hashes..].strip_prefix('"')?;
-    (!body.starts_with("\"\"") && body.starts_with(value.as_str())).then_some((offset + hashes + 1, value.len()))
+    Some((sources.string_start(span)?, value.len()))
 }
 
 fn check_value(ty: ValueType, property: &Property, sources: &Sources, problems: &mut Problems) -> Option<Value> {

@@ -15,8 +15,9 @@ pub static SPEC: KindSpec = KindSpec {
           samples, it runs the dataset's reference solutions (a way to validate a dataset). Each \
           verdict has a status (`passed`, `failed`, `error`, `syntax`, `timeout`, `memory`) and \
           feedback for Self-Revise: the failing test (the assert inside a HumanEval `check`), \
-          what it returned against what the test expects (and, when the value is right but the test expects it passed to a name such as \
-          a house envelope `ok(…)`, that), or the exception with a short traceback. Programs run \
+          what it returned against what the test expects (and, when the value is right but the \
+          test expects it passed to a name such as a house envelope `ok(…)`, that), or the \
+          exception with a short traceback. Programs run \
           in parallel in worker processes, as many as `--workers` (the cores, by default); one \
           past its `timeout` is killed with its worker. CPython is a pre-initialised \
           component built on first use (`seedflow fetch python`), or the python.wasm that \

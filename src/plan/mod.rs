@@ -130,16 +130,6 @@ impl Plan {
     }
 }
 
-/// Where the characters of the string written at `span` start, if they stand there as written:
-/// after the opening quote of `"…"` without escapes, or of a raw `#"…"#`, on one line.
-fn characters_start(sources: &Sources, span: Span) -> Option<usize> {
-    let written = sources.text(span);
-    let hashes = written.bytes().take_while(|&b| b == b'#').count();
-    let body = written[hashes..].strip_prefix('"')?;
-    let as_written = (hashes > 0 || !body.contains('\\')) && !body.starts_with("\"\"") && !written.contains('\n');
-    as_written.then_some(span.range.offset() + hashes + 1)
-}
-
 /// A workflow without a `workflow` node is named after its file, made kebab-case like a declared
 /// name: the name becomes a directory under `runs/`, so `...kdl` must not make it `runs/..`.
 fn name_from_file(file: &Path) -> String {
@@ -584,7 +574,7 @@ impl<'a> Scope<'a> {
             return;
         };
         let span = l.span_of("until");
-        let start = characters_start(self.sources, span);
+        let start = self.sources.string_start(span);
         for metric in expr.metrics() {
             // Point at the metric inside the string, where its characters stand as written.
             let at = match start {
