@@ -59,6 +59,9 @@ pub fn language_reference() -> String {
         for (low, high) in kind.ordered {
             let _ = writeln!(out, "`{low}` may not be above `{high}`.\n");
         }
+        for (property, other) in kind.distinct {
+            let _ = writeln!(out, "`{property}` may not be `{other}`.\n");
+        }
         if !kind.metrics.is_empty() {
             let list: Vec<_> = kind.metrics.iter().map(|m| format!("`{m}`")).collect();
             let _ = writeln!(out, "Metrics: {}.\n", list.join(", "));

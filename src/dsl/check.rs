@@ -275,6 +275,23 @@ fn check_node(
                 .help(format!("`{low}` is the lowest value allowed and `{high}` the highest; swap them?"));
         }
     }
+    for (property, other) in spec.distinct {
+        if let (Some(value), Some(span), Some(other_span)) =
+            (props.get(property), spans.get(*property), spans.get(*other))
+            && props.get(other) == Some(value)
+        {
+            problems
+                .at(
+                    sources,
+                    Code::BadValue,
+                    *span,
+                    format!("`{property}` is `{other}`: it would be compared with itself"),
+                    "the same",
+                )
+                .also(*other_span, format!("`{other}` here"))
+                .help(format!("name another `{property}`, or leave it out"));
+        }
+    }
 
     let mut body = vec![];
     if spec.role == Role::Loop {
@@ -351,7 +368,11 @@ fn check_value(ty: ValueType, property: &Property, sources: &Sources, problems: 
                 }
                 None => span,
             };
-            let message = message.unwrap_or_else(|| format!("`{}` expects {}", property.key.value, ty.describe()));
+            let key = &property.key.value;
+            let message = message.unwrap_or_else(|| match &property.value.value {
+                Literal::String(s) if s.is_empty() => format!("`{key}` is empty"),
+                _ => format!("`{key}` expects {}", ty.describe()),
+            });
             let builder = problems.at(sources, code, span, message, label);
             if let Some(help) = help {
                 builder.help(help);
@@ -405,11 +426,19 @@ fn convert(ty: ValueType, literal: &Literal, at: Option<(&Sources, Span)>) -> Re
         _ => None,
     };
     match ty {
-        ValueType::Text => string.map(|s| Value::Text(s.to_string())).ok_or_else(|| wrong_type(literal)),
+        ValueType::Text => match string {
+            // No text property means anything empty: `stop=""` would end nothing, a `title=""` head nothing.
+            Some("") => Err(bad_value("empty", "give a value, or leave the property out")),
+            Some(s) => Ok(Value::Text(s.to_string())),
+            None => Err(wrong_type(literal)),
+        },
         ValueType::Server => {
             let s = string.ok_or_else(|| wrong_type(literal))?;
-            let not_url =
-                s.split(',').map(str::trim).find(|url| !url.starts_with("http://") && !url.starts_with("https://"));
+            let is_url = |url: &str| {
+                (url.starts_with("http://") || url.starts_with("https://"))
+                    && url.parse::<ureq::http::Uri>().is_ok_and(|uri| uri.host().is_some_and(|host| !host.is_empty()))
+            };
+            let not_url = s.split(',').map(str::trim).find(|url| !is_url(url));
             match not_url.filter(|_| s != "spawn") {
                 None => Ok(Value::Text(s.to_string())),
                 Some(bad) => Err(bad_value(
@@ -478,8 +507,12 @@ fn convert(ty: ValueType, literal: &Literal, at: Option<(&Sources, Span)>) -> Re
             let mut offset = 0;
             for item in s.split(',') {
                 let trimmed = item.trim();
+                let at = offset + item.find(trimmed).unwrap_or(0);
                 if !options.contains(&trimmed) {
-                    return Err(unknown_choice(trimmed, options, offset + item.find(trimmed).unwrap_or(0)));
+                    return Err(unknown_choice(trimmed, options, at));
+                }
+                if list.iter().any(|listed| listed == trimmed) {
+                    return Err(listed_twice(trimmed, at));
                 }
                 list.push(trimmed.to_string());
                 offset += item.len() + 1;
@@ -495,11 +528,21 @@ fn convert(ty: ValueType, literal: &Literal, at: Option<(&Sources, Span)>) -> Re
                 Literal::String(s) => s,
                 _ => return Err(wrong_type(literal)),
             };
-            s.split(',')
-                .map(|item| item.trim().parse::<i64>().ok().filter(|k| *k > 0))
-                .collect::<Option<Vec<_>>>()
-                .map(Value::Integers)
-                .ok_or_else(|| bad_value("not a list of positive integers", "write for example \"1,10\""))
+            let mut list = vec![];
+            let mut offset = 0;
+            for item in s.split(',') {
+                let trimmed = item.trim();
+                let at = offset + item.find(trimmed).unwrap_or(0);
+                let Some(k) = trimmed.parse::<i64>().ok().filter(|k| *k > 0) else {
+                    return Err(bad_value("not a list of positive integers", "write for example \"1,10\""));
+                };
+                if list.contains(&k) {
+                    return Err(listed_twice(trimmed, at));
+                }
+                list.push(k);
+                offset += item.len() + 1;
+            }
+            Ok(Value::Integers(list))
         }
         ValueType::Input(_) => {
             let s = string.ok_or_else(|| wrong_type(literal))?;
@@ -638,11 +681,11 @@ fn convert(ty: ValueType, literal: &Literal, at: Option<(&Sources, Span)>) -> Re
             let mut offset = usize::from(negated);
             for item in list.split(',') {
                 let trimmed = item.trim();
+                let at = offset + item.find(trimmed).unwrap_or(0);
                 match Status::parse(trimmed) {
+                    Some(status) if statuses.contains(&status) => return Err(listed_twice(trimmed, at)),
                     Some(status) => statuses.push(status),
-                    None => {
-                        return Err(unknown_choice(trimmed, Status::NAMES, offset + item.find(trimmed).unwrap_or(0)));
-                    }
+                    None => return Err(unknown_choice(trimmed, Status::NAMES, at)),
                 }
                 offset += item.len() + 1;
             }
@@ -661,6 +704,17 @@ fn unknown_choice(word: &str, options: &[&str], offset: usize) -> ValueError {
         message: Some(format!("`{word}` is not one of {}", quoted_list(options))),
         label: "unknown value".into(),
         help: Some(help),
+        offset: Some((offset, word.len())),
+    }
+}
+
+/// An item a list holds already: a mistake for another item, or a copy to remove.
+fn listed_twice(word: &str, offset: usize) -> ValueError {
+    ValueError {
+        code: Code::BadValue,
+        message: Some(format!("`{word}` is listed twice")),
+        label: "again here".into(),
+        help: Some("list each item once".into()),
         offset: Some((offset, word.len())),
     }
 }

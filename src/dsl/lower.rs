@@ -210,6 +210,18 @@ fn lower_node(file: FileId, node: &KdlNode, sources: &Sources, problems: &mut Pr
     let mut properties: Vec<Property> = vec![];
     // Each key's first property, by index (a search per key would make a long line quadratic).
     let mut first_of: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    // KDL lets any value or node carry a type, `(u8)5000`; a workflow's types are its kinds'.
+    for annotation in node.ty().into_iter().chain(node.entries().iter().filter_map(|e| e.ty())) {
+        problems
+            .at(
+                sources,
+                Code::Syntax,
+                at(annotation.span()),
+                format!("a type annotation, `({})`, means nothing in a workflow", annotation.value()),
+                "type annotation",
+            )
+            .help("remove it: each property's type is fixed by its node's kind (`seedflow docs`)");
+    }
     for entry in node.entries() {
         match entry.name() {
             None if name.is_none() => name = Some(Spanned::new(literal(entry.value()), at(entry.span()))),

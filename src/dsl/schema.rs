@@ -486,6 +486,8 @@ pub struct KindSpec {
     pub requires: &'static [(&'static str, &'static str)],
     /// Numeric bounds that contradict each other when the first is above the second: (low, high).
     pub ordered: &'static [(&'static str, &'static str)],
+    /// Properties that may not name the same thing, which would compare it with itself.
+    pub distinct: &'static [(&'static str, &'static str)],
     /// A complete workflow that shows the kind in use; checked by a test.
     pub example: &'static str,
 }

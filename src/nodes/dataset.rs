@@ -26,6 +26,7 @@ pub static SPEC: KindSpec = KindSpec {
     at_least_one: &[],
     requires: &[],
     ordered: &[],
+    distinct: &[],
     example: r#"dataset "train" format="mbpp" path="examples/data/mbpp/train.jsonl" limit=20
 "#,
 };
@@ -64,6 +65,13 @@ pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
         n => n as usize,
     };
     let show_tests = ctx.get(&SHOW_TESTS)?;
+    if show_tests.is_some() && format == Format::Humaneval {
+        return Err(StepError::Failed(
+            "`show-tests` does nothing for `humaneval` tasks (their prompt is the function's signature and \
+             docstring, their test one program): remove it"
+                .into(),
+        ));
+    }
     let text = read_text(&path).map_err(|e| StepError::Failed(format!("cannot read `{}`: {e}", path.display())))?;
     // Editors on Windows start a UTF-8 file with a byte-order mark.
     let text = text.strip_prefix('\u{feff}').unwrap_or(&text);

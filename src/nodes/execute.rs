@@ -28,6 +28,7 @@ pub static SPEC: KindSpec = KindSpec {
     at_least_one: &[],
     requires: &[],
     ordered: &[],
+    distinct: &[],
     example: r#"dataset "train" format="mbpp" path="examples/data/mbpp/train.jsonl"
 execute "references" code="train" timeout="5s" memory="256MiB"
 "#,

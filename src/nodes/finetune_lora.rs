@@ -52,6 +52,7 @@ pub static SPEC: KindSpec = KindSpec {
     at_least_one: &[],
     requires: &[],
     ordered: &[],
+    distinct: &[],
     example: r#"model "coder" path="default"
 dataset "train" format="mbpp" path="examples/data/mbpp/train.jsonl" limit=50
 finetune-lora "tune" model="coder" data="train" rank=8 alpha=16 epochs=2 learning-rate=0.0002
@@ -74,8 +75,8 @@ params! {
     RANK: i64 = optional("rank", ValueType::at_least(1), "8");
     /// LoRA alpha; the update is scaled by alpha / rank.
     ALPHA: f64 = optional("alpha", ValueType::Number { min: 0.0, max: f64::INFINITY }, "16");
-    /// Dropout on the LoRA input.
-    DROPOUT: f64 = optional("dropout", ValueType::Number { min: 0.0, max: 1.0 }, "0.0");
+    /// Dropout on the LoRA input: the share of its values zeroed at each step (at 1 nothing would train).
+    DROPOUT: f64 = optional("dropout", ValueType::Number { min: 0.0, max: 0.9 }, "0.0");
     /// Projections that get LoRA matrices.
     TARGETS: Vec<Target> = optional("targets", ValueType::Choices(Target::NAMES), r#""q,k,v,o,gate,up,down""#);
     /// Passes over the data.

@@ -14,6 +14,7 @@ pub static SPEC: KindSpec = KindSpec {
     at_least_one: &["at-least", "at-most", "baseline"],
     requires: &[("margin", "baseline")],
     ordered: &[("at-least", "at-most")],
+    distinct: &[("baseline", "metric")],
     example: r#"dataset "train" format="mbpp" path="examples/data/mbpp/train.jsonl" limit=10
 dataset "test" format="mbpp" path="examples/data/mbpp/test.jsonl" limit=10
 execute "references" code="train"

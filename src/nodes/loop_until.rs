@@ -26,6 +26,7 @@ pub static SPEC: KindSpec = KindSpec {
     at_least_one: &[],
     requires: &[],
     ordered: &[],
+    distinct: &[],
     example: r#"model "coder" path="default"
 dataset "train" format="mbpp" path="examples/data/mbpp/prompt.jsonl"
 

@@ -71,6 +71,7 @@ pub static SPEC: KindSpec = KindSpec {
     at_least_one: &[],
     requires: &[("server-model", "server"), ("api-key-env", "server")],
     ordered: &[],
+    distinct: &[],
     example: r#"model "coder" path="default" context=8192 gpu-layers=0
 
 dataset "problems" format="mbpp" path="examples/data/mbpp/prompt.jsonl"

@@ -38,6 +38,7 @@ pub static SPEC: KindSpec = KindSpec {
     at_least_one: &[],
     requires: &[],
     ordered: &[],
+    distinct: &[("baseline", "from")],
     example: r#"dataset "test" format="mbpp" path="examples/data/mbpp/test.jsonl" limit=20
 execute "references" code="test"
 report "summary" from="references" k="1" formats="json,markdown,junit" title="MBPP references"

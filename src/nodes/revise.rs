@@ -52,6 +52,7 @@ pub static SPEC: KindSpec = KindSpec {
     at_least_one: &[],
     requires: &[("adapter-scale", "adapter")],
     ordered: &[],
+    distinct: &[],
     example: r#"model "coder" path="default"
 dataset "train" format="mbpp" path="examples/data/mbpp/train.jsonl" limit=10
 generate "attempts" model="coder" tasks="train" samples=4

@@ -25,6 +25,7 @@ pub static SPEC: KindSpec = KindSpec {
     at_least_one: &[],
     requires: &[],
     ordered: &[],
+    distinct: &[],
     example: r#"dataset "train" format="mbpp" path="examples/data/mbpp/train.jsonl" limit=10
 execute "verdicts" code="train"
 select "failures" from="verdicts" status="failed,error,timeout" per-task=1 prefer="first"

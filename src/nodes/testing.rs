@@ -29,6 +29,7 @@ pub static BATCHES: KindSpec = KindSpec {
     at_least_one: &[],
     requires: &[],
     ordered: &[],
+    distinct: &[],
     example: "",
 };
 
@@ -41,6 +42,7 @@ pub static BARRIER: KindSpec = KindSpec {
     at_least_one: &[],
     requires: &[],
     ordered: &[],
+    distinct: &[],
     example: "",
 };
 

@@ -19,6 +19,7 @@ pub static SPEC: KindSpec = KindSpec {
     at_least_one: &[],
     requires: &[],
     ordered: &[],
+    distinct: &[],
     example: r#"workflow "reference-check" seed=7
 
 dataset "problems" format="mbpp" path="examples/data/mbpp/prompt.jsonl"
