@@ -24,12 +24,14 @@ _BLOCKED_EVENTS = frozenset({"sys._getframe", "sys._current_frames", "sys.settra
                              "sys.addaudithook", "sys.monitoring.register_callback",
                              "gc.get_objects", "gc.get_referrers", "gc.get_referents", "code.__new__"})
 # CPython's test-only C modules (`_testcapi`, `_testbuffer`, `xxsubtype`, ...) are refused by prefix.
-_BLOCKED_MODULES = frozenset({"gc", "atexit", "ctypes", "_ctypes", "faulthandler"})
+_BLOCKED_MODULES = frozenset({"gc", "ctypes", "_ctypes", "faulthandler"})
 _TEST_MODULE_PREFIXES = ("_test", "_xx", "xx")
-# Loaded, and made harmless in `_harness`: `_signal` (the standard library imports `signal`
-# throughout) loses what sets a handler; componentize-py's runtime module, in the component only,
-# is emptied. A fresh copy (a reload) is refused like the blocked modules.
-_REPLACED_MODULES = frozenset({"_signal", "componentize_py_runtime"})
+# Loaded, and made harmless: `_signal` (the standard library imports `signal` throughout) loses
+# what sets a handler in `_harness`; in the component only, componentize-py's runtime module is
+# emptied there, and `atexit` is a module of component.py's that runs no exit handler. A fresh
+# copy (a reload, or the built-in `atexit` in a plain interpreter) is refused like the blocked
+# modules.
+_REPLACED_MODULES = frozenset({"_signal", "componentize_py_runtime", "atexit"})
 # Attributes that hand out frames (audited as `object.__getattr__`): since Python 3.13 a frame's
 # f_locals writes through to the harness's own variables.
 _FRAME_ATTRIBUTES = frozenset({"tb_frame", "gi_frame", "cr_frame", "ag_frame"})
