@@ -365,6 +365,39 @@ fn a_run_directory_in_use_is_refused() {
     assert!(text(&second.stderr).contains("`out` is in use by another seedflow run"), "{}", text(&second.stderr));
 }
 
+/// A run whose output's reader went away (`seedflow run --ci | head -2`) stops as Ctrl-C stops
+/// one, at its next write, and its summary says how it ended (not `running`, as when SIGPIPE
+/// ended seedflow there).
+#[test]
+#[cfg(unix)]
+fn a_run_whose_reader_went_away_ends_with_its_summary() {
+    use std::io::BufRead;
+    let dir = project(
+        "workflow \"one\"\ndataset \"tasks\" format=\"jsonl\" path=\"one.jsonl\"\nexecute \"references\" code=\"tasks\"\n",
+    );
+    let task = serde_json::json!({"task_id": "one", "prompt": "Return 1.", "solution": "import time\ntime.sleep(1)\ndef f():\n    return 1\n", "tests": ["assert f() == 1"]});
+    std::fs::write(dir.path().join("one.jsonl"), format!("{task}\n")).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_seedflow"))
+        .args(["run", "flow.kdl", "--run-dir", "out", "--ci"])
+        .current_dir(dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut seen = String::new();
+    while !seen.contains("\"step\":\"references\"") {
+        assert_ne!(stdout.read_line(&mut seen).unwrap(), 0, "seedflow ended first: {seen}");
+    }
+    drop(stdout);
+    let out = child.wait_with_output().unwrap();
+    assert!(matches!(out.status.code(), Some(0 | 130)), "{:?}: {}", out.status, text(&out.stderr));
+    assert!(!text(&out.stderr).contains("panicked"), "{}", text(&out.stderr));
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("out/summary.json")).unwrap()).unwrap();
+    assert_ne!(summary["status"], "running", "{summary}");
+}
+
 /// A run of one program's reference solution, `solution`, with `timeout`: returned once the
 /// sandbox step has started, with what seedflow printed so far.
 #[cfg(unix)]

@@ -13,6 +13,14 @@ use crate::engine::RunOutcome;
 use crate::engine::events::{Event, EventSink};
 use crate::store::meta::Metrics;
 
+/// `eprintln!` for a run, which may outlive its reader (`seedflow run 2>&1 | head`): a closed
+/// stderr stops the run (SIGPIPE, as Ctrl-C does) and must not panic what is still writing.
+macro_rules! say {
+    ($($arg:tt)*) => {
+        _ = writeln!(std::io::stderr(), $($arg)*)
+    };
+}
+
 /// One JSON object per line on stdout; documented in the README.
 pub struct JsonLines;
 
@@ -129,7 +137,7 @@ fn about(duration: Duration) -> String {
 impl EventSink for Plain {
     fn emit(&self, event: &Event) {
         if let Some(line) = self.line(event) {
-            eprintln!("{line}");
+            say!("{line}");
         }
     }
 }
@@ -204,13 +212,13 @@ pub fn conclude(
 ) {
     // Did adaptation help: each report step's baseline against what it evaluated.
     for comparison in comparisons {
-        eprintln!("{}: {}", comparison.label, comparison.paired);
+        say!("{}: {}", comparison.label, comparison.paired);
     }
     match outcome {
-        RunOutcome::Ok => eprintln!("finished; outputs and summary.json in `{}`", run_dir.display()),
+        RunOutcome::Ok => say!("finished; outputs and summary.json in `{}`", run_dir.display()),
         RunOutcome::Failed(message) => {
-            eprintln!("error: {message}");
-            eprintln!(
+            say!("error: {message}");
+            say!(
                 "  help: fix the cause, then continue with `seedflow run {} --resume --run-dir {}`",
                 file.display(),
                 run_dir.display()
@@ -218,12 +226,12 @@ pub fn conclude(
         }
         RunOutcome::GateFailed(failures) => {
             for failure in failures {
-                eprintln!("gate failed: {failure}");
+                say!("gate failed: {failure}");
             }
-            eprintln!("finished with failed gates; outputs in `{}`", run_dir.display());
+            say!("finished with failed gates; outputs in `{}`", run_dir.display());
         }
         RunOutcome::Interrupted => {
-            eprintln!(
+            say!(
                 "interrupted; continue with `seedflow run {} --resume --run-dir {}`",
                 file.display(),
                 run_dir.display()
@@ -231,7 +239,7 @@ pub fn conclude(
         }
     }
     if reported && matches!(outcome, RunOutcome::Ok | RunOutcome::GateFailed(_)) {
-        eprintln!("report: `{}`", run_dir.join("report.html").display());
+        say!("report: `{}`", run_dir.join("report.html").display());
     }
 }
 

@@ -460,8 +460,9 @@ fn run(args: RunArgs) -> i32 {
     let outcome = runtime.block_on(async {
         let cancel = CancellationToken::new();
         let on_signal = cancel.clone();
+        let stop = stop_requested();
         tokio::spawn(async move {
-            stop_requested().await;
+            stop.await;
             on_signal.cancel();
         });
         engine::run(plan.clone(), options, sink, cancel).await
@@ -476,26 +477,41 @@ fn run(args: RunArgs) -> i32 {
     outcome.exit_code()
 }
 
-/// Ctrl-C, or SIGTERM (what `kill`, container runtimes and CI runners send to stop a job): either
-/// stops the run the same way, keeping what finished for `--resume`.
-async fn stop_requested() {
-    let ctrl_c = async {
-        if tokio::signal::ctrl_c().await.is_err() {
-            std::future::pending::<()>().await; // no handler could be installed: never
-        }
-    };
+/// Ctrl-C, SIGTERM (what `kill`, container runtimes and CI runners send to stop a job) or SIGPIPE
+/// (what reads the run's output went away: `seedflow run --ci | head`): each stops the run the
+/// same way, keeping what finished for `--resume`, where SIGPIPE's default would end seedflow
+/// with its summary still saying `running`. The handlers are in place once this returns.
+fn stop_requested() -> impl Future<Output = ()> {
     #[cfg(unix)]
-    {
+    let (terminate, closed_pipe) = {
         use tokio::signal::unix::{SignalKind, signal};
-        if let Ok(mut terminate) = signal(SignalKind::terminate()) {
+        (signal(SignalKind::terminate()).ok(), signal(SignalKind::pipe()).ok())
+    };
+    let ctrl_c = tokio::signal::ctrl_c();
+    async move {
+        let ctrl_c = async {
+            if ctrl_c.await.is_err() {
+                std::future::pending::<()>().await; // no handler could be installed: never
+            }
+        };
+        #[cfg(unix)]
+        {
+            // A signal whose handler could not be installed never comes.
+            let received = |signal: Option<tokio::signal::unix::Signal>| async move {
+                match signal {
+                    Some(mut signal) => _ = signal.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = ctrl_c => {}
-                _ = terminate.recv() => {}
+                _ = received(terminate) => {}
+                _ = received(closed_pipe) => {}
             }
-            return;
         }
+        #[cfg(not(unix))]
+        ctrl_c.await
     }
-    ctrl_c.await
 }
 
 #[cfg(test)]
