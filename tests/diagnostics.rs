@@ -83,6 +83,18 @@ fn nesting_too_deep_for_the_parser_and_text_that_is_not_utf8_are_diagnostics() {
 
 /// A device or a FIFO would be read forever, or block; a path that comes back to a file already
 /// being imported is a cycle however it is spelt.
+/// miette cannot draw a label past column 65,535 (it panics): such a problem says where it is.
+#[test]
+fn a_problem_far_along_a_line_is_placed_in_words() {
+    let dir = tempfile::tempdir().unwrap();
+    let long = dir.path().join("long.kdl");
+    let text = format!("dataset \"d\" format=\"jsonl\" path=\"{}.jsonl\" limit=\"x\"\n", "x".repeat(70_000));
+    std::fs::write(&long, text).unwrap();
+    let problems = seedflow::load_plan(&long, &[]).unwrap_err();
+    let shown = render_plain(&problems, 100);
+    assert!(shown.contains("(line 1, column 700"), "{shown}");
+}
+
 #[test]
 #[cfg(unix)]
 fn devices_and_cycles_by_another_path_are_diagnostics() {

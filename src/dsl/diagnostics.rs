@@ -135,12 +135,16 @@ fn imports_of(sources: &Sources, file: super::ast::FileId) -> Vec<ImportedHere> 
     let mut chain = vec![];
     let mut current = file;
     while let Some(at) = sources.get(current).imported_at {
+        let imported = &sources.get(current).name;
+        current = at.file;
+        if too_far_right(sources, at).is_some() {
+            continue; // an `import` miette cannot draw
+        }
         chain.push(ImportedHere {
-            message: format!("`{}` is imported here", sources.get(current).name),
+            message: format!("`{imported}` is imported here"),
             source_code: sources.named(at.file),
             label: LabeledSpan::new_with_span(Some("imported here".into()), at.range),
         });
-        current = at.file;
     }
     chain
 }
@@ -219,6 +223,8 @@ impl ProblemBuilder<'_> {
     pub fn also(mut self, span: Span, label: impl Into<String>) -> Self {
         if let Some(p) = self.problem.as_mut()
             && p.at.map(|a| a.file) == Some(span.file)
+            && !p.labels.is_empty()
+            && span.range.offset() - line_start(&p.source_code, span.range.offset()) <= MOST_DRAWN_COLUMN
         {
             p.labels.push(LabeledSpan::new_with_span(Some(label.into()), span.range));
         }
@@ -244,7 +250,7 @@ impl Problems {
         message: impl Into<String>,
         label: impl Into<String>,
     ) -> ProblemBuilder<'a> {
-        let problem = Problem {
+        let mut problem = Problem {
             code,
             message: message.into(),
             source_code: Some(sources.named(span.file)),
@@ -253,6 +259,13 @@ impl Problems {
             at: Some(span),
             imported: imports_of(sources, span.file),
         };
+        if let Some((line, column)) = too_far_right(sources, span) {
+            // Said in words instead: miette cannot draw a label that far along a line (it panics).
+            problem.message =
+                format!("{} (line {line}, column {column} of `{}`)", problem.message, sources.get(span.file).name);
+            problem.source_code = None;
+            problem.labels.clear();
+        }
         ProblemBuilder { problems: self, problem: Some(problem) }
     }
 
@@ -269,6 +282,24 @@ impl Problems {
         self.list.sort_by_key(|p| p.at.map(|s| (s.file, s.range.offset())));
         self.list
     }
+}
+
+/// How far along its line (in bytes) a label may start and still be drawn: miette pads to it with
+/// a width that must fit 16 bits, and a tab takes up to four columns.
+const MOST_DRAWN_COLUMN: usize = 16_000;
+
+/// Where a line starts, in the text a problem shows.
+fn line_start(source: &Option<NamedSource<Arc<String>>>, offset: usize) -> usize {
+    source.as_ref().and_then(|s| s.inner().get(..offset)).and_then(|before| before.rfind('\n')).map_or(0, |at| at + 1)
+}
+
+/// The line and column (from 1) of a span that starts too far along its line to be drawn.
+fn too_far_right(sources: &Sources, span: Span) -> Option<(usize, usize)> {
+    let text = &sources.get(span.file).text;
+    let before = text.get(..span.range.offset())?;
+    let start = before.rfind('\n').map_or(0, |at| at + 1);
+    (span.range.offset() - start > MOST_DRAWN_COLUMN)
+        .then(|| (before.matches('\n').count() + 1, before[start..].chars().count() + 1))
 }
 
 /// The closest of `candidates` to `word`, if it is close enough to be a likely typo.
