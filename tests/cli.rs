@@ -91,6 +91,17 @@ fn check_reports_validity_with_exit_codes() {
     let out = seedflow(&["check", "workflows/seed.kdl", "--set", "adapt.max-iterations=zero"], root);
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("`max-iterations` expects an integer from 1 to 10,000"));
+
+    // A value with `=` in it is the value, not a KDL property `key=value` whose value replaced it.
+    let out = seedflow(&["check", "workflows/seed.kdl", "--set", "adapt.until=revised.count>=1"], root);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let dir = project(
+        "dataset \"tasks\" format=\"jsonl\" path=\"tasks.jsonl\" limit=1\nexecute \"references\" code=\"tasks\"\nreport \"summary\" from=\"references\"\n",
+    );
+    let out = seedflow(&["run", "flow.kdl", "--run-dir", "out", "--set", "summary.title=x=\"y\""], dir.path());
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let report = std::fs::read_to_string(dir.path().join("out/summary/report.md")).unwrap();
+    assert!(report.starts_with("# x=\"y\"\n"), "{report}");
 }
 
 #[test]

@@ -391,7 +391,11 @@ pub fn apply_overrides(nodes: &mut Vec<Node>, overrides: &[String], sources: &mu
             .ok()
             .and_then(|d| {
                 let entries = d.nodes().first()?.entries();
-                let whole = entries.len() == 1 && entries[0].span().offset() + entries[0].span().len() == line.len();
+                // `key=value` reads as a KDL property: the whole text is then the value.
+                let whole = entries.len() == 1
+                    && entries[0].name().is_none()
+                    && entries[0].ty().is_none()
+                    && entries[0].span().offset() + entries[0].span().len() == line.len();
                 whole.then(|| literal(entries[0].value()))
             })
             .unwrap_or_else(|| Literal::String(rhs.to_string()));
