@@ -585,6 +585,29 @@ fn convert(ty: ValueType, literal: &Literal, at: Option<(&Sources, Span)>) -> Re
         ValueType::ModelFile if string.is_some_and(|s| crate::assets::builtin_model(s).is_some()) => {
             Ok(Value::BuiltinModel(string.unwrap_or_default().to_string()))
         }
+        // A file of text that a step reads only when it runs: checked now, not minutes into a loop.
+        ValueType::Template(_) | ValueType::RevisionExamples => {
+            let file = convert(ValueType::File, literal, at)?;
+            let (Value::File(path), Some(_)) = (file.clone(), at) else { return Ok(file) };
+            let text = crate::stdlib::read_to_string(&path).map_err(|e| ValueError {
+                code: Code::MissingFile,
+                message: Some(format!("cannot read `{}`: {e}", path.display())),
+                label: "unreadable".into(),
+                help: None,
+                offset: None,
+            })?;
+            let checked = match ty {
+                ValueType::Template(values) => crate::llm::prompt::check(&text, values).map_err(|e| e.to_string()),
+                _ => crate::llm::prompt::revision_examples(&text).map(drop),
+            };
+            checked.map(|()| file).map_err(|why| ValueError {
+                code: Code::BadValue,
+                message: Some(format!("`{}` cannot be used: {why}", string.unwrap_or_default())),
+                label: "not usable".into(),
+                help: (ty == ValueType::RevisionExamples).then(|| format!("write {}", ty.describe())),
+                offset: None,
+            })
+        }
         ValueType::File | ValueType::ModelFile => {
             let s = string.ok_or_else(|| wrong_type(literal))?;
             let Some((sources, span)) = at else {

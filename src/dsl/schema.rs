@@ -99,6 +99,10 @@ pub enum ValueType {
     Model,
     /// A path to an existing file, relative to the workflow file (`std/…` for the stdlib).
     File,
+    /// A prompt template file that fills some of these values (`{{requirement}}`); checked.
+    Template(&'static [&'static str]),
+    /// A JSON-lines file of worked revisions for `revise`'s prompt; checked.
+    RevisionExamples,
     /// A built-in model's name, a path to a GGUF file, or a Hugging Face model directory.
     ModelFile,
     /// `step.metric`, for example `scores.pass@1`.
@@ -173,6 +177,13 @@ impl ValueType {
             }
             ValueType::Model => "the name of a `model`".into(),
             ValueType::File => "a file path".into(),
+            ValueType::Template(values) => {
+                let names: Vec<_> = values.iter().map(|v| format!("`{{{{{v}}}}}`")).collect();
+                format!("a template file filling {}", names.join(", "))
+            }
+            ValueType::RevisionExamples => {
+                "a JSON-lines file: `requirement`, `tests`, `code`, `feedback`, `revision` per line".into()
+            }
             ValueType::ModelFile => "a built-in model's name, a GGUF file or a Hugging Face model directory".into(),
             ValueType::Metric => "a metric such as \"scores.pass@1\"".into(),
             ValueType::Expression => "an expression such as \"revised.count == 0\"".into(),
@@ -334,7 +345,7 @@ impl Shape {
             ValueType::Input(_) => Shape::Input,
             ValueType::Adapter => Shape::Adapter,
             ValueType::Model => Shape::Model,
-            ValueType::File => Shape::File,
+            ValueType::File | ValueType::Template(_) | ValueType::RevisionExamples => Shape::File,
             ValueType::ModelFile => Shape::ModelFile,
             ValueType::Metric => Shape::Metric,
             ValueType::Expression => Shape::Expression,

@@ -165,6 +165,15 @@ pub struct RevisionExample {
     pub revision: String,
 }
 
+/// The worked revisions of an `examples` file, one JSON object a line; an error names its line.
+pub fn revision_examples(text: &str) -> Result<Vec<RevisionExample>, String> {
+    text.lines()
+        .enumerate()
+        .filter(|(_, line)| !line.trim().is_empty())
+        .map(|(number, line)| serde_json::from_str(line).map_err(|e| format!("line {}: {e}", number + 1)))
+        .collect()
+}
+
 /// The (user, assistant) turns that show `example` being revised, before the real request. The
 /// reference solution is left out: the example teaches fixing from feedback.
 pub fn revise_example(template: &str, example: &RevisionExample) -> (String, String) {

@@ -90,7 +90,7 @@ params! {
     /// Longest training sequence in tokens; longer ones are cut.
     MAX_LENGTH: i64 = optional("max-length", ValueType::at_least(16), "512");
     /// The prompt template, as `generate`'s `template` (the built-in one by default).
-    TEMPLATE: Option<PathBuf> = unset("template", ValueType::File);
+    TEMPLATE: Option<PathBuf> = unset("template", ValueType::Template(crate::llm::prompt::SOLVE_VALUES));
     /// How the frozen weights multiply: `f32`, or `bf16` (weights and activations rounded to bfloat16, sums in f32)
     /// on the AMX tile units of Intel Xeons since Sapphire Rapids, about 3× the f32 rate there; `auto` is bf16 where
     /// the CPU has AMX and f32 elsewhere. The LoRA matrices, their gradients and the optimizer are f32 in every case.

@@ -37,7 +37,7 @@ params! {
     /// Programs per task.
     SAMPLES: i64 = optional("samples", ValueType::Integer { min: 1, max: MOST_SAMPLES }, "1");
     /// A prompt template replacing the built-in one (`std/prompts/…` or a file).
-    pub TEMPLATE: Option<PathBuf> = unset("template", ValueType::File);
+    pub TEMPLATE: Option<PathBuf> = unset("template", ValueType::Template(crate::llm::prompt::SOLVE_VALUES));
 }
 
 pub static SPEC: KindSpec = KindSpec {

@@ -2,7 +2,7 @@ use crate::data::{Parent, Sample, Verdict, sample_seed};
 use std::path::PathBuf;
 
 use crate::dsl::schema::{Artifact, Input, KindSpec, Role, ValueType, params};
-use crate::llm::prompt::{ReferenceMode, RevisionExample};
+use crate::llm::prompt::ReferenceMode;
 use crate::llm::{Request, prompt};
 use crate::nodes::context::{Context, Outcome, StepError};
 use crate::nodes::generate::{
@@ -70,9 +70,9 @@ params! {
     /// How the prompt shows the dataset's reference solution.
     REFERENCE: ReferenceMode = optional("reference", ValueType::Choice(ReferenceMode::NAMES), r#""hint""#);
     /// Worked revisions shown first (few-shot), as JSON lines.
-    EXAMPLES: Option<PathBuf> = unset("examples", ValueType::File);
+    EXAMPLES: Option<PathBuf> = unset("examples", ValueType::RevisionExamples);
     /// A prompt template replacing the built-in one.
-    TEMPLATE: Option<PathBuf> = unset("template", ValueType::File);
+    TEMPLATE: Option<PathBuf> = unset("template", ValueType::Template(prompt::REVISE_VALUES));
 }
 
 pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
@@ -118,11 +118,7 @@ fn examples(ctx: &Context, template: &str) -> Result<Vec<(String, String)>, Step
     };
     let text = crate::stdlib::read_to_string(&path)
         .map_err(|e| StepError::Failed(format!("cannot read `{}`: {e}", path.display())))?;
-    let mut turns = vec![];
-    for (number, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-        let example: RevisionExample = serde_json::from_str(line)
-            .map_err(|e| StepError::Failed(format!("{}:{}: {e}", path.display(), number + 1)))?;
-        turns.push(prompt::revise_example(template, &example));
-    }
-    Ok(turns)
+    let examples = prompt::revision_examples(&text)
+        .map_err(|e| StepError::Failed(format!("`{}` cannot be used: {e}", path.display())))?;
+    Ok(examples.iter().map(|example| prompt::revise_example(template, example)).collect())
 }
