@@ -448,6 +448,9 @@ impl<'a> Scope<'a> {
                     if !self.check_metric(found.declaration, metric, span, problems) {
                         continue;
                     }
+                    if metric.starts_with("pass@") || metric == "pass-rate" {
+                        check_share_thresholds(declaration, metric, span, sources, problems);
+                    }
                     inputs.push(Input { property: property.name.to_string(), source: found.source, artifact });
                 }
                 (ValueType::Model, Some(Value::Model(model))) if !self.models.contains_key(model) => {
@@ -524,10 +527,15 @@ impl<'a> Scope<'a> {
                 }
                 None => String::new(),
             };
+            // pass@k takes k programs per task: a `report` cannot give it from fewer.
+            let instead = match samples {
+                Some(samples) if k > samples => format!("generate at least {k} programs per task (`samples`)"),
+                _ => format!("a `report` step with k=\"{k}\" reports `pass@{k}`"),
+            };
             problems
                 .at(self.sources, Code::UnknownMetric, span, format!("`{step}` reports no `{metric}`"), "not reported")
                 .help(format!(
-                    "`{step}` reports pass@1, pass@5, pass@10 and pass@100, those up to its samples per task{reach}; a `report` step with k=\"{k}\" reports `pass@{k}`"
+                    "`{step}` reports pass@1, pass@5, pass@10 and pass@100, those up to its samples per task{reach}; {instead}"
                 ));
             return false;
         }
@@ -619,6 +627,43 @@ impl<'a> Scope<'a> {
 }
 
 /// Puts steps into a DAG and orders them; reports each cycle with its path.
+/// A share (pass@k, a pass rate) is from 0 to 1: a threshold on one outside that range, such as
+/// `at-least=50` meant as 50%, is met always or never. Thresholds are the unbounded numbers.
+fn check_share_thresholds(
+    declaration: &Declaration,
+    metric: &str,
+    span: Span,
+    sources: &Sources,
+    problems: &mut Problems,
+) {
+    let thresholds = declaration
+        .spec
+        .properties
+        .iter()
+        .filter(|p| matches!(p.ty, ValueType::Number { min, max } if min.is_infinite() && max.is_infinite()));
+    for threshold in thresholds {
+        if let Some(Value::Number(value)) = declaration.props.get(threshold.name)
+            && !(0.0..=1.0).contains(value)
+        {
+            let help = if (1.0..=100.0).contains(value) {
+                format!("write {} for {value}%", value / 100.0)
+            } else {
+                "give a value from 0 to 1".to_string()
+            };
+            problems
+                .at(
+                    sources,
+                    Code::BadValue,
+                    declaration.span_of(threshold.name),
+                    format!("`{}` is {value}, but `{metric}` is a share from 0 to 1", threshold.name),
+                    "out of the metric's range",
+                )
+                .also(span, "a share")
+                .help(help);
+        }
+    }
+}
+
 fn order_graph(steps: Vec<PlannedStep>, sources: &Sources, problems: &mut Problems) -> Option<Graph> {
     let mut dag = DiGraph::new();
     let nodes: Vec<NodeIndex> = (0..steps.len()).map(|i| dag.add_node(i)).collect();
