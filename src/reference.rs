@@ -1,6 +1,7 @@
 //! The language reference (`docs/language.md`), generated from the kinds' specs so it cannot
 //! drift from what the checker accepts: `seedflow docs > docs/language.md`.
 
+use std::collections::BTreeMap;
 use std::fmt::Write;
 
 use crate::dsl::schema::Role;
@@ -61,6 +62,13 @@ pub fn language_reference() -> String {
         }
         for (property, other) in kind.distinct {
             let _ = writeln!(out, "`{property}` may not be `{other}`.\n");
+        }
+        let mut needing: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+        for (metric, property) in kind.metrics_needing {
+            needing.entry(property).or_default().push(format!("`{metric}`"));
+        }
+        for (property, metrics) in needing {
+            let _ = writeln!(out, "{} are published only with `{property}`.\n", metrics.join(", "));
         }
         if !kind.metrics.is_empty() {
             let list: Vec<_> = kind.metrics.iter().map(|m| format!("`{m}`")).collect();

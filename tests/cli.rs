@@ -147,6 +147,10 @@ fn run_writes_outputs_and_resumes() {
     assert_eq!(again.status.code(), Some(2));
     assert!(text(&again.stderr).contains("run directory `out` holds an earlier run"));
 
+    // A dry run says what the run would: without --resume, that the directory is taken.
+    let dry = seedflow(&["run", "flow.kdl", "--run-dir", "out", "--dry-run"], dir.path());
+    assert_eq!(dry.status.code(), Some(2));
+    assert!(text(&dry.stderr).contains("run directory `out` holds an earlier run"));
     let dry =
         seedflow(&["run", "flow.kdl", "--run-dir", "out", "--resume", "--dry-run", "--set", "two.limit=1"], dir.path());
     assert_eq!(dry.status.code(), Some(0));
@@ -164,6 +168,12 @@ fn run_writes_outputs_and_resumes() {
     assert_eq!(resumed.status.code(), Some(0));
     let stderr = text(&resumed.stderr);
     assert!(stderr.contains("cached  tasks") && stderr.contains("cached  two"), "{stderr}");
+    assert!(!stderr.contains("no earlier run"), "{stderr}");
+
+    // A --run-dir with no run in it (a typo) to resume: said, then a run starts there.
+    let fresh = seedflow(&["run", "flow.kdl", "--run-dir", "out-typo", "--resume"], dir.path());
+    assert_eq!(fresh.status.code(), Some(0));
+    assert!(text(&fresh.stderr).contains("no earlier run in `out-typo` to resume: starting one"));
 }
 
 #[test]

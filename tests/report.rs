@@ -29,7 +29,7 @@ loop-until "again" max-iterations=2 {
 }
 execute "scores" code="tasks"
 report "summary" from="scores" baseline="again.checked" title="References"
-gate "perfect" metric="scores.pass@1" at-least=1.5
+gate "half" metric="scores.pass@1" at-most=0.5
 dataset "two" format="jsonl" path="tasks.jsonl" limit=2
 gate "as-many" metric="two.count" baseline="tasks.count" margin=0.5
 "#;
@@ -72,11 +72,11 @@ fn a_run_reports_its_iterations_evaluations_and_gates() {
     }
     assert_eq!(gate("as-many")["passed"], false);
     assert_eq!(gate("as-many")["failure"], "two.count = 2 is below the baseline tasks.count = 3 by more than 0.5");
-    assert_eq!(gate("perfect")["passed"], false);
-    assert_eq!(gate("perfect")["failure"], "scores.pass@1 = 1 is below 1.5");
-    assert_eq!(gate("perfect")["checked"], true);
+    assert_eq!(gate("half")["passed"], false);
+    assert_eq!(gate("half")["failure"], "scores.pass@1 = 1 is above 0.5");
+    assert_eq!(gate("half")["checked"], true);
     let markdown = std::fs::read_to_string(dir.path().join("run/report.md")).unwrap();
-    assert!(markdown.contains("- gate `perfect`: **failed: scores.pass@1 = 1 is below 1.5**"), "{markdown}");
+    assert!(markdown.contains("- gate `half`: **failed: scores.pass@1 = 1 is above 0.5**"), "{markdown}");
     assert!(markdown.contains("| iteration | checked pass@1 | kept count |"), "{markdown}");
     // The report step's comparison with its baseline leads the run's report.
     assert!(

@@ -268,7 +268,7 @@ fn run_directory(args: &RunArgs, workflow: &str) -> Result<PathBuf, Problem> {
             return Err(Problem::new(Code::RunDirectory, format!("run directory `{}` is a file", dir.display()))
                 .with_help("choose another `--run-dir`"));
         }
-        (Some(dir), false) if !args.dry_run && dir.join("summary.json").exists() => {
+        (Some(dir), false) if dir.join("summary.json").exists() => {
             return Err(Problem::new(
                 Code::RunDirectory,
                 format!("run directory `{}` holds an earlier run", dir.display()),
@@ -277,8 +277,7 @@ fn run_directory(args: &RunArgs, workflow: &str) -> Result<PathBuf, Problem> {
         }
         // A step's folder replaces any of the same name: a folder of the user's is no place for a run.
         (Some(dir), _)
-            if !args.dry_run
-                && !dir.join("summary.json").exists()
+            if !dir.join("summary.json").exists()
                 && std::fs::read_dir(dir).is_ok_and(|mut entries| entries.next().is_some()) =>
         {
             return Err(Problem::new(
@@ -428,10 +427,13 @@ fn run(args: RunArgs) -> i32 {
             return EXIT_FAILED;
         }
     };
+    // A mistyped `--run-dir` would start afresh unseen, running everything again.
+    if args.resume && !run_dir.join("summary.json").exists() {
+        eprintln!("no earlier run in `{}` to resume: starting one", run_dir.display());
+    }
     if args.dry_run {
-        let resume = args.resume || run_dir.exists();
         println!("would run `{}` in `{}`:", plan.name, run_dir.display());
-        for line in runtime.block_on(engine::dry_run(plan.clone(), &run_dir, resume)) {
+        for line in runtime.block_on(engine::dry_run(plan.clone(), &run_dir, args.resume)) {
             let step = match line.iteration {
                 Some(i) => format!("{} (iteration {i})", line.step),
                 None => line.step.clone(),

@@ -439,6 +439,19 @@ fn convert(ty: ValueType, literal: &Literal, at: Option<(&Sources, Span)>) -> Re
                     && url.parse::<ureq::http::Uri>().is_ok_and(|uri| uri.host().is_some_and(|host| !host.is_empty()))
             };
             let not_url = s.split(',').map(str::trim).find(|url| !is_url(url));
+            // seedflow adds the endpoints' paths itself.
+            let endpoint = ["/chat/completions", "/completions", "/models"].into_iter().find_map(|path| {
+                s.split(',').map(str::trim).find(|url| url.trim_end_matches('/').ends_with(path)).map(|url| (url, path))
+            });
+            if let Some((url, path)) = endpoint.filter(|_| not_url.is_none()) {
+                return Err(ValueError {
+                    message: Some(format!("`{url}` names an endpoint, not the server")),
+                    ..bad_value(
+                        format!("ends in `{path}`"),
+                        format!("give the server's base URL, without `{path}`: seedflow adds each endpoint's path"),
+                    )
+                });
+            }
             match not_url.filter(|_| s != "spawn") {
                 None => Ok(Value::Text(s.to_string())),
                 Some(bad) => Err(bad_value(
@@ -610,6 +623,9 @@ fn convert(ty: ValueType, literal: &Literal, at: Option<(&Sources, Span)>) -> Re
         }
         ValueType::File | ValueType::ModelFile => {
             let s = string.ok_or_else(|| wrong_type(literal))?;
+            if s.is_empty() {
+                return Err(bad_value("empty", "name a file"));
+            }
             let Some((sources, span)) = at else {
                 return Ok(Value::File(PathBuf::from(s)));
             };

@@ -414,8 +414,12 @@ pub fn apply_overrides(nodes: &mut Vec<Node>, overrides: &[String], sources: &mu
                 "unknown node",
             );
             let the_workflow = nodes.iter().any(|n| n.kind.value == "workflow" && n.name_str() == Some(target));
+            // A step inside a loop is named with its loop's name: `adapt.tune`.
+            let in_a_loop = names.iter().find(|name| name.rsplit_once('.').is_some_and(|(_, step)| step == target));
             if the_workflow {
                 builder = builder.help(format!("the `workflow` node is set as `workflow`: `--set workflow.{key}=…`"));
+            } else if let Some(full) = in_a_loop {
+                builder = builder.help(format!("a step in a loop is named with its loop's: `--set {full}.{key}=…`"));
             } else if let Some(best) = super::diagnostics::did_you_mean(target, names.iter().map(String::as_str)) {
                 builder = builder.help(format!("did you mean `{best}`?"));
             }
@@ -423,6 +427,15 @@ pub fn apply_overrides(nodes: &mut Vec<Node>, overrides: &[String], sources: &mu
             continue;
         };
         let key_span = Span { file, range: SourceSpan::new((target.len() + 1).into(), key.len()) };
+        // Two overrides of one property: the last would win unseen, as two in a file would.
+        if let Some(first) =
+            node.properties.iter().find(|p| p.key.value == key && sources.get(p.key.span.file).name == "--set")
+        {
+            problems
+                .at(sources, Code::BadOverride, key_span, format!("`{lhs}` is set twice"), "again here")
+                .help(format!("keep one `--set {lhs}=…` (the first gave {})", first.value.value.describe()));
+            continue;
+        }
         let property = Property { key: Spanned::new(key.to_string(), key_span), value: Spanned::new(value, rhs_span) };
         node.properties.retain(|p| p.key.value != key);
         node.properties.push(property);

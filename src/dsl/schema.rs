@@ -499,6 +499,8 @@ pub struct KindSpec {
     pub ordered: &'static [(&'static str, &'static str)],
     /// Properties that may not name the same thing, which would compare it with itself.
     pub distinct: &'static [(&'static str, &'static str)],
+    /// Metrics published only when a property is given: (metric, property).
+    pub metrics_needing: &'static [(&'static str, &'static str)],
     /// A complete workflow that shows the kind in use; checked by a test.
     pub example: &'static str,
 }

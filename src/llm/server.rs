@@ -395,8 +395,20 @@ fn wait(time: Duration, stop: &AtomicBool) -> bool {
 
 /// The server's reason for an error answer: its JSON `error.message` where it gives one.
 fn error_message(response: ureq::http::Response<ureq::Body>) -> String {
-    let text = response.into_body().read_to_string().unwrap_or_default();
-    serde_json::from_str::<Value>(&text)
+    error_text(&response.into_body().read_to_string().unwrap_or_default())
+}
+
+/// What a refusal's body says: the API's error message, or the start of the text.
+fn error_text(text: &str) -> String {
+    // A web server's or a proxy's error page: its title, not its markup.
+    if text.trim_start().starts_with('<') {
+        let title = text.split_once("<title>").and_then(|(_, rest)| rest.split_once("</title>"));
+        return match title {
+            Some((title, _)) => format!("an HTML page, \"{}\" (not the API)", title.trim()),
+            None => "an HTML page (not the API)".into(),
+        };
+    }
+    serde_json::from_str::<Value>(text)
         .ok()
         .and_then(|v| {
             let error = v.get("error").unwrap_or(&v);
@@ -861,5 +873,13 @@ mod tests {
         let client = Server::new(&url, settings(&url, Some("base"), Duration::from_secs(5)).server.unwrap());
         let adapter = client.adapter(Some((&dir.path().join("peft"), 1.0)), &AtomicBool::new(false)).unwrap();
         assert!(matches!(adapter, Adapter::Named(name) if name.starts_with("seedflow-")));
+    }
+
+    #[test]
+    fn a_refusal_says_the_api_s_message_or_names_an_error_page() {
+        assert_eq!(error_text(r#"{"error": {"message": "model not found"}}"#), "model not found");
+        let page = "<!DOCTYPE HTML>\n<html><head><title>Error response</title></head><body>404</body></html>";
+        assert_eq!(error_text(page), "an HTML page, \"Error response\" (not the API)");
+        assert_eq!(error_text("busy"), "busy");
     }
 }

@@ -27,6 +27,7 @@ pub static SPEC: KindSpec = KindSpec {
     requires: &[],
     ordered: &[],
     distinct: &[],
+    metrics_needing: &[],
     example: r#"dataset "train" format="mbpp" path="examples/data/mbpp/train.jsonl" limit=20
 "#,
 };

@@ -29,6 +29,7 @@ pub static SPEC: KindSpec = KindSpec {
     requires: &[],
     ordered: &[],
     distinct: &[],
+    metrics_needing: &[],
     example: r#"dataset "train" format="mbpp" path="examples/data/mbpp/train.jsonl"
 execute "references" code="train" timeout="5s" memory="256MiB"
 "#,

@@ -53,6 +53,7 @@ pub static SPEC: KindSpec = KindSpec {
     requires: &[],
     ordered: &[],
     distinct: &[],
+    metrics_needing: &[],
     example: r#"model "coder" path="default"
 dataset "train" format="mbpp" path="examples/data/mbpp/train.jsonl" limit=50
 finetune-lora "tune" model="coder" data="train" rank=8 alpha=16 epochs=2 learning-rate=0.0002

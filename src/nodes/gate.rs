@@ -15,6 +15,7 @@ pub static SPEC: KindSpec = KindSpec {
     requires: &[("margin", "baseline")],
     ordered: &[("at-least", "at-most")],
     distinct: &[("baseline", "metric")],
+    metrics_needing: &[],
     example: r#"dataset "train" format="mbpp" path="examples/data/mbpp/train.jsonl" limit=10
 dataset "test" format="mbpp" path="examples/data/mbpp/test.jsonl" limit=10
 execute "references" code="train"

@@ -27,6 +27,7 @@ pub static SPEC: KindSpec = KindSpec {
     requires: &[],
     ordered: &[],
     distinct: &[],
+    metrics_needing: &[],
     example: r#"model "coder" path="default"
 dataset "train" format="mbpp" path="examples/data/mbpp/prompt.jsonl"
 

@@ -72,6 +72,7 @@ pub static SPEC: KindSpec = KindSpec {
     requires: &[("server-model", "server"), ("api-key-env", "server")],
     ordered: &[],
     distinct: &[],
+    metrics_needing: &[],
     example: r#"model "coder" path="default" context=8192 gpu-layers=0
 
 dataset "problems" format="mbpp" path="examples/data/mbpp/prompt.jsonl"

@@ -39,6 +39,15 @@ pub static SPEC: KindSpec = KindSpec {
     requires: &[],
     ordered: &[],
     distinct: &[("baseline", "from")],
+    metrics_needing: &[
+        ("compared", "baseline"),
+        ("baseline-pass@1", "baseline"),
+        ("gained", "baseline"),
+        ("lost", "baseline"),
+        ("p-value", "baseline"),
+        ("gain-low", "baseline"),
+        ("gain-high", "baseline"),
+    ],
     example: r#"dataset "test" format="mbpp" path="examples/data/mbpp/test.jsonl" limit=20
 execute "references" code="test"
 report "summary" from="references" k="1" formats="json,markdown,junit" title="MBPP references"

@@ -53,6 +53,7 @@ pub static SPEC: KindSpec = KindSpec {
     requires: &[("adapter-scale", "adapter")],
     ordered: &[],
     distinct: &[],
+    metrics_needing: &[],
     example: r#"model "coder" path="default"
 dataset "train" format="mbpp" path="examples/data/mbpp/train.jsonl" limit=10
 generate "attempts" model="coder" tasks="train" samples=4

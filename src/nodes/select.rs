@@ -26,6 +26,7 @@ pub static SPEC: KindSpec = KindSpec {
     requires: &[],
     ordered: &[],
     distinct: &[],
+    metrics_needing: &[],
     example: r#"dataset "train" format="mbpp" path="examples/data/mbpp/train.jsonl" limit=10
 execute "verdicts" code="train"
 select "failures" from="verdicts" status="failed,error,timeout" per-task=1 prefer="first"

@@ -30,6 +30,7 @@ pub static BATCHES: KindSpec = KindSpec {
     requires: &[],
     ordered: &[],
     distinct: &[],
+    metrics_needing: &[],
     example: "",
 };
 
@@ -43,6 +44,7 @@ pub static BARRIER: KindSpec = KindSpec {
     requires: &[],
     ordered: &[],
     distinct: &[],
+    metrics_needing: &[],
     example: "",
 };
 

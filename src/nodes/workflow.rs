@@ -20,6 +20,7 @@ pub static SPEC: KindSpec = KindSpec {
     requires: &[],
     ordered: &[],
     distinct: &[],
+    metrics_needing: &[],
     example: r#"workflow "reference-check" seed=7
 
 dataset "problems" format="mbpp" path="examples/data/mbpp/prompt.jsonl"

@@ -13,6 +13,7 @@ use petgraph::graph::{DiGraph, NodeIndex};
 pub use render::{to_dot, to_mermaid};
 
 use crate::data::pass_at_k;
+use crate::dsl::lower::{Location, resolve};
 use crate::dsl::schema::{Artifact, Role, Value, ValueType, Vocabulary};
 use crate::dsl::{Checked, Code, Declaration, Problems, Sources, Span};
 
@@ -371,6 +372,20 @@ impl<'a> Scope<'a> {
             };
             match (property.ty, declaration.props.get(property.name)) {
                 (ValueType::Input(_) | ValueType::Adapter, Some(Value::Reference(reference))) => {
+                    // An adapter's directory written without a `/` reads as a step's name.
+                    if property.ty == ValueType::Adapter
+                        && self.top_step(reference).is_none()
+                        && self.loop_holding(reference).is_none()
+                        && let Some(Location::File(path)) = resolve(sources, span.file, reference)
+                    {
+                        problems
+                            .at(sources, Code::UnknownStep, span, format!("no step named `{reference}`"), "unknown step")
+                            .help(format!(
+                                "`{reference}` is a {} here: write `./{reference}` to use it (a name alone names a step)",
+                                if path.is_dir() { "directory" } else { "file" }
+                            ));
+                        continue;
+                    }
                     let Some(found) = self.find(reference, span, within, problems) else {
                         continue;
                     };
@@ -461,9 +476,20 @@ impl<'a> Scope<'a> {
                         format!("no model named `{model}`"),
                         "unknown model",
                     );
-                    match crate::dsl::diagnostics::did_you_mean(model, self.models.keys().map(String::as_str)) {
-                        Some(best) => builder.help(format!("did you mean `{best}`?")),
-                        None => builder.help(format!("declare it: `model \"{model}\" path=\"default\"`")),
+                    let names: Vec<&str> = self.models.keys().map(String::as_str).collect();
+                    let step = self.top_step(model).or_else(|| self.loop_holding(model).map(|(_, step)| step));
+                    match (crate::dsl::diagnostics::did_you_mean(model, names.iter().copied()), step) {
+                        (Some(best), _) => builder.help(format!("did you mean `{best}`?")),
+                        (None, Some(step)) if names.is_empty() => builder.help(format!(
+                            "`{model}` is a {} step; declare a model under another name: `model \"coder\" path=\"default\"`",
+                            step.spec.name
+                        )),
+                        (None, Some(step)) => builder.help(format!(
+                            "`{model}` is a {} step, not a model; the models are {}",
+                            step.spec.name,
+                            names.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ")
+                        )),
+                        (None, None) => builder.help(format!("declare it: `model \"{model}\" path=\"default\"`")),
                     };
                 }
                 (ValueType::Adapter, Some(Value::File(adapter))) => {
@@ -512,9 +538,24 @@ impl<'a> Scope<'a> {
             self.unknown_metric(declaration, metric, span, problems);
             return false;
         }
+        let step = &declaration.name.value;
+        if let Some((_, needed)) = declaration.spec.metrics_needing.iter().find(|(m, _)| *m == metric)
+            && declaration.props.get(needed).is_none()
+        {
+            problems
+                .at(
+                    self.sources,
+                    Code::UnknownMetric,
+                    span,
+                    format!("`{step}` publishes `{metric}` only with a `{needed}`, and has none"),
+                    "not published",
+                )
+                .also(declaration.name.span, format!("no `{needed}`"))
+                .help(format!("give `{step}` a `{needed}=…`"));
+            return false;
+        }
         let ks = declaration.props.integers("k");
         let Some(k) = metric.strip_prefix("pass@").and_then(|k| k.parse::<i64>().ok()) else { return true };
-        let step = &declaration.name.value;
         if declaration.spec.property("k").is_none_or(|p| p.ty != ValueType::Integers) {
             // Without a `k` list (`execute`): pass@1, 5, 10 and 100, those up to its samples per task.
             let samples = self.samples_per_task(declaration);
@@ -537,6 +578,32 @@ impl<'a> Scope<'a> {
                 .help(format!(
                     "`{step}` reports pass@1, pass@5, pass@10 and pass@100, those up to its samples per task{reach}; {instead}"
                 ));
+            return false;
+        }
+        // A report's pass@k takes k programs per task from the verdicts it reads.
+        let verdicts = match declaration.props.get("from") {
+            Some(Value::Reference(from)) => {
+                self.top_step(from).or_else(|| self.loop_holding(from).map(|(_, step)| step))
+            }
+            _ => None,
+        };
+        let samples = verdicts.and_then(|execute| self.samples_per_task(execute));
+        if ks.contains(&k) && samples.is_some_and(|samples| k > samples) {
+            problems
+                .at(
+                    self.sources,
+                    Code::UnknownMetric,
+                    span,
+                    format!(
+                        "`{step}` cannot report `{metric}`: its verdicts are of {} per task",
+                        match samples {
+                            Some(1) => "one program".to_string(),
+                            n => format!("{} programs", n.unwrap_or(0)),
+                        }
+                    ),
+                    "not reported",
+                )
+                .help(format!("generate at least {k} programs per task (`samples`)"));
             return false;
         }
         if ks.contains(&k) {
