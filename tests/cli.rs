@@ -146,6 +146,10 @@ fn run_writes_outputs_and_resumes() {
     let again = seedflow(&["run", "flow.kdl", "--run-dir", "out"], dir.path());
     assert_eq!(again.status.code(), Some(2));
     assert!(text(&again.stderr).contains("run directory `out` holds an earlier run"));
+    // In CI a refused run's one event says so.
+    let again = seedflow(&["run", "flow.kdl", "--run-dir", "out", "--ci"], dir.path());
+    assert_eq!(again.status.code(), Some(2));
+    assert_eq!(text(&again.stdout), "{\"event\":\"run-finished\",\"status\":\"invalid\",\"exit_code\":2}\n");
 
     // A dry run says what the run would: without --resume, that the directory is taken.
     let dry = seedflow(&["run", "flow.kdl", "--run-dir", "out", "--dry-run"], dir.path());

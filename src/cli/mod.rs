@@ -406,19 +406,22 @@ fn new_run_directory(base: &Path) -> Result<PathBuf, Problem> {
 
 fn run(args: RunArgs) -> i32 {
     let ci = is_ci(args.ci);
+    // A run refused before it starts; in CI its one event says so, as a run's last one does.
+    let refused = |problems: &[Problem]| {
+        report(problems);
+        if ci {
+            let finished = engine::events::Event::RunFinished { status: "invalid".into(), exit_code: EXIT_INVALID };
+            engine::events::EventSink::emit(&display::JsonLines, &finished);
+        }
+        EXIT_INVALID
+    };
     let plan = match crate::load_plan(&args.file, &args.set) {
         Ok(plan) => Arc::new(plan),
-        Err(problems) => {
-            report(&problems);
-            return EXIT_INVALID;
-        }
+        Err(problems) => return refused(&problems),
     };
     let run_dir = match run_directory(&args, &plan.name) {
         Ok(dir) => dir,
-        Err(problem) => {
-            report(&[problem]);
-            return EXIT_INVALID;
-        }
+        Err(problem) => return refused(&[problem]),
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
@@ -444,10 +447,7 @@ fn run(args: RunArgs) -> i32 {
     }
     let _lock = match lock_run_directory(&run_dir) {
         Ok(lock) => lock,
-        Err(problem) => {
-            report(&[problem]);
-            return EXIT_INVALID;
-        }
+        Err(problem) => return refused(&[problem]),
     };
     let workers =
         args.workers.map_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get().min(256)), usize::from);

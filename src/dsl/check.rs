@@ -141,8 +141,13 @@ fn check_node(
     let name = match &node.name {
         Some(Spanned { value: Literal::String(name), span }) => {
             if !is_kebab_case(name) {
+                // A character that only looks like a letter (a Cyrillic `а`) is named, with its code.
+                let label = match name.chars().find(|c| !c.is_ascii()) {
+                    Some(c) => format!("`{c}` (U+{:04X}) is not an ASCII letter", c as u32),
+                    None => "not kebab-case".to_string(),
+                };
                 problems
-                    .at(sources, Code::BadValue, *span, format!("`{name}` is not a valid name"), "not kebab-case")
+                    .at(sources, Code::BadValue, *span, format!("`{name}` is not a valid name"), label)
                     .help("names are kebab-case: lowercase letters, digits and `-`, starting with a letter");
             } else if name == "prev" {
                 problems.at(sources, Code::BadValue, *span, "`prev` is reserved", "reserved name").help(
