@@ -432,7 +432,7 @@ fn convert(ty: ValueType, literal: &Literal, at: Option<(&Sources, Span)>) -> Re
     };
     match ty {
         ValueType::Text => match string {
-            // No text property means anything empty: `stop=""` would end nothing, a `title=""` head nothing.
+            // Empty, no text property means anything: `stop=""` would end nothing, `title=""` head nothing.
             Some("") => Err(bad_value("empty", "give a value, or leave the property out")),
             Some(s) => Ok(Value::Text(s.to_string())),
             None => Err(wrong_type(literal)),
@@ -522,18 +522,14 @@ fn convert(ty: ValueType, literal: &Literal, at: Option<(&Sources, Span)>) -> Re
         ValueType::Choices(options) => {
             let s = string.ok_or_else(|| wrong_type(literal))?;
             let mut list = vec![];
-            let mut offset = 0;
-            for item in s.split(',') {
-                let trimmed = item.trim();
-                let at = offset + item.find(trimmed).unwrap_or(0);
-                if !options.contains(&trimmed) {
-                    return Err(unknown_choice(trimmed, options, at));
+            for (item, at) in items(s) {
+                if !options.contains(&item) {
+                    return Err(unknown_choice(item, options, at));
                 }
-                if list.iter().any(|listed| listed == trimmed) {
-                    return Err(listed_twice(trimmed, at));
+                if list.iter().any(|listed| listed == item) {
+                    return Err(listed_twice(item, at));
                 }
-                list.push(trimmed.to_string());
-                offset += item.len() + 1;
+                list.push(item.to_string());
             }
             Ok(Value::Choices(list))
         }
@@ -547,18 +543,14 @@ fn convert(ty: ValueType, literal: &Literal, at: Option<(&Sources, Span)>) -> Re
                 _ => return Err(wrong_type(literal)),
             };
             let mut list = vec![];
-            let mut offset = 0;
-            for item in s.split(',') {
-                let trimmed = item.trim();
-                let at = offset + item.find(trimmed).unwrap_or(0);
-                let Some(k) = trimmed.parse::<i64>().ok().filter(|k| *k > 0) else {
+            for (item, at) in items(s) {
+                let Some(k) = item.parse::<i64>().ok().filter(|k| *k > 0) else {
                     return Err(bad_value("not a list of positive integers", "write for example \"1,10\""));
                 };
                 if list.contains(&k) {
-                    return Err(listed_twice(trimmed, at));
+                    return Err(listed_twice(item, at));
                 }
                 list.push(k);
-                offset += item.len() + 1;
             }
             Ok(Value::Integers(list))
         }
@@ -722,16 +714,13 @@ fn convert(ty: ValueType, literal: &Literal, at: Option<(&Sources, Span)>) -> Re
                 None => (false, s),
             };
             let mut statuses = vec![];
-            let mut offset = usize::from(negated);
-            for item in list.split(',') {
-                let trimmed = item.trim();
-                let at = offset + item.find(trimmed).unwrap_or(0);
-                match Status::parse(trimmed) {
-                    Some(status) if statuses.contains(&status) => return Err(listed_twice(trimmed, at)),
+            for (item, at) in items(list) {
+                let at = at + usize::from(negated);
+                match Status::parse(item) {
+                    Some(status) if statuses.contains(&status) => return Err(listed_twice(item, at)),
                     Some(status) => statuses.push(status),
-                    None => return Err(unknown_choice(trimmed, Status::NAMES, at)),
+                    None => return Err(unknown_choice(item, Status::NAMES, at)),
                 }
-                offset += item.len() + 1;
             }
             Ok(Value::Statuses(StatusFilter { negated, statuses }))
         }
@@ -750,6 +739,16 @@ fn unknown_choice(word: &str, options: &[&str], offset: usize) -> ValueError {
         help: Some(help),
         offset: Some((offset, word.len())),
     }
+}
+
+/// A comma-separated list's items, trimmed, each with where it starts in the list.
+fn items(list: &str) -> impl Iterator<Item = (&str, usize)> {
+    list.split(',').scan(0, |start, item| {
+        let trimmed = item.trim();
+        let at = *start + item.find(trimmed).unwrap_or(0);
+        *start += item.len() + 1;
+        Some((trimmed, at))
+    })
 }
 
 /// An item a list holds already: a mistake for another item, or a copy to remove.

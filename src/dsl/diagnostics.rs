@@ -224,7 +224,9 @@ impl ProblemBuilder<'_> {
         if let Some(p) = self.problem.as_mut()
             && p.at.map(|a| a.file) == Some(span.file)
             && !p.labels.is_empty()
-            && span.range.offset() - line_start(&p.source_code, span.range.offset()) <= MOST_DRAWN_COLUMN
+            && p.source_code
+                .as_ref()
+                .is_some_and(|s| along_its_line(s.inner(), span.range.offset()) <= MOST_DRAWN_COLUMN)
         {
             p.labels.push(LabeledSpan::new_with_span(Some(label.into()), span.range));
         }
@@ -288,18 +290,18 @@ impl Problems {
 /// a width that must fit 16 bits, and a tab takes up to four columns.
 const MOST_DRAWN_COLUMN: usize = 16_000;
 
-/// Where a line starts, in the text a problem shows.
-fn line_start(source: &Option<NamedSource<Arc<String>>>, offset: usize) -> usize {
-    source.as_ref().and_then(|s| s.inner().get(..offset)).and_then(|before| before.rfind('\n')).map_or(0, |at| at + 1)
+/// How far `offset` is along its line of `text`, in bytes.
+fn along_its_line(text: &str, offset: usize) -> usize {
+    text.get(..offset).map_or(0, |before| offset - before.rfind('\n').map_or(0, |at| at + 1))
 }
 
 /// The line and column (from 1) of a span that starts too far along its line to be drawn.
 fn too_far_right(sources: &Sources, span: Span) -> Option<(usize, usize)> {
     let text = &sources.get(span.file).text;
-    let before = text.get(..span.range.offset())?;
-    let start = before.rfind('\n').map_or(0, |at| at + 1);
-    (span.range.offset() - start > MOST_DRAWN_COLUMN)
-        .then(|| (before.matches('\n').count() + 1, before[start..].chars().count() + 1))
+    let offset = span.range.offset();
+    let before = text.get(..offset).filter(|_| along_its_line(text, offset) > MOST_DRAWN_COLUMN)?;
+    let line = &before[before.rfind('\n').map_or(0, |at| at + 1)..];
+    Some((before.matches('\n').count() + 1, line.chars().count() + 1))
 }
 
 /// The closest of `candidates` to `word`, if it is close enough to be a likely typo.

@@ -219,6 +219,11 @@ impl<'a> Scope<'a> {
         self.top.iter().find_map(|l| l.body.iter().find(|s| s.name.value == name).map(|s| (l, s)))
     }
 
+    /// The step of that name, at the top level or in a loop.
+    fn step_named(&self, name: &str) -> Option<&'a Declaration> {
+        self.top_step(name).or_else(|| self.loop_holding(name).map(|(_, step)| step))
+    }
+
     fn all_names(&self, within: Option<&Declaration>) -> Vec<String> {
         let mut names: Vec<String> = self.top.iter().map(|d| d.name.value.clone()).collect();
         for l in self.top {
@@ -374,8 +379,7 @@ impl<'a> Scope<'a> {
                 (ValueType::Input(_) | ValueType::Adapter, Some(Value::Reference(reference))) => {
                     // An adapter's directory written without a `/` reads as a step's name.
                     if property.ty == ValueType::Adapter
-                        && self.top_step(reference).is_none()
-                        && self.loop_holding(reference).is_none()
+                        && self.step_named(reference).is_none()
                         && let Some(Location::File(path)) = resolve(sources, span.file, reference)
                     {
                         problems
@@ -477,7 +481,7 @@ impl<'a> Scope<'a> {
                         "unknown model",
                     );
                     let names: Vec<&str> = self.models.keys().map(String::as_str).collect();
-                    let step = self.top_step(model).or_else(|| self.loop_holding(model).map(|(_, step)| step));
+                    let step = self.step_named(model);
                     match (crate::dsl::diagnostics::did_you_mean(model, names.iter().copied()), step) {
                         (Some(best), _) => builder.help(format!("did you mean `{best}`?")),
                         (None, Some(step)) if names.is_empty() => builder.help(format!(
@@ -523,7 +527,7 @@ impl<'a> Scope<'a> {
     /// references, a `generate`'s `samples`.
     fn samples_per_task(&self, execute: &Declaration) -> Option<i64> {
         let Some(Value::Reference(code)) = execute.props.get("code") else { return None };
-        let source = self.top_step(code).or_else(|| self.loop_holding(code).map(|(_, step)| step))?;
+        let source = self.step_named(code)?;
         match source.spec.name {
             "dataset" => Some(1),
             "generate" => source.props.integer("samples"),
@@ -582,9 +586,7 @@ impl<'a> Scope<'a> {
         }
         // A report's pass@k takes k programs per task from the verdicts it reads.
         let verdicts = match declaration.props.get("from") {
-            Some(Value::Reference(from)) => {
-                self.top_step(from).or_else(|| self.loop_holding(from).map(|(_, step)| step))
-            }
+            Some(Value::Reference(from)) => self.step_named(from),
             _ => None,
         };
         let samples = verdicts.and_then(|execute| self.samples_per_task(execute));
