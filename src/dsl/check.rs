@@ -494,13 +494,10 @@ fn convert(ty: ValueType, literal: &Literal, at: Option<(&Sources, Span)>) -> Re
                 help: Some("write a duration with its unit, in quotes: \"5s\", \"500ms\", \"2m\"".into()),
                 ..wrong_type(literal)
             })?;
-            let duration = humantime::parse_duration(s).map_err(|e| {
-                let problem = if s.trim_start().starts_with('-') {
-                    "a negative duration".into()
-                } else {
-                    format!("not a duration: {e}")
-                };
-                bad_value(problem, "write a number with a unit: \"5s\", \"500ms\", \"2m\"")
+            // humantime's own message lists units (months, years) no duration here may use.
+            let duration = humantime::parse_duration(s).map_err(|_| {
+                let problem = if s.trim_start().starts_with('-') { "a negative duration" } else { "not a duration" };
+                bad_value(problem, "write a number with a unit: \"500ms\", \"5s\", \"2m\", \"1h\"")
             })?;
             if (min..=max).contains(&duration) { Ok(Value::Duration(duration)) } else { Err(out_of_range()) }
         }
