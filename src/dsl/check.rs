@@ -595,8 +595,8 @@ fn convert(ty: ValueType, literal: &Literal, at: Option<(&Sources, Span)>) -> Re
         // A file of text that a step reads only when it runs: checked now, not minutes into a loop.
         ValueType::Template(_) | ValueType::RevisionExamples => {
             let file = convert(ValueType::File, literal, at)?;
-            let (Value::File(path), Some(_)) = (file.clone(), at) else { return Ok(file) };
-            let text = crate::stdlib::read_to_string(&path).map_err(|e| ValueError {
+            let (Value::File(path), Some(_)) = (&file, at) else { return Ok(file) };
+            let text = crate::stdlib::read_to_string(path).map_err(|e| ValueError {
                 code: Code::MissingFile,
                 message: Some(format!("cannot read `{}`: {e}", path.display())),
                 label: "unreadable".into(),

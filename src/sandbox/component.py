@@ -19,6 +19,8 @@ def _exit_handlers_that_never_run():
     if "atexit" in _sys.modules:
         raise RuntimeError("the built-in atexit was loaded before the sandbox's")
     module = _types.ModuleType("atexit", "Exit handlers, which the sandbox never runs.")
+    # Defined by `exec` in the module's own namespace: functions defined here would carry this
+    # module's globals (the harness's) as their `__globals__`, for any program to read.
     exec(
         "def register(func, *args, **kwargs):\n    return func\n"
         "def unregister(func):\n    pass\n"
