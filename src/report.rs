@@ -30,6 +30,12 @@ pub enum ReportError {
         help("a run directory is what `seedflow run` prints, e.g. `runs/<workflow>/<time>`")
     )]
     Missing(PathBuf),
+    #[error("`{0}` is given twice")]
+    #[diagnostic(
+        code(seedflow::same_run),
+        help("a report compares different runs, so name each run directory once; one run alone is reported too")
+    )]
+    Twice(PathBuf),
     #[error("cannot read `{path}`: {message}")]
     #[diagnostic(
         code(seedflow::report_io),
@@ -154,6 +160,19 @@ struct SummaryStep {
 }
 
 /// Reads a run back from its directory.
+/// The runs in `dirs`, each given once.
+pub fn read_runs(dirs: &[PathBuf]) -> Result<Vec<Run>, ReportError> {
+    let mut seen = vec![];
+    for dir in dirs {
+        let same = dir.canonicalize().unwrap_or_else(|_| dir.clone());
+        if seen.contains(&same) {
+            return Err(ReportError::Twice(dir.clone()));
+        }
+        seen.push(same);
+    }
+    dirs.iter().map(|dir| read_run(dir)).collect()
+}
+
 pub fn read_run(dir: &Path) -> Result<Run, ReportError> {
     let path = dir.join("summary.json");
     if !dir.exists() {

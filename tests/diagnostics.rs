@@ -85,6 +85,25 @@ fn nesting_too_deep_for_the_parser_and_text_that_is_not_utf8_are_diagnostics() {
 /// being imported is a cycle however it is spelt.
 /// miette cannot draw a label past column 65,535 (it panics): such a problem says where it is.
 #[test]
+fn a_file_that_is_not_kdl_gives_a_few_syntax_errors_and_an_empty_one_says_it_has_no_steps() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"), dir.path().join("notes.kdl")).unwrap();
+    let workflow = dir.path().join("flow.kdl");
+    std::fs::write(&workflow, "import \"notes.kdl\"\n").unwrap();
+    let problems = seedflow::load_plan(&workflow, &[]).unwrap_err();
+    assert_eq!(problems.len(), 6, "{problems:?}");
+    assert!(problems.iter().all(|p| p.code == Code::Syntax));
+    let rest = &problems[5].message;
+    assert!(rest.contains(" more KDL syntax errors in `") && rest.ends_with("notes.kdl`"), "{rest}");
+
+    let empty = dir.path().join("empty.kdl");
+    std::fs::write(&empty, "// nothing yet\n").unwrap();
+    let problems = seedflow::load_plan(&empty, &[]).unwrap_err();
+    assert_eq!(problems.len(), 1);
+    assert!(problems[0].message.ends_with("empty.kdl` has no steps"), "{}", problems[0].message);
+}
+
+#[test]
 fn a_problem_far_along_a_line_is_placed_in_words() {
     let dir = tempfile::tempdir().unwrap();
     let long = dir.path().join("long.kdl");

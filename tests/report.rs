@@ -85,8 +85,12 @@ fn a_run_reports_its_iterations_evaluations_and_gates() {
     );
     assert_eq!(run["comparisons"][0]["p_value"], 1.0);
 
-    // Two runs side by side, on stdout as Markdown.
-    let out = seedflow(&["report", "run", "run"], dir.path());
+    // The same run twice is refused; two runs side by side go to stdout as Markdown.
+    let out = seedflow(&["report", "run", "./run/"], dir.path());
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("`./run/` is given twice"), "{}", text(&out.stderr));
+    copy_run(dir.path());
+    let out = seedflow(&["report", "run", "rerun"], dir.path());
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let markdown = text(&out.stdout);
     assert!(
@@ -98,7 +102,7 @@ fn a_run_reports_its_iterations_evaluations_and_gates() {
     assert!(markdown.contains("| references (run) | gate-failed | 0 | 1.000 | +0.0% |"), "{markdown}");
     // Task by task against the first run, on the evaluation both have.
     assert!(
-        markdown.contains("| scores: references (run) -> references (run) | 3 | 1.000 | 1.000 | +0.0 |"),
+        markdown.contains("| scores: references (run) -> references (rerun) | 3 | 1.000 | 1.000 | +0.0 |"),
         "{markdown}"
     );
 
@@ -122,6 +126,12 @@ fn a_run_reports_its_iterations_evaluations_and_gates() {
     let out = seedflow(&["report", "run", "--out", "taken"], dir.path());
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out.stderr).contains("seedflow::report_io"), "{}", text(&out.stderr));
+}
+
+/// A second run to compare with the first: a copy of its directory, `rerun`.
+fn copy_run(dir: &Path) {
+    let status = Command::new("cp").args(["-a", "run", "rerun"]).current_dir(dir).status().unwrap();
+    assert!(status.success());
 }
 
 /// Opens the page in headless Chromium with a script appended that measures what was drawn, and
@@ -162,7 +172,8 @@ document.body.setAttribute('data-measured', JSON.stringify({ svgs, tables, title
 #[test]
 fn the_html_report_renders_in_a_browser() {
     let dir = run_once();
-    let out = seedflow(&["report", "run", "run", "--out", "compared"], dir.path());
+    copy_run(dir.path());
+    let out = seedflow(&["report", "run", "rerun", "--out", "compared"], dir.path());
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let measured = measure_in_browser(&dir.path().join("compared/report.html"));
     assert_eq!(measured["title"], "seedflow report: references, references");

@@ -485,6 +485,16 @@ fn a_workflow_trains_on_a_hugging_face_directory_and_says_why_it_cannot_sample_f
         let said = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
         (out.status, said(&out.stdout), said(&out.stderr))
     };
+    // A rank past the model's projections is refused when the workflow is checked, not once the
+    // steps before training have run; in the GGUF file and the Hugging Face directory alike.
+    for path in [&model, &directory] {
+        let why = Lora::check_rank(path, WIDTH + 1, &[Target::Down, Target::Q]).unwrap_err();
+        assert!(why.contains(&format!("`attn_q` projection ({WIDTH}×{WIDTH})")), "{why}");
+        Lora::check_rank(path, WIDTH + 1, &[Target::Down, Target::Up]).unwrap();
+    }
+    let step = format!(r#"finetune-lora "tune" model="tiny" data="tasks" rank={}"#, WIDTH + 1);
+    let (status, stdout, stderr) = run(&step, "refused");
+    assert!(status.code() == Some(2) && stderr.contains("rank of at most 64"), "{status}\n{stdout}\n{stderr}");
     let (status, stdout, stderr) = run(r#"finetune-lora "tune" model="tiny" data="tasks" rank=4 epochs=1"#, "trained");
     assert!(status.success(), "{status}\n{stdout}\n{stderr}");
     let tune = work.path().join("trained/tune");

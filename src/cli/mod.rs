@@ -228,7 +228,7 @@ fn print_diagnostic(err: &dyn miette::Diagnostic) {
 }
 
 fn report_runs(dirs: &[PathBuf], out: Option<&Path>) -> i32 {
-    let runs = match dirs.iter().map(|dir| crate::report::read_run(dir)).collect::<Result<Vec<_>, _>>() {
+    let runs = match crate::report::read_runs(dirs) {
         Ok(runs) => runs,
         Err(err) => {
             print_diagnostic(&err);

@@ -47,8 +47,7 @@ struct Plain {
     task_id: Json,
     prompt: String,
     solution: Option<String>,
-    #[serde(default)]
-    tests: Vec<String>,
+    tests: Option<Vec<String>>,
     test: Option<String>,
     #[serde(default)]
     setup: String,
@@ -125,10 +124,15 @@ pub fn parse_line(format: Format, line: &str) -> Result<Task, String> {
         }
         Format::Jsonl => {
             let r: Plain = serde_json::from_str(line).map_err(error)?;
-            if r.tests.is_empty() == r.test.is_none() {
-                return Err(
-                    "a task needs either `tests` (a list of statements) or `test` (a program), one of them".into()
-                );
+            match (&r.tests, &r.test) {
+                (Some(_), Some(_)) => return Err("a task has either `tests` or `test`, not both".into()),
+                (None, None) => {
+                    return Err("a task needs `tests` (a list of statements) or `test` (a program)".into());
+                }
+                (Some(tests), None) if tests.is_empty() => {
+                    return Err("`tests` is empty: a task needs at least one test statement".into());
+                }
+                _ => {}
             }
             if r.test.is_some() && r.entry_point.is_none() {
                 return Err("a task with a `test` program needs `entry_point`".into());
@@ -138,7 +142,7 @@ pub fn parse_line(format: Format, line: &str) -> Result<Task, String> {
                 prompt: r.prompt,
                 reference: r.solution.map(normalise),
                 test_setup: r.setup,
-                tests: r.tests,
+                tests: r.tests.unwrap_or_default(),
                 style: if r.test.is_some() { TaskStyle::Humaneval } else { TaskStyle::Requirement },
                 test_program: r.test,
                 entry_point: r.entry_point,
@@ -170,9 +174,10 @@ mod tests {
     #[test]
     fn explains_bad_lines() {
         let error = |format, line| parse_line(format, line).unwrap_err();
-        assert!(error(Format::Jsonl, r#"{"task_id": "a", "prompt": "p"}"#).contains("needs either `tests`"));
+        assert!(error(Format::Jsonl, r#"{"task_id": "a", "prompt": "p"}"#).contains("needs `tests`"));
+        assert!(error(Format::Jsonl, r#"{"task_id": "a", "prompt": "p", "tests": []}"#).contains("`tests` is empty"));
         let both = r#"{"task_id": "a", "prompt": "p", "tests": ["assert f(1)"], "test": "def check(c): pass", "entry_point": "f"}"#;
-        assert!(error(Format::Jsonl, both).contains("needs either `tests`"));
+        assert!(error(Format::Jsonl, both).contains("not both"));
         assert!(error(Format::Mbpp, r#"{"task_id": 1, "text": "t", "test_list": []}"#).contains("at least one test"));
         // Which format has which fields, where a record lacks one; the line's own column.
         assert_eq!(

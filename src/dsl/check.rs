@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use super::ast::{Literal, Node, Property, Sources, Span, Spanned};
-use super::diagnostics::{Code, Problems, did_you_mean};
+use super::diagnostics::{Code, Problem, Problems, did_you_mean};
 use super::expr::Expr;
 use super::lower::{Location, resolve};
 use super::schema::{KindSpec, Props, Role, StatusFilter, Value, ValueType, Vocabulary};
@@ -76,6 +76,21 @@ pub fn check(nodes: &[Node], vocabulary: &Vocabulary, sources: &Sources, problem
         }
     }
     check_duplicates(&checked, sources, problems);
+    if checked.steps.is_empty() && problems.is_empty() {
+        // Running it would do nothing and report success; a file of models alone is one to import.
+        let help = "add the steps to run, such as `generate`, `execute` and `report`; a file meant for `import` \
+                    is checked through a workflow that imports it";
+        match &checked.workflow {
+            Some(workflow) => {
+                let message = format!("workflow `{}` has no steps", workflow.name.value);
+                problems.at(sources, Code::MissingProperty, workflow.name.span, message, "no steps").help(help);
+            }
+            None => {
+                let message = format!("`{}` has no steps", sources.get(0).name);
+                problems.push(Problem::new(Code::MissingProperty, message).with_help(help));
+            }
+        }
+    }
     checked
 }
 
@@ -437,6 +452,19 @@ fn convert(ty: ValueType, literal: &Literal, at: Option<(&Sources, Span)>) -> Re
             Some(s) => Ok(Value::Text(s.to_string())),
             None => Err(wrong_type(literal)),
         },
+        ValueType::EnvVar => {
+            let s = string.ok_or_else(|| wrong_type(literal))?;
+            let mut chars = s.chars();
+            let first_fits = chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
+            if first_fits && chars.all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                Ok(Value::Text(s.to_string()))
+            } else {
+                Err(bad_value(
+                    "not a variable's name",
+                    "give the name of the environment variable that holds the value, such as \"OPENAI_API_KEY\", not the value",
+                ))
+            }
+        }
         ValueType::Server => {
             let s = string.ok_or_else(|| wrong_type(literal))?;
             let is_url = |url: &str| {
@@ -444,6 +472,14 @@ fn convert(ty: ValueType, literal: &Literal, at: Option<(&Sources, Span)>) -> Re
                     && url.parse::<ureq::http::Uri>().is_ok_and(|uri| uri.host().is_some_and(|host| !host.is_empty()))
             };
             let not_url = s.split(',').map(str::trim).find(|url| !is_url(url));
+            // A server listed twice would get twice the requests, not share them with another.
+            let mut listed = vec![];
+            for (url, at) in items(s).filter(|_| not_url.is_none()) {
+                if listed.contains(&url.trim_end_matches('/')) {
+                    return Err(listed_twice(url, at));
+                }
+                listed.push(url.trim_end_matches('/'));
+            }
             // seedflow adds the endpoints' paths itself.
             let endpoint = ["/chat/completions", "/completions", "/models"].into_iter().find_map(|path| {
                 s.split(',').map(str::trim).find(|url| url.trim_end_matches('/').ends_with(path)).map(|url| (url, path))
@@ -506,6 +542,14 @@ fn convert(ty: ValueType, literal: &Literal, at: Option<(&Sources, Span)>) -> Re
                 help: Some("write a size with its unit, in quotes: \"256MiB\", \"1GiB\"".into()),
                 ..wrong_type(literal)
             })?;
+            // Trimmed as durations are; a bare number could mean bytes or megabytes, so it needs its unit.
+            let s = s.trim();
+            if let Ok(bytes) = s.parse::<u64>() {
+                return Err(bad_value(
+                    "no unit",
+                    format!("write it with its unit: {bytes} bytes is \"{}\"", super::schema::size_text(bytes)),
+                ));
+            }
             let size = s
                 .parse::<bytesize::ByteSize>()
                 .map_err(|_| bad_value("not a size", "write a number with a unit: \"256MiB\", \"1GiB\", \"500kB\""))?
@@ -718,6 +762,12 @@ fn convert(ty: ValueType, literal: &Literal, at: Option<(&Sources, Span)>) -> Re
                     Some(status) => statuses.push(status),
                     None => return Err(unknown_choice(item, Status::NAMES, at)),
                 }
+            }
+            if negated && statuses.len() == Status::NAMES.len() {
+                return Err(bad_value(
+                    "keeps no status",
+                    "`!` keeps every status but those listed, and this lists them all: leave one out",
+                ));
             }
             Ok(Value::Statuses(StatusFilter { negated, statuses }))
         }

@@ -64,6 +64,10 @@ fn read_text(path: &Path) -> Result<String, (Code, String)> {
     })
 }
 
+/// Syntax errors shown per file. One mistake can make the parser stumble over the text after it,
+/// and a file that is not KDL at all gives hundreds.
+const MOST_SYNTAX_ERRORS: usize = 5;
+
 fn load_text(file: FileId, sources: &mut Sources, problems: &mut Problems, stack: &mut Vec<Location>) -> Vec<Node> {
     let text = sources.get(file).text.clone();
     if let Some(offset) = too_deep(&text) {
@@ -82,7 +86,9 @@ fn load_text(file: FileId, sources: &mut Sources, problems: &mut Problems, stack
     let document = match KdlDocument::parse(&text) {
         Ok(document) => document,
         Err(err) => {
-            for d in err.diagnostics {
+            let total = err.diagnostics.len();
+            let mut diagnostics = err.diagnostics.into_iter();
+            for d in diagnostics.by_ref().take(MOST_SYNTAX_ERRORS) {
                 let message = d.message.unwrap_or_else(|| "invalid KDL".to_string());
                 let span = Span { file, range: d.span };
                 let label = d.label.unwrap_or_else(|| "here".to_string());
@@ -91,6 +97,22 @@ fn load_text(file: FileId, sources: &mut Sources, problems: &mut Problems, stack
                 if let Some(help) = kdl_1_habit(written).or(d.help) {
                     builder.help(help);
                 }
+            }
+            if let Some(next) = diagnostics.next() {
+                let name = sources.get(file).name.clone();
+                let span = Span { file, range: next.span };
+                problems
+                    .at(
+                        sources,
+                        Code::Syntax,
+                        span,
+                        format!("{} more KDL syntax errors in `{name}`", total - MOST_SYNTAX_ERRORS),
+                        "the next one",
+                    )
+                    .help(format!(
+                        "a mistake often makes the parser stumble over what follows: fix the first ones and check \
+                         again (is `{name}` a KDL workflow?)"
+                    ));
             }
             return vec![];
         }

@@ -3,7 +3,7 @@
 //! language reference (`docs/language.md`) and `seedflow check` all read the same specs.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use std::marker::PhantomData;
@@ -64,6 +64,8 @@ pub enum ValueType {
     Text,
     /// An http:// or https:// URL, or "spawn" (a `model`'s `server`).
     Server,
+    /// The name of an environment variable: letters, digits and `_`, not starting with a digit.
+    EnvVar,
     /// From `min` to `max`, both included; `max` is where a larger value would no longer fit
     /// what it sets (a 32-bit count, llama.cpp's limit) or is `i64::MAX` for none.
     Integer {
@@ -114,7 +116,7 @@ pub enum ValueType {
 }
 
 /// A size as written in a workflow: in the largest binary unit that divides it.
-fn size_text(bytes: u64) -> String {
+pub fn size_text(bytes: u64) -> String {
     match [(30, "GiB"), (20, "MiB"), (10, "KiB")]
         .into_iter()
         .find(|(shift, _)| bytes != 0 && bytes.is_multiple_of(1 << shift))
@@ -148,6 +150,7 @@ impl ValueType {
         match self {
             ValueType::Text => "a string".into(),
             ValueType::Server => "http:// or https:// URLs, comma-separated, or \"spawn\"".into(),
+            ValueType::EnvVar => "the name of an environment variable, such as \"OPENAI_API_KEY\"".into(),
             ValueType::Integer { min, max: i64::MAX } => format!("an integer ≥ {}", thousands(*min)),
             ValueType::Integer { min, max } => format!("an integer from {} to {}", thousands(*min), thousands(*max)),
             ValueType::Number { min, max } if max.is_finite() => {
@@ -333,7 +336,7 @@ pub enum Shape {
 impl Shape {
     pub const fn of(ty: &ValueType) -> Shape {
         match ty {
-            ValueType::Text | ValueType::Server => Shape::Text,
+            ValueType::Text | ValueType::Server | ValueType::EnvVar => Shape::Text,
             ValueType::Integer { .. } => Shape::Integer,
             ValueType::Number { .. } => Shape::Number,
             ValueType::Bool => Shape::Bool,
@@ -501,9 +504,15 @@ pub struct KindSpec {
     pub distinct: &'static [(&'static str, &'static str)],
     /// Metrics published only when a property is given: (metric, property).
     pub metrics_needing: &'static [(&'static str, &'static str)],
+    /// Checks the step's values against the model file its `model` names, when that file is at
+    /// hand.
+    pub fits_model: Option<FitsModel>,
     /// A complete workflow that shows the kind in use; checked by a test.
     pub example: &'static str,
 }
+
+/// Given a step's values and its model's file: `Err((property, why))` where a value does not fit.
+pub type FitsModel = fn(&Props, &Path) -> Result<(), (&'static str, String)>;
 
 impl KindSpec {
     pub fn property(&self, name: &str) -> Option<&PropertySpec> {

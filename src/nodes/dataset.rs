@@ -28,6 +28,7 @@ pub static SPEC: KindSpec = KindSpec {
     ordered: &[],
     distinct: &[],
     metrics_needing: &[],
+    fits_model: None,
     example: r#"dataset "train" format="mbpp" path="examples/data/mbpp/train.jsonl" limit=20
 "#,
 };

@@ -1,7 +1,7 @@
 use crate::data::{Sample, Status, Task, Verdict};
 use std::path::{Path, PathBuf};
 
-use crate::dsl::schema::{AdapterSource, Artifact, Input, KindSpec, ModelName, Param, Role, ValueType, params};
+use crate::dsl::schema::{AdapterSource, Artifact, Input, KindSpec, ModelName, Param, Props, Role, ValueType, params};
 use crate::llm;
 use crate::nodes::context::{Context, Outcome, StepError};
 use crate::train::{self, Base, Config, Example, Lora, Precision, StepRecord, Target};
@@ -54,11 +54,22 @@ pub static SPEC: KindSpec = KindSpec {
     ordered: &[],
     distinct: &[],
     metrics_needing: &[],
+    fits_model: Some(fits_model),
     example: r#"model "coder" path="default"
 dataset "train" format="mbpp" path="examples/data/mbpp/train.jsonl" limit=50
 finetune-lora "tune" model="coder" data="train" rank=8 alpha=16 epochs=2 learning-rate=0.0002
 "#,
 };
+
+/// A `rank` larger than the model's projections, found before the steps ahead of training run.
+/// With `init` the earlier adapter's rank is used, and its check is the adapter's.
+fn fits_model(props: &Props, model: &Path) -> Result<(), (&'static str, String)> {
+    if props.get(INIT.name()).is_some() {
+        return Ok(());
+    }
+    let (Some(rank), Some(targets)) = (props.param(&RANK), props.param(&TARGETS)) else { return Ok(()) };
+    Lora::check_rank(model, rank as usize, &targets).map_err(|why| (RANK.name(), why))
+}
 
 params! {
     /// The base `model`.

@@ -28,6 +28,7 @@ pub static SPEC: KindSpec = KindSpec {
     ordered: &[],
     distinct: &[],
     metrics_needing: &[],
+    fits_model: None,
     example: r#"model "coder" path="default"
 dataset "train" format="mbpp" path="examples/data/mbpp/prompt.jsonl"
 

@@ -36,7 +36,7 @@ params! {
     SERVER_MODEL: Option<String> = unset("server-model", ValueType::Text);
     /// The environment variable holding the server's API key (sent as a bearer token when set); the key itself
     /// never goes in a workflow.
-    API_KEY_ENV: String = optional("api-key-env", ValueType::Text, r#""SEEDFLOW_API_KEY""#);
+    API_KEY_ENV: String = optional("api-key-env", ValueType::EnvVar, r#""SEEDFLOW_API_KEY""#);
     /// Most time the server may take over one sample. A request that cannot connect, or that the server answers
     /// with 5xx or 429, is sent up to 4 times, 1, 2 and 4 s apart.
     REQUEST_TIMEOUT: Duration = optional(
@@ -73,6 +73,7 @@ pub static SPEC: KindSpec = KindSpec {
     ordered: &[],
     distinct: &[],
     metrics_needing: &[],
+    fits_model: None,
     example: r#"model "coder" path="default" context=8192 gpu-layers=0
 
 dataset "problems" format="mbpp" path="examples/data/mbpp/prompt.jsonl"

@@ -48,6 +48,7 @@ pub static SPEC: KindSpec = KindSpec {
         ("gain-low", "baseline"),
         ("gain-high", "baseline"),
     ],
+    fits_model: None,
     example: r#"dataset "test" format="mbpp" path="examples/data/mbpp/test.jsonl" limit=20
 execute "references" code="test"
 report "summary" from="references" k="1" formats="json,markdown,junit" title="MBPP references"

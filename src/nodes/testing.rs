@@ -31,6 +31,7 @@ pub static BATCHES: KindSpec = KindSpec {
     ordered: &[],
     distinct: &[],
     metrics_needing: &[],
+    fits_model: None,
     example: "",
 };
 
@@ -45,6 +46,7 @@ pub static BARRIER: KindSpec = KindSpec {
     ordered: &[],
     distinct: &[],
     metrics_needing: &[],
+    fits_model: None,
     example: "",
 };
 

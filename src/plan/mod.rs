@@ -167,6 +167,7 @@ pub fn build(
             let mut body_steps = vec![];
             for inner in &declaration.body {
                 let inputs = scope.resolve_inputs(inner, Some(declaration), problems);
+                scope.check_fits_model(inner, problems);
                 body_steps.push(PlannedStep { declaration: inner.clone(), inputs, body: None });
             }
             scope.check_until(declaration, problems);
@@ -185,6 +186,7 @@ pub fn build(
             step.body = order_graph(body_steps, &sources, problems);
         } else {
             step.inputs = scope.resolve_inputs(declaration, None, problems);
+            scope.check_fits_model(declaration, problems);
         }
         top_steps.push(step);
     }
@@ -508,6 +510,16 @@ impl<'a> Scope<'a> {
             }
         }
         inputs
+    }
+
+    /// What the step's kind checks against its model's file, where the file is at hand.
+    fn check_fits_model(&self, declaration: &Declaration, problems: &mut Problems) {
+        let Some(fits_model) = declaration.spec.fits_model else { return };
+        let Some(model) = self.model_file(declaration) else { return };
+        if let Err((property, why)) = fits_model(&declaration.props, &model) {
+            let span = declaration.span_of(property);
+            problems.at(self.sources, Code::BadValue, span, why, "does not fit the step's model");
+        }
     }
 
     /// The GGUF file of the model a step names, if it is at hand (a built-in model once fetched).

@@ -85,15 +85,8 @@ impl Lora {
         for (layer, weights) in base.layers.iter().enumerate() {
             for &target in targets {
                 let (n_out, n_in) = weights.projection(target).weight.dims()?;
-                // Past the smaller side a rank adds parameters but no directions; past both it is
-                // a mistake (and the matrices might not fit in memory).
-                if rank > n_in.max(n_out) {
-                    return Err(bad(format!(
-                        "rank={rank} is larger than either side of the model's `{}` projection ({n_out}×{n_in}): use a rank of at most {} (past {} a rank adds no directions)",
-                        target.gguf(),
-                        n_in.max(n_out),
-                        n_in.min(n_out)
-                    )));
+                if let Some(why) = rank_misfit(rank, target, n_out, n_in) {
+                    return Err(bad(why));
                 }
                 let bound = 1.0 / (n_in as f32).sqrt();
                 let a: Vec<f32> = (0..rank * n_in).map(|_| rng.random_range(-bound..bound)).collect();
@@ -145,6 +138,25 @@ impl Lora {
             };
             if !fits {
                 return Err(AdapterFileError::Shape { tensor: name, model: model_path.to_path_buf() });
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks, from the headers of `model` (a GGUF file or a Hugging Face directory), that
+    /// `rank` fits each of its `targets` projections. A model that cannot be read passes: what
+    /// reads it says why.
+    pub fn check_rank(model: &Path, rank: usize, targets: &[Target]) -> std::result::Result<(), String> {
+        let Ok((_, shapes)) = model_shapes(model) else { return Ok(()) };
+        for target in targets {
+            let suffix = format!(".{}.weight", target.gguf());
+            let projections = shapes.iter().filter(|(name, _)| name.starts_with("blk.") && name.ends_with(&suffix));
+            for (_, dims) in projections {
+                if let [n_out, n_in] = dims[..]
+                    && let Some(why) = rank_misfit(rank, *target, n_out, n_in)
+                {
+                    return Err(why);
+                }
             }
         }
         Ok(())
@@ -373,6 +385,20 @@ fn adapter_shapes(path: &Path) -> std::result::Result<(Option<String>, Matrices)
         Some((name.to_string(), a.shape.dims().to_vec(), b))
     });
     Ok((Some(gguf_text(&adapter, "general.architecture")), matrices.collect()))
+}
+
+/// Why `rank` cannot adapt `target`'s (n_out, n_in) weight, if it cannot. Past the smaller side a
+/// rank adds parameters but no directions; past both it is a mistake (and the matrices might not
+/// fit in memory).
+fn rank_misfit(rank: usize, target: Target, n_out: usize, n_in: usize) -> Option<String> {
+    (rank > n_in.max(n_out)).then(|| {
+        format!(
+            "rank={rank} is larger than either side of the model's `{}` projection ({n_out}×{n_in}): use a rank of at most {} (past {} a rank adds no directions)",
+            target.gguf(),
+            n_in.max(n_out),
+            n_in.min(n_out)
+        )
+    })
 }
 
 /// A model's architecture and weight shapes by GGUF name.
