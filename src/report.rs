@@ -504,7 +504,8 @@ fn training_table(run: &Run) -> Table {
 
 fn markdown_table(out: &mut String, table: &Table) {
     for (i, row) in table.iter().enumerate() {
-        let _ = writeln!(out, "| {} |", row.join(" | "));
+        let cells: Vec<String> = row.iter().map(|cell| markdown_cell(cell)).collect();
+        let _ = writeln!(out, "| {} |", cells.join(" | "));
         if i == 0 {
             let _ = writeln!(out, "|{}", "---|".repeat(row.len()));
         }
@@ -542,6 +543,12 @@ pub fn markdown(runs: &[Run]) -> String {
         }
     }
     out
+}
+
+/// Text in one table cell: on one line, its `|` not ending the cell (a report's title is the
+/// user's).
+fn markdown_cell(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ").replace('|', "\\|")
 }
 
 fn escape(text: &str) -> String {

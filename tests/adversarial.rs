@@ -159,6 +159,22 @@ fn adversarial_programs_end_with_the_right_status_and_leave_the_host_alone() {
             Status::Error,
         ),
         (format!("{WRONG}def g():\n    yield sys\nimport sys\ng().gi_frame.f_back\n"), Status::Error),
+        // The recorder a test's assert passes its value through is the test's own: neither
+        // replaced in the namespace nor caught at its lookup by a key that compares equal to it.
+        (
+            format!(
+                "{WRONG}class K:\n    def __hash__(self):\n        return hash('__seedflow_record__')\n    def __eq__(self, other):\n        globals()[self] = lambda value, line: -value\n        return True\nglobals()[K()] = 0\n"
+            ),
+            Status::Failed,
+        ),
+        (
+            "def f(x):\n    globals()['__seedflow_record__'] = lambda value, line: -value\n    return -x\n".into(),
+            Status::Failed,
+        ),
+        // An assertion whose message cannot be made is still a failed test.
+        ("class A(AssertionError):\n    def __str__(self):\n        raise ValueError\ndef f(x):\n    raise A()\n".into(), Status::Failed),
+        // Exactly as much output as allowed (16 KiB here).
+        (format!("import os\nos.write(1, b'y' * 16384)\n{CORRECT}"), Status::Passed),
     ];
     assert!(owned.len() >= 40);
     let cases: Vec<(&str, Status)> = owned.iter().map(|(p, s)| (p.as_str(), *s)).collect();

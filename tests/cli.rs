@@ -242,13 +242,6 @@ fn a_failing_step_exits_1_with_the_reason() {
         assert!(error.contains(&format!("step `{step}` failed: tasks.jsonl:1: missing field `text`")), "{stderr}");
     }
     assert!(stderr.contains("--resume --run-dir out"), "{stderr}");
-
-    // A HumanEval task's prompt is its signature: there are no tests to show.
-    let dir = project("dataset \"tasks\" format=\"humaneval\" path=\"tasks.jsonl\" show-tests=#true\n");
-    let out = seedflow(&["run", "flow.kdl", "--run-dir", "out"], dir.path());
-    assert_eq!(out.status.code(), Some(1));
-    let stderr = text(&out.stderr);
-    assert!(stderr.contains("`show-tests` does nothing for `humaneval` tasks"), "{stderr}");
 }
 
 /// A run writes a folder per step, replacing folders of the same names: it never takes a

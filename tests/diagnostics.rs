@@ -104,6 +104,39 @@ fn a_file_that_is_not_kdl_gives_a_few_syntax_errors_and_an_empty_one_says_it_has
 }
 
 #[test]
+fn a_file_imported_twice_joins_once_and_a_cycle_through_another_file_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
+    write("models.kdl", "model \"coder\" path=\"default\"\n");
+    write("part.kdl", "import \"models.kdl\"\ngenerate \"a\" model=\"coder\" tasks=\"t\"\n");
+    let data = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/data/house-api.jsonl");
+    write(
+        "flow.kdl",
+        &format!("import \"models.kdl\"\nimport \"part.kdl\"\ndataset \"t\" format=\"jsonl\" path=\"{data}\"\n"),
+    );
+    let plan = seedflow::load_plan(&dir.path().join("flow.kdl"), &[]).unwrap();
+    assert_eq!(plan.models.len(), 1);
+
+    write("a.kdl", "import \"b.kdl\"\n");
+    write("b.kdl", "import \"a.kdl\"\n");
+    let problems = seedflow::load_plan(&dir.path().join("a.kdl"), &[]).unwrap_err();
+    assert_eq!(problems[0].code, Code::ImportCycle);
+    assert_eq!(problems[0].message, "`a.kdl` imports this file, directly or through others: the imports form a cycle");
+}
+
+#[test]
+fn spaces_around_a_choice_are_trimmed_as_around_a_list_item() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/data/house-api.jsonl");
+    let flow = dir.path().join("flow.kdl");
+    std::fs::write(&flow, format!("dataset \"t\" format=\" jsonl \" path=\"{data}\"\nexecute \"e\" code=\"t\"\n"))
+        .unwrap();
+    let plan = seedflow::load_plan(&flow, &[]).unwrap();
+    let (_, dataset) = plan.all_steps()[0];
+    assert_eq!(dataset.declaration.props.get("format"), Some(&seedflow::dsl::schema::Value::Choice("jsonl".into())));
+}
+
+#[test]
 fn a_problem_far_along_a_line_is_placed_in_words() {
     let dir = tempfile::tempdir().unwrap();
     let long = dir.path().join("long.kdl");

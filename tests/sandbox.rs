@@ -23,11 +23,16 @@ fn honest_programs_get_each_status_with_useful_feedback() {
     let logs = "import logging\nlogging.basicConfig(level=logging.INFO)\ndef f(x):\n    logging.info('f(%s)', x)\n    return x\n";
     let handler =
         "import atexit, doctest, concurrent.futures\natexit.register(print, 'passed')\ndef f(x):\n    return -x\n";
-    let cases = [(deep, Status::Passed), (logs, Status::Passed), (handler, Status::Failed)];
+    // Past the parser's nesting limit (lower in WASI's CPython than natively): an error that says
+    // so, not the interpreter's crash.
+    let nested = format!("x = {}1{}\ndef f(x):\n    return x\n", "(".repeat(150), ")".repeat(150));
+    let cases = [(deep, Status::Passed), (logs, Status::Passed), (handler, Status::Failed), (&nested, Status::Error)];
     let results = run_all_in(sandbox, &cases);
     for ((_, expected), result) in cases.iter().zip(&results) {
         assert_eq!(result.status, *expected, "{result:?}");
     }
+    assert!(results[3].feedback.starts_with("While compiling the program: "), "{}", results[3].feedback);
+    assert!(results[3].feedback.contains("too complex"), "{}", results[3].feedback);
 }
 
 /// The plain python.wasm (CPython 3.12, started per program) runs the same harness.
@@ -111,6 +116,20 @@ fn a_right_value_in_the_wrong_form_is_named() {
     assert!(list.feedback.ends_with("passed to `set`: return set(...) of it."), "{}", list.feedback);
 }
 
+/// The least memory `execute` accepts runs a program.
+#[test]
+fn a_program_runs_in_the_least_memory() {
+    let wasm = seedflow::sandbox::interpreter(&|m| eprintln!("{m}")).expect("the sandbox");
+    let least = seedflow::sandbox::LEAST_MEMORY;
+    let sandbox = Sandbox::new(&wasm, 1, least).unwrap();
+    let limits = seedflow::sandbox::Limits { memory: least, ..limits() };
+    let task = task(&["assert f(1) == 1"]);
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let result =
+        runtime.block_on(sandbox.run(&Job::new("def f(x):\n    return x\n", &task, &limits), &limits)).unwrap();
+    assert_eq!(result.status, Status::Passed, "{result:?}");
+}
+
 #[test]
 fn humaneval_style_tests_run_check() {
     let mut task = task(&[]);
@@ -121,7 +140,10 @@ fn humaneval_style_tests_run_check() {
     let sandbox = sandbox();
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let limits = limits();
-    let run = |program: &str| runtime.block_on(sandbox.run(&Job::new(program, &task, &limits), &limits)).unwrap();
+    let run_on = |program: &str, task: &seedflow::data::Task| {
+        runtime.block_on(sandbox.run(&Job::new(program, task, &limits), &limits)).unwrap()
+    };
+    let run = |program: &str| run_on(program, &task);
     let good = run("def f(x):\n    return x\n");
     assert_eq!(good.status, Status::Passed, "{good:?}");
     // The feedback names the assert inside `check` that failed, with the function's own name and
@@ -137,6 +159,20 @@ fn humaneval_style_tests_run_check() {
         assert_eq!(bad.failed_test.as_deref(), Some(test), "{bad:?}");
         assert_eq!(bad.feedback, format!("Test failed: {test}{value}"), "{bad:?}");
     }
+    // `check` keeps its recorder, which the function under test replaces in vain; the test
+    // program's helpers, its `global` names and its `:=` work as at a module's top level.
+    let mut helpers = task.clone();
+    helpers.test_program = Some(
+        "import math\nn = 0\ndef twice(x):\n    return 2 * x\ndef check(candidate):\n    global n\n    n += 1\n    assert candidate(n) == twice(n) / 2\n    assert (got := candidate(4)) == math.sqrt(16)\n    assert got == 4\n".into(),
+    );
+    assert_eq!(run_on("def f(x):\n    return x\n", &helpers).status, Status::Passed);
+    let forged =
+        run_on("def f(x):\n    globals()['__seedflow_record__'] = lambda value, line: 4.0\n    return 0\n", &helpers);
+    assert_eq!(forged.status, Status::Failed, "{forged:?}");
+    assert_eq!(
+        forged.feedback,
+        "Test failed: assert f(n) == twice(n) / 2\nf(n) returned 0, but the test expects twice(n) / 2"
+    );
 }
 
 /// The sandbox's worker processes: this process's children `sandbox-worker KEY MEMORY PARENT`

@@ -268,12 +268,16 @@ fn run_directory(args: &RunArgs, workflow: &str) -> Result<PathBuf, Problem> {
             return Err(Problem::new(Code::RunDirectory, format!("run directory `{}` is a file", dir.display()))
                 .with_help("choose another `--run-dir`"));
         }
+        // `--resume` continues a run of this workflow only.
         (Some(dir), false) if dir.join("summary.json").exists() => {
-            return Err(Problem::new(
-                Code::RunDirectory,
-                format!("run directory `{}` holds an earlier run", dir.display()),
-            )
-            .with_help("pass `--resume` to continue it, or choose another `--run-dir`"));
+            let (whose, help) = match run_in(dir) {
+                Some((other, _)) if !run_of(dir, workflow, &args.file) => {
+                    (format!("a run of workflow `{other}`"), "choose another `--run-dir`")
+                }
+                _ => ("an earlier run".to_string(), "pass `--resume` to continue it, or choose another `--run-dir`"),
+            };
+            return Err(Problem::new(Code::RunDirectory, format!("run directory `{}` holds {whose}", dir.display()))
+                .with_help(help));
         }
         // A step's folder replaces any of the same name: a folder of the user's is no place for a run.
         (Some(dir), _)

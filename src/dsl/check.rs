@@ -163,7 +163,13 @@ fn check_node(
                 };
                 problems
                     .at(sources, Code::BadValue, *span, format!("`{name}` is not a valid name"), label)
-                    .help("names are kebab-case: lowercase letters, digits and `-`, starting with a letter");
+                    .help("names are kebab-case: words of lowercase letters and digits joined by single `-`, starting with a letter");
+            } else if name.len() > MOST_NAME_LENGTH {
+                problems
+                    .at(sources, Code::BadValue, *span, format!("a name of {} characters", name.len()), "too long")
+                    .help(format!(
+                        "a name becomes a directory of the run: shorten it to {MOST_NAME_LENGTH} characters or fewer"
+                    ));
             } else if name == "prev" {
                 problems.at(sources, Code::BadValue, *span, "`prev` is reserved", "reserved name").help(
                     "`prev.<step>` reads a step's output from the loop's previous iteration; choose another name",
@@ -345,6 +351,9 @@ fn check_node(
     Some(Declaration { spec, name, props, spans, body, span: node.span })
 }
 
+/// The longest name: a step's name is a directory's, and a file system's limit is 255 bytes.
+pub const MOST_NAME_LENGTH: usize = 100;
+
 fn is_kebab_case(name: &str) -> bool {
     name.starts_with(|c: char| c.is_ascii_lowercase())
         && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
@@ -445,13 +454,13 @@ fn convert(ty: ValueType, literal: &Literal, at: Option<(&Sources, Span)>) -> Re
         Literal::String(s) => Some(s.as_str()),
         _ => None,
     };
+    // Empty, no property means anything: `stop=""` would end nothing, `title=""` head nothing,
+    // `status=""` keep nothing. (Spaces alone are text, a stop sequence of its own.)
+    if string.is_some_and(|s| if ty == ValueType::Text { s.is_empty() } else { s.trim().is_empty() }) {
+        return Err(bad_value("empty", "give a value, or leave the property out"));
+    }
     match ty {
-        ValueType::Text => match string {
-            // Empty, no text property means anything: `stop=""` would end nothing, `title=""` head nothing.
-            Some("") => Err(bad_value("empty", "give a value, or leave the property out")),
-            Some(s) => Ok(Value::Text(s.to_string())),
-            None => Err(wrong_type(literal)),
-        },
+        ValueType::Text => string.map(|s| Value::Text(s.to_string())).ok_or_else(|| wrong_type(literal)),
         ValueType::EnvVar => {
             let s = string.ok_or_else(|| wrong_type(literal))?;
             let mut chars = s.chars();
@@ -465,43 +474,7 @@ fn convert(ty: ValueType, literal: &Literal, at: Option<(&Sources, Span)>) -> Re
                 ))
             }
         }
-        ValueType::Server => {
-            let s = string.ok_or_else(|| wrong_type(literal))?;
-            let is_url = |url: &str| {
-                (url.starts_with("http://") || url.starts_with("https://"))
-                    && url.parse::<ureq::http::Uri>().is_ok_and(|uri| uri.host().is_some_and(|host| !host.is_empty()))
-            };
-            let not_url = s.split(',').map(str::trim).find(|url| !is_url(url));
-            // A server listed twice would get twice the requests, not share them with another.
-            let mut listed = vec![];
-            for (url, at) in items(s).filter(|_| not_url.is_none()) {
-                if listed.contains(&url.trim_end_matches('/')) {
-                    return Err(listed_twice(url, at));
-                }
-                listed.push(url.trim_end_matches('/'));
-            }
-            // seedflow adds the endpoints' paths itself.
-            let endpoint = ["/chat/completions", "/completions", "/models"].into_iter().find_map(|path| {
-                s.split(',').map(str::trim).find(|url| url.trim_end_matches('/').ends_with(path)).map(|url| (url, path))
-            });
-            if let Some((url, path)) = endpoint.filter(|_| not_url.is_none()) {
-                return Err(ValueError {
-                    message: Some(format!("`{url}` names an endpoint, not the server")),
-                    ..bad_value(
-                        format!("ends in `{path}`"),
-                        format!("give the server's base URL, without `{path}`: seedflow adds each endpoint's path"),
-                    )
-                });
-            }
-            match not_url.filter(|_| s != "spawn") {
-                None => Ok(Value::Text(s.to_string())),
-                Some(bad) => Err(bad_value(
-                    if bad == s { "not a server".to_string() } else { format!("`{bad}` is not a server's URL") },
-                    "give the server's base URL (`http://host:8080` or `…/v1`; several separated by commas), or \"spawn\" \
-                     to have seedflow start llama-server",
-                )),
-            }
-        }
+        ValueType::Server => servers(string.ok_or_else(|| wrong_type(literal))?),
         ValueType::Integer { min, max } => match literal {
             Literal::Integer(i) if (min as i128..=max as i128).contains(i) => Ok(Value::Integer(*i as i64)),
             Literal::Integer(_) => Err(out_of_range()),
@@ -557,7 +530,8 @@ fn convert(ty: ValueType, literal: &Literal, at: Option<(&Sources, Span)>) -> Re
             if (min..=max).contains(&size) { Ok(Value::Size(size)) } else { Err(out_of_range()) }
         }
         ValueType::Choice(options) => {
-            let s = string.ok_or_else(|| wrong_type(literal))?;
+            // Trimmed, as lists' items are.
+            let s = string.ok_or_else(|| wrong_type(literal))?.trim();
             if options.contains(&s) { Ok(Value::Choice(s.to_string())) } else { Err(unknown_choice(s, options, 0)) }
         }
         ValueType::Choices(options) => {
@@ -772,6 +746,60 @@ fn convert(ty: ValueType, literal: &Literal, at: Option<(&Sources, Span)>) -> Re
             Ok(Value::Statuses(StatusFilter { negated, statuses }))
         }
     }
+}
+
+/// `"spawn"`, or servers' base URLs, comma-separated.
+fn servers(s: &str) -> Result<Value, ValueError> {
+    const HELP: &str = "give the server's base URL (`http://host:8080` or `…/v1`; several separated by commas), or \
+                        \"spawn\" to have seedflow start llama-server";
+    if s == "spawn" {
+        return Ok(Value::Text(s.to_string()));
+    }
+    let mut listed = vec![];
+    for (url, at) in items(s) {
+        if let Some(why) = url_problem(url) {
+            return Err(bad_value(if url == s { why } else { format!("`{url}`: {why}") }, HELP));
+        }
+        // seedflow adds the endpoints' paths itself.
+        let base = url.trim_end_matches('/');
+        if let Some(path) = ["/chat/completions", "/completions", "/models"].into_iter().find(|p| base.ends_with(p)) {
+            return Err(ValueError {
+                message: Some(format!("`{url}` names an endpoint, not the server")),
+                ..bad_value(
+                    format!("ends in `{path}`"),
+                    format!("give the server's base URL, without `{path}`: seedflow adds each endpoint's path"),
+                )
+            });
+        }
+        // A server listed twice would get twice the requests, not share them with another.
+        if listed.contains(&base) {
+            return Err(listed_twice(url, at));
+        }
+        listed.push(base);
+    }
+    Ok(Value::Text(s.to_string()))
+}
+
+/// Why `url` is not a server's base URL, if it is not: it needs a host, a port from 1 to 65535 if
+/// any (the HTTP client takes another as port 80), and no query or fragment, which the endpoints'
+/// paths would follow.
+fn url_problem(url: &str) -> Option<String> {
+    let uri = url.parse::<ureq::http::Uri>().ok();
+    let Some(uri) = uri.filter(|uri| {
+        matches!(uri.scheme_str(), Some("http" | "https")) && uri.host().is_some_and(|host| !host.is_empty())
+    }) else {
+        return Some("not a server".into());
+    };
+    let host_port = uri.authority().map_or("", |a| a.as_str().rsplit_once('@').map_or(a.as_str(), |(_, h)| h));
+    if let Some((_, port)) = host_port.rsplit_once(':').filter(|(_, port)| !port.contains(']'))
+        && !port.parse::<u16>().is_ok_and(|port| port > 0)
+    {
+        return Some(format!("port `{port}` is not from 1 to 65535"));
+    }
+    if uri.query().is_some() || url.contains('#') {
+        return Some("a query or fragment, which seedflow's endpoint paths would follow".into());
+    }
+    None
 }
 
 fn unknown_choice(word: &str, options: &[&str], offset: usize) -> ValueError {

@@ -38,6 +38,15 @@ pub enum Operand {
     Metric(MetricName),
 }
 
+impl Operand {
+    fn metric(&self) -> Option<&MetricName> {
+        match self {
+            Operand::Metric(m) => Some(m),
+            Operand::Number(_) => None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum Expr {
     Compare(Operand, Comparison, Operand),
@@ -288,25 +297,26 @@ impl Expr {
 
     /// Every metric the expression reads.
     pub fn metrics(&self) -> Vec<&MetricName> {
-        let mut out = vec![];
-        self.collect(&mut out);
-        out
+        self.comparisons().into_iter().flat_map(|(a, b)| [a, b]).filter_map(Operand::metric).collect()
     }
 
-    fn collect<'a>(&'a self, out: &mut Vec<&'a MetricName>) {
+    /// Every metric compared with a number, with that number.
+    pub fn metrics_against_numbers(&self) -> Vec<(&MetricName, f64)> {
+        let pairs = self.comparisons().into_iter().flat_map(|(a, b)| [(a, b), (b, a)]);
+        pairs
+            .filter_map(|(a, b)| match (a, b) {
+                (Operand::Metric(m), Operand::Number(n)) => Some((m, *n)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The operands of every comparison.
+    fn comparisons(&self) -> Vec<(&Operand, &Operand)> {
         match self {
-            Expr::Compare(a, _, b) => {
-                for operand in [a, b] {
-                    if let Operand::Metric(m) = operand {
-                        out.push(m);
-                    }
-                }
-            }
-            Expr::And(a, b) | Expr::Or(a, b) => {
-                a.collect(out);
-                b.collect(out);
-            }
-            Expr::Not(a) => a.collect(out),
+            Expr::Compare(a, _, b) => vec![(a, b)],
+            Expr::And(a, b) | Expr::Or(a, b) => [a.comparisons(), b.comparisons()].concat(),
+            Expr::Not(a) => a.comparisons(),
         }
     }
 

@@ -190,10 +190,23 @@ fn load_import(node: &Node, sources: &mut Sources, problems: &mut Problems, stac
         Location::File(path) => Location::File(path.canonicalize().unwrap_or_else(|_| path.clone())),
         stdlib => stdlib.clone(),
     };
-    if stack.iter().any(|on_stack| same_file(on_stack) == same_file(&location)) {
-        problems
-            .at(sources, Code::ImportCycle, span, format!("`{target}` imports itself"), "imported again here")
-            .help("remove one of the imports");
+    if let Some(at) = stack.iter().position(|on_stack| same_file(on_stack) == same_file(&location)) {
+        let message = if at + 1 == stack.len() {
+            format!("`{target}` imports itself")
+        } else {
+            format!("`{target}` imports this file, directly or through others: the imports form a cycle")
+        };
+        problems.at(sources, Code::ImportCycle, span, message, "imported again here").help("remove one of the imports");
+        return vec![];
+    }
+    // A file imported already (two parts that share a file of models): its nodes join once.
+    let imported = |file: &super::ast::SourceFile| match &location {
+        Location::File(_) => {
+            file.path.as_ref().is_some_and(|path| same_file(&Location::File(path.clone())) == same_file(&location))
+        }
+        Location::Stdlib(name) => file.path.is_none() && file.name == *name,
+    };
+    if sources.iter().any(|file| file.imported_at.is_some() && imported(file)) {
         return vec![];
     }
     let file = match &location {

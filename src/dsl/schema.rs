@@ -504,15 +504,16 @@ pub struct KindSpec {
     pub distinct: &'static [(&'static str, &'static str)],
     /// Metrics published only when a property is given: (metric, property).
     pub metrics_needing: &'static [(&'static str, &'static str)],
-    /// Checks the step's values against the model file its `model` names, when that file is at
-    /// hand.
-    pub fits_model: Option<FitsModel>,
+    /// Checks the node's values together, and against the model file its `model` names where
+    /// that file is at hand.
+    pub check_values: Option<CheckValues>,
     /// A complete workflow that shows the kind in use; checked by a test.
     pub example: &'static str,
 }
 
-/// Given a step's values and its model's file: `Err((property, why))` where a value does not fit.
-pub type FitsModel = fn(&Props, &Path) -> Result<(), (&'static str, String)>;
+/// Given a node's values and its model's file if at hand: `Err((property, why))` where a value
+/// cannot work.
+pub type CheckValues = fn(&Props, Option<&Path>) -> Result<(), (&'static str, String)>;
 
 impl KindSpec {
     pub fn property(&self, name: &str) -> Option<&PropertySpec> {

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use crate::data::TaskStyle;
 use crate::data::formats::{self, Format};
-use crate::dsl::schema::{Artifact, KindSpec, Role, ValueType, params};
+use crate::dsl::schema::{Artifact, KindSpec, Props, Role, ValueType, params};
 use crate::nodes::context::{Context, Outcome, StepError};
 
 pub static SPEC: KindSpec = KindSpec {
@@ -28,7 +28,7 @@ pub static SPEC: KindSpec = KindSpec {
     ordered: &[],
     distinct: &[],
     metrics_needing: &[],
-    fits_model: None,
+    check_values: Some(check_values),
     example: r#"dataset "train" format="mbpp" path="examples/data/mbpp/train.jsonl" limit=20
 "#,
 };
@@ -58,6 +58,16 @@ fn read_text(path: &Path) -> std::io::Result<String> {
     Ok(text)
 }
 
+/// `show-tests` with HumanEval tasks, which it cannot change.
+fn check_values(props: &Props, _model: Option<&Path>) -> Result<(), (&'static str, String)> {
+    if props.param(&SHOW_TESTS).flatten().is_some() && props.param(&FORMAT) == Some(Format::Humaneval) {
+        let why = "`show-tests` does nothing for `humaneval` tasks (their prompt is the function's signature and \
+                   docstring, their test one program): remove it";
+        return Err((SHOW_TESTS.name(), why.into()));
+    }
+    Ok(())
+}
+
 pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
     let format = ctx.get(&FORMAT)?;
     let path = ctx.get(&PATH)?;
@@ -67,13 +77,6 @@ pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
         n => n as usize,
     };
     let show_tests = ctx.get(&SHOW_TESTS)?;
-    if show_tests.is_some() && format == Format::Humaneval {
-        return Err(StepError::Failed(
-            "`show-tests` does nothing for `humaneval` tasks (their prompt is the function's signature and \
-             docstring, their test one program): remove it"
-                .into(),
-        ));
-    }
     let text = read_text(&path).map_err(|e| StepError::Failed(format!("cannot read `{}`: {e}", path.display())))?;
     // Editors on Windows start a UTF-8 file with a byte-order mark.
     let text = text.strip_prefix('\u{feff}').unwrap_or(&text);

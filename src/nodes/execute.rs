@@ -30,7 +30,7 @@ pub static SPEC: KindSpec = KindSpec {
     ordered: &[],
     distinct: &[],
     metrics_needing: &[],
-    fits_model: None,
+    check_values: None,
     example: r#"dataset "train" format="mbpp" path="examples/data/mbpp/train.jsonl"
 execute "references" code="train" timeout="10s" memory="256MiB"
 "#,

@@ -54,19 +54,25 @@ pub static SPEC: KindSpec = KindSpec {
     ordered: &[],
     distinct: &[],
     metrics_needing: &[],
-    fits_model: Some(fits_model),
+    check_values: Some(check_values),
     example: r#"model "coder" path="default"
 dataset "train" format="mbpp" path="examples/data/mbpp/train.jsonl" limit=50
 finetune-lora "tune" model="coder" data="train" rank=8 alpha=16 epochs=2 learning-rate=0.0002
 "#,
 };
 
-/// A `rank` larger than the model's projections, found before the steps ahead of training run.
-/// With `init` the earlier adapter's rank is used, and its check is the adapter's.
-fn fits_model(props: &Props, model: &Path) -> Result<(), (&'static str, String)> {
-    if props.get(INIT.name()).is_some() {
-        return Ok(());
+/// Values with which nothing would train, and a `rank` larger than the model's projections, found
+/// before the steps ahead of training run. With `init` the earlier adapter's rank, alpha and
+/// targets are used (its check is the adapter's).
+fn check_values(props: &Props, model: Option<&Path>) -> Result<(), (&'static str, String)> {
+    if props.param(&LEARNING_RATE) == Some(0.0) {
+        return Err((LEARNING_RATE.name(), "at `learning-rate=0` nothing trains: give a positive rate".into()));
     }
+    let fresh = props.get(INIT.name()).is_none();
+    if fresh && props.param(&ALPHA) == Some(0.0) {
+        return Err((ALPHA.name(), "`alpha=0` scales the adapter's update to nothing: give a positive alpha".into()));
+    }
+    let Some(model) = model.filter(|_| fresh) else { return Ok(()) };
     let (Some(rank), Some(targets)) = (props.param(&RANK), props.param(&TARGETS)) else { return Ok(()) };
     Lora::check_rank(model, rank as usize, &targets).map_err(|why| (RANK.name(), why))
 }

@@ -16,7 +16,7 @@ pub static SPEC: KindSpec = KindSpec {
     ordered: &[("at-least", "at-most")],
     distinct: &[("baseline", "metric")],
     metrics_needing: &[],
-    fits_model: None,
+    check_values: None,
     example: r#"dataset "train" format="mbpp" path="examples/data/mbpp/train.jsonl" limit=10
 dataset "test" format="mbpp" path="examples/data/mbpp/test.jsonl" limit=10
 execute "references" code="train"

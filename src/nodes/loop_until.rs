@@ -28,7 +28,7 @@ pub static SPEC: KindSpec = KindSpec {
     ordered: &[],
     distinct: &[],
     metrics_needing: &[],
-    fits_model: None,
+    check_values: None,
     example: r#"model "coder" path="default"
 dataset "train" format="mbpp" path="examples/data/mbpp/prompt.jsonl"
 

@@ -73,7 +73,7 @@ pub static SPEC: KindSpec = KindSpec {
     ordered: &[],
     distinct: &[],
     metrics_needing: &[],
-    fits_model: None,
+    check_values: None,
     example: r#"model "coder" path="default" context=8192 gpu-layers=0
 
 dataset "problems" format="mbpp" path="examples/data/mbpp/prompt.jsonl"

@@ -48,7 +48,7 @@ pub static SPEC: KindSpec = KindSpec {
         ("gain-low", "baseline"),
         ("gain-high", "baseline"),
     ],
-    fits_model: None,
+    check_values: None,
     example: r#"dataset "test" format="mbpp" path="examples/data/mbpp/test.jsonl" limit=20
 execute "references" code="test"
 report "summary" from="references" k="1" formats="json,markdown,junit" title="MBPP references"
@@ -87,7 +87,8 @@ pub fn summarise(title: &str, verdicts: &[Verdict], ks: &[usize]) -> Report {
 }
 
 pub fn markdown(report: &Report) -> String {
-    let mut out = format!("# {}\n\n", report.title);
+    // A heading is one line: a title's other lines would start blocks of their own.
+    let mut out = format!("# {}\n\n", report.title.split_whitespace().collect::<Vec<_>>().join(" "));
     if let Some(paired) = &report.baseline {
         let _ = writeln!(out, "Against the baseline: {paired}.\n");
     }

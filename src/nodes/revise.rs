@@ -1,7 +1,7 @@
 use crate::data::{Parent, Sample, Verdict, sample_seed};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use crate::dsl::schema::{Artifact, Input, KindSpec, Role, ValueType, params};
+use crate::dsl::schema::{Artifact, Input, KindSpec, Props, Role, ValueType, params};
 use crate::llm::prompt::ReferenceMode;
 use crate::llm::{Request, prompt};
 use crate::nodes::context::{Context, Outcome, StepError};
@@ -54,7 +54,7 @@ pub static SPEC: KindSpec = KindSpec {
     ordered: &[],
     distinct: &[],
     metrics_needing: &[],
-    fits_model: None,
+    check_values: Some(check_values),
     example: r#"model "coder" path="default"
 dataset "train" format="mbpp" path="examples/data/mbpp/train.jsonl" limit=10
 generate "attempts" model="coder" tasks="train" samples=4
@@ -63,6 +63,20 @@ select "errors" from="verdicts" status="!passed" per-task=1 prefer="highest-logp
 revise "revisions" model="coder" errors="errors" samples=4 reference="off" examples="std/prompts/revise-examples.jsonl"
 "#,
 };
+
+/// A template that does not show the model its failing code and that code's feedback, from
+/// which Self-Revise revises. (An unreadable template is the template check's to report.)
+fn check_values(props: &Props, _model: Option<&Path>) -> Result<(), (&'static str, String)> {
+    let Some(path) = props.param(&TEMPLATE).flatten() else { return Ok(()) };
+    let Ok(template) = crate::stdlib::read_to_string(&path) else { return Ok(()) };
+    match ["code", "feedback"].into_iter().find(|value| !prompt::uses(&template, value)) {
+        Some(value) => Err((
+            TEMPLATE.name(),
+            format!("the template has no `{{{{{value}}}}}`: a revision needs the failing code and its feedback"),
+        )),
+        None => Ok(()),
+    }
+}
 
 params! {
     /// Verdicts of the programs to revise.

@@ -27,7 +27,7 @@ pub static SPEC: KindSpec = KindSpec {
     ordered: &[],
     distinct: &[],
     metrics_needing: &[],
-    fits_model: None,
+    check_values: None,
     example: r#"dataset "train" format="mbpp" path="examples/data/mbpp/train.jsonl" limit=10
 execute "verdicts" code="train"
 select "failures" from="verdicts" status="failed,error,timeout" per-task=1 prefer="first"

@@ -31,7 +31,7 @@ pub static BATCHES: KindSpec = KindSpec {
     ordered: &[],
     distinct: &[],
     metrics_needing: &[],
-    fits_model: None,
+    check_values: None,
     example: "",
 };
 
@@ -46,7 +46,7 @@ pub static BARRIER: KindSpec = KindSpec {
     ordered: &[],
     distinct: &[],
     metrics_needing: &[],
-    fits_model: None,
+    check_values: None,
     example: "",
 };
 

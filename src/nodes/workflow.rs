@@ -21,7 +21,7 @@ pub static SPEC: KindSpec = KindSpec {
     ordered: &[],
     distinct: &[],
     metrics_needing: &[],
-    fits_model: None,
+    check_values: None,
     example: r#"workflow "reference-check" seed=7
 
 dataset "problems" format="mbpp" path="examples/data/mbpp/prompt.jsonl"

@@ -13,6 +13,7 @@ use petgraph::graph::{DiGraph, NodeIndex};
 pub use render::{to_dot, to_mermaid};
 
 use crate::data::pass_at_k;
+use crate::dsl::expr::{Expr, MetricName};
 use crate::dsl::lower::{Location, resolve};
 use crate::dsl::schema::{Artifact, Role, Value, ValueType, Vocabulary};
 use crate::dsl::{Checked, Code, Declaration, Problems, Sources, Span};
@@ -136,10 +137,12 @@ impl Plan {
 fn name_from_file(file: &Path) -> String {
     let stem = file.file_stem().map(|s| s.to_string_lossy().to_lowercase()).unwrap_or_default();
     let words: Vec<&str> = stem.split(|c: char| !c.is_ascii_alphanumeric()).filter(|w| !w.is_empty()).collect();
-    match words.join("-") {
+    let name = match words.join("-") {
         name if name.starts_with(|c: char| c.is_ascii_lowercase()) => name,
-        _ => "workflow".to_string(),
-    }
+        name if name.is_empty() => "workflow".to_string(),
+        name => format!("workflow-{name}"),
+    };
+    name[..name.len().min(crate::dsl::check::MOST_NAME_LENGTH)].trim_end_matches('-').to_string()
 }
 
 /// Builds the plan, or reports every problem found in resolving and ordering it.
@@ -167,7 +170,8 @@ pub fn build(
             let mut body_steps = vec![];
             for inner in &declaration.body {
                 let inputs = scope.resolve_inputs(inner, Some(declaration), problems);
-                scope.check_fits_model(inner, problems);
+                scope.check_values(inner, problems);
+                scope.check_ks(inner, problems);
                 body_steps.push(PlannedStep { declaration: inner.clone(), inputs, body: None });
             }
             scope.check_until(declaration, problems);
@@ -186,7 +190,8 @@ pub fn build(
             step.body = order_graph(body_steps, &sources, problems);
         } else {
             step.inputs = scope.resolve_inputs(declaration, None, problems);
-            scope.check_fits_model(declaration, problems);
+            scope.check_values(declaration, problems);
+            scope.check_ks(declaration, problems);
         }
         top_steps.push(step);
     }
@@ -441,6 +446,20 @@ impl<'a> Scope<'a> {
                             .help(format!("name a step of kind {}", producers.join(" or ")));
                         continue;
                     }
+                    if artifact == Artifact::Adapter
+                        && let Some((trained_for, runs)) = self.other_model(found.declaration, declaration)
+                    {
+                        problems
+                            .at(
+                                sources,
+                                Code::WrongInput,
+                                span,
+                                format!("`{reference}` trains an adapter for model `{trained_for}`, but this step runs `{runs}`"),
+                                format!("trained for `{trained_for}`"),
+                            )
+                            .help("an adapter works with the model it was trained on only: use the same `model`");
+                        continue;
+                    }
                     inputs.push(Input { property: property.name.to_string(), source: found.source, artifact });
                 }
                 (ValueType::Metric, Some(Value::Metric { step, metric })) => {
@@ -468,9 +487,6 @@ impl<'a> Scope<'a> {
                     };
                     if !self.check_metric(found.declaration, metric, span, problems) {
                         continue;
-                    }
-                    if metric.starts_with("pass@") || metric == "pass-rate" {
-                        check_share_thresholds(declaration, metric, span, sources, problems);
                     }
                     inputs.push(Input { property: property.name.to_string(), source: found.source, artifact });
                 }
@@ -509,26 +525,60 @@ impl<'a> Scope<'a> {
                 _ => {}
             }
         }
+        check_metric_units(declaration, &inputs, sources, problems);
         inputs
     }
 
-    /// What the step's kind checks against its model's file, where the file is at hand.
-    fn check_fits_model(&self, declaration: &Declaration, problems: &mut Problems) {
-        let Some(fits_model) = declaration.spec.fits_model else { return };
-        let Some(model) = self.model_file(declaration) else { return };
-        if let Err((property, why)) = fits_model(&declaration.props, &model) {
-            let span = declaration.span_of(property);
-            problems.at(self.sources, Code::BadValue, span, why, "does not fit the step's model");
+    /// What the node's kind checks of its values together, and against its model's file.
+    fn check_values(&self, declaration: &Declaration, problems: &mut Problems) {
+        let Some(check_values) = declaration.spec.check_values else { return };
+        if let Err((property, why)) = check_values(&declaration.props, self.model_file(declaration).as_deref()) {
+            problems.at(self.sources, Code::BadValue, declaration.span_of(property), why, "cannot work here");
         }
     }
 
-    /// The GGUF file of the model a step names, if it is at hand (a built-in model once fetched).
-    fn model_file(&self, declaration: &Declaration) -> Option<PathBuf> {
+    /// A `k` list (a `report`'s) asks for pass@k, which takes k programs per task: no more than
+    /// its verdicts have.
+    fn check_ks(&self, declaration: &Declaration, problems: &mut Problems) {
+        if declaration.spec.property("k").is_none_or(|p| p.ty != ValueType::Integers) {
+            return;
+        }
+        let Some(Value::Reference(from)) = declaration.props.get("from") else { return };
+        let Some(samples) = self.step_named(from).and_then(|execute| self.samples_per_task(execute)) else { return };
+        if let Some(k) = declaration.props.integers("k").into_iter().find(|k| *k > samples) {
+            let has = if samples == 1 { "one program".to_string() } else { format!("{samples} programs") };
+            problems
+                .at(
+                    self.sources,
+                    Code::BadValue,
+                    declaration.span_of("k"),
+                    format!("pass@{k} takes {k} programs per task, and the verdicts of `{from}` have {has}"),
+                    "more than the verdicts have",
+                )
+                .help(format!("generate at least {k} programs per task (`samples`), or leave {k} out"));
+        }
+    }
+
+    /// The names of the models two steps run, where they are different model files (both
+    /// written, as a path or a built-in model's name).
+    fn other_model(&self, first: &Declaration, second: &Declaration) -> Option<(String, String)> {
+        let (first_name, first_file) = self.model_of(first)?;
+        let (second_name, second_file) = self.model_of(second)?;
+        (first_file != second_file).then(|| (first_name.to_string(), second_name.to_string()))
+    }
+
+    /// The model a step names and its file as written: a path or a built-in model's name.
+    fn model_of<'d>(&'d self, declaration: &'d Declaration) -> Option<(&'d str, &'d Value)> {
         let property = declaration.spec.properties.iter().find(|p| p.ty == ValueType::Model)?;
         let Some(Value::Model(name)) = declaration.props.get(property.name) else { return None };
         let model = self.models.get(name)?;
         let file = model.spec.properties.iter().find(|p| p.ty == ValueType::ModelFile)?;
-        match model.props.get(file.name)? {
+        Some((name, model.props.get(file.name)?))
+    }
+
+    /// The GGUF file of the model a step names, if it is at hand (a built-in model once fetched).
+    fn model_file(&self, declaration: &Declaration) -> Option<PathBuf> {
+        match self.model_of(declaration)?.1 {
             Value::File(path) => Some(path.clone()),
             Value::BuiltinModel(name) => crate::assets::cached(crate::assets::builtin_model(name)?),
             _ => None,
@@ -685,7 +735,9 @@ impl<'a> Scope<'a> {
                 }
                 Some(step) => match l.body.iter().find(|s| s.name.value == *step) {
                     Some(declaration) => {
-                        self.check_metric(declaration, &metric.metric, at, problems);
+                        if self.check_metric(declaration, &metric.metric, at, problems) && is_share(&metric.metric) {
+                            check_share_comparisons(expr, metric, at, self.sources, problems);
+                        }
                     }
                     None => {
                         let names: Vec<_> = l.body.iter().map(|s| s.name.value.as_str()).collect();
@@ -707,7 +759,68 @@ impl<'a> Scope<'a> {
     }
 }
 
-/// Puts steps into a DAG and orders them; reports each cycle with its path.
+/// Whether a metric is a share from 0 to 1: pass@k, a pass rate, `own-edit-share`, `decode-share`.
+fn is_share(metric: &str) -> bool {
+    metric.starts_with("pass@") || metric == "pass-rate" || metric.ends_with("-share")
+}
+
+/// The numbers `until` compares the share `metric` with must be from 0 to 1, as a gate's are.
+fn check_share_comparisons(expr: &Expr, metric: &MetricName, at: Span, sources: &Sources, problems: &mut Problems) {
+    let compared = expr.metrics_against_numbers().into_iter().find(|(m, n)| *m == metric && !(0.0..=1.0).contains(n));
+    if let Some((_, value)) = compared {
+        problems
+            .at(
+                sources,
+                Code::BadExpression,
+                at,
+                format!("`until` compares `{metric}`, a share from 0 to 1, with {value}"),
+                "a share",
+            )
+            .help(share_help(value));
+    }
+}
+
+fn share_help(value: f64) -> String {
+    if (1.0..=100.0).contains(&value) {
+        format!("write {} for {value}%", value / 100.0)
+    } else {
+        "give a value from 0 to 1".to_string()
+    }
+}
+
+/// The metrics a step reads that resolved: a share's thresholds must be shares, and a metric and
+/// its baseline must both be shares or both not (a pass rate against a count fails or passes
+/// always).
+fn check_metric_units(declaration: &Declaration, inputs: &[Input], sources: &Sources, problems: &mut Problems) {
+    let metrics: Vec<(&str, &str)> = inputs
+        .iter()
+        .filter_map(|input| match declaration.props.get(&input.property) {
+            Some(Value::Metric { metric, .. }) => Some((input.property.as_str(), metric.as_str())),
+            _ => None,
+        })
+        .collect();
+    if let Some((property, metric)) = metrics.first()
+        && is_share(metric)
+    {
+        check_share_thresholds(declaration, metric, declaration.span_of(property), sources, problems);
+    }
+    if let [(first, first_metric), (second, second_metric)] = metrics[..]
+        && is_share(first_metric) != is_share(second_metric)
+    {
+        let unit = |metric| if is_share(metric) { "a share from 0 to 1" } else { "not a share" };
+        problems
+            .at(
+                sources,
+                Code::WrongInput,
+                declaration.span_of(second),
+                format!("`{second}` is {}, but `{first}` is {}", unit(second_metric), unit(first_metric)),
+                "another unit",
+            )
+            .also(declaration.span_of(first), unit(first_metric))
+            .help(format!("compare `{first_metric}` with the same metric of another step"));
+    }
+}
+
 /// A share (pass@k, a pass rate) is from 0 to 1: a threshold on one outside that range, such as
 /// `at-least=50` meant as 50%, is met always or never. Thresholds are the unbounded numbers.
 fn check_share_thresholds(
@@ -721,16 +834,12 @@ fn check_share_thresholds(
         .spec
         .properties
         .iter()
-        .filter(|p| matches!(p.ty, ValueType::Number { min, max } if min.is_infinite() && max.is_infinite()));
+        .filter(|p| matches!(p.ty, ValueType::Number { max, .. } if max.is_infinite()));
     for threshold in thresholds {
         if let Some(Value::Number(value)) = declaration.props.get(threshold.name)
             && !(0.0..=1.0).contains(value)
         {
-            let help = if (1.0..=100.0).contains(value) {
-                format!("write {} for {value}%", value / 100.0)
-            } else {
-                "give a value from 0 to 1".to_string()
-            };
+            let help = share_help(*value);
             problems
                 .at(
                     sources,
@@ -837,7 +946,13 @@ mod tests {
 
     #[test]
     fn a_name_from_a_file_is_kebab_case_and_stays_inside_runs() {
-        for (file, name) in [("flows/My Flow_2.kdl", "my-flow-2"), ("...kdl", "workflow"), ("2024.kdl", "workflow")] {
+        let long = format!("{}.kdl", "a".repeat(99) + "-b");
+        for (file, name) in [
+            ("flows/My Flow_2.kdl", "my-flow-2"),
+            ("...kdl", "workflow"),
+            ("2024.kdl", "workflow-2024"),
+            (&long, &"a".repeat(99)),
+        ] {
             assert_eq!(name_from_file(Path::new(file)), name, "{file}");
         }
     }

@@ -47,7 +47,9 @@ def _harness(text, modules_preloaded=True):
     BaseExc, AssertionErr, MemoryErr, SyntaxErr, RuntimeErr = BaseException, AssertionError, MemoryError, SyntaxError, RuntimeError
     import_ = __import__
     # `types` reads a traceback's frame when imported, so it must load before the audit hook.
-    TracebackType = import_("types").TracebackType
+    types = import_("types")
+    TracebackType, FunctionType, CodeType = types.TracebackType, types.FunctionType, types.CodeType
+    del types
 
     def trim(text):
         return text if len_(text) <= limit else text[: limit // 2] + "\n…\n" + text[-limit // 2 :]
@@ -144,8 +146,14 @@ def _harness(text, modules_preloaded=True):
     # program's asserts are all instrumented so (inside `check`, in its loops), its parameter
     # shown as the function under test. The syntax tree is `_ast`'s (built in): importing `ast`
     # would cost a plain interpreter a third of its start.
+    #
+    # `record`, and a HumanEval test program's `check`, reach the test as a function's parameter
+    # (`wrapped`), never through the namespace: the program owns that dict, and could replace a
+    # name in it while a test runs, or catch its lookup with a key of its own that hashes and
+    # compares equal to it.
     ast = import_("_ast")
     left_value = []
+    RECORD, RETURNED = "record", "returned"
 
     def record(value, line):
         left_value.append((line, value))
@@ -194,25 +202,78 @@ def _harness(text, modules_preloaded=True):
         compare.left = at(ast.Call(func=recorder, args=[compare.left, line], keywords=[]), compare.left)
         return shape
 
+    def names_kept_global(tree):
+        # What a function body would make its own locals but the top level binds in the namespace:
+        # `:=` targets, and names some nested function declares `global`.
+        found, stack = [], [tree]
+        while stack:
+            node = stack.pop()
+            if isinstance_(node, ast.NamedExpr) and isinstance_(node.target, ast.Name):
+                found.append(node.target.id)
+            elif isinstance_(node, ast.Global):
+                found.extend(node.names)
+            for field in node._fields:
+                value = getattr(node, field, None)
+                stack.extend(v for v in (value if isinstance_(value, list) else [value]) if isinstance_(v, ast.AST))
+        return found
+
+    def wrapped(tree, name, parameter, returns=None):
+        # The code of a function of `parameter` whose body is the module `tree`'s (and which
+        # returns its `returns`): run as `FunctionType(code, namespace)(argument)`. The other names
+        # the body binds are its locals (a HumanEval `check`'s helpers reach it as closures), but
+        # for those `names_kept_global` finds.
+        body, first = tree.body, tree.body[0]
+        kept = []
+        for kept_name in names_kept_global(tree):
+            if kept_name not in kept:
+                kept.append(kept_name)
+        if kept:
+            body = [at(ast.Global(names=kept), first)] + body
+        if returns is not None:
+            body = body + [at(ast.Return(value=at(ast.Name(id=returns, ctx=ast.Load()), first)), first)]
+        arguments = ast.arguments(posonlyargs=[], args=[at(ast.arg(arg=parameter), first)], kwonlyargs=[],
+                                  kw_defaults=[], defaults=[])
+        function = at(ast.FunctionDef(name="<module>", args=arguments, body=body, decorator_list=[], type_params=[]), first)
+        module = compile_(ast.Module(body=[function], type_ignores=[]), name, "exec")
+        return [c for c in module.co_consts if type_(c) is CodeType][0]
+
     def prepare(test, name, entry_point=None):
-        # The compiled test and its asserts' shapes by line; a test that does not compile is
-        # raised in its turn, as compiling it then would have.
+        # The compiled test, what it runs with (`RECORD`: as a function of `record`; `RETURNED`:
+        # of what the test before returned; `None`: in the namespace) and its asserts' shapes by
+        # line. A test that does not compile is raised in its turn, as compiling it then would have.
         try:
             tree = compile_(test, name, "exec", ast.PyCF_ONLY_AST)
+            check = None
             if entry_point is None:
                 nodes = tree.body if len_(tree.body) == 1 and instrumented(tree.body[0]) else []
                 show = str_
             else:
-                nodes = every_assert(tree)
-                check = [n for n in tree.body if isinstance_(n, ast.FunctionDef) and n.name == "check" and n.args.args]
-                parameter = check[0].args.args[0].arg + "(" if check else None
+                checks = [n for n in tree.body if isinstance_(n, ast.FunctionDef) and n.name == "check" and n.args.args]
+                # `from m import *` is for a module's top level only: such a program runs there,
+                # uninstrumented.
+                star = [n for n in tree.body if isinstance_(n, ast.ImportFrom) and n.names[0].name == "*"]
+                check = checks[0] if checks and not star else None
+                nodes = every_assert(tree) if check else []
+                parameter = check.args.args[0].arg + "(" if check else None
                 show = (lambda text: text.replace(parameter, entry_point + "(")) if parameter else str_
             shapes = {}
             for node in nodes:
                 shapes[node.lineno] = instrument(node, test, show)
-            return compile_(tree, name, "exec"), shapes
+            if check is not None:
+                return (wrapped(tree, name, "__seedflow_record__", returns="check"), RECORD), shapes
+            if shapes:
+                return (wrapped(tree, name, "__seedflow_record__"), RECORD), shapes
+            return (compile_(tree, name, "exec"), None), shapes
         except BaseExc as error:
             return error, {}
+
+    def prepare_check(entry_point, name):
+        # `check(entry_point)`, with the `check` the test program returned when it defined one.
+        call = "check(%s)" % entry_point
+        try:
+            return (wrapped(compile_(call, name, "exec", ast.PyCF_ONLY_AST), name, "check"), RETURNED)
+        except BaseExc as error:
+            return error
 
     source = job["program"]
     # Test setup builds the tests' inputs, often with the program's own definitions. Each test:
@@ -223,8 +284,9 @@ def _harness(text, modules_preloaded=True):
     if job["test_program"] is not None:
         program, shapes = prepare(job["test_program"], "<test program>", job["entry_point"])
         check = "check(%s)" % job["entry_point"]
-        tests += ((job["test_program"], program, {}, "<test program>"),
-                  (check, prepare(check, "<test check>")[0], shapes, "<test program>"))
+        defines_check = not isinstance_(program, BaseExc) and program[1] is RECORD
+        called = prepare_check(job["entry_point"], "<test check>") if defines_check else prepare(check, "<test check>")[0]
+        tests += ((job["test_program"], program, {}, "<test program>"), (check, called, shapes, "<test program>"))
     del job, ast
 
     # importlib creates a builtin module without the `import` event: `gc` so (whose DEBUG_SAVEALL
@@ -289,21 +351,21 @@ def _harness(text, modules_preloaded=True):
         code = compile_(source, "<program>", "exec")
     except SyntaxErr as error:
         return report("syntax", describe(error), exception=type_(error).__name__)
-    current, shapes, file = None, {}, None
+    except BaseExc as error:
+        # The parser's own limits (`MemoryError: Parser stack overflowed`, nesting too deep).
+        return report("error", "While compiling the program: " + describe(error), exception=type_(error).__name__)
+    current, shapes, file, returned = None, {}, None, None
     try:
         exec_(code, namespace)
         for current, compiled, shapes, file in tests:
             if isinstance_(compiled, BaseExc):
                 raise compiled
             del left_value[:]
-            if not shapes:
-                exec_(compiled, namespace)
+            code, argument = compiled
+            if argument is None:
+                exec_(code, namespace)
             else:
-                # Only while the test runs (the program could call it, and mislead only its
-                # own feedback).
-                namespace["__seedflow_record__"] = record
-                exec_(compiled, namespace)
-                namespace.pop("__seedflow_record__", None)
+                returned = FunctionType(code, namespace)(record if argument is RECORD else returned)
     except AssertionErr as error:
         # The assert that failed: the innermost frame's, if it is one of the test's (not an
         # assert of the program's own). A HumanEval test names it rather than `check(f)`.
@@ -311,7 +373,10 @@ def _harness(text, modules_preloaded=True):
         if where and where[-1][0] == file:
             shape = shapes.get(where[-1][1])
         failed = shape[4] if shape is not None and file == "<test program>" else current
-        message = str_(error)
+        try:
+            message = str_(error)
+        except BaseExc:
+            message = "(an AssertionError whose message cannot be shown)"
         feedback = "Test failed: " + (failed or "") + actual_value(shape, namespace) + ("\n" + message if message else "")
         return report("failed", feedback, failed_test=failed, exception="AssertionError")
     except MemoryErr:

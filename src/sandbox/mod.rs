@@ -42,8 +42,8 @@ const COMMAND_HARNESS: &str =
     concat!(include_str!("harness.py"), "\n_harness(_sys.stdin.read(), modules_preloaded=False)\n");
 
 /// The smallest `memory` a program may be given: the interpreter's own memory at start (the
-/// pre-initialised CPython's heap) takes most of it.
-pub const LEAST_MEMORY: u64 = 32 << 20;
+/// pre-initialised CPython's heap, 34 MiB) takes most of it.
+pub const LEAST_MEMORY: u64 = 64 << 20;
 /// The largest: all that 32-bit WebAssembly can address (and wasmtime reserves per memory).
 pub const MOST_MEMORY: u64 = 4 << 30;
 
@@ -258,7 +258,9 @@ impl Interpreter {
     /// by the process this runs in being killed.
     async fn run(&self, input: &str, nonce: &str, limits: &Limits) -> RunResult {
         let started = Instant::now();
-        let stdout = MemoryOutputPipe::new(limits.output);
+        // One byte over the limit: a pipe that is full reports itself closed, so writing exactly
+        // the limit would fail the program's next write.
+        let stdout = MemoryOutputPipe::new(limits.output + 1);
         // The verdict line comes on top of what the program may write: its feedback (up to 4
         // UTF-8 bytes a character) and its failed test (from the job) are hex-encoded.
         let stderr = MemoryOutputPipe::new(limits.output + limits.feedback_chars * 8 + input.len() * 2 + 4096);
@@ -295,7 +297,7 @@ impl Interpreter {
             }
         };
         let duration = started.elapsed();
-        let stdout_full = stdout.contents().len() >= limits.output;
+        let stdout_full = stdout.contents().len() > limits.output;
         // The component's harness returns from `run`: an exit there is the program's own
         // (`os._exit(0)`), whatever line it left. A plain python.wasm ends every run with one.
         let exit_ends_the_harness = matches!(self.kind, Kind::Command(_));
@@ -388,7 +390,7 @@ fn classify(outcome: wasmtime::Result<()>, run: &Run, limits: &Limits, duration:
         }
         None => (None, stderr.len()),
     };
-    let out_of_output = stdout_full || program_stderr >= limits.output;
+    let out_of_output = stdout_full || program_stderr > limits.output;
     let result =
         |status, feedback: String| RunResult { status, feedback, failed_test: None, exception: None, duration };
     let too_much_output = || {
