@@ -159,7 +159,6 @@ struct SummaryStep {
     iterations: Vec<BTreeMap<String, serde::de::IgnoredAny>>,
 }
 
-/// Reads a run back from its directory.
 /// The runs in `dirs`, each given once.
 pub fn read_runs(dirs: &[PathBuf]) -> Result<Vec<Run>, ReportError> {
     let mut seen = vec![];
@@ -173,6 +172,7 @@ pub fn read_runs(dirs: &[PathBuf]) -> Result<Vec<Run>, ReportError> {
     dirs.iter().map(|dir| read_run(dir)).collect()
 }
 
+/// Reads a run back from its directory.
 pub fn read_run(dir: &Path) -> Result<Run, ReportError> {
     let path = dir.join("summary.json");
     if !dir.exists() {
@@ -548,7 +548,7 @@ pub fn markdown(runs: &[Run]) -> String {
 /// Text in one table cell: on one line, its `|` not ending the cell (a report's title is the
 /// user's).
 fn markdown_cell(text: &str) -> String {
-    text.split_whitespace().collect::<Vec<_>>().join(" ").replace('|', "\\|")
+    crate::nodes::one_line(text).replace('|', "\\|")
 }
 
 fn escape(text: &str) -> String {

@@ -169,6 +169,63 @@ fn humaneval_style_tests_run_check() {
     let forged =
         run_on("def f(x):\n    globals()['__seedflow_record__'] = lambda value, line: 4.0\n    return 0\n", &helpers);
     assert_eq!(forged.status, Status::Failed, "{forged:?}");
+    // Nor can the program reach the harness's `check` or its recorder: through the test
+    // program's `check` in the namespace (here when a finaliser of the value it replaces runs),
+    // through a closure `check` hands the candidate, or by an annotation's code run in its place.
+    let forges = [
+        (
+            "def check(candidate):\n    assert candidate(1) is True\n",
+            "class D:\n    def __del__(self):\n        check.__kwdefaults__ = {'__seedflow_record__': lambda value, line: True}\ncheck = D()\ndef f(x):\n    return None\n",
+        ),
+        (
+            "def check(candidate):\n    def double(x):\n        assert x is not None\n        return 2 * x\n    assert candidate(double, 3) == 6\n    assert candidate(double, 4) == 8\n",
+            "class A:\n    def __eq__(self, other):\n        return True\ndef f(fn, x):\n    for cell in fn.__closure__ or ():\n        if getattr(cell.cell_contents, '__name__', '') == 'record':\n            cell.cell_contents = lambda value, line: A()\n    return 0\n",
+        ),
+        (
+            "def check(candidate) -> None:\n    assert candidate(1) == 2\n",
+            "class F:\n    def __call__(self, x):\n        return 3 * x\n    def __gt__(self, other):\n        return False\nf = F()\n",
+        ),
+    ];
+    for (test_program, program) in forges {
+        let mut variant = task.clone();
+        variant.test_program = Some(test_program.into());
+        let result = run_on(program, &variant);
+        assert_eq!(result.status, Status::Failed, "{test_program}: {result:?}");
+    }
+    // The test program runs at the top level as natively (its `check` alone made apart): a
+    // `__future__` import, a class body reading a top-level name, an import the program relies
+    // on, a star import inside `try`; an assert outside `check` is named when it fails.
+    let identity = "def f(x):\n    return x\n";
+    for (test_program, program, status, failed) in [
+        ("from __future__ import annotations\ndef check(c):\n    assert c(1) == 1\n", identity, Status::Passed, None),
+        ("x = 1\nclass A:\n    x = x + 1\ndef check(c):\n    assert c(A.x) == 2\n", identity, Status::Passed, None),
+        (
+            "import math\ndef check(c):\n    assert c(4) == 2\n",
+            "def f(x):\n    return math.sqrt(x)\n",
+            Status::Passed,
+            None,
+        ),
+        (
+            "try:\n    from math import *\nexcept ImportError:\n    pass\ndef check(c):\n    assert c(4) == sqrt(16)\n",
+            identity,
+            Status::Passed,
+            None,
+        ),
+        ("def check(c):\n    pass\nassert f(2) == 3\n", identity, Status::Failed, Some("assert f(2) == 3")),
+    ] {
+        let mut variant = task.clone();
+        variant.test_program = Some(test_program.into());
+        let result = run_on(program, &variant);
+        assert_eq!(result.status, status, "{test_program}: {result:?}");
+        assert_eq!(result.failed_test.as_deref(), failed, "{test_program}: {result:?}");
+    }
+    // A `yield` in a plain test is refused where it stands, as at a module's top level, not run
+    // as a generator that never asserts.
+    let generator = run_on(identity, &common::task(&["assert (yield f(1)) == 2"]));
+    assert!(
+        generator.status == Status::Error && generator.feedback.contains("'yield' outside function"),
+        "{generator:?}"
+    );
     assert_eq!(
         forged.feedback,
         "Test failed: assert f(n) == twice(n) / 2\nf(n) returned 0, but the test expects twice(n) / 2"

@@ -270,10 +270,8 @@ fn run_directory(args: &RunArgs, workflow: &str) -> Result<PathBuf, Problem> {
         }
         // `--resume` continues a run of this workflow only.
         (Some(dir), false) if dir.join("summary.json").exists() => {
-            let (whose, help) = match run_in(dir) {
-                Some((other, _)) if !run_of(dir, workflow, &args.file) => {
-                    (format!("a run of workflow `{other}`"), "choose another `--run-dir`")
-                }
+            let (whose, help) = match described_run(dir) {
+                Some(other) if !run_of(dir, workflow, &args.file) => (other, "choose another `--run-dir`"),
                 _ => ("an earlier run".to_string(), "pass `--resume` to continue it, or choose another `--run-dir`"),
             };
             return Err(Problem::new(Code::RunDirectory, format!("run directory `{}` holds {whose}", dir.display()))
@@ -316,17 +314,12 @@ fn run_directory(args: &RunArgs, workflow: &str) -> Result<PathBuf, Problem> {
     };
     // Resuming another workflow's run would mix its steps with this one's (and replace them).
     if args.resume
-        && let Some((other, other_file)) = run_in(&dir)
+        && let Some(other) = described_run(&dir)
         && !run_of(&dir, workflow, &args.file)
     {
-        let from = other_file.map(|f| format!(" from `{}`", tidy(&dir.join(f)).display())).unwrap_or_default();
         return Err(Problem::new(
             Code::RunDirectory,
-            format!(
-                "run directory `{}` holds a run of workflow `{other}`{from}, not of `{}`",
-                dir.display(),
-                args.file.display()
-            ),
+            format!("run directory `{}` holds {other}, not of `{}`", dir.display(), args.file.display()),
         )
         .with_help("resume it with the workflow file that made it, or choose another `--run-dir`"));
     }
@@ -360,6 +353,13 @@ fn run_in(dir: &Path) -> Option<(String, Option<PathBuf>)> {
 
 /// Whether `dir` holds a run of the workflow named `workflow` in `file` (another copy of the
 /// workflow has the same name).
+/// "a run of workflow `name` from `file`", for the run in `dir`.
+fn described_run(dir: &Path) -> Option<String> {
+    let (name, file) = run_in(dir)?;
+    let from = file.map(|f| format!(" from `{}`", tidy(&dir.join(f)).display())).unwrap_or_default();
+    Some(format!("a run of workflow `{name}`{from}"))
+}
+
 fn run_of(dir: &Path, workflow: &str, file: &Path) -> bool {
     run_in(dir).is_some_and(|(name, recorded)| {
         name == workflow && recorded.is_none_or(|recorded| Some(recorded) == crate::engine::path_from(dir, file))

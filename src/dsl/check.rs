@@ -477,6 +477,10 @@ fn convert(ty: ValueType, literal: &Literal, at: Option<(&Sources, Span)>) -> Re
         ValueType::Server => servers(string.ok_or_else(|| wrong_type(literal))?),
         ValueType::Integer { min, max } => match literal {
             Literal::Integer(i) if (min as i128..=max as i128).contains(i) => Ok(Value::Integer(*i as i64)),
+            // Past `i64::MAX` the type's description names no upper bound.
+            Literal::Integer(i) if *i > max as i128 => {
+                Err(ValueError { label: format!("larger than {}", super::schema::thousands(max)), ..out_of_range() })
+            }
             Literal::Integer(_) => Err(out_of_range()),
             _ => Err(wrong_type(literal)),
         },

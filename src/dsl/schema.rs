@@ -127,7 +127,7 @@ pub fn size_text(bytes: u64) -> String {
 }
 
 /// `n` with its digits grouped by three: `4,294,967,295`.
-fn thousands(n: i64) -> String {
+pub fn thousands(n: i64) -> String {
     let digits = n.unsigned_abs().to_string();
     let mut out = String::from(if n < 0 { "-" } else { "" });
     for (i, digit) in digits.chars().enumerate() {

@@ -51,19 +51,11 @@ pub fn check(template: &str, values: &[&str]) -> Result<(), TemplateError> {
     if used { Ok(()) } else { fail(format!("it uses none of {}, so the model would not see the task", known())) }
 }
 
-/// Whether `template` fills `value`: `{{value}}`, or a `{{#value}}` section.
+/// Whether `template` shows `value` where it is given: rendered with a mark for it, the mark
+/// appears (a `{{#value}}` section alone shows it only if it holds `{{value}}`).
 pub fn uses(template: &str, value: &str) -> bool {
-    let mut rest = template;
-    while let Some(start) = rest.find("{{") {
-        let after = &rest[start + 2..];
-        let Some(end) = after.find("}}") else { return false };
-        let tag = after[..end].trim();
-        if tag.strip_prefix('#').unwrap_or(tag) == value {
-            return true;
-        }
-        rest = &after[end + 2..];
-    }
-    false
+    const MARK: &str = "\u{1}";
+    render(template, &[(value, MARK)]).contains(MARK) && !template.contains(MARK)
 }
 
 /// Why a prompt template cannot be used.
@@ -233,6 +225,7 @@ mod tests {
         let revise = crate::stdlib::file(REVISE_TEMPLATE).unwrap().1;
         assert!(uses(revise, "code") && uses(revise, "feedback") && uses(revise, "reference"));
         assert!(!uses("{{requirement}} {{code", "code") && !uses("{{codes}}", "code"));
+        assert!(uses("{{#code}}Yours: {{code}}{{/code}}", "code") && !uses("{{#code}}Yours.{{/code}}", "code"));
         assert_eq!(check("Solve {{ requirement }}", SOLVE_VALUES), Ok(()));
         assert_eq!(render("Solve {{ requirement }}", &[("requirement", "x")]), "Solve x");
         let error = |template| check(template, SOLVE_VALUES).unwrap_err().to_string();

@@ -18,6 +18,7 @@ pub(crate) mod testing;
 mod workflow;
 
 pub use execute::default_limits;
+pub use report::one_line;
 
 use crate::dsl::schema::{KindSpec, Vocabulary};
 use context::{Context, Outcome, StepError};

@@ -86,9 +86,15 @@ pub fn summarise(title: &str, verdicts: &[Verdict], ks: &[usize]) -> Report {
     }
 }
 
+/// `text` on one line, its runs of spaces and line ends one space each: for a Markdown heading
+/// or table cell.
+pub fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
 pub fn markdown(report: &Report) -> String {
     // A heading is one line: a title's other lines would start blocks of their own.
-    let mut out = format!("# {}\n\n", report.title.split_whitespace().collect::<Vec<_>>().join(" "));
+    let mut out = format!("# {}\n\n", one_line(&report.title));
     if let Some(paired) = &report.baseline {
         let _ = writeln!(out, "Against the baseline: {paired}.\n");
     }

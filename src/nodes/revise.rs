@@ -64,18 +64,15 @@ revise "revisions" model="coder" errors="errors" samples=4 reference="off" examp
 "#,
 };
 
-/// A template that does not show the model its failing code and that code's feedback, from
-/// which Self-Revise revises. (An unreadable template is the template check's to report.)
+/// A template that does not show the model the failing code it revises. (One without the
+/// feedback is an ablation; an unreadable template is the template check's to report.)
 fn check_values(props: &Props, _model: Option<&Path>) -> Result<(), (&'static str, String)> {
     let Some(path) = props.param(&TEMPLATE).flatten() else { return Ok(()) };
     let Ok(template) = crate::stdlib::read_to_string(&path) else { return Ok(()) };
-    match ["code", "feedback"].into_iter().find(|value| !prompt::uses(&template, value)) {
-        Some(value) => Err((
-            TEMPLATE.name(),
-            format!("the template has no `{{{{{value}}}}}`: a revision needs the failing code and its feedback"),
-        )),
-        None => Ok(()),
+    if prompt::uses(&template, "code") {
+        return Ok(());
     }
+    Err((TEMPLATE.name(), "the template has no `{{code}}`: a revision revises the failing code it is shown".into()))
 }
 
 params! {

@@ -446,7 +446,8 @@ impl<'a> Scope<'a> {
                             .help(format!("name a step of kind {}", producers.join(" or ")));
                         continue;
                     }
-                    if artifact == Artifact::Adapter
+                    // (A `history` reads the pairs an adapter was trained on, which fit any model.)
+                    if property.ty == ValueType::Adapter
                         && let Some((trained_for, runs)) = self.other_model(found.declaration, declaration)
                     {
                         problems
@@ -562,9 +563,12 @@ impl<'a> Scope<'a> {
     /// The names of the models two steps run, where they are different model files (both
     /// written, as a path or a built-in model's name).
     fn other_model(&self, first: &Declaration, second: &Declaration) -> Option<(String, String)> {
-        let (first_name, first_file) = self.model_of(first)?;
-        let (second_name, second_file) = self.model_of(second)?;
-        (first_file != second_file).then(|| (first_name.to_string(), second_name.to_string()))
+        // A built-in model once fetched is a file like any other; a path by another spelling the same.
+        let file = |value| file_of_model(value).map(|path| path.canonicalize().unwrap_or(path));
+        let (first_name, first_value) = self.model_of(first)?;
+        let (second_name, second_value) = self.model_of(second)?;
+        let same = first_value == second_value || file(first_value).is_some_and(|f| Some(f) == file(second_value));
+        (!same).then(|| (first_name.to_string(), second_name.to_string()))
     }
 
     /// The model a step names and its file as written: a path or a built-in model's name.
@@ -578,11 +582,7 @@ impl<'a> Scope<'a> {
 
     /// The GGUF file of the model a step names, if it is at hand (a built-in model once fetched).
     fn model_file(&self, declaration: &Declaration) -> Option<PathBuf> {
-        match self.model_of(declaration)?.1 {
-            Value::File(path) => Some(path.clone()),
-            Value::BuiltinModel(name) => crate::assets::cached(crate::assets::builtin_model(name)?),
-            _ => None,
-        }
+        file_of_model(self.model_of(declaration)?.1)
     }
 
     /// How many programs per task an `execute` runs, where its `code` says: one for a dataset's
@@ -756,6 +756,15 @@ impl<'a> Scope<'a> {
                 },
             }
         }
+    }
+}
+
+/// The file a model's path names, if it is at hand (a built-in model once fetched).
+fn file_of_model(value: &Value) -> Option<PathBuf> {
+    match value {
+        Value::File(path) => Some(path.clone()),
+        Value::BuiltinModel(name) => crate::assets::cached(crate::assets::builtin_model(name)?),
+        _ => None,
     }
 }
 

@@ -143,17 +143,22 @@ def _harness(text, modules_preloaded=True):
     # test `assert left op right` is compiled with `left` passed through `record` (as
     # `__seedflow_record__`, with the assert's line), which keeps its value for `actual_value`; a
     # shape, by the assert's line, holds the sources that feedback quotes. A HumanEval test
-    # program's asserts are all instrumented so (inside `check`, in its loops), its parameter
-    # shown as the function under test. The syntax tree is `_ast`'s (built in): importing `ast`
+    # program's `check` has its asserts instrumented so (in its loops too), its parameter shown as
+    # the function under test. The syntax tree is `_ast`'s (built in): importing `ast`
     # would cost a plain interpreter a third of its start.
     #
-    # `record`, and a HumanEval test program's `check`, reach the test as a function's parameter
-    # (`wrapped`), never through the namespace: the program owns that dict, and could replace a
-    # name in it while a test runs, or catch its lookup with a key of its own that hashes and
-    # compares equal to it.
+    # `record` reaches a test as a function's parameter, never through the namespace: the program
+    # owns that dict, and could replace a name in it while a test runs, or catch its lookup with a
+    # key of its own that hashes and compares equal to it. A plain test's one assert is the body of
+    # a function of `record` (`as_function`). A HumanEval test program runs at the top level as
+    # natively, and the harness calls a `check` of its own, made apart with `record` for a
+    # keyword-only parameter, held by the harness alone.
     ast = import_("_ast")
     left_value = []
-    RECORD, RETURNED = "record", "returned"
+    RECORDER = "__seedflow_record__"
+    # How a compiled test runs: in the namespace; as a function of `record`; as a HumanEval test
+    # program whose `check` is made apart; as `check(entry point)`, a function of that `check`.
+    IN_NAMESPACE, WITH_RECORD, DEFINES_CHECK, CALLS_CHECK = 0, 1, 2, 3
 
     def record(value, line):
         left_value.append((line, value))
@@ -178,100 +183,104 @@ def _harness(text, modules_preloaded=True):
         return (isinstance_(node, ast.Assert) and isinstance_(node.test, ast.Compare)
                 and not isinstance_(node.test.left, ast.Constant))
 
-    def every_assert(tree):
+    def walk(tree, own_scope=False):
+        # Every node of `tree`, or with `own_scope` those of its own scope: not of the functions,
+        # lambdas or classes in it (whose closures, which a program may be handed, would carry
+        # what they read).
         found, stack = [], [tree]
         while stack:
             node = stack.pop()
-            if instrumented(node):
-                found.append(node)
+            found.append(node)
+            if own_scope and node is not tree and isinstance_(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
+                continue
             for field in node._fields:
                 value = getattr(node, field, None)
                 stack.extend(v for v in (value if isinstance_(value, list) else [value]) if isinstance_(v, ast.AST))
         return found
 
-    def instrument(node, source, show):
+    def shape_of(node, source, show):
         compare = node.test
         right = compare.comparators[0]
         single_eq = len_(compare.ops) == 1 and isinstance_(compare.ops[0], ast.Eq)
         helper = (isinstance_(right, ast.Call) and isinstance_(right.func, ast.Name)
                   and len_(right.args) == 1 and not right.keywords)
-        recorder = at(ast.Name(id="__seedflow_record__", ctx=ast.Load()), compare.left)
+        return (node.lineno, show(segment(source, compare.left)), show(segment(source, right)) if single_eq else None,
+                right.func.id if single_eq and helper else None, show(segment(source, node)))
+
+    def instrument(node):
+        compare = node.test
+        recorder = at(ast.Name(id=RECORDER, ctx=ast.Load()), compare.left)
         line = at(ast.Constant(value=node.lineno), compare.left)
-        shape = (node.lineno, show(segment(source, compare.left)), show(segment(source, right)) if single_eq else None,
-                 right.func.id if single_eq and helper else None, show(segment(source, node)))
         compare.left = at(ast.Call(func=recorder, args=[compare.left, line], keywords=[]), compare.left)
-        return shape
 
-    def names_kept_global(tree):
-        # What a function body would make its own locals but the top level binds in the namespace:
-        # `:=` targets, and names some nested function declares `global`.
-        found, stack = [], [tree]
-        while stack:
-            node = stack.pop()
-            if isinstance_(node, ast.NamedExpr) and isinstance_(node.target, ast.Name):
-                found.append(node.target.id)
-            elif isinstance_(node, ast.Global):
-                found.extend(node.names)
-            for field in node._fields:
-                value = getattr(node, field, None)
-                stack.extend(v for v in (value if isinstance_(value, list) else [value]) if isinstance_(v, ast.AST))
-        return found
+    def function_code(node, name):
+        # The code of the function `node` defines (one without defaults, decorators, annotations
+        # or type parameters, which the enclosing code would evaluate), compiled alone.
+        module = compile_(ast.Module(body=[node], type_ignores=[]), name, "exec")
+        return [c for c in module.co_consts if type_(c) is CodeType and c.co_name == node.name][0]
 
-    def wrapped(tree, name, parameter, returns=None):
-        # The code of a function of `parameter` whose body is the module `tree`'s (and which
-        # returns its `returns`): run as `FunctionType(code, namespace)(argument)`. The other names
-        # the body binds are its locals (a HumanEval `check`'s helpers reach it as closures), but
-        # for those `names_kept_global` finds.
-        body, first = tree.body, tree.body[0]
-        kept = []
-        for kept_name in names_kept_global(tree):
-            if kept_name not in kept:
-                kept.append(kept_name)
-        if kept:
-            body = [at(ast.Global(names=kept), first)] + body
-        if returns is not None:
-            body = body + [at(ast.Return(value=at(ast.Name(id=returns, ctx=ast.Load()), first)), first)]
-        arguments = ast.arguments(posonlyargs=[], args=[at(ast.arg(arg=parameter), first)], kwonlyargs=[],
+    def as_function(tree, name, parameter):
+        # The code of a function of `parameter` whose body is `tree`'s one statement, a `:=` target
+        # in it staying the namespace's; None where the body would make a generator (a `yield`,
+        # which the top level refuses), so that the statement runs where its error is raised.
+        statement = tree.body[0]
+        targets = []
+        for node in walk(statement):
+            if isinstance_(node, ast.NamedExpr) and isinstance_(node.target, ast.Name) and node.target.id not in targets:
+                targets.append(node.target.id)
+        body = ([at(ast.Global(names=targets), statement)] if targets else []) + [statement]
+        arguments = ast.arguments(posonlyargs=[], args=[at(ast.arg(arg=parameter), statement)], kwonlyargs=[],
                                   kw_defaults=[], defaults=[])
-        function = at(ast.FunctionDef(name="<module>", args=arguments, body=body, decorator_list=[], type_params=[]), first)
-        module = compile_(ast.Module(body=[function], type_ignores=[]), name, "exec")
-        return [c for c in module.co_consts if type_(c) is CodeType][0]
+        function = ast.FunctionDef(name="<module>", args=arguments, body=body, decorator_list=[], type_params=[])
+        code = function_code(at(function, statement), name)
+        return None if code.co_flags & 0x20 else code
 
     def prepare(test, name, entry_point=None):
-        # The compiled test, what it runs with (`RECORD`: as a function of `record`; `RETURNED`:
-        # of what the test before returned; `None`: in the namespace) and its asserts' shapes by
-        # line. A test that does not compile is raised in its turn, as compiling it then would have.
+        # The compiled test, how it runs, and its asserts' shapes by line. A test that does not
+        # compile is raised in its turn, as compiling it then would have.
         try:
             tree = compile_(test, name, "exec", ast.PyCF_ONLY_AST)
-            check = None
             if entry_point is None:
-                nodes = tree.body if len_(tree.body) == 1 and instrumented(tree.body[0]) else []
-                show = str_
-            else:
-                checks = [n for n in tree.body if isinstance_(n, ast.FunctionDef) and n.name == "check" and n.args.args]
-                # `from m import *` is for a module's top level only: such a program runs there,
-                # uninstrumented.
-                star = [n for n in tree.body if isinstance_(n, ast.ImportFrom) and n.names[0].name == "*"]
-                check = checks[0] if checks and not star else None
-                nodes = every_assert(tree) if check else []
-                parameter = check.args.args[0].arg + "(" if check else None
-                show = (lambda text: text.replace(parameter, entry_point + "(")) if parameter else str_
+                if len_(tree.body) == 1 and instrumented(tree.body[0]):
+                    shapes = {tree.body[0].lineno: shape_of(tree.body[0], test, str_)}
+                    instrument(tree.body[0])
+                    code = as_function(tree, name, RECORDER)
+                    if code is not None:
+                        return (code, WITH_RECORD), shapes
+                return (compile_(test, name, "exec"), IN_NAMESPACE), {}
+            # The test program runs as written. The harness calls a `check` of its own, made from
+            # a second parse of the one the module ends with (if its definition evaluates nothing):
+            # the asserts of its own scope record their values, `record` a keyword-only parameter.
+            checks = [i for i, n in enumerate(tree.body) if isinstance_(n, ast.FunctionDef) and n.name == "check"
+                      and n.args.args and not n.decorator_list and not n.args.defaults and not n.args.kw_defaults
+                      and not getattr(n, "type_params", None)]
+            if not checks:
+                return (compile_(tree, name, "exec"), IN_NAMESPACE), {}
+            check = compile_(test, name, "exec", ast.PyCF_ONLY_AST).body[checks[-1]]
+            parameter = check.args.args[0].arg + "("
+            show = lambda text: text.replace(parameter, entry_point + "(")
+            # Every assert is named when it fails, its value recorded where it is of `check`'s scope.
             shapes = {}
-            for node in nodes:
-                shapes[node.lineno] = instrument(node, test, show)
-            if check is not None:
-                return (wrapped(tree, name, "__seedflow_record__", returns="check"), RECORD), shapes
-            if shapes:
-                return (wrapped(tree, name, "__seedflow_record__"), RECORD), shapes
-            return (compile_(tree, name, "exec"), None), shapes
+            for node in walk(tree):
+                if instrumented(node):
+                    shapes[node.lineno] = shape_of(node, test, show)
+            for node in walk(check, own_scope=True):
+                if instrumented(node):
+                    instrument(node)
+            for argument in check.args.args + check.args.posonlyargs + check.args.kwonlyargs:
+                argument.annotation = None
+            check.returns = None
+            check.args.kwonlyargs.append(at(ast.arg(arg=RECORDER), check))
+            check.args.kw_defaults.append(None)
+            return ((compile_(tree, name, "exec"), function_code(check, name)), DEFINES_CHECK), shapes
         except BaseExc as error:
             return error, {}
 
     def prepare_check(entry_point, name):
-        # `check(entry_point)`, with the `check` the test program returned when it defined one.
-        call = "check(%s)" % entry_point
+        # `check(entry_point)`, as a function of the `check` the test program's run made.
         try:
-            return (wrapped(compile_(call, name, "exec", ast.PyCF_ONLY_AST), name, "check"), RETURNED)
+            return (as_function(compile_("check(%s)" % entry_point, name, "exec", ast.PyCF_ONLY_AST), name, "check"),
+                    CALLS_CHECK)
         except BaseExc as error:
             return error
 
@@ -284,9 +293,9 @@ def _harness(text, modules_preloaded=True):
     if job["test_program"] is not None:
         program, shapes = prepare(job["test_program"], "<test program>", job["entry_point"])
         check = "check(%s)" % job["entry_point"]
-        defines_check = not isinstance_(program, BaseExc) and program[1] is RECORD
+        defines_check = not isinstance_(program, BaseExc) and program[1] == DEFINES_CHECK
         called = prepare_check(job["entry_point"], "<test check>") if defines_check else prepare(check, "<test check>")[0]
-        tests += ((job["test_program"], program, {}, "<test program>"), (check, called, shapes, "<test program>"))
+        tests += ((job["test_program"], program, shapes, "<test program>"), (check, called, shapes, "<test program>"))
     del job, ast
 
     # importlib creates a builtin module without the `import` event: `gc` so (whose DEBUG_SAVEALL
@@ -354,18 +363,24 @@ def _harness(text, modules_preloaded=True):
     except BaseExc as error:
         # The parser's own limits (`MemoryError: Parser stack overflowed`, nesting too deep).
         return report("error", "While compiling the program: " + describe(error), exception=type_(error).__name__)
-    current, shapes, file, returned = None, {}, None, None
+    current, shapes, file, checker = None, {}, None, None
     try:
         exec_(code, namespace)
         for current, compiled, shapes, file in tests:
             if isinstance_(compiled, BaseExc):
                 raise compiled
             del left_value[:]
-            code, argument = compiled
-            if argument is None:
+            code, runs = compiled
+            if runs == IN_NAMESPACE:
                 exec_(code, namespace)
+            elif runs == WITH_RECORD:
+                FunctionType(code, namespace)(record)
+            elif runs == DEFINES_CHECK:
+                module, check_code = code
+                exec_(module, namespace)
+                checker = FunctionType(check_code, namespace)
             else:
-                returned = FunctionType(code, namespace)(record if argument is RECORD else returned)
+                FunctionType(code, namespace)(lambda candidate: checker(candidate, **{RECORDER: record}))
     except AssertionErr as error:
         # The assert that failed: the innermost frame's, if it is one of the test's (not an
         # assert of the program's own). A HumanEval test names it rather than `check(f)`.
