@@ -42,6 +42,12 @@ pub enum ReportError {
         help("summary.json is written by `seedflow run`; `seedflow run FILE --resume --run-dir DIR` writes it again")
     )]
     Io { path: PathBuf, message: String },
+    #[error("`{0}` is a file, and `--out` names a directory")]
+    #[diagnostic(
+        code(seedflow::report_io),
+        help("the report's three files (report.json, report.md, report.html) go into that directory: name another")
+    )]
+    OutIsFile(PathBuf),
     #[error("cannot write the report into `{path}`: {message}")]
     #[diagnostic(code(seedflow::report_io), help("choose with `--out` a directory you can write to"))]
     Write { path: PathBuf, message: String },

@@ -162,6 +162,23 @@ fn run_writes_outputs_and_resumes() {
         text(&dry.stdout),
         "would run `tasks-only` in `out`:\n  cached  tasks: inputs and parameters unchanged\n  run     two: parameter `limit` changed: 2 -> 1\n"
     );
+    // In CI the same, as events.
+    let dry = seedflow(
+        &["run", "flow.kdl", "--run-dir", "out", "--resume", "--dry-run", "--set", "two.limit=1", "--ci"],
+        dir.path(),
+    );
+    assert_eq!(dry.status.code(), Some(0));
+    assert_eq!(
+        text(&dry.stdout),
+        concat!(
+            r#"{"event":"step-planned","step":"tasks","action":"cached","reason":"inputs and parameters unchanged"}"#,
+            "\n",
+            r#"{"event":"step-planned","step":"two","action":"run","reason":"parameter `limit` changed: 2 -> 1"}"#,
+            "\n",
+            r#"{"event":"run-finished","status":"dry-run","exit_code":0}"#,
+            "\n"
+        )
+    );
 
     let resumed = seedflow(&["run", "flow.kdl", "--resume"], dir.path());
     // Without --run-dir, --resume takes the newest run under runs/<workflow>/, and there is none.

@@ -136,6 +136,24 @@ fn spaces_around_a_choice_are_trimmed_as_around_a_list_item() {
     assert_eq!(dataset.declaration.props.get("format"), Some(&seedflow::dsl::schema::Value::Choice("jsonl".into())));
 }
 
+/// llama.cpp built without CUDA would run every layer on the CPU, silently; a server at a URL
+/// does its own offloading, and `spawn` hands `gpu-layers` to llama-server.
+#[test]
+#[cfg(not(feature = "cuda"))]
+fn gpu_layers_without_gpu_support_are_refused_unless_a_server_offloads() {
+    let dir = tempfile::tempdir().unwrap();
+    let flow = dir.path().join("flow.kdl");
+    let check = |model: &str| {
+        std::fs::write(&flow, format!("{model}\ndataset \"t\" format=\"jsonl\" path=\"t.jsonl\"\n")).unwrap();
+        std::fs::write(dir.path().join("t.jsonl"), "").unwrap();
+        seedflow::load_plan(&flow, &[]).err().map(|problems| render_plain(&problems, 100))
+    };
+    let refused = check("model \"m\" path=\"default\" gpu-layers=-1").expect("refused");
+    assert!(refused.contains("built without GPU support") && refused.contains("--features cuda"), "{refused}");
+    assert_eq!(check("model \"m\" path=\"default\" gpu-layers=0"), None);
+    assert_eq!(check("model \"m\" path=\"default\" gpu-layers=-1 server=\"spawn\""), None);
+}
+
 #[test]
 fn a_problem_far_along_a_line_is_placed_in_words() {
     let dir = tempfile::tempdir().unwrap();

@@ -124,8 +124,8 @@ fn a_run_reports_its_iterations_evaluations_and_gates() {
     // A file where the report's directory should go.
     std::fs::write(dir.path().join("taken"), "").unwrap();
     let out = seedflow(&["report", "run", "--out", "taken"], dir.path());
-    assert_eq!(out.status.code(), Some(1));
-    assert!(text(&out.stderr).contains("seedflow::report_io"), "{}", text(&out.stderr));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("`taken` is a file, and `--out` names a directory"), "{}", text(&out.stderr));
 }
 
 /// A second run to compare with the first: a copy of its directory, `rerun`.

@@ -120,7 +120,8 @@ impl Plain {
             Event::IterationFinished { step, iteration, stop: true } => {
                 format!("  loop    {step} stops after iteration {iteration}")
             }
-            Event::IterationFinished { .. } | Event::RunFinished { .. } => return None,
+            // A dry run prints its plan as text itself; as events only in CI.
+            Event::IterationFinished { .. } | Event::RunFinished { .. } | Event::StepPlanned { .. } => return None,
         })
     }
 }

@@ -12,7 +12,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 
 use crate::dsl::{Code, Problem};
-use crate::engine::{self, RunOptions};
+use crate::engine::{self, DryRunLine, RunOptions};
 
 pub const EXIT_OK: i32 = 0;
 pub const EXIT_FAILED: i32 = 1;
@@ -237,6 +237,10 @@ fn report_runs(dirs: &[PathBuf], out: Option<&Path>) -> i32 {
     };
     match out {
         None => print!("{}", crate::report::markdown(&runs)),
+        Some(dir) if dir.exists() && !dir.is_dir() => {
+            print_diagnostic(&crate::report::ReportError::OutIsFile(dir.to_path_buf()));
+            return EXIT_INVALID;
+        }
         Some(dir) => {
             if let Err(err) = crate::report::write(&runs, dir) {
                 let path = dir.to_path_buf();
@@ -439,8 +443,18 @@ fn run(args: RunArgs) -> i32 {
         eprintln!("no earlier run in `{}` to resume: starting one", run_dir.display());
     }
     if args.dry_run {
+        let lines = runtime.block_on(engine::dry_run(plan.clone(), &run_dir, args.resume));
+        if ci {
+            use engine::events::{Event, EventSink};
+            for line in lines {
+                let DryRunLine { step, iteration, action, reason } = line;
+                display::JsonLines.emit(&Event::StepPlanned { step, iteration, action: action.into(), reason });
+            }
+            display::JsonLines.emit(&Event::RunFinished { status: "dry-run".into(), exit_code: EXIT_OK });
+            return EXIT_OK;
+        }
         println!("would run `{}` in `{}`:", plan.name, run_dir.display());
-        for line in runtime.block_on(engine::dry_run(plan.clone(), &run_dir, args.resume)) {
+        for line in lines {
             let step = match line.iteration {
                 Some(i) => format!("{} (iteration {i})", line.step),
                 None => line.step.clone(),

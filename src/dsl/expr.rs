@@ -321,27 +321,38 @@ impl Expr {
     }
 
     /// Evaluates with `lookup` giving each metric's value; a missing metric is an error naming it.
-    pub fn evaluate(&self, lookup: &dyn Fn(&MetricName) -> Option<f64>) -> Result<bool, String> {
+    /// The expression's value, in Kleene's three-valued logic: `None` when it depends on a metric
+    /// that has no value (a step can leave one out: training on no examples has no loss). What is
+    /// decided without that metric stays decided: `a.x > 1 || b.y > 1` holds when `a.x` is 2.
+    pub fn evaluate(&self, lookup: &dyn Fn(&MetricName) -> Option<f64>) -> Option<bool> {
         let value = |operand: &Operand| match operand {
-            Operand::Number(n) => Ok(*n),
-            Operand::Metric(m) => lookup(m).ok_or_else(|| format!("metric `{m}` has no value")),
+            Operand::Number(n) => Some(*n),
+            Operand::Metric(m) => lookup(m),
         };
-        Ok(match self {
+        match self {
             Expr::Compare(a, op, b) => {
                 let (a, b) = (value(a)?, value(b)?);
-                match op {
+                Some(match op {
                     Comparison::Eq => a == b,
                     Comparison::Ne => a != b,
                     Comparison::Lt => a < b,
                     Comparison::Le => a <= b,
                     Comparison::Gt => a > b,
                     Comparison::Ge => a >= b,
-                }
+                })
             }
-            Expr::And(a, b) => a.evaluate(lookup)? && b.evaluate(lookup)?,
-            Expr::Or(a, b) => a.evaluate(lookup)? || b.evaluate(lookup)?,
-            Expr::Not(a) => !a.evaluate(lookup)?,
-        })
+            Expr::And(a, b) => match (a.evaluate(lookup), b.evaluate(lookup)) {
+                (Some(false), _) | (_, Some(false)) => Some(false),
+                (Some(true), Some(true)) => Some(true),
+                _ => None,
+            },
+            Expr::Or(a, b) => match (a.evaluate(lookup), b.evaluate(lookup)) {
+                (Some(true), _) | (_, Some(true)) => Some(true),
+                (Some(false), Some(false)) => Some(false),
+                _ => None,
+            },
+            Expr::Not(a) => a.evaluate(lookup).map(|holds| !holds),
+        }
     }
 }
 
@@ -406,8 +417,20 @@ mod tests {
     }
 
     #[test]
-    fn missing_metric_is_an_error() {
-        let expr = Expr::parse("a.count == 0").unwrap();
-        assert_eq!(expr.evaluate(&|_| None).unwrap_err(), "metric `a.count` has no value");
+    fn a_missing_metric_leaves_undecided_only_what_depends_on_it() {
+        let with_a = |m: &MetricName| (m.to_string() == "a.x").then_some(2.0);
+        let cases = [
+            ("a.x == 0", Some(false)),
+            ("b.y == 0", None),
+            ("!(b.y == 0)", None),
+            ("a.x > 1 || b.y > 1", Some(true)),
+            ("a.x < 1 || b.y > 1", None),
+            ("a.x < 1 && b.y > 1", Some(false)),
+            ("a.x > 1 && b.y > 1", None),
+            ("!(a.x < 1 && b.y > 1)", Some(true)),
+        ];
+        for (text, expected) in cases {
+            assert_eq!(Expr::parse(text).unwrap().evaluate(&with_a), expected, "{text}");
+        }
     }
 }

@@ -60,6 +60,14 @@ pub enum Event {
         iteration: Option<u32>,
         message: String,
     },
+    /// What `--dry-run` would do with a step: `run`, `finish`, `cached`, `fail` or `then`.
+    StepPlanned {
+        step: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        iteration: Option<u32>,
+        action: String,
+        reason: String,
+    },
     IterationFinished {
         step: String,
         iteration: u32,

@@ -410,33 +410,36 @@ impl Engine {
             }
             let stop = match &until {
                 None => false,
-                Some(expr) => match until_holds_after(expr, iteration, &|step, metric| {
-                    previous.get(step).and_then(|o| o.metrics.get(metric).copied())
-                }) {
-                    Ok(holds) => holds,
-                    // A dry run says what it can; the run itself names the problem.
-                    Err(_) if self.dry.is_some() => false,
-                    Err(e) => {
-                        // What the steps did publish: a step can leave a metric out (training on
-                        // no examples has no loss).
-                        let steps: BTreeSet<&str> = expr.metrics().iter().filter_map(|m| m.step.as_deref()).collect();
-                        let published: Vec<String> = steps
-                            .into_iter()
-                            .map(|step| {
-                                let metrics = previous.get(step).map(|o| o.metrics.keys().cloned().collect::<Vec<_>>());
-                                format!(
-                                    "`{step}` published {}",
-                                    metrics.filter(|m| !m.is_empty()).map_or("nothing".into(), |m| m.join(", "))
-                                )
-                            })
-                            .collect();
-                        let error = format!(
-                            "cannot evaluate `until` after iteration {iteration}: {e} ({})",
-                            published.join("; ")
-                        );
-                        return Err(self.fail(scope, &name, error));
+                Some(expr) => {
+                    let value_of =
+                        |step: &str, metric: &str| previous.get(step).and_then(|o| o.metrics.get(metric).copied());
+                    match until_holds_after(expr, iteration, &value_of) {
+                        Some(holds) => holds,
+                        // A dry run says what it can.
+                        None if self.dry.is_some() => false,
+                        // A step can leave a metric out (training on no examples has no loss); the
+                        // loop goes on, as when `until` does not hold, and says why.
+                        None => {
+                            let missing: BTreeSet<String> = expr
+                                .metrics()
+                                .iter()
+                                .filter_map(|m| {
+                                    let step = m.step.as_deref()?;
+                                    value_of(step, &m.metric)
+                                        .is_none()
+                                        .then(|| format!("`{step}` published no `{}`", m.metric))
+                                })
+                                .collect();
+                            let message = format!(
+                                "`until` is undecided after iteration {iteration}, so it does not hold: {}",
+                                missing.into_iter().collect::<Vec<_>>().join(", ")
+                            );
+                            let outer = scope.iteration.as_ref().map(|(_, i)| *i);
+                            self.events.emit(&Event::StepMessage { step: name.clone(), iteration: outer, message });
+                            false
+                        }
                     }
-                },
+                }
             };
             self.events.emit(&Event::IterationFinished { step: name.clone(), iteration, stop });
             if stop {
@@ -745,7 +748,7 @@ fn until_holds_after(
     expr: &crate::dsl::expr::Expr,
     iteration: u32,
     metric_of: &dyn Fn(&str, &str) -> Option<f64>,
-) -> Result<bool, String> {
+) -> Option<bool> {
     expr.evaluate(&|m| match &m.step {
         None => Some(f64::from(iteration)),
         Some(step) => metric_of(step, &m.metric),

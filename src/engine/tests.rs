@@ -249,6 +249,61 @@ gate "enough" metric="grow.step.count" at-least=5
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_metric_left_out_leaves_until_undecided_and_fails_a_gate() {
+    let dir = tempfile::tempdir().unwrap();
+    // `step` writes no records, so it publishes no `mean-index`, as training on no examples
+    // publishes no loss.
+    let workflow = r#"
+loop-until "again" max-iterations=3 until="step.mean-index > 1 || step.count > 5" {
+    test-batches "step" records=0
+}
+loop-until "decided" max-iterations=3 until="other.mean-index > 1 || iteration >= 2" {
+    test-batches "other" records=0
+}
+gate "low" metric="again.step.mean-index" at-most=5
+gate "as-many" metric="again.step.count" baseline="decided.other.mean-index"
+"#;
+    let run_dir = dir.path().join("run");
+    let (outcome, events) = run_to_end(plan(dir.path(), workflow, &[]), &run_dir, false).await;
+    // The run goes on: each gate fails, and says why.
+    let unpublished =
+        |gate: &str, step: &str| format!("{gate}: `{step}` published no `mean-index`, so the gate cannot pass");
+    let mut expected = vec![unpublished("as-many", "decided.other"), unpublished("low", "again.step")];
+    expected.sort();
+    let RunOutcome::GateFailed(mut failures) = outcome else { panic!("{outcome:?}") };
+    failures.sort();
+    assert_eq!(failures, expected);
+    let iterations = |of: &str| -> Vec<(u32, bool)> {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                Event::IterationFinished { step, iteration, stop } if step == of => Some((*iteration, *stop)),
+                _ => None,
+            })
+            .collect()
+    };
+    // Undecided is not `true`: the loop goes on to its last iteration; what is decided without
+    // the metric stays decided.
+    assert_eq!(iterations("again"), [(1, false), (2, false), (3, false)]);
+    assert_eq!(iterations("decided"), [(1, false), (2, true)]);
+    let notes: Vec<&str> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::StepMessage { step, message, .. } if step == "again" => Some(message.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(notes.len(), 3, "{notes:?}");
+    assert_eq!(
+        notes[0],
+        "`until` is undecided after iteration 1, so it does not hold: `step` published no `mean-index`"
+    );
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run_dir.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["steps"]["low"]["metrics"], serde_json::json!({ "passed": 0.0 }), "{summary}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_step_fails_the_run_and_skips_what_depends_on_it() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("bad.jsonl"), "{\"task_id\": 1}\n").unwrap();

@@ -8,7 +8,8 @@ pub static SPEC: KindSpec = KindSpec {
           below `at-least`, above `at-most`, or below the `baseline` metric by more than \
           `margin`, the run goes on but ends with exit code 3, and the failure is in \
           `summary.json`, the report and the CI events; use it to stop a CI pipeline when an \
-          adapted model got worse.",
+          adapted model got worse. A metric its step did not publish (training on no examples \
+          has no loss) fails the gate, and the gate publishes no `value`.",
     properties: &[METRIC.spec, AT_LEAST.spec, AT_MOST.spec, BASELINE.spec, MARGIN.spec],
     metrics: &["value", "passed"],
     at_least_one: &["at-least", "at-most", "baseline"],
@@ -66,15 +67,19 @@ pub fn check(name: &str, value: f64, bounds: &Bounds) -> Option<String> {
     None
 }
 
-/// The value of the metric a property names (the step that publishes it is the property's input).
-fn metric(ctx: &Context, property: &str, MetricRef { step, metric }: MetricRef) -> Result<(String, f64), StepError> {
-    let value = *ctx
-        .inputs
-        .get(property)
-        .ok_or_else(|| StepError::Failed(format!("input `{property}` is missing")))?
-        .metrics
+/// The metric a property names and its value (the step that publishes it is the property's
+/// input), or why it has none: a step can leave a metric out (training on no examples has no loss).
+fn metric(
+    ctx: &Context,
+    property: &str,
+    MetricRef { step, metric }: MetricRef,
+) -> Result<(String, Result<f64, String>), StepError> {
+    let published =
+        &ctx.inputs.get(property).ok_or_else(|| StepError::Failed(format!("input `{property}` is missing")))?.metrics;
+    let value = published
         .get(&metric)
-        .ok_or_else(|| StepError::Failed(format!("`{step}` did not publish `{metric}`")))?;
+        .copied()
+        .ok_or_else(|| format!("`{step}` published no `{metric}`, so the gate cannot pass"));
     Ok((format!("{step}.{metric}"), value))
 }
 
@@ -85,13 +90,20 @@ pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
         Some(reference) => Some(metric(ctx, BASELINE.name(), reference)?),
         None => None,
     };
-    let bounds = Bounds {
-        at_least: ctx.get(&AT_LEAST)?,
-        at_most: ctx.get(&AT_MOST)?,
-        baseline: baseline.map(|(base_name, base)| (base_name, base, margin)),
+    let (at_least, at_most) = (ctx.get(&AT_LEAST)?, ctx.get(&AT_MOST)?);
+    let published = value.as_ref().ok().copied();
+    let failure = match (value, baseline) {
+        (Err(unpublished), _) | (_, Some((_, Err(unpublished)))) => Some(unpublished),
+        (Ok(value), baseline) => {
+            let baseline = baseline.map(|(base_name, base)| (base_name, base.unwrap_or(f64::NAN), margin));
+            check(&name, value, &Bounds { at_least, at_most, baseline })
+        }
     };
-    let failure = check(&name, value, &bounds);
-    let metrics = [("value".to_string(), value), ("passed".to_string(), f64::from(u8::from(failure.is_none())))].into();
+    let mut metrics: crate::store::meta::Metrics =
+        [("passed".to_string(), f64::from(u8::from(failure.is_none())))].into();
+    if let Some(value) = published {
+        metrics.insert("value".to_string(), value);
+    }
     Ok(Outcome { metrics, gate_failure: failure })
 }
 

@@ -20,7 +20,9 @@ pub static SPEC: KindSpec = KindSpec {
           output in the previous iteration (absent in the first, which then uses the base model); \
           outside, `loop.step` is a step's output in the last iteration. `until` compares metrics \
           of the loop's steps (`step.metric`) and `iteration` with numbers, joined by `&&`, `||` \
-          and `!`. Each iteration's outputs are kept under `<loop>/iteration-<n>/`.",
+          and `!`. A comparison with a metric its step did not publish (training on no examples \
+          has no loss) is undecided, and so is an `until` that depends on it: the loop goes on, \
+          and says why. Each iteration's outputs are kept under `<loop>/iteration-<n>/`.",
     properties: &[MAX_ITERATIONS.spec, UNTIL.spec],
     metrics: &[],
     at_least_one: &[],

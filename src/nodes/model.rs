@@ -1,3 +1,4 @@
+use std::path::Path;
 use std::time::Duration;
 
 use crate::assets;
@@ -15,7 +16,8 @@ params! {
     /// much.
     CONTEXT: i64 = optional("context", ValueType::Integer { min: 0, max: llm::MOST_TOKENS as i64 }, "0");
     /// Layers to offload to the GPU; -1 offloads all, 0 runs on the CPU. Other values need a seedflow built
-    /// with `--features cuda` and a CUDA device; without them the step fails.
+    /// with `--features cuda` (`seedflow check` refuses them otherwise) and a CUDA device (the first step to
+    /// sample fails without one).
     GPU_LAYERS: i64 = optional("gpu-layers", ValueType::Integer { min: -1, max: i32::MAX as i64 }, "0");
     /// CPU threads; 0 uses every core (at most 512, llama.cpp's limit).
     THREADS: i64 = optional("threads", ValueType::Integer { min: 0, max: llm::MOST_THREADS as i64 }, "0");
@@ -30,7 +32,8 @@ params! {
     /// requests at a time, and `path` is only what `finetune-lora` trains (the weights the server must serve).
     /// Several URLs, comma-separated, spread the requests over as many servers of the same model, `parallel` at
     /// a time on each. "spawn" starts llama-server on `path` (`seedflow fetch llama-server` builds it) and
-    /// restarts it with each adapter a step asks for. Unset: llama.cpp in this process.
+    /// restarts it with each adapter a step asks for. Unset: llama.cpp in this process. A server at a URL
+    /// decides its own `context`, `threads`, `batch` and `gpu-layers`, so they are refused beside one.
     SERVER: Option<String> = unset("server", ValueType::Server);
     /// The model name requests ask the server for; unset takes the first it lists.
     SERVER_MODEL: Option<String> = unset("server-model", ValueType::Text);
@@ -73,13 +76,35 @@ pub static SPEC: KindSpec = KindSpec {
     ordered: &[],
     distinct: &[],
     metrics_needing: &[],
-    check_values: None,
+    check_values: Some(check_values),
     example: r#"model "coder" path="default" context=8192 gpu-layers=0
 
 dataset "problems" format="mbpp" path="examples/data/mbpp/prompt.jsonl"
 generate "answers" model="coder" tasks="problems" samples=1 temperature=0
 "#,
 };
+
+/// Settings that would be ignored: a server at a URL decides its own context, threads, batch
+/// and GPU layers, and a build without CUDA offloads nothing (llama.cpp would run every layer on
+/// the CPU, silently, so the run would fail at its first `generate`).
+fn check_values(props: &Props, _: Option<&Path>) -> Result<(), (&'static str, String)> {
+    let server = props.param(&SERVER).flatten();
+    if let Some(url) = server.as_deref().filter(|url| *url != "spawn") {
+        for param in [&CONTEXT, &GPU_LAYERS, &THREADS, &BATCH] {
+            let default = param.spec.default.and_then(|d| d.parse::<i64>().ok());
+            if props.param(param) != default {
+                let why = format!("the server at `{url}` decides its own `{}`: leave it out here", param.name());
+                return Err((param.name(), why));
+            }
+        }
+    }
+    if server.is_none() && !cfg!(feature = "cuda") && props.param(&GPU_LAYERS).is_some_and(|layers| layers != 0) {
+        let why = "this seedflow was built without GPU support, so no layer can go to a GPU: set `gpu-layers=0`, \
+                   or build with `cargo build --release --features cuda`";
+        return Err((GPU_LAYERS.name(), why.into()));
+    }
+    Ok(())
+}
 
 /// The declaration's settings, with a built-in model fetched on first use.
 pub fn settings(props: &Props, progress: &dyn Fn(&str)) -> Result<ModelSettings, String> {

@@ -25,7 +25,7 @@ pub static BATCHES: KindSpec = KindSpec {
     role: Role::Step(Artifact::Tasks),
     doc: "Writes `records` records in batches of two, derived from the seed and its input.",
     properties: &[FROM.spec, RECORDS.spec],
-    metrics: &["count"],
+    metrics: &["count", "mean-index"],
     at_least_one: &[],
     requires: &[],
     ordered: &[],
@@ -105,7 +105,12 @@ fn batches(ctx: &mut Context) -> Result<Outcome, StepError> {
         writer.append(batch)?;
     }
     writer.finish()?;
-    Ok(Outcome { metrics: [("count".to_string(), total as f64)].into(), gate_failure: None })
+    let mut metrics: crate::store::meta::Metrics = [("count".to_string(), total as f64)].into();
+    // Left out without records, as a training step leaves out its loss without examples.
+    if total > 0 {
+        metrics.insert("mean-index".to_string(), (total - 1) as f64 / 2.0);
+    }
+    Ok(Outcome { metrics, gate_failure: None })
 }
 
 static MEETINGS: (Mutex<BTreeMap<String, usize>>, Condvar) = (Mutex::new(BTreeMap::new()), Condvar::new());

@@ -162,6 +162,9 @@ pub fn build(
     };
     let models: BTreeMap<String, Declaration> = checked.models.into_iter().map(|m| (m.name.value.clone(), m)).collect();
     let scope = Scope { vocabulary, sources: &sources, broken: &checked.broken, models: &models, top: &checked.steps };
+    for model in models.values() {
+        scope.check_values(model, problems);
+    }
 
     let mut top_steps = vec![];
     for declaration in &checked.steps {
@@ -232,7 +235,9 @@ impl<'a> Scope<'a> {
     }
 
     fn all_names(&self, within: Option<&Declaration>) -> Vec<String> {
-        let mut names: Vec<String> = self.top.iter().map(|d| d.name.value.clone()).collect();
+        // A loop is no step's input: its steps are, as `loop.step`.
+        let steps = self.top.iter().filter(|d| d.spec.role != Role::Loop);
+        let mut names: Vec<String> = steps.map(|d| d.name.value.clone()).collect();
         for l in self.top {
             for s in &l.body {
                 if within.is_some_and(|w| w.name.value == l.name.value) {
@@ -530,11 +535,29 @@ impl<'a> Scope<'a> {
         inputs
     }
 
-    /// What the node's kind checks of its values together, and against its model's file.
+    /// What the node's kind checks of its values together, and against its model's file; and that
+    /// a step sampling from a model can: llama.cpp reads GGUF files, and only a `server` samples
+    /// from a Hugging Face directory (which `finetune-lora` trains on without one).
     fn check_values(&self, declaration: &Declaration, problems: &mut Problems) {
-        let Some(check_values) = declaration.spec.check_values else { return };
-        if let Err((property, why)) = check_values(&declaration.props, self.model_file(declaration).as_deref()) {
+        if let Some(check_values) = declaration.spec.check_values
+            && let Err((property, why)) = check_values(&declaration.props, self.model_file(declaration).as_deref())
+        {
             problems.at(self.sources, Code::BadValue, declaration.span_of(property), why, "cannot work here");
+        }
+        if declaration.spec.role == Role::Step(Artifact::Samples)
+            && let Some((name, Value::File(path))) = self.model_of(declaration)
+            && path.is_dir()
+            && self.models.get(name).is_some_and(|model| model.props.get("server").is_none())
+        {
+            problems
+                .at(
+                    self.sources,
+                    Code::BadValue,
+                    declaration.span_of("model"),
+                    format!("`{name}` is a Hugging Face directory, which llama.cpp cannot sample from"),
+                    "not a GGUF model",
+                )
+                .help(format!("give `{name}` a `server` that serves it (vLLM, SGLang), or a GGUF `path`"));
         }
     }
 
