@@ -159,6 +159,26 @@ fn adversarial_programs_end_with_the_right_status_and_leave_the_host_alone() {
             Status::Error,
         ),
         (format!("{WRONG}def g():\n    yield sys\nimport sys\ng().gi_frame.f_back\n"), Status::Error),
+        // `traceback`'s walks hand out stand-ins for frames (code and line, no way back), also to
+        // a program that asks the audit hook itself; an object posing as a traceback is not read.
+        (
+            format!(
+                "{WRONG}import traceback\ntry:\n    raise ValueError\nexcept ValueError as e:\n    frame = next(traceback.walk_tb(e.__traceback__))[0]\nframe.f_back.f_locals\n"
+            ),
+            Status::Error,
+        ),
+        (
+            format!(
+                "{WRONG}import sys\ntry:\n    raise ValueError\nexcept ValueError as e:\n    box = [e.__traceback__]\nsys.audit('seedflow.read_traceback', box)\nbox[1][0][0].f_back\n"
+            ),
+            Status::Error,
+        ),
+        (
+            format!(
+                "{WRONG}{FORGE_FROM_A_FRAME}import traceback\nclass T:\n    tb_next = None\n    tb_lineno = tb_lasti = 0\n    @property\n    def tb_frame(self):\n        forge()\ntraceback.format_tb(T())\n"
+            ),
+            Status::Failed,
+        ),
         // The recorder a test's assert passes its value through is the test's own: neither
         // replaced in the namespace nor caught at its lookup by a key that compares equal to it.
         (

@@ -23,10 +23,19 @@ fn honest_programs_get_each_status_with_useful_feedback() {
     let logs = "import logging\nlogging.basicConfig(level=logging.INFO)\ndef f(x):\n    logging.info('f(%s)', x)\n    return x\n";
     let handler =
         "import atexit, doctest, concurrent.futures\natexit.register(print, 'passed')\ndef f(x):\n    return -x\n";
+    // An error handler that logs or formats its traceback, as natively (`traceback` gets
+    // stand-ins for the frames).
+    let logged = "import logging, traceback\ndef f(x):\n    try:\n        return x / (x - x)\n    except ZeroDivisionError:\n        logging.exception('f(%s)', x)\n        assert 'line 4, in f' in traceback.format_exc()\n        return x\n";
     // Past the parser's nesting limit (lower in WASI's CPython than natively): an error that says
     // so, not the interpreter's crash.
     let nested = format!("x = {}1{}\ndef f(x):\n    return x\n", "(".repeat(150), ")".repeat(150));
-    let cases = [(deep, Status::Passed), (logs, Status::Passed), (handler, Status::Failed), (&nested, Status::Error)];
+    let cases = [
+        (deep, Status::Passed),
+        (logs, Status::Passed),
+        (handler, Status::Failed),
+        (&nested, Status::Error),
+        (logged, Status::Passed),
+    ];
     let results = run_all_in(sandbox, &cases);
     for ((_, expected), result) in cases.iter().zip(&results) {
         assert_eq!(result.status, *expected, "{result:?}");

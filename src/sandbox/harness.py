@@ -75,34 +75,43 @@ def _harness(text, modules_preloaded=True):
     pause_collector, resume_collector = collector.disable, collector.enable
     del _sys.modules["gc"], collector
 
-    def places(error):
-        # (file, line, function) of the program's and the tests' frames in the error's traceback,
-        # innermost last; not the harness's. No program code may run while frames can be read:
-        # the traceback is read through BaseException's own descriptor (a program's class may
-        # define a `__traceback__` property); every traceback visited is held until the reading
-        # ends, so nothing is freed (no finaliser runs) meanwhile; a code object's name and file
-        # name can be str subclasses of the program's (`code.replace`), so only their plain str
-        # copies are compared.
-        where, held, tb = [], [], get_traceback(error)
+    def entries(tb):
+        # (code, line, instruction offset) of each entry of a traceback, innermost last. No program
+        # code may run while frames can be read: only a real traceback is followed (a program's
+        # object could define `tb_frame`), each one visited is held until the reading ends, so
+        # nothing is freed (no finaliser of the program's runs) meanwhile, nor is the cyclic
+        # collector let run.
+        read, held = [], []
         pause_collector()
         harness_reads_frames[0] = True
         try:
             while type_(tb) is TracebackType:
                 held.append(tb)
-                code = tb.tb_frame.f_code
-                filename, name = plain_str(code.co_filename), plain_str(code.co_name)
-                if filename == "<program>" or filename.startswith("<test"):
-                    where.append((filename, tb.tb_lineno, name))
+                read.append((tb.tb_frame.f_code, tb.tb_lineno, tb.tb_lasti))
                 tb = tb.tb_next
         finally:
             harness_reads_frames[0] = False
             resume_collector()
+        return read
+
+    def places(error):
+        # (file, line, function) of the program's and the tests' frames in the error's traceback,
+        # innermost last; not the harness's. The traceback is read through BaseException's own
+        # descriptor (a program's class may define a `__traceback__` property); a code object's
+        # name and file name can be str subclasses of the program's (`code.replace`), so only
+        # their plain str copies are compared.
+        where = []
+        for code, line, _ in entries(get_traceback(error)):
+            filename, name = plain_str(code.co_filename), plain_str(code.co_name)
+            if filename == "<program>" or filename.startswith("<test"):
+                where.append((filename, line, name))
         return where
 
     def describe(error):
         where = "".join('  File "%s", line %s, in %s\n' % place for place in places(error))
         # `format_exception_only` also walks the tracebacks of a chained exception's cause and
-        # context (and of a group's members), which the audit hook refuses: it must not raise.
+        # context (and of a group's members), which a plain interpreter's audit hook refuses (its
+        # `traceback` has no stand-ins), and calls the program's `__str__`: it must not raise.
         try:
             last = "".join(import_("traceback").format_exception_only(type_(error), error))
         except BaseExc:
@@ -310,7 +319,39 @@ def _harness(text, modules_preloaded=True):
         audit_("seedflow.create_builtin", box)
         return box[1]
 
+    # `traceback` takes a traceback's frames to read their code. Its two walks over a traceback
+    # (and so `traceback.print_exc`, `format_exc`, `logging.exception`, `exc_info=True`) get
+    # stand-ins instead, holding the code and line and no globals or locals: a program's error
+    # handler prints, formats and logs its traceback as natively, and no frame leaves the
+    # harness. The audit hook reads the frames (no program reaches its closure); these functions,
+    # which a program can reach, hold nothing that could.
+    class Frame:
+        __slots__ = ("f_code", "f_lineno", "f_globals", "f_locals")
+
+    def stand_ins(tb):
+        box = [tb]
+        audit_("seedflow.read_traceback", box)
+        for code, line, offset in box[1]:
+            frame = Frame()
+            frame.f_code, frame.f_lineno, frame.f_globals, frame.f_locals = code, line, {}, {}
+            yield frame, line, offset
+
+    def walk_tb(tb):
+        for frame, line, _ in stand_ins(tb):
+            yield frame, line
+
+    def walk_tb_with_full_positions(tb):
+        for frame, line, offset in stand_ins(tb):
+            positions = position_of(frame.f_code, offset)
+            yield frame, ((line,) + positions[1:] if positions[0] is None else positions)
+
     def audit(event, args):
+        if event == "seedflow.read_traceback":
+            box = args[0]
+            if type_(box) is not list or len_(box) != 1:
+                raise RuntimeErr("not allowed in the sandbox: " + event)
+            box.append(entries(box[0]))
+            return
         if event == "seedflow.create_builtin":
             box = args[0]
             if type_(box) is not list or len_(box) != 1:
@@ -353,6 +394,12 @@ def _harness(text, modules_preloaded=True):
         blocked_events = blocked_events | {"marshal.loads", "marshal.load"}
     _sys.addaudithook(audit)
     imp.create_builtin = create_builtin_checked
+    # Loaded already in the component; a plain interpreter loads it when asked, unchanged.
+    traceback = _sys.modules.get("traceback")
+    if traceback is not None:
+        position_of = traceback._get_code_position
+        traceback.walk_tb, traceback._walk_tb_with_full_positions = walk_tb, walk_tb_with_full_positions
+    del traceback
     del imp
     # Not "__main__": a `if __name__ == "__main__":` demo in an answer (often reading input) stays out.
     namespace = {"__name__": "solution", "__builtins__": __builtins__}
