@@ -70,6 +70,14 @@ pub fn language_reference() -> String {
         for (property, metrics) in needing {
             let _ = writeln!(out, "{} are published only with `{property}`.\n", metrics.join(", "));
         }
+        if !kind.unkeyed.is_empty() {
+            let list: Vec<_> = kind.unkeyed.iter().map(|p| format!("`{p}`")).collect();
+            let _ = writeln!(
+                out,
+                "Changing {} reruns nothing on `--resume`: they cannot change what a step makes.\n",
+                list.join(", ")
+            );
+        }
         if !kind.metrics.is_empty() {
             let list: Vec<_> = kind.metrics.iter().map(|m| format!("`{m}`")).collect();
             let _ = writeln!(out, "Metrics: {}.\n", list.join(", "));

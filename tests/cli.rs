@@ -326,18 +326,23 @@ fn a_local_std_folder_is_not_the_stdlib() {
     assert!(text(&out.stderr).contains("count=3"), "{}", text(&out.stderr));
 }
 
-/// A gzipped dataset (HumanEval ships as `HumanEval.jsonl.gz`) is read decompressed.
+/// A gzipped dataset (HumanEval ships as `HumanEval.jsonl.gz`) is read decompressed. Running its
+/// references says which tasks have none.
 #[test]
 fn a_gzipped_dataset_is_read() {
     use std::io::Write;
     let dir =
         project("dataset \"tasks\" format=\"jsonl\" path=\"tasks.jsonl.gz\"\nexecute \"references\" code=\"tasks\"\n");
+    let without = r#"{"task_id": "bare", "prompt": "Return 1.", "tests": ["assert f() == 1"]}"#;
+    let tasks = std::fs::read_to_string(dir.path().join("tasks.jsonl")).unwrap() + without + "\n";
     let mut gzip = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-    gzip.write_all(&std::fs::read(dir.path().join("tasks.jsonl")).unwrap()).unwrap();
+    gzip.write_all(tasks.as_bytes()).unwrap();
     std::fs::write(dir.path().join("tasks.jsonl.gz"), gzip.finish().unwrap()).unwrap();
     let out = seedflow(&["run", "flow.kdl", "--run-dir", "out"], dir.path());
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert!(text(&out.stderr).contains("count=3 pass-rate=1"), "{}", text(&out.stderr));
+    let said = "1 of 4 tasks have no reference solution and are not run: `bare`";
+    assert!(text(&out.stderr).contains(said), "{}", text(&out.stderr));
 }
 
 /// Past 50 problems a file is not a workflow with mistakes: the first 50 are shown.

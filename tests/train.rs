@@ -463,7 +463,7 @@ const CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + message['
                       + '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
 
 #[test]
-fn a_workflow_trains_on_a_hugging_face_directory_and_says_why_it_cannot_sample_from_one_in_process() {
+fn a_workflow_trains_on_a_hugging_face_directory_and_is_refused_sampling_from_one_in_process() {
     let model = tiny_model(Architecture::Qwen2);
     let directory = as_hugging_face(&model, Architecture::Qwen2, candle_core::DType::BF16);
     word_tokenizer(&directory, "<|im_start|> <|im_end|> user assistant def return [UNK]", CHATML);
@@ -500,9 +500,26 @@ fn a_workflow_trains_on_a_hugging_face_directory_and_says_why_it_cannot_sample_f
     let tune = work.path().join("trained/tune");
     Lora::check_file(&tune.join("adapter.gguf"), Some(&model)).unwrap();
     Lora::check_file(&tune.join("peft"), Some(&directory)).unwrap();
+    // Nothing to train on is said, and the run goes on.
+    let bare: String = std::fs::read_to_string(work.path().join("tasks.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|line| {
+            let mut task: serde_json::Value = serde_json::from_str(line).unwrap();
+            task.as_object_mut().unwrap().remove("solution");
+            format!("{task}\n")
+        })
+        .collect();
+    std::fs::write(work.path().join("bare.jsonl"), bare).unwrap();
+    let step =
+        "dataset \"bare\" format=\"jsonl\" path=\"bare.jsonl\"\nfinetune-lora \"tune\" model=\"tiny\" data=\"bare\"";
+    let (status, stdout, stderr) = run(step, "untrained");
+    assert!(status.success(), "{status}\n{stdout}\n{stderr}");
+    assert!(stderr.contains("nothing to train on (no task with a reference solution in `bare`)"), "{stderr}");
+    // Sampling needs a server: refused when the workflow is checked.
     let (status, stdout, stderr) = run(r#"generate "answers" model="tiny" tasks="tasks""#, "sampled");
     assert!(
-        status.code() == Some(1) && stderr.contains("is a Hugging Face model directory") && stderr.contains("server="),
+        status.code() == Some(2) && stderr.contains("is a Hugging Face directory") && stderr.contains("`server`"),
         "{status}\n{stdout}\n{stderr}"
     );
     let _ = std::fs::remove_dir_all(&directory);

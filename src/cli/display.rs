@@ -206,7 +206,7 @@ impl EventSink for Progress {
 /// The last word of a run on a terminal or in a log.
 pub fn conclude(
     outcome: &RunOutcome,
-    file: &Path,
+    resume: &str,
     run_dir: &Path,
     reported: bool,
     comparisons: &[crate::report::Comparison],
@@ -219,11 +219,7 @@ pub fn conclude(
         RunOutcome::Ok => say!("finished; outputs and summary.json in `{}`", run_dir.display()),
         RunOutcome::Failed(message) => {
             say!("error: {message}");
-            say!(
-                "  help: fix the cause, then continue with `seedflow run {} --resume --run-dir {}`",
-                file.display(),
-                run_dir.display()
-            );
+            say!("  help: fix the cause, then continue with `{resume}`");
         }
         RunOutcome::GateFailed(failures) => {
             for failure in failures {
@@ -231,17 +227,27 @@ pub fn conclude(
             }
             say!("finished with failed gates; outputs in `{}`", run_dir.display());
         }
-        RunOutcome::Interrupted => {
-            say!(
-                "interrupted; continue with `seedflow run {} --resume --run-dir {}`",
-                file.display(),
-                run_dir.display()
-            );
-        }
+        RunOutcome::Interrupted => say!("interrupted; continue with `{resume}`"),
     }
     if reported && matches!(outcome, RunOutcome::Ok | RunOutcome::GateFailed(_)) {
         say!("report: `{}`", run_dir.join("report.html").display());
     }
+}
+
+/// The command that continues a run: with the overrides it was started with, which a resume
+/// without them would take as changes (`--set train.path=…` left out reruns on the shipped data).
+pub fn resume_command(file: &Path, set: &[String], run_dir: &Path) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "_./=:@%+,-".contains(c);
+    let quote = |word: &str| match word.chars().all(plain) {
+        true => word.to_string(),
+        false => shlex::try_quote(word).map_or_else(|_| word.to_string(), |quoted| quoted.into_owned()),
+    };
+    let mut words = vec!["seedflow run".to_string(), quote(&file.to_string_lossy())];
+    words.extend(["--resume --run-dir".to_string(), quote(&run_dir.to_string_lossy())]);
+    for assignment in set {
+        words.extend(["--set".to_string(), quote(assignment)]);
+    }
+    words.join(" ")
 }
 
 #[cfg(test)]
@@ -254,6 +260,19 @@ mod tests {
 
     fn progress(done: u64) -> Event {
         Event::StepProgress { step: "attempts".into(), iteration: Some(1), done, total: 500, status: None }
+    }
+
+    #[test]
+    fn the_command_that_resumes_a_run_repeats_its_overrides_quoted_for_a_shell() {
+        let set = ["train.path=my data.jsonl".to_string(), "adapt.max-iterations=2".to_string()];
+        assert_eq!(
+            resume_command(Path::new("flows/seed.kdl"), &set, Path::new("runs/seed/x")),
+            "seedflow run flows/seed.kdl --resume --run-dir runs/seed/x --set 'train.path=my data.jsonl' --set adapt.max-iterations=2"
+        );
+        assert_eq!(
+            resume_command(Path::new("it's.kdl"), &[], Path::new("out")),
+            r#"seedflow run "it's.kdl" --resume --run-dir out"#
+        );
     }
 
     #[test]

@@ -492,7 +492,8 @@ fn run(args: RunArgs) -> i32 {
     let reported = report.as_ref().is_some_and(|r| crate::report::write(std::slice::from_ref(r), &run_dir).is_ok());
     if !ci {
         let comparisons = report.as_ref().map_or(&[][..], |r| &r.comparisons[..]);
-        display::conclude(&outcome, &args.file, &run_dir, reported, comparisons);
+        let resume = display::resume_command(&args.file, &args.set, &run_dir);
+        display::conclude(&outcome, &resume, &run_dir, reported, comparisons);
     }
     outcome.exit_code()
 }

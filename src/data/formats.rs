@@ -78,6 +78,37 @@ fn fields(format: Format) -> &'static str {
 
 /// Parses one line of a dataset file.
 pub fn parse_line(format: Format, line: &str) -> Result<Task, String> {
+    parse_record(format, line).and_then(|task| not_blank(format, task))
+}
+
+/// A task whose requirement, reference solution, a test or its entry point is blank: text that
+/// looks given and says nothing (a blank reference would pass every test it is run against).
+fn not_blank(format: Format, task: Task) -> Result<Task, String> {
+    let (prompt, reference, tests) = match format {
+        Format::Mbpp => ("text", "code", "test_list"),
+        Format::Humaneval => ("prompt", "canonical_solution", "test"),
+        Format::Jsonl => ("prompt", "solution", if task.test_program.is_some() { "test" } else { "tests" }),
+    };
+    let blank = |text: &str| text.trim().is_empty();
+    if blank(&task.prompt) {
+        return Err(format!("`{prompt}` is empty: a task needs its requirement"));
+    }
+    if task.reference.as_deref().is_some_and(blank) {
+        return Err(format!("`{reference}` is empty: leave it out for a task without a reference solution"));
+    }
+    if let Some(n) = task.tests.iter().position(|test| blank(test)) {
+        return Err(format!("test {} of `{tests}` is empty", n + 1));
+    }
+    if task.test_program.as_deref().is_some_and(blank) {
+        return Err(format!("`{tests}` is empty: a task needs its test program"));
+    }
+    if task.entry_point.as_deref().is_some_and(blank) {
+        return Err("`entry_point` is empty: name the function the tests call".into());
+    }
+    Ok(task)
+}
+
+fn parse_record(format: Format, line: &str) -> Result<Task, String> {
     if !line.trim_start().starts_with('{') {
         return Err("expected one JSON object on each line".into());
     }
@@ -176,6 +207,19 @@ mod tests {
         let error = |format, line| parse_line(format, line).unwrap_err();
         assert!(error(Format::Jsonl, r#"{"task_id": "a", "prompt": "p"}"#).contains("needs `tests`"));
         assert!(error(Format::Jsonl, r#"{"task_id": "a", "prompt": "p", "tests": []}"#).contains("`tests` is empty"));
+        // Blank text that looks given.
+        for (record, said) in [
+            (r#"{"task_id": "a", "prompt": " ", "tests": ["assert True"]}"#, "`prompt` is empty"),
+            (r#"{"task_id": "a", "prompt": "p", "solution": "\n", "tests": ["assert True"]}"#, "`solution` is empty"),
+            (r#"{"task_id": "a", "prompt": "p", "tests": ["assert True", "  "]}"#, "test 2 of `tests` is empty"),
+            (r#"{"task_id": "a", "prompt": "p", "test": "", "entry_point": "f"}"#, "`test` is empty"),
+            (
+                r#"{"task_id": "a", "prompt": "p", "test": "def check(c): pass", "entry_point": " "}"#,
+                "`entry_point` is empty",
+            ),
+        ] {
+            assert!(error(Format::Jsonl, record).contains(said), "{record}: {}", error(Format::Jsonl, record));
+        }
         let both = r#"{"task_id": "a", "prompt": "p", "tests": ["assert f(1)"], "test": "def check(c): pass", "entry_point": "f"}"#;
         assert!(error(Format::Jsonl, both).contains("not both"));
         assert!(error(Format::Mbpp, r#"{"task_id": 1, "text": "t", "test_list": []}"#).contains("at least one test"));

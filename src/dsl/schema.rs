@@ -507,6 +507,10 @@ pub struct KindSpec {
     /// Checks the node's values together, and against the model file its `model` names where
     /// that file is at hand.
     pub check_values: Option<CheckValues>,
+    /// Properties that cannot change what a step makes (how many threads, how long to wait for a
+    /// server), left out of the cache key of the steps that use the node: changing one reruns
+    /// nothing.
+    pub unkeyed: &'static [&'static str],
     /// A complete workflow that shows the kind in use; checked by a test.
     pub example: &'static str,
 }

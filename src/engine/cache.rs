@@ -35,11 +35,7 @@ pub fn decide(
     }
     let names = previous.parts.params.keys().chain(parts.params.keys()).collect::<std::collections::BTreeSet<_>>();
     for name in names {
-        let (old, new) = (previous.parts.params.get(name), parts.params.get(name));
-        if old != new {
-            let show = |v: Option<&Json>| v.map_or("unset".to_string(), |v| v.to_string());
-            reasons.push(format!("parameter `{name}` changed: {} -> {}", show(old), show(new)));
-        }
+        changes(name, previous.parts.params.get(name), parts.params.get(name), &mut reasons);
     }
     for (name, hash) in &parts.inputs {
         if previous.parts.inputs.get(name) != Some(hash) {
@@ -65,6 +61,24 @@ pub fn decide(
         StepStatus::Running | StepStatus::Interrupted if has_partial => Decision::Finish,
         StepStatus::Failed => Decision::Run(vec!["it failed last time".into()]),
         StepStatus::Running | StepStatus::Interrupted => Decision::Run(vec!["it did not finish last time".into()]),
+    }
+}
+
+/// What changed in a parameter: in one with parts (a model's settings), each part that changed,
+/// named by its path (`model.settings.context`), rather than the whole value twice.
+fn changes(name: &str, old: Option<&Json>, new: Option<&Json>, reasons: &mut Vec<String>) {
+    match (old, new) {
+        (Some(Json::Object(old)), Some(Json::Object(new))) => {
+            let parts = old.keys().chain(new.keys()).collect::<std::collections::BTreeSet<_>>();
+            for part in parts {
+                changes(&format!("{name}.{part}"), old.get(part), new.get(part), reasons);
+            }
+        }
+        _ if old != new => {
+            let show = |v: Option<&Json>| v.map_or("unset".to_string(), |v| v.to_string());
+            reasons.push(format!("parameter `{name}` changed: {} -> {}", show(old), show(new)));
+        }
+        _ => {}
     }
 }
 

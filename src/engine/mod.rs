@@ -113,7 +113,12 @@ struct Engine {
     plan: Arc<Plan>,
     options: RunOptions,
     events: Arc<dyn EventSink>,
+    /// Fires on Ctrl-C or SIGTERM: the run is interrupted.
     cancel: CancellationToken,
+    /// Fires with `cancel`, or when a step fails: no step starts after that, and the steps
+    /// running stop (their records so far kept for `--resume`), so that a failure is said at
+    /// once and not after hours of another branch's work.
+    halt: CancellationToken,
     sandbox: Arc<Semaphore>,
     training: Arc<Semaphore>,
     models: Mutex<BTreeMap<String, Arc<Semaphore>>>,
@@ -171,6 +176,7 @@ impl Engine {
             plan,
             options,
             events,
+            halt: cancel.child_token(),
             cancel,
             dry,
         })
@@ -235,7 +241,7 @@ impl Engine {
             let mut running = JoinSet::new();
             let mut stop: Option<Stop> = None;
             loop {
-                if stop.is_none() && !self.cancel.is_cancelled() {
+                if stop.is_none() && !self.halt.is_cancelled() {
                     // A dry run takes one step at a time, in plan order, so it reads in order.
                     let ready = graph.order.iter().copied().filter(|&i| !started[i] && waiting[i] == 0);
                     let ready: Vec<usize> = if self.dry.is_some() { ready.take(1).collect() } else { ready.collect() };
@@ -269,15 +275,15 @@ impl Engine {
                             waiting[j] = waiting[j].saturating_sub(1);
                         }
                     }
-                    // Every failure is named, not the first alone: steps run side by side.
+                    // Every failure is named, not the first alone: steps run side by side. A step
+                    // stopped because another failed is not the run's interruption.
                     Ok((_, Err(err))) => match (&mut stop, err) {
                         (Some(Stop::Failed(first)), Stop::Failed(next)) => {
                             first.push_str("; ");
                             first.push_str(&next);
                         }
-                        (stop, err) => {
-                            stop.get_or_insert(err);
-                        }
+                        (Some(Stop::Failed(_)), Stop::Interrupted) => {}
+                        (stop, err) => *stop = Some(err),
                     },
                     Err(join_error) => {
                         stop.get_or_insert(Stop::Failed(format!("internal error: {join_error}")));
@@ -543,7 +549,7 @@ impl Engine {
             dir: dir.clone(),
             workers: self.options.workers,
             finish_partial: decision == Decision::Finish,
-            cancel: self.cancel.clone(),
+            cancel: self.halt.clone(),
             reporter: Arc::new(Forward(self.events.clone())),
             resources: self.resources.clone(),
         };
@@ -592,6 +598,7 @@ impl Engine {
     }
 
     fn fail(&self, scope: &Scope, step: &str, error: String) -> Stop {
+        self.halt.cancel();
         let iteration = scope.iteration.as_ref().map(|(_, i)| *i);
         self.events.emit(&Event::StepFailed { step: step.to_string(), iteration, error: error.clone() });
         self.record(scope, step, StepSummary::failed(error.clone()));
@@ -670,6 +677,9 @@ fn key_parts(plan: &Plan, step: &PlannedStep, inputs: BTreeMap<String, String>) 
         let Some(value) = declaration.props.get(property.name) else {
             continue;
         };
+        if declaration.spec.unkeyed.contains(&property.name) {
+            continue;
+        }
         match (property.ty, value) {
             // A step's output enters through its hash.
             (_, Value::Reference(_)) => {}
@@ -678,12 +688,16 @@ fn key_parts(plan: &Plan, step: &PlannedStep, inputs: BTreeMap<String, String>) 
                 params.insert(property.name.to_string(), value.to_json());
             }
             (ValueType::Model, Value::Model(model)) => {
-                // A model enters the key with its whole declaration and its file's identity.
+                // A model enters the key with its declaration (what can change outputs) and its
+                // file's identity.
                 let Some(model_declaration) = plan.models.get(model) else {
                     continue;
                 };
-                let settings: BTreeMap<_, _> =
-                    model_declaration.props.0.iter().map(|(k, v)| (k.clone(), keyed(plan, v))).collect();
+                let unkeyed = model_declaration.spec.unkeyed;
+                let settings: BTreeMap<_, _> = (model_declaration.props.0.iter())
+                    .filter(|(k, _)| !unkeyed.contains(&k.as_str()))
+                    .map(|(k, v)| (k.clone(), keyed(plan, v)))
+                    .collect();
                 params.insert(property.name.to_string(), serde_json::json!({ "name": model, "settings": settings }));
                 if let Some(path) = model_declaration.props.file("path") {
                     let identity =

@@ -303,6 +303,39 @@ gate "as-many" metric="again.step.count" baseline="decided.other.mean-index"
     assert_eq!(summary["steps"]["low"]["metrics"], serde_json::json!({ "passed": 0.0 }), "{summary}");
 }
 
+/// A failure stops the run at once: the steps running beside it stop (resumable), and no other
+/// step or loop iteration starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_stops_the_other_branches() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("bad.jsonl"), "{\"task_id\": 1}\n").unwrap();
+    let workflow = r#"
+dataset "bad" format="jsonl" path="bad.jsonl"
+loop-until "again" max-iterations=3 {
+    test-barrier "alone" group="stopped-by-a-failure" parties=2
+}
+"#;
+    let run_dir = dir.path().join("run");
+    let started = std::time::Instant::now();
+    let (outcome, events) = run_to_end(plan(dir.path(), workflow, &[]), &run_dir, false).await;
+    // Not the barrier's 20 s, alone.
+    assert!(started.elapsed() < std::time::Duration::from_secs(10), "{:?}", started.elapsed());
+    let RunOutcome::Failed(message) = outcome else { panic!("{outcome:?}") };
+    assert!(message.starts_with("step `bad` failed:"), "{message}");
+    let iterations: Vec<_> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::StepStarted { step, iteration, .. } if step == "alone" => *iteration,
+            _ => None,
+        })
+        .collect();
+    assert!(iterations.len() <= 1, "{iterations:?}");
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run_dir.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["status"], "failed", "{summary}");
+    assert_ne!(summary["steps"]["again"]["status"], "done", "{summary}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_step_fails_the_run_and_skips_what_depends_on_it() {
     let dir = tempfile::tempdir().unwrap();
@@ -331,5 +364,39 @@ test-batches "after" from="tasks"
     assert!(
         summary["steps"]["again"]["error"].as_str().unwrap().starts_with("iteration 1: step `tasks` failed"),
         "{summary}"
+    );
+}
+
+/// A model's threads cannot change what a step makes: changing them reruns nothing. Changing
+/// its context does, and the reason names that setting alone.
+#[test]
+fn model_settings_that_cannot_change_outputs_leave_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("m.gguf"), b"GGUF").unwrap();
+    let parts = |settings: &str| {
+        let workflow = format!(
+            "model \"m\" path=\"m.gguf\" {settings}\ndataset \"tasks\" format=\"jsonl\" path=\"data.jsonl\"\ngenerate \"g\" model=\"m\" tasks=\"tasks\"\n"
+        );
+        let plan = plan(dir.path(), &workflow, &[]);
+        let (_, generate) = plan.all_steps().into_iter().find(|(_, s)| s.name() == "g").unwrap();
+        super::key_parts(&plan, generate, Default::default()).unwrap()
+    };
+    let before = parts("threads=2");
+    assert_eq!(parts("threads=4").key(), before.key());
+    let meta = crate::store::meta::Meta {
+        key: before.key(),
+        parts: before,
+        status: crate::store::meta::StepStatus::Done,
+        metrics: Default::default(),
+        output_hash: Some("out".into()),
+        gate_failure: None,
+        error: None,
+        started_at: String::new(),
+        finished_at: None,
+        seconds: 0.0,
+    };
+    assert_eq!(
+        super::cache::decide(Some(&meta), &parts("threads=4 context=4096"), Some("out"), false),
+        super::cache::Decision::Run(vec!["parameter `model.settings.context` changed: 0 -> 4096".into()])
     );
 }

@@ -29,6 +29,7 @@ pub static SPEC: KindSpec = KindSpec {
     distinct: &[],
     metrics_needing: &[],
     check_values: Some(check_values),
+    unkeyed: &[],
     example: r#"dataset "train" format="mbpp" path="examples/data/mbpp/train.jsonl" limit=20
 "#,
 };

@@ -31,6 +31,7 @@ pub static SPEC: KindSpec = KindSpec {
     distinct: &[],
     metrics_needing: &[],
     check_values: None,
+    unkeyed: &[],
     example: r#"dataset "train" format="mbpp" path="examples/data/mbpp/train.jsonl"
 execute "references" code="train" timeout="10s" memory="256MiB"
 "#,
@@ -92,6 +93,18 @@ fn programs(ctx: &Context) -> Result<Vec<Sample>, StepError> {
                     "none of the {} tasks has a reference solution to run (`solution`, `code` or `canonical_solution`)",
                     tasks.len()
                 )));
+            }
+            // A dataset may hold tasks without one (SEED needs none); validating it should say so.
+            let missing: Vec<&str> =
+                tasks.iter().filter(|t| t.reference.is_none()).map(|t| t.task_id.as_str()).collect();
+            if !missing.is_empty() {
+                let shown = missing.iter().take(5).map(|id| format!("`{id}`")).collect::<Vec<_>>().join(", ");
+                let more = if missing.len() > 5 { format!(" and {} more", missing.len() - 5) } else { String::new() };
+                ctx.message(&format!(
+                    "{} of {} tasks have no reference solution and are not run: {shown}{more}",
+                    missing.len(),
+                    tasks.len()
+                ));
             }
             Ok(references)
         }

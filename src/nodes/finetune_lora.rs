@@ -1,7 +1,9 @@
 use crate::data::{Sample, Status, Task, Verdict};
 use std::path::{Path, PathBuf};
 
-use crate::dsl::schema::{AdapterSource, Artifact, Input, KindSpec, ModelName, Param, Props, Role, ValueType, params};
+use crate::dsl::schema::{
+    AdapterSource, Artifact, Input, KindSpec, ModelName, Param, Props, Role, Value, ValueType, params,
+};
 use crate::llm;
 use crate::nodes::context::{Context, Outcome, StepError};
 use crate::train::{self, Base, Config, Example, Lora, Precision, StepRecord, Target};
@@ -55,6 +57,7 @@ pub static SPEC: KindSpec = KindSpec {
     distinct: &[],
     metrics_needing: &[],
     check_values: Some(check_values),
+    unkeyed: &[],
     example: r#"model "coder" path="default"
 dataset "train" format="mbpp" path="examples/data/mbpp/train.jsonl" limit=50
 finetune-lora "tune" model="coder" data="train" rank=8 alpha=16 epochs=2 learning-rate=0.0002
@@ -247,6 +250,21 @@ pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
         if ctx.check_cancelled().is_err() { StepError::Cancelled } else { StepError::Failed(e.to_string()) }
     };
     let training = clean(history_pairs(ctx)?, training_pairs(ctx)?);
+    // In SEED an iteration where no revision passed has nothing to learn: the run goes on with an
+    // adapter that changes nothing, and says so.
+    if training.is_empty() {
+        let data = ctx.input(&DATA)?;
+        let what = match data.artifact {
+            Artifact::Verdicts => "no passing verdict",
+            Artifact::Samples => "no sample",
+            _ => "no task with a reference solution",
+        };
+        let from = match ctx.props.get(DATA.name()) {
+            Some(Value::Reference(step)) => step.as_str(),
+            _ => DATA.name(),
+        };
+        ctx.message(&format!("nothing to train on ({what} in `{from}`): the adapter is untrained and changes nothing"));
+    }
     let duplicates = near_duplicates(&training);
     if !duplicates.is_empty() {
         let named: Vec<String> = duplicates.iter().map(|(a, b, alike)| format!("{a} ~ {b} ({alike:.2})")).collect();

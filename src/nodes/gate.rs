@@ -18,6 +18,7 @@ pub static SPEC: KindSpec = KindSpec {
     distinct: &[("baseline", "metric")],
     metrics_needing: &[],
     check_values: None,
+    unkeyed: &[],
     example: r#"dataset "train" format="mbpp" path="examples/data/mbpp/train.jsonl" limit=10
 dataset "test" format="mbpp" path="examples/data/mbpp/test.jsonl" limit=10
 execute "references" code="train"

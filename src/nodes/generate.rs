@@ -78,6 +78,7 @@ pub static SPEC: KindSpec = KindSpec {
     distinct: &[],
     metrics_needing: &[],
     check_values: None,
+    unkeyed: &[],
     example: r#"model "coder" path="default"
 dataset "test" format="mbpp" path="examples/data/mbpp/test.jsonl" limit=10
 generate "answers" model="coder" tasks="test" samples=5 temperature=0.8 top-p=0.95 max-tokens=384

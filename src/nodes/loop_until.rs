@@ -31,6 +31,7 @@ pub static SPEC: KindSpec = KindSpec {
     distinct: &[],
     metrics_needing: &[],
     check_values: None,
+    unkeyed: &[],
     example: r#"model "coder" path="default"
 dataset "train" format="mbpp" path="examples/data/mbpp/prompt.jsonl"
 

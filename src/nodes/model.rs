@@ -72,11 +72,12 @@ pub static SPEC: KindSpec = KindSpec {
     ],
     metrics: &[],
     at_least_one: &[],
-    requires: &[("server-model", "server"), ("api-key-env", "server")],
+    requires: &[("server-model", "server"), ("api-key-env", "server"), ("request-timeout", "server")],
     ordered: &[],
     distinct: &[],
     metrics_needing: &[],
     check_values: Some(check_values),
+    unkeyed: &["threads", "request-timeout", "api-key-env"],
     example: r#"model "coder" path="default" context=8192 gpu-layers=0
 
 dataset "problems" format="mbpp" path="examples/data/mbpp/prompt.jsonl"

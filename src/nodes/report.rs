@@ -49,6 +49,7 @@ pub static SPEC: KindSpec = KindSpec {
         ("gain-high", "baseline"),
     ],
     check_values: None,
+    unkeyed: &[],
     example: r#"dataset "test" format="mbpp" path="examples/data/mbpp/test.jsonl" limit=20
 execute "references" code="test"
 report "summary" from="references" k="1" formats="json,markdown,junit" title="MBPP references"

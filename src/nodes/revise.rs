@@ -55,6 +55,7 @@ pub static SPEC: KindSpec = KindSpec {
     distinct: &[],
     metrics_needing: &[],
     check_values: Some(check_values),
+    unkeyed: &[],
     example: r#"model "coder" path="default"
 dataset "train" format="mbpp" path="examples/data/mbpp/train.jsonl" limit=10
 generate "attempts" model="coder" tasks="train" samples=4

@@ -32,13 +32,15 @@ pub static BATCHES: KindSpec = KindSpec {
     distinct: &[],
     metrics_needing: &[],
     check_values: None,
+    unkeyed: &[],
     example: "",
 };
 
 pub static BARRIER: KindSpec = KindSpec {
     name: "test-barrier",
     role: Role::Step(Artifact::Tasks),
-    doc: "Waits until `parties` steps of the same `group` run at the same time; fails if alone.",
+    doc: "Waits until `parties` steps of the same `group` run at the same time; fails if alone, \
+          stops when cancelled.",
     properties: &[GROUP.spec, PARTIES.spec],
     metrics: &[],
     at_least_one: &[],
@@ -47,6 +49,7 @@ pub static BARRIER: KindSpec = KindSpec {
     distinct: &[],
     metrics_needing: &[],
     check_values: None,
+    unkeyed: &[],
     example: "",
 };
 
@@ -131,7 +134,8 @@ fn barrier(ctx: &mut Context) -> Result<Outcome, StepError> {
                 arrived[&group]
             )));
         }
-        arrived = signal.wait_timeout(arrived, left).unwrap().0;
+        arrived = signal.wait_timeout(arrived, left.min(Duration::from_millis(50))).unwrap().0;
+        ctx.check_cancelled()?;
     }
     let (writer, _) = ctx.records()?;
     writer.finish()?;

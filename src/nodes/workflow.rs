@@ -22,6 +22,7 @@ pub static SPEC: KindSpec = KindSpec {
     distinct: &[],
     metrics_needing: &[],
     check_values: None,
+    unkeyed: &[],
     example: r#"workflow "reference-check" seed=7
 
 dataset "problems" format="mbpp" path="examples/data/mbpp/prompt.jsonl"

@@ -175,6 +175,7 @@ pub fn build(
                 let inputs = scope.resolve_inputs(inner, Some(declaration), problems);
                 scope.check_values(inner, problems);
                 scope.check_ks(inner, problems);
+                scope.check_training_data(inner, problems);
                 body_steps.push(PlannedStep { declaration: inner.clone(), inputs, body: None });
             }
             scope.check_until(declaration, problems);
@@ -195,6 +196,7 @@ pub fn build(
             step.inputs = scope.resolve_inputs(declaration, None, problems);
             scope.check_values(declaration, problems);
             scope.check_ks(declaration, problems);
+            scope.check_training_data(declaration, problems);
         }
         top_steps.push(step);
     }
@@ -561,6 +563,29 @@ impl<'a> Scope<'a> {
         }
     }
 
+    /// `finetune-lora` trains on the passing verdicts of its `data`: a `select` that keeps none
+    /// (`status="!passed"`, the errors SEED revises) leaves nothing to train on.
+    fn check_training_data(&self, declaration: &Declaration, problems: &mut Problems) {
+        if declaration.spec.name != "finetune-lora" {
+            return;
+        }
+        let Some(Value::Reference(data)) = declaration.props.get("data") else { return };
+        let Some(select) = self.step_named(data).filter(|step| step.spec.name == "select") else { return };
+        let Some(Value::Statuses(filter)) = select.props.get("status") else { return };
+        if !filter.accepts(crate::data::Status::Passed) {
+            problems
+                .at(
+                    self.sources,
+                    Code::WrongInput,
+                    declaration.span_of("data"),
+                    format!("`{data}` keeps no passing verdict, and `finetune-lora` trains on passing ones only"),
+                    "nothing to train on",
+                )
+                .also(select.span_of("status"), "keeps no `passed`")
+                .help("train on verdicts that passed: those of the revisions, or `select … status=\"passed\"`");
+        }
+    }
+
     /// A `k` list (a `report`'s) asks for pass@k, which takes k programs per task: no more than
     /// its verdicts have.
     fn check_ks(&self, declaration: &Declaration, problems: &mut Problems) {
@@ -568,7 +593,7 @@ impl<'a> Scope<'a> {
             return;
         }
         let Some(Value::Reference(from)) = declaration.props.get("from") else { return };
-        let Some(samples) = self.step_named(from).and_then(|execute| self.samples_per_task(execute)) else { return };
+        let Some(samples) = self.step_named(from).and_then(|verdicts| self.programs_per_task(verdicts)) else { return };
         if let Some(k) = declaration.props.integers("k").into_iter().find(|k| *k > samples) {
             let has = if samples == 1 { "one program".to_string() } else { format!("{samples} programs") };
             problems
@@ -608,16 +633,37 @@ impl<'a> Scope<'a> {
         file_of_model(self.model_of(declaration)?.1)
     }
 
-    /// How many programs per task an `execute` runs, where its `code` says: one for a dataset's
-    /// references, a `generate`'s `samples`.
-    fn samples_per_task(&self, execute: &Declaration) -> Option<i64> {
-        let Some(Value::Reference(code)) = execute.props.get("code") else { return None };
-        let source = self.step_named(code)?;
-        match source.spec.name {
-            "dataset" => Some(1),
-            "generate" => source.props.integer("samples"),
-            _ => None,
+    /// How many programs per task the verdicts of `step` hold at most: for an `execute`, what its
+    /// `code` says (one for a dataset's references, a `generate`'s `samples`); a `select` keeps
+    /// no more than its verdicts and its `per-task`.
+    fn programs_per_task(&self, step: &Declaration) -> Option<i64> {
+        let mut step = step;
+        let mut most = i64::MAX;
+        // A chain of selects, each step named once (a cycle is reported by the graph's check).
+        for _ in 0..=self.top.len() {
+            let from = |property| match step.props.get(property) {
+                Some(Value::Reference(name)) => self.step_named(name),
+                _ => None,
+            };
+            match step.spec.name {
+                "select" => {
+                    let kept = step.props.integer("per-task").filter(|n| *n > 0).unwrap_or(i64::MAX);
+                    most = most.min(kept);
+                    step = from("from")?;
+                }
+                "execute" => {
+                    let source = from("code")?;
+                    let programs = match source.spec.name {
+                        "dataset" => 1,
+                        "generate" => source.props.integer("samples")?,
+                        _ => return None,
+                    };
+                    return Some(most.min(programs));
+                }
+                _ => return None,
+            }
         }
+        None
     }
 
     /// Whether the step `declaration` publishes `metric`; says why not when it does not. A step
@@ -647,7 +693,7 @@ impl<'a> Scope<'a> {
         let Some(k) = metric.strip_prefix("pass@").and_then(|k| k.parse::<i64>().ok()) else { return true };
         if declaration.spec.property("k").is_none_or(|p| p.ty != ValueType::Integers) {
             // Without a `k` list (`execute`): pass@1, 5, 10 and 100, those up to its samples per task.
-            let samples = self.samples_per_task(declaration);
+            let samples = self.programs_per_task(declaration);
             if pass_at_k::EXECUTE_KS.iter().any(|&n| n as i64 == k) && samples.is_none_or(|samples| k <= samples) {
                 return true;
             }
@@ -674,7 +720,7 @@ impl<'a> Scope<'a> {
             Some(Value::Reference(from)) => self.step_named(from),
             _ => None,
         };
-        let samples = verdicts.and_then(|execute| self.samples_per_task(execute));
+        let samples = verdicts.and_then(|verdicts| self.programs_per_task(verdicts));
         if ks.contains(&k) && samples.is_some_and(|samples| k > samples) {
             problems
                 .at(
