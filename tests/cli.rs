@@ -88,6 +88,17 @@ fn check_reports_validity_with_exit_codes() {
         "{stderr}"
     );
 
+    // In CI a refused run's one event says why, a line a problem.
+    let out = seedflow(&["run", "tests/fixtures/invalid/unknown-property.kdl", "--ci"], root);
+    assert_eq!(out.status.code(), Some(2));
+    let event: serde_json::Value = serde_json::from_str(&text(&out.stdout)).unwrap();
+    let first = event["problems"][0].as_str().unwrap_or_default();
+    assert!(
+        first.starts_with("tests/fixtures/invalid/unknown-property.kdl:")
+            && first.ends_with("[seedflow::unknown_property]"),
+        "{event}"
+    );
+
     let out = seedflow(&["check", "workflows/seed.kdl", "--set", "adapt.max-iterations=zero"], root);
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("`max-iterations` expects an integer from 1 to 10,000"));
@@ -149,7 +160,10 @@ fn run_writes_outputs_and_resumes() {
     // In CI a refused run's one event says so.
     let again = seedflow(&["run", "flow.kdl", "--run-dir", "out", "--ci"], dir.path());
     assert_eq!(again.status.code(), Some(2));
-    assert_eq!(text(&again.stdout), "{\"event\":\"run-finished\",\"status\":\"invalid\",\"exit_code\":2}\n");
+    assert_eq!(
+        text(&again.stdout),
+        "{\"event\":\"run-finished\",\"status\":\"invalid\",\"exit_code\":2,\"problems\":[\"run directory `out` holds an earlier run [seedflow::run_directory]\"]}\n"
+    );
 
     // A dry run says what the run would: without --resume, that the directory is taken.
     let dry = seedflow(&["run", "flow.kdl", "--run-dir", "out", "--dry-run"], dir.path());
@@ -399,10 +413,14 @@ fn sample_ids(step: &Path) -> Vec<String> {
 fn a_run_directory_in_use_is_refused() {
     let (dir, mut child, _stderr, _) = running_one_program("while True:\n    pass\n", "1h");
     let second = seedflow(&["run", "flow.kdl", "--run-dir", "out", "--resume"], dir.path());
+    // A dry run says what the run would: that it is refused.
+    let dry = seedflow(&["run", "flow.kdl", "--run-dir", "out", "--resume", "--dry-run"], dir.path());
     assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
     assert_eq!(child.wait().unwrap().code(), Some(130));
-    assert_eq!(second.status.code(), Some(2));
-    assert!(text(&second.stderr).contains("`out` is in use by another seedflow run"), "{}", text(&second.stderr));
+    for refused in [second, dry] {
+        assert_eq!(refused.status.code(), Some(2));
+        assert!(text(&refused.stderr).contains("`out` is in use by another seedflow run"), "{}", text(&refused.stderr));
+    }
 }
 
 /// A run whose output's reader went away (`seedflow run --ci | head -2`) stops as Ctrl-C stops

@@ -525,3 +525,25 @@ fn a_workflow_trains_on_a_hugging_face_directory_and_is_refused_sampling_from_on
     let _ = std::fs::remove_dir_all(&directory);
     let _ = std::fs::remove_file(&model);
 }
+
+/// A GGUF model cut short (an interrupted download) is refused when the workflow is checked, not
+/// at the first step that loads it.
+#[test]
+fn a_model_file_cut_short_is_refused_at_check() {
+    let model = tiny_model(Architecture::Llama);
+    let work = tempfile::tempdir().unwrap();
+    let bytes = std::fs::read(&model).unwrap();
+    std::fs::write(work.path().join("cut.gguf"), &bytes[..bytes.len() - 1]).unwrap();
+    std::fs::write(work.path().join("whole.gguf"), &bytes).unwrap();
+    let check = |file: &str| {
+        let flow = work.path().join("flow.kdl");
+        std::fs::write(work.path().join("t.jsonl"), "").unwrap();
+        let steps = "dataset \"t\" format=\"jsonl\" path=\"t.jsonl\"\n";
+        std::fs::write(&flow, format!("model \"m\" path=\"{file}\"\n{steps}")).unwrap();
+        seedflow::load_plan(&flow, &[]).err().map(|problems| seedflow::dsl::diagnostics::render_plain(&problems, 100))
+    };
+    let refused = check("cut.gguf").expect("refused");
+    assert!(refused.contains("`cut.gguf` is not a whole GGUF model: the file is cut short"), "{refused}");
+    assert_eq!(check("whole.gguf"), None);
+    let _ = std::fs::remove_file(&model);
+}

@@ -383,13 +383,20 @@ fn lock_run_directory(dir: &Path) -> Result<std::fs::File, Problem> {
     let lock = std::fs::File::create(dir.join(".seedflow.lock")).map_err(failed)?;
     match lock.try_lock() {
         Ok(()) => Ok(lock),
-        Err(std::fs::TryLockError::WouldBlock) => Err(Problem::new(
-            Code::RunDirectory,
-            format!("run directory `{}` is in use by another seedflow run", dir.display()),
-        )
-        .with_help("wait for that run to end, then `--resume` it; or choose another `--run-dir`")),
+        Err(std::fs::TryLockError::WouldBlock) => Err(in_use(dir)),
         Err(std::fs::TryLockError::Error(err)) => Err(failed(err)),
     }
+}
+
+fn in_use(dir: &Path) -> Problem {
+    Problem::new(Code::RunDirectory, format!("run directory `{}` is in use by another seedflow run", dir.display()))
+        .with_help("wait for that run to end, then `--resume` it; or choose another `--run-dir`")
+}
+
+/// Whether another run holds the directory's lock: a dry run looks, and writes nothing.
+fn is_locked(dir: &Path) -> bool {
+    std::fs::File::open(dir.join(".seedflow.lock"))
+        .is_ok_and(|lock| matches!(lock.try_lock(), Err(std::fs::TryLockError::WouldBlock)))
 }
 
 /// Creates `base/<time>`, or `base/<time>-2` and so on when a run started in the same second.
@@ -418,7 +425,11 @@ fn run(args: RunArgs) -> i32 {
     let refused = |problems: &[Problem]| {
         report(problems);
         if ci {
-            let finished = engine::events::Event::RunFinished { status: "invalid".into(), exit_code: EXIT_INVALID };
+            let finished = engine::events::Event::RunFinished {
+                status: "invalid".into(),
+                exit_code: EXIT_INVALID,
+                problems: problems.iter().map(crate::dsl::diagnostics::one_line).collect(),
+            };
             engine::events::EventSink::emit(&display::JsonLines, &finished);
         }
         EXIT_INVALID
@@ -443,6 +454,9 @@ fn run(args: RunArgs) -> i32 {
         eprintln!("no earlier run in `{}` to resume: starting one", run_dir.display());
     }
     if args.dry_run {
+        if is_locked(&run_dir) {
+            return refused(&[in_use(&run_dir)]);
+        }
         let lines = runtime.block_on(engine::dry_run(plan.clone(), &run_dir, args.resume));
         if ci {
             use engine::events::{Event, EventSink};
@@ -450,7 +464,11 @@ fn run(args: RunArgs) -> i32 {
                 let DryRunLine { step, iteration, action, reason } = line;
                 display::JsonLines.emit(&Event::StepPlanned { step, iteration, action: action.into(), reason });
             }
-            display::JsonLines.emit(&Event::RunFinished { status: "dry-run".into(), exit_code: EXIT_OK });
+            display::JsonLines.emit(&Event::RunFinished {
+                status: "dry-run".into(),
+                exit_code: EXIT_OK,
+                problems: vec![],
+            });
             return EXIT_OK;
         }
         println!("would run `{}` in `{}`:", plan.name, run_dir.display());

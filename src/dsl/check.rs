@@ -279,6 +279,21 @@ fn check_node(
                 .help(format!("add `{needed}=…`, or remove `{property}`"));
         }
     }
+    for (property, other) in spec.ignored_with {
+        if let Some(written) = node.properties.iter().find(|p| p.key.value == *property)
+            && given(other)
+        {
+            problems
+                .at(
+                    sources,
+                    Code::BadValue,
+                    written.key.span,
+                    format!("`{property}` is not used beside `{other}`"),
+                    format!("`{other}` decides it"),
+                )
+                .help(format!("remove `{property}` (the reference says what `{other}` keeps: `seedflow docs`)"));
+        }
+    }
     for (low, high) in spec.ordered {
         let number = |name: &str| match props.get(name) {
             Some(Value::Number(n)) => Some(*n),
@@ -441,6 +456,9 @@ fn out_of_range() -> ValueError {
 
 /// Whether the file starts as a GGUF file does: what llama.cpp would otherwise reject only when
 /// a step loads it, with a message that does not say why.
+/// What to write instead of a path with `\` (an escape in a KDL string: `\t` is a tab, `\m` none).
+pub const WINDOWS_PATH: &str = "a `\\` in a KDL string starts an escape (`\\t` is a tab): write paths with `/`, or as a raw string, `#\"data\\train.jsonl\"#`";
+
 fn is_gguf(path: &std::path::Path) -> bool {
     let mut magic = [0u8; 4];
     std::fs::File::open(path).and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic)).is_ok()
@@ -671,6 +689,16 @@ fn convert(ty: ValueType, literal: &Literal, at: Option<(&Sources, Span)>) -> Re
                     help: Some("llama.cpp reads models in GGUF (a file that starts with the bytes `GGUF`)".into()),
                     offset: None,
                 }),
+                Some(Location::File(path)) if ty == ValueType::ModelFile => match crate::train::check_complete(&path) {
+                    Ok(()) => Ok(Value::File(path)),
+                    Err(why) => Err(ValueError {
+                        code: Code::BadValue,
+                        message: Some(format!("`{s}` is not a whole GGUF model: {why}")),
+                        label: "cut short".into(),
+                        help: Some("fetch or convert the model again".into()),
+                        offset: None,
+                    }),
+                },
                 Some(Location::File(path)) => Ok(Value::File(path)),
                 Some(Location::Stdlib(name)) => Ok(Value::File(PathBuf::from(name))),
                 None => Err(ValueError {
@@ -685,6 +713,8 @@ fn convert(ty: ValueType, literal: &Literal, at: Option<(&Sources, Span)>) -> Re
                             None => "the current directory (as every path given with `--set` is)",
                         };
                         match ty {
+                            // `"data\train.jsonl"`: KDL read `\t` as a tab.
+                            _ if s.contains(['\t', '\n', '\r', '\u{8}', '\u{c}']) => WINDOWS_PATH.to_string(),
                             ValueType::ModelFile => {
                                 let names: Vec<String> = crate::assets::BUILTIN_MODELS
                                     .iter()

@@ -315,6 +315,19 @@ pub fn did_you_mean<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str
         .map(|(_, c)| c)
 }
 
+/// A problem on one line, for machines (`--ci`): `file:line:column: message [code]`, or the
+/// message and code alone when it points into no file.
+pub fn one_line(problem: &Problem) -> String {
+    let code = problem.code.as_str();
+    let place = problem.source_code.as_ref().zip(problem.labels.first()).map(|(source, label)| {
+        let before = &source.inner()[..label.offset().min(source.inner().len())];
+        let line = before.matches('\n').count() + 1;
+        let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+        format!("{}:{line}:{column}: ", source.name())
+    });
+    format!("{}{} [{code}]", place.unwrap_or_default(), problem.message)
+}
+
 /// Renders problems as users see them without colour, at a fixed width: used by `check` output
 /// in tests and by snapshot tests.
 pub fn render_plain(problems: &[Problem], width: usize) -> String {

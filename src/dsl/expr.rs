@@ -290,7 +290,21 @@ impl Expr {
         let mut parser = Parser { tokens, position: 0, end: text.len(), depth: 0, joins: 0 };
         let expr = parser.or()?;
         if parser.position < parser.tokens.len() {
-            return parser.error("unexpected text after the expression");
+            let words = [("and", "&&"), ("or", "||"), ("not", "!")];
+            let written = match parser.peek() {
+                Some(Token::Name(name)) => words.iter().find(|(word, _)| name.eq_ignore_ascii_case(word)),
+                _ => None,
+            };
+            let mut error = parser.error::<Expr>("unexpected text after the expression").unwrap_err();
+            if let Some((word, op)) = written {
+                error.message = format!("`{word}` is not an operator here");
+                error.help = Some(match *op {
+                    "&&" => "join conditions with `&&` (and) or `||` (or)",
+                    "||" => "join conditions with `||` (or) or `&&` (and)",
+                    _ => "negate a condition with `!`",
+                });
+            }
+            return Err(error);
         }
         Ok(expr)
     }
@@ -403,6 +417,7 @@ mod tests {
             ("a.count = 0", 8, "unexpected `=`"),
             ("(a.x > 1", 8, "expected `)`"),
             ("a.x > 1 b.y", 8, "unexpected text after the expression"),
+            ("a.x > 1 and b.y < 2", 8, "`and` is not an operator here"),
             // Nesting beyond the limit, which would otherwise overflow the stack.
             (deep.as_str(), 64, "`!` and parentheses nest more than 64"),
             (negations.as_str(), 64, "`!` and parentheses nest more than 64"),

@@ -94,7 +94,7 @@ fn load_text(file: FileId, sources: &mut Sources, problems: &mut Problems, stack
                 let label = d.label.unwrap_or_else(|| "here".to_string());
                 let written = text.get(d.span.offset()..d.span.offset() + d.span.len()).unwrap_or_default();
                 let builder = problems.at(sources, Code::Syntax, span, format!("invalid KDL: {message}"), label);
-                if let Some(help) = kdl_1_habit(written).or(d.help) {
+                if let Some(help) = what_to_write(written).or(d.help) {
                     builder.help(help);
                 }
             }
@@ -129,14 +129,16 @@ fn load_text(file: FileId, sources: &mut Sources, problems: &mut Problems, stack
     nodes
 }
 
-/// What to write instead of a value KDL 1 took and KDL 2 does not (the parser says only that it
-/// expected something else).
-fn kdl_1_habit(written: &str) -> Option<String> {
+/// What to write instead of a value the parser refused (it says only that it expected something
+/// else): what KDL 1 took and KDL 2 does not, a Windows path.
+fn what_to_write(written: &str) -> Option<String> {
     match written {
         "true" | "false" | "null" => Some(format!("KDL 2 writes `#{written}` (a bare `{written}` was KDL 1)")),
         raw if raw.starts_with("r\"") || raw.starts_with("r#") => {
             Some("KDL 2 writes a raw string as `#\"…\"#` (`r\"…\"` was KDL 1)".into())
         }
+        // `"data\mbpp\train.jsonl"`: `\m` is no escape.
+        quoted if quoted.starts_with('"') && quoted.contains('\\') => Some(super::check::WINDOWS_PATH.into()),
         _ => None,
     }
 }

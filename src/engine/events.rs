@@ -76,6 +76,9 @@ pub enum Event {
     RunFinished {
         status: String,
         exit_code: i32,
+        /// Why a run was refused (`invalid`): each problem on a line, `file:line:column: message [code]`.
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        problems: Vec<String>,
     },
 }
 

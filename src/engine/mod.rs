@@ -154,7 +154,11 @@ pub async fn run(
         Ok(_) => RunOutcome::Ok,
     };
     engine.write_summary(Some(outcome.name()));
-    events.emit(&Event::RunFinished { status: outcome.name().to_string(), exit_code: outcome.exit_code() });
+    events.emit(&Event::RunFinished {
+        status: outcome.name().to_string(),
+        exit_code: outcome.exit_code(),
+        problems: vec![],
+    });
     outcome
 }
 

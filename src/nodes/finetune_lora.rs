@@ -53,6 +53,7 @@ pub static SPEC: KindSpec = KindSpec {
     metrics: &["loss", "first-loss", "steps", "examples", "history", "tokens", "near-duplicates"],
     at_least_one: &[],
     requires: &[],
+    ignored_with: &[("rank", "init"), ("alpha", "init"), ("targets", "init")],
     ordered: &[],
     distinct: &[],
     metrics_needing: &[],
@@ -86,7 +87,7 @@ params! {
     /// Training pairs: passing verdicts or samples, or tasks' reference solutions.
     DATA: Input = required("data", ValueType::Input(&[Artifact::Verdicts, Artifact::Samples, Artifact::Tasks]));
     /// An adapter to continue training: a `finetune-lora` step (for example `prev.tune`), a GGUF LoRA file
-    /// (`….gguf`) or a PEFT directory (a path with a `/`).
+    /// (`….gguf`) or a PEFT directory (a path with a `/`). It keeps its own rank, alpha and targets.
     INIT: Option<AdapterSource> = unset("init", ValueType::Adapter);
     /// Also train on every pair that adapter's step trained on (for example `prev.tune`). Without `init`, each
     /// loop iteration then trains afresh from the base model on all data so far; with it, it continues the

@@ -73,6 +73,7 @@ pub static SPEC: KindSpec = KindSpec {
     metrics: &[],
     at_least_one: &[],
     requires: &[("server-model", "server"), ("api-key-env", "server"), ("request-timeout", "server")],
+    ignored_with: &[],
     ordered: &[],
     distinct: &[],
     metrics_needing: &[],

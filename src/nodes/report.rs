@@ -37,6 +37,7 @@ pub static SPEC: KindSpec = KindSpec {
     ],
     at_least_one: &[],
     requires: &[],
+    ignored_with: &[],
     ordered: &[],
     distinct: &[("baseline", "from")],
     metrics_needing: &[

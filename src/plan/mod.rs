@@ -498,7 +498,10 @@ impl<'a> Scope<'a> {
                     }
                     inputs.push(Input { property: property.name.to_string(), source: found.source, artifact });
                 }
-                (ValueType::Model, Some(Value::Model(model))) if !self.models.contains_key(model) => {
+                // A model node that failed its own check was reported already.
+                (ValueType::Model, Some(Value::Model(model)))
+                    if !self.models.contains_key(model) && !self.broken.contains(model) =>
+                {
                     let builder = problems.at(
                         sources,
                         Code::UnknownModel,
@@ -824,6 +827,24 @@ impl<'a> Scope<'a> {
                     }
                 },
             }
+        }
+        // Decided the same way after every iteration the loop may run, whatever its steps do,
+        // `until` says nothing: it never ends the loop early, or always after the first.
+        let most = l.props.integer("max-iterations").unwrap_or(1);
+        let after = |iteration: i64| expr.evaluate(&|m| m.step.is_none().then_some(iteration as f64));
+        let (never, always) = ((1..=most).all(|i| after(i) == Some(false)), (1..=most).all(|i| after(i) == Some(true)));
+        if never || always {
+            let (message, help) = match never {
+                true => (
+                    format!("`until` cannot hold within `max-iterations={most}`: the loop runs {most} times"),
+                    "raise `max-iterations`, or leave `until` out",
+                ),
+                false => (
+                    "`until` holds after the first iteration whatever the steps do: the loop runs once".to_string(),
+                    "compare a metric of the loop's steps (`step.metric`)",
+                ),
+            };
+            problems.at(self.sources, Code::BadExpression, span, message, "decided already").help(help);
         }
     }
 }

@@ -344,6 +344,28 @@ pub(super) fn safetensors_shapes(path: &Path) -> std::io::Result<HashMap<String,
         .collect())
 }
 
+/// Whether a GGUF file holds all of its tensors' data (a download cut short does not; llama.cpp
+/// then fails with "null result" at the first step that loads it). A header read here only
+/// partly (a tensor type candle does not know) is left for llama.cpp to judge.
+pub fn check_complete(path: &Path) -> std::result::Result<(), String> {
+    let Ok(mut file) = File::open(path) else { return Ok(()) };
+    let Ok(content) = gguf_file::Content::read(&mut file) else { return Ok(()) };
+    let data = |t: &gguf_file::TensorInfo| {
+        let blocks = t.shape.elem_count() / t.ggml_dtype.block_size().max(1);
+        t.offset + (blocks * t.ggml_dtype.type_size()) as u64
+    };
+    let needed = content.tensor_data_offset + content.tensor_infos.values().map(data).max().unwrap_or(0);
+    let size = file.metadata().map_or(u64::MAX, |m| m.len());
+    if size >= needed {
+        return Ok(());
+    }
+    Err(format!(
+        "the file is cut short: {} of the {} its tensors need (an interrupted download?)",
+        bytesize::ByteSize(size),
+        bytesize::ByteSize(needed)
+    ))
+}
+
 /// A GGUF file's header.
 fn gguf_header(path: &Path, what: &'static str) -> std::result::Result<gguf_file::Content, AdapterFileError> {
     let unreadable = |why: String| AdapterFileError::Unreadable { path: path.to_path_buf(), what, why };

@@ -10,7 +10,7 @@ mod ops;
 mod optimizer;
 
 pub use hf::is_model_dir;
-pub use lora::{Lora, Pair, Target};
+pub use lora::{Lora, Pair, Target, check_complete};
 pub use model::{Architecture, Base, Config};
 
 use rand::SeedableRng;
