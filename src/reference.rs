@@ -57,9 +57,6 @@ pub fn language_reference() -> String {
         for (property, needed) in kind.requires {
             let _ = writeln!(out, "`{property}` needs `{needed}`.\n");
         }
-        for (property, other) in kind.ignored_with {
-            let _ = writeln!(out, "`{property}` may not be given beside `{other}`, which decides it.\n");
-        }
         for (low, high) in kind.ordered {
             let _ = writeln!(out, "`{low}` may not be above `{high}`.\n");
         }

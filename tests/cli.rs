@@ -99,6 +99,10 @@ fn check_reports_validity_with_exit_codes() {
         "{event}"
     );
 
+    // Continuing the adapter instead of training afresh, as seed.kdl's comment suggests.
+    let out = seedflow(&["check", "workflows/seed.kdl", "--set", "adapt.tune.init=prev.tune"], root);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+
     let out = seedflow(&["check", "workflows/seed.kdl", "--set", "adapt.max-iterations=zero"], root);
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("`max-iterations` expects an integer from 1 to 10,000"));

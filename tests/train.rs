@@ -519,7 +519,9 @@ fn a_workflow_trains_on_a_hugging_face_directory_and_is_refused_sampling_from_on
     // Sampling needs a server: refused when the workflow is checked.
     let (status, stdout, stderr) = run(r#"generate "answers" model="tiny" tasks="tasks""#, "sampled");
     assert!(
-        status.code() == Some(2) && stderr.contains("is a Hugging Face directory") && stderr.contains("`server`"),
+        status.code() == Some(2)
+            && stderr.contains("is a Hugging Face directory")
+            && stderr.contains("URL of a server"),
         "{status}\n{stdout}\n{stderr}"
     );
     let _ = std::fs::remove_dir_all(&directory);
@@ -545,5 +547,12 @@ fn a_model_file_cut_short_is_refused_at_check() {
     let refused = check("cut.gguf").expect("refused");
     assert!(refused.contains("`cut.gguf` is not a whole GGUF model: the file is cut short"), "{refused}");
     assert_eq!(check("whole.gguf"), None);
+    // A header candle's reader would divide by zero on (an alignment of 0) is llama.cpp's to judge.
+    let zeros = Tensor::zeros((2, 32), candle_core::DType::F32, &Device::Cpu).unwrap();
+    let tensor = QTensor::quantize(&zeros, GgmlDType::F32).unwrap();
+    let mut bytes = std::io::Cursor::new(Vec::new());
+    gguf_file::write(&mut bytes, &[("general.alignment", &gguf_file::Value::U32(0))], &[("t", &tensor)]).unwrap();
+    std::fs::write(work.path().join("odd.gguf"), bytes.into_inner()).unwrap();
+    assert_eq!(check("odd.gguf"), None);
     let _ = std::fs::remove_file(&model);
 }

@@ -396,7 +396,7 @@ fn in_use(dir: &Path) -> Problem {
 /// Whether another run holds the directory's lock: a dry run looks, and writes nothing.
 fn is_locked(dir: &Path) -> bool {
     std::fs::File::open(dir.join(".seedflow.lock"))
-        .is_ok_and(|lock| matches!(lock.try_lock(), Err(std::fs::TryLockError::WouldBlock)))
+        .is_ok_and(|lock| matches!(lock.try_lock_shared(), Err(std::fs::TryLockError::WouldBlock)))
 }
 
 /// Creates `base/<time>`, or `base/<time>-2` and so on when a run started in the same second.

@@ -141,6 +141,12 @@ fn parse_record(format: Format, line: &str) -> Result<Task, String> {
         }
         Format::Humaneval => {
             let r: Humaneval = serde_json::from_str(line).map_err(error)?;
+            // The reference is the prompt and this together: the part alone must say something.
+            if r.canonical_solution.as_deref().is_some_and(|body| body.trim().is_empty()) {
+                return Err(
+                    "`canonical_solution` is empty: leave it out for a task without a reference solution".into()
+                );
+            }
             Ok(Task {
                 task_id: id(&r.task_id)?,
                 // HumanEval's solution completes the prompt; the reference is the whole function.

@@ -279,21 +279,6 @@ fn check_node(
                 .help(format!("add `{needed}=…`, or remove `{property}`"));
         }
     }
-    for (property, other) in spec.ignored_with {
-        if let Some(written) = node.properties.iter().find(|p| p.key.value == *property)
-            && given(other)
-        {
-            problems
-                .at(
-                    sources,
-                    Code::BadValue,
-                    written.key.span,
-                    format!("`{property}` is not used beside `{other}`"),
-                    format!("`{other}` decides it"),
-                )
-                .help(format!("remove `{property}` (the reference says what `{other}` keeps: `seedflow docs`)"));
-        }
-    }
     for (low, high) in spec.ordered {
         let number = |name: &str| match props.get(name) {
             Some(Value::Number(n)) => Some(*n),
@@ -454,10 +439,11 @@ fn out_of_range() -> ValueError {
     ValueError { code: Code::BadValue, message: None, label: "out of range".into(), help: None, offset: None }
 }
 
-/// Whether the file starts as a GGUF file does: what llama.cpp would otherwise reject only when
-/// a step loads it, with a message that does not say why.
 /// What to write instead of a path with `\` (an escape in a KDL string: `\t` is a tab, `\m` none).
 pub const WINDOWS_PATH: &str = "a `\\` in a KDL string starts an escape (`\\t` is a tab): write paths with `/`, or as a raw string, `#\"data\\train.jsonl\"#`";
+
+/// Whether the file starts as a GGUF file does: what llama.cpp would otherwise reject only when
+/// a step loads it, with a message that does not say why.
 
 fn is_gguf(path: &std::path::Path) -> bool {
     let mut magic = [0u8; 4];

@@ -320,7 +320,8 @@ pub fn did_you_mean<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str
 pub fn one_line(problem: &Problem) -> String {
     let code = problem.code.as_str();
     let place = problem.source_code.as_ref().zip(problem.labels.first()).map(|(source, label)| {
-        let before = &source.inner()[..label.offset().min(source.inner().len())];
+        let text = source.inner();
+        let before = text.get(..label.offset()).unwrap_or(text);
         let line = before.matches('\n').count() + 1;
         let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
         format!("{}:{line}:{column}: ", source.name())

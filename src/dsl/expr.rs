@@ -290,7 +290,7 @@ impl Expr {
         let mut parser = Parser { tokens, position: 0, end: text.len(), depth: 0, joins: 0 };
         let expr = parser.or()?;
         if parser.position < parser.tokens.len() {
-            let words = [("and", "&&"), ("or", "||"), ("not", "!")];
+            let words = [("and", "&&"), ("or", "||")];
             let written = match parser.peek() {
                 Some(Token::Name(name)) => words.iter().find(|(word, _)| name.eq_ignore_ascii_case(word)),
                 _ => None,
@@ -300,8 +300,7 @@ impl Expr {
                 error.message = format!("`{word}` is not an operator here");
                 error.help = Some(match *op {
                     "&&" => "join conditions with `&&` (and) or `||` (or)",
-                    "||" => "join conditions with `||` (or) or `&&` (and)",
-                    _ => "negate a condition with `!`",
+                    _ => "join conditions with `||` (or) or `&&` (and)",
                 });
             }
             return Err(error);
@@ -334,7 +333,6 @@ impl Expr {
         }
     }
 
-    /// Evaluates with `lookup` giving each metric's value; a missing metric is an error naming it.
     /// The expression's value, in Kleene's three-valued logic: `None` when it depends on a metric
     /// that has no value (a step can leave one out: training on no examples has no loss). What is
     /// decided without that metric stays decided: `a.x > 1 || b.y > 1` holds when `a.x` is 2.

@@ -498,9 +498,6 @@ pub struct KindSpec {
     pub at_least_one: &'static [&'static str],
     /// Properties that mean nothing without another: (property, the property it needs).
     pub requires: &'static [(&'static str, &'static str)],
-    /// (property, other): `property` is not used when `other` is given (an adapter to continue
-    /// keeps its own rank), so writing both is a mistake.
-    pub ignored_with: &'static [(&'static str, &'static str)],
     /// Numeric bounds that contradict each other when the first is above the second: (low, high).
     pub ordered: &'static [(&'static str, &'static str)],
     /// Properties that may not name the same thing, which would compare it with itself.

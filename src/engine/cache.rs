@@ -74,12 +74,20 @@ fn changes(name: &str, old: Option<&Json>, new: Option<&Json>, reasons: &mut Vec
                 changes(&format!("{name}.{part}"), old.get(part), new.get(part), reasons);
             }
         }
+        // A run from before a model's setting left the key recorded it.
+        (Some(_), None) if left_the_key(name) => {}
         _ if old != new => {
             let show = |v: Option<&Json>| v.map_or("unset".to_string(), |v| v.to_string());
             reasons.push(format!("parameter `{name}` changed: {} -> {}", show(old), show(new)));
         }
         _ => {}
     }
+}
+
+/// Whether a parameter's part is a model setting that cannot change outputs (`threads`), which
+/// keys once held.
+fn left_the_key(name: &str) -> bool {
+    name.rsplit_once(".settings.").is_some_and(|(_, setting)| crate::nodes::model::SPEC.unkeyed.contains(&setting))
 }
 
 #[cfg(test)]

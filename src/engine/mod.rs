@@ -279,18 +279,10 @@ impl Engine {
                             waiting[j] = waiting[j].saturating_sub(1);
                         }
                     }
-                    // Every failure is named, not the first alone: steps run side by side. A step
-                    // stopped because another failed is not the run's interruption.
-                    Ok((_, Err(err))) => match (&mut stop, err) {
-                        (Some(Stop::Failed(first)), Stop::Failed(next)) => {
-                            first.push_str("; ");
-                            first.push_str(&next);
-                        }
-                        (Some(Stop::Failed(_)), Stop::Interrupted) => {}
-                        (stop, err) => *stop = Some(err),
-                    },
+                    Ok((_, Err(err))) => add_stop(&mut stop, err),
                     Err(join_error) => {
-                        stop.get_or_insert(Stop::Failed(format!("internal error: {join_error}")));
+                        self.halt.cancel();
+                        add_stop(&mut stop, Stop::Failed(format!("internal error: {join_error}")));
                     }
                 }
             }
@@ -361,6 +353,7 @@ impl Engine {
                 // In a dry run, an input whose step would run first.
                 None if self.dry.is_some() => waiting_for.push(format!("`{}`", input.source)),
                 None => {
+                    self.halt.cancel();
                     return Err(Stop::Failed(format!("`{}`: input `{}` has no output", step.name(), input.property)));
                 }
             }
@@ -514,6 +507,10 @@ impl Engine {
             self.would(&name, iteration, action, said);
             return Ok(Produced::Pending);
         }
+        // Spawned just before another step failed: it starts nothing.
+        if self.halt.is_cancelled() {
+            return Err(Stop::Interrupted);
+        }
         if matches!(decision, Decision::Run(_)) && dir.exists() {
             std::fs::remove_dir_all(&dir)
                 .map_err(|e| self.fail(scope, &name, format!("cannot clear `{}`: {e}", dir.display())))?;
@@ -541,7 +538,16 @@ impl Engine {
         else {
             return Err(self.fail(scope, &name, format!("`{}` steps cannot run", step.kind())));
         };
-        let _permit = self.permit(kind, step).await;
+        // A step waiting for a model or the sandbox while another fails stops there.
+        let _permit = tokio::select! {
+            permit = self.permit(kind, step) => permit,
+            () = self.halt.cancelled() => {
+                meta.status = StepStatus::Interrupted;
+                let _ = write_meta(&meta);
+                self.record(scope, &name, StepSummary::interrupted());
+                return Err(Stop::Interrupted);
+            }
+        };
         let context = Context {
             step: name.clone(),
             iteration,
@@ -586,7 +592,9 @@ impl Engine {
                 self.record(scope, &name, StepSummary::done(metrics.clone(), false));
                 Ok(Produced::Step(Output { artifact: artifact(step), dir, hash, metrics }))
             }
-            Err(StepError::Cancelled) => {
+            // A step that fails once Ctrl-C was pressed (a child process got the signal too) was
+            // interrupted: `--resume` finishes it.
+            Err(err) if matches!(err, StepError::Cancelled) || self.cancel.is_cancelled() => {
                 meta.status = StepStatus::Interrupted;
                 let _ = write_meta(&meta);
                 self.record(scope, &name, StepSummary::interrupted());
@@ -758,6 +766,19 @@ pub async fn dry_run(plan: Arc<Plan>, run_dir: &Path, resume: bool) -> Vec<DryRu
     // A dry run decides; a step it cannot decide is a line, not a stop.
     let _ = engine.clone().run_graph(engine.top_scope()).await;
     engine.dry.as_ref().and_then(|lines| lines.lock().ok().map(|l| l.clone())).unwrap_or_default()
+}
+
+/// Adds a step's stop to its scope's. Every failure is named, not the first alone: steps run
+/// side by side. A step stopped because another failed is not the run's interruption.
+fn add_stop(stop: &mut Option<Stop>, err: Stop) {
+    match (stop, err) {
+        (Some(Stop::Failed(first)), Stop::Failed(next)) => {
+            first.push_str("; ");
+            first.push_str(&next);
+        }
+        (Some(Stop::Failed(_)), Stop::Interrupted) => {}
+        (stop, err) => *stop = Some(err),
+    }
 }
 
 /// Evaluates a loop's `until` after `iteration`, with `metric_of(step, metric)` giving the

@@ -399,4 +399,11 @@ fn model_settings_that_cannot_change_outputs_leave_the_key() {
         super::cache::decide(Some(&meta), &parts("threads=4 context=4096"), Some("out"), false),
         super::cache::Decision::Run(vec!["parameter `model.settings.context` changed: 0 -> 4096".into()])
     );
+    // A run from before `threads` left the key recorded it: still cached.
+    let mut recorded = meta.clone();
+    recorded.parts.params.get_mut("model").unwrap()["settings"]["threads"] = serde_json::json!(2);
+    assert_eq!(
+        super::cache::decide(Some(&recorded), &parts("threads=4"), Some("out"), false),
+        super::cache::Decision::Cached
+    );
 }

@@ -25,7 +25,6 @@ pub static SPEC: KindSpec = KindSpec {
     metrics: &["count"],
     at_least_one: &[],
     requires: &[],
-    ignored_with: &[],
     ordered: &[],
     distinct: &[],
     metrics_needing: &[],

@@ -27,7 +27,6 @@ pub static SPEC: KindSpec = KindSpec {
     metrics: &["count", "passed", "pass-rate", "pass@k"],
     at_least_one: &[],
     requires: &[],
-    ignored_with: &[],
     ordered: &[],
     distinct: &[],
     metrics_needing: &[],

@@ -53,7 +53,6 @@ pub static SPEC: KindSpec = KindSpec {
     metrics: &["loss", "first-loss", "steps", "examples", "history", "tokens", "near-duplicates"],
     at_least_one: &[],
     requires: &[],
-    ignored_with: &[("rank", "init"), ("alpha", "init"), ("targets", "init")],
     ordered: &[],
     distinct: &[],
     metrics_needing: &[],
@@ -309,7 +308,18 @@ pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
     }
     let base = Base::load(&model.path, bf16).map_err(failed)?;
     let lora = match adapter_file(ctx, &INIT)? {
-        Some(path) => Lora::load_gguf(&path, &base).map_err(failed)?,
+        Some(path) => {
+            let lora = Lora::load_gguf(&path, &base).map_err(failed)?;
+            // Continued, an adapter keeps its own shape: say so where the step asks for another.
+            let (rank, alpha) = (ctx.get(&RANK)? as usize, ctx.get(&ALPHA)? as f32);
+            if (lora.rank, lora.alpha) != (rank, alpha) {
+                ctx.message(&format!(
+                    "`init`'s adapter keeps its own rank {} and alpha {} (this step's rank={rank} alpha={alpha} are not used)",
+                    lora.rank, lora.alpha
+                ));
+            }
+            lora
+        }
         None => {
             let targets = ctx.get(&TARGETS)?;
             let rank = ctx.get(&RANK)? as usize;

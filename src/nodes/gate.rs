@@ -14,7 +14,6 @@ pub static SPEC: KindSpec = KindSpec {
     metrics: &["value", "passed"],
     at_least_one: &["at-least", "at-most", "baseline"],
     requires: &[("margin", "baseline")],
-    ignored_with: &[],
     ordered: &[("at-least", "at-most")],
     distinct: &[("baseline", "metric")],
     metrics_needing: &[],

@@ -74,7 +74,6 @@ pub static SPEC: KindSpec = KindSpec {
     metrics: &["count", "tokens", "prompt-tokens", "tokens-per-second", "decode-share"],
     at_least_one: &[],
     requires: &[("adapter-scale", "adapter")],
-    ignored_with: &[],
     ordered: &[],
     distinct: &[],
     metrics_needing: &[],

@@ -33,7 +33,7 @@ params! {
     /// Several URLs, comma-separated, spread the requests over as many servers of the same model, `parallel` at
     /// a time on each. "spawn" starts llama-server on `path` (`seedflow fetch llama-server` builds it) and
     /// restarts it with each adapter a step asks for. Unset: llama.cpp in this process. A server at a URL
-    /// decides its own `context`, `threads`, `batch` and `gpu-layers`, so they are refused beside one.
+    /// decides its own `context`, `threads`, `batch` and `gpu-layers` (a step says so when they are set).
     SERVER: Option<String> = unset("server", ValueType::Server);
     /// The model name requests ask the server for; unset takes the first it lists.
     SERVER_MODEL: Option<String> = unset("server-model", ValueType::Text);
@@ -73,7 +73,6 @@ pub static SPEC: KindSpec = KindSpec {
     metrics: &[],
     at_least_one: &[],
     requires: &[("server-model", "server"), ("api-key-env", "server"), ("request-timeout", "server")],
-    ignored_with: &[],
     ordered: &[],
     distinct: &[],
     metrics_needing: &[],
@@ -86,20 +85,10 @@ generate "answers" model="coder" tasks="problems" samples=1 temperature=0
 "#,
 };
 
-/// Settings that would be ignored: a server at a URL decides its own context, threads, batch
-/// and GPU layers, and a build without CUDA offloads nothing (llama.cpp would run every layer on
-/// the CPU, silently, so the run would fail at its first `generate`).
+/// GPU layers that this build cannot offload: llama.cpp would run every layer on the CPU,
+/// silently, so the run would fail at its first `generate`. (A server offloads on its own.)
 fn check_values(props: &Props, _: Option<&Path>) -> Result<(), (&'static str, String)> {
     let server = props.param(&SERVER).flatten();
-    if let Some(url) = server.as_deref().filter(|url| *url != "spawn") {
-        for param in [&CONTEXT, &GPU_LAYERS, &THREADS, &BATCH] {
-            let default = param.spec.default.and_then(|d| d.parse::<i64>().ok());
-            if props.param(param) != default {
-                let why = format!("the server at `{url}` decides its own `{}`: leave it out here", param.name());
-                return Err((param.name(), why));
-            }
-        }
-    }
     if server.is_none() && !cfg!(feature = "cuda") && props.param(&GPU_LAYERS).is_some_and(|layers| layers != 0) {
         let why = "this seedflow was built without GPU support, so no layer can go to a GPU: set `gpu-layers=0`, \
                    or build with `cargo build --release --features cuda`";
@@ -111,6 +100,17 @@ fn check_values(props: &Props, _: Option<&Path>) -> Result<(), (&'static str, St
 /// The declaration's settings, with a built-in model fetched on first use.
 pub fn settings(props: &Props, progress: &dyn Fn(&str)) -> Result<ModelSettings, String> {
     let server = server(props, progress)?;
+    // A server at a URL decides these itself (`--set coder.server=…` on a workflow that sets them).
+    if let Some(ServerSettings { endpoint: Endpoint::Urls(_), .. }) = &server {
+        let set: Vec<String> = [&CONTEXT, &GPU_LAYERS, &THREADS, &BATCH]
+            .into_iter()
+            .filter(|param| props.param(*param) != param.spec.default.and_then(|d| d.parse::<i64>().ok()))
+            .map(|param| format!("`{}`", param.name()))
+            .collect();
+        if !set.is_empty() {
+            progress(&format!("the server decides its own {}: this model's are not used", set.join(", ")));
+        }
+    }
     let path = match get(props, &PATH)? {
         ModelPath::File(path) => path,
         ModelPath::Builtin(asset) => assets::ensure(asset, progress).map_err(|e| e.to_string())?,

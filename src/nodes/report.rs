@@ -37,7 +37,6 @@ pub static SPEC: KindSpec = KindSpec {
     ],
     at_least_one: &[],
     requires: &[],
-    ignored_with: &[],
     ordered: &[],
     distinct: &[("baseline", "from")],
     metrics_needing: &[

@@ -51,7 +51,6 @@ pub static SPEC: KindSpec = KindSpec {
     metrics: &["count", "tokens", "prompt-tokens", "tokens-per-second", "decode-share", "unchanged"],
     at_least_one: &[],
     requires: &[("adapter-scale", "adapter")],
-    ignored_with: &[],
     ordered: &[],
     distinct: &[],
     metrics_needing: &[],

@@ -24,7 +24,6 @@ pub static SPEC: KindSpec = KindSpec {
     metrics: &["count", "tasks", "copies", "own-edit-share"],
     at_least_one: &[],
     requires: &[],
-    ignored_with: &[],
     ordered: &[],
     distinct: &[],
     metrics_needing: &[],

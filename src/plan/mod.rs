@@ -541,8 +541,9 @@ impl<'a> Scope<'a> {
     }
 
     /// What the node's kind checks of its values together, and against its model's file; and that
-    /// a step sampling from a model can: llama.cpp reads GGUF files, and only a `server` samples
-    /// from a Hugging Face directory (which `finetune-lora` trains on without one).
+    /// a step sampling from a model can: llama.cpp reads GGUF files (and so does the llama-server
+    /// `spawn` starts), and only a server at a URL samples from a Hugging Face directory (which
+    /// `finetune-lora` trains on without one).
     fn check_values(&self, declaration: &Declaration, problems: &mut Problems) {
         if let Some(check_values) = declaration.spec.check_values
             && let Err((property, why)) = check_values(&declaration.props, self.model_file(declaration).as_deref())
@@ -552,7 +553,10 @@ impl<'a> Scope<'a> {
         if declaration.spec.role == Role::Step(Artifact::Samples)
             && let Some((name, Value::File(path))) = self.model_of(declaration)
             && path.is_dir()
-            && self.models.get(name).is_some_and(|model| model.props.get("server").is_none())
+            && self.models.get(name).is_some_and(|model| match model.props.get("server") {
+                Some(Value::Text(server)) => server == "spawn",
+                _ => true,
+            })
         {
             problems
                 .at(
@@ -562,7 +566,7 @@ impl<'a> Scope<'a> {
                     format!("`{name}` is a Hugging Face directory, which llama.cpp cannot sample from"),
                     "not a GGUF model",
                 )
-                .help(format!("give `{name}` a `server` that serves it (vLLM, SGLang), or a GGUF `path`"));
+                .help(format!("give `{name}` the URL of a server that serves it (vLLM, SGLang), or a GGUF `path`"));
         }
     }
 
@@ -570,6 +574,10 @@ impl<'a> Scope<'a> {
     /// (`status="!passed"`, the errors SEED revises) leaves nothing to train on.
     fn check_training_data(&self, declaration: &Declaration, problems: &mut Problems) {
         if declaration.spec.name != "finetune-lora" {
+            return;
+        }
+        // `history` brings pairs of its own.
+        if declaration.props.get("history").is_some() {
             return;
         }
         let Some(Value::Reference(data)) = declaration.props.get("data") else { return };
@@ -643,7 +651,8 @@ impl<'a> Scope<'a> {
         let mut step = step;
         let mut most = i64::MAX;
         // A chain of selects, each step named once (a cycle is reported by the graph's check).
-        for _ in 0..=self.top.len() {
+        let steps = self.top.len() + self.top.iter().map(|l| l.body.len()).sum::<usize>();
+        for _ in 0..=steps {
             let from = |property| match step.props.get(property) {
                 Some(Value::Reference(name)) => self.step_named(name),
                 _ => None,
@@ -830,8 +839,10 @@ impl<'a> Scope<'a> {
         }
         // Decided the same way after every iteration the loop may run, whatever its steps do,
         // `until` says nothing: it never ends the loop early, or always after the first.
-        let most = l.props.integer("max-iterations").unwrap_or(1);
-        let after = |iteration: i64| expr.evaluate(&|m| m.step.is_none().then_some(iteration as f64));
+        let Some(most) = l.props.integer("max-iterations") else { return };
+        let after = |iteration: i64| {
+            expr.evaluate(&|m| (m.step.is_none() && m.metric == "iteration").then_some(iteration as f64))
+        };
         let (never, always) = ((1..=most).all(|i| after(i) == Some(false)), (1..=most).all(|i| after(i) == Some(true)));
         if never || always {
             let (message, help) = match never {

@@ -346,16 +346,22 @@ pub(super) fn safetensors_shapes(path: &Path) -> std::io::Result<HashMap<String,
 
 /// Whether a GGUF file holds all of its tensors' data (a download cut short does not; llama.cpp
 /// then fails with "null result" at the first step that loads it). A header read here only
-/// partly (a tensor type candle does not know) is left for llama.cpp to judge.
+/// partly (a tensor type candle does not know), or with sizes past any file, is left for
+/// llama.cpp to judge.
 pub fn check_complete(path: &Path) -> std::result::Result<(), String> {
-    let Ok(mut file) = File::open(path) else { return Ok(()) };
-    let Ok(content) = gguf_file::Content::read(&mut file) else { return Ok(()) };
+    let Ok(content) = read_header(path) else { return Ok(()) };
     let data = |t: &gguf_file::TensorInfo| {
-        let blocks = t.shape.elem_count() / t.ggml_dtype.block_size().max(1);
-        t.offset + (blocks * t.ggml_dtype.type_size()) as u64
+        let blocks =
+            t.shape.dims().iter().try_fold(1usize, |n, d| n.checked_mul(*d))? / t.ggml_dtype.block_size().max(1);
+        t.offset.checked_add(u64::try_from(blocks.checked_mul(t.ggml_dtype.type_size())?).ok()?)
     };
-    let needed = content.tensor_data_offset + content.tensor_infos.values().map(data).max().unwrap_or(0);
-    let size = file.metadata().map_or(u64::MAX, |m| m.len());
+    let ends: Option<Vec<u64>> = content.tensor_infos.values().map(data).collect();
+    let Some(needed) =
+        ends.and_then(|ends| content.tensor_data_offset.checked_add(ends.into_iter().max().unwrap_or(0)))
+    else {
+        return Ok(());
+    };
+    let size = std::fs::metadata(path).map_or(u64::MAX, |m| m.len());
     if size >= needed {
         return Ok(());
     }
@@ -368,9 +374,39 @@ pub fn check_complete(path: &Path) -> std::result::Result<(), String> {
 
 /// A GGUF file's header.
 fn gguf_header(path: &Path, what: &'static str) -> std::result::Result<gguf_file::Content, AdapterFileError> {
-    let unreadable = |why: String| AdapterFileError::Unreadable { path: path.to_path_buf(), what, why };
-    let mut file = File::open(path).map_err(|e| unreadable(e.to_string()))?;
-    gguf_file::Content::read(&mut file).map_err(|e| unreadable(e.to_string()))
+    read_header(path).map_err(|why| AdapterFileError::Unreadable { path: path.to_path_buf(), what, why })
+}
+
+/// Reads a GGUF header, buffered (a vocabulary is a long list of small reads). candle's reader
+/// panics on some malformed headers (an alignment of 0 divides by it): that is an unreadable
+/// file too, said quietly.
+fn read_header(path: &Path) -> std::result::Result<gguf_file::Content, String> {
+    let mut file = std::io::BufReader::new(File::open(path).map_err(|e| e.to_string())?);
+    quietly(|| gguf_file::Content::read(&mut file))
+        .map_err(|_| "its header is malformed".to_string())?
+        .map_err(|e| e.to_string())
+}
+
+thread_local! {
+    /// Set while `quietly` runs: the panic hook then prints nothing.
+    static QUIET: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f`, catching a panic without the panic hook's message.
+fn quietly<T>(f: impl FnOnce() -> T) -> std::thread::Result<T> {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !QUIET.with(std::cell::Cell::get) {
+                default(info)
+            }
+        }));
+    });
+    QUIET.with(|quiet| quiet.set(true));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    QUIET.with(|quiet| quiet.set(false));
+    result
 }
 
 fn gguf_text(content: &gguf_file::Content, key: &str) -> String {
