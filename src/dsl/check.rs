@@ -444,7 +444,6 @@ pub const WINDOWS_PATH: &str = "a `\\` in a KDL string starts an escape (`\\t` i
 
 /// Whether the file starts as a GGUF file does: what llama.cpp would otherwise reject only when
 /// a step loads it, with a message that does not say why.
-
 fn is_gguf(path: &std::path::Path) -> bool {
     let mut magic = [0u8; 4];
     std::fs::File::open(path).and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic)).is_ok()
