@@ -58,8 +58,11 @@ pub enum ReportError {
 pub struct Run {
     pub workflow: String,
     pub dir: PathBuf,
-    /// `ok`, `failed`, `gate-failed`, `interrupted`, or `running` for a run not finished.
+    /// `ok`, `failed`, `gate-failed`, `interrupted`, `running` for a run going on now, or
+    /// `stopped` for one that ended without a word (killed, or the machine went down).
     pub status: String,
+    /// Why a failed run failed: each failed step with its error.
+    pub failures: Vec<(String, String)>,
     /// Time during which at least one step was running: steps side by side count once, and a run
     /// resumed in several sittings leaves out the pauses between them (and an interrupted step's
     /// time before it was resumed).
@@ -163,6 +166,8 @@ struct Summary {
 struct SummaryStep {
     #[serde(default)]
     iterations: Vec<BTreeMap<String, serde::de::IgnoredAny>>,
+    #[serde(default)]
+    error: Option<String>,
 }
 
 /// The runs in `dirs`, each given once.
@@ -194,7 +199,12 @@ pub fn read_run(dir: &Path) -> Result<Run, ReportError> {
     let mut run = Run {
         workflow: summary.workflow,
         dir: dir.to_path_buf(),
-        status: summary.status,
+        // A run's summary says `running` from its start: no lock held, it is not.
+        status: match summary.status.as_str() {
+            "running" if !crate::store::run_in_progress(dir) => "stopped".into(),
+            _ => summary.status,
+        },
+        failures: (summary.steps.iter()).filter_map(|(name, step)| Some((name.clone(), step.error.clone()?))).collect(),
         wall_seconds: 0.0,
         training_examples: 0,
         evaluations: vec![],
@@ -544,7 +554,10 @@ pub fn markdown(runs: &[Run]) -> String {
         for step in &run.unreadable {
             let _ = writeln!(out, "- step `{step}`: **left out**, its `{META}` cannot be read");
         }
-        if !run.gates.is_empty() || !run.unreadable.is_empty() {
+        for (step, error) in &run.failures {
+            let _ = writeln!(out, "- step `{step}` **failed**: {}", crate::nodes::one_line(error));
+        }
+        if !run.gates.is_empty() || !run.unreadable.is_empty() || !run.failures.is_empty() {
             out.push('\n');
         }
     }
@@ -829,6 +842,10 @@ pub fn html(runs: &[Run]) -> String {
                 "<p class=\"failed\">step <code>{}</code>: left out, its <code>{META}</code> cannot be read</p>",
                 escape(step)
             );
+        }
+        for (step, error) in &run.failures {
+            let _ =
+                writeln!(out, "<p class=\"failed\">step <code>{}</code> failed: {}</p>", escape(step), escape(error));
         }
     }
     out.push_str("</body></html>\n");

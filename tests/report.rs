@@ -100,6 +100,24 @@ fn a_run_reports_its_iterations_evaluations_and_gates() {
         "{markdown}"
     );
     assert!(markdown.contains("| references (run) | gate-failed | 0 | 1.000 | +0.0% |"), "{markdown}");
+
+    // A run whose summary says `running` while no process holds it ended without a word (killed);
+    // a failed one says which step failed, and why.
+    let summary = dir.path().join("rerun/summary.json");
+    let mut value: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&summary).unwrap()).unwrap();
+    value["status"] = "running".into();
+    std::fs::write(&summary, value.to_string()).unwrap();
+    let out = seedflow(&["report", "rerun"], dir.path());
+    assert!(text(&out.stdout).contains("| references | stopped |"), "{}", text(&out.stdout));
+    value["status"] = "failed".into();
+    value["steps"]["scores"]["error"] = "the sandbox could not start".into();
+    std::fs::write(&summary, value.to_string()).unwrap();
+    let out = seedflow(&["report", "rerun"], dir.path());
+    assert!(
+        text(&out.stdout).contains("- step `scores` **failed**: the sandbox could not start"),
+        "{}",
+        text(&out.stdout)
+    );
     // Task by task against the first run, on the evaluation both have.
     assert!(
         markdown.contains("| scores: references (run) -> references (rerun) | 3 | 1.000 | 1.000 | +0.0 |"),

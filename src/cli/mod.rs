@@ -380,7 +380,7 @@ fn lock_run_directory(dir: &Path) -> Result<std::fs::File, Problem> {
             .with_help("check that the directory is writable, or choose another with `--run-dir`")
     };
     std::fs::create_dir_all(dir).map_err(failed)?;
-    let lock = std::fs::File::create(dir.join(".seedflow.lock")).map_err(failed)?;
+    let lock = std::fs::File::create(dir.join(crate::store::RUN_LOCK)).map_err(failed)?;
     match lock.try_lock() {
         Ok(()) => Ok(lock),
         Err(std::fs::TryLockError::WouldBlock) => Err(in_use(dir)),
@@ -391,12 +391,6 @@ fn lock_run_directory(dir: &Path) -> Result<std::fs::File, Problem> {
 fn in_use(dir: &Path) -> Problem {
     Problem::new(Code::RunDirectory, format!("run directory `{}` is in use by another seedflow run", dir.display()))
         .with_help("wait for that run to end, then `--resume` it; or choose another `--run-dir`")
-}
-
-/// Whether another run holds the directory's lock: a dry run looks, and writes nothing.
-fn is_locked(dir: &Path) -> bool {
-    std::fs::File::open(dir.join(".seedflow.lock"))
-        .is_ok_and(|lock| matches!(lock.try_lock_shared(), Err(std::fs::TryLockError::WouldBlock)))
 }
 
 /// Creates `base/<time>`, or `base/<time>-2` and so on when a run started in the same second.
@@ -454,7 +448,8 @@ fn run(args: RunArgs) -> i32 {
         eprintln!("no earlier run in `{}` to resume: starting one", run_dir.display());
     }
     if args.dry_run {
-        if is_locked(&run_dir) {
+        // A dry run looks, and writes nothing.
+        if crate::store::run_in_progress(&run_dir) {
             return refused(&[in_use(&run_dir)]);
         }
         let lines = runtime.block_on(engine::dry_run(plan.clone(), &run_dir, args.resume));

@@ -76,6 +76,15 @@ fn collect(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) -> io::Result<()> {
     Ok(())
 }
 
+/// The file a run holds locked in its directory while it runs (`seedflow run` takes the lock).
+pub const RUN_LOCK: &str = ".seedflow.lock";
+
+/// Whether a run holds the directory's lock: it is running now. A probe, writing nothing.
+pub fn run_in_progress(dir: &Path) -> bool {
+    std::fs::File::open(dir.join(RUN_LOCK))
+        .is_ok_and(|lock| matches!(lock.try_lock_shared(), Err(std::fs::TryLockError::WouldBlock)))
+}
+
 pub const META: &str = "meta.json";
 pub const RECORDS: &str = "output.jsonl";
 const PARTIAL: &str = "output.jsonl.partial";
