@@ -265,18 +265,32 @@ fn resume_refuses_another_workflow_s_run_and_a_file() {
 
 #[test]
 fn a_failing_step_exits_1_with_the_reason() {
-    // Two steps that fail side by side: both are named.
+    // Data in another format than the one named is refused before anything runs, where each
+    // step reads it.
     let dir = project(
         "dataset \"tasks\" format=\"mbpp\" path=\"tasks.jsonl\"\ndataset \"more\" format=\"mbpp\" path=\"tasks.jsonl\"\n",
     );
     let out = seedflow(&["run", "flow.kdl", "--run-dir", "out"], dir.path());
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = text(&out.stderr);
+    assert_eq!(stderr.matches("tasks.jsonl:1: missing field `text`").count(), 2, "{stderr}");
+    // A step that fails when it runs: its reason, and how to continue.
+    std::fs::write(
+        dir.path().join("bare.jsonl"),
+        "{\"task_id\": \"a\", \"prompt\": \"p\", \"tests\": [\"assert True\"]}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("flow.kdl"),
+        "dataset \"tasks\" format=\"jsonl\" path=\"bare.jsonl\"\nexecute \"references\" code=\"tasks\"\n",
+    )
+    .unwrap();
+    let out = seedflow(&["run", "flow.kdl", "--run-dir", "out"], dir.path());
     assert_eq!(out.status.code(), Some(1));
     let stderr = text(&out.stderr);
     let error = stderr.lines().find(|l| l.starts_with("error:")).unwrap_or_default();
-    for step in ["tasks", "more"] {
-        assert!(error.contains(&format!("step `{step}` failed: tasks.jsonl:1: missing field `text`")), "{stderr}");
-    }
-    assert!(stderr.contains("--resume --run-dir out"), "{stderr}");
+    assert!(error.contains("step `references` failed: none of the 1 tasks has a reference solution"), "{stderr}");
+    assert!(stderr.contains("continue with `seedflow run flow.kdl --resume --run-dir out`"), "{stderr}");
 }
 
 /// A run writes a folder per step, replacing folders of the same names: it never takes a

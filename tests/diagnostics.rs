@@ -145,7 +145,8 @@ fn gpu_layers_without_gpu_support_are_refused_unless_a_server_offloads() {
     let flow = dir.path().join("flow.kdl");
     let check = |model: &str| {
         std::fs::write(&flow, format!("{model}\ndataset \"t\" format=\"jsonl\" path=\"t.jsonl\"\n")).unwrap();
-        std::fs::write(dir.path().join("t.jsonl"), "").unwrap();
+        std::fs::write(dir.path().join("t.jsonl"), r#"{"task_id": "a", "prompt": "p", "tests": ["assert True"]}"#)
+            .unwrap();
         seedflow::load_plan(&flow, &[]).err().map(|problems| render_plain(&problems, 100))
     };
     let refused = check("model \"m\" path=\"default\" gpu-layers=-1").expect("refused");

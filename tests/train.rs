@@ -539,7 +539,8 @@ fn a_model_file_cut_short_is_refused_at_check() {
     std::fs::write(work.path().join("whole.gguf"), &bytes).unwrap();
     let check = |file: &str| {
         let flow = work.path().join("flow.kdl");
-        std::fs::write(work.path().join("t.jsonl"), "").unwrap();
+        std::fs::write(work.path().join("t.jsonl"), r#"{"task_id": "a", "prompt": "p", "tests": ["assert True"]}"#)
+            .unwrap();
         let steps = "dataset \"t\" format=\"jsonl\" path=\"t.jsonl\"\n";
         std::fs::write(&flow, format!("model \"m\" path=\"{file}\"\n{steps}")).unwrap();
         seedflow::load_plan(&flow, &[]).err().map(|problems| seedflow::dsl::diagnostics::render_plain(&problems, 100))

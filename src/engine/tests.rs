@@ -303,12 +303,20 @@ gate "as-many" metric="again.step.count" baseline="decided.other.mean-index"
     assert_eq!(summary["steps"]["low"]["metrics"], serde_json::json!({ "passed": 0.0 }), "{summary}");
 }
 
+/// Plans `workflow` with `bad.jsonl` holding tasks, then breaks the file (a dataset the checker
+/// would refuse), so that its step fails when it runs.
+fn broken_after_planning(dir: &Path, workflow: &str) -> Arc<crate::plan::Plan> {
+    std::fs::write(dir.join("bad.jsonl"), DATA).unwrap();
+    let plan = plan(dir, workflow, &[]);
+    std::fs::write(dir.join("bad.jsonl"), "{\"task_id\": 1}\n").unwrap();
+    plan
+}
+
 /// A failure stops the run at once: the steps running beside it stop (resumable), and no other
 /// step or loop iteration starts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failure_stops_the_other_branches() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("bad.jsonl"), "{\"task_id\": 1}\n").unwrap();
     let workflow = r#"
 dataset "bad" format="jsonl" path="bad.jsonl"
 loop-until "again" max-iterations=3 {
@@ -317,7 +325,7 @@ loop-until "again" max-iterations=3 {
 "#;
     let run_dir = dir.path().join("run");
     let started = std::time::Instant::now();
-    let (outcome, events) = run_to_end(plan(dir.path(), workflow, &[]), &run_dir, false).await;
+    let (outcome, events) = run_to_end(broken_after_planning(dir.path(), workflow), &run_dir, false).await;
     // Not the barrier's 20 s, alone.
     assert!(started.elapsed() < std::time::Duration::from_secs(10), "{:?}", started.elapsed());
     let RunOutcome::Failed(message) = outcome else { panic!("{outcome:?}") };
@@ -339,13 +347,12 @@ loop-until "again" max-iterations=3 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_step_fails_the_run_and_skips_what_depends_on_it() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("bad.jsonl"), "{\"task_id\": 1}\n").unwrap();
     let workflow = r#"
 dataset "tasks" format="jsonl" path="bad.jsonl"
 test-batches "after" from="tasks"
 "#;
     let run_dir = dir.path().join("run");
-    let (outcome, _) = run_to_end(plan(dir.path(), workflow, &[]), &run_dir, false).await;
+    let (outcome, _) = run_to_end(broken_after_planning(dir.path(), workflow), &run_dir, false).await;
     let RunOutcome::Failed(message) = outcome else { panic!("{outcome:?}") };
     assert!(message.starts_with("step `tasks` failed:") && message.contains("bad.jsonl:1"), "{message}");
     assert!(!run_dir.join("after").exists());
@@ -356,7 +363,7 @@ test-batches "after" from="tasks"
     let in_loop =
         "loop-until \"again\" max-iterations=2 {\n    dataset \"tasks\" format=\"jsonl\" path=\"bad.jsonl\"\n}\n";
     let run_dir = dir.path().join("loop-run");
-    let (outcome, _) = run_to_end(plan(dir.path(), in_loop, &[]), &run_dir, false).await;
+    let (outcome, _) = run_to_end(broken_after_planning(dir.path(), in_loop), &run_dir, false).await;
     assert!(matches!(outcome, RunOutcome::Failed(_)), "{outcome:?}");
     let summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run_dir.join("summary.json")).unwrap()).unwrap();
@@ -406,4 +413,18 @@ fn model_settings_that_cannot_change_outputs_leave_the_key() {
         super::cache::decide(Some(&recorded), &parts("threads=4"), Some("out"), false),
         super::cache::Decision::Cached
     );
+}
+
+/// Failures side by side are all named; a step stopped because another failed is no
+/// interruption of the run's, and a failure outranks one.
+#[test]
+fn stops_join_and_a_failure_outranks_an_interruption() {
+    use super::{Stop, add_stop};
+    let failed = |m: &str| Stop::Failed(m.to_string());
+    let mut stop = None;
+    add_stop(&mut stop, Stop::Interrupted);
+    add_stop(&mut stop, failed("a"));
+    add_stop(&mut stop, Stop::Interrupted);
+    add_stop(&mut stop, failed("b"));
+    assert!(matches!(&stop, Some(Stop::Failed(m)) if m == "a; b"), "{stop:?}");
 }

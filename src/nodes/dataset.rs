@@ -20,7 +20,9 @@ pub static SPEC: KindSpec = KindSpec {
           training text: an `mbpp` task shows its requirement and its tests, a `jsonl` task its \
           requirement alone (a user's tests are checks, not part of the prompt the model will \
           see at work), a `humaneval` task its signature and docstring; `show-tests` changes that \
-          for `mbpp` and `jsonl` tasks with `tests`.",
+          for `mbpp` and `jsonl` tasks with `tests`. `seedflow check` reads the file too (up to \
+          64 MiB), so a wrong `format`, a task given twice or a blank field is said before \
+          anything runs.",
     properties: &[FORMAT.spec, PATH.spec, SKIP.spec, LIMIT.spec, SHOW_TESTS.spec],
     metrics: &["count"],
     at_least_one: &[],
@@ -59,56 +61,71 @@ fn read_text(path: &Path) -> std::io::Result<String> {
     Ok(text)
 }
 
-/// `show-tests` with HumanEval tasks, which it cannot change.
+/// `show-tests` with HumanEval tasks, which it cannot change; and the file's tasks as the step
+/// will read them, so a wrong `format`, a task given twice or a `skip` past the end is said
+/// before the steps ahead of this one run. (A file too large to read twice is read by the step.)
 fn check_values(props: &Props, _model: Option<&Path>) -> Result<(), (&'static str, String)> {
     if props.param(&SHOW_TESTS).flatten().is_some() && props.param(&FORMAT) == Some(Format::Humaneval) {
         let why = "`show-tests` does nothing for `humaneval` tasks (their prompt is the function's signature and \
                    docstring, their test one program): remove it";
         return Err((SHOW_TESTS.name(), why.into()));
     }
-    Ok(())
+    let (Some(format), Some(path), Some(skip), Some(limit)) =
+        (props.param(&FORMAT), props.param(&PATH), props.param(&SKIP), props.param(&LIMIT))
+    else {
+        return Ok(());
+    };
+    if std::fs::metadata(&path).is_ok_and(|m| m.len() > MOST_CHECKED_BYTES) {
+        return Ok(());
+    }
+    match read_tasks(&path, format, (skip, limit), props.param(&SHOW_TESTS).flatten()) {
+        Ok(_) => Ok(()),
+        Err(why) => Err((PATH.name(), why)),
+    }
 }
 
-pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
-    let format = ctx.get(&FORMAT)?;
-    let path = ctx.get(&PATH)?;
-    let skip = ctx.get(&SKIP)? as usize;
-    let limit = match ctx.get(&LIMIT)? {
-        0 => usize::MAX,
-        n => n as usize,
-    };
-    let show_tests = ctx.get(&SHOW_TESTS)?;
-    let text = read_text(&path).map_err(|e| StepError::Failed(format!("cannot read `{}`: {e}", path.display())))?;
+/// Dataset files up to this size are read when the workflow is checked.
+const MOST_CHECKED_BYTES: u64 = 64 << 20;
+
+/// The tasks of the file at `path`, `skip` records on and at most `limit` (0: all) of them.
+fn read_tasks(
+    path: &Path,
+    format: Format,
+    (skip, limit): (i64, i64),
+    show_tests: Option<bool>,
+) -> Result<Vec<crate::data::Task>, String> {
+    let (skip, limit) = (skip as usize, if limit == 0 { usize::MAX } else { limit as usize });
+    let text = read_text(path).map_err(|e| format!("cannot read `{}`: {e}", path.display()))?;
     // Editors on Windows start a UTF-8 file with a byte-order mark.
     let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
-
     let mut tasks = vec![];
     let mut seen = BTreeSet::new();
     let lines = text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()).skip(skip).take(limit);
     for (number, line) in lines {
-        let mut task = formats::parse_line(format, line)
-            .map_err(|e| StepError::Failed(format!("{}:{}: {e}", path.display(), number + 1)))?;
+        let mut task =
+            formats::parse_line(format, line).map_err(|e| format!("{}:{}: {e}", path.display(), number + 1))?;
         if let (Some(show), TaskStyle::Mbpp | TaskStyle::Requirement) = (show_tests, task.style) {
             task.style = if show { TaskStyle::Mbpp } else { TaskStyle::Requirement };
         }
         if !seen.insert(task.task_id.clone()) {
-            return Err(StepError::Failed(format!(
-                "{}:{}: task `{}` appears twice",
-                path.display(),
-                number + 1,
-                task.task_id
-            )));
+            return Err(format!("{}:{}: task `{}` appears twice", path.display(), number + 1, task.task_id));
         }
         tasks.push(task);
     }
     if tasks.is_empty() {
         let records = text.lines().filter(|l| !l.trim().is_empty()).count();
-        return Err(StepError::Failed(match records {
+        return Err(match records {
             0 => format!("`{}` holds no tasks", path.display()),
             n => format!("`{}` holds {n} tasks, and `skip={skip}` leaves none", path.display()),
-        }));
+        });
     }
+    Ok(tasks)
+}
 
+pub fn run(ctx: &mut Context) -> Result<Outcome, StepError> {
+    let window = (ctx.get(&SKIP)?, ctx.get(&LIMIT)?);
+    let tasks =
+        read_tasks(&ctx.get(&PATH)?, ctx.get(&FORMAT)?, window, ctx.get(&SHOW_TESTS)?).map_err(StepError::Failed)?;
     let (mut writer, kept) = ctx.records()?;
     for (i, batch) in tasks.chunks(BATCH).enumerate() {
         // Batches an unfinished run already wrote are kept as they are.
