@@ -290,20 +290,16 @@ impl Expr {
         let mut parser = Parser { tokens, position: 0, end: text.len(), depth: 0, joins: 0 };
         let expr = parser.or()?;
         if parser.position < parser.tokens.len() {
-            let words = [("and", "&&"), ("or", "||")];
-            let written = match parser.peek() {
-                Some(Token::Name(name)) => words.iter().find(|(word, _)| name.eq_ignore_ascii_case(word)),
-                _ => None,
-            };
-            let mut error = parser.error::<Expr>("unexpected text after the expression").unwrap_err();
-            if let Some((word, op)) = written {
-                error.message = format!("`{word}` is not an operator here");
-                error.help = Some(match *op {
-                    "&&" => "join conditions with `&&` (and) or `||` (or)",
-                    _ => "join conditions with `||` (or) or `&&` (and)",
-                });
-            }
-            return Err(error);
+            let (offset, len) = parser.here();
+            return Err(match parser.peek() {
+                Some(Token::Name(word)) if ["and", "or"].iter().any(|op| word.eq_ignore_ascii_case(op)) => ExprError {
+                    message: format!("`{word}` is not an operator here"),
+                    offset,
+                    len,
+                    help: Some("join conditions with `&&` (and) or `||` (or)"),
+                },
+                _ => ExprError { message: "unexpected text after the expression".into(), offset, len, help: None },
+            });
         }
         Ok(expr)
     }

@@ -91,7 +91,7 @@ fn left_the_key(name: &str) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(in crate::engine) mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
@@ -107,7 +107,7 @@ mod tests {
         }
     }
 
-    fn meta(parts: KeyParts, status: StepStatus) -> Meta {
+    pub(in crate::engine) fn meta(parts: KeyParts, status: StepStatus) -> Meta {
         Meta {
             key: parts.key(),
             parts,

@@ -390,18 +390,7 @@ fn model_settings_that_cannot_change_outputs_leave_the_key() {
     };
     let before = parts("threads=2");
     assert_eq!(parts("threads=4").key(), before.key());
-    let meta = crate::store::meta::Meta {
-        key: before.key(),
-        parts: before,
-        status: crate::store::meta::StepStatus::Done,
-        metrics: Default::default(),
-        output_hash: Some("out".into()),
-        gate_failure: None,
-        error: None,
-        started_at: String::new(),
-        finished_at: None,
-        seconds: 0.0,
-    };
+    let meta = super::cache::tests::meta(before, crate::store::meta::StepStatus::Done);
     assert_eq!(
         super::cache::decide(Some(&meta), &parts("threads=4 context=4096"), Some("out"), false),
         super::cache::Decision::Run(vec!["parameter `model.settings.context` changed: 0 -> 4096".into()])
